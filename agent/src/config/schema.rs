@@ -1,0 +1,836 @@
+//! The configuration schema. Value types validate themselves while parsing, so the TOML parser
+//! reports their errors with a line, a column and a caret.
+
+use super::{line_of, ConfigError};
+use ipnet::IpNet;
+use serde::{de, Deserialize, Deserializer};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr};
+use toml::Spanned;
+
+/// A validated configuration. Build one with [`Config::load_file`] or [`Config::parse`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `[agent]` (alias `[sidecar]`).
+    pub agent: AgentSection,
+    /// `[policy]`: the admission rules.
+    pub policy: PolicySection,
+    /// `[slo]`: accepted; the beat engine that enforces it is not part of this version.
+    pub slo: Option<SloSection>,
+    /// `[spiffe]`: accepted; workload identity is not part of this version.
+    pub spiffe: Option<SpiffeSection>,
+    /// `[kms]`: accepted; receipt signing is not part of this version.
+    pub kms: Option<KmsSection>,
+    /// `[multi_region]`: accepted; region sync is not part of this version.
+    pub multi_region: Option<MultiRegionSection>,
+    /// `[promotion]`: accepted; promotion gates are not part of this version.
+    pub promotion: Option<PromotionSection>,
+}
+
+impl Config {
+    /// Sections present in the file that this version parses and checks but does not act on yet,
+    /// with the reason, for `check-config`.
+    pub fn inactive_sections(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out = Vec::new();
+        if self.slo.is_some() {
+            out.push(("slo", "SLO admission (beat engine) is not in this version"));
+        }
+        if self.spiffe.is_some() {
+            out.push(("spiffe", "SPIFFE identity and mTLS are not in this version"));
+        }
+        if self.kms.is_some() {
+            out.push(("kms", "the signed receipts ledger is not in this version"));
+        }
+        if self.multi_region.is_some() {
+            out.push(("multi_region", "region sync is not in this version"));
+        }
+        if self.promotion.is_some() {
+            out.push(("promotion", "promotion gates are not in this version"));
+        }
+        out
+    }
+}
+
+macro_rules! agent_table {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident { $($extra:tt)* }) => {
+        $(#[$meta])*
+        $vis struct $name {
+            /// gRPC listen address (the gRPC API is not in this version; the key is accepted).
+            #[serde(default = "default_listen_address")]
+            pub listen_address: SocketAddr,
+            /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
+            #[serde(default = "default_metrics_address")]
+            pub metrics_address: SocketAddr,
+            /// `enforce` (deny rules refuse with EPERM) or `audit` (they only count).
+            #[serde(default)]
+            pub mode: Mode,
+            /// What happens to a connect that matches no rule.
+            #[serde(default)]
+            pub default_action: DefaultAction,
+            /// Runtime class of connects that match no rule (and of rules that name none).
+            #[serde(default = "default_class")]
+            pub default_class: Class,
+            /// Cgroup v2 directory the programs attach to; rule cgroups are relative to it.
+            /// Default: the detected cgroup v2 mount (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+            #[serde(default)]
+            pub cgroup_root: Option<PathBuf>,
+            /// bpffs directory for pins; the agent uses its `v<ABI>` subdirectory.
+            #[serde(default = "default_pin_root")]
+            pub pin_root: PathBuf,
+            /// Count connect attempts per destination in the kernel heat map.
+            #[serde(default = "yes")]
+            pub heat_enabled: bool,
+            /// Size of the kernel heat LRU (destinations).
+            #[serde(default = "default_heat_max_entries")]
+            pub heat_max_entries: u32,
+            /// Hottest destinations exported on `/metrics`.
+            #[serde(default = "default_heat_top_n")]
+            pub heat_top_n: u32,
+            /// Record TCP handshake and RTT histograms in the kernel.
+            #[serde(default = "yes")]
+            pub histograms_enabled: bool,
+            /// How often rule cgroups are checked for creation and removal (milliseconds).
+            #[serde(default = "default_cgroup_poll_interval_ms")]
+            pub cgroup_poll_interval_ms: u64,
+            /// Detach programs and remove pins when the agent exits. Off by default, so that
+            /// enforcement survives agent restarts and upgrades.
+            #[serde(default)]
+            pub detach_on_exit: bool,
+            $($extra)*
+        }
+    };
+}
+
+agent_table!(
+    /// `[agent]`: process-wide settings and the datapath's behaviour.
+    #[derive(Debug, Clone, PartialEq, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AgentSection {}
+);
+
+agent_table!(
+    /// `[agent]` or `[sidecar]` as written: the agent keys plus, in the plan's layout, the other
+    /// sections nested under it (`[sidecar.slo]`), which [`RawConfig::normalize`] hoists.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RawAgentTable {
+        policy: Option<Spanned<RawPolicy>>,
+        slo: Option<Spanned<SloSection>>,
+        spiffe: Option<Spanned<SpiffeSection>>,
+        kms: Option<Spanned<KmsSection>>,
+        multi_region: Option<Spanned<MultiRegionSection>>,
+        promotion: Option<Spanned<PromotionSection>>,
+    }
+);
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            listen_address: default_listen_address(),
+            metrics_address: default_metrics_address(),
+            mode: Mode::default(),
+            default_action: DefaultAction::default(),
+            default_class: default_class(),
+            cgroup_root: None,
+            pin_root: default_pin_root(),
+            heat_enabled: true,
+            heat_max_entries: default_heat_max_entries(),
+            heat_top_n: default_heat_top_n(),
+            histograms_enabled: true,
+            cgroup_poll_interval_ms: default_cgroup_poll_interval_ms(),
+            detach_on_exit: false,
+        }
+    }
+}
+
+fn default_listen_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_metrics_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_class() -> Class {
+    Class::C1
+}
+fn default_pin_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/knhk")
+}
+fn yes() -> bool {
+    true
+}
+fn default_heat_max_entries() -> u32 {
+    knhk_abi::DEFAULT_HEAT_MAX_ENTRIES
+}
+fn default_heat_top_n() -> u32 {
+    20
+}
+fn default_cgroup_poll_interval_ms() -> u64 {
+    25
+}
+
+/// `enforce` or `audit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny rules refuse connects with EPERM.
+    #[default]
+    Enforce,
+    /// Deny rules admit and count the connect as a would-be deny.
+    Audit,
+}
+
+/// Action for connects that match no rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// Admit.
+    #[default]
+    Allow,
+    /// Refuse (in enforce mode).
+    Deny,
+}
+
+/// A rule's action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Admit.
+    Allow,
+    /// Refuse with EPERM (in enforce mode; counted as audit in audit mode).
+    Deny,
+    /// Admit and count as a would-be deny.
+    Audit,
+}
+
+/// Runtime class: hot (R1), warm (W1) or cold (C1) path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+pub enum Class {
+    /// Hot path.
+    #[serde(alias = "r1")]
+    R1,
+    /// Warm path.
+    #[serde(alias = "w1")]
+    W1,
+    /// Cold path.
+    #[serde(alias = "c1")]
+    C1,
+}
+
+impl Class {
+    /// Every class, hottest first.
+    pub const ALL: [Class; 3] = [Class::R1, Class::W1, Class::C1];
+
+    /// The class's ABI number (`knhk_abi::CLASS_*`).
+    pub fn abi(self) -> u8 {
+        match self {
+            Class::R1 => knhk_abi::CLASS_R1,
+            Class::W1 => knhk_abi::CLASS_W1,
+            Class::C1 => knhk_abi::CLASS_C1,
+        }
+    }
+
+    /// The name used in configs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::R1 => "R1",
+            Class::W1 => "W1",
+            Class::C1 => "C1",
+        }
+    }
+}
+
+/// A rule's transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP and UDP.
+    #[default]
+    Any,
+    /// TCP only.
+    Tcp,
+    /// UDP only (`connect()` on a UDP socket).
+    Udp,
+}
+
+impl Protocol {
+    /// The ABI number (`knhk_abi::PROTO_*`).
+    pub fn abi(self) -> u8 {
+        match self {
+            Protocol::Any => knhk_abi::PROTO_ANY,
+            Protocol::Tcp => knhk_abi::PROTO_TCP,
+            Protocol::Udp => knhk_abi::PROTO_UDP,
+        }
+    }
+}
+
+/// A destination prefix in canonical form (no host bits set), IPv4 or IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr(pub IpNet);
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let net: IpNet = match s.parse() {
+            Ok(net) => net,
+            // A bare address means a single host.
+            Err(_) => match s.parse::<std::net::IpAddr>() {
+                Ok(addr) => IpNet::from(addr),
+                Err(_) => return Err(cidr_problem(s)),
+            },
+        };
+        if net.trunc() != net {
+            return Err(format!(
+                "\"{s}\" has host bits set beyond the /{} prefix; did you mean \"{}\"?",
+                net.prefix_len(),
+                net.trunc()
+            ));
+        }
+        Ok(Cidr(net))
+    }
+}
+
+fn cidr_problem(s: &str) -> String {
+    if let Some((addr, len)) = s.split_once('/') {
+        if let Ok(addr) = addr.parse::<std::net::IpAddr>() {
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            return match len.parse::<u32>() {
+                Ok(n) => format!(
+                    "\"{s}\" is not a valid prefix: length {n} exceeds {max} for {}",
+                    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+                Err(_) => format!("\"{s}\" is not a valid prefix: \"{len}\" is not a length"),
+            };
+        }
+        return format!("\"{s}\" is not a valid prefix: \"{addr}\" is not an IP address");
+    }
+    format!("\"{s}\" is not a valid prefix (expected e.g. \"10.0.0.0/8\" or \"fd00::/8\")")
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An inclusive port range, from `"443"`, `"8000-8080"` or the integer `443`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// First port.
+    pub lo: u16,
+    /// Last port (inclusive).
+    pub hi: u16,
+}
+
+impl PortRange {
+    /// Every port.
+    pub const ALL: PortRange = PortRange {
+        lo: 0,
+        hi: u16::MAX,
+    };
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| -> Result<u16, String> {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("port range \"{s}\": \"{p}\" is not a port (0-65535)"))
+        };
+        match s.split_once('-') {
+            None => port(s).map(|p| PortRange { lo: p, hi: p }),
+            Some((lo, hi)) => {
+                let (lo, hi) = (port(lo)?, port(hi)?);
+                if lo > hi {
+                    return Err(format!(
+                        "port range \"{s}\" is out of order: {lo} > {hi}; write \"{hi}-{lo}\""
+                    ));
+                }
+                Ok(PortRange { lo, hi })
+            }
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a port or port range such as \"443\" or \"8000-8080\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
+                u16::try_from(v)
+                    .map(|p| PortRange { lo: p, hi: p })
+                    .map_err(|_| E::custom(format!("{v} is not a port (0-65535)")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($t:ty, $what:literal) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl de::Visitor<'_> for V {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$t, E> {
+                        v.parse().map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+deserialize_from_str!(Cidr, "a prefix such as \"10.0.0.0/8\" or \"fd00::/8\"");
+deserialize_from_str!(RuleName, "a rule name");
+deserialize_from_str!(CgroupPath, "a cgroup path relative to agent.cgroup_root");
+
+/// A rule name: 1 to 63 characters from `A-Z a-z 0-9 . _ -` (it becomes a metric label value).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleName(String);
+
+impl FromStr for RuleName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > 63 {
+            return Err(format!("rule name \"{s}\" must be 1 to 63 characters long"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+        {
+            return Err(format!(
+                "rule name \"{s}\" contains {c:?}; use only letters, digits, '.', '_' and '-'"
+            ));
+        }
+        Ok(RuleName(s.to_owned()))
+    }
+}
+
+impl RuleName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A cgroup path relative to the agent's cgroup root, e.g. `kubepods/besteffort`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupPath(String);
+
+impl FromStr for CgroupPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let trimmed = s.trim_end_matches('/');
+        if trimmed.starts_with('/') {
+            return Err(format!(
+                "cgroup \"{s}\" must be relative to agent.cgroup_root (drop the leading '/')"
+            ));
+        }
+        if trimmed.is_empty() {
+            return Err("cgroup \"\" is empty; omit the key to match every cgroup".to_owned());
+        }
+        if let Some(bad) = trimmed
+            .split('/')
+            .find(|c| c.is_empty() || *c == "." || *c == "..")
+        {
+            return Err(format!("cgroup \"{s}\" has an invalid component \"{bad}\""));
+        }
+        Ok(CgroupPath(trimmed.to_owned()))
+    }
+}
+
+impl CgroupPath {
+    /// The path, without a trailing '/'.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Number of components (`a/b` has 2).
+    pub fn depth(&self) -> usize {
+        self.0.split('/').count()
+    }
+
+    /// Whether `self` is `other` or one of its ancestors.
+    pub fn contains(&self, other: &CgroupPath) -> bool {
+        other.0 == self.0
+            || (other.0.starts_with(&self.0) && other.0.as_bytes().get(self.0.len()) == Some(&b'/'))
+    }
+}
+
+impl fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One admission rule, as written in `[[policy.rules]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique name; it labels the rule's hit counter.
+    pub name: RuleName,
+    /// `allow`, `deny` or `audit`.
+    pub action: Action,
+    /// Runtime class of the connects it matches (default: `agent.default_class`).
+    #[serde(default)]
+    pub class: Option<Class>,
+    /// Cgroup subtree it applies to, relative to the cgroup root (default: every cgroup).
+    #[serde(default)]
+    pub cgroup: Option<CgroupPath>,
+    /// Destination prefixes, IPv4 and/or IPv6.
+    pub cidrs: Vec<Cidr>,
+    /// Destination ports (default: all).
+    #[serde(default)]
+    pub ports: Option<Vec<PortRange>>,
+    /// `tcp`, `udp` or `any` (default).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// `[policy]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicySection {
+    /// The rules, in declaration order (which breaks ties between equally specific rules).
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    #[serde(default)]
+    rules: Vec<Spanned<RuleSpec>>,
+}
+
+/// `[slo]` (the plan's `[sidecar.slo]`). Parsed and checked; not acted on in this version.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloSection {
+    /// R1 p99 latency ceiling, nanoseconds.
+    pub r1_p99_max_ns: Option<u64>,
+    /// W1 p99 latency ceiling, milliseconds.
+    pub w1_p99_max_ms: Option<u64>,
+    /// C1 p99 latency ceiling, milliseconds.
+    pub c1_p99_max_ms: Option<u64>,
+    /// `strict` or `degrade`.
+    pub admission_strategy: Option<AdmissionStrategy>,
+    /// Beats in the sliding window.
+    pub window_beats: Option<u32>,
+}
+
+/// SLO admission strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdmissionStrategy {
+    /// Refuse.
+    Strict,
+    /// Park to a lower tier.
+    Degrade,
+}
+
+/// `[spiffe]` (the plan's `[sidecar.spiffe]`). Parsed; not acted on in this version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpiffeSection {
+    /// Use the SPIRE Workload API.
+    pub enabled: Option<bool>,
+    /// Workload API socket.
+    pub spiffe_socket_path: Option<PathBuf>,
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+    /// Expected own SPIFFE ID.
+    pub spiffe_id: Option<String>,
+}
+
+/// `[kms]` (the plan's `[sidecar.kms]`). Parsed and checked; not acted on in this version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsSection {
+    /// `aws`, `vault` or `file`.
+    pub provider: Option<String>,
+    /// AWS region.
+    pub region: Option<String>,
+    /// Key ARN, id or alias.
+    pub key_id: Option<String>,
+    /// Signing key rotation interval, at most 24 hours.
+    pub rotation_interval_hours: Option<u32>,
+}
+
+/// `[multi_region]` (the plan's `[sidecar.multi_region]`). Parsed; not acted on in this version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiRegionSection {
+    /// This node's region.
+    pub region: Option<String>,
+    /// The primary region.
+    pub primary_region: Option<String>,
+    /// Replicate receipts to the other regions.
+    pub cross_region_sync_enabled: Option<bool>,
+    /// Peer endpoints.
+    pub receipt_sync_endpoints: Option<Vec<String>>,
+}
+
+/// `[promotion]` (the plan's `[sidecar.promotion]`). Parsed; not acted on in this version.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromotionSection {
+    /// Deployment environment.
+    pub environment: Option<String>,
+    /// Roll back automatically when the SLO threshold is missed.
+    pub auto_rollback_enabled: Option<bool>,
+    /// Fraction of beats that must meet the SLO.
+    pub slo_threshold: Option<f64>,
+}
+
+/// The file as written, before aliases are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    agent: Option<Spanned<RawAgentTable>>,
+    sidecar: Option<Spanned<RawAgentTable>>,
+    policy: Option<Spanned<RawPolicy>>,
+    slo: Option<Spanned<SloSection>>,
+    spiffe: Option<Spanned<SpiffeSection>>,
+    kms: Option<Spanned<KmsSection>>,
+    multi_region: Option<Spanned<MultiRegionSection>>,
+    promotion: Option<Spanned<PromotionSection>>,
+}
+
+/// Takes the one of a top-level section and its nested alias that is present; both is an error.
+fn one_of<T>(
+    top: Option<Spanned<T>>,
+    nested: Option<Spanned<T>>,
+    name: &str,
+    table: &str,
+    err: &dyn Fn(usize, String, String) -> ConfigError,
+) -> Result<Option<Spanned<T>>, ConfigError> {
+    match (top, nested) {
+        (Some(_), Some(n)) => Err(err(
+            n.span().start,
+            format!("{table}.{name}"),
+            format!("[{name}] is also given at the top level; keep one of the two"),
+        )),
+        (t, n) => Ok(t.or(n)),
+    }
+}
+
+impl RawConfig {
+    /// Resolves aliases and checks what spans several values.
+    pub(super) fn normalize(self, text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let err = |pos: usize, key: String, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            line: line_of(text, pos),
+            key,
+            message,
+        };
+        let (table_name, table) = match (self.agent, self.sidecar) {
+            (Some(_), Some(s)) => {
+                return Err(err(
+                    s.span().start,
+                    "sidecar".into(),
+                    "[sidecar] is an alias of [agent]; give one of them, not both".into(),
+                ))
+            }
+            (Some(a), None) => ("agent", Some(a)),
+            (None, Some(s)) => ("sidecar", Some(s)),
+            (None, None) => ("agent", None),
+        };
+        let agent_pos = table.as_ref().map_or(0, |t| t.span().start);
+        let (agent, nested) = match table {
+            Some(t) => t.into_inner().split(),
+            None => (AgentSection::default(), Nested::default()),
+        };
+        let policy = one_of(self.policy, nested.policy, "policy", table_name, &err)?;
+        let slo = one_of(self.slo, nested.slo, "slo", table_name, &err)?;
+        let spiffe = one_of(self.spiffe, nested.spiffe, "spiffe", table_name, &err)?;
+        let kms = one_of(self.kms, nested.kms, "kms", table_name, &err)?;
+        let multi_region = one_of(
+            self.multi_region,
+            nested.multi_region,
+            "multi_region",
+            table_name,
+            &err,
+        )?;
+        let promotion = one_of(
+            self.promotion,
+            nested.promotion,
+            "promotion",
+            table_name,
+            &err,
+        )?;
+
+        check_agent(&agent)
+            .map_err(|(key, message)| err(agent_pos, format!("{table_name}.{key}"), message))?;
+        if let Some(kms) = &kms {
+            if let Some(h) = kms.get_ref().rotation_interval_hours {
+                if h == 0 || h > 24 {
+                    return Err(err(
+                        kms.span().start,
+                        "kms.rotation_interval_hours".into(),
+                        format!(
+                            "{h} is out of range: keys must rotate at least every 24 hours (1-24)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(slo) = &slo {
+            if slo.get_ref().window_beats == Some(0) {
+                return Err(err(
+                    slo.span().start,
+                    "slo.window_beats".into(),
+                    "0 is out of range: the window needs at least 1 beat".into(),
+                ));
+            }
+        }
+
+        let mut rules = Vec::new();
+        let mut seen = std::collections::HashMap::new();
+        if let Some(p) = policy {
+            for (i, rule) in p.into_inner().rules.into_iter().enumerate() {
+                let pos = rule.span().start;
+                let rule = rule.into_inner();
+                if let Some(first) = seen.insert(rule.name.clone(), pos) {
+                    return Err(err(
+                        pos,
+                        format!("policy.rules[{i}].name"),
+                        format!(
+                            "duplicate rule name \"{}\" (first defined at line {})",
+                            rule.name,
+                            line_of(text, first)
+                        ),
+                    ));
+                }
+                if rule.cidrs.is_empty() {
+                    return Err(err(
+                        pos,
+                        format!("policy.rules[{i}].cidrs"),
+                        format!("rule \"{}\" has no cidrs; use [\"0.0.0.0/0\", \"::/0\"] to match every destination", rule.name),
+                    ));
+                }
+                if rule.ports.as_ref().is_some_and(|p| p.is_empty()) {
+                    return Err(err(
+                        pos,
+                        format!("policy.rules[{i}].ports"),
+                        format!(
+                            "rule \"{}\" has an empty ports list; omit the key to match every port",
+                            rule.name
+                        ),
+                    ));
+                }
+                rules.push(rule);
+            }
+        }
+        Ok(Config {
+            agent,
+            policy: PolicySection { rules },
+            slo: slo.map(Spanned::into_inner),
+            spiffe: spiffe.map(Spanned::into_inner),
+            kms: kms.map(Spanned::into_inner),
+            multi_region: multi_region.map(Spanned::into_inner),
+            promotion: promotion.map(Spanned::into_inner),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Nested {
+    policy: Option<Spanned<RawPolicy>>,
+    slo: Option<Spanned<SloSection>>,
+    spiffe: Option<Spanned<SpiffeSection>>,
+    kms: Option<Spanned<KmsSection>>,
+    multi_region: Option<Spanned<MultiRegionSection>>,
+    promotion: Option<Spanned<PromotionSection>>,
+}
+
+impl RawAgentTable {
+    fn split(self) -> (AgentSection, Nested) {
+        let agent = AgentSection {
+            listen_address: self.listen_address,
+            metrics_address: self.metrics_address,
+            mode: self.mode,
+            default_action: self.default_action,
+            default_class: self.default_class,
+            cgroup_root: self.cgroup_root,
+            pin_root: self.pin_root,
+            heat_enabled: self.heat_enabled,
+            heat_max_entries: self.heat_max_entries,
+            heat_top_n: self.heat_top_n,
+            histograms_enabled: self.histograms_enabled,
+            cgroup_poll_interval_ms: self.cgroup_poll_interval_ms,
+            detach_on_exit: self.detach_on_exit,
+        };
+        let nested = Nested {
+            policy: self.policy,
+            slo: self.slo,
+            spiffe: self.spiffe,
+            kms: self.kms,
+            multi_region: self.multi_region,
+            promotion: self.promotion,
+        };
+        (agent, nested)
+    }
+}
+
+/// Range checks on `[agent]`; returns (key, message).
+fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
+    if !(1..=1 << 24).contains(&a.heat_max_entries) {
+        return Err((
+            "heat_max_entries",
+            format!("{} is out of range (1-16777216)", a.heat_max_entries),
+        ));
+    }
+    if !(1..=1000).contains(&a.heat_top_n) {
+        return Err((
+            "heat_top_n",
+            format!("{} is out of range (1-1000)", a.heat_top_n),
+        ));
+    }
+    if !(1..=10_000).contains(&a.cgroup_poll_interval_ms) {
+        return Err((
+            "cgroup_poll_interval_ms",
+            format!("{} is out of range (1-10000)", a.cgroup_poll_interval_ms),
+        ));
+    }
+    if !a.pin_root.is_absolute() {
+        return Err((
+            "pin_root",
+            format!("{} must be an absolute path", a.pin_root.display()),
+        ));
+    }
+    if let Some(root) = &a.cgroup_root {
+        if !root.is_absolute() {
+            return Err((
+                "cgroup_root",
+                format!("{} must be an absolute path", root.display()),
+            ));
+        }
+    }
+    Ok(())
+}

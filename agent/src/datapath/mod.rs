@@ -1,0 +1,1097 @@
+//! The datapath: the only module that touches aya and BPF maps.
+//!
+//! [`Datapath::start`] loads the embedded kernel programs, re-adopting pinned maps and links from
+//! an earlier run after checking them ([`pins`]), or attaching and pinning them afresh.
+//! [`Datapath::apply`] compiles a [`Policy`] and makes it live with one switch:
+//!
+//! 1. resolve rule cgroups; compile every scope's trie (pure, [`crate::policy`]); check capacity;
+//! 2. wait for an RCU grace period since the last switch, then clear the inactive slot;
+//! 3. write the new generation's tries, scope entries and settings into the inactive slot;
+//! 4. flip `active_slot` with one aligned 32-bit store through the config map's shared mapping.
+//!
+//! Any error before step 4 leaves the live generation untouched. [`Datapath::refresh_scopes`]
+//! follows rule cgroups as they are created and removed, patching the active slot scope by scope
+//! (tries first, then the scope entry that makes them reachable).
+//!
+//! [`DatapathReader`] reads counters, histograms and heat from the pins, independently of the
+//! writer, for metrics.
+
+pub mod cgroup;
+pub mod pins;
+mod reader;
+mod sys;
+
+pub use reader::{DatapathReader, Decisions, HeatEntry, LatencyHistogram};
+
+use crate::{
+    config::{CgroupPath, Class, DefaultAction, Mode},
+    policy::{compile_scope, rule_scopes, CompileError, Policy, ScopeTable},
+};
+use aya::{
+    maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapData, MapError},
+    programs::{links::FdLink, CgroupAttachMode},
+    Ebpf, EbpfLoader,
+};
+use cgroup::CgroupRef;
+use ipnet::{Ipv4Net, Ipv6Net};
+use knhk_abi::{map_names, program_names, *};
+use pins::PinLayout;
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+use tracing::{info, warn};
+
+/// The kernel programs, built by `build.rs` from `ebpf/programs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/knhk-ebpf.o"));
+
+/// Where and how to run the datapath.
+#[derive(Debug, Clone)]
+pub struct DatapathOptions {
+    /// Cgroup v2 directory to attach to; rule cgroups are relative to it.
+    pub cgroup_root: PathBuf,
+    /// bpffs directory for pins (the versioned subdirectory is added).
+    pub pin_root: PathBuf,
+    /// Capacity of the heat LRU.
+    pub heat_max_entries: u32,
+}
+
+/// Why the datapath could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The cgroup root is not a cgroup v2 directory.
+    #[error("{path} is not a cgroup v2 directory: set agent.cgroup_root to a directory of the cgroup v2 hierarchy (tried to detect one at {tried})")]
+    NotCgroup2 {
+        /// The configured or detected root.
+        path: PathBuf,
+        /// Where detection looked.
+        tried: String,
+    },
+    /// bpffs is missing and could not be mounted.
+    #[error("cannot use bpffs for pins at {path}: {reason}")]
+    Bpffs {
+        /// The pin directory.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A pinned map does not match this build's ABI and holds policy, so it cannot be replaced
+    /// without dropping enforcement.
+    #[error(
+        "pinned map {path} does not match this agent's map ABI v{ABI_VERSION}: {differences}. \
+         It was pinned by an incompatible build. Remove the old pins with `knhk-agent detach --pin-root {pin_root}` \
+         (enforcement stops until the agent attaches again), then restart"
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// What differs.
+        differences: String,
+        /// The pin root to pass to `detach`.
+        pin_root: PathBuf,
+    },
+    /// The kernel refused to load the object or a program.
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(String),
+    /// Attaching or pinning a program failed.
+    #[error("attaching {program} to {cgroup}: {reason}")]
+    Attach {
+        /// Program name.
+        program: &'static str,
+        /// Cgroup directory.
+        cgroup: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A map operation failed.
+    #[error("{op} on map {map} failed: {source}")]
+    Map {
+        /// Operation.
+        op: &'static str,
+        /// Map name.
+        map: &'static str,
+        /// Cause.
+        source: MapError,
+    },
+    /// The policy does not compile.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// The policy does not fit the kernel maps.
+    #[error("the policy needs {needed} {what}, but the kernel map holds {max} (including the live generation's {live})")]
+    Capacity {
+        /// What ran out.
+        what: &'static str,
+        /// Needed by the new generation.
+        needed: usize,
+        /// Used by the live generation.
+        live: usize,
+        /// Capacity.
+        max: usize,
+    },
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// Operation.
+        op: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DatapathError + 'a {
+    move |source| DatapathError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { op, map, source }
+}
+
+/// What [`Datapath::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The new live generation.
+    pub generation: u64,
+    /// Rules in it.
+    pub rules: usize,
+    /// Trie entries written (all scopes, both families).
+    pub trie_entries: usize,
+    /// Rule cgroups that exist and are enforced.
+    pub active_scopes: Vec<CgroupPath>,
+    /// Rule cgroups that do not exist yet; they take effect when they appear.
+    pub pending_scopes: Vec<CgroupPath>,
+    /// Time from start of apply to the switch.
+    pub switch_latency: Duration,
+}
+
+/// A rule cgroup that appeared or disappeared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeChange {
+    /// The cgroup now exists and its rules are enforced.
+    Appeared {
+        /// Rule cgroup path.
+        path: CgroupPath,
+        /// Its cgroup id.
+        id: u64,
+    },
+    /// The cgroup is gone; its entries were removed.
+    Removed {
+        /// Rule cgroup path.
+        path: CgroupPath,
+        /// Its former cgroup id.
+        id: u64,
+    },
+}
+
+/// A snapshot of the datapath for status output and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct DatapathStatus {
+    /// Live policy generation (0 before the first apply).
+    pub generation: u64,
+    /// Whether pins from an earlier run were re-adopted at start.
+    pub adopted: bool,
+    /// Attached programs.
+    pub programs: Vec<&'static str>,
+    /// Cgroup the programs are attached to.
+    pub cgroup_root: PathBuf,
+    /// Hit counter of each rule of the live policy, by name.
+    pub rule_counters: Vec<(String, u32)>,
+    /// Rule cgroups that exist.
+    pub active_scopes: Vec<CgroupPath>,
+    /// Rule cgroups that do not exist yet.
+    pub pending_scopes: Vec<CgroupPath>,
+    /// Trie entries of the live generation, IPv4 + IPv6.
+    pub trie_entries: usize,
+    /// Capacity of the heat map.
+    pub heat_capacity: u32,
+}
+
+/// Keys written into one slot for one scope (0 = global).
+#[derive(Debug, Default, Clone)]
+struct ScopeKeys {
+    v4: Vec<Ipv4Net>,
+    v6: Vec<Ipv6Net>,
+    /// `Some(level)` when a scope-table entry exists for it.
+    level: Option<u32>,
+}
+
+/// The policy in the active slot and where its rule cgroups are.
+#[derive(Debug, Clone)]
+struct Live {
+    policy: Policy,
+    counters: Vec<u32>,
+    resolved: BTreeMap<CgroupPath, CgroupRef>,
+}
+
+/// Stable hit-counter ids per rule name; counter 0 counts connects that matched no rule.
+#[derive(Debug, Clone, Default)]
+struct CounterIds {
+    by_name: HashMap<String, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl CounterIds {
+    /// Ids for `names`, keeping those of names already known; returns (ids, newly assigned).
+    fn assign<'a>(
+        &mut self,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Result<(Vec<u32>, Vec<u32>), DatapathError> {
+        let names: Vec<&str> = names.collect();
+        let keep: std::collections::HashSet<&str> = names.iter().copied().collect();
+        let gone: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !keep.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for n in gone {
+            if let Some(id) = self.by_name.remove(&n) {
+                self.free.push(id);
+            }
+        }
+        let (mut ids, mut fresh) = (Vec::with_capacity(names.len()), Vec::new());
+        for n in names {
+            let id = match self.by_name.get(n) {
+                Some(id) => *id,
+                None => {
+                    let id = match self.free.pop() {
+                        Some(id) => id,
+                        None => {
+                            self.next = self.next.max(1);
+                            let id = self.next;
+                            self.next += 1;
+                            id
+                        }
+                    };
+                    if id >= MAX_RULE_COUNTERS {
+                        return Err(DatapathError::Capacity {
+                            what: "rule counters",
+                            needed: id as usize + 1,
+                            live: self.by_name.len(),
+                            max: MAX_RULE_COUNTERS as usize,
+                        });
+                    }
+                    self.by_name.insert(n.to_owned(), id);
+                    fresh.push(id);
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        Ok((ids, fresh))
+    }
+}
+
+/// The loaded, attached kernel programs and the writer side of their maps.
+pub struct Datapath {
+    layout: PinLayout,
+    cgroup_mount: PathBuf,
+    cgroup_root: PathBuf,
+    heat_capacity: u32,
+    adopted: bool,
+    config: sys::MmapArray,
+    rule_hits: sys::MmapArray,
+    policy_v4: LpmTrie<MapData, LpmKeyV4, RuleLeaf>,
+    policy_v6: LpmTrie<MapData, LpmKeyV6, RuleLeaf>,
+    scopes: BpfHashMap<MapData, ScopeKey, ScopeValue>,
+    slots: [HashMap<u64, ScopeKeys>; 2],
+    /// Whether the inactive slot may still be read by connects that started before the last
+    /// switch (an RCU grace period has not passed since).
+    inactive_in_use: bool,
+    counters: CounterIds,
+    live: Option<Live>,
+    generation: u64,
+    // Keeps the programs loaded for as long as the datapath lives; the pinned links keep them
+    // attached beyond that.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pins", &self.layout.dir)
+            .field("cgroup_root", &self.cgroup_root)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the programs and attaches them to `opts.cgroup_root`, re-adopting compatible pins
+    /// of an earlier run (enforcement continues across restarts) or pinning afresh.
+    pub fn start(opts: &DatapathOptions) -> Result<Datapath, DatapathError> {
+        let cgroup_mount =
+            cgroup::mount_of(&opts.cgroup_root).ok_or_else(|| DatapathError::NotCgroup2 {
+                path: opts.cgroup_root.clone(),
+                tried: cgroup::CGROUP2_CANDIDATES.join(", "),
+            })?;
+        let attach = cgroup::resolve(&cgroup_mount, &opts.cgroup_root)
+            .map_err(io_err("resolving cgroup", &opts.cgroup_root))?
+            .ok_or_else(|| DatapathError::NotCgroup2 {
+                path: opts.cgroup_root.clone(),
+                tried: cgroup::CGROUP2_CANDIDATES.join(", "),
+            })?;
+        let layout = PinLayout::new(&opts.pin_root);
+        prepare_pin_dirs(&layout, &opts.pin_root)?;
+        let adopted = check_pins(&layout, &opts.pin_root, opts.heat_max_entries)?;
+
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> =
+            map_names::ALL.iter().map(|n| (*n, layout.map(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.map_max_entries(map_names::HEAT, opts.heat_max_entries);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(e.to_string()))?;
+
+        let config_map = take_map(&mut ebpf, map_names::CONFIG)?;
+        let config = sys::MmapArray::map(
+            config_map.fd().as_fd(),
+            page_round(size_of::<Config>()),
+            true,
+        )
+        .map_err(io_err("mmap", &layout.map(map_names::CONFIG)))?;
+        let rule_hits_map = take_map(&mut ebpf, map_names::RULE_HITS)?;
+        let rule_hits = sys::MmapArray::map(
+            rule_hits_map.fd().as_fd(),
+            page_round(MAX_RULE_COUNTERS as usize * 8),
+            true,
+        )
+        .map_err(io_err("mmap", &layout.map(map_names::RULE_HITS)))?;
+        let policy_v4 = LpmTrie::try_from(aya::maps::Map::LpmTrie(take_map(
+            &mut ebpf,
+            map_names::POLICY_V4,
+        )?))
+        .map_err(map_err("open", map_names::POLICY_V4))?;
+        let policy_v6 = LpmTrie::try_from(aya::maps::Map::LpmTrie(take_map(
+            &mut ebpf,
+            map_names::POLICY_V6,
+        )?))
+        .map_err(map_err("open", map_names::POLICY_V6))?;
+        let scopes = BpfHashMap::try_from(aya::maps::Map::HashMap(take_map(
+            &mut ebpf,
+            map_names::SCOPES,
+        )?))
+        .map_err(map_err("open", map_names::SCOPES))?;
+
+        let mut dp = Datapath {
+            layout,
+            cgroup_mount,
+            cgroup_root: opts.cgroup_root.clone(),
+            heat_capacity: opts.heat_max_entries,
+            adopted,
+            config,
+            rule_hits,
+            policy_v4,
+            policy_v6,
+            scopes,
+            slots: [HashMap::new(), HashMap::new()],
+            inactive_in_use: true,
+            counters: CounterIds::default(),
+            live: None,
+            generation: 0,
+            _ebpf: ebpf,
+        };
+        dp.recover_slots()?;
+        let previous_root = dp.config_ref().attach_cgroup_id;
+        dp.attach_programs(attach, previous_root)?;
+        // SAFETY (for the writes below): the mapping holds one `Config`, and fields are written
+        // with volatile stores that the kernel's plain loads observe.
+        let cfg = dp.config_ptr();
+        unsafe {
+            std::ptr::write_volatile(&raw mut (*cfg).abi_version, ABI_VERSION);
+            std::ptr::write_volatile(&raw mut (*cfg).attach_cgroup_id, attach.id);
+        }
+        let active = dp.active_slot();
+        dp.generation = dp.config_ref().slots[active as usize].generation;
+        if dp.adopted {
+            info!(
+                pins = %dp.layout.dir.display(),
+                generation = dp.generation,
+                "re-adopted pinned maps and links; the previous policy stays enforced until the new one is switched in"
+            );
+        }
+        Ok(dp)
+    }
+
+    /// Reads which keys each slot holds (after a restart the maps may hold an earlier run's).
+    fn recover_slots(&mut self) -> Result<(), DatapathError> {
+        for key in self.policy_v4.keys() {
+            let key = key.map_err(map_err("iterate", map_names::POLICY_V4))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(LPM_FIXED_BITS) as u8;
+            if let Ok(net) = Ipv4Net::new(data.addr.into(), len) {
+                self.slots[(data.slot & 1) as usize]
+                    .entry(data.scope)
+                    .or_default()
+                    .v4
+                    .push(net);
+            }
+        }
+        for key in self.policy_v6.keys() {
+            let key = key.map_err(map_err("iterate", map_names::POLICY_V6))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(LPM_FIXED_BITS) as u8;
+            if let Ok(net) = Ipv6Net::new(data.addr.into(), len) {
+                self.slots[(data.slot & 1) as usize]
+                    .entry(data.scope)
+                    .or_default()
+                    .v6
+                    .push(net);
+            }
+        }
+        let mut scope_entries = Vec::new();
+        for key in self.scopes.keys() {
+            scope_entries.push(key.map_err(map_err("iterate", map_names::SCOPES))?);
+        }
+        for key in scope_entries {
+            let level = self.scopes.get(&key, 0).map(|v| v.level).unwrap_or(0);
+            self.slots[(key.slot & 1) as usize]
+                .entry(key.cgroup_id)
+                .or_default()
+                .level = Some(level);
+        }
+        Ok(())
+    }
+
+    fn attach_programs(
+        &mut self,
+        attach: CgroupRef,
+        previous_root: u64,
+    ) -> Result<(), DatapathError> {
+        let cgroup_file =
+            std::fs::File::open(&self.cgroup_root).map_err(io_err("open", &self.cgroup_root))?;
+        for name in program_names::ALL {
+            let attach_err = |reason: String| DatapathError::Attach {
+                program: name,
+                cgroup: self.cgroup_root.clone(),
+                reason,
+            };
+            let program = self
+                ._ebpf
+                .program_mut(name)
+                .ok_or_else(|| attach_err("not in the object".into()))?;
+            let link_path = self.layout.link(name);
+            let relink = link_path.exists() && previous_root == attach.id;
+            if link_path.exists() && !relink {
+                warn!(link = %link_path.display(), "the cgroup root changed: detaching the old link");
+                std::fs::remove_file(&link_path).map_err(io_err("unpin", &link_path))?;
+            }
+            match program {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    p.load().map_err(|e| {
+                        DatapathError::Load(format!("{name}: {}", verifier_message(&e)))
+                    })?;
+                    if relink {
+                        replace_program(
+                            &link_path,
+                            p.fd().map_err(|e| attach_err(chain(&e)))?.as_fd(),
+                        )
+                        .map_err(|e| attach_err(chain(&e)))?;
+                    } else {
+                        let id = p
+                            .attach(&cgroup_file, CgroupAttachMode::Single)
+                            .map_err(|e| attach_err(chain(&e)))?;
+                        let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+                        let link = FdLink::try_from(link).map_err(|e| attach_err(chain(&e)))?;
+                        link.pin(&link_path).map_err(|e| attach_err(chain(&e)))?;
+                    }
+                }
+                aya::programs::Program::SockOps(p) => {
+                    p.load().map_err(|e| {
+                        DatapathError::Load(format!("{name}: {}", verifier_message(&e)))
+                    })?;
+                    if relink {
+                        replace_program(
+                            &link_path,
+                            p.fd().map_err(|e| attach_err(chain(&e)))?.as_fd(),
+                        )
+                        .map_err(|e| attach_err(chain(&e)))?;
+                    } else {
+                        let id = p
+                            .attach(&cgroup_file, CgroupAttachMode::Single)
+                            .map_err(|e| attach_err(chain(&e)))?;
+                        let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+                        let link = FdLink::try_from(link).map_err(|e| attach_err(chain(&e)))?;
+                        link.pin(&link_path).map_err(|e| attach_err(chain(&e)))?;
+                    }
+                }
+                _ => return Err(attach_err("unexpected program type".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn config_ptr(&self) -> *mut Config {
+        self.config.at::<Config>(0)
+    }
+
+    fn config_ref(&self) -> Config {
+        // SAFETY: a volatile copy of the shared entry.
+        unsafe { std::ptr::read_volatile(self.config_ptr()) }
+    }
+
+    fn active_slot(&self) -> u32 {
+        // SAFETY: aligned u32 inside the mapping.
+        let word = unsafe { AtomicU32::from_ptr(&raw mut (*self.config_ptr()).active_slot) };
+        word.load(Ordering::SeqCst) & 1
+    }
+
+    /// The live policy generation (0 before the first apply).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Compiles `policy` and switches it in atomically. On error the live generation is unchanged.
+    pub fn apply(&mut self, policy: &Policy) -> Result<ApplyReport, DatapathError> {
+        let started = Instant::now();
+        let mut resolved = BTreeMap::new();
+        let mut pending = Vec::new();
+        for path in rule_scopes(&policy.rules) {
+            let dir = self.cgroup_root.join(path.as_str());
+            match cgroup::resolve(&self.cgroup_mount, &dir)
+                .map_err(io_err("resolving cgroup", &dir))?
+            {
+                Some(r) => {
+                    resolved.insert(path, r);
+                }
+                None => pending.push(path),
+            }
+        }
+        let mut counters = self.counters.clone();
+        let (ids, fresh) = counters.assign(policy.rules.iter().map(|r| r.name.as_str()))?;
+        let mut tables: Vec<(u64, Option<u32>, ScopeTable)> = vec![(
+            0,
+            None,
+            compile_scope(&policy.rules, None, &ids, policy.default_class)?,
+        )];
+        for (path, r) in &resolved {
+            tables.push((
+                r.id,
+                Some(r.level),
+                compile_scope(&policy.rules, Some(path), &ids, policy.default_class)?,
+            ));
+        }
+        let inactive = 1 - self.active_slot();
+        let active = 1 - inactive;
+        let count = |slot: &HashMap<u64, ScopeKeys>| -> (usize, usize, usize) {
+            slot.values().fold((0, 0, 0), |(a, b, c), k| {
+                (
+                    a + k.v4.len(),
+                    b + k.v6.len(),
+                    c + k.level.is_some() as usize,
+                )
+            })
+        };
+        let (live_v4, live_v6, live_scopes) = count(&self.slots[active as usize]);
+        let new_v4: usize = tables.iter().map(|t| t.2.v4.len()).sum();
+        let new_v6: usize = tables.iter().map(|t| t.2.v6.len()).sum();
+        for (what, needed, live, max) in [
+            ("IPv4 prefixes", new_v4, live_v4, MAX_PREFIXES as usize),
+            ("IPv6 prefixes", new_v6, live_v6, MAX_PREFIXES as usize),
+            (
+                "cgroup scopes",
+                resolved.len(),
+                live_scopes,
+                MAX_SCOPES as usize,
+            ),
+        ] {
+            if needed + live > max {
+                return Err(DatapathError::Capacity {
+                    what,
+                    needed,
+                    live,
+                    max,
+                });
+            }
+        }
+
+        self.clear_slot(inactive)?;
+        for id in &fresh {
+            self.set_rule_hits(*id, 0);
+        }
+        let (mut level_min, mut level_max) = (0u32, 0u32);
+        for (scope, level, table) in &tables {
+            self.write_table(inactive, *scope, table)?;
+            if let Some(level) = level {
+                level_min = if level_min == 0 {
+                    *level
+                } else {
+                    level_min.min(*level)
+                };
+                level_max = level_max.max(*level);
+            }
+        }
+        for (scope, level, _) in &tables {
+            if let Some(level) = level {
+                self.insert_scope(inactive, *scope, *level)?;
+            }
+        }
+        let generation = self.generation + 1;
+        let slot_config = SlotConfig {
+            generation,
+            flags: flags_of(policy),
+            default_action: match policy.default_action {
+                DefaultAction::Allow => ACTION_ALLOW,
+                DefaultAction::Deny => ACTION_DENY,
+            },
+            default_class: policy.default_class.abi(),
+            _pad: [0; 2],
+            scope_level_min: level_min,
+            scope_level_max: level_max,
+        };
+        let cfg = self.config_ptr();
+        // SAFETY: the inactive slot's settings are not read by connects (they read the active
+        // slot's); the switch below is one aligned atomic store.
+        unsafe {
+            std::ptr::write_volatile(&raw mut (*cfg).slots[inactive as usize], slot_config);
+            AtomicU32::from_ptr(&raw mut (*cfg).active_slot).store(inactive, Ordering::SeqCst);
+        }
+        let switch_latency = started.elapsed();
+        self.inactive_in_use = true;
+        self.generation = generation;
+        self.counters = counters;
+        self.live = Some(Live {
+            policy: policy.clone(),
+            counters: ids,
+            resolved: resolved.clone(),
+        });
+        Ok(ApplyReport {
+            generation,
+            rules: policy.rules.len(),
+            trie_entries: new_v4 + new_v6,
+            active_scopes: resolved.into_keys().collect(),
+            pending_scopes: pending,
+            switch_latency,
+        })
+    }
+
+    /// Clears the inactive slot once no connect can still be reading it. Called by `apply`, and
+    /// worth calling when idle so that the next `apply` does not wait for the grace period.
+    pub fn reclaim_inactive_slot(&mut self) -> Result<(), DatapathError> {
+        let inactive = 1 - self.active_slot();
+        self.clear_slot(inactive)
+    }
+
+    fn clear_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
+        if self.slots[slot as usize].is_empty() {
+            return Ok(());
+        }
+        if self.inactive_in_use {
+            sys::synchronize_rcu().map_err(io_err("membarrier", Path::new("(synchronize_rcu)")))?;
+            self.inactive_in_use = false;
+        }
+        let scopes: Vec<u64> = self.slots[slot as usize].keys().copied().collect();
+        for scope in scopes {
+            self.remove_scope(slot, scope)?;
+        }
+        Ok(())
+    }
+
+    fn write_table(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        table: &ScopeTable,
+    ) -> Result<(), DatapathError> {
+        let keys = self.slots[slot as usize].entry(scope).or_default();
+        for (net, leaf) in &table.v4 {
+            let key = Key::new(
+                LPM_FIXED_BITS + net.prefix_len() as u32,
+                LpmKeyV4 {
+                    slot,
+                    _pad: 0,
+                    scope,
+                    addr: net.network().octets(),
+                },
+            );
+            self.policy_v4
+                .insert(&key, leaf, 0)
+                .map_err(map_err("insert", map_names::POLICY_V4))?;
+            keys.v4.push(*net);
+        }
+        for (net, leaf) in &table.v6 {
+            let key = Key::new(
+                LPM_FIXED_BITS + net.prefix_len() as u32,
+                LpmKeyV6 {
+                    slot,
+                    _pad: 0,
+                    scope,
+                    addr: net.network().octets(),
+                },
+            );
+            self.policy_v6
+                .insert(&key, leaf, 0)
+                .map_err(map_err("insert", map_names::POLICY_V6))?;
+            keys.v6.push(*net);
+        }
+        Ok(())
+    }
+
+    fn insert_scope(&mut self, slot: u32, scope: u64, level: u32) -> Result<(), DatapathError> {
+        let key = ScopeKey {
+            cgroup_id: scope,
+            slot,
+            _pad: 0,
+        };
+        self.scopes
+            .insert(key, ScopeValue { level, _pad: 0 }, 0)
+            .map_err(map_err("insert", map_names::SCOPES))?;
+        self.slots[slot as usize].entry(scope).or_default().level = Some(level);
+        Ok(())
+    }
+
+    /// Removes one scope's entries from a slot: the scope entry first (making the tries
+    /// unreachable), then the tries.
+    fn remove_scope(&mut self, slot: u32, scope: u64) -> Result<(), DatapathError> {
+        let Some(keys) = self.slots[slot as usize].remove(&scope) else {
+            return Ok(());
+        };
+        if keys.level.is_some() {
+            let key = ScopeKey {
+                cgroup_id: scope,
+                slot,
+                _pad: 0,
+            };
+            ignore_missing(self.scopes.remove(&key))
+                .map_err(map_err("remove", map_names::SCOPES))?;
+        }
+        for net in keys.v4 {
+            let key = Key::new(
+                LPM_FIXED_BITS + net.prefix_len() as u32,
+                LpmKeyV4 {
+                    slot,
+                    _pad: 0,
+                    scope,
+                    addr: net.network().octets(),
+                },
+            );
+            ignore_missing(self.policy_v4.remove(&key))
+                .map_err(map_err("remove", map_names::POLICY_V4))?;
+        }
+        for net in keys.v6 {
+            let key = Key::new(
+                LPM_FIXED_BITS + net.prefix_len() as u32,
+                LpmKeyV6 {
+                    slot,
+                    _pad: 0,
+                    scope,
+                    addr: net.network().octets(),
+                },
+            );
+            ignore_missing(self.policy_v6.remove(&key))
+                .map_err(map_err("remove", map_names::POLICY_V6))?;
+        }
+        Ok(())
+    }
+
+    fn set_rule_hits(&self, counter: u32, value: u64) {
+        let p = self.rule_hits.at::<u64>(counter as usize * 8);
+        // SAFETY: aligned u64 inside the mapping; the kernel updates it atomically too.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(p).store(value, Ordering::Relaxed) };
+    }
+
+    /// Follows rule cgroups: enforces the rules of cgroups that appeared since the last call
+    /// and removes the entries of cgroups that are gone (or were recreated under a new id).
+    pub fn refresh_scopes(&mut self) -> Result<Vec<ScopeChange>, DatapathError> {
+        let Some(live) = self.live.clone() else {
+            return Ok(Vec::new());
+        };
+        let active = self.active_slot();
+        let mut changes = Vec::new();
+        let mut resolved = live.resolved.clone();
+        for path in rule_scopes(&live.policy.rules) {
+            let dir = self.cgroup_root.join(path.as_str());
+            let now = cgroup::resolve(&self.cgroup_mount, &dir)
+                .map_err(io_err("resolving cgroup", &dir))?;
+            let before = live.resolved.get(&path).copied();
+            if now == before {
+                continue;
+            }
+            if let Some(old) = before {
+                for slot in [0, 1] {
+                    self.remove_scope(slot, old.id)?;
+                }
+                resolved.remove(&path);
+                changes.push(ScopeChange::Removed {
+                    path: path.clone(),
+                    id: old.id,
+                });
+            }
+            if let Some(new) = now {
+                let table = compile_scope(
+                    &live.policy.rules,
+                    Some(&path),
+                    &live.counters,
+                    live.policy.default_class,
+                )?;
+                self.write_table(active, new.id, &table)?;
+                self.widen_levels(active, new.level);
+                self.insert_scope(active, new.id, new.level)?;
+                resolved.insert(path.clone(), new);
+                changes.push(ScopeChange::Appeared {
+                    path: path.clone(),
+                    id: new.id,
+                });
+            }
+        }
+        if let Some(l) = self.live.as_mut() {
+            l.resolved = resolved;
+        }
+        Ok(changes)
+    }
+
+    fn widen_levels(&self, slot: u32, level: u32) {
+        let cfg = self.config_ptr();
+        // SAFETY: aligned u32 fields of the shared entry; widening only adds probes.
+        unsafe {
+            let min = AtomicU32::from_ptr(&raw mut (*cfg).slots[slot as usize].scope_level_min);
+            let max = AtomicU32::from_ptr(&raw mut (*cfg).slots[slot as usize].scope_level_max);
+            if min.load(Ordering::SeqCst) == 0 || min.load(Ordering::SeqCst) > level {
+                min.store(level, Ordering::SeqCst);
+            }
+            if max.load(Ordering::SeqCst) < level {
+                max.store(level, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A snapshot for status output and metrics.
+    pub fn status(&self) -> DatapathStatus {
+        let active = self.active_slot() as usize;
+        let (rule_counters, active_scopes, pending_scopes) = match &self.live {
+            Some(live) => (
+                live.policy
+                    .rules
+                    .iter()
+                    .zip(&live.counters)
+                    .map(|(r, c)| (r.name.to_string(), *c))
+                    .collect(),
+                live.resolved.keys().cloned().collect(),
+                rule_scopes(&live.policy.rules)
+                    .into_iter()
+                    .filter(|p| !live.resolved.contains_key(p))
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new(), Vec::new()),
+        };
+        DatapathStatus {
+            generation: self.generation,
+            adopted: self.adopted,
+            programs: program_names::ALL.to_vec(),
+            cgroup_root: self.cgroup_root.clone(),
+            rule_counters,
+            active_scopes,
+            pending_scopes,
+            trie_entries: self.slots[active]
+                .values()
+                .map(|k| k.v4.len() + k.v6.len())
+                .sum(),
+            heat_capacity: self.heat_capacity,
+        }
+    }
+
+    /// The pin layout in use.
+    pub fn pins(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// Keys of one scope in the active slot, for tests and diagnostics: (IPv4, IPv6, has scope entry).
+    pub fn scope_entry_counts(&self, cgroup_id: u64) -> (usize, usize, bool) {
+        let mut total = (0, 0, false);
+        for slot in &self.slots {
+            if let Some(k) = slot.get(&cgroup_id) {
+                total = (
+                    total.0 + k.v4.len(),
+                    total.1 + k.v6.len(),
+                    total.2 || k.level.is_some(),
+                );
+            }
+        }
+        total
+    }
+}
+
+/// Detaches knhk's programs and removes every pin under `pin_root` (all ABI versions).
+/// Enforcement stops. Returns the pins removed.
+pub fn remove_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let mut removed = Vec::new();
+    if !pin_root.exists() {
+        return Ok(removed);
+    }
+    let mut stack = vec![pin_root.to_path_buf()];
+    let mut dirs = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_err("reading", &dir))? {
+            let path = entry.map_err(io_err("reading", &dir))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                std::fs::remove_file(&path).map_err(io_err("unpin", &path))?;
+                removed.push(path);
+            }
+        }
+        dirs.push(dir);
+    }
+    for dir in dirs.into_iter().rev() {
+        std::fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
+    }
+    Ok(removed)
+}
+
+fn flags_of(policy: &Policy) -> u32 {
+    let mut flags = 0;
+    if policy.mode == Mode::Enforce {
+        flags |= FLAG_ENFORCE;
+    }
+    if policy.heat {
+        flags |= FLAG_HEAT;
+    }
+    if policy.histograms {
+        flags |= FLAG_HISTOGRAMS;
+    }
+    flags
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, DatapathError> {
+    match ebpf.take_map(name) {
+        Some(
+            aya::maps::Map::Array(m)
+            | aya::maps::Map::LpmTrie(m)
+            | aya::maps::Map::HashMap(m)
+            | aya::maps::Map::PerCpuArray(m)
+            | aya::maps::Map::LruHashMap(m),
+        ) => Ok(m),
+        _ => Err(DatapathError::Load(format!(
+            "map {name} is missing from the object or has an unexpected type"
+        ))),
+    }
+}
+
+/// An error and its sources, joined: aya's messages name the syscall, the source says why.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn page_round(len: usize) -> usize {
+    len.div_ceil(4096) * 4096
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn replace_program(link_path: &Path, program: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    let link = sys::obj_get(link_path)?;
+    sys::link_update(link.as_fd(), program)
+}
+
+fn verifier_message(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            format!(
+                "{io_error}; verifier log (last lines):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Makes sure `pin_root` is on a bpffs (mounting one at `/sys/fs/bpf` if none is there) and
+/// creates the pin directories.
+fn prepare_pin_dirs(layout: &PinLayout, pin_root: &Path) -> Result<(), DatapathError> {
+    let bpffs_err = |reason: String| DatapathError::Bpffs {
+        path: pin_root.to_owned(),
+        reason,
+    };
+    let default_mount = Path::new("/sys/fs/bpf");
+    if pin_root.starts_with(default_mount) && !sys::is_bpffs(default_mount) {
+        sys::mount_bpffs(default_mount).map_err(|e| {
+            bpffs_err(format!(
+                "{} is not a bpffs and mounting one failed: {e}",
+                default_mount.display()
+            ))
+        })?;
+        info!("mounted bpffs at /sys/fs/bpf");
+    }
+    for dir in [layout.maps_dir(), layout.links_dir()] {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| bpffs_err(format!("creating {}: {e}", dir.display())))?;
+    }
+    if !sys::is_bpffs(&layout.dir) {
+        return Err(bpffs_err(format!(
+            "{} is not on a bpffs (mount one with `mount -t bpf bpf DIR`)",
+            layout.dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every existing map pin against this build's ABI. Returns whether anything was
+/// pinned (a re-adoption). Soft-state maps that do not match are removed, to be recreated.
+fn check_pins(
+    layout: &PinLayout,
+    pin_root: &Path,
+    heat_max_entries: u32,
+) -> Result<bool, DatapathError> {
+    let mut adopted = false;
+    for spec in pins::expected_maps(heat_max_entries) {
+        let path = layout.map(spec.name);
+        let Some(shape) = pins::pinned_shape(&path).map_err(io_err("inspecting pin", &path))?
+        else {
+            continue;
+        };
+        adopted = true;
+        let diff = pins::differences(&spec, &shape);
+        if diff.is_empty() {
+            continue;
+        }
+        if spec.soft {
+            warn!(
+                pin = %path.display(),
+                differences = %diff.join(", "),
+                "pinned map does not match this build (e.g. heat_max_entries changed): recreating it, which resets its contents"
+            );
+            std::fs::remove_file(&path).map_err(io_err("unpin", &path))?;
+        } else {
+            return Err(DatapathError::IncompatiblePin {
+                path,
+                differences: diff.join(", "),
+                pin_root: pin_root.to_owned(),
+            });
+        }
+    }
+    Ok(adopted)
+}
+
+/// Classes in ABI order, for readers.
+pub(crate) const CLASSES_IN_ABI_ORDER: [Class; 3] = [Class::R1, Class::W1, Class::C1];

@@ -1,0 +1,296 @@
+//! Reading counters, latency histograms and heat from the pinned maps.
+//!
+//! A reader opens the pins itself, so metrics scrapes never wait for the writer.
+
+use super::{io_err, map_err, pins::PinLayout, sys, DatapathError, CLASSES_IN_ABI_ORDER};
+use crate::config::Class;
+use aya::maps::{Map, MapData, PerCpuArray};
+use knhk_abi::{
+    bucket_lower_bound, bucket_upper_bound, decision_index, histogram_index, map_names, HeatKey,
+    HeatValue, Histogram, ACTIONS, BUCKETS, CLASSES, MAX_RULE_COUNTERS,
+};
+use std::{
+    net::{IpAddr, Ipv6Addr},
+    os::fd::AsFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// Decision counts since the maps were created, by `[action][class]` in ABI order
+/// (`ACTION_ALLOW, ACTION_DENY, ACTION_AUDIT` × `R1, W1, C1`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Decisions(pub [[u64; CLASSES]; ACTIONS]);
+
+impl Decisions {
+    /// Count for `action` (`knhk_abi::ACTION_*`) and `class`.
+    pub fn get(&self, action: u8, class: Class) -> u64 {
+        self.0[action as usize][class.abi() as usize]
+    }
+
+    /// Count for `action` over every class.
+    pub fn total(&self, action: u8) -> u64 {
+        self.0[action as usize].iter().sum()
+    }
+}
+
+/// One latency histogram summed over CPUs. Values are nanoseconds.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Samples.
+    pub count: u64,
+    /// Sum of samples, ns.
+    pub sum_ns: u64,
+    /// Bucket counts (see `knhk_abi::bucket_of`).
+    pub buckets: Box<[u64; BUCKETS]>,
+}
+
+impl std::fmt::Debug for LatencyHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LatencyHistogram")
+            .field("count", &self.count)
+            .field("p50_ns", &self.quantile(0.5))
+            .field("p99_ns", &self.quantile(0.99))
+            .finish()
+    }
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            sum_ns: 0,
+            buckets: Box::new([0; BUCKETS]),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Adds a per-CPU histogram.
+    pub fn add(&mut self, h: &Histogram) {
+        self.count += h.count;
+        self.sum_ns = self.sum_ns.wrapping_add(h.sum_ns);
+        for (a, b) in self.buckets.iter_mut().zip(h.buckets.iter()) {
+            *a += b;
+        }
+    }
+
+    /// Records one value (for building histograms in userspace, e.g. tests and benchmarks).
+    pub fn record(&mut self, value_ns: u64) {
+        self.count += 1;
+        self.sum_ns = self.sum_ns.wrapping_add(value_ns);
+        self.buckets[knhk_abi::bucket_of(value_ns)] += 1;
+    }
+
+    /// The `q` quantile (0..=1), as the midpoint of the bucket that holds it; `None` when empty.
+    /// The true value lies within half a bucket width (under 1.6%) of it.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let (lo, hi) = (bucket_lower_bound(b), bucket_upper_bound(b));
+                return Some(if hi == u64::MAX {
+                    lo
+                } else {
+                    lo + (hi - lo - 1) / 2
+                });
+            }
+        }
+        None
+    }
+
+    /// Samples at or below `le_ns`, counted exactly when `le_ns + 1` is a bucket edge (powers of
+    /// two always are).
+    pub fn count_at_most(&self, le_ns: u64) -> u64 {
+        self.buckets
+            .iter()
+            .enumerate()
+            .take_while(|(b, _)| bucket_upper_bound(*b) <= le_ns.saturating_add(1))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// One destination of the heat map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeatEntry {
+    /// Destination address (IPv4 shown as IPv4).
+    pub addr: IpAddr,
+    /// Destination port.
+    pub port: u16,
+    /// IPPROTO number.
+    pub proto: u8,
+    /// Connect attempts.
+    pub attempts: u64,
+    /// Last attempt, CLOCK_MONOTONIC ns.
+    pub last_seen_ns: u64,
+}
+
+impl HeatEntry {
+    fn from_map(k: &HeatKey, v: &HeatValue) -> Self {
+        let v6 = Ipv6Addr::from(k.addr);
+        let addr = match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        };
+        HeatEntry {
+            addr,
+            port: k.port,
+            proto: k.proto,
+            attempts: v.attempts,
+            last_seen_ns: v.last_seen_ns,
+        }
+    }
+}
+
+/// Reads the datapath's counters from its pins.
+pub struct DatapathReader {
+    decisions: PerCpuArray<MapData, u64>,
+    latency: PerCpuArray<MapData, Histogram>,
+    heat: MapData,
+    heat_capacity: u32,
+    rule_hits: sys::MmapArray,
+}
+
+impl std::fmt::Debug for DatapathReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathReader").finish_non_exhaustive()
+    }
+}
+
+fn open(layout: &PinLayout, name: &'static str) -> Result<Map, DatapathError> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(map_err("open pin", name))?;
+    Map::from_map_data(data).map_err(map_err("open pin", name))
+}
+
+impl DatapathReader {
+    /// Opens the maps pinned under `layout`.
+    pub fn open(layout: &PinLayout) -> Result<Self, DatapathError> {
+        let decisions = PerCpuArray::try_from(open(layout, map_names::DECISIONS)?)
+            .map_err(map_err("open", map_names::DECISIONS))?;
+        let latency = PerCpuArray::try_from(open(layout, map_names::LATENCY)?)
+            .map_err(map_err("open", map_names::LATENCY))?;
+        let heat_path = layout.map(map_names::HEAT);
+        let heat = MapData::from_pin(&heat_path).map_err(map_err("open pin", map_names::HEAT))?;
+        let heat_capacity = heat
+            .info()
+            .map(|i| i.max_entries())
+            .map_err(map_err("info", map_names::HEAT))?;
+        let hits_path = layout.map(map_names::RULE_HITS);
+        let hits =
+            MapData::from_pin(&hits_path).map_err(map_err("open pin", map_names::RULE_HITS))?;
+        let rule_hits =
+            sys::MmapArray::map(hits.fd().as_fd(), MAX_RULE_COUNTERS as usize * 8, false)
+                .map_err(io_err("mmap", &hits_path))?;
+        Ok(Self {
+            decisions,
+            latency,
+            heat,
+            heat_capacity,
+            rule_hits,
+        })
+    }
+
+    /// Decision counts, summed over CPUs.
+    pub fn decisions(&self) -> Result<Decisions, DatapathError> {
+        let mut out = Decisions::default();
+        for action in 0..ACTIONS as u8 {
+            for class in CLASSES_IN_ABI_ORDER {
+                let values = self
+                    .decisions
+                    .get(&decision_index(action, class.abi()), 0)
+                    .map_err(map_err("lookup", map_names::DECISIONS))?;
+                out.0[action as usize][class.abi() as usize] = values.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hits of rule counter `counter` (0 = connects that matched no rule).
+    pub fn rule_hits(&self, counter: u32) -> u64 {
+        if counter >= MAX_RULE_COUNTERS {
+            return 0;
+        }
+        let p = self.rule_hits.at::<u64>(counter as usize * 8);
+        // SAFETY: aligned u64 inside the read-only mapping; the kernel updates it atomically.
+        unsafe { AtomicU64::from_ptr(p).load(Ordering::Relaxed) }
+    }
+
+    /// The latency histogram of `kind` (`knhk_abi::LATENCY_*`) for `class`, summed over CPUs.
+    pub fn histogram(&self, kind: usize, class: Class) -> Result<LatencyHistogram, DatapathError> {
+        let values = self
+            .latency
+            .get(&histogram_index(kind, class.abi()), 0)
+            .map_err(map_err("lookup", map_names::LATENCY))?;
+        let mut out = LatencyHistogram::default();
+        for h in values.iter() {
+            out.add(h);
+        }
+        Ok(out)
+    }
+
+    /// Every heat entry (one batch read), hottest first.
+    pub fn heat(&self) -> Result<Vec<HeatEntry>, DatapathError> {
+        let raw: Vec<(HeatKey, HeatValue)> =
+            sys::lookup_batch(self.heat.fd().as_fd(), self.heat_capacity as usize).map_err(
+                |e| DatapathError::Map {
+                    op: "batch lookup",
+                    map: map_names::HEAT,
+                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    }),
+                },
+            )?;
+        let mut out: Vec<HeatEntry> = raw.iter().map(|(k, v)| HeatEntry::from_map(k, v)).collect();
+        out.sort_by(|a, b| {
+            b.attempts
+                .cmp(&a.attempts)
+                .then(a.addr.cmp(&b.addr))
+                .then(a.port.cmp(&b.port))
+        });
+        Ok(out)
+    }
+
+    /// Capacity of the heat map.
+    pub fn heat_capacity(&self) -> u32 {
+        self.heat_capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_is_within_the_bucket_error() {
+        let mut h = LatencyHistogram::default();
+        let values: Vec<u64> = (1..=10_000u64).map(|i| 10_000 + i * 37).collect();
+        for v in &values {
+            h.record(*v);
+        }
+        let exact_p99 = values[(values.len() * 99).div_ceil(100) - 1] as f64;
+        let got = h.quantile(0.99).expect("non-empty") as f64;
+        assert!(
+            (got - exact_p99).abs() / exact_p99 < 0.02,
+            "p99 {got} vs exact {exact_p99}"
+        );
+        assert_eq!(LatencyHistogram::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn count_at_most_power_of_two_edges_is_exact() {
+        let mut h = LatencyHistogram::default();
+        for v in [1_000u64, 1_023, 1_024, 5_000, 1 << 20] {
+            h.record(v);
+        }
+        assert_eq!(h.count_at_most(1023), 2);
+        assert_eq!(h.count_at_most(1024 * 1024 - 1), 4);
+        assert_eq!(h.count_at_most(u64::MAX), 5);
+    }
+}

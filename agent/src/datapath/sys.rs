@@ -1,0 +1,222 @@
+//! The few kernel interfaces aya 0.14 does not offer, in one place: shared mappings of
+//! mmapable arrays, link program replacement, batch map reads and bpffs checks.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    path::Path,
+    ptr::NonNull,
+};
+
+/// A shared read-write mapping of a `BPF_F_MMAPABLE` array map, unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct MmapArray {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all access goes through raw pointers with atomic
+// or volatile operations, which the kernel programs also use.
+unsafe impl Send for MmapArray {}
+unsafe impl Sync for MmapArray {}
+
+impl MmapArray {
+    /// Maps `len` bytes of the array behind `fd`.
+    pub(crate) fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Self> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of a map fd; the kernel validates fd, length and flags.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Pointer to the element at byte `offset`, which must hold a `T` inside the mapping.
+    pub(crate) fn at<T>(&self, offset: usize) -> *mut T {
+        assert!(
+            offset + size_of::<T>() <= self.len,
+            "offset {offset} outside the mapping"
+        );
+        assert!(offset % align_of::<T>() == 0, "misaligned offset {offset}");
+        // SAFETY: in bounds (checked above).
+        unsafe { self.ptr.as_ptr().add(offset).cast() }
+    }
+}
+
+impl Drop for MmapArray {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Opens a pinned bpffs object.
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = path_cstring(path)?;
+    // SAFETY: a valid NUL-terminated path.
+    let fd = unsafe { libbpf_sys::bpf_obj_get(c.as_ptr()) };
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: a new fd owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Atomically replaces the program of a BPF link (`BPF_LINK_UPDATE`): connects never see the
+/// hook without a program.
+pub(crate) fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: both are valid fds; null options mean "no expected old program".
+    let ret = unsafe {
+        libbpf_sys::bpf_link_update(link.as_raw_fd(), program.as_raw_fd(), std::ptr::null())
+    };
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret));
+    }
+    Ok(())
+}
+
+/// Reads every entry of a hash-type map with `BPF_MAP_LOOKUP_BATCH` (thousands per syscall).
+pub(crate) fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    capacity: usize,
+) -> io::Result<Vec<(K, V)>> {
+    const CHUNK: usize = 4096;
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![V::default(); CHUNK];
+    let mut token = [0u8; 64];
+    let mut first = true;
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    loop {
+        let mut count = CHUNK as u32;
+        let mut next = [0u8; 64];
+        // SAFETY: buffers hold `count` keys and values; the batch tokens are large enough for
+        // any hash map's bucket cursor (the kernel uses a u32).
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                fd.as_raw_fd(),
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    token.as_mut_ptr().cast()
+                },
+                next.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let done = ret < 0 && -ret == libc::ENOENT;
+        if ret < 0 && !done {
+            return Err(io::Error::from_raw_os_error(-ret));
+        }
+        out.extend(
+            keys.iter()
+                .copied()
+                .zip(values.iter().copied())
+                .take(count as usize),
+        );
+        if done || out.len() >= capacity {
+            return Ok(out);
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// `BPF_FS_MAGIC`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = path_cstring(path)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Whether `path` is on a bpffs.
+pub(crate) fn is_bpffs(path: &Path) -> bool {
+    fs_magic(path).is_ok_and(|m| m == BPF_FS_MAGIC)
+}
+
+/// Whether `path` is a cgroup v2 directory.
+pub(crate) fn is_cgroup2(path: &Path) -> bool {
+    fs_magic(path).is_ok_and(|m| m == CGROUP2_SUPER_MAGIC)
+}
+
+/// Mounts a bpffs at `target`.
+pub(crate) fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = path_cstring(target)?;
+    let (src, fstype) = (c"bpf", c"bpf");
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let ret = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn path_cstring(path: &Path) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Waits for an RCU grace period, after which no BPF program that started before the call is
+/// still running (`membarrier(MEMBARRIER_CMD_GLOBAL)` calls `synchronize_rcu()` in the kernel).
+pub(crate) fn synchronize_rcu() -> io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a plain syscall with no pointers.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_GLOBAL,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        // nohz_full kernels refuse the command: a generous sleep outlasts any program run.
+        if err.raw_os_error() == Some(libc::EINVAL) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! knhk-agent: an eBPF node agent for SLO-driven connection admission.
+//!
+//! The kernel programs (`ebpf/programs`) decide every `connect()`; this library loads them, keeps
+//! their maps filled with the compiled policy, and exposes what they count.
+//!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`policy`]: the pure policy compiler (rules → trie leaves).
+//! - [`datapath`]: the only module that touches aya and BPF maps: load, attach, pin, re-adopt,
+//!   atomic policy switch, cgroup following, map readers.
+//! - [`telemetry`]: Prometheus metrics read from the maps, and the admin HTTP server.
+//! - [`agent`]: `knhk-agent run`, wiring the above together.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod config;
+pub mod datapath;
+pub mod policy;
+pub mod telemetry;

@@ -1,0 +1,191 @@
+//! The `knhk-agent` command line. Dispatch only: the work happens in the library.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use knhk_agent::{agent, config::Config, datapath};
+use std::{path::PathBuf, process::ExitCode};
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code when the kernel datapath cannot start (EX_UNAVAILABLE).
+const EXIT_DATAPATH: u8 = 69;
+
+#[derive(Parser)]
+#[command(
+    name = "knhk-agent",
+    version,
+    about = "eBPF node agent for SLO-driven connection admission",
+    long_about = "knhk-agent loads eBPF programs that admit or refuse every connect() on the node \
+                  according to a policy, records handshake latency and destination heat, and exports \
+                  them as Prometheus metrics.",
+    after_help = "Exit codes: 0 success, 1 runtime error, 64 invalid configuration, 69 kernel datapath unavailable."
+)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the programs, apply the policy, and serve metrics until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Examples:\n  knhk-agent run                         # embedded default: audit mode, loopback listeners\n  knhk-agent run --config /etc/knhk/agent.toml"
+    )]
+    Run {
+        /// Configuration file (TOML). Without it, the embedded default is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file without touching the kernel.
+    #[command(
+        after_help = "Examples:\n  knhk-agent check-config /etc/knhk/agent.toml\n  knhk-agent check-config agent.toml --output json"
+    )]
+    CheckConfig {
+        /// Configuration file (TOML).
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+    /// Detach the programs and remove every knhk pin. Enforcement stops.
+    #[command(
+        after_help = "Examples:\n  knhk-agent detach\n  knhk-agent detach --pin-root /sys/fs/bpf/knhk"
+    )]
+    Detach {
+        /// bpffs directory holding the pins (default: agent.pin_root of --config, else /sys/fs/bpf/knhk).
+        #[arg(long)]
+        pin_root: Option<PathBuf>,
+        /// Take pin_root from this configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration.
+    DefaultConfig,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli.command {
+        Command::Run { config } => {
+            let config = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(agent::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ (agent::AgentError::Datapath(_) | agent::AgentError::NoCgroup2 { .. })) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_DATAPATH)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { file, output } => match Config::load_file(&file) {
+            Ok(config) => {
+                let inactive = config.inactive_sections();
+                match output {
+                    Output::Json => {
+                        let doc = serde_json::json!({
+                            "valid": true,
+                            "file": file.display().to_string(),
+                            "rules": config.policy.rules.len(),
+                            "active_sections": ["agent", "policy"],
+                            "inactive_sections": inactive.iter().map(|(s, why)| serde_json::json!({"section": s, "reason": why})).collect::<Vec<_>>(),
+                        });
+                        println!("{doc}");
+                    }
+                    Output::Human => {
+                        println!(
+                            "{}: valid ({} rules)",
+                            file.display(),
+                            config.policy.rules.len()
+                        );
+                        println!("  active: [agent], [policy]");
+                        for (section, why) in inactive {
+                            println!("  accepted, not active: [{section}] ({why})");
+                        }
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({"valid": false, "error": e.to_string()})
+                    ),
+                    Output::Human => eprintln!("error: {e}"),
+                }
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Detach { pin_root, config } => {
+            let pin_root = match (pin_root, config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => match load(Some(&c)) {
+                    Ok(c) => c.agent.pin_root,
+                    Err(code) => return code,
+                },
+                (None, None) => Config::embedded_default().agent.pin_root,
+            };
+            match datapath::remove_pins(&pin_root) {
+                Ok(removed) => {
+                    println!(
+                        "removed {} pins under {}; knhk programs are detached",
+                        removed.len(),
+                        pin_root.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::DefaultConfig => {
+            print!("{}", knhk_agent::config::EMBEDDED_DEFAULT);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    match path {
+        None => Ok(Config::embedded_default()),
+        Some(p) => Config::load_file(p).map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }),
+    }
+}

@@ -1,0 +1,254 @@
+//! The policy compiler: rules in, kernel trie leaves out. Pure functions, no kernel access.
+//!
+//! # Semantics
+//! A connect is judged by the rules that apply to its cgroup: rules without a `cgroup`, and rules
+//! whose `cgroup` is the connecting cgroup or one of its ancestors. Among the rules that match the
+//! destination address, port and protocol, the winner is the one with
+//! 1. the deepest `cgroup` scope (a subtree's own rules override the ones it inherits), then
+//! 2. the longest matching prefix, then
+//! 3. the earliest declaration.
+//!
+//! # Layout
+//! The kernel does one trie lookup per connect, so each scope's trie is *flattened*: every prefix
+//! gets a leaf listing every rule entry (rule × port range) that covers it — its own and those of
+//! shorter covering prefixes and of outer scopes — already in winning order. The kernel takes the
+//! first entry whose port range and protocol match. Entries after a catch-all entry (every port,
+//! any protocol) can never win and are dropped.
+
+use crate::config::{CgroupPath, Class, Config, DefaultAction, Mode, RuleSpec};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use knhk_abi::{RuleEntry, RuleLeaf, ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, MAX_LEAF_ENTRIES};
+use std::collections::{BTreeSet, HashMap};
+
+/// A policy as the datapath applies it: the rules plus the settings that switch with them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The rules, in declaration order.
+    pub rules: Vec<RuleSpec>,
+    /// Enforce or audit.
+    pub mode: Mode,
+    /// Action for connects that match no rule.
+    pub default_action: DefaultAction,
+    /// Class for connects that match no rule and rules that name none.
+    pub default_class: Class,
+    /// Record destination heat.
+    pub heat: bool,
+    /// Record latency histograms.
+    pub histograms: bool,
+}
+
+impl Policy {
+    /// The policy a configuration describes.
+    pub fn from_config(config: &Config) -> Policy {
+        Policy {
+            rules: config.policy.rules.clone(),
+            mode: config.agent.mode,
+            default_action: config.agent.default_action,
+            default_class: config.agent.default_class,
+            heat: config.agent.heat_enabled,
+            histograms: config.agent.histograms_enabled,
+        }
+    }
+}
+
+/// The compiled trie content of one scope.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScopeTable {
+    /// IPv4 prefixes and their leaves.
+    pub v4: Vec<(Ipv4Net, RuleLeaf)>,
+    /// IPv6 prefixes and their leaves.
+    pub v6: Vec<(Ipv6Net, RuleLeaf)>,
+}
+
+impl ScopeTable {
+    /// Number of trie entries.
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// Whether the table has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a policy cannot be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    /// More rule entries cover one prefix than a kernel leaf holds.
+    #[error(
+        "{count} rule entries (rule x port range) cover {prefix}{scope}, more than the {max} a kernel leaf holds \
+         (rules: {rules}); merge port ranges or split the prefix"
+    )]
+    LeafOverflow {
+        /// The prefix.
+        prefix: IpNet,
+        /// " in cgroup X" or "".
+        scope: String,
+        /// Entries covering it.
+        count: usize,
+        /// The limit.
+        max: usize,
+        /// Names of the rules involved.
+        rules: String,
+    },
+}
+
+/// One candidate before ordering.
+#[derive(Clone, Copy)]
+struct Candidate {
+    rank: usize,
+    prefix_len: u8,
+    order: usize,
+    entry: RuleEntry,
+}
+
+/// Compiles the trie for one scope: `scope` is a rule cgroup path, or `None` for the global scope
+/// (connects from cgroups that no rule names). `counters[i]` is the hit counter of `rules[i]`.
+pub fn compile_scope(
+    rules: &[RuleSpec],
+    scope: Option<&CgroupPath>,
+    counters: &[u32],
+    default_class: Class,
+) -> Result<ScopeTable, CompileError> {
+    let mut v4: Vec<(Ipv4Net, Candidate)> = Vec::new();
+    let mut v6: Vec<(Ipv6Net, Candidate)> = Vec::new();
+    for (order, rule) in rules.iter().enumerate() {
+        let rank = match (&rule.cgroup, scope) {
+            (None, _) => 0,
+            (Some(own), Some(scope)) if own.contains(scope) => own.depth(),
+            _ => continue,
+        };
+        let ports = rule
+            .ports
+            .as_deref()
+            .unwrap_or(&[crate::config::PortRange::ALL]);
+        for cidr in &rule.cidrs {
+            for p in ports {
+                let entry = RuleEntry {
+                    port_lo: p.lo,
+                    port_hi: p.hi,
+                    proto: rule.protocol.abi(),
+                    action: action_abi(rule.action),
+                    class: rule.class.unwrap_or(default_class).abi(),
+                    _pad: 0,
+                    counter: counters.get(order).copied().unwrap_or(0),
+                };
+                let cand = Candidate {
+                    rank,
+                    prefix_len: cidr.0.prefix_len(),
+                    order,
+                    entry,
+                };
+                match cidr.0 {
+                    IpNet::V4(n) => v4.push((n, cand)),
+                    IpNet::V6(n) => v6.push((n, cand)),
+                }
+            }
+        }
+    }
+    let describe_scope = || scope.map(|s| format!(" in cgroup {s}")).unwrap_or_default();
+    let name_of = |order: usize| rules[order].name.to_string();
+    Ok(ScopeTable {
+        v4: flatten(
+            v4,
+            |n| n.prefix_len(),
+            |n, len| Ipv4Net::new(n.network(), len).map(|n| n.trunc()).ok(),
+        )
+        .map_err(|(p, c)| overflow(IpNet::V4(p), c, describe_scope(), name_of))?,
+        v6: flatten(
+            v6,
+            |n| n.prefix_len(),
+            |n, len| Ipv6Net::new(n.network(), len).map(|n| n.trunc()).ok(),
+        )
+        .map_err(|(p, c)| overflow(IpNet::V6(p), c, describe_scope(), name_of))?,
+    })
+}
+
+fn overflow(
+    prefix: IpNet,
+    cands: Vec<Candidate>,
+    scope: String,
+    name_of: impl Fn(usize) -> String,
+) -> CompileError {
+    let names: BTreeSet<usize> = cands.iter().map(|c| c.order).collect();
+    CompileError::LeafOverflow {
+        prefix,
+        scope,
+        count: cands.len(),
+        max: MAX_LEAF_ENTRIES,
+        rules: names
+            .into_iter()
+            .map(name_of)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// Builds one leaf per distinct prefix from the candidates of every covering prefix.
+#[allow(clippy::type_complexity)]
+fn flatten<N: Copy + Eq + std::hash::Hash + Ord>(
+    cands: Vec<(N, Candidate)>,
+    len_of: impl Fn(&N) -> u8,
+    truncate: impl Fn(&N, u8) -> Option<N>,
+) -> Result<Vec<(N, RuleLeaf)>, (N, Vec<Candidate>)> {
+    let mut by_prefix: HashMap<N, Vec<Candidate>> = HashMap::new();
+    for (net, c) in cands {
+        by_prefix.entry(net).or_default().push(c);
+    }
+    let lengths: BTreeSet<u8> = by_prefix.keys().map(&len_of).collect();
+    let mut prefixes: Vec<N> = by_prefix.keys().copied().collect();
+    prefixes.sort();
+    let mut out = Vec::with_capacity(prefixes.len());
+    for net in prefixes {
+        let own_len = len_of(&net);
+        let mut covering: Vec<Candidate> = Vec::new();
+        for &len in lengths.iter().filter(|l| **l <= own_len) {
+            if let Some(cands) = truncate(&net, len).and_then(|outer| by_prefix.get(&outer)) {
+                covering.extend_from_slice(cands);
+            }
+        }
+        covering.sort_by(|a, b| {
+            b.rank
+                .cmp(&a.rank)
+                .then(b.prefix_len.cmp(&a.prefix_len))
+                .then(a.order.cmp(&b.order))
+        });
+        if let Some(catch_all) = covering.iter().position(|c| {
+            c.entry.port_lo == 0
+                && c.entry.port_hi == u16::MAX
+                && c.entry.proto == knhk_abi::PROTO_ANY
+        }) {
+            covering.truncate(catch_all + 1);
+        }
+        if covering.len() > MAX_LEAF_ENTRIES {
+            return Err((net, covering));
+        }
+        let mut leaf = RuleLeaf {
+            len: covering.len() as u32,
+            ..RuleLeaf::default()
+        };
+        for (slot, c) in leaf.entries.iter_mut().zip(&covering) {
+            *slot = c.entry;
+        }
+        out.push((net, leaf));
+    }
+    Ok(out)
+}
+
+fn action_abi(action: crate::config::Action) -> u8 {
+    match action {
+        crate::config::Action::Allow => ACTION_ALLOW,
+        crate::config::Action::Deny => ACTION_DENY,
+        crate::config::Action::Audit => ACTION_AUDIT,
+    }
+}
+
+/// The distinct cgroup paths that rules name, in a stable order.
+pub fn rule_scopes(rules: &[RuleSpec]) -> Vec<CgroupPath> {
+    let set: BTreeSet<&CgroupPath> = rules.iter().filter_map(|r| r.cgroup.as_ref()).collect();
+    set.into_iter().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,316 @@
+//! The scrape-time collector of kernel counters.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `knhk_connect_decisions_total` | counter | `action` (allow, deny, audit), `class` (R1, W1, C1) |
+//! | `knhk_rule_hits_total` | counter | `rule` (rule names of the live policy) |
+//! | `knhk_unmatched_connects_total` | counter | — |
+//! | `knhk_tcp_handshake_duration_seconds` | histogram | `class` |
+//! | `knhk_tcp_rtt_seconds` | histogram | `class` |
+//! | `knhk_heat_top_connect_attempts` | gauge | `rank` (1..N), `destination`, `protocol` |
+//! | `knhk_bpf_map_entries` / `knhk_bpf_map_capacity_entries` | gauge | `map` (heat, policy) |
+//! | `knhk_policy_generation` | gauge | — |
+//! | `knhk_policy_rules` | gauge | — |
+//! | `knhk_policy_scopes` | gauge | `state` (active, pending) |
+//! | `knhk_metrics_read_errors_total` | counter | — |
+//!
+//! Every label has a bounded set of values: rule names come from the policy (at most
+//! `MAX_RULE_COUNTERS`), and heat destinations are limited to the top N.
+
+use crate::{
+    config::Class,
+    datapath::{DatapathReader, DatapathStatus},
+};
+use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE, LATENCY_RTT};
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, RwLock,
+};
+
+/// Histogram bucket edges: powers of two nanoseconds from 2^10 (about 1 µs) to 2^34 (about 17 s),
+/// every second power. They are exact edges of the kernel's log-linear buckets.
+const LE_EXPONENTS: std::ops::RangeInclusive<u32> = 10..=34;
+
+/// Reads the datapath maps at each scrape.
+pub struct DatapathCollector {
+    reader: DatapathReader,
+    status: Arc<RwLock<DatapathStatus>>,
+    heat_top_n: usize,
+    errors: AtomicU64,
+    descs: Vec<Desc>,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathCollector").finish_non_exhaustive()
+    }
+}
+
+const FAMILIES: [(&str, &str); 12] = [
+    (
+        "knhk_connect_decisions_total",
+        "connect() admission decisions in the kernel, by action and runtime class.",
+    ),
+    (
+        "knhk_rule_hits_total",
+        "connect() calls decided by each rule of the live policy.",
+    ),
+    (
+        "knhk_unmatched_connects_total",
+        "connect() calls that matched no rule and got the default action.",
+    ),
+    (
+        "knhk_tcp_handshake_duration_seconds",
+        "TCP handshake latency (connect() to ESTABLISHED), by runtime class.",
+    ),
+    (
+        "knhk_tcp_rtt_seconds",
+        "Smoothed TCP RTT samples of admitted connections, by runtime class.",
+    ),
+    (
+        "knhk_heat_top_connect_attempts",
+        "Connect attempts to the hottest destinations since each entered the heat map.",
+    ),
+    ("knhk_bpf_map_entries", "Entries in use in a BPF map."),
+    ("knhk_bpf_map_capacity_entries", "Capacity of a BPF map."),
+    (
+        "knhk_policy_generation",
+        "Generation number of the live policy.",
+    ),
+    ("knhk_policy_rules", "Rules in the live policy."),
+    (
+        "knhk_policy_scopes",
+        "Rule cgroups, by whether they exist (active) or not yet (pending).",
+    ),
+    (
+        "knhk_metrics_read_errors_total",
+        "Failed reads of BPF maps while collecting metrics.",
+    ),
+];
+
+impl DatapathCollector {
+    /// A collector over `reader`, labelling rule hits from `status`.
+    pub fn new(
+        reader: DatapathReader,
+        status: Arc<RwLock<DatapathStatus>>,
+        heat_top_n: usize,
+    ) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .filter_map(|(name, help)| {
+                Desc::new((*name).into(), (*help).into(), vec![], Default::default()).ok()
+            })
+            .collect();
+        Self {
+            reader,
+            status,
+            heat_top_n,
+            errors: AtomicU64::new(0),
+            descs,
+        }
+    }
+
+    fn failed(&self, what: &str, e: impl std::fmt::Display) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("metrics: reading {what} failed: {e}");
+    }
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name((*k).into());
+            l.set_value((*v).into());
+            l
+        })
+        .collect()
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(value as f64);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::from_label(labels(pairs));
+    m.set_gauge(g);
+    m
+}
+
+fn help(name: &str) -> &'static str {
+    FAMILIES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, h)| *h)
+        .unwrap_or("")
+}
+
+impl Collector for DatapathCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let status = self.status.read().map(|s| s.clone()).unwrap_or_default();
+        let mut out = Vec::new();
+        let fam = |name: &str, kind, metrics| family(name, help(name), kind, metrics);
+
+        match self.reader.decisions() {
+            Ok(d) => {
+                let mut ms = Vec::new();
+                for (action, name) in [
+                    (ACTION_ALLOW, "allow"),
+                    (ACTION_DENY, "deny"),
+                    (ACTION_AUDIT, "audit"),
+                ] {
+                    for class in Class::ALL {
+                        ms.push(counter(
+                            &[("action", name), ("class", class.as_str())],
+                            d.get(action, class),
+                        ));
+                    }
+                }
+                out.push(fam("knhk_connect_decisions_total", MetricType::COUNTER, ms));
+            }
+            Err(e) => self.failed("decisions", e),
+        }
+
+        let hits = status
+            .rule_counters
+            .iter()
+            .map(|(rule, id)| counter(&[("rule", rule)], self.reader.rule_hits(*id)))
+            .collect();
+        out.push(fam("knhk_rule_hits_total", MetricType::COUNTER, hits));
+        out.push(fam(
+            "knhk_unmatched_connects_total",
+            MetricType::COUNTER,
+            vec![counter(&[], self.reader.rule_hits(0))],
+        ));
+
+        for (kind, name) in [
+            (LATENCY_HANDSHAKE, "knhk_tcp_handshake_duration_seconds"),
+            (LATENCY_RTT, "knhk_tcp_rtt_seconds"),
+        ] {
+            let mut ms = Vec::new();
+            for class in Class::ALL {
+                match self.reader.histogram(kind, class) {
+                    Ok(h) => {
+                        let mut hist = proto::Histogram::default();
+                        hist.set_sample_count(h.count);
+                        hist.set_sample_sum(h.sum_ns as f64 / 1e9);
+                        let buckets = LE_EXPONENTS
+                            .step_by(2)
+                            .map(|e| {
+                                let mut b = proto::Bucket::default();
+                                b.set_upper_bound((1u64 << e) as f64 / 1e9);
+                                b.set_cumulative_count(h.count_at_most((1u64 << e) - 1));
+                                b
+                            })
+                            .collect();
+                        hist.set_bucket(buckets);
+                        let mut m = proto::Metric::from_label(labels(&[("class", class.as_str())]));
+                        m.set_histogram(hist);
+                        ms.push(m);
+                    }
+                    Err(e) => self.failed("latency histograms", e),
+                }
+            }
+            out.push(fam(name, MetricType::HISTOGRAM, ms));
+        }
+
+        match self.reader.heat() {
+            Ok(heat) => {
+                let top = heat
+                    .iter()
+                    .take(self.heat_top_n)
+                    .enumerate()
+                    .map(|(i, e)| {
+                        let dest = match e.addr {
+                            std::net::IpAddr::V4(a) => format!("{a}:{}", e.port),
+                            std::net::IpAddr::V6(a) => format!("[{a}]:{}", e.port),
+                        };
+                        let proto = match e.proto {
+                            6 => "tcp",
+                            17 => "udp",
+                            _ => "other",
+                        };
+                        gauge(
+                            &[
+                                ("rank", &(i + 1).to_string()),
+                                ("destination", &dest),
+                                ("protocol", proto),
+                            ],
+                            e.attempts as f64,
+                        )
+                    })
+                    .collect();
+                out.push(fam(
+                    "knhk_heat_top_connect_attempts",
+                    MetricType::GAUGE,
+                    top,
+                ));
+                out.push(fam(
+                    "knhk_bpf_map_entries",
+                    MetricType::GAUGE,
+                    vec![
+                        gauge(&[("map", "heat")], heat.len() as f64),
+                        gauge(&[("map", "policy")], status.trie_entries as f64),
+                    ],
+                ));
+            }
+            Err(e) => self.failed("heat", e),
+        }
+        out.push(fam(
+            "knhk_bpf_map_capacity_entries",
+            MetricType::GAUGE,
+            vec![
+                gauge(&[("map", "heat")], self.reader.heat_capacity() as f64),
+                gauge(&[("map", "policy")], 2.0 * knhk_abi::MAX_PREFIXES as f64),
+            ],
+        ));
+        out.push(fam(
+            "knhk_policy_generation",
+            MetricType::GAUGE,
+            vec![gauge(&[], status.generation as f64)],
+        ));
+        out.push(fam(
+            "knhk_policy_rules",
+            MetricType::GAUGE,
+            vec![gauge(&[], status.rule_counters.len() as f64)],
+        ));
+        out.push(fam(
+            "knhk_policy_scopes",
+            MetricType::GAUGE,
+            vec![
+                gauge(&[("state", "active")], status.active_scopes.len() as f64),
+                gauge(&[("state", "pending")], status.pending_scopes.len() as f64),
+            ],
+        ));
+        out.push(fam(
+            "knhk_metrics_read_errors_total",
+            MetricType::COUNTER,
+            vec![counter(&[], self.errors.load(Ordering::Relaxed))],
+        ));
+        out
+    }
+}

@@ -1,0 +1,11 @@
+//! Metrics and the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! Kernel-side numbers are read from the BPF maps by [`DatapathCollector`] at scrape time, so
+//! they are never stale and nothing copies them in between. The server runs on its own thread and
+//! single-threaded runtime, so a slow scrape never delays the agent's own work.
+
+mod metrics;
+mod server;
+
+pub use metrics::DatapathCollector;
+pub use server::{AdminServer, Readiness};

@@ -1,0 +1,489 @@
+//! The map ABI shared by knhk's kernel programs (`ebpf/programs`) and its agent.
+//!
+//! Everything the kernel and userspace exchange is defined here, once: map names, key and value
+//! layouts, flag bits and the latency-histogram bucketing. The types are plain `#[repr(C)]`
+//! values with explicit padding, so their layout is the same on both sides; the tests at the end
+//! pin every size and offset. Changing any of them means bumping [`ABI_VERSION`], which moves the
+//! agent's pins to a new directory instead of silently reusing incompatible maps.
+//!
+//! The `user` feature adds `aya::Pod` impls for userspace.
+#![no_std]
+
+/// Version of this ABI. Pins live under `<bpffs>/knhk/v<ABI_VERSION>/`.
+pub const ABI_VERSION: u32 = 1;
+
+/// Runtime classes (hot, warm, cold). A rule names one; unmatched connects get the default.
+pub const CLASS_R1: u8 = 0;
+/// Warm path.
+pub const CLASS_W1: u8 = 1;
+/// Cold path.
+pub const CLASS_C1: u8 = 2;
+/// Number of runtime classes.
+pub const CLASSES: usize = 3;
+
+/// Rule and decision actions.
+pub const ACTION_ALLOW: u8 = 0;
+/// Refuse the connect with EPERM (in enforce mode).
+pub const ACTION_DENY: u8 = 1;
+/// Allow, but count as a would-be deny.
+pub const ACTION_AUDIT: u8 = 2;
+/// Number of actions.
+pub const ACTIONS: usize = 3;
+
+/// Rule protocols (`RuleEntry::proto`). Values are IPPROTO numbers, with 0 for "any".
+pub const PROTO_ANY: u8 = 0;
+/// IPPROTO_TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IPPROTO_UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// `Config::flags`: deny rules refuse (otherwise every deny is downgraded to audit).
+pub const FLAG_ENFORCE: u32 = 1 << 0;
+/// `Config::flags`: record destination heat.
+pub const FLAG_HEAT: u32 = 1 << 1;
+/// `Config::flags`: record handshake and RTT histograms.
+pub const FLAG_HISTOGRAMS: u32 = 1 << 2;
+
+/// Deepest cgroup level (from the hierarchy root) a rule's scope may sit at.
+pub const MAX_SCOPE_LEVEL: u32 = 16;
+/// Most rule entries (rule × port range) that may cover one destination prefix.
+pub const MAX_LEAF_ENTRIES: usize = 32;
+/// Capacity of the rule-hit counter array; counter 0 counts connects that matched no rule.
+pub const MAX_RULE_COUNTERS: u32 = 131_072;
+/// Capacity of each LPM trie (prefixes, over both policy slots and every scope).
+pub const MAX_PREFIXES: u32 = 524_288;
+/// Capacity of the scope table (cgroups that own rules, over both slots).
+pub const MAX_SCOPES: u32 = 16_384;
+/// Default capacity of the heat LRU (`agent.heat_max_entries` overrides it at load time).
+pub const DEFAULT_HEAT_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the in-flight TCP connection table used to time handshakes.
+pub const MAX_TRACKED_CONNS: u32 = 65_536;
+
+/// `BPF_F_MMAPABLE`: the map can be `mmap`ed (used for `CONFIG` and `RULE_HITS`).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_NO_PREALLOC`, required on LPM tries.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Map names, as they appear in the object file and as pin file names.
+pub mod map_names {
+    /// [`super::Config`] at index 0 (mmapable).
+    pub const CONFIG: &str = "KNHK_CONFIG";
+    /// IPv4 policy trie: `LpmKeyV4` → [`super::RuleLeaf`].
+    pub const POLICY_V4: &str = "KNHK_POLICY_V4";
+    /// IPv6 policy trie: `LpmKeyV6` → [`super::RuleLeaf`].
+    pub const POLICY_V6: &str = "KNHK_POLICY_V6";
+    /// Scope table: [`super::ScopeKey`] → [`super::ScopeValue`].
+    pub const SCOPES: &str = "KNHK_SCOPES";
+    /// Per-CPU decision counters indexed by [`super::decision_index`].
+    pub const DECISIONS: &str = "KNHK_DECISIONS";
+    /// Rule hit counters (mmapable array of u64, atomically incremented).
+    pub const RULE_HITS: &str = "KNHK_RULE_HITS";
+    /// Destination heat: [`super::HeatKey`] → [`super::HeatValue`] (LRU).
+    pub const HEAT: &str = "KNHK_HEAT";
+    /// In-flight TCP connects: socket cookie → [`super::ConnState`] (LRU).
+    pub const CONNS: &str = "KNHK_CONNS";
+    /// Per-CPU latency histograms indexed by [`super::histogram_index`].
+    pub const LATENCY: &str = "KNHK_LATENCY";
+    /// Every map, in pin order.
+    pub const ALL: [&str; 9] = [
+        CONFIG, POLICY_V4, POLICY_V6, SCOPES, DECISIONS, RULE_HITS, HEAT, CONNS, LATENCY,
+    ];
+}
+
+/// Program names (the Rust function names in `ebpf/programs`), also used as link pin names.
+pub mod program_names {
+    /// `cgroup/connect4` admission.
+    pub const CONNECT4: &str = "knhk_connect4";
+    /// `cgroup/connect6` admission.
+    pub const CONNECT6: &str = "knhk_connect6";
+    /// `sockops` latency recorder.
+    pub const SOCKOPS: &str = "knhk_sockops";
+    /// Every program, in attach order.
+    pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCKOPS];
+}
+
+/// Settings of one policy slot: what a connect sees together with that slot's rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotConfig {
+    /// Policy generation written into this slot.
+    pub generation: u64,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Action for connects that match no rule (`ACTION_ALLOW` or `ACTION_DENY`).
+    pub default_action: u8,
+    /// Class for connects that match no rule.
+    pub default_class: u8,
+    /// Padding, always zero.
+    pub _pad: [u8; 2],
+    /// Shallowest cgroup level that owns a scope in this slot (0 when there are none).
+    pub scope_level_min: u32,
+    /// Deepest cgroup level that owns a scope in this slot (0 when there are none).
+    pub scope_level_max: u32,
+}
+
+/// Global settings read by every program on every event (mmapable array map, one entry).
+///
+/// The agent writes it through a shared mapping: it fills the inactive slot's [`SlotConfig`]
+/// (and that slot's trie and scope entries), then switches `active_slot` with one aligned 32-bit
+/// store. A connect reads `active_slot` once, so it sees one whole generation or the other.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// ABI version of the agent that wrote this entry.
+    pub abi_version: u32,
+    /// Policy slot (0 or 1) that connects use.
+    pub active_slot: u32,
+    /// Inode (cgroup id) of the cgroup the programs are attached to.
+    pub attach_cgroup_id: u64,
+    /// Both slots' settings.
+    pub slots: [SlotConfig; 2],
+}
+
+/// LPM trie key data for IPv4. The trie compares bits from the start of this struct, so the
+/// fixed part (`slot`, `scope`) is always matched in full: prefix length = [`LPM_FIXED_BITS`] + the
+/// address prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LpmKeyV4 {
+    /// Policy slot (0 or 1).
+    pub slot: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// Cgroup id of the scope that owns the entry; 0 = the global scope.
+    pub scope: u64,
+    /// Address in network byte order (the bytes as written in the dotted quad).
+    pub addr: [u8; 4],
+}
+
+/// LPM trie key data for IPv6 (see [`LpmKeyV4`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LpmKeyV6 {
+    /// Policy slot (0 or 1).
+    pub slot: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// Cgroup id of the scope that owns the entry; 0 = the global scope.
+    pub scope: u64,
+    /// Address in network byte order.
+    pub addr: [u8; 16],
+}
+
+/// Bits of an LPM key before the address: `slot`, `_pad` and `scope`, always matched exactly.
+pub const LPM_FIXED_BITS: u32 = 128;
+
+/// One (rule, port range, protocol) candidate at a trie leaf.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// First port (host byte order), inclusive.
+    pub port_lo: u16,
+    /// Last port (host byte order), inclusive.
+    pub port_hi: u16,
+    /// `PROTO_*`.
+    pub proto: u8,
+    /// `ACTION_*`.
+    pub action: u8,
+    /// `CLASS_*`.
+    pub class: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+    /// Index into the rule-hit counters.
+    pub counter: u32,
+}
+
+/// The value of a trie leaf: every rule entry that covers this prefix, most specific first
+/// (deepest scope, then longest prefix, then declaration order). The first entry whose port
+/// range and protocol match decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleLeaf {
+    /// Number of valid entries.
+    pub len: u32,
+    /// Entries; only the first `len` are meaningful, the rest are zero.
+    pub entries: [RuleEntry; MAX_LEAF_ENTRIES],
+}
+
+impl Default for RuleLeaf {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            entries: [RuleEntry::default(); MAX_LEAF_ENTRIES],
+        }
+    }
+}
+
+impl RuleLeaf {
+    /// The first entry matching `port` and `proto`, most specific first. Mirrors the kernel scan.
+    pub fn first_match(&self, port: u16, proto: u8) -> Option<&RuleEntry> {
+        let len = if (self.len as usize) < MAX_LEAF_ENTRIES {
+            self.len as usize
+        } else {
+            MAX_LEAF_ENTRIES
+        };
+        self.entries[..len].iter().find(|e| e.matches(port, proto))
+    }
+}
+
+impl RuleEntry {
+    /// Whether this entry covers `port` (host byte order) and `proto` (IPPROTO number).
+    #[inline(always)]
+    pub fn matches(&self, port: u16, proto: u8) -> bool {
+        port >= self.port_lo
+            && port <= self.port_hi
+            && (self.proto == PROTO_ANY || self.proto == proto)
+    }
+}
+
+/// Key of the scope table: a cgroup that owns rules, in one policy slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ScopeKey {
+    /// Cgroup id (the inode number of the cgroup v2 directory).
+    pub cgroup_id: u64,
+    /// Policy slot (0 or 1).
+    pub slot: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+
+/// Value of the scope table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScopeValue {
+    /// Level of the cgroup below the hierarchy root (root = 0).
+    pub level: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+
+/// Key of the heat map: a destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HeatKey {
+    /// IPv6 address, or an IPv4-mapped one (`::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// IPPROTO number.
+    pub proto: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+
+/// Value of the heat map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeatValue {
+    /// Connect attempts since the entry was created.
+    pub attempts: u64,
+    /// `bpf_ktime_get_ns()` of the latest attempt (CLOCK_MONOTONIC).
+    pub last_seen_ns: u64,
+}
+
+/// In-flight TCP connect state, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// `bpf_ktime_get_ns()` when `connect()` was called.
+    pub start_ns: u64,
+    /// Runtime class of the rule that admitted it.
+    pub class: u8,
+    /// Padding, always zero.
+    pub _pad: [u8; 7],
+}
+
+/// Latency kinds recorded by `sockops`.
+pub const LATENCY_HANDSHAKE: usize = 0;
+/// Smoothed RTT samples.
+pub const LATENCY_RTT: usize = 1;
+/// Number of latency kinds.
+pub const LATENCY_KINDS: usize = 2;
+/// Number of histograms in the latency map.
+pub const HISTOGRAMS: usize = LATENCY_KINDS * CLASSES;
+
+/// Log-linear (HDR-style) bucketing: values below `2^SUB_BITS` get one bucket each; above, each
+/// power of two is split into `2^SUB_BITS` equal buckets, so a bucket's width is at most 1/32 of
+/// its lower edge (a relative error under 3.2%, half that from the midpoint).
+pub const SUB_BITS: u32 = 5;
+/// Sub-buckets per power of two.
+pub const SUB_BUCKETS: usize = 1 << SUB_BITS;
+/// Values at or above `2^MAX_EXP` ns (about 18 minutes) land in the last bucket.
+pub const MAX_EXP: u32 = 40;
+/// Buckets per histogram.
+pub const BUCKETS: usize = (MAX_EXP - SUB_BITS + 1) as usize * SUB_BUCKETS;
+
+/// One latency histogram (per CPU, per class, per kind). Values are nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    /// Samples recorded.
+    pub count: u64,
+    /// Sum of the recorded values (ns), saturating at `u64::MAX` in practice never reached.
+    pub sum_ns: u64,
+    /// Bucket counts; see [`bucket_of`].
+    pub buckets: [u64; BUCKETS],
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            sum_ns: 0,
+            buckets: [0; BUCKETS],
+        }
+    }
+}
+
+/// The bucket holding `value_ns`. Total: every u64 maps to a bucket below [`BUCKETS`].
+#[inline(always)]
+pub fn bucket_of(value_ns: u64) -> usize {
+    if value_ns < SUB_BUCKETS as u64 {
+        return value_ns as usize;
+    }
+    if value_ns >= 1u64 << MAX_EXP {
+        return BUCKETS - 1;
+    }
+    // exp = index of the highest set bit, in SUB_BITS..MAX_EXP.
+    let exp = 63 - value_ns.leading_zeros();
+    let sub = (value_ns >> (exp - SUB_BITS)) as usize & (SUB_BUCKETS - 1);
+    (exp - SUB_BITS + 1) as usize * SUB_BUCKETS + sub
+}
+
+/// The lowest value (ns) that lands in `bucket`.
+pub fn bucket_lower_bound(bucket: usize) -> u64 {
+    if bucket < SUB_BUCKETS {
+        return bucket as u64;
+    }
+    let exp = (bucket / SUB_BUCKETS) as u32 - 1 + SUB_BITS;
+    let sub = (bucket % SUB_BUCKETS) as u64;
+    (1u64 << exp) + (sub << (exp - SUB_BITS))
+}
+
+/// The first value (ns) past `bucket` (its exclusive upper edge).
+pub fn bucket_upper_bound(bucket: usize) -> u64 {
+    if bucket + 1 >= BUCKETS {
+        return u64::MAX;
+    }
+    bucket_lower_bound(bucket + 1)
+}
+
+/// Index of a histogram in the latency map.
+#[inline(always)]
+pub fn histogram_index(kind: usize, class: u8) -> u32 {
+    (kind * CLASSES + class as usize) as u32
+}
+
+/// Index of a decision counter in the decisions map.
+#[inline(always)]
+pub fn decision_index(action: u8, class: u8) -> u32 {
+    action as u32 * CLASSES as u32 + class as u32
+}
+
+/// Number of decision counters.
+pub const DECISION_COUNTERS: u32 = (ACTIONS * CLASSES) as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays, with
+    // explicit padding fields, so any bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for SlotConfig {}
+    unsafe impl aya::Pod for LpmKeyV4 {}
+    unsafe impl aya::Pod for LpmKeyV6 {}
+    unsafe impl aya::Pod for RuleEntry {}
+    unsafe impl aya::Pod for RuleLeaf {}
+    unsafe impl aya::Pod for ScopeKey {}
+    unsafe impl aya::Pod for ScopeValue {}
+    unsafe impl aya::Pod for HeatKey {}
+    unsafe impl aya::Pod for HeatValue {}
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for Histogram {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn layouts_are_pinned() {
+        assert_eq!(size_of::<SlotConfig>(), 24);
+        assert_eq!(offset_of!(SlotConfig, flags), 8);
+        assert_eq!(offset_of!(SlotConfig, default_action), 12);
+        assert_eq!(offset_of!(SlotConfig, scope_level_min), 16);
+        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(offset_of!(Config, active_slot), 4);
+        assert_eq!(offset_of!(Config, attach_cgroup_id), 8);
+        assert_eq!(offset_of!(Config, slots), 16);
+        assert_eq!(size_of::<LpmKeyV4>(), 24);
+        assert_eq!(offset_of!(LpmKeyV4, addr), 16);
+        assert_eq!(size_of::<LpmKeyV6>(), 32);
+        assert_eq!(offset_of!(LpmKeyV6, addr), 16);
+        assert_eq!(LPM_FIXED_BITS as usize, offset_of!(LpmKeyV4, addr) * 8);
+        assert_eq!(size_of::<RuleEntry>(), 12);
+        assert_eq!(size_of::<RuleLeaf>(), 4 + 12 * MAX_LEAF_ENTRIES);
+        assert_eq!(size_of::<ScopeKey>(), 16);
+        assert_eq!(size_of::<ScopeValue>(), 8);
+        assert_eq!(size_of::<HeatKey>(), 20);
+        assert_eq!(size_of::<HeatValue>(), 16);
+        assert_eq!(size_of::<ConnState>(), 16);
+        assert_eq!(size_of::<Histogram>(), 16 + 8 * BUCKETS);
+        // Per-CPU map values are limited to 32 KiB by the kernel.
+        assert!(size_of::<Histogram>() <= 32 * 1024);
+    }
+
+    #[test]
+    fn buckets_are_monotonic_and_contiguous() {
+        assert_eq!(BUCKETS, 1152);
+        let mut prev = 0;
+        for b in 0..BUCKETS {
+            let lo = bucket_lower_bound(b);
+            assert!(b == 0 || lo > prev, "bucket {b} does not grow");
+            assert_eq!(bucket_of(lo), b, "lower edge of {b}");
+            if b + 1 < BUCKETS {
+                assert_eq!(bucket_of(bucket_upper_bound(b) - 1), b, "upper edge of {b}");
+            }
+            prev = lo;
+        }
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+        assert_eq!(bucket_of(0), 0);
+    }
+
+    #[test]
+    fn bucket_relative_width_is_bounded() {
+        for b in SUB_BUCKETS..BUCKETS - 1 {
+            let (lo, hi) = (bucket_lower_bound(b), bucket_upper_bound(b));
+            assert!((hi - lo) * 32 <= lo, "bucket {b}: [{lo}, {hi})");
+        }
+    }
+
+    #[test]
+    fn leaf_scan_takes_the_first_matching_entry() {
+        let mut leaf = RuleLeaf::default();
+        leaf.entries[0] = RuleEntry {
+            port_lo: 80,
+            port_hi: 80,
+            proto: PROTO_TCP,
+            action: ACTION_DENY,
+            counter: 1,
+            ..Default::default()
+        };
+        leaf.entries[1] = RuleEntry {
+            port_lo: 0,
+            port_hi: u16::MAX,
+            proto: PROTO_ANY,
+            action: ACTION_ALLOW,
+            counter: 2,
+            ..Default::default()
+        };
+        leaf.len = 2;
+        assert_eq!(leaf.first_match(80, PROTO_TCP).map(|e| e.counter), Some(1));
+        assert_eq!(leaf.first_match(80, PROTO_UDP).map(|e| e.counter), Some(2));
+        assert_eq!(leaf.first_match(81, PROTO_TCP).map(|e| e.counter), Some(2));
+        leaf.len = 0;
+        assert_eq!(leaf.first_match(80, PROTO_TCP), None);
+    }
+}

@@ -1,0 +1,198 @@
+//! Project tasks. `cargo xtask --help` lists them.
+//!
+//! Every task that needs tools installs what is missing first (`setup`), so that a fresh Debian 12
+//! machine needs nothing but this repository and rustup's cargo.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",               // Debian's rustc with a prebuilt core for bpfel-unknown-none
+    "libstd-rust-web-dev-bpf", // that core
+    "llvm-22-dev",             // LLVM for bpf-linker
+    "libelf-dev",              // libbpf-sys
+    "zlib1g-dev",              // libbpf-sys
+    "iproute2",                // network namespaces in tests
+    "prometheus",              // real Prometheus server and promtool in tests
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "knhk-agent project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian packages, bpf-linker), if missing.
+    Setup,
+    /// Build the kernel programs only (the agent's build does this too).
+    BuildEbpf,
+    /// Build and run the agent on the embedded default configuration (needs root).
+    Run {
+        /// Extra arguments for `knhk-agent run`, e.g. `-- --config FILE`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, lint (fmt, clippy -D warnings) and run every test, kernel tests included (needs root).
+    Test {
+        /// Only run tests whose name contains this filter.
+        filter: Option<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Run the benchmarks and print a side-by-side report (needs root).
+    Bench {
+        /// Connects per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        connects: u32,
+        /// Rules loaded for the admission-cost measurement.
+        #[arg(long, default_value_t = 10_000)]
+        rules: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => {
+            setup()?;
+            build_ebpf(&root)
+        }
+        Task::Run { args } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "knhk-agent"]))?;
+            let mut cmd = Command::new(root.join("target/release/knhk-agent"));
+            cmd.arg("run").args(args);
+            run(&mut cmd)
+        }
+        Task::Test { filter, no_lint } => {
+            setup()?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--", "--check"]))
+                    .context("cargo fmt --check: run `cargo fmt --all`")?;
+                run(cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+            }
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--all-targets"]);
+            if let Some(f) = filter {
+                cmd.arg(f);
+            }
+            // Kernel tests attach to throwaway cgroups and must not race each other for CPU time
+            // budgets; two threads match the CI machine.
+            cmd.args(["--", "--test-threads", "2"]);
+            run(&mut cmd)?;
+            run(cargo().args(["test", "--workspace", "--doc"]))
+        }
+        Task::Bench { connects, rules } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "knhk-agent", "--examples"]))?;
+            run(
+                Command::new(root.join("target/release/examples/bench")).args([
+                    "--connects",
+                    &connects.to_string(),
+                    "--rules",
+                    &rules.to_string(),
+                ]),
+            )
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        eprintln!(
+            "xtask: installing bpf-linker {BPF_LINKER_VERSION} (about 3.5 minutes on 2 cores)"
+        );
+        run(cargo()
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    run(cargo()
+        .current_dir(root.join("ebpf/programs"))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args([
+            "--config",
+            "target.bpfel-unknown-none.linker=\"bpf-linker\"",
+        ])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"))
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1"))
+}
