@@ -43,7 +43,7 @@ pub enum ConfigError {
         message: String,
     },
     /// The values parse but contradict each other.
-    #[error("invalid config {origin}:{line}: {key}: {message}")]
+    #[error("invalid config {origin}, line {line}: {key}: {message}")]
     Invalid {
         /// The file name, or `<embedded default>`.
         origin: String,

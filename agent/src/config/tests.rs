@@ -1,1 +1,276 @@
+use super::*;
 
+const PLAN_EXAMPLE: &str = r#"
+# Sidecar Fortune 5 Configuration
+[sidecar]
+listen_address = "0.0.0.0:50051"
+
+# SPIFFE/SPIRE Configuration
+[sidecar.spiffe]
+enabled = true
+spiffe_socket_path = "/tmp/spire-agent/public/api.sock"
+trust_domain = "fortune5.example.com"
+spiffe_id = "spiffe://fortune5.example.com/sidecar/prod"
+
+# KMS Configuration
+[sidecar.kms]
+provider = "aws"
+region = "us-east-1"
+key_id = "arn:aws:kms:us-east-1:123456789012:key/abc123"
+rotation_interval_hours = 24
+
+# Multi-Region Configuration
+[sidecar.multi_region]
+region = "us-east-1"
+primary_region = "us-east-1"
+cross_region_sync_enabled = true
+receipt_sync_endpoints = [
+    "https://sidecar.us-west-2.fortune5.example.com:50051",
+    "https://sidecar.eu-west-1.fortune5.example.com:50051",
+]
+
+# SLO Configuration
+[sidecar.slo]
+r1_p99_max_ns = 2
+w1_p99_max_ms = 1
+c1_p99_max_ms = 500
+admission_strategy = "strict"
+
+# Promotion Gates
+[sidecar.promotion]
+environment = "production"
+auto_rollback_enabled = true
+slo_threshold = 0.95
+"#;
+
+fn err(text: &str) -> String {
+    Config::parse(text, "test.toml")
+        .expect_err("must be refused")
+        .to_string()
+}
+
+fn rule(body: &str) -> String {
+    format!("[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\n{body}")
+}
+
+#[test]
+fn the_plans_example_loads_unchanged() {
+    let c = Config::parse(PLAN_EXAMPLE, "plan").expect("the plan's example must load");
+    assert_eq!(c.agent.listen_address.to_string(), "0.0.0.0:50051");
+    assert_eq!(
+        c.kms.as_ref().and_then(|k| k.rotation_interval_hours),
+        Some(24)
+    );
+    assert_eq!(c.slo.as_ref().and_then(|s| s.r1_p99_max_ns), Some(2));
+    assert_eq!(c.inactive_sections().len(), 5);
+    assert!(c.policy.rules.is_empty());
+}
+
+#[test]
+fn the_embedded_default_is_valid_and_safe() {
+    let c = Config::embedded_default();
+    assert_eq!(c.agent.mode, Mode::Audit);
+    assert!(c.agent.metrics_address.ip().is_loopback());
+    assert!(c.agent.listen_address.ip().is_loopback());
+    assert!(c.agent.detach_on_exit);
+    assert_eq!(c.policy.rules.len(), 2);
+}
+
+#[test]
+fn the_issue_example_rule_parses() {
+    let c = Config::parse(
+        r#"
+        [agent]
+        default_action = "allow"
+        mode = "enforce"
+        [[policy.rules]]
+        name = "no-telnet"
+        action = "deny"
+        class = "C1"
+        cgroup = "kubepods/besteffort"
+        cidrs = ["10.0.0.0/8", "fd00::/8"]
+        ports = ["23", "8000-8080"]
+        protocol = "tcp"
+        "#,
+        "t",
+    )
+    .expect("valid");
+    let r = &c.policy.rules[0];
+    assert_eq!(r.ports.as_ref().map(Vec::len), Some(2));
+    assert_eq!(
+        r.ports.as_ref().map(|p| p[1]),
+        Some(PortRange { lo: 8000, hi: 8080 })
+    );
+    assert_eq!(r.cgroup.as_ref().map(|c| c.depth()), Some(2));
+    assert_eq!(r.protocol, Protocol::Tcp);
+}
+
+#[test]
+fn bad_input_is_refused_with_file_line_and_reason() {
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "unknown key",
+            "[agent]\nmoed = \"audit\"\n".into(),
+            &["test.toml", "line 2", "unknown field `moed`", "mode"],
+        ),
+        (
+            "unknown table",
+            "[agnet]\n".into(),
+            &["line 1", "unknown field `agnet`"],
+        ),
+        (
+            "unknown rule key",
+            rule("prots = [\"80\"]\n"),
+            &["line 5", "unknown field `prots`"],
+        ),
+        (
+            "prefix too long",
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/33\"]\n".into(),
+            &[
+                "line 4",
+                "\"10.0.0.0/33\" is not a valid prefix: length 33 exceeds 32 for IPv4",
+            ],
+        ),
+        (
+            "v6 prefix too long",
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"fd00::/129\"]\n".into(),
+            &["exceeds 128 for IPv6"],
+        ),
+        (
+            "not an address",
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0/8\"]\n".into(),
+            &["\"10.0.0\" is not an IP address"],
+        ),
+        (
+            "host bits",
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0.1/8\"]\n".into(),
+            &["host bits", "did you mean \"10.0.0.0/8\""],
+        ),
+        (
+            "port range out of order",
+            rule("ports = [\"8080-8000\"]\n"),
+            &["line 5", "out of order: 8080 > 8000"],
+        ),
+        (
+            "port too big",
+            rule("ports = [\"70000\"]\n"),
+            &["\"70000\" is not a port"],
+        ),
+        (
+            "port integer too big",
+            rule("ports = [70000]\n"),
+            &["70000 is not a port"],
+        ),
+        (
+            "empty ports",
+            rule("ports = []\n"),
+            &["policy.rules[0].ports", "empty ports list"],
+        ),
+        (
+            "unknown class",
+            rule("class = \"X9\"\n"),
+            &["line 5", "unknown variant `X9`"],
+        ),
+        (
+            "unknown action",
+            "[[policy.rules]]\nname = \"r\"\naction = \"drop\"\ncidrs = [\"10.0.0.0/8\"]\n".into(),
+            &["line 3", "unknown variant `drop`", "allow"],
+        ),
+        (
+            "unknown protocol",
+            rule("protocol = \"sctp\"\n"),
+            &["unknown variant `sctp`"],
+        ),
+        (
+            "unknown mode",
+            "[agent]\nmode = \"yolo\"\n".into(),
+            &["unknown variant `yolo`", "enforce"],
+        ),
+        (
+            "duplicate names",
+            format!("{}{}", rule(""), rule("")),
+            &[
+                "test.toml, line 5",
+                "policy.rules[1].name",
+                "duplicate rule name \"r\" (first defined at line 1)",
+            ],
+        ),
+        (
+            "no cidrs",
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = []\n".into(),
+            &["policy.rules[0].cidrs", "has no cidrs"],
+        ),
+        (
+            "missing cidrs",
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\n".into(),
+            &["missing field `cidrs`"],
+        ),
+        (
+            "bad rule name",
+            "[[policy.rules]]\nname = \"a b\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\n"
+                .into(),
+            &["contains ' '"],
+        ),
+        (
+            "absolute cgroup",
+            rule("cgroup = \"/kubepods\"\n"),
+            &["drop the leading '/'"],
+        ),
+        (
+            "dotdot cgroup",
+            rule("cgroup = \"a/../b\"\n"),
+            &["invalid component \"..\""],
+        ),
+        (
+            "wrong type",
+            "[agent]\nheat_enabled = \"yes\"\n".into(),
+            &["line 2", "invalid type: string \"yes\", expected a boolean"],
+        ),
+        (
+            "heat out of range",
+            "[agent]\nheat_max_entries = 0\n".into(),
+            &["agent.heat_max_entries", "0 is out of range"],
+        ),
+        (
+            "bad address",
+            "[agent]\nmetrics_address = \"localhost\"\n".into(),
+            &["line 2", "invalid socket address"],
+        ),
+        (
+            "rotation above 24h",
+            "[kms]\nrotation_interval_hours = 48\n".into(),
+            &["kms.rotation_interval_hours", "48 is out of range"],
+        ),
+        (
+            "zero window",
+            "[slo]\nwindow_beats = 0\n".into(),
+            &["slo.window_beats"],
+        ),
+        (
+            "agent and sidecar",
+            "[agent]\n[sidecar]\n".into(),
+            &["line 2", "alias of [agent]"],
+        ),
+        (
+            "nested and top level",
+            "[slo]\n[sidecar.slo]\n".into(),
+            &["sidecar.slo", "also given at the top level"],
+        ),
+        ("malformed toml", "[agent\n".into(), &["line 1"]),
+    ];
+    for (what, text, needles) in cases {
+        let e = err(text);
+        for n in *needles {
+            assert!(e.contains(n), "{what}: expected {n:?} in:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn cgroup_containment_is_by_component() {
+    let p = |s: &str| s.parse::<CgroupPath>().expect("path");
+    assert!(p("a").contains(&p("a/b")));
+    assert!(p("a/b").contains(&p("a/b")));
+    assert!(!p("a").contains(&p("ab")));
+    assert!(!p("a/b").contains(&p("a")));
+}

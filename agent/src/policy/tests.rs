@@ -1,1 +1,189 @@
+use super::*;
+use crate::config::Config;
+use std::net::IpAddr;
 
+fn rules(text: &str) -> Vec<RuleSpec> {
+    Config::parse(text, "t").expect("valid").policy.rules
+}
+
+/// What the kernel would decide: longest prefix in the table, then the first matching entry.
+/// Returns the index of the deciding rule (counters are index + 1 here).
+fn decide(table: &ScopeTable, ip: &str, port: u16, proto: u8) -> Option<u32> {
+    let ip: IpAddr = ip.parse().expect("ip");
+    let leaf = match ip {
+        IpAddr::V4(a) => table
+            .v4
+            .iter()
+            .filter(|(n, _)| n.contains(&a))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, l)| l),
+        IpAddr::V6(a) => table
+            .v6
+            .iter()
+            .filter(|(n, _)| n.contains(&a))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, l)| l),
+    }?;
+    leaf.first_match(port, proto).map(|e| e.counter - 1)
+}
+
+fn compile(rs: &[RuleSpec], scope: Option<&str>) -> ScopeTable {
+    let counters: Vec<u32> = (1..=rs.len() as u32).collect();
+    let scope = scope.map(|s| s.parse::<CgroupPath>().expect("path"));
+    compile_scope(rs, scope.as_ref(), &counters, Class::C1).expect("compiles")
+}
+
+const TCP: u8 = knhk_abi::PROTO_TCP;
+const UDP: u8 = knhk_abi::PROTO_UDP;
+
+#[test]
+fn longest_prefix_wins_and_ports_fall_back_to_shorter_prefixes() {
+    let rs = rules(
+        r#"
+        [[policy.rules]]
+        name = "deny-net"
+        action = "deny"
+        cidrs = ["10.0.0.0/8"]
+        [[policy.rules]]
+        name = "allow-web-host"
+        action = "allow"
+        cidrs = ["10.1.2.3/32"]
+        ports = ["443"]
+        protocol = "tcp"
+        "#,
+    );
+    let t = compile(&rs, None);
+    assert_eq!(decide(&t, "10.1.2.3", 443, TCP), Some(1));
+    assert_eq!(
+        decide(&t, "10.1.2.3", 443, UDP),
+        Some(0),
+        "protocol mismatch falls back to the /8"
+    );
+    assert_eq!(
+        decide(&t, "10.1.2.3", 80, TCP),
+        Some(0),
+        "port mismatch falls back to the /8"
+    );
+    assert_eq!(decide(&t, "10.9.9.9", 443, TCP), Some(0));
+    assert_eq!(decide(&t, "11.0.0.1", 443, TCP), None);
+}
+
+#[test]
+fn declaration_order_breaks_ties_and_catch_alls_end_the_leaf() {
+    let rs = rules(
+        r#"
+        [[policy.rules]]
+        name = "first"
+        action = "allow"
+        cidrs = ["192.168.0.0/16"]
+        [[policy.rules]]
+        name = "second"
+        action = "deny"
+        cidrs = ["192.168.0.0/16"]
+        "#,
+    );
+    let t = compile(&rs, None);
+    assert_eq!(decide(&t, "192.168.1.1", 1, TCP), Some(0));
+    assert_eq!(t.v4[0].1.len, 1, "the shadowed catch-all is dropped");
+}
+
+#[test]
+fn scoped_rules_override_inherited_ones() {
+    let rs = rules(
+        r#"
+        [[policy.rules]]
+        name = "global-deny"
+        action = "deny"
+        cidrs = ["10.0.0.0/8"]
+        [[policy.rules]]
+        name = "tenant-allow-https"
+        action = "allow"
+        cgroup = "tenants/a"
+        cidrs = ["0.0.0.0/0"]
+        ports = ["443"]
+        [[policy.rules]]
+        name = "other-tenant"
+        action = "deny"
+        cgroup = "tenants/b"
+        cidrs = ["0.0.0.0/0"]
+        "#,
+    );
+    let global = compile(&rs, None);
+    assert_eq!(decide(&global, "10.1.1.1", 443, TCP), Some(0));
+    assert_eq!(
+        decide(&global, "8.8.8.8", 443, TCP),
+        None,
+        "scoped rules are not global"
+    );
+    let a = compile(&rs, Some("tenants/a"));
+    assert_eq!(
+        decide(&a, "10.1.1.1", 443, TCP),
+        Some(1),
+        "the scope's own rule wins over the longer global prefix"
+    );
+    assert_eq!(
+        decide(&a, "10.1.1.1", 80, TCP),
+        Some(0),
+        "inherited rules still apply"
+    );
+    assert_eq!(decide(&a, "8.8.8.8", 80, TCP), None);
+    let b = compile(&rs, Some("tenants/b"));
+    assert_eq!(decide(&b, "8.8.8.8", 443, TCP), Some(2));
+}
+
+#[test]
+fn ipv6_and_counters_and_classes_are_carried() {
+    let rs = rules(
+        r#"
+        [[policy.rules]]
+        name = "v6"
+        action = "audit"
+        class = "R1"
+        cidrs = ["fd00::/8", "10.0.0.0/8"]
+        ports = ["1-2", "5"]
+        "#,
+    );
+    let t = compile(&rs, None);
+    assert_eq!((t.v4.len(), t.v6.len()), (1, 1));
+    let leaf = &t.v6[0].1;
+    assert_eq!(leaf.len, 2);
+    assert_eq!(leaf.entries[0].action, knhk_abi::ACTION_AUDIT);
+    assert_eq!(leaf.entries[0].class, knhk_abi::CLASS_R1);
+    assert_eq!(decide(&t, "fd00::1", 5, UDP), Some(0));
+    assert_eq!(decide(&t, "fd00::1", 3, UDP), None);
+}
+
+#[test]
+fn too_many_overlapping_entries_is_a_precise_error() {
+    let mut text = String::new();
+    for i in 0..=MAX_LEAF_ENTRIES {
+        text.push_str(&format!(
+            "[[policy.rules]]\nname = \"r{i}\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nports = [\"{}\"]\n",
+            1000 + i
+        ));
+    }
+    let rs = rules(&text);
+    let counters: Vec<u32> = (1..=rs.len() as u32).collect();
+    let e = compile_scope(&rs, None, &counters, Class::C1)
+        .expect_err("overflow")
+        .to_string();
+    assert!(e.contains("33 rule entries"), "{e}");
+    assert!(e.contains("cover 10.0.0.0/8"), "{e}");
+    assert!(e.contains("r0, r1"), "{e}");
+}
+
+#[test]
+fn ten_thousand_host_rules_compile_quickly() {
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "[[policy.rules]]\nname = \"h{i}\"\naction = \"deny\"\ncidrs = [\"10.{}.{}.1/32\"]\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let rs = rules(&text);
+    let t = compile(&rs, None);
+    assert_eq!(t.v4.len(), 10_000);
+    assert_eq!(decide(&t, "10.1.2.1", 1, TCP), Some(258));
+}

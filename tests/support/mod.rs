@@ -1,0 +1,531 @@
+//! Shared helpers for the kernel tests: guards for throwaway cgroups and pin directories, real
+//! listeners, and `connect()` calls made from a child process placed in a chosen cgroup.
+//!
+//! Tests never attach at the machine's cgroup root: every agent in a test attaches to a
+//! throwaway child cgroup, and every guard cleans up in `Drop`, also when the test fails.
+#![allow(dead_code)]
+
+use std::{
+    ffi::CString,
+    io::Read,
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique(name: &str) -> String {
+    format!(
+        "knhk-test-{}-{}-{name}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether the kernel features the tests need are present. Prints why not and returns `false`
+/// (the test then returns early, loudly), or panics when `KNHK_REQUIRE_KERNEL_TESTS=1` (CI),
+/// so that a skip can never pass silently there.
+pub fn kernel_available(test: &str) -> bool {
+    let why = if unsafe { libc::geteuid() } != 0 {
+        Some("needs root".to_string())
+    } else if knhk_agent::datapath::cgroup::detect_cgroup2_mount().is_none() {
+        Some("needs a cgroup v2 hierarchy".to_string())
+    } else {
+        None
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var("KNHK_REQUIRE_KERNEL_TESTS").as_deref() == Ok("1") => {
+            panic!("{test}: {why}, and KNHK_REQUIRE_KERNEL_TESTS=1 forbids skipping")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+/// A throwaway cgroup under the cgroup v2 mount, removed (with its children) on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let mount = knhk_agent::datapath::cgroup::detect_cgroup2_mount().expect("cgroup v2 mount");
+        let path = mount.join(unique(name));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+
+    /// Creates (or returns) a child directory.
+    pub fn child(&self, rel: &str) -> PathBuf {
+        let p = self.path.join(rel);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        p
+    }
+
+    /// The cgroup id (inode) of `dir`.
+    pub fn id_of(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir).expect("cgroup exists").ino()
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path())?;
+            }
+        }
+    }
+    // Move any leftover process to the parent, then remove.
+    if let (Ok(procs), Some(parent)) = (
+        std::fs::read_to_string(dir.join("cgroup.procs")),
+        dir.parent(),
+    ) {
+        for pid in procs.lines() {
+            let _ = std::fs::write(parent.join("cgroup.procs"), pid);
+        }
+    }
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // A child that just exited may still be counted for a moment.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    std::fs::remove_dir(dir)
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = remove_cgroup_tree(&self.path) {
+            let msg = format!("cleanup: removing cgroup {}: {e}", self.path.display());
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
+    }
+}
+
+/// A throwaway pin root on bpffs, whose pins (and so the programs' links) are removed on drop.
+pub struct TestPins {
+    pub root: PathBuf,
+}
+
+impl TestPins {
+    pub fn new(name: &str) -> Self {
+        TestPins {
+            root: PathBuf::from("/sys/fs/bpf").join(unique(name)),
+        }
+    }
+}
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Err(e) = knhk_agent::datapath::remove_pins(&self.root) {
+            let msg = format!("cleanup: removing pins {}: {e}", self.root.display());
+            if std::thread::panicking() {
+                eprintln!("{msg}");
+            } else {
+                panic!("{msg}");
+            }
+        }
+    }
+}
+
+/// A TCP listener that accepts and drops connections on a background thread until the process
+/// ends, so connect loops never fill its backlog.
+pub fn tcp_sink(addr: &str) -> SocketAddr {
+    let l = TcpListener::bind(addr).expect("bind listener");
+    let local = l.local_addr().expect("local addr");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    local
+}
+
+/// A bound UDP socket (kept open for the life of the process).
+pub fn udp_sink(addr: &str) -> SocketAddr {
+    let s = UdpSocket::bind(addr).expect("bind udp");
+    let local = s.local_addr().expect("local addr");
+    std::mem::forget(s);
+    local
+}
+
+/// The outcome of one `connect()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Connected.
+    Connected,
+    /// Refused by admission (EPERM).
+    Denied,
+    /// Admitted, but no listener (ECONNREFUSED).
+    Refused,
+    /// Another errno.
+    Other(i32),
+}
+
+impl Outcome {
+    fn from_code(code: i64) -> Self {
+        match code {
+            0 => Outcome::Connected,
+            c if c == libc::EPERM as i64 => Outcome::Denied,
+            c if c == libc::ECONNREFUSED as i64 => Outcome::Refused,
+            c => Outcome::Other(c as i32),
+        }
+    }
+
+    /// Whether admission let it through.
+    pub fn admitted(self) -> bool {
+        matches!(self, Outcome::Connected | Outcome::Refused)
+    }
+}
+
+/// A prebuilt socket address, usable after `fork()` without allocating.
+#[derive(Clone, Copy)]
+struct RawAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+    family: libc::c_int,
+}
+
+fn raw_addr(addr: SocketAddr) -> RawAddr {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let (len, family) = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as _,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            (size_of::<libc::sockaddr_in>(), libc::AF_INET)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as _,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (size_of::<libc::sockaddr_in6>(), libc::AF_INET6)
+        }
+    };
+    RawAddr {
+        storage,
+        len: len as _,
+        family,
+    }
+}
+
+/// One connect with raw syscalls (safe after fork). Returns 0 or the errno; `elapsed_ns` gets the
+/// duration of the `connect()` call.
+fn raw_connect(a: &RawAddr, sock_type: libc::c_int, elapsed_ns: &mut u64) -> i64 {
+    unsafe {
+        let fd = libc::socket(a.family, sock_type, 0);
+        if fd < 0 {
+            return 1000 + *libc::__errno_location() as i64;
+        }
+        let mut t0: libc::timespec = std::mem::zeroed();
+        let mut t1: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t0);
+        let r = libc::connect(fd, &a.storage as *const _ as *const libc::sockaddr, a.len);
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t1);
+        let err = if r == 0 {
+            0
+        } else {
+            *libc::__errno_location() as i64
+        };
+        *elapsed_ns = ((t1.tv_sec - t0.tv_sec) as i64 * 1_000_000_000
+            + (t1.tv_nsec - t0.tv_nsec) as i64) as u64;
+        libc::close(fd);
+        err
+    }
+}
+
+/// Runs `job` in a forked child that first moves itself into `cgroup`; returns what the job
+/// wrote. The job must only make raw syscalls (no allocation: the parent is multi-threaded).
+fn in_cgroup<const N: usize>(cgroup: &Path, job: impl FnOnce(&mut [i64; N])) -> [i64; N] {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).expect("path");
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(90);
+            }
+            libc::close(fd);
+            let mut out = [0i64; N];
+            job(&mut out);
+            let bytes = size_of::<[i64; N]>();
+            let mut off = 0;
+            while off < bytes {
+                let w = libc::write(
+                    fds[1],
+                    (out.as_ptr() as *const u8).add(off).cast(),
+                    bytes - off,
+                );
+                if w <= 0 {
+                    libc::_exit(91);
+                }
+                off += w as usize;
+            }
+            libc::_exit(0);
+        }
+    }
+    unsafe { libc::close(fds[1]) };
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).expect("read from child");
+    let mut status = 0;
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child in {} failed (status {status:#x}; 90 = could not join the cgroup)",
+        cgroup.display()
+    );
+    assert_eq!(buf.len(), size_of::<[i64; N]>(), "short read from child");
+    let mut out = [0i64; N];
+    for (i, chunk) in buf.chunks_exact(8).enumerate() {
+        out[i] = i64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    out
+}
+
+/// One TCP `connect()` from a process in `cgroup`.
+pub fn tcp_connect_from(cgroup: &Path, addr: SocketAddr) -> Outcome {
+    let a = raw_addr(addr);
+    let [code] = in_cgroup::<1>(cgroup, move |out| {
+        let mut ns = 0;
+        out[0] = raw_connect(&a, libc::SOCK_STREAM, &mut ns);
+    });
+    Outcome::from_code(code)
+}
+
+/// One UDP `connect()` from a process in `cgroup`.
+pub fn udp_connect_from(cgroup: &Path, addr: SocketAddr) -> Outcome {
+    let a = raw_addr(addr);
+    let [code] = in_cgroup::<1>(cgroup, move |out| {
+        let mut ns = 0;
+        out[0] = raw_connect(&a, libc::SOCK_DGRAM, &mut ns);
+    });
+    Outcome::from_code(code)
+}
+
+/// Counts of a connect loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopCounts {
+    pub connected: u64,
+    pub denied: u64,
+    pub other: u64,
+}
+
+/// `n` TCP connects in a loop from a process in `cgroup`.
+pub fn tcp_connect_loop_from(cgroup: &Path, addr: SocketAddr, n: u64) -> LoopCounts {
+    let a = raw_addr(addr);
+    let [c, d, o] = in_cgroup::<3>(cgroup, move |out| {
+        let mut ns = 0;
+        for _ in 0..n {
+            match raw_connect(&a, libc::SOCK_STREAM, &mut ns) {
+                0 => out[0] += 1,
+                e if e == libc::EPERM as i64 => out[1] += 1,
+                _ => out[2] += 1,
+            }
+        }
+    });
+    LoopCounts {
+        connected: c as u64,
+        denied: d as u64,
+        other: o as u64,
+    }
+}
+
+/// `N` TCP connects from a process in `cgroup`, returning each `connect()` duration in ns
+/// (negative: the connect failed with that errno).
+pub fn tcp_connect_timings_from<const N: usize>(cgroup: &Path, addr: SocketAddr) -> [i64; N] {
+    let a = raw_addr(addr);
+    in_cgroup::<N>(cgroup, move |out| {
+        for slot in out.iter_mut() {
+            let mut ns = 0;
+            let e = raw_connect(&a, libc::SOCK_STREAM, &mut ns);
+            *slot = if e == 0 { ns as i64 } else { -e };
+        }
+    })
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn tc(args: &[&str]) {
+    let out = std::process::Command::new("tc")
+        .args(args)
+        .output()
+        .expect("run tc (iproute2)");
+    assert!(
+        out.status.success(),
+        "tc {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A server in its own network namespace behind a veth pair whose host side is shaped by TBF
+/// and kept saturated by a bulk UDP flow, so every packet towards the server (SYNs included)
+/// waits behind a full queue: a real, stable network delay of about `latency_ms`. This kernel has
+/// no netem; TBF plus a saturating flow is what it has.
+pub struct DelayedServer {
+    /// The server's listening address.
+    pub addr: SocketAddr,
+    netns: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl DelayedServer {
+    pub fn new(latency_ms: u32) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, n);
+        let netns = format!("knhk-t{tag}");
+        let (host_if, peer_if) = (format!("kh{tag}"), format!("kp{tag}"));
+        let subnet = format!("10.213.{}.{}", std::process::id() % 250, (n % 60) * 4);
+        let octets: Vec<u8> = subnet
+            .split('.')
+            .map(|o| o.parse().expect("octet"))
+            .collect();
+        let host_ip = format!(
+            "{}.{}.{}.{}",
+            octets[0],
+            octets[1],
+            octets[2],
+            octets[3] + 1
+        );
+        let peer_ip = format!(
+            "{}.{}.{}.{}",
+            octets[0],
+            octets[1],
+            octets[2],
+            octets[3] + 2
+        );
+        ip(&["netns", "add", &netns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
+        ip(&["link", "set", &peer_if, "netns", &netns]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{peer_ip}/30"),
+            "dev",
+            &peer_if,
+        ]);
+        ip(&["-n", &netns, "link", "set", &peer_if, "up"]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        tc(&[
+            "qdisc",
+            "add",
+            "dev",
+            &host_if,
+            "root",
+            "tbf",
+            "rate",
+            "2mbit",
+            "burst",
+            "1600",
+            "latency",
+            &format!("{latency_ms}ms"),
+        ]);
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns_path = format!("/var/run/netns/{netns}");
+        let stop_l = stop.clone();
+        let listen_ip = peer_ip.clone();
+        let listener = std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns_path).expect("netns file");
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
+            let l = TcpListener::bind(format!("{listen_ip}:0")).expect("bind in netns");
+            l.set_nonblocking(true).expect("nonblocking");
+            tx.send(l.local_addr().expect("addr")).expect("send addr");
+            while !stop_l.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => drop(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("listener address");
+        let stop_b = stop.clone();
+        let blaster = std::thread::spawn(move || {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("udp");
+            let payload = [0u8; 1200];
+            let target: SocketAddr = format!("{peer_ip}:9").parse().expect("addr");
+            while !stop_b.load(Ordering::Relaxed) {
+                // 1200 bytes every 2 ms offers 4.8 Mbit/s to a 2 Mbit/s bucket: always full.
+                let _ = s.send_to(&payload, target);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        // Let the queue fill.
+        std::thread::sleep(Duration::from_millis(300));
+        DelayedServer {
+            addr,
+            netns,
+            stop,
+            threads: vec![listener, blaster],
+        }
+    }
+}
+
+impl Drop for DelayedServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        // Deleting the namespace removes the peer veth, which removes its host side too.
+        let out = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("cleanup: ip netns del {} failed: {out:?}", self.netns);
+        }
+    }
+}
