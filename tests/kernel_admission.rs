@@ -64,6 +64,7 @@ fn kernel_denies_ipv4_tcp_and_counts() {
     if !kernel_available("kernel_denies_ipv4_tcp_and_counts") {
         return;
     }
+    let _serial = timing_shared();
     let open = tcp_sink("127.0.0.1:0");
     let blocked = tcp_sink("127.0.0.1:0");
     let h = Harness::start(
@@ -116,6 +117,7 @@ fn kernel_denies_ipv6_and_udp() {
     if !kernel_available("kernel_denies_ipv6_and_udp") {
         return;
     }
+    let _serial = timing_shared();
     let v6 = tcp_sink("[::1]:0");
     let udp_blocked = udp_sink("127.0.0.1:0");
     let udp_open = udp_sink("127.0.0.1:0");
@@ -158,6 +160,7 @@ fn kernel_scopes_rules_to_a_cgroup_subtree() {
     if !kernel_available("kernel_scopes_rules_to_a_cgroup_subtree") {
         return;
     }
+    let _serial = timing_shared();
     let target = tcp_sink("127.0.0.1:0");
     let cg = TestCgroup::new("scope-probe");
     drop(cg);
@@ -209,6 +212,7 @@ fn kernel_audit_mode_admits_and_counts() {
     if !kernel_available("kernel_audit_mode_admits_and_counts") {
         return;
     }
+    let _serial = timing_shared();
     let target = tcp_sink("127.0.0.1:0");
     let h = Harness::start(
         "audit",
@@ -244,6 +248,7 @@ fn kernel_longest_prefix_and_port_range_edges() {
     if !kernel_available("kernel_longest_prefix_and_port_range_edges") {
         return;
     }
+    let _serial = timing_shared();
     // No listeners: an admitted connect is refused by the stack (ECONNREFUSED), a denied one
     // fails with EPERM before reaching it.
     let h = Harness::start(
@@ -309,6 +314,7 @@ fn kernel_policy_switch_under_load_is_atomic() {
     if !kernel_available("kernel_policy_switch_under_load_is_atomic") {
         return;
     }
+    let _serial = timing_shared();
     let target = tcp_sink("127.0.0.1:0");
     let a = policy(&switch_policy("R1", target.port(), 2000));
     let b = policy(&switch_policy("W1", target.port(), 2000));
@@ -362,6 +368,7 @@ fn kernel_histograms_and_heat_fill_from_real_connections() {
     if !kernel_available("kernel_histograms_and_heat_fill_from_real_connections") {
         return;
     }
+    let _serial = timing_exclusive();
     // A real network delay of about 20 ms dominates the handshake, so the connect() time seen in
     // userspace and the connect-to-ESTABLISHED time seen by the kernel measure the same thing.
     let server = DelayedServer::new(20);

@@ -529,3 +529,15 @@ impl Drop for DelayedServer {
         }
     }
 }
+
+static TIMING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by tests that compare timings: no other test of the binary runs meanwhile.
+pub fn timing_exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    TIMING.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by every other kernel test, so that timing tests run alone.
+pub fn timing_shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    TIMING.read().unwrap_or_else(|e| e.into_inner())
+}
