@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`ebpf/programs`) and hands the object to the agent, which embeds
-//! it with `include_bytes!`.
+//! it with `include_bytes!` (plus `knhk-bench-empty.o`, the baseline of `cargo xtask bench`).
 //!
 //! The kernel crate needs Debian's `rustc` (it ships a prebuilt `core` for `bpfel-unknown-none`)
 //! and `bpf-linker`; `cargo xtask setup` installs both. See `ebpf/programs/README.md`.
@@ -30,17 +30,9 @@ fn main() {
     if let Some(linker) = which("bpf-linker") {
         println!("cargo:rerun-if-changed={}", linker.display());
     }
-    println!("cargo:rerun-if-env-changed=KNHK_EBPF_OBJECT");
 
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out.join("knhk-ebpf.o");
-
-    // A prebuilt object (e.g. from a packaging pipeline) may be supplied instead.
-    if let Ok(prebuilt) = env::var("KNHK_EBPF_OBJECT") {
-        std::fs::copy(&prebuilt, &object)
-            .unwrap_or_else(|e| panic!("KNHK_EBPF_OBJECT={prebuilt}: {e}"));
-        return;
-    }
 
     if !Path::new(BPF_RUSTC).exists() || which("bpf-linker").is_none() {
         panic!(
@@ -67,6 +59,9 @@ fn main() {
         ])
         .arg("--config")
         .arg("target.bpfel-unknown-none.linker=\"bpf-linker\"")
+        // BTF is required by the socket-storage map (and lets the kernel describe the maps).
+        .arg("--config")
+        .arg("target.bpfel-unknown-none.rustflags=[\"-C\", \"debuginfo=2\", \"-C\", \"link-arg=--btf\"]")
         .arg("--target-dir")
         .arg(&target_dir);
     // The outer cargo's settings must not leak into the kernel build.
@@ -90,9 +85,14 @@ fn main() {
             ebpf_dir.display()
         );
     }
-    let built = target_dir.join("bpfel-unknown-none/release/knhk-ebpf");
-    std::fs::copy(&built, &object)
-        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", built.display(), object.display()));
+    for (bin, dest) in [
+        ("knhk-ebpf", object),
+        ("knhk-bench-empty", out.join("knhk-bench-empty.o")),
+    ] {
+        let built = target_dir.join("bpfel-unknown-none/release").join(bin);
+        std::fs::copy(&built, &dest)
+            .unwrap_or_else(|e| panic!("copying {} to {}: {e}", built.display(), dest.display()));
+    }
 }
 
 fn which(bin: &str) -> Option<PathBuf> {

@@ -320,7 +320,7 @@ fn kernel_policy_switch_under_load_is_atomic() {
     let b = policy(&switch_policy("W1", target.port(), 2000));
     let mut h = Harness::start("switch", &switch_policy("R1", target.port(), 2000));
     let cg = h.cg.path.clone();
-    let loader = std::thread::spawn(move || tcp_connect_loop_from(&cg, target, 3000));
+    let loader = std::thread::spawn(move || tcp_connect_loop_from(&cg, target, 30_000));
     let mut switches = 0;
     while !loader.is_finished() {
         h.dp.apply(if switches % 2 == 0 { &b } else { &a })
@@ -337,7 +337,7 @@ fn kernel_policy_switch_under_load_is_atomic() {
     assert_eq!(
         counts,
         LoopCounts {
-            connected: 3000,
+            connected: 30_000,
             denied: 0,
             other: 0
         },
@@ -346,7 +346,7 @@ fn kernel_policy_switch_under_load_is_atomic() {
     let d = h.reader().decisions().expect("decisions");
     assert_eq!(
         d.get(ACTION_ALLOW, Class::R1) + d.get(ACTION_ALLOW, Class::W1),
-        3000
+        30_000
     );
     assert!(
         d.get(ACTION_ALLOW, Class::R1) > 0 && d.get(ACTION_ALLOW, Class::W1) > 0,
@@ -359,7 +359,7 @@ fn kernel_policy_switch_under_load_is_atomic() {
         "no connect fell through to the default"
     );
     eprintln!(
-        "policy switch under load: {switches} switches of 2001-rule policies during 3000 connects"
+        "policy switch under load: {switches} switches of 2001-rule policies during 30000 connects"
     );
 }
 

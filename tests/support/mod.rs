@@ -146,6 +146,10 @@ impl Drop for TestPins {
 /// ends, so connect loops never fill its backlog.
 pub fn tcp_sink(addr: &str) -> SocketAddr {
     let l = TcpListener::bind(addr).expect("bind listener");
+    // std listens with a backlog of 128; a connect loop can outrun the accept thread for a few
+    // milliseconds, and an overflow costs a 1 s SYN retransmit. Listening again resizes it.
+    let r = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096) };
+    assert_eq!(r, 0, "listen");
     let local = l.local_addr().expect("local addr");
     std::thread::spawn(move || {
         for c in l.incoming() {
@@ -254,6 +258,19 @@ fn raw_connect(a: &RawAddr, sock_type: libc::c_int, elapsed_ns: &mut u64) -> i64
         } else {
             *libc::__errno_location() as i64
         };
+        // Close with a reset (linger 0): no TIME_WAIT, so connect loops never run out of
+        // ephemeral ports.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as _,
+        );
         *elapsed_ns = ((t1.tv_sec - t0.tv_sec) as i64 * 1_000_000_000
             + (t1.tv_nsec - t0.tv_nsec) as i64) as u64;
         libc::close(fd);

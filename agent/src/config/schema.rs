@@ -88,6 +88,10 @@ macro_rules! agent_table {
             /// Record TCP handshake and RTT histograms in the kernel.
             #[serde(default = "yes")]
             pub histograms_enabled: bool,
+            /// Per CPU and class, time at most one TCP connect per this many microseconds for
+            /// the histograms (0 = every connect). At low rates every connect is timed.
+            #[serde(default = "default_histogram_interval_us")]
+            pub histogram_interval_us: u64,
             /// How often rule cgroups are checked for creation and removal (milliseconds).
             #[serde(default = "default_cgroup_poll_interval_ms")]
             pub cgroup_poll_interval_ms: u64,
@@ -136,6 +140,7 @@ impl Default for AgentSection {
             heat_max_entries: default_heat_max_entries(),
             heat_top_n: default_heat_top_n(),
             histograms_enabled: true,
+            histogram_interval_us: default_histogram_interval_us(),
             cgroup_poll_interval_ms: default_cgroup_poll_interval_ms(),
             detach_on_exit: false,
         }
@@ -162,6 +167,9 @@ fn default_heat_max_entries() -> u32 {
 }
 fn default_heat_top_n() -> u32 {
     20
+}
+fn default_histogram_interval_us() -> u64 {
+    100
 }
 fn default_cgroup_poll_interval_ms() -> u64 {
     25
@@ -783,6 +791,7 @@ impl RawAgentTable {
             heat_max_entries: self.heat_max_entries,
             heat_top_n: self.heat_top_n,
             histograms_enabled: self.histograms_enabled,
+            histogram_interval_us: self.histogram_interval_us,
             cgroup_poll_interval_ms: self.cgroup_poll_interval_ms,
             detach_on_exit: self.detach_on_exit,
         };
@@ -810,6 +819,12 @@ fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
         return Err((
             "heat_top_n",
             format!("{} is out of range (1-1000)", a.heat_top_n),
+        ));
+    }
+    if a.histogram_interval_us > 60_000_000 {
+        return Err((
+            "histogram_interval_us",
+            format!("{} is out of range (0-60000000)", a.histogram_interval_us),
         ));
     }
     if !(1..=10_000).contains(&a.cgroup_poll_interval_ms) {

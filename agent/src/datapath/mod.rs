@@ -651,6 +651,7 @@ impl Datapath {
             _pad: [0; 2],
             scope_level_min: level_min,
             scope_level_max: level_max,
+            histogram_interval_ns: policy.histogram_interval_us.saturating_mul(1000),
         };
         let cfg = self.config_ptr();
         // SAFETY: the inactive slot's settings are not read by connects (they read the active
@@ -903,6 +904,39 @@ impl Datapath {
         }
     }
 
+    /// Kernel run-time statistics of the attached programs: (program, total run time, runs).
+    /// The kernel counts only while BPF stats are enabled (`aya::sys::enable_stats`, or the
+    /// `kernel.bpf_stats_enabled` sysctl); otherwise both figures stay 0.
+    pub fn program_stats(&self) -> Result<Vec<(&'static str, Duration, u64)>, DatapathError> {
+        let mut out = Vec::new();
+        for name in program_names::ALL {
+            let path = self.layout.link(name);
+            let link = aya::programs::links::PinnedLink::from_pin(&path).map_err(|e| {
+                DatapathError::Attach {
+                    program: name,
+                    cgroup: self.cgroup_root.clone(),
+                    reason: chain(&e),
+                }
+            })?;
+            let id = FdLink::from(link)
+                .info()
+                .map_err(|e| DatapathError::Attach {
+                    program: name,
+                    cgroup: self.cgroup_root.clone(),
+                    reason: chain(&e),
+                })?
+                .program_id();
+            let info = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == id)
+                .ok_or_else(|| {
+                    DatapathError::Load(format!("program {name} (id {id}) is not loaded"))
+                })?;
+            out.push((name, info.run_time(), info.run_count()));
+        }
+        Ok(out)
+    }
+
     /// The pin layout in use.
     pub fn pins(&self) -> &PinLayout {
         &self.layout
@@ -972,7 +1006,8 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, DatapathErro
             | aya::maps::Map::LpmTrie(m)
             | aya::maps::Map::HashMap(m)
             | aya::maps::Map::PerCpuArray(m)
-            | aya::maps::Map::LruHashMap(m),
+            | aya::maps::Map::LruHashMap(m)
+            | aya::maps::Map::SkStorage(m),
         ) => Ok(m),
         _ => Err(DatapathError::Load(format!(
             "map {name} is missing from the object or has an unexpected type"

@@ -51,6 +51,7 @@ const ARRAY: u32 = 2;
 const PERCPU_ARRAY: u32 = 6;
 const LRU_HASH: u32 = 9;
 const LPM_TRIE: u32 = 11;
+const SK_STORAGE: u32 = 24;
 
 /// What a map must look like to be re-adopted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +77,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 9] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 10] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -144,13 +145,14 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 9] {
         ),
         spec(
             m::CONNS,
-            LRU_HASH,
-            8,
+            SK_STORAGE,
+            4,
             size::<ConnState>(),
-            MAX_TRACKED_CONNS,
             0,
+            BPF_F_NO_PREALLOC,
             true,
         ),
+        spec(m::SAMPLED, PERCPU_ARRAY, 4, 8, CLASSES as u32, 0, true),
         spec(
             m::LATENCY,
             PERCPU_ARRAY,

@@ -53,7 +53,10 @@ impl MmapArray {
             offset + size_of::<T>() <= self.len,
             "offset {offset} outside the mapping"
         );
-        assert!(offset.is_multiple_of(align_of::<T>()), "misaligned offset {offset}");
+        assert!(
+            offset.is_multiple_of(align_of::<T>()),
+            "misaligned offset {offset}"
+        );
         // SAFETY: in bounds (checked above).
         unsafe { self.ptr.as_ptr().add(offset).cast() }
     }

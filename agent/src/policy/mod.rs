@@ -35,6 +35,8 @@ pub struct Policy {
     pub heat: bool,
     /// Record latency histograms.
     pub histograms: bool,
+    /// Time at most one connect per CPU and class per this many µs (0 = every connect).
+    pub histogram_interval_us: u64,
 }
 
 impl Policy {
@@ -47,6 +49,7 @@ impl Policy {
             default_class: config.agent.default_class,
             heat: config.agent.heat_enabled,
             histograms: config.agent.histograms_enabled,
+            histogram_interval_us: config.agent.histogram_interval_us,
         }
     }
 }

@@ -56,8 +56,6 @@ pub const MAX_PREFIXES: u32 = 524_288;
 pub const MAX_SCOPES: u32 = 16_384;
 /// Default capacity of the heat LRU (`agent.heat_max_entries` overrides it at load time).
 pub const DEFAULT_HEAT_MAX_ENTRIES: u32 = 65_536;
-/// Capacity of the in-flight TCP connection table used to time handshakes.
-pub const MAX_TRACKED_CONNS: u32 = 65_536;
 
 /// `BPF_F_MMAPABLE`: the map can be `mmap`ed (used for `CONFIG` and `RULE_HITS`).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -80,13 +78,15 @@ pub mod map_names {
     pub const RULE_HITS: &str = "KNHK_RULE_HITS";
     /// Destination heat: [`super::HeatKey`] → [`super::HeatValue`] (LRU).
     pub const HEAT: &str = "KNHK_HEAT";
-    /// In-flight TCP connects: socket cookie → [`super::ConnState`] (LRU).
+    /// TCP connect state per socket (socket storage) → [`super::ConnState`].
     pub const CONNS: &str = "KNHK_CONNS";
     /// Per-CPU latency histograms indexed by [`super::histogram_index`].
     pub const LATENCY: &str = "KNHK_LATENCY";
+    /// Per-CPU time of the last timed connect, by class (histogram sampling).
+    pub const SAMPLED: &str = "KNHK_SAMPLED";
     /// Every map, in pin order.
-    pub const ALL: [&str; 9] = [
-        CONFIG, POLICY_V4, POLICY_V6, SCOPES, DECISIONS, RULE_HITS, HEAT, CONNS, LATENCY,
+    pub const ALL: [&str; 10] = [
+        CONFIG, POLICY_V4, POLICY_V6, SCOPES, DECISIONS, RULE_HITS, HEAT, CONNS, LATENCY, SAMPLED,
     ];
 }
 
@@ -120,6 +120,10 @@ pub struct SlotConfig {
     pub scope_level_min: u32,
     /// Deepest cgroup level that owns a scope in this slot (0 when there are none).
     pub scope_level_max: u32,
+    /// Per CPU and class, at most one TCP connect per this many ns is timed for the latency
+    /// histograms (0 = every connect). Timing needs per-socket storage, the costliest step of
+    /// admission, so under load only a sample is timed; at low rates every connect is.
+    pub histogram_interval_ns: u64,
 }
 
 /// Global settings read by every program on every event (mmapable array map, one entry).
@@ -282,7 +286,7 @@ pub struct HeatValue {
     pub last_seen_ns: u64,
 }
 
-/// In-flight TCP connect state, keyed by socket cookie.
+/// TCP connect state, stored on the socket itself (socket-local storage).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
@@ -410,11 +414,11 @@ mod tests {
 
     #[test]
     fn layouts_are_pinned() {
-        assert_eq!(size_of::<SlotConfig>(), 24);
+        assert_eq!(size_of::<SlotConfig>(), 32);
         assert_eq!(offset_of!(SlotConfig, flags), 8);
         assert_eq!(offset_of!(SlotConfig, default_action), 12);
         assert_eq!(offset_of!(SlotConfig, scope_level_min), 16);
-        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(size_of::<Config>(), 80);
         assert_eq!(offset_of!(Config, active_slot), 4);
         assert_eq!(offset_of!(Config, attach_cgroup_id), 8);
         assert_eq!(offset_of!(Config, slots), 16);

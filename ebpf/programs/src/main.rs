@@ -15,16 +15,12 @@
 #![allow(internal_features)]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG},
-    helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns,
-    },
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray,
-    },
+    bindings::{BPF_NOEXIST, BPF_SOCK_OPS_RTT_CB_FLAG},
+    btf_maps::SkStorage,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_sk_storage_get},
+    macros::{btf_map, cgroup_sock_addr, map, sock_ops},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
-    EbpfContext,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use knhk_abi::*;
@@ -46,8 +42,11 @@ static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(DECISION_COUNTERS, 0);
 static RULE_HITS: Array<u64> = Array::pinned(MAX_RULE_COUNTERS, BPF_F_MMAPABLE);
 #[map(name = "KNHK_HEAT")]
 static HEAT: LruHashMap<HeatKey, HeatValue> = LruHashMap::pinned(DEFAULT_HEAT_MAX_ENTRIES, 0);
-#[map(name = "KNHK_CONNS")]
-static CONNS: LruHashMap<u64, ConnState> = LruHashMap::pinned(MAX_TRACKED_CONNS, 0);
+/// Per-socket state of TCP connects (socket storage: lives and dies with the socket, no hashing).
+#[btf_map(name = "KNHK_CONNS")]
+static CONNS: SkStorage<ConnState> = SkStorage::new();
+#[map(name = "KNHK_SAMPLED")]
+static SAMPLED: PerCpuArray<u64> = PerCpuArray::pinned(CLASSES as u32, 0);
 #[map(name = "KNHK_LATENCY")]
 static LATENCY: PerCpuArray<Histogram> = PerCpuArray::pinned(HISTOGRAMS as u32, 0);
 
@@ -196,17 +195,27 @@ fn admit(
     if let Some(n) = RULE_HITS.get_ptr_mut(verdict.counter) {
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     if cfg.flags & FLAG_HEAT != 0 {
-        record_heat(heat_addr, port, proto, now);
+        record_heat(heat_addr, port, proto, unsafe { bpf_ktime_get_ns() });
     }
     if verdict.action == ACTION_DENY {
         return REFUSED;
     }
     if cfg.flags & FLAG_HISTOGRAMS != 0 && proto == PROTO_TCP {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let state = ConnState { start_ns: now, class, _pad: [0; 7] };
-        let _ = CONNS.insert(&cookie, &state, 0);
+        let now = unsafe { bpf_ktime_get_ns() };
+        let Some(last) = SAMPLED.get_ptr_mut(class as u32) else {
+            return ALLOWED;
+        };
+        if now.wrapping_sub(unsafe { *last }) < cfg.histogram_interval_ns {
+            return ALLOWED;
+        }
+        unsafe { *last = now };
+        let mut state = ConnState { start_ns: now, class, _pad: [0; 7] };
+        let p = unsafe { CONNS.get_or_insert_ptr_mut(ctx, Some(&mut state)) };
+        if !p.is_null() {
+            // A reused socket may already have storage: overwrite it.
+            unsafe { *p = state };
+        }
     }
     ALLOWED
 }
@@ -228,38 +237,32 @@ fn record_heat(addr: &[u8; 16], port: u16, proto: u8, now: u64) {
 // sockops operations (include/uapi/linux/bpf.h).
 const OP_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const OP_RTT_CB: u32 = 12;
-const OP_STATE_CB: u32 = 10;
-const TCP_CLOSE: u32 = 7;
 
 fn try_sockops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != OP_ACTIVE_ESTABLISHED_CB && op != OP_RTT_CB && op != OP_STATE_CB {
+    if op != OP_ACTIVE_ESTABLISHED_CB && op != OP_RTT_CB {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(state) = CONNS.get_ptr_mut(&cookie) else {
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
         return;
-    };
+    }
+    let map = core::ptr::from_ref(&CONNS).cast_mut().cast();
+    let state = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) } as *mut ConnState;
+    if state.is_null() {
+        // Not a connect that admission timed (UDP, histograms off, or before the agent).
+        return;
+    }
     let class = unsafe { (*state).class };
-    match op {
-        OP_ACTIVE_ESTABLISHED_CB => {
-            let now = unsafe { bpf_ktime_get_ns() };
-            let start = unsafe { (*state).start_ns };
-            record_latency(LATENCY_HANDSHAKE, class, now.saturating_sub(start));
-            // Keep the entry for RTT samples; the close callback removes it.
-            let _ = ctx.set_cb_flags((BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        }
-        OP_RTT_CB => {
-            // srtt_us holds the smoothed RTT in microseconds, left-shifted by 3.
-            let srtt_us8 = unsafe { (*ctx.ops).srtt_us } as u64;
-            record_latency(LATENCY_RTT, class, (srtt_us8 >> 3) * 1000);
-        }
-        _ => {
-            // STATE_CB: args[1] is the new TCP state.
-            if ctx.arg(1) == TCP_CLOSE {
-                let _ = CONNS.remove(&cookie);
-            }
-        }
+    if op == OP_ACTIVE_ESTABLISHED_CB {
+        let start = unsafe { (*state).start_ns };
+        let now = unsafe { bpf_ktime_get_ns() };
+        record_latency(LATENCY_HANDSHAKE, class, now.saturating_sub(start));
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_RTT_CB_FLAG as i32);
+    } else {
+        // srtt_us holds the smoothed RTT in microseconds, left-shifted by 3.
+        let srtt_us8 = unsafe { (*ctx.ops).srtt_us } as u64;
+        record_latency(LATENCY_RTT, class, (srtt_us8 >> 3) * 1000);
     }
 }
 

@@ -1,0 +1,226 @@
+//! `cargo xtask bench`: the datapath's cost, measured side by side in one run (needs root).
+//!
+//! 1. Admission program cost: average kernel run time per `connect()` of `knhk_connect4` with
+//!    `--rules` rules loaded (heat and histograms on), against an empty `connect4` program,
+//!    both measured with BPF run-time statistics in the same run.
+//! 2. Loopback `connect()` throughput from a cgroup under the agent's programs against a cgroup
+//!    with none, in alternating rounds; medians are compared.
+//!
+//! Everything runs in throwaway cgroups and pin directories that are removed at the end.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use knhk_agent::{
+    config::Config,
+    datapath::{Datapath, DatapathOptions},
+    policy::Policy,
+};
+use std::time::{Duration, Instant};
+use support::*;
+
+static EMPTY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/knhk-bench-empty.o"));
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn policy(port: u16, rules: u64) -> Policy {
+    let mut text = format!(
+        "[[policy.rules]]\nname = \"target\"\naction = \"allow\"\nclass = \"R1\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{port}\"]\nprotocol = \"tcp\"\n"
+    );
+    for i in 1..rules {
+        text.push_str(&format!(
+            "[[policy.rules]]\nname = \"deny-{i}\"\naction = \"deny\"\ncidrs = [\"10.{}.{}.{}/32\"]\n",
+            (i >> 16) & 255,
+            (i >> 8) & 255,
+            i & 255
+        ));
+    }
+    Policy::from_config(&Config::parse(&text, "bench").expect("bench policy"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    if !kernel_available("bench") {
+        std::process::exit(1);
+    }
+    let connects = arg("--connects", 20_000);
+    let rules = arg("--rules", 10_000);
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
+    let target = tcp_sink("127.0.0.1:0");
+
+    let agent_cg = TestCgroup::new("bench-agent");
+    let empty_cg = TestCgroup::new("bench-empty");
+    let bare_cg = TestCgroup::new("bench-none");
+    let pins = TestPins::new("bench");
+
+    let mut dp = Datapath::start(&DatapathOptions {
+        cgroup_root: agent_cg.path.clone(),
+        pin_root: pins.root.clone(),
+        heat_max_entries: 65_536,
+    })
+    .expect("start datapath");
+    let started = Instant::now();
+    let report = dp.apply(&policy(target.port(), rules)).expect("apply");
+    let apply_time = started.elapsed();
+
+    let mut empty = aya::Ebpf::load(EMPTY).expect("load the empty program");
+    let prog: &mut CgroupSockAddr = empty
+        .program_mut("knhk_bench_empty")
+        .expect("empty program")
+        .try_into()
+        .expect("connect4 program");
+    prog.load().expect("load");
+    let cg_file = std::fs::File::open(&empty_cg.path).expect("cgroup");
+    prog.attach(&cg_file, CgroupAttachMode::Single)
+        .expect("attach");
+
+    let connect4_stats = |dp: &Datapath| {
+        dp.program_stats()
+            .expect("stats")
+            .into_iter()
+            .find(|(n, _, _)| *n == knhk_abi::program_names::CONNECT4)
+            .map(|(_, t, c)| (t, c))
+            .expect("connect4")
+    };
+    let sockops_stats = |dp: &Datapath| {
+        dp.program_stats()
+            .expect("stats")
+            .into_iter()
+            .find(|(n, _, _)| *n == knhk_abi::program_names::SOCKOPS)
+            .map(|(_, t, c)| (t, c))
+            .expect("sockops")
+    };
+    let empty_stats = |p: &CgroupSockAddr| {
+        let i = p.info().expect("info");
+        (i.run_time(), i.run_count())
+    };
+
+    // Warm up caches, the heat entry and the accept thread.
+    for cg in [&agent_cg, &empty_cg, &bare_cg] {
+        let c = tcp_connect_loop_from(&cg.path, target, 500);
+        assert_eq!(c.connected, 500, "warm-up: {c:?}");
+    }
+
+    // 1. Per-run cost in the kernel, for the full policy and with features switched off (the
+    //    same programs; the policy's flags switch with it), against the empty program.
+    let per_run = |t: Duration, n: u64| t.as_nanos() as f64 / n.max(1) as f64;
+    let measure_agent = |dp: &mut Datapath, policy: &Policy| {
+        dp.apply(policy).expect("apply");
+        tcp_connect_loop_from(&agent_cg.path, target, 200);
+        let (t0, n0) = connect4_stats(dp);
+        let (s0, sn0) = sockops_stats(dp);
+        let c = tcp_connect_loop_from(&agent_cg.path, target, connects);
+        assert_eq!(c.connected, connects, "{c:?}");
+        let (t1, n1) = connect4_stats(dp);
+        let (s1, sn1) = sockops_stats(dp);
+        (
+            per_run(t1 - t0, n1 - n0),
+            per_run(s1 - s0, sn1 - sn0),
+            sn1 - sn0,
+        )
+    };
+    let full = policy(target.port(), rules);
+    let mut lean = full.clone();
+    lean.heat = false;
+    lean.histograms = false;
+    let mut heat_only = lean.clone();
+    heat_only.heat = true;
+    let mut one_rule = policy(target.port(), 1);
+    one_rule.heat = false;
+    one_rule.histograms = false;
+    let (lean_ns, _, _) = measure_agent(&mut dp, &lean);
+    let (one_ns, _, _) = measure_agent(&mut dp, &one_rule);
+    let (heat_ns, _, _) = measure_agent(&mut dp, &heat_only);
+    let (full_ns, sockops_ns, sockops_runs) = measure_agent(&mut dp, &full);
+    let prog: &CgroupSockAddr = empty
+        .program("knhk_bench_empty")
+        .expect("p")
+        .try_into()
+        .expect("p");
+    let (e0, en0) = empty_stats(prog);
+    let c = tcp_connect_loop_from(&empty_cg.path, target, connects);
+    assert_eq!(c.connected, connects, "{c:?}");
+    let (e1, en1) = empty_stats(prog);
+    let empty_ns = per_run(e1 - e0, en1 - en0);
+
+    // 2. Throughput, alternating rounds, with BPF stats off again (they cost every program run).
+    drop(stats);
+    let rounds = 7;
+    let (mut with, mut without, mut empty_only) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (cg, out) in [
+            (&agent_cg, &mut with),
+            (&bare_cg, &mut without),
+            (&empty_cg, &mut empty_only),
+        ] {
+            let start = Instant::now();
+            let c = tcp_connect_loop_from(&cg.path, target, connects);
+            let secs = start.elapsed().as_secs_f64();
+            assert_eq!(c.connected, connects, "{c:?}");
+            out.push(connects as f64 / secs);
+        }
+    }
+    let (with_m, without_m, empty_m) = (
+        median(with.clone()),
+        median(without.clone()),
+        median(empty_only.clone()),
+    );
+
+    println!("knhk-agent datapath benchmark ({connects} connects per measurement, {} rules, {} trie entries)", report.rules, report.trie_entries);
+    println!(
+        "policy apply (compile + write + switch): {:.1} ms",
+        apply_time.as_secs_f64() * 1e3
+    );
+    println!();
+    println!("admission program, kernel run time per connect() (BPF stats, same run):");
+    println!("  empty connect4 program                              : {empty_ns:8.1} ns");
+    println!(
+        "  knhk_connect4, 1 rule, decide + count               : {one_ns:8.1} ns  ({:.2}x)",
+        one_ns / empty_ns
+    );
+    println!(
+        "  knhk_connect4, {} rules, decide + count          : {lean_ns:8.1} ns  ({:.2}x)",
+        report.rules,
+        lean_ns / empty_ns
+    );
+    println!(
+        "  knhk_connect4, {} rules, + heat                  : {heat_ns:8.1} ns  ({:.2}x)",
+        report.rules,
+        heat_ns / empty_ns
+    );
+    println!("  knhk_connect4, {} rules, + heat + histograms     : {full_ns:8.1} ns  ({:.2}x, goal <= 2.00x)", report.rules, full_ns / empty_ns);
+    println!(
+        "  knhk_sockops, per callback ({sockops_runs} callbacks)         : {sockops_ns:8.1} ns"
+    );
+    println!();
+    println!("loopback connect()+close() throughput, median of {rounds} alternating rounds:");
+    println!(
+        "  cgroup without programs : {without_m:10.0} connects/s   rounds: {:?}",
+        without.iter().map(|v| *v as u64).collect::<Vec<_>>()
+    );
+    println!("  cgroup with the empty connect4 program : {empty_m:10.0} connects/s ({:.3} of without)   rounds: {:?}", empty_m / without_m, empty_only.iter().map(|v| *v as u64).collect::<Vec<_>>());
+    println!(
+        "  cgroup under knhk-agent : {with_m:10.0} connects/s   rounds: {:?}",
+        with.iter().map(|v| *v as u64).collect::<Vec<_>>()
+    );
+    println!(
+        "  ratio                   : {:10.3}    (goal >= 0.970)",
+        with_m / without_m
+    );
+
+    drop(empty);
+    drop(dp);
+    drop(pins);
+}
