@@ -33,7 +33,7 @@ struct Cli {
 enum Task {
     /// Install what building and testing need (Debian packages, bpf-linker), if missing.
     Setup,
-    /// Build the kernel programs only (the agent's build does this too).
+    /// Build the kernel programs (through the agent's build script, which embeds them).
     BuildEbpf,
     /// Build and run the agent on the embedded default configuration (needs root).
     Run {
@@ -68,7 +68,8 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => {
             setup()?;
-            build_ebpf(&root)
+            // agent/build.rs is the one place that knows how to build the kernel crate.
+            run(cargo().args(["build", "-p", "knhk-agent"]))
         }
         Task::Run { args } => {
             setup()?;
@@ -175,24 +176,4 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     Ok(())
-}
-
-fn build_ebpf(root: &Path) -> Result<()> {
-    run(cargo()
-        .current_dir(root.join("ebpf/programs"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "bpfel-unknown-none",
-        ])
-        .args([
-            "--config",
-            "target.bpfel-unknown-none.linker=\"bpf-linker\"",
-        ])
-        .arg("--target-dir")
-        .arg(root.join("target/ebpf"))
-        .env("RUSTC", "/usr/bin/rustc")
-        .env("RUSTC_BOOTSTRAP", "1"))
 }

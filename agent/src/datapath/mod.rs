@@ -489,45 +489,30 @@ impl Datapath {
                 warn!(link = %link_path.display(), "the cgroup root changed: detaching the old link");
                 std::fs::remove_file(&link_path).map_err(io_err("unpin", &link_path))?;
             }
+            // aya's program types share these methods but no trait: one body for both.
+            macro_rules! load_and_link {
+                ($p:expr) => {{
+                    let p = $p;
+                    p.load().map_err(|e| {
+                        DatapathError::Load(format!("{name}: {}", verifier_message(&e)))
+                    })?;
+                    if relink {
+                        let fd = p.fd().map_err(|e| attach_err(chain(&e)))?;
+                        replace_program(&link_path, fd.as_fd())
+                            .map_err(|e| attach_err(chain(&e)))?;
+                    } else {
+                        let id = p
+                            .attach(&cgroup_file, CgroupAttachMode::Single)
+                            .map_err(|e| attach_err(chain(&e)))?;
+                        let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
+                        let link = FdLink::try_from(link).map_err(|e| attach_err(chain(&e)))?;
+                        link.pin(&link_path).map_err(|e| attach_err(chain(&e)))?;
+                    }
+                }};
+            }
             match program {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    p.load().map_err(|e| {
-                        DatapathError::Load(format!("{name}: {}", verifier_message(&e)))
-                    })?;
-                    if relink {
-                        replace_program(
-                            &link_path,
-                            p.fd().map_err(|e| attach_err(chain(&e)))?.as_fd(),
-                        )
-                        .map_err(|e| attach_err(chain(&e)))?;
-                    } else {
-                        let id = p
-                            .attach(&cgroup_file, CgroupAttachMode::Single)
-                            .map_err(|e| attach_err(chain(&e)))?;
-                        let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
-                        let link = FdLink::try_from(link).map_err(|e| attach_err(chain(&e)))?;
-                        link.pin(&link_path).map_err(|e| attach_err(chain(&e)))?;
-                    }
-                }
-                aya::programs::Program::SockOps(p) => {
-                    p.load().map_err(|e| {
-                        DatapathError::Load(format!("{name}: {}", verifier_message(&e)))
-                    })?;
-                    if relink {
-                        replace_program(
-                            &link_path,
-                            p.fd().map_err(|e| attach_err(chain(&e)))?.as_fd(),
-                        )
-                        .map_err(|e| attach_err(chain(&e)))?;
-                    } else {
-                        let id = p
-                            .attach(&cgroup_file, CgroupAttachMode::Single)
-                            .map_err(|e| attach_err(chain(&e)))?;
-                        let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
-                        let link = FdLink::try_from(link).map_err(|e| attach_err(chain(&e)))?;
-                        link.pin(&link_path).map_err(|e| attach_err(chain(&e)))?;
-                    }
-                }
+                aya::programs::Program::CgroupSockAddr(p) => load_and_link!(p),
+                aya::programs::Program::SockOps(p) => load_and_link!(p),
                 _ => return Err(attach_err("unexpected program type".into())),
             }
         }
