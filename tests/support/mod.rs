@@ -33,6 +33,8 @@ pub fn kernel_available(test: &str) -> bool {
         Some("needs root".to_string())
     } else if knhk_agent::datapath::cgroup::detect_cgroup2_mount().is_none() {
         Some("needs a cgroup v2 hierarchy".to_string())
+    } else if let Err(e) = knhk_agent::datapath::mount_bpffs_if_missing() {
+        Some(format!("needs a bpffs: {e}"))
     } else {
         None
     };

@@ -74,9 +74,13 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             setup()?;
             run(cargo().args(["build", "--release", "-p", "knhk-agent"]))?;
-            let mut cmd = Command::new(root.join("target/release/knhk-agent"));
-            cmd.arg("run").args(args);
-            run(&mut cmd)
+            // Replace this process, so that SIGINT/SIGTERM reach the agent directly.
+            use std::os::unix::process::CommandExt;
+            let err = Command::new(root.join("target/release/knhk-agent"))
+                .arg("run")
+                .args(args)
+                .exec();
+            Err(err).context("starting target/release/knhk-agent")
         }
         Task::Test { filter, no_lint } => {
             setup()?;

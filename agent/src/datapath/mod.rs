@@ -1046,6 +1046,23 @@ fn verifier_message(e: &aya::programs::ProgramError) -> String {
     }
 }
 
+/// The conventional bpffs mount point.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts a bpffs at [`BPFFS`] unless one is there; returns whether it mounted one.
+pub fn mount_bpffs_if_missing() -> Result<bool, DatapathError> {
+    let mount = Path::new(BPFFS);
+    if sys::is_bpffs(mount) {
+        return Ok(false);
+    }
+    sys::mount_bpffs(mount).map_err(|e| DatapathError::Bpffs {
+        path: mount.to_owned(),
+        reason: format!("it is not a bpffs and mounting one failed: {e}"),
+    })?;
+    info!("mounted bpffs at {BPFFS}");
+    Ok(true)
+}
+
 /// Makes sure `pin_root` is on a bpffs (mounting one at `/sys/fs/bpf` if none is there) and
 /// creates the pin directories.
 fn prepare_pin_dirs(layout: &PinLayout, pin_root: &Path) -> Result<(), DatapathError> {
@@ -1053,15 +1070,8 @@ fn prepare_pin_dirs(layout: &PinLayout, pin_root: &Path) -> Result<(), DatapathE
         path: pin_root.to_owned(),
         reason,
     };
-    let default_mount = Path::new("/sys/fs/bpf");
-    if pin_root.starts_with(default_mount) && !sys::is_bpffs(default_mount) {
-        sys::mount_bpffs(default_mount).map_err(|e| {
-            bpffs_err(format!(
-                "{} is not a bpffs and mounting one failed: {e}",
-                default_mount.display()
-            ))
-        })?;
-        info!("mounted bpffs at /sys/fs/bpf");
+    if pin_root.starts_with(BPFFS) {
+        mount_bpffs_if_missing()?;
     }
     for dir in [layout.maps_dir(), layout.links_dir()] {
         std::fs::create_dir_all(&dir)
