@@ -55,7 +55,7 @@ fn main() {
     if !kernel_available("bench") {
         std::process::exit(1);
     }
-    let connects = arg("--connects", 20_000);
+    let connects = arg("--connects", 10_000);
     let rules = arg("--rules", 10_000);
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
     let target = tcp_sink("127.0.0.1:0");
@@ -155,28 +155,42 @@ fn main() {
     let (e1, en1) = empty_stats(prog);
     let empty_ns = per_run(e1 - e0, en1 - en0);
 
-    // 2. Throughput, alternating rounds, with BPF stats off again (they cost every program run).
+    // 2. Throughput with BPF stats off again (they cost every program run). Many short rounds,
+    //    the three cgroups in rotating order within each round; each round gives a paired ratio,
+    //    so slow drifts of the machine cancel out. Reported: medians.
     drop(stats);
-    let rounds = 7;
+    let rounds = 21;
+    let per_round = connects;
     let (mut with, mut without, mut empty_only) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        for (cg, out) in [
-            (&agent_cg, &mut with),
-            (&bare_cg, &mut without),
-            (&empty_cg, &mut empty_only),
-        ] {
+    let (mut ratio_agent, mut ratio_empty) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut rate = [0f64; 3];
+        for k in 0..3 {
+            let which = (round + k) % 3;
+            let cg = [&agent_cg, &bare_cg, &empty_cg][which];
             let start = Instant::now();
-            let c = tcp_connect_loop_from(&cg.path, target, connects);
+            let c = tcp_connect_loop_from(&cg.path, target, per_round);
             let secs = start.elapsed().as_secs_f64();
-            assert_eq!(c.connected, connects, "{c:?}");
-            out.push(connects as f64 / secs);
+            assert_eq!(c.connected, per_round, "{c:?}");
+            rate[which] = per_round as f64 / secs;
         }
+        with.push(rate[0]);
+        without.push(rate[1]);
+        empty_only.push(rate[2]);
+        ratio_agent.push(rate[0] / rate[1]);
+        ratio_empty.push(rate[2] / rate[1]);
     }
     let (with_m, without_m, empty_m) = (
         median(with.clone()),
         median(without.clone()),
         median(empty_only.clone()),
     );
+    let quartiles = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 4], v[v.len() / 2], v[3 * v.len() / 4])
+    };
+    let (a25, a50, a75) = quartiles(ratio_agent);
+    let (e25, e50, e75) = quartiles(ratio_empty);
 
     println!("knhk-agent datapath benchmark ({connects} connects per measurement, {} rules, {} trie entries)", report.rules, report.trie_entries);
     println!(
@@ -205,20 +219,10 @@ fn main() {
         "  knhk_sockops, per callback ({sockops_runs} callbacks)         : {sockops_ns:8.1} ns"
     );
     println!();
-    println!("loopback connect()+close() throughput, median of {rounds} alternating rounds:");
-    println!(
-        "  cgroup without programs : {without_m:10.0} connects/s   rounds: {:?}",
-        without.iter().map(|v| *v as u64).collect::<Vec<_>>()
-    );
-    println!("  cgroup with the empty connect4 program : {empty_m:10.0} connects/s ({:.3} of without)   rounds: {:?}", empty_m / without_m, empty_only.iter().map(|v| *v as u64).collect::<Vec<_>>());
-    println!(
-        "  cgroup under knhk-agent : {with_m:10.0} connects/s   rounds: {:?}",
-        with.iter().map(|v| *v as u64).collect::<Vec<_>>()
-    );
-    println!(
-        "  ratio                   : {:10.3}    (goal >= 0.970)",
-        with_m / without_m
-    );
+    println!("loopback connect()+close() throughput, {rounds} rounds of {per_round} connects per cgroup:");
+    println!("  without programs        : {without_m:8.0} connects/s (median)");
+    println!("  empty connect4 program  : {empty_m:8.0} connects/s; paired ratio median {e50:.3} (quartiles {e25:.3}-{e75:.3})");
+    println!("  under knhk-agent        : {with_m:8.0} connects/s; paired ratio median {a50:.3} (quartiles {a25:.3}-{a75:.3}), goal >= 0.970");
 
     drop(empty);
     drop(dp);

@@ -52,7 +52,7 @@ enum Task {
     /// Run the benchmarks and print a side-by-side report (needs root).
     Bench {
         /// Connects per measurement.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, default_value_t = 10_000)]
         connects: u32,
         /// Rules loaded for the admission-cost measurement.
         #[arg(long, default_value_t = 10_000)]

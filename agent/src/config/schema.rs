@@ -169,7 +169,7 @@ fn default_heat_top_n() -> u32 {
     20
 }
 fn default_histogram_interval_us() -> u64 {
-    100
+    1000
 }
 fn default_cgroup_poll_interval_ms() -> u64 {
     25
