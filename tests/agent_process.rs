@@ -318,3 +318,105 @@ fn kernel_cgroup_created_after_the_policy_is_enforced_and_removal_leaves_nothing
     assert!(agent.logs().contains("rule cgroup removed"));
     drop(agent);
 }
+
+/// A real Prometheus server scraping `target` every second; stopped on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: knhk\n    static_configs:\n      - targets: ['{target}']\n"),
+        )
+        .expect("write prometheus.yml");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus (Debian package prometheus; cargo xtask setup installs it)");
+        Prometheus { child, addr, _dir: dir }
+    }
+
+    /// The value of an instant PromQL query with one result, if it has one.
+    fn query(&self, promql: &str) -> Option<f64> {
+        let mut enc = String::new();
+        for b in promql.bytes() {
+            match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => enc.push(b as char),
+                _ => enc.push_str(&format!("%{b:02X}")),
+            }
+        }
+        let mut s = TcpStream::connect(self.addr).ok()?;
+        write!(s, "GET /api/v1/query?query={enc} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
+        json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
+    if !kernel_available("kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("prom");
+    let pins = TestPins::new("prom");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, &deny_rule(target.port()));
+    let agent = Agent::start(&config);
+    for _ in 0..5 {
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    }
+
+    // promtool lints the exposition as served.
+    let response = agent.get("/metrics");
+    let body = response.split("\r\n\r\n").nth(1).expect("body");
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    lint.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write");
+    let out = lint.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let prom = Prometheus::start(agent.metrics);
+    let query = r#"knhk_connect_decisions_total{action="deny",class="C1"}"#;
+    let started = Instant::now();
+    let value = loop {
+        if let Some(v) = prom.query(query) {
+            break v;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "prometheus never returned {query}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(value, 5.0, "the decisions the test's connects produced");
+    assert_eq!(prom.query(r#"knhk_rule_hits_total{rule="block"}"#), Some(5.0));
+    assert_eq!(prom.query("up"), Some(1.0));
+}
