@@ -335,16 +335,25 @@ impl Prometheus {
             format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: knhk\n    static_configs:\n      - targets: ['{target}']\n"),
         )
         .expect("write prometheus.yml");
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start prometheus (Debian package prometheus; cargo xtask setup installs it)");
-        Prometheus { child, addr, _dir: dir }
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 
     /// The value of an instant PromQL query with one result, if it has one.
@@ -357,7 +366,11 @@ impl Prometheus {
             }
         }
         let mut s = TcpStream::connect(self.addr).ok()?;
-        write!(s, "GET /api/v1/query?query={enc} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET /api/v1/query?query={enc} HTTP/1.0\r\nHost: x\r\n\r\n"
+        )
+        .ok()?;
         let mut body = String::new();
         s.read_to_string(&mut body).ok()?;
         let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
@@ -397,7 +410,11 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool");
-    lint.stdin.take().expect("stdin").write_all(body.as_bytes()).expect("write");
+    lint.stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write");
     let out = lint.wait_with_output().expect("promtool");
     assert!(
         out.status.success(),
@@ -413,10 +430,16 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         if let Some(v) = prom.query(query) {
             break v;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "prometheus never returned {query}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "prometheus never returned {query}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(value, 5.0, "the decisions the test's connects produced");
-    assert_eq!(prom.query(r#"knhk_rule_hits_total{rule="block"}"#), Some(5.0));
+    assert_eq!(
+        prom.query(r#"knhk_rule_hits_total{rule="block"}"#),
+        Some(5.0)
+    );
     assert_eq!(prom.query("up"), Some(1.0));
 }

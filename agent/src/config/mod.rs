@@ -75,12 +75,39 @@ impl Config {
 
     /// Parses and validates config text; `origin` names the source in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let raw: schema::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        let raw: schema::RawConfig = toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().trim_end().to_owned();
+            if let Some(hint) = suggestion(e.message()) {
+                message.push_str(&format!("\nhelp: did you mean `{hint}`?"));
+            }
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                message,
+            }
         })?;
         raw.normalize(text, origin)
     }
+}
+
+/// For "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"), the expected name
+/// closest to `x`, if one is close enough to be a likely typo.
+fn suggestion(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (given, expected) = rest.split_once('`')?;
+    let candidates: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    candidates
+        .into_iter()
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&given.to_lowercase(), &c.to_lowercase()),
+                c,
+            )
+        })
+        .filter(|(d, c)| *d <= (c.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.to_owned())
 }
 
 /// The 1-based line of byte offset `pos` in `text`.
