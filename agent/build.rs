@@ -13,6 +13,7 @@ use std::{
 const BPF_RUSTC: &str = "/usr/bin/rustc";
 
 fn main() {
+    compile_protos();
     let manifest =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let ebpf_dir = manifest.join("../ebpf/programs");
@@ -93,6 +94,31 @@ fn main() {
         std::fs::copy(&built, &dest)
             .unwrap_or_else(|e| panic!("copying {} to {}: {e}", built.display(), dest.display()));
     }
+}
+
+/// Generates the gRPC code of `proto/knhk/agent/v1` (protox: no protoc needed) and the encoded
+/// descriptor set that server reflection serves.
+fn compile_protos() {
+    let root =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("../proto");
+    let files = [
+        root.join("knhk/agent/v1/policy.proto"),
+        root.join("knhk/agent/v1/agent.proto"),
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let fds = protox::compile(&files, [&root]).unwrap_or_else(|e| panic!("proto/: {e}"));
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(
+        out.join("knhk_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )
+    .unwrap_or_else(|e| panic!("writing the descriptor set: {e}"));
+    tonic_prost_build::configure()
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating gRPC code: {e}"));
 }
 
 fn which(bin: &str) -> Option<PathBuf> {

@@ -21,6 +21,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_knhk-agent");
 struct Agent {
     child: Child,
     metrics: SocketAddr,
+    grpc: SocketAddr,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -36,9 +37,13 @@ impl Agent {
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
+            let mut grpc = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.trim().strip_prefix("grpc     ") {
+                    grpc = rest.to_owned();
+                }
                 if let Some(rest) = line.trim().strip_prefix("metrics  http://") {
-                    let _ = tx.send(rest.trim_end_matches("/metrics").to_owned());
+                    let _ = tx.send((rest.trim_end_matches("/metrics").to_owned(), grpc.clone()));
                 }
             }
         });
@@ -50,8 +55,11 @@ impl Agent {
                 let _ = etx.send(line);
             }
         });
-        let metrics = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("metrics address"),
+        let (metrics, grpc) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((m, g)) => (
+                m.parse().expect("metrics address"),
+                g.parse().expect("grpc address"),
+            ),
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().expect("wait");
@@ -61,6 +69,7 @@ impl Agent {
         Agent {
             child,
             metrics,
+            grpc,
             stderr: erx,
         }
     }
@@ -93,7 +102,7 @@ impl Drop for Agent {
 fn write_config(dir: &Path, cgroup_root: &Path, pin_root: &Path, rules: &str) -> PathBuf {
     let path = dir.join("agent.toml");
     let text = format!(
-        "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\ncgroup_poll_interval_ms = 10\n{rules}",
+        "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\nlisten_address = \"127.0.0.1:0\"\ncgroup_poll_interval_ms = 10\n{rules}",
         cgroup_root.display(),
         pin_root.display()
     );
@@ -237,7 +246,7 @@ fn kernel_invalid_config_exits_before_touching_the_kernel() {
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains("line 9"), "names the line: {stderr}");
+    assert!(stderr.contains("line 10"), "names the line: {stderr}");
     assert!(
         stderr.contains("\"10.0.0.0/33\" is not a valid prefix: length 33 exceeds 32 for IPv4"),
         "{stderr}"
@@ -442,4 +451,407 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         Some(5.0)
     );
     assert_eq!(prom.query("up"), Some(1.0));
+}
+
+// ---- gRPC API ----
+
+use knhk_agent::api::pb::{
+    self, agent_service_client::AgentServiceClient, policy_service_client::PolicyServiceClient,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+async fn policy_client(addr: SocketAddr) -> PolicyServiceClient<tonic::transport::Channel> {
+    PolicyServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(64 << 20)
+}
+
+fn rule(name: &str, action: pb::Action, cidr: &str, port: &str) -> pb::Rule {
+    pb::Rule {
+        name: name.into(),
+        action: action as i32,
+        cidrs: vec![cidr.into()],
+        ports: if port.is_empty() {
+            vec![]
+        } else {
+            vec![port.into()]
+        },
+        ..Default::default()
+    }
+}
+
+fn doc(rules: Vec<pb::Rule>) -> pb::PolicyDocument {
+    pb::PolicyDocument {
+        rules,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn kernel_grpc_apply_is_enforced_when_it_returns_and_rollback_undoes_it() {
+    if !kernel_available("kernel_grpc_apply_is_enforced_when_it_returns_and_rollback_undoes_it") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("grpc");
+    let pins = TestPins::new("grpc");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        "[[policy.rules]]\nname = \"open\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
+    );
+    let agent = Agent::start(&config);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = policy_client(agent.grpc).await;
+        let mut events = AgentServiceClient::connect(format!("http://{}", agent.grpc))
+            .await
+            .expect("connect")
+            .watch_events(pb::WatchEventsRequest {})
+            .await
+            .expect("watch")
+            .into_inner();
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Connected);
+        let live = c.get_policy(pb::GetPolicyRequest {}).await.expect("get").into_inner();
+        assert_eq!(live.generation, 1);
+
+        let deny = doc(vec![rule("block", pb::Action::Deny, "127.0.0.1/32", &target.port().to_string())]);
+        let diff = c.dry_run(pb::DryRunRequest { policy: Some(deny.clone()) }).await.expect("dry run").into_inner();
+        assert_eq!((diff.added, diff.removed, diff.changed), (vec!["block".to_string()], vec!["open".to_string()], vec![]));
+        assert_eq!(c.get_policy(pb::GetPolicyRequest {}).await.expect("get").into_inner().generation, 1, "a dry run applies nothing");
+
+        let applied = c
+            .apply_policy(pb::ApplyPolicyRequest { policy: Some(deny), expected_generation: Some(1) })
+            .await
+            .expect("apply")
+            .into_inner();
+        assert_eq!(applied.generation, 2);
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied, "enforced as soon as ApplyPolicy returned");
+        let ev = events.message().await.expect("event").expect("stream open");
+        assert!(matches!(ev.event, Some(pb::watch_events_response::Event::PolicySwitched(ref p)) if p.generation == 2), "{ev:?}");
+
+        // A writer holding an old generation is refused and changes nothing.
+        let stale = c
+            .apply_policy(pb::ApplyPolicyRequest { policy: Some(doc(vec![rule("x", pb::Action::Allow, "10.0.0.0/8", "")])), expected_generation: Some(1) })
+            .await
+            .expect_err("stale");
+        assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+        assert!(stale.message().contains("expected generation 1, but the live generation is 2"), "{stale:?}");
+
+        let rolled = c.rollback(pb::RollbackRequest { expected_generation: Some(2) }).await.expect("rollback").into_inner();
+        assert_eq!((rolled.generation, rolled.restored_generation), (3, 1));
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Connected, "allowed as soon as Rollback returned");
+        assert_eq!(rolled.digest, live.digest, "the restored document is the original one");
+
+        let status = AgentServiceClient::connect(format!("http://{}", agent.grpc))
+            .await
+            .expect("connect")
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        assert_eq!(status.generation, 3);
+        let c1 = status.decisions.iter().find(|d| d.runtime_class == pb::RuntimeClass::C1 as i32).expect("C1");
+        assert_eq!((c1.allowed, c1.denied), (2, 1));
+    });
+}
+
+#[test]
+fn kernel_grpc_bad_policies_get_precise_errors_and_change_nothing() {
+    if !kernel_available("kernel_grpc_bad_policies_get_precise_errors_and_change_nothing") {
+        return;
+    }
+    let cg = TestCgroup::new("grpcbad");
+    let pins = TestPins::new("grpcbad");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        "[policy]\nmax_rules = 100000\n[[policy.rules]]\nname = \"open\"\naction = \"allow\"\ncidrs = [\"0.0.0.0/0\"]\n",
+    );
+    // 8 MiB requests: 100,001 small rules fit (and are refused for their number), a document
+    // of 16 MB does not.
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(
+        &config,
+        text.replacen("[agent]\n", "[agent]\nmax_request_bytes = 8388608\n", 1),
+    )
+    .expect("write");
+    let agent = Agent::start(&config);
+    let ok = |name: &str| rule(name, pb::Action::Deny, "10.0.0.0/8", "");
+    let with = |f: &dyn Fn(&mut pb::Rule)| {
+        let mut r = ok("r");
+        f(&mut r);
+        Some(doc(vec![r]))
+    };
+    let many = |n: usize| {
+        Some(doc((0..n)
+            .map(|i| {
+                rule(
+                    &format!("r{i}"),
+                    pb::Action::Deny,
+                    &format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255),
+                    "",
+                )
+            })
+            .collect()))
+    };
+    let cases: Vec<(&str, Option<pb::PolicyDocument>, tonic::Code, &str)> = vec![
+        ("no document", None, tonic::Code::InvalidArgument, "policy: required"),
+        ("empty document", Some(doc(vec![])), tonic::Code::InvalidArgument, "rules: a policy needs at least one rule"),
+        ("prefix too long", with(&|r| r.cidrs = vec!["10.0.0.0/8".into(), "10.0.0.0/33".into()]), tonic::Code::InvalidArgument, "rules[0].cidrs[1]: \"10.0.0.0/33\" is not a valid prefix: length 33 exceeds 32 for IPv4"),
+        ("v6 prefix too long", with(&|r| r.cidrs = vec!["fd00::/200".into()]), tonic::Code::InvalidArgument, "rules[0].cidrs[0]: \"fd00::/200\" is not a valid prefix: length 200 exceeds 128 for IPv6"),
+        ("not an address", with(&|r| r.cidrs = vec!["example.com/8".into()]), tonic::Code::InvalidArgument, "rules[0].cidrs[0]: \"example.com/8\" is not a valid prefix: \"example.com\" is not an IP address"),
+        ("host bits", with(&|r| r.cidrs = vec!["10.1.2.3/8".into()]), tonic::Code::InvalidArgument, "rules[0].cidrs[0]: \"10.1.2.3/8\" has host bits set"),
+        ("garbage prefix", with(&|r| r.cidrs = vec!["/".into()]), tonic::Code::InvalidArgument, "rules[0].cidrs[0]:"),
+        ("no cidrs", with(&|r| r.cidrs.clear()), tonic::Code::InvalidArgument, "rules[0].cidrs: required"),
+        ("inverted port range", with(&|r| r.ports = vec!["8080-80".into()]), tonic::Code::InvalidArgument, "rules[0].ports[0]: port range \"8080-80\" is out of order: 8080 > 80"),
+        ("port too big", with(&|r| r.ports = vec!["65536".into()]), tonic::Code::InvalidArgument, "rules[0].ports[0]: port range \"65536\": \"65536\" is not a port"),
+        ("port not a number", with(&|r| r.ports = vec!["http".into()]), tonic::Code::InvalidArgument, "rules[0].ports[0]:"),
+        ("negative port", with(&|r| r.ports = vec!["-1".into()]), tonic::Code::InvalidArgument, "rules[0].ports[0]:"),
+        ("missing action", with(&|r| r.action = 0), tonic::Code::InvalidArgument, "rules[0].action: required"),
+        ("unknown action", with(&|r| r.action = 42), tonic::Code::InvalidArgument, "rules[0].action: unknown value 42"),
+        ("unknown class", with(&|r| r.runtime_class = 9), tonic::Code::InvalidArgument, "rules[0].runtime_class: unknown runtime class 9"),
+        ("unknown protocol", with(&|r| r.protocol = 6), tonic::Code::InvalidArgument, "rules[0].protocol: unknown value 6"),
+        ("empty name", with(&|r| r.name.clear()), tonic::Code::InvalidArgument, "rules[0].name: rule name \"\" must be 1 to 63 characters long"),
+        ("bad name", with(&|r| r.name = "no spaces".into()), tonic::Code::InvalidArgument, "rules[0].name: rule name \"no spaces\" contains ' '"),
+        ("long name", with(&|r| r.name = "x".repeat(64)), tonic::Code::InvalidArgument, "must be 1 to 63 characters long"),
+        ("absolute cgroup", with(&|r| r.cgroup = "/kubepods".into()), tonic::Code::InvalidArgument, "rules[0].cgroup: cgroup \"/kubepods\" must be relative"),
+        ("escaping cgroup", with(&|r| r.cgroup = "a/../../etc".into()), tonic::Code::InvalidArgument, "rules[0].cgroup: cgroup \"a/../../etc\" has an invalid component \"..\""),
+        ("duplicate names", Some(doc(vec![ok("a"), ok("b"), ok("a")])), tonic::Code::InvalidArgument, "rules[2].name: duplicate rule name \"a\" (also rules[0].name)"),
+        ("audit as default", Some(pb::PolicyDocument { rules: vec![ok("a")], default_action: pb::Action::Audit as i32, ..Default::default() }), tonic::Code::InvalidArgument, "default_action: must be ACTION_ALLOW or ACTION_DENY"),
+        ("unknown mode", Some(pb::PolicyDocument { rules: vec![ok("a")], mode: 5, ..Default::default() }), tonic::Code::InvalidArgument, "mode: unknown value 5"),
+        ("too many overlapping", Some(doc((0..33).map(|i| rule(&format!("p{i}"), pb::Action::Deny, "10.0.0.0/8", &(1000 + i).to_string())).collect())), tonic::Code::InvalidArgument, "33 rule entries (rule x port range) cover 10.0.0.0/8"),
+        ("100,001 rules", many(100_001), tonic::Code::InvalidArgument, "rules: 100001 rules exceed the limit of 100000 (policy.max_rules)"),
+        ("oversized message", with(&|r| r.cidrs = vec!["255.255.255.255/32".to_string(); 800_000]), tonic::Code::OutOfRange, "message length too large"),
+    ];
+    assert!(cases.len() >= 25);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = policy_client(agent.grpc).await;
+        let before = c
+            .get_policy(pb::GetPolicyRequest {})
+            .await
+            .expect("get")
+            .into_inner();
+        for (what, policy, code, needle) in cases {
+            let err = c
+                .apply_policy(pb::ApplyPolicyRequest {
+                    policy,
+                    expected_generation: None,
+                })
+                .await
+                .expect_err(what);
+            assert_eq!(err.code(), code, "{what}: {err:?}");
+            assert!(
+                err.message().contains(needle),
+                "{what}: expected {needle:?} in {:?}",
+                err.message()
+            );
+            let now = c
+                .get_policy(pb::GetPolicyRequest {})
+                .await
+                .expect("get")
+                .into_inner();
+            assert_eq!(
+                (now.generation, &now.digest),
+                (before.generation, &before.digest),
+                "{what} changed the live policy"
+            );
+        }
+        // A deadline that has passed when the switch would happen changes nothing either.
+        let mut req = tonic::Request::new(pb::ApplyPolicyRequest {
+            policy: many(50_000),
+            expected_generation: None,
+        });
+        req.set_timeout(Duration::from_millis(1));
+        let err = c.apply_policy(req).await.expect_err("deadline");
+        assert!(
+            matches!(
+                err.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ),
+            "{err:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let now = c
+            .get_policy(pb::GetPolicyRequest {})
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(
+            now.generation, before.generation,
+            "an expired apply switched nothing"
+        );
+    });
+}
+
+#[test]
+fn kernel_grpc_health_reflection_and_cli() {
+    if !kernel_available("kernel_grpc_health_reflection_and_cli") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("grpccli");
+    let pins = TestPins::new("grpccli");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, &deny_rule(target.port()));
+    let agent = Agent::start(&config);
+    let rt = runtime();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", agent.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        for service in [
+            "",
+            "knhk.agent.v1.PolicyService",
+            "knhk.agent.v1.AgentService",
+        ] {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health")
+                .into_inner();
+            assert_eq!(
+                r.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "{service}"
+            );
+        }
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut refl = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = refl
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("reflection")
+            .into_inner();
+        let resp = stream.message().await.expect("message").expect("response");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("{resp:?}")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for want in [
+            "knhk.agent.v1.PolicyService",
+            "knhk.agent.v1.AgentService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
+        }
+    });
+
+    let endpoint = format!("http://{}", agent.grpc);
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--endpoint", &endpoint])
+            .output()
+            .expect("cli")
+    };
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let policy_file = dir.path().join("open.toml");
+    std::fs::write(
+        &policy_file,
+        "[[policy.rules]]\nname = \"open\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
+    )
+    .expect("write");
+    let out = cli(&[
+        "policy",
+        "diff",
+        policy_file.to_str().expect("utf8"),
+        "--output",
+        "json",
+    ]);
+    let diff: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(diff["added"][0], "open", "{diff}");
+    assert_eq!(diff["removed"][0], "block", "{diff}");
+    let out = cli(&[
+        "policy",
+        "apply",
+        policy_file.to_str().expect("utf8"),
+        "--expected-generation",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(applied["generation"], 2);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Connected);
+    let out = cli(&[
+        "policy",
+        "apply",
+        policy_file.to_str().expect("utf8"),
+        "--expected-generation",
+        "1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "stale: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[policy.rules]]\nname = \"x\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/33\"]\n",
+    )
+    .expect("write");
+    let out = cli(&["policy", "apply", bad.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(64), "a bad file is refused locally");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 4"));
+    let out = cli(&["policy", "rollback"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    for cmd in [&["status"][..], &["heat"], &["slo"], &["policy", "get"]] {
+        let out = cli(cmd);
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut json_args = cmd.to_vec();
+        json_args.extend(["--output", "json"]);
+        let out = cli(&json_args);
+        let _: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{cmd:?} --output json: {e}"));
+    }
+    let out = Command::new(BIN)
+        .args(["status", "--endpoint", "http://127.0.0.1:1"])
+        .output()
+        .expect("cli");
+    assert_eq!(out.status.code(), Some(69), "unreachable agent");
 }

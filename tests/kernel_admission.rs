@@ -34,7 +34,7 @@ impl Harness {
             heat_max_entries: 1024,
         };
         let mut dp = Datapath::start(&opts).unwrap_or_else(|e| panic!("datapath start: {e}"));
-        dp.apply(&policy(config))
+        dp.apply(&policy(config), None)
             .unwrap_or_else(|e| panic!("apply: {e}"));
         Harness { dp, pins, cg }
     }
@@ -323,7 +323,7 @@ fn kernel_policy_switch_under_load_is_atomic() {
     let loader = std::thread::spawn(move || tcp_connect_loop_from(&cg, target, 30_000));
     let mut switches = 0;
     while !loader.is_finished() {
-        h.dp.apply(if switches % 2 == 0 { &b } else { &a })
+        h.dp.apply(if switches % 2 == 0 { &b } else { &a }, None)
             .expect("apply");
         switches += 1;
     }

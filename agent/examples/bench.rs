@@ -72,7 +72,9 @@ fn main() {
     })
     .expect("start datapath");
     let started = Instant::now();
-    let report = dp.apply(&policy(target.port(), rules)).expect("apply");
+    let report = dp
+        .apply(&policy(target.port(), rules), None)
+        .expect("apply");
     let apply_time = started.elapsed();
 
     let mut empty = aya::Ebpf::load(EMPTY).expect("load the empty program");
@@ -117,7 +119,7 @@ fn main() {
     //    same programs; the policy's flags switch with it), against the empty program.
     let per_run = |t: Duration, n: u64| t.as_nanos() as f64 / n.max(1) as f64;
     let measure_agent = |dp: &mut Datapath, policy: &Policy| {
-        dp.apply(policy).expect("apply");
+        dp.apply(policy, None).expect("apply");
         tcp_connect_loop_from(&agent_cg.path, target, 200);
         let (t0, n0) = connect4_stats(dp);
         let (s0, sn0) = sockops_stats(dp);

@@ -1,24 +1,19 @@
-//! `knhk-agent run`: wires the datapath, the cgroup follower and the admin server together.
+//! `knhk-agent run`: wires the datapath, the control core, the gRPC API, the cgroup follower and
+//! the admin server together.
 //!
 //! Order: validate config (done by the caller) → bind the admin server (fail before touching the
 //! kernel if the port is taken) → load, attach or re-adopt the datapath → switch in the policy →
-//! follow rule cgroups until SIGINT/SIGTERM. Pins stay in place on exit (enforcement survives
+//! serve the gRPC API → follow rule cgroups until SIGINT/SIGTERM. Pins stay in place on exit (enforcement survives
 //! restarts) unless `agent.detach_on_exit` is set.
 
 use crate::{
+    api,
     config::Config,
-    datapath::{
-        self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader, DatapathStatus,
-        ScopeChange,
-    },
-    policy::Policy,
+    control::{ControlError, Controller},
+    datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
     telemetry::{AdminServer, DatapathCollector, Readiness},
 };
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 use tracing::{error, info, warn};
 
 /// Why the agent stopped with an error.
@@ -41,6 +36,12 @@ pub enum AgentError {
     /// The datapath failed.
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// Applying the configured policy failed.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The gRPC API could not start.
+    #[error(transparent)]
+    Api(#[from] api::ServeError),
     /// A background task panicked.
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,6 +80,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         source,
     })?;
 
+    let api_listener = api::bind(config.agent.listen_address).await?;
     let opts = DatapathOptions {
         cgroup_root: root.clone(),
         pin_root: config.agent.pin_root.clone(),
@@ -86,29 +88,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     let datapath = blocking(move || Datapath::start(&opts)).await??;
     let layout = datapath.pins().clone();
-    let datapath = Arc::new(Mutex::new(datapath));
-    let policy = Policy::from_config(&config);
-    let report = {
-        let dp = datapath.clone();
-        blocking(move || {
-            dp.lock()
-                .map_err(|_| poisoned())
-                .and_then(|mut dp| dp.apply(&policy).map_err(AgentError::from))
-        })
-        .await??
-    };
-    info!(
-        generation = report.generation,
-        rules = report.rules,
-        trie_entries = report.trie_entries,
-        switch_us = report.switch_latency.as_micros() as u64,
-        "policy switched in"
-    );
-    for p in &report.pending_scopes {
-        info!(cgroup = %p, "rule cgroup does not exist yet: its rules take effect when it appears");
-    }
+    let controller = Controller::start(datapath, &config).await?;
 
-    let status = Arc::new(RwLock::new(snapshot(&datapath)));
+    let status = controller.status_handle();
     let collector = DatapathCollector::new(
         DatapathReader::open(&layout)?,
         status.clone(),
@@ -134,11 +116,23 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         probe.decisions().map(|_| ()).map_err(|e| e.to_string())
     });
 
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = api::serve(
+        api_listener,
+        config.agent.max_request_bytes,
+        controller.clone(),
+        async {
+            let _ = api_stopped.await;
+        },
+    )
+    .await?;
+
     let mode = format!("{:?}", config.agent.mode).to_lowercase();
+    let generation = controller.live().await.number;
     println!(
-        "knhk-agent running ({mode} mode, policy generation {}, attached to {})\n  metrics  http://{}/metrics\n  health   http://{}/healthz  http://{}/readyz\n  pins     {}",
-        report.generation,
+        "knhk-agent running ({mode} mode, policy generation {generation}, attached to {})\n  grpc     {}\n  metrics  http://{}/metrics\n  health   http://{}/healthz  http://{}/readyz\n  pins     {}",
         root.display(),
+        api.local_addr,
         admin.local_addr,
         admin.local_addr,
         admin.local_addr,
@@ -155,32 +149,22 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
-                let dp = datapath.clone();
-                let result = blocking(move || {
-                    let mut dp = dp.lock().map_err(|_| poisoned())?;
-                    let changes = dp.refresh_scopes()?;
-                    dp.reclaim_inactive_slot()?;
-                    Ok::<_, AgentError>((changes, dp.status()))
-                }).await?;
-                match result {
-                    Ok((changes, snap)) => {
-                        for c in &changes {
-                            match c {
-                                ScopeChange::Appeared { path, id } => info!(cgroup = %path, id, "rule cgroup appeared: its rules are enforced"),
-                                ScopeChange::Removed { path, id } => info!(cgroup = %path, id, "rule cgroup removed: its entries were cleared"),
-                            }
-                        }
-                        if let Ok(mut s) = status.write() { *s = snap; }
-                    }
-                    Err(e) => error!("following rule cgroups failed (will retry): {e}"),
+                if let Err(e) = controller.tick().await {
+                    error!("following rule cgroups failed (will retry): {e}");
                 }
             }
         }
     }
+    let _ = stop_api.send(());
+    match tokio::time::timeout(Duration::from_secs(5), api.task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!("the gRPC server stopped with an error: {e}"),
+        _ => warn!("the gRPC server did not stop within 5 s"),
+    }
+    drop(controller);
 
     drop(admin);
     if config.agent.detach_on_exit {
-        drop(datapath);
         match datapath::remove_pins(&config.agent.pin_root) {
             Ok(pins) => info!(
                 removed = pins.len(),
@@ -192,12 +176,4 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         info!(pins = %layout.dir.display(), "exiting; programs stay attached and enforcing (pinned)");
     }
     Ok(())
-}
-
-fn poisoned() -> AgentError {
-    AgentError::Internal("the datapath lock is poisoned after a panic".into())
-}
-
-fn snapshot(dp: &Arc<Mutex<Datapath>>) -> DatapathStatus {
-    dp.lock().map(|d| d.status()).unwrap_or_default()
 }

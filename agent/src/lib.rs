@@ -8,11 +8,17 @@
 //! - [`datapath`]: the only module that touches aya and BPF maps: load, attach, pin, re-adopt,
 //!   atomic policy switch, cgroup following, map readers.
 //! - [`telemetry`]: Prometheus metrics read from the maps, and the admin HTTP server.
+//! - [`control`]: the control core: apply, rollback, dry run, status, SLO view, heat, events.
+//! - [`api`]: the gRPC services, which translate and call [`control`].
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
+//! - [`client`]: the CLI's client commands, over gRPC.
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod policy;
 pub mod telemetry;

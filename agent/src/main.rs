@@ -1,7 +1,7 @@
 //! The `knhk-agent` command line. Dispatch only: the work happens in the library.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use knhk_agent::{agent, config::Config, datapath};
+use knhk_agent::{agent, client, config::Config, datapath};
 use std::{path::PathBuf, process::ExitCode};
 
 /// Exit code for an invalid configuration (EX_USAGE).
@@ -17,7 +17,9 @@ const EXIT_DATAPATH: u8 = 69;
     long_about = "knhk-agent loads eBPF programs that admit or refuse every connect() on the node \
                   according to a policy, records handshake latency and destination heat, and exports \
                   them as Prometheus metrics.",
-    after_help = "Exit codes: 0 success, 1 runtime error, 64 invalid configuration, 69 kernel datapath unavailable."
+    after_help = "Exit codes: 0 success; 1 other error; 64 invalid configuration or policy file (nothing changed); \
+                  65 the agent refused the policy as invalid; 69 kernel datapath unavailable (run) or agent unreachable \
+                  (client commands); 75 stale --expected-generation or nothing to roll back."
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG overrides it.
@@ -63,6 +65,82 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Read or change the live policy of a running agent (over gRPC).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Programs, attach point, policy generation, rule cgroups and decisions of a running agent.
+    #[command(after_help = "Example:\n  knhk-agent status --output json")]
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The hottest destinations of a running agent.
+    #[command(after_help = "Example:\n  knhk-agent heat --limit 5")]
+    Heat {
+        /// How many (0: the agent's agent.heat_top_n).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Measured latency per class against the [slo] ceilings, from a running agent.
+    #[command(after_help = "Example:\n  knhk-agent slo")]
+    Slo {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Options of every client command.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// gRPC endpoint of the agent.
+    #[arg(long, env = "KNHK_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Replace the live policy with the [[policy.rules]] of FILE (and its [agent] mode,
+    /// default_action, default_class when given). Enforced when the command returns.
+    #[command(
+        after_help = "Examples:\n  knhk-agent policy apply policy.toml\n  knhk-agent policy apply policy.toml --expected-generation 7"
+    )]
+    Apply {
+        /// Policy file (the configuration format).
+        file: PathBuf,
+        /// Refuse unless this is the live generation (guards against concurrent writers).
+        #[arg(long)]
+        expected_generation: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the live generation and its rules.
+    #[command(after_help = "Example:\n  knhk-agent policy get --output json")]
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show what applying FILE would change, without applying it.
+    #[command(after_help = "Example:\n  knhk-agent policy diff policy.toml")]
+    Diff {
+        /// Policy file.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Apply the previous generation's document again, as a new generation.
+    #[command(after_help = "Example:\n  knhk-agent policy rollback")]
+    Rollback {
+        /// Refuse unless this is the live generation.
+        #[arg(long)]
+        expected_generation: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -102,6 +180,10 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(agent::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e @ agent::AgentError::Api(knhk_agent::api::ServeError::NotLoopback(_))) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
                 Err(e @ (agent::AgentError::Datapath(_) | agent::AgentError::NoCgroup2 { .. })) => {
                     eprintln!("error: {e}");
                     ExitCode::from(EXIT_DATAPATH)
@@ -178,6 +260,66 @@ fn main() -> ExitCode {
         Command::DefaultConfig => {
             print!("{}", knhk_agent::config::EMBEDDED_DEFAULT);
             ExitCode::SUCCESS
+        }
+        Command::Policy(PolicyCommand::Apply {
+            file,
+            expected_generation,
+            client: c,
+        }) => client_command(
+            &c,
+            client::policy_apply(&c.endpoint, &file, expected_generation),
+        ),
+        Command::Policy(PolicyCommand::Get { client: c }) => {
+            client_command(&c, client::policy_get(&c.endpoint))
+        }
+        Command::Policy(PolicyCommand::Diff { file, client: c }) => {
+            client_command(&c, client::policy_diff(&c.endpoint, &file))
+        }
+        Command::Policy(PolicyCommand::Rollback {
+            expected_generation,
+            client: c,
+        }) => client_command(
+            &c,
+            client::policy_rollback(&c.endpoint, expected_generation),
+        ),
+        Command::Status { client: c } => client_command(&c, client::status(&c.endpoint)),
+        Command::Heat { limit, client: c } => client_command(&c, client::heat(&c.endpoint, limit)),
+        Command::Slo { client: c } => client_command(&c, client::slo(&c.endpoint)),
+    }
+}
+
+/// Runs one client command on a small runtime and prints its report.
+fn client_command(
+    args: &ClientArgs,
+    command: impl std::future::Future<Output = Result<client::Report, client::ClientError>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(report) => {
+            match args.output {
+                Output::Human => print!("{}", report.human),
+                Output::Json => println!("{}", report.json),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            match args.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()})
+                ),
+                Output::Human => eprintln!("error: {e}"),
+            }
+            ExitCode::from(e.exit_code())
         }
     }
 }

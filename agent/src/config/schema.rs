@@ -54,9 +54,12 @@ macro_rules! agent_table {
     ($(#[$meta:meta])* $vis:vis struct $name:ident { $($extra:tt)* }) => {
         $(#[$meta])*
         $vis struct $name {
-            /// gRPC listen address (the gRPC API is not in this version; the key is accepted).
+            /// gRPC API address. Without mTLS (not in this version) only loopback is allowed.
             #[serde(default = "default_listen_address")]
             pub listen_address: SocketAddr,
+            /// Largest gRPC request accepted, bytes.
+            #[serde(default = "default_max_request_bytes")]
+            pub max_request_bytes: usize,
             /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`.
             #[serde(default = "default_metrics_address")]
             pub metrics_address: SocketAddr,
@@ -130,6 +133,7 @@ impl Default for AgentSection {
     fn default() -> Self {
         AgentSection {
             listen_address: default_listen_address(),
+            max_request_bytes: default_max_request_bytes(),
             metrics_address: default_metrics_address(),
             mode: Mode::default(),
             default_action: DefaultAction::default(),
@@ -149,6 +153,9 @@ impl Default for AgentSection {
 
 fn default_listen_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50051))
+}
+fn default_max_request_bytes() -> usize {
+    16 * 1024 * 1024
 }
 fn default_metrics_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
@@ -523,15 +530,32 @@ pub struct RuleSpec {
 }
 
 /// `[policy]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicySection {
+    /// Most rules a policy may have (also for policies applied over gRPC).
+    pub max_rules: usize,
     /// The rules, in declaration order (which breaks ties between equally specific rules).
     pub rules: Vec<RuleSpec>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            max_rules: default_max_rules(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+fn default_max_rules() -> usize {
+    100_000
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
+    #[serde(default = "default_max_rules")]
+    max_rules: usize,
     #[serde(default)]
     rules: Vec<Spanned<RuleSpec>>,
 }
@@ -719,9 +743,31 @@ impl RawConfig {
         }
 
         let mut rules = Vec::new();
+        let mut max_rules = default_max_rules();
         let mut seen = std::collections::HashMap::new();
         if let Some(p) = policy {
-            for (i, rule) in p.into_inner().rules.into_iter().enumerate() {
+            let pos = p.span().start;
+            let p = p.into_inner();
+            max_rules = p.max_rules;
+            let limit = knhk_abi::MAX_RULE_COUNTERS as usize - 1;
+            if !(1..=limit).contains(&max_rules) {
+                return Err(err(
+                    pos,
+                    "policy.max_rules".into(),
+                    format!("{max_rules} is out of range (1-{limit}, the kernel's rule counters)"),
+                ));
+            }
+            if p.rules.len() > max_rules {
+                return Err(err(
+                    pos,
+                    "policy.rules".into(),
+                    format!(
+                        "{} rules exceed policy.max_rules ({max_rules})",
+                        p.rules.len()
+                    ),
+                ));
+            }
+            for (i, rule) in p.rules.into_iter().enumerate() {
                 let pos = rule.span().start;
                 let rule = rule.into_inner();
                 if let Some(first) = seen.insert(rule.name.clone(), pos) {
@@ -757,7 +803,7 @@ impl RawConfig {
         }
         Ok(Config {
             agent,
-            policy: PolicySection { rules },
+            policy: PolicySection { max_rules, rules },
             slo: slo.map(Spanned::into_inner),
             spiffe: spiffe.map(Spanned::into_inner),
             kms: kms.map(Spanned::into_inner),
@@ -781,6 +827,7 @@ impl RawAgentTable {
     fn split(self) -> (AgentSection, Nested) {
         let agent = AgentSection {
             listen_address: self.listen_address,
+            max_request_bytes: self.max_request_bytes,
             metrics_address: self.metrics_address,
             mode: self.mode,
             default_action: self.default_action,
@@ -813,6 +860,12 @@ fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
         return Err((
             "heat_max_entries",
             format!("{} is out of range (1-16777216)", a.heat_max_entries),
+        ));
+    }
+    if !(1024..=1 << 30).contains(&a.max_request_bytes) {
+        return Err((
+            "max_request_bytes",
+            format!("{} is out of range (1024-1073741824)", a.max_request_bytes),
         ));
     }
     if !(1..=1000).contains(&a.heat_top_n) {

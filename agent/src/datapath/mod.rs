@@ -120,6 +120,11 @@ pub enum DatapathError {
     /// The policy does not compile.
     #[error(transparent)]
     Compile(#[from] CompileError),
+    /// The caller's deadline passed before the switch; nothing was switched.
+    #[error(
+        "the deadline passed before the policy could be switched in; the live policy is unchanged"
+    )]
+    DeadlineExceeded,
     /// The policy does not fit the kernel maps.
     #[error("the policy needs {needed} {what}, but the kernel map holds {max} (including the live generation's {live})")]
     Capacity {
@@ -539,8 +544,13 @@ impl Datapath {
         self.generation
     }
 
-    /// Compiles `policy` and switches it in atomically. On error the live generation is unchanged.
-    pub fn apply(&mut self, policy: &Policy) -> Result<ApplyReport, DatapathError> {
+    /// Compiles `policy` and switches it in atomically. On error the live generation is
+    /// unchanged, including when `deadline` passes before the switch.
+    pub fn apply(
+        &mut self,
+        policy: &Policy,
+        deadline: Option<Instant>,
+    ) -> Result<ApplyReport, DatapathError> {
         let started = Instant::now();
         let mut resolved = BTreeMap::new();
         let mut pending = Vec::new();
@@ -638,6 +648,9 @@ impl Datapath {
             scope_level_max: level_max,
             histogram_interval_ns: policy.histogram_interval_us.saturating_mul(1000),
         };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(DatapathError::DeadlineExceeded);
+        }
         let cfg = self.config_ptr();
         // SAFETY: the inactive slot's settings are not read by connects (they read the active
         // slot's); the switch below is one aligned atomic store.

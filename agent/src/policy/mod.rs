@@ -54,6 +54,92 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// A canonical text form: the same policy always gives the same text.
+    pub fn canonical_text(&self) -> String {
+        let mut out = format!(
+            "mode={:?}\ndefault_action={:?}\ndefault_class={}\n",
+            self.mode,
+            self.default_action,
+            self.default_class.as_str()
+        );
+        for r in &self.rules {
+            out.push_str(&rule_line(r, self.default_class));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// SHA-256 of [`Policy::canonical_text`], hex.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.canonical_text().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// What changes from `self` to `next`.
+    pub fn diff(&self, next: &Policy) -> PolicyDiff {
+        let before: std::collections::BTreeMap<&str, String> = self
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), rule_line(r, self.default_class)))
+            .collect();
+        let after: std::collections::BTreeMap<&str, String> = next
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), rule_line(r, next.default_class)))
+            .collect();
+        PolicyDiff {
+            added: after
+                .keys()
+                .filter(|n| !before.contains_key(*n))
+                .map(|n| n.to_string())
+                .collect(),
+            removed: before
+                .keys()
+                .filter(|n| !after.contains_key(*n))
+                .map(|n| n.to_string())
+                .collect(),
+            changed: after
+                .iter()
+                .filter(|(n, line)| before.get(*n).is_some_and(|b| b != *line))
+                .map(|(n, _)| n.to_string())
+                .collect(),
+            settings_changed: (self.mode, self.default_action, self.default_class)
+                != (next.mode, next.default_action, next.default_class),
+        }
+    }
+}
+
+fn rule_line(r: &RuleSpec, default_class: Class) -> String {
+    let list = |v: Vec<String>| v.join(",");
+    format!(
+        "name={} action={:?} class={} cgroup={} cidrs={} ports={} protocol={:?}",
+        r.name,
+        r.action,
+        r.class.unwrap_or(default_class).as_str(),
+        r.cgroup.as_ref().map(|c| c.as_str()).unwrap_or(""),
+        list(r.cidrs.iter().map(|c| c.to_string()).collect()),
+        list(r.ports.iter().flatten().map(|p| p.to_string()).collect()),
+        r.protocol
+    )
+}
+
+/// Rule-level differences between two policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyDiff {
+    /// Rule names only in the new policy.
+    pub added: Vec<String>,
+    /// Rule names only in the old policy.
+    pub removed: Vec<String>,
+    /// Rule names in both with different content.
+    pub changed: Vec<String>,
+    /// Whether mode, default action or default class differ.
+    pub settings_changed: bool,
+}
+
 /// The compiled trie content of one scope.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScopeTable {

@@ -1,0 +1,368 @@
+//! The gRPC API (tonic): `knhk.agent.v1.PolicyService`, `knhk.agent.v1.AgentService`, the
+//! standard `grpc.health.v1.Health` and server reflection (so `grpcurl` works without protos).
+//!
+//! The services only translate between protobuf and domain types ([`convert`]) and call the
+//! [`Controller`]; every outcome maps to one status code in [`status_of`].
+
+pub mod convert;
+
+/// Generated protobuf types, clients and servers of `proto/knhk/agent/v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("knhk.agent.v1");
+    /// The encoded descriptor set served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("knhk_descriptor");
+}
+
+use crate::{
+    control::{ControlError, Controller, Event},
+    datapath::DatapathError,
+};
+use pb::{
+    agent_service_server::{AgentService, AgentServiceServer},
+    policy_service_server::{PolicyService, PolicyServiceServer},
+};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+/// Why the API server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A non-loopback address without mTLS.
+    #[error(
+        "refusing to serve the gRPC API on {0}: it is not a loopback address and mTLS (SPIFFE identity) \
+         is not in this version; set agent.listen_address to 127.0.0.1:PORT or [::1]:PORT"
+    )]
+    NotLoopback(SocketAddr),
+    /// Binding failed.
+    #[error("cannot listen on agent.listen_address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Reflection could not be built.
+    #[error("building server reflection: {0}")]
+    Reflection(String),
+}
+
+/// Maps each control outcome to its gRPC status code.
+pub fn status_of(e: ControlError) -> Status {
+    match e {
+        ControlError::StaleGeneration { .. } | ControlError::NoPrevious { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        ControlError::Datapath(DatapathError::Compile(c)) => {
+            Status::invalid_argument(c.to_string())
+        }
+        ControlError::Datapath(e @ DatapathError::Capacity { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        ControlError::Datapath(DatapathError::DeadlineExceeded) => {
+            Status::deadline_exceeded(DatapathError::DeadlineExceeded.to_string())
+        }
+        other => {
+            tracing::error!("API call failed: {other}");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+/// The deadline the client set (`grpc-timeout`), if any.
+fn deadline_of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(received + d)
+}
+
+struct PolicyApi(Arc<Controller>);
+
+#[tonic::async_trait]
+impl PolicyService for PolicyApi {
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
+        let received = Instant::now();
+        let deadline = deadline_of(&req, received);
+        let req = req.into_inner();
+        let policy =
+            convert::policy_from_proto(req.policy.as_ref(), self.0.defaults(), self.0.max_rules())
+                .map_err(|e| Status::invalid_argument(e.join("\n")))?;
+        let applied = self
+            .0
+            .apply(policy, req.expected_generation, deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ApplyPolicyResponse {
+            generation: applied.generation.number,
+            digest: applied.generation.digest,
+            pending_cgroups: applied.pending_cgroups,
+            trie_entries: applied.trie_entries as u64,
+            switch_micros: received.elapsed().as_micros() as u64,
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        _: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let live = self.0.live().await;
+        Ok(Response::new(pb::GetPolicyResponse {
+            generation: live.number,
+            digest: live.digest,
+            policy: Some(convert::policy_to_proto(&live.policy)),
+        }))
+    }
+
+    async fn dry_run(
+        &self,
+        req: Request<pb::DryRunRequest>,
+    ) -> Result<Response<pb::DryRunResponse>, Status> {
+        let req = req.into_inner();
+        let policy =
+            convert::policy_from_proto(req.policy.as_ref(), self.0.defaults(), self.0.max_rules())
+                .map_err(|e| Status::invalid_argument(e.join("\n")))?;
+        // Compile it too, so that a dry run catches everything an apply would.
+        let counters: Vec<u32> = (1..=policy.rules.len() as u32).collect();
+        crate::policy::compile_scope(&policy.rules, None, &counters, policy.default_class)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (live, diff) = self.0.dry_run(&policy).await;
+        Ok(Response::new(pb::DryRunResponse {
+            generation: live.number,
+            digest: policy.digest(),
+            added: diff.added,
+            removed: diff.removed,
+            changed: diff.changed,
+            settings_changed: diff.settings_changed,
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let deadline = deadline_of(&req, Instant::now());
+        let (applied, restored) = self
+            .0
+            .rollback(req.into_inner().expected_generation, deadline)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::RollbackResponse {
+            generation: applied.generation.number,
+            digest: applied.generation.digest,
+            restored_generation: restored,
+        }))
+    }
+}
+
+struct AgentApi(Arc<Controller>);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let (status, decisions) = self.0.status().map_err(status_of)?;
+        Ok(Response::new(pb::GetStatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            programs: status.programs.iter().map(|p| p.to_string()).collect(),
+            cgroup_root: status.cgroup_root.display().to_string(),
+            generation: status.generation,
+            adopted: status.adopted,
+            active_cgroups: status.active_scopes.iter().map(|p| p.to_string()).collect(),
+            pending_cgroups: status
+                .pending_scopes
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            trie_entries: status.trie_entries as u64,
+            decisions: crate::config::Class::ALL
+                .iter()
+                .map(|c| {
+                    let (allowed, denied, audited) = Controller::decisions_of(&decisions, *c);
+                    pb::ClassDecisions {
+                        runtime_class: convert::class_to_proto(*c) as i32,
+                        allowed,
+                        denied,
+                        audited,
+                    }
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_slo(
+        &self,
+        _: Request<pb::GetSloRequest>,
+    ) -> Result<Response<pb::GetSloResponse>, Status> {
+        let classes = self.0.slo().map_err(status_of)?;
+        Ok(Response::new(pb::GetSloResponse {
+            classes: classes
+                .into_iter()
+                .map(|c| pb::ClassLatency {
+                    runtime_class: convert::class_to_proto(c.class) as i32,
+                    handshake_samples: c.handshake_samples,
+                    handshake_p50_ns: c.handshake_p50_ns.unwrap_or(0),
+                    handshake_p99_ns: c.handshake_p99_ns.unwrap_or(0),
+                    rtt_p99_ns: c.rtt_p99_ns.unwrap_or(0),
+                    p99_max_ns: c.p99_max_ns.unwrap_or(0),
+                    within_slo: c.within_slo(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_heat(
+        &self,
+        req: Request<pb::GetHeatRequest>,
+    ) -> Result<Response<pb::GetHeatResponse>, Status> {
+        let heat = self
+            .0
+            .heat(req.into_inner().limit as usize)
+            .map_err(status_of)?;
+        Ok(Response::new(pb::GetHeatResponse {
+            entries: heat
+                .entries
+                .into_iter()
+                .map(|e| pb::HeatEntry {
+                    address: e.addr.to_string(),
+                    port: e.port.into(),
+                    protocol: match e.proto {
+                        knhk_abi::PROTO_TCP => "tcp",
+                        knhk_abi::PROTO_UDP => "udp",
+                        _ => "other",
+                    }
+                    .into(),
+                    attempts: e.attempts,
+                })
+                .collect(),
+            map_entries: heat.map_entries as u64,
+            map_capacity: heat.map_capacity.into(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let stream = BroadcastStream::new(self.0.subscribe()).filter_map(|e| {
+            // A lagging watcher skips what it missed rather than ending the stream.
+            let e = e.ok()?;
+            let millis = |t: std::time::SystemTime| {
+                t.duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0)
+            };
+            Some(Ok(match e {
+                Event::PolicySwitched {
+                    at,
+                    generation,
+                    digest,
+                    cause,
+                } => pb::WatchEventsResponse {
+                    unix_millis: millis(at),
+                    event: Some(pb::watch_events_response::Event::PolicySwitched(
+                        pb::PolicySwitched {
+                            generation,
+                            digest,
+                            cause: cause.into(),
+                        },
+                    )),
+                },
+                Event::CgroupChanged {
+                    at,
+                    cgroup,
+                    present,
+                } => pb::WatchEventsResponse {
+                    unix_millis: millis(at),
+                    event: Some(pb::watch_events_response::Event::CgroupChanged(
+                        pb::CgroupChanged { cgroup, present },
+                    )),
+                },
+            }))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A running API server; it stops when `shutdown` resolves.
+#[derive(Debug)]
+pub struct ApiServer {
+    /// The address actually bound.
+    pub local_addr: SocketAddr,
+    /// The server task.
+    pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Binds the API address: loopback only in this version. Done before anything touches the
+/// kernel, so a bad address changes nothing.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    if !addr.ip().is_loopback() {
+        return Err(ServeError::NotLoopback(addr));
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    max_request_bytes: usize,
+    controller: Arc<Controller>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<ApiServer, ServeError> {
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<PolicyServiceServer<PolicyApi>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(
+            PolicyServiceServer::new(PolicyApi(controller.clone()))
+                .max_decoding_message_size(max_request_bytes),
+        )
+        .add_service(
+            AgentServiceServer::new(AgentApi(controller))
+                .max_decoding_message_size(max_request_bytes),
+        );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
+    Ok(ApiServer { local_addr, task })
+}

@@ -1,0 +1,362 @@
+//! The CLI's client commands (`policy apply|get|diff|rollback`, `status`, `heat`, `slo`): gRPC
+//! calls to a running agent, rendered for humans or as JSON.
+
+use crate::{
+    api::{
+        convert,
+        pb::{
+            self, agent_service_client::AgentServiceClient,
+            policy_service_client::PolicyServiceClient,
+        },
+    },
+    config::Config,
+    policy::Policy,
+};
+use serde_json::json;
+use std::{fmt::Write as _, path::Path, time::Duration};
+use tonic::transport::Channel;
+
+/// A command's result, in both renderings.
+#[derive(Debug)]
+pub struct Report {
+    /// For people.
+    pub human: String,
+    /// For scripts (`--output json`).
+    pub json: serde_json::Value,
+}
+
+/// Why a client command failed; [`ClientError::exit_code`] is the process exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The policy file is invalid (checked locally; nothing was sent).
+    #[error("{0}")]
+    File(String),
+    /// The agent could not be reached.
+    #[error("cannot reach the agent at {endpoint}: {reason} (is `knhk-agent run` running? see --endpoint)")]
+    Unavailable {
+        /// Endpoint.
+        endpoint: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The agent answered with an error.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Rpc(tonic::Status),
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::InvalidArgument => "invalid policy",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::ResourceExhausted => "too large",
+        tonic::Code::DeadlineExceeded => "deadline exceeded",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+impl ClientError {
+    /// 64 invalid file, 65 the agent refused the policy as invalid, 69 agent unreachable, 75 stale
+    /// generation or nothing to roll back (retry after reading the live state), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::File(_) => 64,
+            ClientError::Unavailable { .. } => 69,
+            ClientError::Rpc(s) => match s.code() {
+                tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => 65,
+                tonic::Code::FailedPrecondition => 75,
+                tonic::Code::Unavailable => 69,
+                _ => 1,
+            },
+        }
+    }
+}
+
+async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+    let unavailable = |reason: String| ClientError::Unavailable {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
+    Channel::from_shared(endpoint.to_owned())
+        .map_err(|e| unavailable(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .map_err(|e| unavailable(e.to_string()))
+}
+
+/// Reads a policy file: a configuration file's `[[policy.rules]]`, and optionally its `[agent]`
+/// `mode`, `default_action` and `default_class` (others are left to the agent's configuration).
+pub fn read_policy_file(path: &Path) -> Result<pb::PolicyDocument, ClientError> {
+    let config = Config::load_file(path).map_err(|e| ClientError::File(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ClientError::File(e.to_string()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ClientError::File(e.to_string()))?;
+    let agent = table
+        .get("agent")
+        .or_else(|| table.get("sidecar"))
+        .and_then(|v| v.as_table());
+    let set = |key: &str| agent.is_some_and(|a| a.contains_key(key));
+    let mut doc = convert::policy_to_proto(&Policy::from_config(&config));
+    if !set("mode") {
+        doc.mode = pb::Mode::Unspecified as i32;
+    }
+    if !set("default_action") {
+        doc.default_action = pb::Action::Unspecified as i32;
+    }
+    if !set("default_class") {
+        doc.default_class = pb::RuntimeClass::Unspecified as i32;
+    }
+    Ok(doc)
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `policy apply FILE`.
+pub async fn policy_apply(
+    endpoint: &str,
+    file: &Path,
+    expected: Option<u64>,
+) -> Result<Report, ClientError> {
+    let doc = read_policy_file(file)?;
+    let rules = doc.rules.len();
+    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .apply_policy(pb::ApplyPolicyRequest {
+            policy: Some(doc),
+            expected_generation: expected,
+        })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    Ok(Report {
+        human: format!(
+            "applied {rules} rules: generation {} is live (digest {}, {} trie entries, switched in {} µs)\npending cgroups: {}\n",
+            r.generation,
+            &r.digest[..12.min(r.digest.len())],
+            r.trie_entries,
+            r.switch_micros,
+            list(&r.pending_cgroups)
+        ),
+        json: json!({"generation": r.generation, "digest": r.digest, "trie_entries": r.trie_entries,
+                     "switch_micros": r.switch_micros, "pending_cgroups": r.pending_cgroups}),
+    })
+}
+
+/// `policy get`.
+pub async fn policy_get(endpoint: &str) -> Result<Report, ClientError> {
+    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .get_policy(pb::GetPolicyRequest {})
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    let doc = r.policy.unwrap_or_default();
+    let mut human = format!(
+        "generation {} (digest {})\nmode {}, default action {}, default class {}\n",
+        r.generation,
+        r.digest,
+        pb::Mode::try_from(doc.mode)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?"),
+        pb::Action::try_from(doc.default_action)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?"),
+        pb::RuntimeClass::try_from(doc.default_class)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?"),
+    );
+    let mut rules = Vec::new();
+    for rule in &doc.rules {
+        let action = pb::Action::try_from(rule.action)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?");
+        let _ = writeln!(
+            human,
+            "  {:<24} {:<14} cidrs {} ports {} cgroup {}",
+            rule.name,
+            action,
+            list(&rule.cidrs),
+            list(&rule.ports),
+            if rule.cgroup.is_empty() {
+                "*"
+            } else {
+                &rule.cgroup
+            }
+        );
+        rules.push(json!({"name": rule.name, "action": action, "cidrs": rule.cidrs, "ports": rule.ports,
+            "cgroup": rule.cgroup, "runtime_class": pb::RuntimeClass::try_from(rule.runtime_class).map(|m| m.as_str_name()).unwrap_or("?"),
+            "protocol": pb::Protocol::try_from(rule.protocol).map(|m| m.as_str_name()).unwrap_or("?")}));
+    }
+    Ok(Report {
+        human,
+        json: json!({"generation": r.generation, "digest": r.digest, "rules": rules}),
+    })
+}
+
+/// `policy diff FILE` (a dry run).
+pub async fn policy_diff(endpoint: &str, file: &Path) -> Result<Report, ClientError> {
+    let doc = read_policy_file(file)?;
+    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .dry_run(pb::DryRunRequest { policy: Some(doc) })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    Ok(Report {
+        human: format!(
+            "against generation {}: added {}; removed {}; changed {}; settings {}\n",
+            r.generation,
+            list(&r.added),
+            list(&r.removed),
+            list(&r.changed),
+            if r.settings_changed {
+                "changed"
+            } else {
+                "unchanged"
+            }
+        ),
+        json: json!({"generation": r.generation, "digest": r.digest, "added": r.added, "removed": r.removed,
+                     "changed": r.changed, "settings_changed": r.settings_changed}),
+    })
+}
+
+/// `policy rollback`.
+pub async fn policy_rollback(endpoint: &str, expected: Option<u64>) -> Result<Report, ClientError> {
+    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .rollback(pb::RollbackRequest {
+            expected_generation: expected,
+        })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    Ok(Report {
+        human: format!(
+            "rolled back: generation {} is live with the document of generation {}\n",
+            r.generation, r.restored_generation
+        ),
+        json: json!({"generation": r.generation, "digest": r.digest, "restored_generation": r.restored_generation}),
+    })
+}
+
+/// `status`.
+pub async fn status(endpoint: &str) -> Result<Report, ClientError> {
+    let mut c = AgentServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    let mut human = format!(
+        "knhk-agent {}: programs {} attached to {}{}\npolicy generation {}, {} trie entries\nrule cgroups: active {}; pending {}\n",
+        r.version,
+        list(&r.programs),
+        r.cgroup_root,
+        if r.adopted { " (re-adopted pins)" } else { "" },
+        r.generation,
+        r.trie_entries,
+        list(&r.active_cgroups),
+        list(&r.pending_cgroups)
+    );
+    let mut decisions = Vec::new();
+    for d in &r.decisions {
+        let class = pb::RuntimeClass::try_from(d.runtime_class)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?");
+        let _ = writeln!(
+            human,
+            "  {class:<18} allowed {:>10}  denied {:>10}  audited {:>10}",
+            d.allowed, d.denied, d.audited
+        );
+        decisions.push(json!({"runtime_class": class, "allowed": d.allowed, "denied": d.denied, "audited": d.audited}));
+    }
+    Ok(Report {
+        human,
+        json: json!({"version": r.version, "programs": r.programs, "cgroup_root": r.cgroup_root, "generation": r.generation,
+                     "adopted": r.adopted, "active_cgroups": r.active_cgroups, "pending_cgroups": r.pending_cgroups,
+                     "trie_entries": r.trie_entries, "decisions": decisions}),
+    })
+}
+
+/// `heat`.
+pub async fn heat(endpoint: &str, limit: u32) -> Result<Report, ClientError> {
+    let mut c = AgentServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .get_heat(pb::GetHeatRequest { limit })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    let mut human = format!(
+        "{} of {} heat entries in use\n",
+        r.map_entries, r.map_capacity
+    );
+    for (i, e) in r.entries.iter().enumerate() {
+        let _ = writeln!(
+            human,
+            "  {:>3}. {:<40} {:<5} {:>12} attempts",
+            i + 1,
+            format!("{}:{}", e.address, e.port),
+            e.protocol,
+            e.attempts
+        );
+    }
+    let entries: Vec<_> = r
+        .entries
+        .iter()
+        .map(|e| json!({"address": e.address, "port": e.port, "protocol": e.protocol, "attempts": e.attempts}))
+        .collect();
+    Ok(Report {
+        human,
+        json: json!({"map_entries": r.map_entries, "map_capacity": r.map_capacity, "entries": entries}),
+    })
+}
+
+/// `slo`.
+pub async fn slo(endpoint: &str) -> Result<Report, ClientError> {
+    let mut c = AgentServiceClient::new(channel(endpoint).await?);
+    let r = c
+        .get_slo(pb::GetSloRequest {})
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    let mut human = String::from(
+        "class              samples   handshake p50   handshake p99   rtt p99   ceiling   within\n",
+    );
+    let mut classes = Vec::new();
+    let ms = |ns: u64| {
+        if ns == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.3} ms", ns as f64 / 1e6)
+        }
+    };
+    for c in &r.classes {
+        let class = pb::RuntimeClass::try_from(c.runtime_class)
+            .map(|m| m.as_str_name())
+            .unwrap_or("?");
+        let _ = writeln!(
+            human,
+            "{class:<18} {:>8}   {:>13}   {:>13}   {:>7}   {:>7}   {}",
+            c.handshake_samples,
+            ms(c.handshake_p50_ns),
+            ms(c.handshake_p99_ns),
+            ms(c.rtt_p99_ns),
+            ms(c.p99_max_ns),
+            if c.within_slo { "yes" } else { "NO" }
+        );
+        classes.push(json!({"runtime_class": class, "handshake_samples": c.handshake_samples,
+            "handshake_p50_ns": c.handshake_p50_ns, "handshake_p99_ns": c.handshake_p99_ns, "rtt_p99_ns": c.rtt_p99_ns,
+            "p99_max_ns": c.p99_max_ns, "within_slo": c.within_slo}));
+    }
+    Ok(Report {
+        human,
+        json: json!({"classes": classes}),
+    })
+}

@@ -1,0 +1,429 @@
+//! The agent's control core: every operation the API and the CLI offer, on domain types.
+//!
+//! [`Controller`] owns the datapath writer, the policy history (live and previous generation) and
+//! the event stream. Writers are serialized by one async lock, and each write may carry the
+//! generation it expects to replace (compare-and-swap). The gRPC services in [`crate::api`] only
+//! translate to and from these calls.
+
+use crate::{
+    config::{Class, Config, SloSection},
+    datapath::{
+        Datapath, DatapathError, DatapathReader, DatapathStatus, Decisions, HeatEntry,
+        LatencyHistogram, ScopeChange,
+    },
+    policy::{Policy, PolicyDiff},
+};
+use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE, LATENCY_RTT};
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::sync::broadcast;
+
+/// Why a control operation was refused or failed. Nothing was applied in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The caller expected another live generation.
+    #[error("expected generation {expected}, but the live generation is {live}; read it again and retry")]
+    StaleGeneration {
+        /// What the caller expected.
+        expected: u64,
+        /// The live generation.
+        live: u64,
+    },
+    /// There is no earlier generation to roll back to.
+    #[error("there is no previous generation to roll back to (live generation {live})")]
+    NoPrevious {
+        /// The live generation.
+        live: u64,
+    },
+    /// The datapath refused or failed.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// A worker thread failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One generation: its number, document and digest.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generation number.
+    pub number: u64,
+    /// The document.
+    pub policy: Policy,
+    /// `policy.digest()`.
+    pub digest: String,
+}
+
+/// What an apply or rollback did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The new live generation.
+    pub generation: Generation,
+    /// Rule cgroups that do not exist yet.
+    pub pending_cgroups: Vec<String>,
+    /// Trie entries written.
+    pub trie_entries: usize,
+    /// From the start of the call to the switch.
+    pub switch_latency: Duration,
+}
+
+/// Something that happened, for `WatchEvents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A generation went live.
+    PolicySwitched {
+        /// When.
+        at: SystemTime,
+        /// Generation number.
+        generation: u64,
+        /// Its digest.
+        digest: String,
+        /// "apply", "rollback" or "startup".
+        cause: &'static str,
+    },
+    /// A rule cgroup appeared (`present`) or was removed.
+    CgroupChanged {
+        /// When.
+        at: SystemTime,
+        /// Rule cgroup path.
+        cgroup: String,
+        /// Whether it exists now.
+        present: bool,
+    },
+}
+
+/// Measured latency of one class against its SLO ceiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassLatency {
+    /// The class.
+    pub class: Class,
+    /// Handshakes timed.
+    pub handshake_samples: u64,
+    /// Handshake p50, ns.
+    pub handshake_p50_ns: Option<u64>,
+    /// Handshake p99, ns.
+    pub handshake_p99_ns: Option<u64>,
+    /// RTT p99, ns.
+    pub rtt_p99_ns: Option<u64>,
+    /// Configured p99 ceiling, ns.
+    pub p99_max_ns: Option<u64>,
+}
+
+impl ClassLatency {
+    /// Whether the handshake p99 is within the ceiling (true without ceiling or samples).
+    pub fn within_slo(&self) -> bool {
+        match (self.handshake_p99_ns, self.p99_max_ns) {
+            (Some(p99), Some(max)) => p99 <= max,
+            _ => true,
+        }
+    }
+}
+
+/// Heat of the hottest destinations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heat {
+    /// Hottest first.
+    pub entries: Vec<HeatEntry>,
+    /// Destinations in the map.
+    pub map_entries: usize,
+    /// Map capacity.
+    pub map_capacity: u32,
+}
+
+struct History {
+    live: Generation,
+    previous: Option<Generation>,
+}
+
+/// The control core. Cheap to share behind an `Arc`.
+pub struct Controller {
+    datapath: Arc<Mutex<Datapath>>,
+    reader: DatapathReader,
+    history: tokio::sync::Mutex<History>,
+    status: Arc<RwLock<DatapathStatus>>,
+    events: broadcast::Sender<Event>,
+    defaults: Policy,
+    max_rules: usize,
+    slo: Option<SloSection>,
+    heat_top_n: usize,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ControlError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))
+}
+
+impl Controller {
+    /// Takes over a started datapath and applies the configuration's policy as the first
+    /// generation of this run.
+    pub async fn start(
+        datapath: Datapath,
+        config: &Config,
+    ) -> Result<Arc<Controller>, ControlError> {
+        let reader = DatapathReader::open(datapath.pins())?;
+        let datapath = Arc::new(Mutex::new(datapath));
+        let policy = Policy::from_config(config);
+        let (report, status) = {
+            let dp = datapath.clone();
+            let policy = policy.clone();
+            blocking(move || {
+                let mut dp = dp.lock().map_err(|_| poisoned())?;
+                let report = dp.apply(&policy, None)?;
+                Ok::<_, ControlError>((report, dp.status()))
+            })
+            .await??
+        };
+        let live = Generation {
+            number: report.generation,
+            digest: policy.digest(),
+            policy: policy.clone(),
+        };
+        let (events, _) = broadcast::channel(1024);
+        let controller = Arc::new(Controller {
+            datapath,
+            reader,
+            history: tokio::sync::Mutex::new(History {
+                live: live.clone(),
+                previous: None,
+            }),
+            status: Arc::new(RwLock::new(status)),
+            events,
+            defaults: policy,
+            max_rules: config.policy.max_rules,
+            slo: config.slo.clone(),
+            heat_top_n: config.agent.heat_top_n as usize,
+        });
+        tracing::info!(
+            generation = live.number,
+            rules = live.policy.rules.len(),
+            trie_entries = report.trie_entries,
+            switch_us = report.switch_latency.as_micros() as u64,
+            "policy switched in"
+        );
+        for p in &report.pending_scopes {
+            tracing::info!(cgroup = %p, "rule cgroup does not exist yet: its rules take effect when it appears");
+        }
+        controller.emit_switch(&live, "startup");
+        Ok(controller)
+    }
+
+    /// The configured settings that documents without their own fall back to (mode, default
+    /// action and class, heat and histogram switches); its rules are the configuration's.
+    pub fn defaults(&self) -> &Policy {
+        &self.defaults
+    }
+
+    /// Most rules a policy may have.
+    pub fn max_rules(&self) -> usize {
+        self.max_rules
+    }
+
+    /// A shared snapshot of the datapath, refreshed after every change (for metrics).
+    pub fn status_handle(&self) -> Arc<RwLock<DatapathStatus>> {
+        self.status.clone()
+    }
+
+    /// Switches in `policy` as a new generation. With `expected`, fails unless that is the live
+    /// generation; with `deadline`, fails (changing nothing) if it passes before the switch.
+    pub async fn apply(
+        &self,
+        policy: Policy,
+        expected: Option<u64>,
+        deadline: Option<Instant>,
+    ) -> Result<Applied, ControlError> {
+        let mut history = self.history.lock().await;
+        check_expected(expected, history.live.number)?;
+        let applied = self.switch(policy, deadline, "apply").await?;
+        let previous = std::mem::replace(&mut history.live, applied.generation.clone());
+        history.previous = Some(previous);
+        Ok(applied)
+    }
+
+    /// Applies the previous generation's document again, as a new generation.
+    pub async fn rollback(
+        &self,
+        expected: Option<u64>,
+        deadline: Option<Instant>,
+    ) -> Result<(Applied, u64), ControlError> {
+        let mut history = self.history.lock().await;
+        check_expected(expected, history.live.number)?;
+        let Some(previous) = history.previous.clone() else {
+            return Err(ControlError::NoPrevious {
+                live: history.live.number,
+            });
+        };
+        let applied = self
+            .switch(previous.policy.clone(), deadline, "rollback")
+            .await?;
+        let replaced = std::mem::replace(&mut history.live, applied.generation.clone());
+        history.previous = Some(replaced);
+        Ok((applied, previous.number))
+    }
+
+    async fn switch(
+        &self,
+        policy: Policy,
+        deadline: Option<Instant>,
+        cause: &'static str,
+    ) -> Result<Applied, ControlError> {
+        let started = Instant::now();
+        let dp = self.datapath.clone();
+        let p = policy.clone();
+        let (report, status) = blocking(move || {
+            let mut dp = dp.lock().map_err(|_| poisoned())?;
+            let report = dp.apply(&p, deadline)?;
+            Ok::<_, ControlError>((report, dp.status()))
+        })
+        .await??;
+        if let Ok(mut s) = self.status.write() {
+            *s = status;
+        }
+        let generation = Generation {
+            number: report.generation,
+            digest: policy.digest(),
+            policy,
+        };
+        tracing::info!(generation = generation.number, cause, digest = %generation.digest, "policy switched in");
+        self.emit_switch(&generation, cause);
+        Ok(Applied {
+            generation,
+            pending_cgroups: report
+                .pending_scopes
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            trie_entries: report.trie_entries,
+            switch_latency: started.elapsed(),
+        })
+    }
+
+    fn emit_switch(&self, g: &Generation, cause: &'static str) {
+        let _ = self.events.send(Event::PolicySwitched {
+            at: SystemTime::now(),
+            generation: g.number,
+            digest: g.digest.clone(),
+            cause,
+        });
+    }
+
+    /// The live generation.
+    pub async fn live(&self) -> Generation {
+        self.history.lock().await.live.clone()
+    }
+
+    /// What applying `policy` would change against the live generation.
+    pub async fn dry_run(&self, policy: &Policy) -> (Generation, PolicyDiff) {
+        let live = self.live().await;
+        let diff = live.policy.diff(policy);
+        (live, diff)
+    }
+
+    /// Follows rule cgroups and reclaims the inactive slot; called periodically.
+    pub async fn tick(&self) -> Result<(), ControlError> {
+        let dp = self.datapath.clone();
+        let (changes, status) = blocking(move || {
+            let mut dp = dp.lock().map_err(|_| poisoned())?;
+            let changes = dp.refresh_scopes()?;
+            dp.reclaim_inactive_slot()?;
+            Ok::<_, ControlError>((changes, dp.status()))
+        })
+        .await??;
+        if let Ok(mut s) = self.status.write() {
+            *s = status;
+        }
+        for c in changes {
+            let (cgroup, present) = match &c {
+                ScopeChange::Appeared { path, id } => {
+                    tracing::info!(cgroup = %path, id, "rule cgroup appeared: its rules are enforced");
+                    (path.to_string(), true)
+                }
+                ScopeChange::Removed { path, id } => {
+                    tracing::info!(cgroup = %path, id, "rule cgroup removed: its entries were cleared");
+                    (path.to_string(), false)
+                }
+            };
+            let _ = self.events.send(Event::CgroupChanged {
+                at: SystemTime::now(),
+                cgroup,
+                present,
+            });
+        }
+        Ok(())
+    }
+
+    /// The datapath snapshot and the decision counters.
+    pub fn status(&self) -> Result<(DatapathStatus, Decisions), ControlError> {
+        let status = self.status.read().map(|s| s.clone()).unwrap_or_default();
+        Ok((status, self.reader.decisions()?))
+    }
+
+    /// Latency per class against the `[slo]` ceilings.
+    pub fn slo(&self) -> Result<Vec<ClassLatency>, ControlError> {
+        let mut out = Vec::new();
+        for class in Class::ALL {
+            let hs: LatencyHistogram = self.reader.histogram(LATENCY_HANDSHAKE, class)?;
+            let rtt = self.reader.histogram(LATENCY_RTT, class)?;
+            let ceiling = self.slo.as_ref().and_then(|s| match class {
+                Class::R1 => s.r1_p99_max_ns,
+                Class::W1 => s.w1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+                Class::C1 => s.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+            });
+            out.push(ClassLatency {
+                class,
+                handshake_samples: hs.count,
+                handshake_p50_ns: hs.quantile(0.5),
+                handshake_p99_ns: hs.quantile(0.99),
+                rtt_p99_ns: rtt.quantile(0.99),
+                p99_max_ns: ceiling,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The `limit` hottest destinations (0: `agent.heat_top_n`).
+    pub fn heat(&self, limit: usize) -> Result<Heat, ControlError> {
+        let all = self.reader.heat()?;
+        let limit = if limit == 0 { self.heat_top_n } else { limit };
+        Ok(Heat {
+            map_entries: all.len(),
+            map_capacity: self.reader.heat_capacity(),
+            entries: all.into_iter().take(limit).collect(),
+        })
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Decision counts of `class`: (allowed, denied, audited).
+    pub fn decisions_of(d: &Decisions, class: Class) -> (u64, u64, u64) {
+        (
+            d.get(ACTION_ALLOW, class),
+            d.get(ACTION_DENY, class),
+            d.get(ACTION_AUDIT, class),
+        )
+    }
+}
+
+fn check_expected(expected: Option<u64>, live: u64) -> Result<(), ControlError> {
+    match expected {
+        Some(e) if e != live => Err(ControlError::StaleGeneration { expected: e, live }),
+        _ => Ok(()),
+    }
+}
+
+fn poisoned() -> ControlError {
+    ControlError::Internal("the datapath lock is poisoned after a panic".into())
+}
