@@ -326,7 +326,10 @@ fn client_command(
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     match path {
-        None => Ok(Config::embedded_default()),
+        None => Config::load_embedded_default().map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }),
         Some(p) => Config::load_file(p).map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_CONFIG)

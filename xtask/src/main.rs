@@ -49,7 +49,7 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Run the benchmarks and print a side-by-side report (needs root).
+    /// Run the benchmarks (datapath cost; policy API latency) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]

@@ -42,6 +42,16 @@ pub enum ConfigError {
         /// The parser's message, with line, column and a caret under the fault.
         message: String,
     },
+    /// An environment override is invalid.
+    #[error("invalid config: environment variable {var}={value:?}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The values parse but contradict each other.
     #[error("invalid config {origin}, line {line}: {key}: {message}")]
     Invalid {
@@ -57,20 +67,85 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads and validates the config file at `path`.
+    /// Reads and validates the config file at `path`, with the process's `KNHK_*` environment
+    /// overrides applied (see [`Config::parse_with_env`]).
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_with_env(&text, &path.display().to_string(), std::env::vars())
     }
 
-    /// The embedded default configuration.
+    /// The embedded default configuration, with the process's `KNHK_*` environment overrides.
+    pub fn load_embedded_default() -> Result<Config, ConfigError> {
+        Self::parse_with_env(EMBEDDED_DEFAULT, "<embedded default>", std::env::vars())
+    }
+
+    /// The embedded default configuration, without environment overrides.
     pub fn embedded_default() -> Config {
         // The embedded default is covered by a unit test; failing here is a build defect.
         Self::parse(EMBEDDED_DEFAULT, "<embedded default>")
             .unwrap_or_else(|e| panic!("the embedded default config is invalid: {e}"))
+    }
+
+    /// Parses `text`, then applies environment overrides from `vars`: a variable
+    /// `KNHK_<TABLE>__<KEY>` sets `<key>` of `[<table>]` (for example `KNHK_AGENT__MODE=audit`,
+    /// `KNHK_SLO__R1_P99_MAX_NS=200000`). Values are read as TOML values (`true`, `9464`,
+    /// `["a", "b"]`), anything else as a string. Variables without `__` are not overrides. The
+    /// file's own errors keep their lines; a bad override is reported by its variable name.
+    pub fn parse_with_env(
+        text: &str,
+        origin: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let base = Self::parse(text, origin)?;
+        let mut overrides: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("KNHK_") && k.contains("__"))
+            .collect();
+        if overrides.is_empty() {
+            return Ok(base);
+        }
+        overrides.sort();
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        for (var, value) in overrides {
+            let env_err = |message: String| ConfigError::Env {
+                var: var.clone(),
+                value: value.clone(),
+                message,
+            };
+            let (section, key) = var["KNHK_".len()..]
+                .split_once("__")
+                .map(|(s, k)| (s.to_lowercase(), k.to_lowercase()))
+                .unwrap_or_default();
+            let target = section_table(&mut table, &section).map_err(env_err)?;
+            target.insert(key, env_value(&value));
+            let rendered = toml::to_string(&table).map_err(|e| env_err(e.to_string()))?;
+            match toml::from_str::<schema::RawConfig>(&rendered) {
+                Err(e) => {
+                    let mut message = e.message().to_owned();
+                    if let Some(hint) = suggestion(e.message()) {
+                        message.push_str(&format!("; did you mean `{hint}`?"));
+                    }
+                    return Err(env_err(message));
+                }
+                Ok(raw) => {
+                    raw.normalize(&rendered, origin).map_err(|e| match e {
+                        ConfigError::Invalid { key, message, .. } => env_err(format!("{key}: {message}")),
+                        other => env_err(other.to_string()),
+                    })?;
+                }
+            }
+        }
+        let rendered = toml::to_string(&table).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::parse(&rendered, origin)
     }
 
     /// Parses and validates config text; `origin` names the source in error messages.
@@ -87,6 +162,54 @@ impl Config {
         })?;
         raw.normalize(text, origin)
     }
+}
+
+/// Top-level sections that environment overrides may address.
+const SECTIONS: [&str; 7] = ["agent", "policy", "slo", "spiffe", "kms", "multi_region", "promotion"];
+
+/// The table an override of `section` goes to: the file's own form of it (`[sidecar]` for
+/// `agent` when the file uses that alias; `[sidecar.slo]` for `slo` when nested), created if absent.
+fn section_table<'a>(table: &'a mut toml::Table, section: &str) -> Result<&'a mut toml::Table, String> {
+    if !SECTIONS.contains(&section) {
+        let hint = SECTIONS
+            .iter()
+            .min_by_key(|s| strsim::damerau_levenshtein(s, section))
+            .map(|s| format!("; did you mean KNHK_{}__...?", s.to_uppercase()))
+            .unwrap_or_default();
+        return Err(format!("unknown section `{section}` (expected one of {}){hint}", SECTIONS.join(", ")));
+    }
+    let alias = if table.contains_key("sidecar") && !table.contains_key("agent") { "sidecar" } else { "agent" };
+    let not_table = |name: &str| format!("[{name}] in the file is not a table");
+    if section == "agent" {
+        return table
+            .entry(alias)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| not_table(alias));
+    }
+    let nested = table
+        .get(alias)
+        .and_then(|a| a.as_table())
+        .is_some_and(|a| a.contains_key(section))
+        && !table.contains_key(section);
+    let parent = if nested {
+        table.get_mut(alias).and_then(|a| a.as_table_mut()).ok_or_else(|| not_table(alias))?
+    } else {
+        table
+    };
+    parent
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .ok_or_else(|| not_table(section))
+}
+
+/// An override's value: a TOML value if it parses as one, else the raw string.
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
 }
 
 /// For "unknown field `x`, expected one of `a`, `b`" (or "unknown variant"), the expected name
