@@ -2,9 +2,8 @@
 //!
 //! 1. `ApplyPolicy` latency, measured by the client from the call until the response, which the
 //!    server sends only after the kernel switch: 1, 1,000 and 100,000 rules, alternating between
-//!    two documents so that every call changes the policy. Back-to-back calls, so each one also
-//!    pays for clearing the slot the previous one vacated (the worst case; an idle agent clears
-//!    it in the background).
+//!    two documents so that every call changes the policy. Back-to-back calls, with the agent's
+//!    background tick reclaiming retired slots as in `knhk-agent run`.
 //! 2. Policy-update throughput while two processes connect in a loop, against the same loop with
 //!    no updates.
 
@@ -36,11 +35,19 @@ fn document(rules: usize, variant: u32, port: u16) -> pb::PolicyDocument {
         out.push(pb::Rule {
             name: format!("deny-{i}"),
             action: pb::Action::Deny as i32,
-            cidrs: vec![format!("10.{}.{}.{}/32", (i >> 16) & 255, (i >> 8) & 255, (i & 255) as u32 ^ variant)],
+            cidrs: vec![format!(
+                "10.{}.{}.{}/32",
+                (i >> 16) & 255,
+                (i >> 8) & 255,
+                (i & 255) as u32 ^ variant
+            )],
             ..Default::default()
         });
     }
-    pb::PolicyDocument { rules: out, ..Default::default() }
+    pb::PolicyDocument {
+        rules: out,
+        ..Default::default()
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -48,6 +55,11 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn main() {
+    // RUST_LOG=knhk_agent::datapath=debug shows each apply's compile and write times.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     if !kernel_available("bench_api") {
         std::process::exit(1);
     }
@@ -60,7 +72,11 @@ fn main() {
         pins.root.display()
     );
     let config = Config::parse(&text, "bench").expect("config");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let dp = Datapath::start(&DatapathOptions {
             cgroup_root: cg.path.clone(),
@@ -76,27 +92,47 @@ fn main() {
         })
         .await
         .expect("serve");
+        // The agent's background tick: follows cgroups and reclaims retired slots.
+        let ticker = {
+            let controller = controller.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_millis(25));
+                loop {
+                    t.tick().await;
+                    let _ = controller.tick().await;
+                }
+            })
+        };
         let mut client = PolicyServiceClient::connect(format!("http://{}", server.local_addr))
             .await
             .expect("connect")
             .max_encoding_message_size(64 << 20);
 
-        println!("knhk-agent policy API benchmark (real gRPC on loopback, back-to-back calls)");
+        println!("knhk-agent policy API benchmark (real gRPC on loopback, back-to-back calls, background reclaim every 25 ms)");
         println!("ApplyPolicy latency, call to response (the kernel switch happens before the response):");
         for (rules, calls, goal) in [(1usize, 200u32, ""), (1_000, 100, "  (goal p99 <= 5 ms)"), (100_000, 12, "  (goal p99 <= 500 ms)")] {
             let docs = [document(rules, 0, target.port()), document(rules, 1, target.port())];
-            let mut samples = Vec::new();
+            let (mut samples, mut server) = (Vec::new(), Vec::new());
             for i in 0..calls {
                 let req = pb::ApplyPolicyRequest { policy: Some(docs[(i % 2) as usize].clone()), expected_generation: None };
                 let start = Instant::now();
-                client.apply_policy(req).await.expect("apply");
+                let r = client.apply_policy(req).await.expect("apply").into_inner();
                 samples.push(start.elapsed().as_secs_f64() * 1e3);
+                server.push(r.switch_micros as f64 / 1e3);
+            }
+            if std::env::var_os("KNHK_BENCH_DEBUG").is_some() {
+                let mut idx: Vec<usize> = (0..samples.len()).collect();
+                idx.sort_by(|a, b| samples[*b].total_cmp(&samples[*a]));
+                eprintln!("slowest calls: {:?}", idx.iter().take(3).map(|i| (*i, samples[*i], server[*i])).collect::<Vec<_>>());
             }
             samples.sort_by(f64::total_cmp);
+            server.sort_by(f64::total_cmp);
             println!(
-                "  {rules:>7} rules: p50 {:8.2} ms   p99 {:8.2} ms   ({calls} calls){goal}",
+                "  {rules:>7} rules: p50 {:8.2} ms   p99 {:8.2} ms   (server, decoded request to kernel switch: p50 {:.2} ms, p99 {:.2} ms; {calls} calls){goal}",
                 percentile(&samples, 0.5),
-                percentile(&samples, 0.99)
+                percentile(&samples, 0.99),
+                percentile(&server, 0.5),
+                percentile(&server, 0.99),
             );
         }
 
@@ -109,7 +145,7 @@ fn main() {
         // The connect loops run in two cgroups under the agent's root.
         let a = cg.child("load-a");
         let b = cg.child("load-b");
-        let connects = 20_000u64;
+        let connects = 100_000u64;
         let run_loops = move || {
             let (a, b) = (a.clone(), b.clone());
             let start = Instant::now();
@@ -143,6 +179,6 @@ fn main() {
             "  connects/s: {quiet:.0} without updates, {busy:.0} during updates (ratio {:.3}); every connect was admitted",
             busy / quiet
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        ticker.abort();
     });
 }

@@ -16,7 +16,7 @@ use crate::{
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE, LATENCY_RTT};
 use std::{
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 use tokio::sync::broadcast;
 
@@ -65,8 +65,8 @@ pub struct Applied {
     pub pending_cgroups: Vec<String>,
     /// Trie entries written.
     pub trie_entries: usize,
-    /// From the start of the call to the switch.
-    pub switch_latency: Duration,
+    /// When the kernel switched to the new generation.
+    pub switched_at: Instant,
 }
 
 /// Something that happened, for `WatchEvents`.
@@ -277,13 +277,14 @@ impl Controller {
         deadline: Option<Instant>,
         cause: &'static str,
     ) -> Result<Applied, ControlError> {
-        let started = Instant::now();
         let dp = self.datapath.clone();
         let p = policy.clone();
-        let (report, status) = blocking(move || {
+        let (report, status, switched_at) = blocking(move || {
             let mut dp = dp.lock().map_err(|_| poisoned())?;
+            let started = Instant::now();
             let report = dp.apply(&p, deadline)?;
-            Ok::<_, ControlError>((report, dp.status()))
+            let switched_at = started + report.switch_latency;
+            Ok::<_, ControlError>((report, dp.status(), switched_at))
         })
         .await??;
         if let Ok(mut s) = self.status.write() {
@@ -304,7 +305,7 @@ impl Controller {
                 .map(|p| p.to_string())
                 .collect(),
             trie_entries: report.trie_entries,
-            switch_latency: started.elapsed(),
+            switched_at,
         })
     }
 
@@ -329,13 +330,26 @@ impl Controller {
         (live, diff)
     }
 
-    /// Follows rule cgroups and reclaims the inactive slot; called periodically.
+    /// Follows rule cgroups and reclaims retired policy slots; called periodically. The RCU
+    /// grace period is waited for without holding the datapath, so applies never wait on it.
     pub async fn tick(&self) -> Result<(), ControlError> {
         let dp = self.datapath.clone();
         let (changes, status) = blocking(move || {
+            let ticket = {
+                let dp = dp.lock().map_err(|_| poisoned())?;
+                dp.begin_reclaim()
+            };
+            if let Some(ticket) = ticket {
+                crate::datapath::grace_period()?;
+                // A few thousand removals (a few milliseconds) per hold of the datapath.
+                while dp
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .finish_reclaim(ticket, 2048)?
+                {}
+            }
             let mut dp = dp.lock().map_err(|_| poisoned())?;
             let changes = dp.refresh_scopes()?;
-            dp.reclaim_inactive_slot()?;
             Ok::<_, ControlError>((changes, dp.status()))
         })
         .await??;

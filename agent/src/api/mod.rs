@@ -116,7 +116,10 @@ impl PolicyService for PolicyApi {
             digest: applied.generation.digest,
             pending_cgroups: applied.pending_cgroups,
             trie_entries: applied.trie_entries as u64,
-            switch_micros: received.elapsed().as_micros() as u64,
+            switch_micros: applied
+                .switched_at
+                .saturating_duration_since(received)
+                .as_micros() as u64,
         }))
     }
 
@@ -362,7 +365,8 @@ pub async fn serve(
             AgentServiceServer::new(AgentApi(controller))
                 .max_decoding_message_size(max_request_bytes),
         );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle: small responses must not wait for a delayed ACK (40 ms on Linux).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
     Ok(ApiServer { local_addr, task })
 }

@@ -135,7 +135,9 @@ impl Config {
                 }
                 Ok(raw) => {
                     raw.normalize(&rendered, origin).map_err(|e| match e {
-                        ConfigError::Invalid { key, message, .. } => env_err(format!("{key}: {message}")),
+                        ConfigError::Invalid { key, message, .. } => {
+                            env_err(format!("{key}: {message}"))
+                        }
                         other => env_err(other.to_string()),
                     })?;
                 }
@@ -165,20 +167,38 @@ impl Config {
 }
 
 /// Top-level sections that environment overrides may address.
-const SECTIONS: [&str; 7] = ["agent", "policy", "slo", "spiffe", "kms", "multi_region", "promotion"];
+const SECTIONS: [&str; 7] = [
+    "agent",
+    "policy",
+    "slo",
+    "spiffe",
+    "kms",
+    "multi_region",
+    "promotion",
+];
 
 /// The table an override of `section` goes to: the file's own form of it (`[sidecar]` for
 /// `agent` when the file uses that alias; `[sidecar.slo]` for `slo` when nested), created if absent.
-fn section_table<'a>(table: &'a mut toml::Table, section: &str) -> Result<&'a mut toml::Table, String> {
+fn section_table<'a>(
+    table: &'a mut toml::Table,
+    section: &str,
+) -> Result<&'a mut toml::Table, String> {
     if !SECTIONS.contains(&section) {
         let hint = SECTIONS
             .iter()
             .min_by_key(|s| strsim::damerau_levenshtein(s, section))
             .map(|s| format!("; did you mean KNHK_{}__...?", s.to_uppercase()))
             .unwrap_or_default();
-        return Err(format!("unknown section `{section}` (expected one of {}){hint}", SECTIONS.join(", ")));
+        return Err(format!(
+            "unknown section `{section}` (expected one of {}){hint}",
+            SECTIONS.join(", ")
+        ));
     }
-    let alias = if table.contains_key("sidecar") && !table.contains_key("agent") { "sidecar" } else { "agent" };
+    let alias = if table.contains_key("sidecar") && !table.contains_key("agent") {
+        "sidecar"
+    } else {
+        "agent"
+    };
     let not_table = |name: &str| format!("[{name}] in the file is not a table");
     if section == "agent" {
         return table
@@ -193,7 +213,10 @@ fn section_table<'a>(table: &'a mut toml::Table, section: &str) -> Result<&'a mu
         .is_some_and(|a| a.contains_key(section))
         && !table.contains_key(section);
     let parent = if nested {
-        table.get_mut(alias).and_then(|a| a.as_table_mut()).ok_or_else(|| not_table(alias))?
+        table
+            .get_mut(alias)
+            .and_then(|a| a.as_table_mut())
+            .ok_or_else(|| not_table(alias))?
     } else {
         table
     };

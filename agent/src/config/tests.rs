@@ -276,7 +276,9 @@ fn cgroup_containment_is_by_component() {
 }
 
 fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
-    vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
@@ -291,7 +293,10 @@ fn environment_overrides_set_any_key() {
             ("KNHK_AGENT__HEAT_TOP_N", "7"),
             ("KNHK_POLICY__MAX_RULES", "50"),
             ("KNHK_SLO__R1_P99_MAX_NS", "200000"),
-            ("KNHK_MULTI_REGION__RECEIPT_SYNC_ENDPOINTS", "[\"https://a:1\", \"https://b:2\"]"),
+            (
+                "KNHK_MULTI_REGION__RECEIPT_SYNC_ENDPOINTS",
+                "[\"https://a:1\", \"https://b:2\"]",
+            ),
             ("KNHK_ENDPOINT", "not an override"),
             ("PATH", "/usr/bin"),
         ]),
@@ -303,7 +308,12 @@ fn environment_overrides_set_any_key() {
     assert_eq!(c.agent.heat_top_n, 7);
     assert_eq!(c.policy.max_rules, 50);
     assert_eq!(c.slo.and_then(|s| s.r1_p99_max_ns), Some(200_000));
-    assert_eq!(c.multi_region.and_then(|m| m.receipt_sync_endpoints).map(|e| e.len()), Some(2));
+    assert_eq!(
+        c.multi_region
+            .and_then(|m| m.receipt_sync_endpoints)
+            .map(|e| e.len()),
+        Some(2)
+    );
 }
 
 #[test]
@@ -311,7 +321,10 @@ fn environment_overrides_follow_the_files_aliases() {
     let c = Config::parse_with_env(
         PLAN_EXAMPLE,
         "plan",
-        env(&[("KNHK_AGENT__LISTEN_ADDRESS", "127.0.0.1:50051"), ("KNHK_SLO__W1_P99_MAX_MS", "5")]),
+        env(&[
+            ("KNHK_AGENT__LISTEN_ADDRESS", "127.0.0.1:50051"),
+            ("KNHK_SLO__W1_P99_MAX_MS", "5"),
+        ]),
     )
     .expect("valid");
     assert!(c.agent.listen_address.ip().is_loopback());
@@ -321,15 +334,33 @@ fn environment_overrides_follow_the_files_aliases() {
 #[test]
 fn bad_environment_overrides_name_the_variable() {
     let cases: &[(&str, &str, &str)] = &[
-        ("KNHK_AGENT__MODE", "yolo", "KNHK_AGENT__MODE=\"yolo\": unknown variant `yolo`"),
+        (
+            "KNHK_AGENT__MODE",
+            "yolo",
+            "KNHK_AGENT__MODE=\"yolo\": unknown variant `yolo`",
+        ),
         ("KNHK_AGENT__MOED", "audit", "did you mean `mode`?"),
         ("KNHK_AGNET__MODE", "audit", "unknown section `agnet`"),
-        ("KNHK_AGENT__HEAT_MAX_ENTRIES", "0", "agent.heat_max_entries: 0 is out of range"),
-        ("KNHK_KMS__ROTATION_INTERVAL_HOURS", "48", "kms.rotation_interval_hours: 48 is out of range"),
-        ("KNHK_AGENT__HEAT_ENABLED", "maybe", "invalid type: string \"maybe\", expected a boolean"),
+        (
+            "KNHK_AGENT__HEAT_MAX_ENTRIES",
+            "0",
+            "agent.heat_max_entries: 0 is out of range",
+        ),
+        (
+            "KNHK_KMS__ROTATION_INTERVAL_HOURS",
+            "48",
+            "kms.rotation_interval_hours: 48 is out of range",
+        ),
+        (
+            "KNHK_AGENT__HEAT_ENABLED",
+            "maybe",
+            "invalid type: string \"maybe\", expected a boolean",
+        ),
     ];
     for (var, value, needle) in cases {
-        let e = Config::parse_with_env("", "t", env(&[(var, value)])).expect_err(var).to_string();
+        let e = Config::parse_with_env("", "t", env(&[(var, value)]))
+            .expect_err(var)
+            .to_string();
         assert!(e.contains(needle), "{var}: expected {needle:?} in {e}");
     }
 }

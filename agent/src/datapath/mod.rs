@@ -5,9 +5,12 @@
 //! [`Datapath::apply`] compiles a [`Policy`] and makes it live with one switch:
 //!
 //! 1. resolve rule cgroups; compile every scope's trie (pure, [`crate::policy`]); check capacity;
-//! 2. wait for an RCU grace period since the last switch, then clear the inactive slot;
-//! 3. write the new generation's tries, scope entries and settings into the inactive slot;
-//! 4. flip `active_slot` with one aligned 32-bit store through the config map's shared mapping.
+//! 2. pick a free slot (of `knhk_abi::SLOTS`); only if none is free, wait for an RCU grace period
+//!    and clear the retired ones first;
+//! 3. write the new generation's tries, scope entries and settings into that slot;
+//! 4. flip `active_slot` with one aligned 32-bit store through the config map's shared mapping;
+//!    the slot it replaces is retired, and cleared after a grace period by
+//!    [`Datapath::begin_reclaim`] / [`Datapath::finish_reclaim`] in the background.
 //!
 //! Any error before step 4 leaves the live generation untouched. [`Datapath::refresh_scopes`]
 //! follows rule cgroups as they are created and removed, patching the active slot scope by scope
@@ -178,6 +181,18 @@ pub struct ApplyReport {
     pub switch_latency: Duration,
 }
 
+/// Proof that a reclaim started at a given switch; see [`Datapath::begin_reclaim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReclaimTicket {
+    switches: u64,
+}
+
+/// Waits for an RCU grace period: afterwards no connect that started before the call is still
+/// reading any slot. Takes a few milliseconds; call it without holding the datapath.
+pub fn grace_period() -> Result<(), DatapathError> {
+    sys::synchronize_rcu().map_err(io_err("membarrier", Path::new("(synchronize_rcu)")))
+}
+
 /// A rule cgroup that appeared or disappeared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScopeChange {
@@ -308,11 +323,17 @@ pub struct Datapath {
     rule_hits: sys::MmapArray,
     policy_v4: LpmTrie<MapData, LpmKeyV4, RuleLeaf>,
     policy_v6: LpmTrie<MapData, LpmKeyV6, RuleLeaf>,
+    /// Duplicates of the tries' fds, for batch writes (aya 0.14 has none).
+    policy_v4_fd: std::os::fd::OwnedFd,
+    policy_v6_fd: std::os::fd::OwnedFd,
     scopes: BpfHashMap<MapData, ScopeKey, ScopeValue>,
-    slots: [HashMap<u64, ScopeKeys>; 2],
-    /// Whether the inactive slot may still be read by connects that started before the last
-    /// switch (an RCU grace period has not passed since).
-    inactive_in_use: bool,
+    /// Keys each slot holds.
+    slots: [HashMap<u64, ScopeKeys>; SLOTS],
+    /// For each slot that was live and no longer is: the switch count at which it was retired.
+    /// Connects that started before then may still read it until an RCU grace period passes.
+    retired: [Option<u64>; SLOTS],
+    /// Switches made by this datapath.
+    switches: u64,
     counters: CounterIds,
     live: Option<Live>,
     generation: u64,
@@ -375,16 +396,20 @@ impl Datapath {
             true,
         )
         .map_err(io_err("mmap", &layout.map(map_names::RULE_HITS)))?;
-        let policy_v4 = LpmTrie::try_from(aya::maps::Map::LpmTrie(take_map(
-            &mut ebpf,
-            map_names::POLICY_V4,
-        )?))
-        .map_err(map_err("open", map_names::POLICY_V4))?;
-        let policy_v6 = LpmTrie::try_from(aya::maps::Map::LpmTrie(take_map(
-            &mut ebpf,
-            map_names::POLICY_V6,
-        )?))
-        .map_err(map_err("open", map_names::POLICY_V6))?;
+        let v4_map = take_map(&mut ebpf, map_names::POLICY_V4)?;
+        let v6_map = take_map(&mut ebpf, map_names::POLICY_V6)?;
+        let dup = |m: &MapData, name: &'static str| {
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("dup", &layout.map(name)))
+        };
+        let policy_v4_fd = dup(&v4_map, map_names::POLICY_V4)?;
+        let policy_v6_fd = dup(&v6_map, map_names::POLICY_V6)?;
+        let policy_v4 = LpmTrie::try_from(aya::maps::Map::LpmTrie(v4_map))
+            .map_err(map_err("open", map_names::POLICY_V4))?;
+        let policy_v6 = LpmTrie::try_from(aya::maps::Map::LpmTrie(v6_map))
+            .map_err(map_err("open", map_names::POLICY_V6))?;
         let scopes = BpfHashMap::try_from(aya::maps::Map::HashMap(take_map(
             &mut ebpf,
             map_names::SCOPES,
@@ -401,9 +426,12 @@ impl Datapath {
             rule_hits,
             policy_v4,
             policy_v6,
+            policy_v4_fd,
+            policy_v6_fd,
             scopes,
-            slots: [HashMap::new(), HashMap::new()],
-            inactive_in_use: true,
+            slots: Default::default(),
+            retired: [None; SLOTS],
+            switches: 0,
             counters: CounterIds::default(),
             live: None,
             generation: 0,
@@ -421,6 +449,13 @@ impl Datapath {
         }
         let active = dp.active_slot();
         dp.generation = dp.config_ref().slots[active as usize].generation;
+        // Slots an earlier run left filled may still be read by connects it admitted just before
+        // exiting: treat them as retired.
+        for slot in 0..SLOTS {
+            if slot as u32 != active && !dp.slots[slot].is_empty() {
+                dp.retired[slot] = Some(0);
+            }
+        }
         if dp.adopted {
             info!(
                 pins = %dp.layout.dir.display(),
@@ -438,7 +473,7 @@ impl Datapath {
             let data = key.data();
             let len = key.prefix_len().saturating_sub(LPM_FIXED_BITS) as u8;
             if let Ok(net) = Ipv4Net::new(data.addr.into(), len) {
-                self.slots[(data.slot & 1) as usize]
+                self.slots[data.slot as usize % SLOTS]
                     .entry(data.scope)
                     .or_default()
                     .v4
@@ -450,7 +485,7 @@ impl Datapath {
             let data = key.data();
             let len = key.prefix_len().saturating_sub(LPM_FIXED_BITS) as u8;
             if let Ok(net) = Ipv6Net::new(data.addr.into(), len) {
-                self.slots[(data.slot & 1) as usize]
+                self.slots[data.slot as usize % SLOTS]
                     .entry(data.scope)
                     .or_default()
                     .v6
@@ -463,7 +498,7 @@ impl Datapath {
         }
         for key in scope_entries {
             let level = self.scopes.get(&key, 0).map(|v| v.level).unwrap_or(0);
-            self.slots[(key.slot & 1) as usize]
+            self.slots[key.slot as usize % SLOTS]
                 .entry(key.cgroup_id)
                 .or_default()
                 .level = Some(level);
@@ -536,7 +571,7 @@ impl Datapath {
     fn active_slot(&self) -> u32 {
         // SAFETY: aligned u32 inside the mapping.
         let word = unsafe { AtomicU32::from_ptr(&raw mut (*self.config_ptr()).active_slot) };
-        word.load(Ordering::SeqCst) & 1
+        word.load(Ordering::SeqCst) % SLOTS as u32
     }
 
     /// The live policy generation (0 before the first apply).
@@ -579,20 +614,30 @@ impl Datapath {
                 compile_scope(&policy.rules, Some(path), &ids, policy.default_class)?,
             ));
         }
-        let inactive = 1 - self.active_slot();
-        let active = 1 - inactive;
-        let count = |slot: &HashMap<u64, ScopeKeys>| -> (usize, usize, usize) {
-            slot.values().fold((0, 0, 0), |(a, b, c), k| {
-                (
-                    a + k.v4.len(),
-                    b + k.v6.len(),
-                    c + k.level.is_some() as usize,
-                )
-            })
-        };
-        let (live_v4, live_v6, live_scopes) = count(&self.slots[active as usize]);
         let new_v4: usize = tables.iter().map(|t| t.2.v4.len()).sum();
         let new_v6: usize = tables.iter().map(|t| t.2.v6.len()).sum();
+        // A free slot, and room in the maps: both may need the retired slots reclaimed first.
+        let fits = |dp: &Self| {
+            let (v4, v6, sc) = dp.entries_in_use();
+            v4 + new_v4 <= MAX_PREFIXES as usize
+                && v6 + new_v6 <= MAX_PREFIXES as usize
+                && sc + resolved.len() <= MAX_SCOPES as usize
+        };
+        let compiled = started.elapsed();
+        if self.free_slot().is_none() || !fits(self) {
+            tracing::debug!(
+                "no free policy slot or map room: waiting for a grace period to reclaim"
+            );
+            sys::synchronize_rcu().map_err(io_err("membarrier", Path::new("(synchronize_rcu)")))?;
+            self.clear_retired(self.switches, usize::MAX)?;
+        }
+        let Some(inactive) = self.free_slot() else {
+            return Err(DatapathError::Load(
+                "no free policy slot after reclaiming".into(),
+            ));
+        };
+        let active = self.active_slot();
+        let (live_v4, live_v6, live_scopes) = self.entries_in_use();
         for (what, needed, live, max) in [
             ("IPv4 prefixes", new_v4, live_v4, MAX_PREFIXES as usize),
             ("IPv6 prefixes", new_v6, live_v6, MAX_PREFIXES as usize),
@@ -613,11 +658,11 @@ impl Datapath {
             }
         }
 
-        self.clear_slot(inactive)?;
         for id in &fresh {
             self.set_rule_hits(*id, 0);
         }
         let (mut level_min, mut level_max) = (0u32, 0u32);
+        let writing = Instant::now();
         for (scope, level, table) in &tables {
             self.write_table(inactive, *scope, table)?;
             if let Some(level) = level {
@@ -659,7 +704,15 @@ impl Datapath {
             AtomicU32::from_ptr(&raw mut (*cfg).active_slot).store(inactive, Ordering::SeqCst);
         }
         let switch_latency = started.elapsed();
-        self.inactive_in_use = true;
+        tracing::debug!(
+            compile_us = compiled.as_micros() as u64,
+            write_us = writing.elapsed().as_micros() as u64,
+            total_us = switch_latency.as_micros() as u64,
+            slot = inactive,
+            "policy written and switched"
+        );
+        self.switches += 1;
+        self.retired[active as usize] = Some(self.switches);
         self.generation = generation;
         self.counters = counters;
         self.live = Some(Live {
@@ -677,26 +730,125 @@ impl Datapath {
         })
     }
 
-    /// Clears the inactive slot once no connect can still be reading it. Called by `apply`, and
-    /// worth calling when idle so that the next `apply` does not wait for the grace period.
-    pub fn reclaim_inactive_slot(&mut self) -> Result<(), DatapathError> {
-        let inactive = 1 - self.active_slot();
-        self.clear_slot(inactive)
+    /// A slot that is neither live nor retired (and so empty).
+    fn free_slot(&self) -> Option<u32> {
+        let active = self.active_slot() as usize;
+        (0..SLOTS)
+            .find(|s| *s != active && self.retired[*s].is_none())
+            .map(|s| s as u32)
     }
 
-    fn clear_slot(&mut self, slot: u32) -> Result<(), DatapathError> {
-        if self.slots[slot as usize].is_empty() {
-            return Ok(());
+    /// Trie entries (IPv4, IPv6) and scope entries held by every slot.
+    fn entries_in_use(&self) -> (usize, usize, usize) {
+        self.slots
+            .iter()
+            .flat_map(|s| s.values())
+            .fold((0, 0, 0), |(a, b, c), k| {
+                (
+                    a + k.v4.len(),
+                    b + k.v6.len(),
+                    c + k.level.is_some() as usize,
+                )
+            })
+    }
+
+    /// Starts reclaiming retired slots: returns a ticket when there is something to reclaim.
+    /// Wait for [`grace_period`] (without holding the datapath), then call
+    /// [`Datapath::finish_reclaim`] with the ticket. `apply` never waits for the grace period
+    /// while a free slot is left.
+    pub fn begin_reclaim(&self) -> Option<ReclaimTicket> {
+        self.retired
+            .iter()
+            .any(Option::is_some)
+            .then_some(ReclaimTicket {
+                switches: self.switches,
+            })
+    }
+
+    /// Clears up to `budget` entries of the slots retired up to `ticket` (which the caller took
+    /// before waiting for a grace period); returns whether entries remain. Small budgets keep
+    /// each hold of the datapath short, so applies are not held up behind a large reclaim.
+    pub fn finish_reclaim(
+        &mut self,
+        ticket: ReclaimTicket,
+        budget: usize,
+    ) -> Result<bool, DatapathError> {
+        self.clear_retired(ticket.switches, budget)
+    }
+
+    fn clear_retired(
+        &mut self,
+        up_to_switch: u64,
+        mut budget: usize,
+    ) -> Result<bool, DatapathError> {
+        for slot in 0..SLOTS {
+            if self.retired[slot].is_none_or(|at| at > up_to_switch) {
+                continue;
+            }
+            let scopes: Vec<u64> = self.slots[slot].keys().copied().collect();
+            for scope in scopes {
+                if budget == 0 {
+                    return Ok(true);
+                }
+                budget = self.remove_scope_entries(slot as u32, scope, budget)?;
+            }
+            if self.slots[slot].is_empty() {
+                self.retired[slot] = None;
+            }
         }
-        if self.inactive_in_use {
-            sys::synchronize_rcu().map_err(io_err("membarrier", Path::new("(synchronize_rcu)")))?;
-            self.inactive_in_use = false;
+        Ok(false)
+    }
+
+    /// Removes up to `budget` entries of one scope from a slot, the scope entry (which makes the
+    /// tries reachable) first; returns the budget left.
+    fn remove_scope_entries(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        mut budget: usize,
+    ) -> Result<usize, DatapathError> {
+        let Some(keys) = self.slots[slot as usize].get_mut(&scope) else {
+            return Ok(budget);
+        };
+        if keys.level.take().is_some() {
+            let key = ScopeKey {
+                cgroup_id: scope,
+                slot,
+                _pad: 0,
+            };
+            ignore_missing(self.scopes.remove(&key))
+                .map_err(map_err("remove", map_names::SCOPES))?;
         }
-        let scopes: Vec<u64> = self.slots[slot as usize].keys().copied().collect();
-        for scope in scopes {
-            self.remove_scope(slot, scope)?;
+        while budget > 0 {
+            let Some(net) = keys.v4.pop() else { break };
+            let data = LpmKeyV4 {
+                slot,
+                _pad: 0,
+                scope,
+                addr: net.network().octets(),
+            };
+            let key = Key::new(LPM_FIXED_BITS + net.prefix_len() as u32, data);
+            ignore_missing(self.policy_v4.remove(&key))
+                .map_err(map_err("remove", map_names::POLICY_V4))?;
+            budget -= 1;
         }
-        Ok(())
+        while budget > 0 {
+            let Some(net) = keys.v6.pop() else { break };
+            let data = LpmKeyV6 {
+                slot,
+                _pad: 0,
+                scope,
+                addr: net.network().octets(),
+            };
+            let key = Key::new(LPM_FIXED_BITS + net.prefix_len() as u32, data);
+            ignore_missing(self.policy_v6.remove(&key))
+                .map_err(map_err("remove", map_names::POLICY_V6))?;
+            budget -= 1;
+        }
+        if keys.v4.is_empty() && keys.v6.is_empty() {
+            self.slots[slot as usize].remove(&scope);
+        }
+        Ok(budget)
     }
 
     fn write_table(
@@ -705,36 +857,68 @@ impl Datapath {
         scope: u64,
         table: &ScopeTable,
     ) -> Result<(), DatapathError> {
+        let v4_keys: Vec<Key<LpmKeyV4>> = table
+            .v4
+            .iter()
+            .map(|(net, _)| {
+                let data = LpmKeyV4 {
+                    slot,
+                    _pad: 0,
+                    scope,
+                    addr: net.network().octets(),
+                };
+                Key::new(LPM_FIXED_BITS + net.prefix_len() as u32, data)
+            })
+            .collect();
+        let v6_keys: Vec<Key<LpmKeyV6>> = table
+            .v6
+            .iter()
+            .map(|(net, _)| {
+                let data = LpmKeyV6 {
+                    slot,
+                    _pad: 0,
+                    scope,
+                    addr: net.network().octets(),
+                };
+                Key::new(LPM_FIXED_BITS + net.prefix_len() as u32, data)
+            })
+            .collect();
+        let v4_leaves: Vec<RuleLeaf> = table.v4.iter().map(|(_, l)| *l).collect();
+        let v6_leaves: Vec<RuleLeaf> = table.v6.iter().map(|(_, l)| *l).collect();
+        // Record the keys first: if a write fails midway, the slot's cleanup still finds them.
         let keys = self.slots[slot as usize].entry(scope).or_default();
-        for (net, leaf) in &table.v4 {
-            let key = Key::new(
-                LPM_FIXED_BITS + net.prefix_len() as u32,
-                LpmKeyV4 {
-                    slot,
-                    _pad: 0,
-                    scope,
-                    addr: net.network().octets(),
-                },
-            );
-            self.policy_v4
-                .insert(&key, leaf, 0)
-                .map_err(map_err("insert", map_names::POLICY_V4))?;
-            keys.v4.push(*net);
+        keys.v4.extend(table.v4.iter().map(|(n, _)| *n));
+        keys.v6.extend(table.v6.iter().map(|(n, _)| *n));
+        let batch_err = |map: &'static str| {
+            move |e: io::Error| DatapathError::Map {
+                op: "batch update",
+                map,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: e,
+                }),
+            }
+        };
+        let batched_v4 = v4_keys.is_empty()
+            || sys::update_batch(self.policy_v4_fd.as_fd(), &v4_keys, &v4_leaves)
+                .map_err(batch_err(map_names::POLICY_V4))?;
+        tracing::trace!(batched_v4, "trie write");
+        if !batched_v4 {
+            for (key, leaf) in v4_keys.iter().zip(&v4_leaves) {
+                self.policy_v4
+                    .insert(key, leaf, 0)
+                    .map_err(map_err("insert", map_names::POLICY_V4))?;
+            }
         }
-        for (net, leaf) in &table.v6 {
-            let key = Key::new(
-                LPM_FIXED_BITS + net.prefix_len() as u32,
-                LpmKeyV6 {
-                    slot,
-                    _pad: 0,
-                    scope,
-                    addr: net.network().octets(),
-                },
-            );
-            self.policy_v6
-                .insert(&key, leaf, 0)
-                .map_err(map_err("insert", map_names::POLICY_V6))?;
-            keys.v6.push(*net);
+        let batched_v6 = v6_keys.is_empty()
+            || sys::update_batch(self.policy_v6_fd.as_fd(), &v6_keys, &v6_leaves)
+                .map_err(batch_err(map_names::POLICY_V6))?;
+        if !batched_v6 {
+            for (key, leaf) in v6_keys.iter().zip(&v6_leaves) {
+                self.policy_v6
+                    .insert(key, leaf, 0)
+                    .map_err(map_err("insert", map_names::POLICY_V6))?;
+            }
         }
         Ok(())
     }
@@ -754,46 +938,10 @@ impl Datapath {
 
     /// Removes one scope's entries from a slot: the scope entry first (making the tries
     /// unreachable), then the tries.
+    /// Removes every entry of one scope from a slot.
     fn remove_scope(&mut self, slot: u32, scope: u64) -> Result<(), DatapathError> {
-        let Some(keys) = self.slots[slot as usize].remove(&scope) else {
-            return Ok(());
-        };
-        if keys.level.is_some() {
-            let key = ScopeKey {
-                cgroup_id: scope,
-                slot,
-                _pad: 0,
-            };
-            ignore_missing(self.scopes.remove(&key))
-                .map_err(map_err("remove", map_names::SCOPES))?;
-        }
-        for net in keys.v4 {
-            let key = Key::new(
-                LPM_FIXED_BITS + net.prefix_len() as u32,
-                LpmKeyV4 {
-                    slot,
-                    _pad: 0,
-                    scope,
-                    addr: net.network().octets(),
-                },
-            );
-            ignore_missing(self.policy_v4.remove(&key))
-                .map_err(map_err("remove", map_names::POLICY_V4))?;
-        }
-        for net in keys.v6 {
-            let key = Key::new(
-                LPM_FIXED_BITS + net.prefix_len() as u32,
-                LpmKeyV6 {
-                    slot,
-                    _pad: 0,
-                    scope,
-                    addr: net.network().octets(),
-                },
-            );
-            ignore_missing(self.policy_v6.remove(&key))
-                .map_err(map_err("remove", map_names::POLICY_V6))?;
-        }
-        Ok(())
+        self.remove_scope_entries(slot, scope, usize::MAX)
+            .map(|_| ())
     }
 
     fn set_rule_hits(&self, counter: u32, value: u64) {
@@ -820,7 +968,7 @@ impl Datapath {
                 continue;
             }
             if let Some(old) = before {
-                for slot in [0, 1] {
+                for slot in 0..SLOTS as u32 {
                     self.remove_scope(slot, old.id)?;
                 }
                 resolved.remove(&path);

@@ -148,6 +148,46 @@ pub(crate) fn lookup_batch<K: Copy + Default, V: Copy + Default>(
     }
 }
 
+/// Writes `keys[i] → values[i]` with `BPF_MAP_UPDATE_BATCH` (thousands per syscall). Returns
+/// `Ok(false)` without writing anything when the map type has no batch support.
+pub(crate) fn update_batch<K: Copy, V: Copy>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<bool> {
+    const CHUNK: usize = 8192;
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut count = k.len() as u32;
+        // SAFETY: `count` keys and values of the map's key and value sizes, read by the kernel.
+        let ret = unsafe {
+            libbpf_sys::bpf_map_update_batch(
+                fd.as_raw_fd(),
+                k.as_ptr().cast(),
+                v.as_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        if ret < 0 {
+            let errno = -ret;
+            // No batch support for this map type (checked on the first chunk only).
+            if std::ptr::eq(k.as_ptr(), keys.as_ptr())
+                && (errno == libc::EINVAL || errno == libc::EOPNOTSUPP || errno == 524)
+            {
+                return Ok(false);
+            }
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+    }
+    Ok(true)
+}
+
 /// `BPF_FS_MAGIC`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `CGROUP2_SUPER_MAGIC`.

@@ -126,9 +126,14 @@ pub struct SlotConfig {
     pub histogram_interval_ns: u64,
 }
 
+/// Policy slots. A new generation is written into a free slot and switched in; the slot it
+/// replaces is cleared after an RCU grace period. Several slots let back-to-back policy changes
+/// proceed without waiting for that grace period. A power of two.
+pub const SLOTS: usize = 16;
+
 /// Global settings read by every program on every event (mmapable array map, one entry).
 ///
-/// The agent writes it through a shared mapping: it fills the inactive slot's [`SlotConfig`]
+/// The agent writes it through a shared mapping: it fills a free slot's [`SlotConfig`]
 /// (and that slot's trie and scope entries), then switches `active_slot` with one aligned 32-bit
 /// store. A connect reads `active_slot` once, so it sees one whole generation or the other.
 #[repr(C)]
@@ -136,12 +141,12 @@ pub struct SlotConfig {
 pub struct Config {
     /// ABI version of the agent that wrote this entry.
     pub abi_version: u32,
-    /// Policy slot (0 or 1) that connects use.
+    /// Policy slot (`0..SLOTS`) that connects use.
     pub active_slot: u32,
     /// Inode (cgroup id) of the cgroup the programs are attached to.
     pub attach_cgroup_id: u64,
-    /// Both slots' settings.
-    pub slots: [SlotConfig; 2],
+    /// Every slot's settings.
+    pub slots: [SlotConfig; SLOTS],
 }
 
 /// LPM trie key data for IPv4. The trie compares bits from the start of this struct, so the
@@ -150,7 +155,7 @@ pub struct Config {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LpmKeyV4 {
-    /// Policy slot (0 or 1).
+    /// Policy slot (`0..SLOTS`).
     pub slot: u32,
     /// Padding, always zero.
     pub _pad: u32,
@@ -164,7 +169,7 @@ pub struct LpmKeyV4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LpmKeyV6 {
-    /// Policy slot (0 or 1).
+    /// Policy slot (`0..SLOTS`).
     pub slot: u32,
     /// Padding, always zero.
     pub _pad: u32,
@@ -246,7 +251,7 @@ impl RuleEntry {
 pub struct ScopeKey {
     /// Cgroup id (the inode number of the cgroup v2 directory).
     pub cgroup_id: u64,
-    /// Policy slot (0 or 1).
+    /// Policy slot (`0..SLOTS`).
     pub slot: u32,
     /// Padding, always zero.
     pub _pad: u32,
@@ -418,7 +423,8 @@ mod tests {
         assert_eq!(offset_of!(SlotConfig, flags), 8);
         assert_eq!(offset_of!(SlotConfig, default_action), 12);
         assert_eq!(offset_of!(SlotConfig, scope_level_min), 16);
-        assert_eq!(size_of::<Config>(), 80);
+        assert_eq!(size_of::<Config>(), 16 + 32 * SLOTS);
+        assert!(SLOTS.is_power_of_two());
         assert_eq!(offset_of!(Config, active_slot), 4);
         assert_eq!(offset_of!(Config, attach_cgroup_id), 8);
         assert_eq!(offset_of!(Config, slots), 16);

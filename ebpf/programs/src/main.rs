@@ -82,7 +82,7 @@ pub fn knhk_sockops(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn active_slot() -> Option<(u32, &'static SlotConfig)> {
     let cfg = CONFIG.get(0)?;
-    let slot = unsafe { core::ptr::read_volatile(&cfg.active_slot) } & 1;
+    let slot = unsafe { core::ptr::read_volatile(&cfg.active_slot) } & (SLOTS as u32 - 1);
     Some((slot, &cfg.slots[slot as usize]))
 }
 
