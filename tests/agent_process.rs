@@ -547,10 +547,30 @@ fn kernel_grpc_apply_is_enforced_when_it_returns_and_rollback_undoes_it() {
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
         assert!(stale.message().contains("expected generation 1, but the live generation is 2"), "{stale:?}");
 
-        let rolled = c.rollback(pb::RollbackRequest { expected_generation: Some(2) }).await.expect("rollback").into_inner();
-        assert_eq!((rolled.generation, rolled.restored_generation), (3, 1));
+        // Two writers racing with the same expected generation: exactly one wins.
+        let mut c2 = policy_client(agent.grpc).await;
+        let one = doc(vec![rule("w1", pb::Action::Allow, "10.1.0.0/16", "")]);
+        let two = doc(vec![rule("w2", pb::Action::Allow, "10.2.0.0/16", "")]);
+        let live_now = c.get_policy(pb::GetPolicyRequest {}).await.expect("get").into_inner().generation;
+        let (r1, r2) = tokio::join!(
+            c.apply_policy(pb::ApplyPolicyRequest { policy: Some(one), expected_generation: Some(live_now) }),
+            c2.apply_policy(pb::ApplyPolicyRequest { policy: Some(two), expected_generation: Some(live_now) }),
+        );
+        let codes = [r1.as_ref().err().map(|e| e.code()), r2.as_ref().err().map(|e| e.code())];
+        assert!(
+            codes.contains(&None) && codes.contains(&Some(tonic::Code::FailedPrecondition)),
+            "one writer wins, the other is refused: {codes:?}"
+        );
+        // Put the deny policy back for the rollback below (generation 4 → 5).
+        let back = c.get_policy(pb::GetPolicyRequest {}).await.expect("get").into_inner();
+        assert_eq!(back.generation, live_now + 1);
+        let rolled = c.rollback(pb::RollbackRequest { expected_generation: Some(back.generation) }).await.expect("rollback").into_inner();
+        assert_eq!((rolled.generation, rolled.restored_generation), (4, 2));
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied, "the deny document is live again");
+
+        let rolled = c.rollback(pb::RollbackRequest { expected_generation: Some(4) }).await.expect("rollback").into_inner();
+        assert_eq!((rolled.generation, rolled.restored_generation), (5, 3));
         assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Connected, "allowed as soon as Rollback returned");
-        assert_eq!(rolled.digest, live.digest, "the restored document is the original one");
 
         let status = AgentServiceClient::connect(format!("http://{}", agent.grpc))
             .await
@@ -559,9 +579,9 @@ fn kernel_grpc_apply_is_enforced_when_it_returns_and_rollback_undoes_it() {
             .await
             .expect("status")
             .into_inner();
-        assert_eq!(status.generation, 3);
+        assert_eq!(status.generation, 5);
         let c1 = status.decisions.iter().find(|d| d.runtime_class == pb::RuntimeClass::C1 as i32).expect("C1");
-        assert_eq!((c1.allowed, c1.denied), (2, 1));
+        assert_eq!((c1.allowed, c1.denied), (2, 2));
     });
 }
 
@@ -854,4 +874,102 @@ fn kernel_grpc_health_reflection_and_cli() {
         .output()
         .expect("cli");
     assert_eq!(out.status.code(), Some(69), "unreachable agent");
+}
+
+const PLAN_EXAMPLE: &str = r#"
+[sidecar]
+listen_address = "0.0.0.0:50051"
+[sidecar.spiffe]
+enabled = true
+spiffe_socket_path = "/tmp/spire-agent/public/api.sock"
+trust_domain = "fortune5.example.com"
+spiffe_id = "spiffe://fortune5.example.com/sidecar/prod"
+[sidecar.kms]
+provider = "aws"
+region = "us-east-1"
+key_id = "arn:aws:kms:us-east-1:123456789012:key/abc123"
+rotation_interval_hours = 24
+[sidecar.multi_region]
+region = "us-east-1"
+primary_region = "us-east-1"
+cross_region_sync_enabled = true
+receipt_sync_endpoints = [
+    "https://sidecar.us-west-2.fortune5.example.com:50051",
+    "https://sidecar.eu-west-1.fortune5.example.com:50051",
+]
+[sidecar.slo]
+r1_p99_max_ns = 2
+w1_p99_max_ms = 1
+c1_p99_max_ms = 500
+admission_strategy = "strict"
+[sidecar.promotion]
+environment = "production"
+auto_rollback_enabled = true
+slo_threshold = 0.95
+"#;
+
+#[test]
+fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plan = dir.path().join("fortune5.toml");
+    std::fs::write(&plan, PLAN_EXAMPLE).expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&plan)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for section in [
+        "[slo]",
+        "[spiffe]",
+        "[kms]",
+        "[multi_region]",
+        "[promotion]",
+    ] {
+        assert!(
+            stdout.contains(&format!("accepted, not active: {section}")),
+            "{section} in {stdout}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["check-config", "--output", "json"])
+        .arg(&plan)
+        .output()
+        .expect("run");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["valid"], true);
+    assert_eq!(json["inactive_sections"].as_array().map(Vec::len), Some(5));
+
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[agent]\nmetrics_adress = \"127.0.0.1:9464\"\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .arg(&typo)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr.contains("line 2") && stderr.contains("did you mean `metrics_address`?"),
+        "{stderr}"
+    );
+
+    // Running the plan's example as is: its 0.0.0.0 gRPC address needs mTLS, which this version
+    // lacks, so run refuses it before touching anything (exit 64), naming the key.
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&plan)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("0.0.0.0:50051") && stderr.contains("agent.listen_address"),
+        "{stderr}"
+    );
 }

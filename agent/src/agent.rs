@@ -1,9 +1,9 @@
 //! `knhk-agent run`: wires the datapath, the control core, the gRPC API, the cgroup follower and
 //! the admin server together.
 //!
-//! Order: validate config (done by the caller) → bind the admin server (fail before touching the
-//! kernel if the port is taken) → load, attach or re-adopt the datapath → switch in the policy →
-//! serve the gRPC API → follow rule cgroups until SIGINT/SIGTERM. Pins stay in place on exit (enforcement survives
+//! Order: validate config (done by the caller) → bind the gRPC and admin listeners (fail before
+//! touching the kernel if an address is refused or taken) → load, attach or re-adopt the datapath
+//! → switch in the policy → serve the gRPC API → follow rule cgroups until SIGINT/SIGTERM. Pins stay in place on exit (enforcement survives
 //! restarts) unless `agent.detach_on_exit` is set.
 
 use crate::{
@@ -67,6 +67,8 @@ async fn blocking<T: Send + 'static>(
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
+    // Bind both listeners before anything touches the kernel: a bad address changes nothing.
+    let api_listener = api::bind(config.agent.listen_address).await?;
     let root = cgroup_root(&config)?;
     let registry = prometheus::Registry::new();
     let readiness = Arc::new(Readiness::default());
@@ -80,7 +82,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         source,
     })?;
 
-    let api_listener = api::bind(config.agent.listen_address).await?;
     let opts = DatapathOptions {
         cgroup_root: root.clone(),
         pin_root: config.agent.pin_root.clone(),
