@@ -94,12 +94,29 @@ enum Command {
 /// Options of every client command.
 #[derive(clap::Args)]
 struct ClientArgs {
-    /// gRPC endpoint of the agent.
-    #[arg(long, env = "KNHK_ENDPOINT", default_value = "http://127.0.0.1:50051")]
-    endpoint: String,
+    /// gRPC endpoint of the agent [default: agent.listen_address of --config, else
+    /// http://127.0.0.1:50051].
+    #[arg(long, env = "KNHK_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Take the endpoint from this configuration file's agent.listen_address.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
+}
+
+impl ClientArgs {
+    /// The endpoint: `--endpoint`, else the configuration's listen address, else the default.
+    fn endpoint(&self) -> Result<String, ExitCode> {
+        if let Some(e) = &self.endpoint {
+            return Ok(e.clone());
+        }
+        match &self.config {
+            Some(path) => load(Some(path)).map(|c| format!("http://{}", c.agent.listen_address)),
+            None => Ok("http://127.0.0.1:50051".into()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -265,34 +282,44 @@ fn main() -> ExitCode {
             file,
             expected_generation,
             client: c,
-        }) => client_command(
-            &c,
-            client::policy_apply(&c.endpoint, &file, expected_generation),
-        ),
+        }) => client_command(&c, move |e| async move {
+            client::policy_apply(&e, &file, expected_generation).await
+        }),
         Command::Policy(PolicyCommand::Get { client: c }) => {
-            client_command(&c, client::policy_get(&c.endpoint))
+            client_command(&c, move |e| async move { client::policy_get(&e).await })
         }
-        Command::Policy(PolicyCommand::Diff { file, client: c }) => {
-            client_command(&c, client::policy_diff(&c.endpoint, &file))
-        }
+        Command::Policy(PolicyCommand::Diff { file, client: c }) => client_command(
+            &c,
+            move |e| async move { client::policy_diff(&e, &file).await },
+        ),
         Command::Policy(PolicyCommand::Rollback {
             expected_generation,
             client: c,
-        }) => client_command(
-            &c,
-            client::policy_rollback(&c.endpoint, expected_generation),
-        ),
-        Command::Status { client: c } => client_command(&c, client::status(&c.endpoint)),
-        Command::Heat { limit, client: c } => client_command(&c, client::heat(&c.endpoint, limit)),
-        Command::Slo { client: c } => client_command(&c, client::slo(&c.endpoint)),
+        }) => client_command(&c, move |e| async move {
+            client::policy_rollback(&e, expected_generation).await
+        }),
+        Command::Status { client: c } => {
+            client_command(&c, move |e| async move { client::status(&e).await })
+        }
+        Command::Heat { limit, client: c } => {
+            client_command(&c, move |e| async move { client::heat(&e, limit).await })
+        }
+        Command::Slo { client: c } => {
+            client_command(&c, move |e| async move { client::slo(&e).await })
+        }
     }
 }
 
 /// Runs one client command on a small runtime and prints its report.
-fn client_command(
-    args: &ClientArgs,
-    command: impl std::future::Future<Output = Result<client::Report, client::ClientError>>,
-) -> ExitCode {
+fn client_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
+{
+    let endpoint = match args.endpoint() {
+        Ok(e) => e,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -303,7 +330,7 @@ fn client_command(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(command) {
+    match runtime.block_on(command(endpoint)) {
         Ok(report) => {
             match args.output {
                 Output::Human => print!("{}", report.human),
