@@ -117,7 +117,10 @@ fn main() -> Result<()> {
                     "--rules",
                     &rules.to_string(),
                 ]),
-            )
+            )?;
+            run(&mut Command::new(
+                root.join("target/release/examples/bench_api"),
+            ))
         }
     }
 }
