@@ -876,37 +876,8 @@ fn kernel_grpc_health_reflection_and_cli() {
     assert_eq!(out.status.code(), Some(69), "unreachable agent");
 }
 
-const PLAN_EXAMPLE: &str = r#"
-[sidecar]
-listen_address = "0.0.0.0:50051"
-[sidecar.spiffe]
-enabled = true
-spiffe_socket_path = "/tmp/spire-agent/public/api.sock"
-trust_domain = "fortune5.example.com"
-spiffe_id = "spiffe://fortune5.example.com/sidecar/prod"
-[sidecar.kms]
-provider = "aws"
-region = "us-east-1"
-key_id = "arn:aws:kms:us-east-1:123456789012:key/abc123"
-rotation_interval_hours = 24
-[sidecar.multi_region]
-region = "us-east-1"
-primary_region = "us-east-1"
-cross_region_sync_enabled = true
-receipt_sync_endpoints = [
-    "https://sidecar.us-west-2.fortune5.example.com:50051",
-    "https://sidecar.eu-west-1.fortune5.example.com:50051",
-]
-[sidecar.slo]
-r1_p99_max_ns = 2
-w1_p99_max_ms = 1
-c1_p99_max_ms = 500
-admission_strategy = "strict"
-[sidecar.promotion]
-environment = "production"
-auto_rollback_enabled = true
-slo_threshold = 0.95
-"#;
+/// The "Fortune 5 Configuration" example of the readiness plan, verbatim.
+const PLAN_EXAMPLE: &str = include_str!("data/fortune5-plan.toml");
 
 #[test]
 fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {

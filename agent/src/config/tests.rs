@@ -1,47 +1,7 @@
 use super::*;
 
-const PLAN_EXAMPLE: &str = r#"
-# Sidecar Fortune 5 Configuration
-[sidecar]
-listen_address = "0.0.0.0:50051"
-
-# SPIFFE/SPIRE Configuration
-[sidecar.spiffe]
-enabled = true
-spiffe_socket_path = "/tmp/spire-agent/public/api.sock"
-trust_domain = "fortune5.example.com"
-spiffe_id = "spiffe://fortune5.example.com/sidecar/prod"
-
-# KMS Configuration
-[sidecar.kms]
-provider = "aws"
-region = "us-east-1"
-key_id = "arn:aws:kms:us-east-1:123456789012:key/abc123"
-rotation_interval_hours = 24
-
-# Multi-Region Configuration
-[sidecar.multi_region]
-region = "us-east-1"
-primary_region = "us-east-1"
-cross_region_sync_enabled = true
-receipt_sync_endpoints = [
-    "https://sidecar.us-west-2.fortune5.example.com:50051",
-    "https://sidecar.eu-west-1.fortune5.example.com:50051",
-]
-
-# SLO Configuration
-[sidecar.slo]
-r1_p99_max_ns = 2
-w1_p99_max_ms = 1
-c1_p99_max_ms = 500
-admission_strategy = "strict"
-
-# Promotion Gates
-[sidecar.promotion]
-environment = "production"
-auto_rollback_enabled = true
-slo_threshold = 0.95
-"#;
+/// The "Fortune 5 Configuration" example of the readiness plan, verbatim.
+const PLAN_EXAMPLE: &str = include_str!("../../../tests/data/fortune5-plan.toml");
 
 fn err(text: &str) -> String {
     Config::parse(text, "test.toml")
