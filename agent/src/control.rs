@@ -236,22 +236,42 @@ impl Controller {
 
     /// Switches in `policy` as a new generation. With `expected`, fails unless that is the live
     /// generation; with `deadline`, fails (changing nothing) if it passes before the switch.
+    ///
+    /// The write runs as a task of its own: a caller that goes away (a cancelled RPC) cannot
+    /// leave the kernel switched but the history not updated.
     pub async fn apply(
-        &self,
+        self: &Arc<Self>,
         policy: Policy,
         expected: Option<u64>,
         deadline: Option<Instant>,
     ) -> Result<Applied, ControlError> {
-        let mut history = self.history.lock().await;
-        check_expected(expected, history.live.number)?;
-        let applied = self.switch(policy, deadline, "apply").await?;
-        let previous = std::mem::replace(&mut history.live, applied.generation.clone());
-        history.previous = Some(previous);
-        Ok(applied)
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut history = this.history.lock().await;
+            check_expected(expected, history.live.number)?;
+            let applied = this.switch(policy, deadline, "apply").await?;
+            let previous = std::mem::replace(&mut history.live, applied.generation.clone());
+            history.previous = Some(previous);
+            Ok(applied)
+        })
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))?
     }
 
-    /// Applies the previous generation's document again, as a new generation.
+    /// Applies the previous generation's document again, as a new generation (in a task of its
+    /// own, like [`Controller::apply`]).
     pub async fn rollback(
+        self: &Arc<Self>,
+        expected: Option<u64>,
+        deadline: Option<Instant>,
+    ) -> Result<(Applied, u64), ControlError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.rollback_now(expected, deadline).await })
+            .await
+            .map_err(|e| ControlError::Internal(e.to_string()))?
+    }
+
+    async fn rollback_now(
         &self,
         expected: Option<u64>,
         deadline: Option<Instant>,
