@@ -421,3 +421,135 @@ fn kernel_histograms_and_heat_fill_from_real_connections() {
     );
     assert!(top.last_seen_ns > 0);
 }
+
+#[test]
+fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
+    if !kernel_available("kernel_slo_admission_sheds_colder_classes_and_recovers") {
+        return;
+    }
+    let _serial = timing_exclusive();
+    use knhk_agent::beat::{ladder::ClassState, BeatEngine, BeatSettings};
+    // R1 goes to a server behind a real 20 ms delay; its SLO is 5 ms. Unmatched (local)
+    // connects are C1.
+    let server = DelayedServer::new(20);
+    let local = tcp_sink("127.0.0.1:0");
+    let h = Harness::start(
+        "slo",
+        r#"
+        [[policy.rules]]
+        name = "hot"
+        action = "allow"
+        class = "R1"
+        cidrs = ["10.213.0.0/16"]
+        "#,
+    );
+    let settings = BeatSettings {
+        interval: std::time::Duration::from_millis(100),
+        window_beats: 4,
+        recover_beats: 3,
+        ceilings_ns: [Some(5_000_000), None, None],
+        strategy: knhk_agent::config::AdmissionStrategy::Strict,
+    };
+    let (events, mut rx) = tokio::sync::broadcast::channel(64);
+    let mut engine = BeatEngine::new(
+        settings,
+        h.reader(),
+        h.dp.class_state_writer(),
+        events,
+        &prometheus::Registry::new(),
+    )
+    .expect("engine");
+    let beat = engine.beat().expect("beat");
+    assert_eq!(
+        beat.states,
+        [ClassState::Normal; 3],
+        "no samples, no breach"
+    );
+    assert_eq!(tcp_connect_from(&h.cg.path, local), Outcome::Connected);
+
+    let timings = tcp_connect_timings_from::<5>(&h.cg.path, server.addr);
+    assert!(
+        timings.iter().all(|t| *t > 15_000_000),
+        "R1 handshakes are slow: {timings:?}"
+    );
+    let beat = engine.beat().expect("beat");
+    assert!(beat.breach[0], "R1 breaches: {beat:?}");
+    assert!(beat.p99_ns[0].is_some_and(|p| p > 15_000_000), "{beat:?}");
+    assert_eq!(
+        beat.states,
+        [ClassState::Normal, ClassState::Normal, ClassState::Paused],
+        "C1 goes first"
+    );
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, local),
+        Outcome::Denied,
+        "a paused class is refused in the kernel"
+    );
+    let d = h.reader().decisions().expect("decisions");
+    assert_eq!(
+        d.get(knhk_abi::ACTION_SHED, Class::C1),
+        1,
+        "and the refusal is counted as shed"
+    );
+    let beat = engine.beat().expect("beat");
+    assert_eq!(
+        beat.states[1],
+        ClassState::Paused,
+        "then W1, while the breach lasts: {beat:?}"
+    );
+    assert_eq!(beat.states[0], ClassState::Normal);
+    assert!(
+        tcp_connect_from(&h.cg.path, server.addr).admitted(),
+        "R1 itself is still admitted"
+    );
+    // That connect was slow too: with every colder class shed, Strict refuses R1 itself, visibly.
+    let beat = engine.beat().expect("beat");
+    assert_eq!(beat.states, [ClassState::Paused; 3], "{beat:?}");
+    assert_eq!(tcp_connect_from(&h.cg.path, server.addr), Outcome::Denied);
+    assert_eq!(
+        h.reader()
+            .decisions()
+            .expect("decisions")
+            .get(knhk_abi::ACTION_SHED, Class::R1),
+        1
+    );
+
+    // No more slow traffic: the breach leaves the window; then every 3 healthy beats the
+    // hottest shed class returns: R1, W1, C1.
+    let mut recovered = Vec::new();
+    let mut previous = [ClassState::Paused; 3];
+    for n in 1..=30 {
+        let beat = engine.beat().expect("beat");
+        for (i, class) in Class::ALL.iter().enumerate() {
+            if previous[i] != ClassState::Normal && beat.states[i] == ClassState::Normal {
+                recovered.push((*class, n));
+            }
+        }
+        previous = beat.states;
+        if beat.states == [ClassState::Normal; 3] {
+            break;
+        }
+    }
+    let order: Vec<Class> = recovered.iter().map(|(c, _)| *c).collect();
+    assert_eq!(order, [Class::R1, Class::W1, Class::C1], "{recovered:?}");
+    assert_eq!(
+        recovered[1].1 - recovered[0].1,
+        3,
+        "one class per recover_beats healthy beats: {recovered:?}"
+    );
+    assert_eq!(recovered[2].1 - recovered[1].1, 3, "{recovered:?}");
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, local),
+        Outcome::Connected,
+        "C1 admitted again"
+    );
+    let mut changes = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        changes.push(e);
+    }
+    assert_eq!(
+        changes.len(),
+        6,
+        "every state change is an event: {changes:?}"
+    );
+}

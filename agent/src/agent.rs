@@ -8,6 +8,7 @@
 
 use crate::{
     api,
+    beat::{BeatEngine, BeatSettings},
     config::Config,
     control::{ControlError, Controller},
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
@@ -89,6 +90,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     let datapath = blocking(move || Datapath::start(&opts)).await??;
     let layout = datapath.pins().clone();
+    let class_states = datapath.class_state_writer();
     let controller = Controller::start(datapath, &config).await?;
 
     let status = controller.status_handle();
@@ -116,6 +118,36 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     readiness.register("maps readable", move || {
         probe.decisions().map(|_| ()).map_err(|e| e.to_string())
     });
+
+    // SLO admission: the beat engine runs when [slo] is configured.
+    let (stop_beat, beat_stopped) = tokio::sync::oneshot::channel::<()>();
+    let beat_task = match &config.slo {
+        Some(slo) => {
+            let settings = BeatSettings::from_slo(slo);
+            let engine = BeatEngine::new(
+                settings.clone(),
+                DatapathReader::open(&layout)?,
+                class_states,
+                controller.event_sender(),
+                &registry,
+            )?;
+            controller.attach_ladder(engine.ladder_handle());
+            info!(
+                beat_ms = settings.interval.as_millis() as u64,
+                window_beats = settings.window_beats,
+                recover_beats = settings.recover_beats,
+                strategy = ?settings.strategy,
+                "SLO admission on"
+            );
+            Some(tokio::spawn(engine.run(async {
+                let _ = beat_stopped.await;
+            })))
+        }
+        None => None,
+    };
+    for w in config.warnings() {
+        warn!("{w}");
+    }
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = api::serve(
@@ -157,6 +189,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
     }
     let _ = stop_api.send(());
+    let _ = stop_beat.send(());
+    if let Some(t) = beat_task {
+        let _ = t.await;
+    }
     match tokio::time::timeout(Duration::from_secs(5), api.task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!("the gRPC server stopped with an error: {e}"),

@@ -272,10 +272,11 @@ pub async fn status(endpoint: &str) -> Result<Report, ClientError> {
             .unwrap_or("?");
         let _ = writeln!(
             human,
-            "  {class:<18} allowed {:>10}  denied {:>10}  audited {:>10}",
-            d.allowed, d.denied, d.audited
+            "  {class:<18} {:<9} allowed {:>10}  denied {:>10}  audited {:>10}  shed {:>10}",
+            d.state, d.allowed, d.denied, d.audited, d.shed
         );
-        decisions.push(json!({"runtime_class": class, "allowed": d.allowed, "denied": d.denied, "audited": d.audited}));
+        decisions.push(json!({"runtime_class": class, "state": d.state, "allowed": d.allowed, "denied": d.denied,
+                              "audited": d.audited, "shed": d.shed}));
     }
     Ok(Report {
         human,

@@ -83,6 +83,17 @@ pub enum Event {
         /// "apply", "rollback" or "startup".
         cause: &'static str,
     },
+    /// SLO admission changed a class's state.
+    ClassStateChanged {
+        /// When.
+        at: SystemTime,
+        /// The class.
+        class: Class,
+        /// Before.
+        from: crate::beat::ladder::ClassState,
+        /// After.
+        to: crate::beat::ladder::ClassState,
+    },
     /// A rule cgroup appeared (`present`) or was removed.
     CgroupChanged {
         /// When.
@@ -148,6 +159,7 @@ pub struct Controller {
     max_rules: usize,
     slo: Option<SloSection>,
     heat_top_n: usize,
+    ladder: std::sync::OnceLock<Arc<RwLock<crate::beat::ladder::Ladder>>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -203,6 +215,7 @@ impl Controller {
             max_rules: config.policy.max_rules,
             slo: config.slo.clone(),
             heat_top_n: config.agent.heat_top_n as usize,
+            ladder: std::sync::OnceLock::new(),
         });
         tracing::info!(
             generation = live.number,
@@ -441,12 +454,31 @@ impl Controller {
         self.events.subscribe()
     }
 
-    /// Decision counts of `class`: (allowed, denied, audited).
-    pub fn decisions_of(d: &Decisions, class: Class) -> (u64, u64, u64) {
+    /// The sender other components (the beat engine) publish their events on.
+    pub fn event_sender(&self) -> broadcast::Sender<Event> {
+        self.events.clone()
+    }
+
+    /// Attaches the beat engine's published ladder, for status output.
+    pub fn attach_ladder(&self, ladder: Arc<RwLock<crate::beat::ladder::Ladder>>) {
+        let _ = self.ladder.set(ladder);
+    }
+
+    /// The SLO admission state of `class` (`Normal` without a beat engine).
+    pub fn class_state(&self, class: Class) -> crate::beat::ladder::ClassState {
+        self.ladder
+            .get()
+            .and_then(|l| l.read().ok().map(|l| l.state(class)))
+            .unwrap_or(crate::beat::ladder::ClassState::Normal)
+    }
+
+    /// Decision counts of `class`: (allowed, denied, audited, shed).
+    pub fn decisions_of(d: &Decisions, class: Class) -> (u64, u64, u64, u64) {
         (
             d.get(ACTION_ALLOW, class),
             d.get(ACTION_DENY, class),
             d.get(ACTION_AUDIT, class),
+            d.get(knhk_abi::ACTION_SHED, class),
         )
     }
 }

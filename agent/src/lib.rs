@@ -8,6 +8,7 @@
 //! - [`datapath`]: the only module that touches aya and BPF maps: load, attach, pin, re-adopt,
 //!   atomic policy switch, cgroup following, map readers.
 //! - [`telemetry`]: Prometheus metrics read from the maps, and the admin HTTP server.
+//! - [`beat`]: the beat engine: SLO admission per class (brownout ladder), written to the kernel.
 //! - [`control`]: the control core: apply, rollback, dry run, status, SLO view, heat, events.
 //! - [`api`]: the gRPC services, which translate and call [`control`].
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
@@ -16,6 +17,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod beat;
 pub mod client;
 pub mod config;
 pub mod control;

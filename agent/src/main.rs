@@ -214,13 +214,18 @@ fn main() -> ExitCode {
         Command::CheckConfig { file, output } => match Config::load_file(&file) {
             Ok(config) => {
                 let inactive = config.inactive_sections();
+                let mut active = vec!["agent", "policy"];
+                if config.slo.is_some() {
+                    active.push("slo");
+                }
                 match output {
                     Output::Json => {
                         let doc = serde_json::json!({
                             "valid": true,
                             "file": file.display().to_string(),
                             "rules": config.policy.rules.len(),
-                            "active_sections": ["agent", "policy"],
+                            "active_sections": active,
+                            "warnings": config.warnings(),
                             "inactive_sections": inactive.iter().map(|(s, why)| serde_json::json!({"section": s, "reason": why})).collect::<Vec<_>>(),
                         });
                         println!("{doc}");
@@ -231,7 +236,17 @@ fn main() -> ExitCode {
                             file.display(),
                             config.policy.rules.len()
                         );
-                        println!("  active: [agent], [policy]");
+                        println!(
+                            "  active: {}",
+                            active
+                                .iter()
+                                .map(|s| format!("[{s}]"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        for w in config.warnings() {
+                            println!("  warning: {w}");
+                        }
                         for (section, why) in inactive {
                             println!("  accepted, not active: [{section}] ({why})");
                         }

@@ -203,12 +203,14 @@ impl AgentService for AgentApi {
             decisions: crate::config::Class::ALL
                 .iter()
                 .map(|c| {
-                    let (allowed, denied, audited) = Controller::decisions_of(&decisions, *c);
+                    let (allowed, denied, audited, shed) = Controller::decisions_of(&decisions, *c);
                     pb::ClassDecisions {
                         runtime_class: convert::class_to_proto(*c) as i32,
                         allowed,
                         denied,
                         audited,
+                        shed,
+                        state: self.0.class_state(*c).as_str().into(),
                     }
                 })
                 .collect(),
@@ -292,6 +294,21 @@ impl AgentService for AgentApi {
                             generation,
                             digest,
                             cause: cause.into(),
+                        },
+                    )),
+                },
+                Event::ClassStateChanged {
+                    at,
+                    class,
+                    from,
+                    to,
+                } => pb::WatchEventsResponse {
+                    unix_millis: millis(at),
+                    event: Some(pb::watch_events_response::Event::ClassStateChanged(
+                        pb::ClassStateChanged {
+                            runtime_class: convert::class_to_proto(class) as i32,
+                            from: from.as_str().into(),
+                            to: to.as_str().into(),
                         },
                     )),
                 },

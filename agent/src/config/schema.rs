@@ -31,9 +31,6 @@ impl Config {
     /// with the reason, for `check-config`.
     pub fn inactive_sections(&self) -> Vec<(&'static str, &'static str)> {
         let mut out = Vec::new();
-        if self.slo.is_some() {
-            out.push(("slo", "SLO admission (beat engine) is not in this version"));
-        }
         if self.spiffe.is_some() {
             out.push(("spiffe", "SPIFFE identity and mTLS are not in this version"));
         }
@@ -560,10 +557,14 @@ pub(super) struct RawPolicy {
     rules: Vec<Spanned<RuleSpec>>,
 }
 
-/// `[slo]` (the plan's `[sidecar.slo]`). Parsed and checked; not acted on in this version.
+/// `[slo]` (the plan's `[sidecar.slo]`): SLO admission by the beat engine.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SloSection {
+    /// Beat period, milliseconds (default 100, 1-60000).
+    pub beat_interval_ms: Option<u64>,
+    /// Consecutive healthy beats before a shed class recovers (default 10).
+    pub recover_beats: Option<u32>,
     /// R1 p99 latency ceiling, nanoseconds.
     pub r1_p99_max_ns: Option<u64>,
     /// W1 p99 latency ceiling, milliseconds.
@@ -572,7 +573,7 @@ pub struct SloSection {
     pub c1_p99_max_ms: Option<u64>,
     /// `strict` or `degrade`.
     pub admission_strategy: Option<AdmissionStrategy>,
-    /// Beats in the sliding window.
+    /// Beats in the sliding window (default 8).
     pub window_beats: Option<u32>,
 }
 
@@ -733,13 +734,8 @@ impl RawConfig {
             }
         }
         if let Some(slo) = &slo {
-            if slo.get_ref().window_beats == Some(0) {
-                return Err(err(
-                    slo.span().start,
-                    "slo.window_beats".into(),
-                    "0 is out of range: the window needs at least 1 beat".into(),
-                ));
-            }
+            check_slo(slo.get_ref())
+                .map_err(|(key, message)| err(slo.span().start, format!("slo.{key}"), message))?;
         }
 
         let mut rules = Vec::new();
@@ -851,6 +847,80 @@ impl RawAgentTable {
             promotion: self.promotion,
         };
         (agent, nested)
+    }
+}
+
+/// Range checks on `[slo]`; returns (key, message).
+fn check_slo(s: &SloSection) -> Result<(), (&'static str, String)> {
+    if s.window_beats == Some(0) {
+        return Err((
+            "window_beats",
+            "0 is out of range: the window needs at least 1 beat".into(),
+        ));
+    }
+    if s.recover_beats == Some(0) {
+        return Err((
+            "recover_beats",
+            "0 is out of range: recovery needs at least 1 healthy beat".into(),
+        ));
+    }
+    if let Some(ms) = s.beat_interval_ms {
+        if !(1..=60_000).contains(&ms) {
+            return Err((
+                "beat_interval_ms",
+                format!("{ms} is out of range (1-60000)"),
+            ));
+        }
+    }
+    for (key, v) in [
+        ("r1_p99_max_ns", s.r1_p99_max_ns),
+        ("w1_p99_max_ms", s.w1_p99_max_ms),
+        ("c1_p99_max_ms", s.c1_p99_max_ms),
+    ] {
+        if v == Some(0) {
+            return Err((
+                key,
+                "0 is not a valid ceiling: no handshake is that fast; omit the key for no SLO"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The shortest TCP handshake the kernel path measures on this kind of machine (loopback, ns).
+pub const MIN_MEASURABLE_HANDSHAKE_NS: u64 = 10_000;
+
+impl Config {
+    /// Settings that are valid but probably not what the operator meant, for `check-config`
+    /// and the agent's startup log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(slo) = &self.slo {
+            for (key, ns) in [
+                ("r1_p99_max_ns", slo.r1_p99_max_ns),
+                (
+                    "w1_p99_max_ms",
+                    slo.w1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+                ),
+                (
+                    "c1_p99_max_ms",
+                    slo.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+                ),
+            ] {
+                if let Some(ns) = ns.filter(|ns| *ns < MIN_MEASURABLE_HANDSHAKE_NS) {
+                    out.push(format!(
+                        "slo.{key}: a ceiling of {ns} ns is below what a TCP handshake can take (about {} µs even on loopback): \
+                         every timed connect of that class breaches, so colder classes stay shed while it has traffic",
+                        MIN_MEASURABLE_HANDSHAKE_NS / 1000
+                    ));
+                }
+            }
+            if self.agent.mode == Mode::Audit {
+                out.push("slo: in audit mode class states are computed and exported but nothing is refused".into());
+            }
+        }
+        out
     }
 }
 

@@ -22,7 +22,18 @@ fn the_plans_example_loads_unchanged() {
         Some(24)
     );
     assert_eq!(c.slo.as_ref().and_then(|s| s.r1_p99_max_ns), Some(2));
-    assert_eq!(c.inactive_sections().len(), 5);
+    assert_eq!(
+        c.inactive_sections().len(),
+        4,
+        "[slo] is active (the beat engine)"
+    );
+    let warnings = c.warnings();
+    assert!(
+        warnings.iter().any(|w| w.contains(
+            "slo.r1_p99_max_ns: a ceiling of 2 ns is below what a TCP handshake can take"
+        )),
+        "{warnings:?}"
+    );
     assert!(c.policy.rules.is_empty());
 }
 

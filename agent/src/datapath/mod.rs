@@ -181,6 +181,30 @@ pub struct ApplyReport {
     pub switch_latency: Duration,
 }
 
+/// Writes class states (`knhk_abi::STATE_*`) into the kernel: one aligned 32-bit store per
+/// class through a shared mapping, read by every connect. Cheap to clone; needs no lock.
+#[derive(Debug, Clone)]
+pub struct ClassStateWriter(std::sync::Arc<sys::MmapArray>);
+
+/// The kernel lays out mmapable array elements at a stride of the value size rounded up to 8.
+const MMAP_ELEM_STRIDE: usize = 8;
+
+impl ClassStateWriter {
+    /// Sets the state of `class`.
+    pub fn set(&self, class: Class, state: u32) {
+        let p = self.0.at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE);
+        // SAFETY: aligned u32 inside the mapping; the kernel reads it with a plain load.
+        unsafe { AtomicU32::from_ptr(p).store(state, Ordering::SeqCst) };
+    }
+
+    /// The state of `class`.
+    pub fn get(&self, class: Class) -> u32 {
+        let p = self.0.at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE);
+        // SAFETY: as in `set`.
+        unsafe { AtomicU32::from_ptr(p).load(Ordering::SeqCst) }
+    }
+}
+
 /// Proof that a reclaim started at a given switch; see [`Datapath::begin_reclaim`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReclaimTicket {
@@ -321,6 +345,7 @@ pub struct Datapath {
     adopted: bool,
     config: sys::MmapArray,
     rule_hits: sys::MmapArray,
+    class_states: ClassStateWriter,
     policy_v4: LpmTrie<MapData, LpmKeyV4, RuleLeaf>,
     policy_v6: LpmTrie<MapData, LpmKeyV6, RuleLeaf>,
     /// Duplicates of the tries' fds, for batch writes (aya 0.14 has none).
@@ -396,6 +421,15 @@ impl Datapath {
             true,
         )
         .map_err(io_err("mmap", &layout.map(map_names::RULE_HITS)))?;
+        let states_map = take_map(&mut ebpf, map_names::CLASS_STATE)?;
+        let class_states = ClassStateWriter(std::sync::Arc::new(
+            sys::MmapArray::map(
+                states_map.fd().as_fd(),
+                page_round(CLASSES * MMAP_ELEM_STRIDE),
+                true,
+            )
+            .map_err(io_err("mmap", &layout.map(map_names::CLASS_STATE)))?,
+        ));
         let v4_map = take_map(&mut ebpf, map_names::POLICY_V4)?;
         let v6_map = take_map(&mut ebpf, map_names::POLICY_V6)?;
         let dup = |m: &MapData, name: &'static str| {
@@ -424,6 +458,7 @@ impl Datapath {
             adopted,
             config,
             rule_hits,
+            class_states,
             policy_v4,
             policy_v6,
             policy_v4_fd,
@@ -1081,6 +1116,11 @@ impl Datapath {
             out.push((name, info.run_time(), info.run_count()));
         }
         Ok(out)
+    }
+
+    /// A writer of the kernel's class states (for the beat engine).
+    pub fn class_state_writer(&self) -> ClassStateWriter {
+        self.class_states.clone()
     }
 
     /// The pin layout in use.

@@ -77,7 +77,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 10] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 11] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -153,6 +153,15 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 10] {
             true,
         ),
         spec(m::SAMPLED, PERCPU_ARRAY, 4, 8, CLASSES as u32, 0, true),
+        spec(
+            m::CLASS_STATE,
+            ARRAY,
+            4,
+            4,
+            CLASSES as u32,
+            BPF_F_MMAPABLE,
+            true,
+        ),
         spec(
             m::LATENCY,
             PERCPU_ARRAY,

@@ -73,6 +73,33 @@ impl LatencyHistogram {
         }
     }
 
+    /// Adds another histogram.
+    pub fn add_histogram(&mut self, h: &LatencyHistogram) {
+        self.count += h.count;
+        self.sum_ns = self.sum_ns.wrapping_add(h.sum_ns);
+        for (a, b) in self.buckets.iter_mut().zip(h.buckets.iter()) {
+            *a += b;
+        }
+    }
+
+    /// What was recorded since `earlier` (a reading of the same counters), bucket by bucket;
+    /// saturates at zero if the map was reset in between.
+    pub fn minus(&self, earlier: &LatencyHistogram) -> LatencyHistogram {
+        let mut out = LatencyHistogram {
+            count: self.count.saturating_sub(earlier.count),
+            sum_ns: self.sum_ns.wrapping_sub(earlier.sum_ns),
+            ..Default::default()
+        };
+        for (o, (a, b)) in out
+            .buckets
+            .iter_mut()
+            .zip(self.buckets.iter().zip(earlier.buckets.iter()))
+        {
+            *o = a.saturating_sub(*b);
+        }
+        out
+    }
+
     /// Records one value (for building histograms in userspace, e.g. tests and benchmarks).
     pub fn record(&mut self, value_ns: u64) {
         self.count += 1;

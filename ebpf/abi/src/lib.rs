@@ -27,8 +27,18 @@ pub const ACTION_ALLOW: u8 = 0;
 pub const ACTION_DENY: u8 = 1;
 /// Allow, but count as a would-be deny.
 pub const ACTION_AUDIT: u8 = 2;
-/// Number of actions.
-pub const ACTIONS: usize = 3;
+/// Refused with EPERM because the connect's class is paused by SLO admission (a decision
+/// counter only; rules cannot name it).
+pub const ACTION_SHED: u8 = 3;
+/// Number of decision actions.
+pub const ACTIONS: usize = 4;
+
+/// Class states written by the agent's beat engine into `CLASS_STATE`.
+pub const STATE_NORMAL: u32 = 0;
+/// Parked to a lower tier (Degrade strategy).
+pub const STATE_DEGRADED: u32 = 1;
+/// New connects refused with EPERM (Strict strategy; enforce mode only).
+pub const STATE_PAUSED: u32 = 2;
 
 /// Rule protocols (`RuleEntry::proto`). Values are IPPROTO numbers, with 0 for "any".
 pub const PROTO_ANY: u8 = 0;
@@ -84,9 +94,21 @@ pub mod map_names {
     pub const LATENCY: &str = "KNHK_LATENCY";
     /// Per-CPU time of the last timed connect, by class (histogram sampling).
     pub const SAMPLED: &str = "KNHK_SAMPLED";
+    /// Class states (`STATE_*`, u32 per class; mmapable), written by the beat engine.
+    pub const CLASS_STATE: &str = "KNHK_CLASS_STATE";
     /// Every map, in pin order.
-    pub const ALL: [&str; 10] = [
-        CONFIG, POLICY_V4, POLICY_V6, SCOPES, DECISIONS, RULE_HITS, HEAT, CONNS, LATENCY, SAMPLED,
+    pub const ALL: [&str; 11] = [
+        CONFIG,
+        POLICY_V4,
+        POLICY_V6,
+        SCOPES,
+        DECISIONS,
+        RULE_HITS,
+        HEAT,
+        CONNS,
+        LATENCY,
+        SAMPLED,
+        CLASS_STATE,
     ];
 }
 

@@ -45,6 +45,8 @@ static HEAT: LruHashMap<HeatKey, HeatValue> = LruHashMap::pinned(DEFAULT_HEAT_MA
 /// Per-socket state of TCP connects (socket storage: lives and dies with the socket, no hashing).
 #[btf_map(name = "KNHK_CONNS")]
 static CONNS: SkStorage<ConnState> = SkStorage::new();
+#[map(name = "KNHK_CLASS_STATE")]
+static CLASS_STATE: Array<u32> = Array::pinned(CLASSES as u32, BPF_F_MMAPABLE);
 #[map(name = "KNHK_SAMPLED")]
 static SAMPLED: PerCpuArray<u64> = PerCpuArray::pinned(CLASSES as u32, 0);
 #[map(name = "KNHK_LATENCY")]
@@ -188,6 +190,14 @@ fn admit(
         verdict.action = ACTION_AUDIT;
     }
     let class = if (verdict.class as usize) < CLASSES { verdict.class } else { CLASS_C1 };
+    // SLO admission: a paused class's admitted connects are shed (enforce mode only).
+    if verdict.action != ACTION_DENY && cfg.flags & FLAG_ENFORCE != 0 {
+        if let Some(state) = CLASS_STATE.get(class as u32) {
+            if unsafe { core::ptr::read_volatile(state) } == STATE_PAUSED {
+                verdict.action = ACTION_SHED;
+            }
+        }
+    }
 
     if let Some(n) = DECISIONS.get_ptr_mut(decision_index(verdict.action, class)) {
         unsafe { *n += 1 };
@@ -198,7 +208,7 @@ fn admit(
     if cfg.flags & FLAG_HEAT != 0 {
         record_heat(heat_addr, port, proto, unsafe { bpf_ktime_get_ns() });
     }
-    if verdict.action == ACTION_DENY {
+    if verdict.action == ACTION_DENY || verdict.action == ACTION_SHED {
         return REFUSED;
     }
     if cfg.flags & FLAG_HISTOGRAMS != 0 && proto == PROTO_TCP {

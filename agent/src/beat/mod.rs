@@ -1,0 +1,285 @@
+//! The beat engine: every `beat_interval_ms` it reads the kernel's handshake histograms, keeps a
+//! sliding window of the last `window_beats` beats per class, decides class states with the
+//! brownout [`ladder`], and writes them into the kernel.
+//!
+//! Beats count a monotonic `cycle`; `tick = cycle & 7`; tick 0 is the pulse that closes an 8-beat
+//! cycle. A beat that overruns its period is counted and logged, never skipped silently.
+//!
+//! What the engine measures per class is the window's handshake p99 (from the kernel's sampled
+//! handshake histograms), compared with the `[slo]` ceiling of the class.
+
+pub mod ladder;
+
+use crate::{
+    config::{AdmissionStrategy, Class, SloSection},
+    control::Event,
+    datapath::{ClassStateWriter, DatapathError, DatapathReader, LatencyHistogram},
+};
+use knhk_abi::LATENCY_HANDSHAKE;
+use ladder::{ClassState, Ladder};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+use tokio::sync::broadcast;
+
+/// The engine's settings, from `[slo]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeatSettings {
+    /// Beat period.
+    pub interval: Duration,
+    /// Beats in the sliding window.
+    pub window_beats: usize,
+    /// Healthy beats before a shed class recovers.
+    pub recover_beats: u32,
+    /// p99 ceilings in ns, per class (R1, W1, C1); `None`: no SLO for that class.
+    pub ceilings_ns: [Option<u64>; 3],
+    /// Refuse or park.
+    pub strategy: AdmissionStrategy,
+}
+
+impl BeatSettings {
+    /// The settings an `[slo]` section describes.
+    pub fn from_slo(slo: &SloSection) -> BeatSettings {
+        BeatSettings {
+            interval: Duration::from_millis(slo.beat_interval_ms.unwrap_or(100)),
+            window_beats: slo.window_beats.unwrap_or(8) as usize,
+            recover_beats: slo.recover_beats.unwrap_or(10),
+            ceilings_ns: [
+                slo.r1_p99_max_ns,
+                slo.w1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+                slo.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+            ],
+            strategy: slo.admission_strategy.unwrap_or(AdmissionStrategy::Strict),
+        }
+    }
+}
+
+/// What one beat saw and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeatReport {
+    /// Beat number.
+    pub cycle: u64,
+    /// Window p99 per class, ns (`None` without samples).
+    pub p99_ns: [Option<u64>; 3],
+    /// Which classes breached.
+    pub breach: [bool; 3],
+    /// Class states after the beat.
+    pub states: [ClassState; 3],
+}
+
+struct Metrics {
+    beats: IntCounter,
+    overruns: IntCounter,
+    duration: Histogram,
+    state: IntGaugeVec,
+    window_p99: prometheus::GaugeVec,
+}
+
+impl Metrics {
+    fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+        let beats = IntCounter::new("knhk_beats_total", "Beats run by the beat engine.")?;
+        let overruns = IntCounter::new(
+            "knhk_beat_overruns_total",
+            "Beats that took longer than the beat period.",
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new("knhk_beat_duration_seconds", "Processing time of one beat.")
+                .buckets(vec![
+                    1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1,
+                ]),
+        )?;
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "knhk_class_state",
+                "1 for the current SLO admission state of each class (normal, degraded, paused).",
+            ),
+            &["class", "state"],
+        )?;
+        let window_p99 = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_class_window_handshake_p99_seconds",
+                "TCP handshake p99 over the beat window, by class (NaN without samples).",
+            ),
+            &["class"],
+        )?;
+        registry.register(Box::new(beats.clone()))?;
+        registry.register(Box::new(overruns.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(state.clone()))?;
+        registry.register(Box::new(window_p99.clone()))?;
+        for class in Class::ALL {
+            for s in ClassState::ALL {
+                state
+                    .with_label_values(&[class.as_str(), s.as_str()])
+                    .set((s == ClassState::Normal) as i64);
+            }
+            window_p99
+                .with_label_values(&[class.as_str()])
+                .set(f64::NAN);
+        }
+        Ok(Metrics {
+            beats,
+            overruns,
+            duration,
+            state,
+            window_p99,
+        })
+    }
+}
+
+/// The beat engine. Owns its reader and writer; shared state is its published ladder.
+pub struct BeatEngine {
+    settings: BeatSettings,
+    reader: DatapathReader,
+    writer: ClassStateWriter,
+    last: [LatencyHistogram; 3],
+    window: VecDeque<[LatencyHistogram; 3]>,
+    ladder: Ladder,
+    cycle: u64,
+    published: Arc<RwLock<Ladder>>,
+    events: broadcast::Sender<Event>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for BeatEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BeatEngine")
+            .field("cycle", &self.cycle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BeatEngine {
+    /// An engine over the datapath's maps. Every class starts `Normal` in the kernel.
+    pub fn new(
+        settings: BeatSettings,
+        reader: DatapathReader,
+        writer: ClassStateWriter,
+        events: broadcast::Sender<Event>,
+        registry: &Registry,
+    ) -> Result<BeatEngine, DatapathError> {
+        let metrics = Metrics::register(registry)
+            .map_err(|e| DatapathError::Load(format!("registering beat metrics: {e}")))?;
+        for class in Class::ALL {
+            writer.set(class, ClassState::Normal.abi());
+        }
+        let mut last: [LatencyHistogram; 3] = Default::default();
+        for class in Class::ALL {
+            last[class.abi() as usize] = reader.histogram(LATENCY_HANDSHAKE, class)?;
+        }
+        Ok(BeatEngine {
+            settings,
+            reader,
+            writer,
+            last,
+            window: VecDeque::new(),
+            ladder: Ladder::default(),
+            cycle: 0,
+            published: Arc::new(RwLock::new(Ladder::default())),
+            events,
+            metrics,
+        })
+    }
+
+    /// The ladder as of the last beat (for status output).
+    pub fn ladder_handle(&self) -> Arc<RwLock<Ladder>> {
+        self.published.clone()
+    }
+
+    /// Runs one beat: read, window, decide, write.
+    pub fn beat(&mut self) -> Result<BeatReport, DatapathError> {
+        self.cycle += 1;
+        let mut delta: [LatencyHistogram; 3] = Default::default();
+        for class in Class::ALL {
+            let i = class.abi() as usize;
+            let now = self.reader.histogram(LATENCY_HANDSHAKE, class)?;
+            delta[i] = now.minus(&self.last[i]);
+            self.last[i] = now;
+        }
+        self.window.push_back(delta);
+        while self.window.len() > self.settings.window_beats.max(1) {
+            self.window.pop_front();
+        }
+        let mut p99_ns = [None; 3];
+        let mut breach = [false; 3];
+        for class in Class::ALL {
+            let i = class.abi() as usize;
+            let mut merged = LatencyHistogram::default();
+            for beat in &self.window {
+                merged.add_histogram(&beat[i]);
+            }
+            p99_ns[i] = merged.quantile(0.99);
+            breach[i] = matches!((p99_ns[i], self.settings.ceilings_ns[i]), (Some(p), Some(max)) if p > max);
+            self.metrics
+                .window_p99
+                .with_label_values(&[class.as_str()])
+                .set(p99_ns[i].map_or(f64::NAN, |ns| ns as f64 / 1e9));
+        }
+        if let Some(change) =
+            self.ladder
+                .step(breach, self.settings.strategy, self.settings.recover_beats)
+        {
+            self.writer.set(change.class, change.to.abi());
+            self.metrics
+                .state
+                .with_label_values(&[change.class.as_str(), change.from.as_str()])
+                .set(0);
+            self.metrics
+                .state
+                .with_label_values(&[change.class.as_str(), change.to.as_str()])
+                .set(1);
+            tracing::warn!(
+                class = change.class.as_str(),
+                from = change.from.as_str(),
+                to = change.to.as_str(),
+                cycle = self.cycle,
+                p99_ns = ?p99_ns,
+                "SLO admission changed a class state"
+            );
+            let _ = self.events.send(Event::ClassStateChanged {
+                at: SystemTime::now(),
+                class: change.class,
+                from: change.from,
+                to: change.to,
+            });
+        }
+        if let Ok(mut p) = self.published.write() {
+            *p = self.ladder;
+        }
+        Ok(BeatReport {
+            cycle: self.cycle,
+            p99_ns,
+            breach,
+            states: self.ladder.states,
+        })
+    }
+
+    /// Beats until `shutdown` resolves. Overruns are counted and logged; a failed beat is
+    /// logged and the next one tries again.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let mut ticker = tokio::time::interval(self.settings.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = ticker.tick() => {
+                    let started = Instant::now();
+                    if let Err(e) = self.beat() {
+                        tracing::error!(cycle = self.cycle, "beat failed (the next one retries): {e}");
+                    }
+                    let took = started.elapsed();
+                    self.metrics.beats.inc();
+                    self.metrics.duration.observe(took.as_secs_f64());
+                    if took > self.settings.interval {
+                        self.metrics.overruns.inc();
+                        tracing::warn!(cycle = self.cycle, took_us = took.as_micros() as u64, "beat overran its period");
+                    }
+                }
+            }
+        }
+    }
+}
