@@ -648,6 +648,7 @@ fn kernel_grpc_bad_policies_get_precise_errors_and_change_nothing() {
         ("long name", with(&|r| r.name = "x".repeat(64)), tonic::Code::InvalidArgument, "must be 1 to 63 characters long"),
         ("absolute cgroup", with(&|r| r.cgroup = "/kubepods".into()), tonic::Code::InvalidArgument, "rules[0].cgroup: cgroup \"/kubepods\" must be relative"),
         ("escaping cgroup", with(&|r| r.cgroup = "a/../../etc".into()), tonic::Code::InvalidArgument, "rules[0].cgroup: cgroup \"a/../../etc\" has an invalid component \"..\""),
+        ("bad park target", with(&|r| r.park_to = "tier2".into()), tonic::Code::InvalidArgument, "rules[0].park_to: \"tier2\" is not an address and port"),
         ("duplicate names", Some(doc(vec![ok("a"), ok("b"), ok("a")])), tonic::Code::InvalidArgument, "rules[2].name: duplicate rule name \"a\" (also rules[0].name)"),
         ("audit as default", Some(pb::PolicyDocument { rules: vec![ok("a")], default_action: pb::Action::Audit as i32, ..Default::default() }), tonic::Code::InvalidArgument, "default_action: must be ACTION_ALLOW or ACTION_DENY"),
         ("unknown mode", Some(pb::PolicyDocument { rules: vec![ok("a")], mode: 5, ..Default::default() }), tonic::Code::InvalidArgument, "mode: unknown value 5"),

@@ -553,3 +553,84 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         "every state change is an event: {changes:?}"
     );
 }
+
+#[test]
+fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
+    if !kernel_available("kernel_slo_degrade_parks_connects_on_the_lower_tier") {
+        return;
+    }
+    let _serial = timing_exclusive();
+    use knhk_agent::beat::{ladder::ClassState, BeatEngine, BeatSettings};
+    let server = DelayedServer::new(20);
+    let lower_tier = tcp_sink("127.0.0.1:0");
+    // The C1 destination has no listener: admitted it is refused by the stack; parked it
+    // connects to the lower tier.
+    let h = Harness::start(
+        "park",
+        &format!(
+            r#"
+            [[policy.rules]]
+            name = "hot"
+            action = "allow"
+            class = "R1"
+            cidrs = ["10.213.0.0/16"]
+            [[policy.rules]]
+            name = "cold"
+            action = "allow"
+            class = "C1"
+            cidrs = ["127.0.0.2/32"]
+            ports = ["9"]
+            park_to = "{lower_tier}"
+            "#
+        ),
+    );
+    let settings = BeatSettings {
+        interval: std::time::Duration::from_millis(100),
+        window_beats: 4,
+        recover_beats: 3,
+        ceilings_ns: [Some(5_000_000), None, None],
+        strategy: knhk_agent::config::AdmissionStrategy::Degrade,
+    };
+    let (events, _rx) = tokio::sync::broadcast::channel(64);
+    let mut engine = BeatEngine::new(
+        settings,
+        h.reader(),
+        h.dp.class_state_writer(),
+        events,
+        &prometheus::Registry::new(),
+    )
+    .expect("engine");
+    engine.beat().expect("beat");
+    let cold = addr("127.0.0.2:9");
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, cold),
+        Outcome::Refused,
+        "normal: admitted, nobody listens"
+    );
+    tcp_connect_timings_from::<3>(&h.cg.path, server.addr);
+    let beat = engine.beat().expect("beat");
+    assert_eq!(beat.states[2], ClassState::Degraded, "{beat:?}");
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, cold),
+        Outcome::Connected,
+        "degraded: parked on the lower tier"
+    );
+    assert_eq!(
+        h.reader()
+            .decisions()
+            .expect("decisions")
+            .get(knhk_abi::ACTION_PARK, Class::C1),
+        1
+    );
+    for _ in 0..4 {
+        tcp_connect_timings_from::<1>(&h.cg.path, server.addr);
+        engine.beat().expect("beat");
+    }
+    let beat = engine.beat().expect("beat");
+    assert_eq!(
+        beat.states[0],
+        ClassState::Normal,
+        "Degrade never parks R1: {beat:?}"
+    );
+    assert!(tcp_connect_from(&h.cg.path, server.addr).admitted());
+}

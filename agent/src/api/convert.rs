@@ -165,6 +165,19 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
                 .ok()
         })
         .collect();
+    let park_to: Option<std::net::SocketAddr> = if r.park_to.is_empty() {
+        None
+    } else {
+        r.park_to
+            .parse()
+            .map_err(|_| {
+                errors.push(format!(
+                    "rules[{i}].park_to: \"{}\" is not an address and port (e.g. \"127.0.0.1:9090\" or \"[::1]:9090\")",
+                    r.park_to
+                ))
+            })
+            .ok()
+    };
     let protocol = match pb::Protocol::try_from(r.protocol) {
         Ok(pb::Protocol::Unspecified) => Protocol::Any,
         Ok(pb::Protocol::Tcp) => Protocol::Tcp,
@@ -185,6 +198,7 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
         cidrs,
         ports: if ports.is_empty() { None } else { Some(ports) },
         protocol,
+        park_to,
     })
 }
 
@@ -233,5 +247,6 @@ fn rule_to_proto(r: &RuleSpec) -> pb::Rule {
             Protocol::Tcp => pb::Protocol::Tcp,
             Protocol::Udp => pb::Protocol::Udp,
         } as i32,
+        park_to: r.park_to.map(|a| a.to_string()).unwrap_or_default(),
     }
 }

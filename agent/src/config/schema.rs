@@ -524,6 +524,10 @@ pub struct RuleSpec {
     /// `tcp`, `udp` or `any` (default).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Under the Degrade strategy, where this rule's connects go while their class is degraded
+    /// (the lower tier), e.g. `"127.0.0.1:9090"` or `"[::1]:9090"`.
+    #[serde(default)]
+    pub park_to: Option<SocketAddr>,
 }
 
 /// `[policy]`.

@@ -352,6 +352,9 @@ pub struct Datapath {
     policy_v4_fd: std::os::fd::OwnedFd,
     policy_v6_fd: std::os::fd::OwnedFd,
     scopes: BpfHashMap<MapData, ScopeKey, ScopeValue>,
+    park: BpfHashMap<MapData, u32, ParkTarget>,
+    /// Counter ids that have a park target in `park`.
+    parked: std::collections::HashSet<u32>,
     /// Keys each slot holds.
     slots: [HashMap<u64, ScopeKeys>; SLOTS],
     /// For each slot that was live and no longer is: the switch count at which it was retired.
@@ -421,6 +424,11 @@ impl Datapath {
             true,
         )
         .map_err(io_err("mmap", &layout.map(map_names::RULE_HITS)))?;
+        let park = BpfHashMap::try_from(aya::maps::Map::HashMap(take_map(
+            &mut ebpf,
+            map_names::PARK,
+        )?))
+        .map_err(map_err("open", map_names::PARK))?;
         let states_map = take_map(&mut ebpf, map_names::CLASS_STATE)?;
         let class_states = ClassStateWriter(std::sync::Arc::new(
             sys::MmapArray::map(
@@ -464,6 +472,8 @@ impl Datapath {
             policy_v4_fd,
             policy_v6_fd,
             scopes,
+            park,
+            parked: Default::default(),
             slots: Default::default(),
             retired: [None; SLOTS],
             switches: 0,
@@ -728,6 +738,18 @@ impl Datapath {
             scope_level_max: level_max,
             histogram_interval_ns: policy.histogram_interval_us.saturating_mul(1000),
         };
+        // Park targets are keyed by the rules' (stable) counter ids: write the new ones before
+        // the switch, drop the unused ones after it.
+        let mut parked = std::collections::HashSet::new();
+        for (rule, counter) in policy.rules.iter().zip(&ids) {
+            if let Some(addr) = rule.park_to {
+                let target = park_target(addr);
+                self.park
+                    .insert(*counter, target, 0)
+                    .map_err(map_err("insert", map_names::PARK))?;
+                parked.insert(*counter);
+            }
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(DatapathError::DeadlineExceeded);
         }
@@ -748,6 +770,10 @@ impl Datapath {
         );
         self.switches += 1;
         self.retired[active as usize] = Some(self.switches);
+        for stale in self.parked.difference(&parked).copied().collect::<Vec<_>>() {
+            ignore_missing(self.park.remove(&stale)).map_err(map_err("remove", map_names::PARK))?;
+        }
+        self.parked = parked;
         self.generation = generation;
         self.counters = counters;
         self.live = Some(Live {
@@ -1169,6 +1195,24 @@ pub fn remove_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         std::fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
     }
     Ok(removed)
+}
+
+fn park_target(addr: std::net::SocketAddr) -> ParkTarget {
+    let mut t = ParkTarget {
+        port_be: u32::from(addr.port().to_be()),
+        ..Default::default()
+    };
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            t.family = 4;
+            t.addr[..4].copy_from_slice(&a.ip().octets());
+        }
+        std::net::SocketAddr::V6(a) => {
+            t.family = 6;
+            t.addr = a.ip().octets();
+        }
+    }
+    t
 }
 
 fn flags_of(policy: &Policy) -> u32 {

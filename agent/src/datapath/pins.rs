@@ -77,7 +77,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 11] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 12] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -161,6 +161,15 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 11] {
             CLASSES as u32,
             BPF_F_MMAPABLE,
             true,
+        ),
+        spec(
+            m::PARK,
+            HASH,
+            4,
+            size::<ParkTarget>(),
+            MAX_PARK_TARGETS,
+            0,
+            false,
         ),
         spec(
             m::LATENCY,

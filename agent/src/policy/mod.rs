@@ -116,14 +116,15 @@ impl Policy {
 fn rule_line(r: &RuleSpec, default_class: Class) -> String {
     let list = |v: Vec<String>| v.join(",");
     format!(
-        "name={} action={:?} class={} cgroup={} cidrs={} ports={} protocol={:?}",
+        "name={} action={:?} class={} cgroup={} cidrs={} ports={} protocol={:?} park_to={}",
         r.name,
         r.action,
         r.class.unwrap_or(default_class).as_str(),
         r.cgroup.as_ref().map(|c| c.as_str()).unwrap_or(""),
         list(r.cidrs.iter().map(|c| c.to_string()).collect()),
         list(r.ports.iter().flatten().map(|p| p.to_string()).collect()),
-        r.protocol
+        r.protocol,
+        r.park_to.map(|a| a.to_string()).unwrap_or_default()
     )
 }
 

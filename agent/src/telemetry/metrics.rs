@@ -2,7 +2,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `knhk_connect_decisions_total` | counter | `action` (allow, deny, audit, shed), `class` (R1, W1, C1) |
+//! | `knhk_connect_decisions_total` | counter | `action` (allow, deny, audit, shed, park), `class` (R1, W1, C1) |
 //! | `knhk_rule_hits_total` | counter | `rule` (rule names of the live policy) |
 //! | `knhk_unmatched_connects_total` | counter | — |
 //! | `knhk_tcp_handshake_duration_seconds` | histogram | `class` |
@@ -183,6 +183,7 @@ impl Collector for DatapathCollector {
                     (ACTION_DENY, "deny"),
                     (ACTION_AUDIT, "audit"),
                     (knhk_abi::ACTION_SHED, "shed"),
+                    (knhk_abi::ACTION_PARK, "park"),
                 ] {
                     for class in Class::ALL {
                         ms.push(counter(

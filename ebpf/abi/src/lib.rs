@@ -30,8 +30,14 @@ pub const ACTION_AUDIT: u8 = 2;
 /// Refused with EPERM because the connect's class is paused by SLO admission (a decision
 /// counter only; rules cannot name it).
 pub const ACTION_SHED: u8 = 3;
+/// Admitted, but parked: the destination was rewritten to the rule's park target because the
+/// connect's class is degraded by SLO admission (a decision counter only).
+pub const ACTION_PARK: u8 = 4;
 /// Number of decision actions.
-pub const ACTIONS: usize = 4;
+pub const ACTIONS: usize = 5;
+
+/// Capacity of the park-target table (rules with `park_to`).
+pub const MAX_PARK_TARGETS: u32 = 4096;
 
 /// Class states written by the agent's beat engine into `CLASS_STATE`.
 pub const STATE_NORMAL: u32 = 0;
@@ -96,8 +102,10 @@ pub mod map_names {
     pub const SAMPLED: &str = "KNHK_SAMPLED";
     /// Class states (`STATE_*`, u32 per class; mmapable), written by the beat engine.
     pub const CLASS_STATE: &str = "KNHK_CLASS_STATE";
+    /// Park targets: rule counter id → [`super::ParkTarget`].
+    pub const PARK: &str = "KNHK_PARK";
     /// Every map, in pin order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONFIG,
         POLICY_V4,
         POLICY_V6,
@@ -109,6 +117,7 @@ pub mod map_names {
         LATENCY,
         SAMPLED,
         CLASS_STATE,
+        PARK,
     ];
 }
 
@@ -289,6 +298,18 @@ pub struct ScopeValue {
     pub _pad: u32,
 }
 
+/// Where a degraded class's connects matching a rule are parked (the lower tier).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParkTarget {
+    /// 4 or 6.
+    pub family: u32,
+    /// Port, network byte order (as `user_port` holds it).
+    pub port_be: u32,
+    /// IPv4 in the first 4 bytes, or IPv6; network byte order.
+    pub addr: [u8; 16],
+}
+
 /// Key of the heat map: a destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -429,6 +450,7 @@ mod pod {
     unsafe impl aya::Pod for ScopeKey {}
     unsafe impl aya::Pod for ScopeValue {}
     unsafe impl aya::Pod for HeatKey {}
+    unsafe impl aya::Pod for ParkTarget {}
     unsafe impl aya::Pod for HeatValue {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for Histogram {}
@@ -460,6 +482,7 @@ mod tests {
         assert_eq!(size_of::<ScopeKey>(), 16);
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<HeatKey>(), 20);
+        assert_eq!(size_of::<ParkTarget>(), 24);
         assert_eq!(size_of::<HeatValue>(), 16);
         assert_eq!(size_of::<ConnState>(), 16);
         assert_eq!(size_of::<Histogram>(), 16 + 8 * BUCKETS);

@@ -47,6 +47,8 @@ static HEAT: LruHashMap<HeatKey, HeatValue> = LruHashMap::pinned(DEFAULT_HEAT_MA
 static CONNS: SkStorage<ConnState> = SkStorage::new();
 #[map(name = "KNHK_CLASS_STATE")]
 static CLASS_STATE: Array<u32> = Array::pinned(CLASSES as u32, BPF_F_MMAPABLE);
+#[map(name = "KNHK_PARK")]
+static PARK: HashMap<u32, ParkTarget> = HashMap::pinned(MAX_PARK_TARGETS, 0);
 #[map(name = "KNHK_SAMPLED")]
 static SAMPLED: PerCpuArray<u64> = PerCpuArray::pinned(CLASSES as u32, 0);
 #[map(name = "KNHK_LATENCY")]
@@ -105,7 +107,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     mapped[10] = 0xff;
     mapped[11] = 0xff;
     mapped[12..].copy_from_slice(&addr);
-    Ok(admit(ctx, cfg, leaf, &mapped, port, proto))
+    Ok(admit::<false>(ctx, cfg, leaf, &mapped, port, proto))
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
@@ -134,7 +136,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         );
         POLICY_V6.get(&key)
     };
-    Ok(admit(ctx, cfg, leaf, &addr, port, proto))
+    Ok(admit::<true>(ctx, cfg, leaf, &addr, port, proto))
 }
 
 /// The deepest cgroup (an ancestor of the caller, or the caller itself) that owns rules in the
@@ -164,7 +166,7 @@ fn owning_scope(slot: u32, cfg: &SlotConfig) -> u64 {
 
 /// Decide, count, record heat and the handshake start; returns the program's return code.
 #[inline(always)]
-fn admit(
+fn admit<const V6: bool>(
     ctx: &SockAddrContext,
     cfg: &SlotConfig,
     leaf: Option<&RuleLeaf>,
@@ -190,11 +192,20 @@ fn admit(
         verdict.action = ACTION_AUDIT;
     }
     let class = if (verdict.class as usize) < CLASSES { verdict.class } else { CLASS_C1 };
-    // SLO admission: a paused class's admitted connects are shed (enforce mode only).
+    // SLO admission (enforce mode only): a paused class's admitted connects are shed; a
+    // degraded class's are parked on their rule's park target, if it has one.
     if verdict.action != ACTION_DENY && cfg.flags & FLAG_ENFORCE != 0 {
         if let Some(state) = CLASS_STATE.get(class as u32) {
-            if unsafe { core::ptr::read_volatile(state) } == STATE_PAUSED {
-                verdict.action = ACTION_SHED;
+            match unsafe { core::ptr::read_volatile(state) } {
+                STATE_PAUSED => verdict.action = ACTION_SHED,
+                STATE_DEGRADED if verdict.counter != 0 => {
+                    if let Some(t) = unsafe { PARK.get(&verdict.counter) } {
+                        if park::<V6>(ctx, t) {
+                            verdict.action = ACTION_PARK;
+                        }
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -228,6 +239,33 @@ fn admit(
         }
     }
     ALLOWED
+}
+
+/// Rewrites the destination to `t`; returns whether it could. `V6` is the program's family:
+/// connect4 may only write `user_ip4`, connect6 only `user_ip6` (an IPv4 target becomes
+/// `::ffff:a.b.c.d` there).
+#[inline(always)]
+fn park<const V6: bool>(ctx: &SockAddrContext, t: &ParkTarget) -> bool {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let w = |i: usize| u32::from_ne_bytes([t.addr[i], t.addr[i + 1], t.addr[i + 2], t.addr[i + 3]]);
+    if !V6 {
+        if t.family != 4 {
+            return false;
+        }
+        sa.user_ip4 = w(0);
+    } else if t.family == 6 {
+        sa.user_ip6[0] = w(0);
+        sa.user_ip6[1] = w(4);
+        sa.user_ip6[2] = w(8);
+        sa.user_ip6[3] = w(12);
+    } else {
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = 0xffffu32.to_be();
+        sa.user_ip6[3] = w(0);
+    }
+    sa.user_port = t.port_be;
+    true
 }
 
 #[inline(always)]
