@@ -449,6 +449,7 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         recover_beats: 3,
         ceilings_ns: [Some(5_000_000), None, None],
         strategy: knhk_agent::config::AdmissionStrategy::Strict,
+        budgets_per_beat: [None; 3],
     };
     let (events, mut rx) = tokio::sync::broadcast::channel(64);
     let mut engine = BeatEngine::new(
@@ -590,6 +591,7 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         recover_beats: 3,
         ceilings_ns: [Some(5_000_000), None, None],
         strategy: knhk_agent::config::AdmissionStrategy::Degrade,
+        budgets_per_beat: [None; 3],
     };
     let (events, _rx) = tokio::sync::broadcast::channel(64);
     let mut engine = BeatEngine::new(
@@ -633,4 +635,79 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         "Degrade never parks R1: {beat:?}"
     );
     assert!(tcp_connect_from(&h.cg.path, server.addr).admitted());
+}
+
+#[test]
+fn kernel_budget_admits_exactly_n_per_beat() {
+    if !kernel_available("kernel_budget_admits_exactly_n_per_beat") {
+        return;
+    }
+    let _serial = timing_shared();
+    use knhk_agent::beat::{BeatEngine, BeatSettings};
+    let target = tcp_sink("127.0.0.1:0");
+    let h = Harness::start(
+        "budget",
+        r#"
+        [[policy.rules]]
+        name = "cold"
+        action = "allow"
+        class = "C1"
+        cidrs = ["127.0.0.1/32"]
+        "#,
+    );
+    let settings = BeatSettings {
+        interval: std::time::Duration::from_secs(3600),
+        window_beats: 8,
+        recover_beats: 10,
+        ceilings_ns: [None; 3],
+        strategy: knhk_agent::config::AdmissionStrategy::Strict,
+        budgets_per_beat: [None, None, Some(5)],
+    };
+    let (events, _rx) = tokio::sync::broadcast::channel(8);
+    let mut engine = BeatEngine::new(
+        settings,
+        h.reader(),
+        h.dp.class_state_writer(),
+        events,
+        &prometheus::Registry::new(),
+    )
+    .expect("engine");
+    // Beats are driven by the test: everything below happens "within one beat".
+    engine.beat().expect("beat");
+    let writer = h.dp.class_state_writer();
+    assert_eq!(writer.budget(Class::C1), Some(5));
+    let c = tcp_connect_loop_from(&h.cg.path, target, 8);
+    assert_eq!(
+        writer.budget(Class::C1),
+        Some(-3),
+        "every admitted-class connect spent one"
+    );
+    assert_eq!(
+        c,
+        LoopCounts {
+            connected: 5,
+            denied: 3,
+            other: 0
+        },
+        "budget 5, 8 connects"
+    );
+    engine.beat().expect("beat");
+    let c = tcp_connect_loop_from(&h.cg.path, target, 7);
+    assert_eq!(
+        c,
+        LoopCounts {
+            connected: 5,
+            denied: 2,
+            other: 0
+        },
+        "the next beat refills it"
+    );
+    let d = h.reader().decisions().expect("decisions");
+    assert_eq!(
+        (
+            d.get(ACTION_ALLOW, Class::C1),
+            d.get(knhk_abi::ACTION_SHED, Class::C1)
+        ),
+        (10, 5)
+    );
 }

@@ -6,7 +6,9 @@
 //! cycle. A beat that overruns its period is counted and logged, never skipped silently.
 //!
 //! What the engine measures per class is the window's handshake p99 (from the kernel's sampled
-//! handshake histograms), compared with the `[slo]` ceiling of the class.
+//! handshake histograms), compared with the `[slo]` ceiling of the class. Each beat also refills
+//! the per-class admission budgets (`*_budget_per_beat`): the kernel spends one per admitted
+//! connect, and past zero applies the strategy's action (refuse or park) until the next refill.
 
 pub mod ladder;
 
@@ -38,6 +40,8 @@ pub struct BeatSettings {
     pub ceilings_ns: [Option<u64>; 3],
     /// Refuse or park.
     pub strategy: AdmissionStrategy,
+    /// New connects admitted per beat, per class (R1, W1, C1); `None`: no budget.
+    pub budgets_per_beat: [Option<u64>; 3],
 }
 
 impl BeatSettings {
@@ -53,6 +57,11 @@ impl BeatSettings {
                 slo.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
             ],
             strategy: slo.admission_strategy.unwrap_or(AdmissionStrategy::Strict),
+            budgets_per_beat: [
+                slo.r1_budget_per_beat,
+                slo.w1_budget_per_beat,
+                slo.c1_budget_per_beat,
+            ],
         }
     }
 }
@@ -163,8 +172,14 @@ impl BeatEngine {
     ) -> Result<BeatEngine, DatapathError> {
         let metrics = Metrics::register(registry)
             .map_err(|e| DatapathError::Load(format!("registering beat metrics: {e}")))?;
+        let over_budget = match settings.strategy {
+            AdmissionStrategy::Strict => ClassState::Paused,
+            AdmissionStrategy::Degrade => ClassState::Degraded,
+        };
         for class in Class::ALL {
             writer.set(class, ClassState::Normal.abi());
+            writer.set_over_budget(class, over_budget.abi());
+            writer.set_budget(class, settings.budgets_per_beat[class.abi() as usize]);
         }
         let mut last: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
@@ -189,9 +204,13 @@ impl BeatEngine {
         self.published.clone()
     }
 
-    /// Runs one beat: read, window, decide, write.
+    /// Runs one beat: refill budgets, read, window, decide, write.
     pub fn beat(&mut self) -> Result<BeatReport, DatapathError> {
         self.cycle += 1;
+        for class in Class::ALL {
+            self.writer
+                .set_budget(class, self.settings.budgets_per_beat[class.abi() as usize]);
+        }
         let mut delta: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
             let i = class.abi() as usize;

@@ -579,6 +579,12 @@ pub struct SloSection {
     pub admission_strategy: Option<AdmissionStrategy>,
     /// Beats in the sliding window (default 8).
     pub window_beats: Option<u32>,
+    /// New R1 connects admitted per beat; past it, the strategy's action applies (default: no budget).
+    pub r1_budget_per_beat: Option<u64>,
+    /// New W1 connects admitted per beat.
+    pub w1_budget_per_beat: Option<u64>,
+    /// New C1 connects admitted per beat.
+    pub c1_budget_per_beat: Option<u64>,
 }
 
 /// SLO admission strategy.

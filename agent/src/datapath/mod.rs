@@ -181,10 +181,14 @@ pub struct ApplyReport {
     pub switch_latency: Duration,
 }
 
-/// Writes class states (`knhk_abi::STATE_*`) into the kernel: one aligned 32-bit store per
-/// class through a shared mapping, read by every connect. Cheap to clone; needs no lock.
+/// Writes SLO admission control into the kernel: class states (`knhk_abi::STATE_*`) and
+/// per-beat budgets, each one aligned store through a shared mapping, read by every connect.
+/// Cheap to clone; needs no lock.
 #[derive(Debug, Clone)]
-pub struct ClassStateWriter(std::sync::Arc<sys::MmapArray>);
+pub struct ClassStateWriter(
+    std::sync::Arc<sys::MmapArray>,
+    std::sync::Arc<sys::MmapArray>,
+);
 
 /// The kernel lays out mmapable array elements at a stride of the value size rounded up to 8.
 const MMAP_ELEM_STRIDE: usize = 8;
@@ -195,6 +199,31 @@ impl ClassStateWriter {
         let p = self.0.at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE);
         // SAFETY: aligned u32 inside the mapping; the kernel reads it with a plain load.
         unsafe { AtomicU32::from_ptr(p).store(state, Ordering::SeqCst) };
+    }
+
+    /// Sets the state applied to `class`'s connects once its budget is spent.
+    pub fn set_over_budget(&self, class: Class, state: u32) {
+        let p = self
+            .0
+            .at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE + 4);
+        // SAFETY: aligned u32 inside the mapping (`ClassControl::over_budget`).
+        unsafe { AtomicU32::from_ptr(p).store(state, Ordering::SeqCst) };
+    }
+
+    /// Sets `class`'s admission budget for the coming beat (`None`: unlimited).
+    pub fn set_budget(&self, class: Class, budget: Option<u64>) {
+        let v = budget.map_or(BUDGET_UNLIMITED, |b| b.min(i64::MAX as u64 - 1) as i64);
+        let p = self.1.at::<i64>(class.abi() as usize * MMAP_ELEM_STRIDE);
+        // SAFETY: aligned i64 inside the mapping; the kernel updates it atomically too.
+        unsafe { std::sync::atomic::AtomicI64::from_ptr(p).store(v, Ordering::SeqCst) };
+    }
+
+    /// What is left of `class`'s budget this beat (`None`: unlimited; negative: overspent).
+    pub fn budget(&self, class: Class) -> Option<i64> {
+        let p = self.1.at::<i64>(class.abi() as usize * MMAP_ELEM_STRIDE);
+        // SAFETY: as in `set_budget`.
+        let v = unsafe { std::sync::atomic::AtomicI64::from_ptr(p).load(Ordering::SeqCst) };
+        (v != BUDGET_UNLIMITED).then_some(v)
     }
 
     /// The state of `class`.
@@ -430,14 +459,16 @@ impl Datapath {
         )?))
         .map_err(map_err("open", map_names::PARK))?;
         let states_map = take_map(&mut ebpf, map_names::CLASS_STATE)?;
-        let class_states = ClassStateWriter(std::sync::Arc::new(
-            sys::MmapArray::map(
-                states_map.fd().as_fd(),
-                page_round(CLASSES * MMAP_ELEM_STRIDE),
-                true,
-            )
-            .map_err(io_err("mmap", &layout.map(map_names::CLASS_STATE)))?,
-        ));
+        let budgets_map = take_map(&mut ebpf, map_names::BUDGETS)?;
+        let mmap_small = |m: &MapData, name: &'static str| {
+            sys::MmapArray::map(m.fd().as_fd(), page_round(CLASSES * MMAP_ELEM_STRIDE), true)
+                .map(std::sync::Arc::new)
+                .map_err(io_err("mmap", &layout.map(name)))
+        };
+        let class_states = ClassStateWriter(
+            mmap_small(&states_map, map_names::CLASS_STATE)?,
+            mmap_small(&budgets_map, map_names::BUDGETS)?,
+        );
         let v4_map = take_map(&mut ebpf, map_names::POLICY_V4)?;
         let v6_map = take_map(&mut ebpf, map_names::POLICY_V6)?;
         let dup = |m: &MapData, name: &'static str| {
@@ -483,6 +514,12 @@ impl Datapath {
             _ebpf: ebpf,
         };
         dp.recover_slots()?;
+        // SLO admission starts neutral; the beat engine (if configured) takes over.
+        for class in CLASSES_IN_ABI_ORDER {
+            dp.class_states.set(class, STATE_NORMAL);
+            dp.class_states.set_over_budget(class, STATE_NORMAL);
+            dp.class_states.set_budget(class, None);
+        }
         let previous_root = dp.config_ref().attach_cgroup_id;
         dp.attach_programs(attach, previous_root)?;
         // SAFETY (for the writes below): the mapping holds one `Config`, and fields are written

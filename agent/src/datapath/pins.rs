@@ -77,7 +77,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 12] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 13] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -157,7 +157,16 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 12] {
             m::CLASS_STATE,
             ARRAY,
             4,
+            size::<ClassControl>(),
+            CLASSES as u32,
+            BPF_F_MMAPABLE,
+            true,
+        ),
+        spec(
+            m::BUDGETS,
+            ARRAY,
             4,
+            8,
             CLASSES as u32,
             BPF_F_MMAPABLE,
             true,

@@ -46,6 +46,20 @@ pub const STATE_DEGRADED: u32 = 1;
 /// New connects refused with EPERM (Strict strategy; enforce mode only).
 pub const STATE_PAUSED: u32 = 2;
 
+/// `BUDGETS` value meaning "no admission budget".
+pub const BUDGET_UNLIMITED: i64 = i64::MAX;
+
+/// SLO admission control of one class, written by the beat engine (mmapable array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassControl {
+    /// `STATE_*` of the class.
+    pub state: u32,
+    /// `STATE_*` applied to a connect of a `STATE_NORMAL` class once its per-beat budget is
+    /// spent (`STATE_PAUSED` under Strict, `STATE_DEGRADED` under Degrade).
+    pub over_budget: u32,
+}
+
 /// Rule protocols (`RuleEntry::proto`). Values are IPPROTO numbers, with 0 for "any".
 pub const PROTO_ANY: u8 = 0;
 /// IPPROTO_TCP.
@@ -100,12 +114,15 @@ pub mod map_names {
     pub const LATENCY: &str = "KNHK_LATENCY";
     /// Per-CPU time of the last timed connect, by class (histogram sampling).
     pub const SAMPLED: &str = "KNHK_SAMPLED";
-    /// Class states (`STATE_*`, u32 per class; mmapable), written by the beat engine.
+    /// Class control ([`super::ClassControl`] per class; mmapable), written by the beat engine.
     pub const CLASS_STATE: &str = "KNHK_CLASS_STATE";
+    /// Admission budget per class for the current beat (i64; mmapable): refilled by the beat
+    /// engine, decremented by each admitted connect; [`super::BUDGET_UNLIMITED`] = no budget.
+    pub const BUDGETS: &str = "KNHK_BUDGETS";
     /// Park targets: rule counter id → [`super::ParkTarget`].
     pub const PARK: &str = "KNHK_PARK";
     /// Every map, in pin order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CONFIG,
         POLICY_V4,
         POLICY_V6,
@@ -118,6 +135,7 @@ pub mod map_names {
         SAMPLED,
         CLASS_STATE,
         PARK,
+        BUDGETS,
     ];
 }
 
@@ -451,6 +469,7 @@ mod pod {
     unsafe impl aya::Pod for ScopeValue {}
     unsafe impl aya::Pod for HeatKey {}
     unsafe impl aya::Pod for ParkTarget {}
+    unsafe impl aya::Pod for ClassControl {}
     unsafe impl aya::Pod for HeatValue {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for Histogram {}
@@ -483,6 +502,7 @@ mod tests {
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<HeatKey>(), 20);
         assert_eq!(size_of::<ParkTarget>(), 24);
+        assert_eq!(size_of::<ClassControl>(), 8);
         assert_eq!(size_of::<HeatValue>(), 16);
         assert_eq!(size_of::<ConnState>(), 16);
         assert_eq!(size_of::<Histogram>(), 16 + 8 * BUCKETS);

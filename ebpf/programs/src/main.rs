@@ -46,7 +46,9 @@ static HEAT: LruHashMap<HeatKey, HeatValue> = LruHashMap::pinned(DEFAULT_HEAT_MA
 #[btf_map(name = "KNHK_CONNS")]
 static CONNS: SkStorage<ConnState> = SkStorage::new();
 #[map(name = "KNHK_CLASS_STATE")]
-static CLASS_STATE: Array<u32> = Array::pinned(CLASSES as u32, BPF_F_MMAPABLE);
+static CLASS_STATE: Array<ClassControl> = Array::pinned(CLASSES as u32, BPF_F_MMAPABLE);
+#[map(name = "KNHK_BUDGETS")]
+static BUDGETS: Array<i64> = Array::pinned(CLASSES as u32, BPF_F_MMAPABLE);
 #[map(name = "KNHK_PARK")]
 static PARK: HashMap<u32, ParkTarget> = HashMap::pinned(MAX_PARK_TARGETS, 0);
 #[map(name = "KNHK_SAMPLED")]
@@ -193,10 +195,24 @@ fn admit<const V6: bool>(
     }
     let class = if (verdict.class as usize) < CLASSES { verdict.class } else { CLASS_C1 };
     // SLO admission (enforce mode only): a paused class's admitted connects are shed; a
-    // degraded class's are parked on their rule's park target, if it has one.
+    // degraded class's are parked on their rule's park target, if it has one. A normal class
+    // spends its per-beat budget; past it, the class's over-budget state applies.
     if verdict.action != ACTION_DENY && cfg.flags & FLAG_ENFORCE != 0 {
-        if let Some(state) = CLASS_STATE.get(class as u32) {
-            match unsafe { core::ptr::read_volatile(state) } {
+        if let Some(ctl) = CLASS_STATE.get(class as u32) {
+            let mut state = unsafe { core::ptr::read_volatile(&ctl.state) };
+            if state == STATE_NORMAL {
+                if let Some(budget) = BUDGETS.get_ptr_mut(class as u32) {
+                    if unsafe { core::ptr::read_volatile(budget) } != BUDGET_UNLIMITED {
+                        // Spend one, then look: a connect that took the budget below zero always
+                        // sees it below zero, so no more than the budget is ever admitted per beat.
+                        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(budget, -1) };
+                        if unsafe { core::ptr::read_volatile(budget) } < 0 {
+                            state = unsafe { core::ptr::read_volatile(&ctl.over_budget) };
+                        }
+                    }
+                }
+            }
+            match state {
                 STATE_PAUSED => verdict.action = ACTION_SHED,
                 STATE_DEGRADED if verdict.counter != 0 => {
                     if let Some(t) = unsafe { PARK.get(&verdict.counter) } {
