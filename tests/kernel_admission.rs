@@ -26,12 +26,16 @@ fn policy(text: &str) -> Policy {
 
 impl Harness {
     fn start(name: &str, config: &str) -> Harness {
+        Self::start_with_heat(name, config, 1024)
+    }
+
+    fn start_with_heat(name: &str, config: &str, heat_max_entries: u32) -> Harness {
         let cg = TestCgroup::new(name);
         let pins = TestPins::new(name);
         let opts = DatapathOptions {
             cgroup_root: cg.path.clone(),
             pin_root: pins.root.clone(),
-            heat_max_entries: 1024,
+            heat_max_entries,
         };
         let mut dp = Datapath::start(&opts).unwrap_or_else(|e| panic!("datapath start: {e}"));
         dp.apply(&policy(config), None)
@@ -450,6 +454,8 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         ceilings_ns: [Some(5_000_000), None, None],
         strategy: knhk_agent::config::AdmissionStrategy::Strict,
         budgets_per_beat: [None; 3],
+        heat_half_life_beats: 50.0,
+        heat_top_n: 20,
     };
     let (events, mut rx) = tokio::sync::broadcast::channel(64);
     let mut engine = BeatEngine::new(
@@ -592,6 +598,8 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         ceilings_ns: [Some(5_000_000), None, None],
         strategy: knhk_agent::config::AdmissionStrategy::Degrade,
         budgets_per_beat: [None; 3],
+        heat_half_life_beats: 50.0,
+        heat_top_n: 20,
     };
     let (events, _rx) = tokio::sync::broadcast::channel(64);
     let mut engine = BeatEngine::new(
@@ -662,6 +670,8 @@ fn kernel_budget_admits_exactly_n_per_beat() {
         ceilings_ns: [None; 3],
         strategy: knhk_agent::config::AdmissionStrategy::Strict,
         budgets_per_beat: [None, None, Some(5)],
+        heat_half_life_beats: 50.0,
+        heat_top_n: 20,
     };
     let (events, _rx) = tokio::sync::broadcast::channel(8);
     let mut engine = BeatEngine::new(
@@ -710,4 +720,63 @@ fn kernel_budget_admits_exactly_n_per_beat() {
         ),
         (10, 5)
     );
+}
+
+#[test]
+fn kernel_heat_ranks_decays_and_counts_evictions() {
+    if !kernel_available("kernel_heat_ranks_decays_and_counts_evictions") {
+        return;
+    }
+    let _serial = timing_shared();
+    use knhk_agent::beat::{BeatEngine, BeatSettings};
+    let h = Harness::start_with_heat(
+        "heat",
+        "[[policy.rules]]\nname = \"any\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
+        16,
+    );
+    let settings = BeatSettings {
+        interval: std::time::Duration::from_secs(3600),
+        window_beats: 8,
+        recover_beats: 10,
+        ceilings_ns: [None; 3],
+        strategy: knhk_agent::config::AdmissionStrategy::Strict,
+        budgets_per_beat: [None; 3],
+        heat_half_life_beats: 10.0,
+        heat_top_n: 5,
+    };
+    let (events, _rx) = tokio::sync::broadcast::channel(8);
+    let mut engine = BeatEngine::new(
+        settings,
+        h.reader(),
+        h.dp.class_state_writer(),
+        events,
+        &prometheus::Registry::new(),
+    )
+    .expect("engine");
+    // 40 distinct destinations through a 16-entry LRU (nobody listens: the attempts still count).
+    for port in 21_000..21_040u16 {
+        assert!(tcp_connect_from(&h.cg.path, addr(&format!("127.0.0.1:{port}"))).admitted());
+    }
+    let hammered = addr("127.0.0.1:21100");
+    let c = tcp_connect_loop_from(&h.cg.path, hammered, 50);
+    assert_eq!(c.other + c.connected, 50);
+    engine.beat().expect("beat");
+    let top = engine.hottest(3);
+    assert_eq!(
+        (top[0].addr, top[0].port),
+        (hammered.ip(), hammered.port()),
+        "{top:?}"
+    );
+    assert!((top[0].heat - 50.0).abs() < 1e-6, "{top:?}");
+    assert!(
+        engine.heat_evictions() >= 24,
+        "40 + 1 destinations through 16 entries: {} evictions",
+        engine.heat_evictions()
+    );
+    // Traffic stops: after one half-life (10 beats) the heat has halved.
+    for _ in 0..10 {
+        engine.beat().expect("beat");
+    }
+    let top = engine.hottest(1);
+    assert!((top[0].heat - 25.0).abs() < 1e-6, "{top:?}");
 }

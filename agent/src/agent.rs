@@ -121,9 +121,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // SLO admission: the beat engine runs when [slo] is configured.
     let (stop_beat, beat_stopped) = tokio::sync::oneshot::channel::<()>();
-    let beat_task = match &config.slo {
-        Some(slo) => {
-            let settings = BeatSettings::from_slo(slo);
+    let beat_task = match BeatSettings::from_config(&config) {
+        Some(settings) => {
             let engine = BeatEngine::new(
                 settings.clone(),
                 DatapathReader::open(&layout)?,

@@ -10,6 +10,7 @@
 //! the per-class admission budgets (`*_budget_per_beat`): the kernel spends one per admitted
 //! connect, and past zero applies the strategy's action (refuse or park) until the next refill.
 
+pub mod heat;
 pub mod ladder;
 
 use crate::{
@@ -28,7 +29,7 @@ use std::{
 use tokio::sync::broadcast;
 
 /// The engine's settings, from `[slo]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BeatSettings {
     /// Beat period.
     pub interval: Duration,
@@ -42,10 +43,22 @@ pub struct BeatSettings {
     pub strategy: AdmissionStrategy,
     /// New connects admitted per beat, per class (R1, W1, C1); `None`: no budget.
     pub budgets_per_beat: [Option<u64>; 3],
+    /// Beats over which a destination's heat halves.
+    pub heat_half_life_beats: f64,
+    /// Hottest and rising destinations exported.
+    pub heat_top_n: usize,
 }
 
 impl BeatSettings {
-    /// The settings an `[slo]` section describes.
+    /// The settings a configuration describes, if it has an `[slo]` section.
+    pub fn from_config(config: &crate::config::Config) -> Option<BeatSettings> {
+        config.slo.as_ref().map(|slo| BeatSettings {
+            heat_top_n: config.agent.heat_top_n as usize,
+            ..Self::from_slo(slo)
+        })
+    }
+
+    /// The settings an `[slo]` section describes (heat top-N: 20).
     pub fn from_slo(slo: &SloSection) -> BeatSettings {
         BeatSettings {
             interval: Duration::from_millis(slo.beat_interval_ms.unwrap_or(100)),
@@ -62,6 +75,8 @@ impl BeatSettings {
                 slo.w1_budget_per_beat,
                 slo.c1_budget_per_beat,
             ],
+            heat_half_life_beats: slo.heat_half_life_beats.unwrap_or(50) as f64,
+            heat_top_n: 20,
         }
     }
 }
@@ -79,7 +94,13 @@ pub struct BeatReport {
     pub states: [ClassState; 3],
 }
 
+/// Heat entries read per beat: one batch syscall of about half a millisecond.
+const HEAT_CHUNK: usize = 1024;
+
 struct Metrics {
+    heat_top: prometheus::GaugeVec,
+    heat_rising: prometheus::GaugeVec,
+    heat_evictions: IntCounter,
     beats: IntCounter,
     overruns: IntCounter,
     duration: Histogram,
@@ -114,6 +135,28 @@ impl Metrics {
             ),
             &["class"],
         )?;
+        let heat_labels = ["rank", "destination", "protocol"];
+        let heat_top = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_heat_decayed_attempts",
+                "Decayed connect attempts of the hottest destinations (top N, refreshed every walk of the heat map).",
+            ),
+            &heat_labels,
+        )?;
+        let heat_rising = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_heat_rising_attempts_per_beat",
+                "Growth of the attempt rate (attempts per beat) of the fastest-rising destinations: preload hints.",
+            ),
+            &heat_labels,
+        )?;
+        let heat_evictions = IntCounter::new(
+            "knhk_heat_evictions_total",
+            "Destinations evicted from the kernel heat LRU (inserted minus present).",
+        )?;
+        registry.register(Box::new(heat_top.clone()))?;
+        registry.register(Box::new(heat_rising.clone()))?;
+        registry.register(Box::new(heat_evictions.clone()))?;
         registry.register(Box::new(beats.clone()))?;
         registry.register(Box::new(overruns.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -130,6 +173,9 @@ impl Metrics {
                 .set(f64::NAN);
         }
         Ok(Metrics {
+            heat_top,
+            heat_rising,
+            heat_evictions,
             beats,
             overruns,
             duration,
@@ -151,6 +197,9 @@ pub struct BeatEngine {
     published: Arc<RwLock<Ladder>>,
     events: broadcast::Sender<Event>,
     metrics: Metrics,
+    heat: heat::HeatTracker,
+    heat_cursor: crate::datapath::HeatCursor,
+    heat_inserts_seen: Option<u64>,
 }
 
 impl std::fmt::Debug for BeatEngine {
@@ -186,7 +235,6 @@ impl BeatEngine {
             last[class.abi() as usize] = reader.histogram(LATENCY_HANDSHAKE, class)?;
         }
         Ok(BeatEngine {
-            settings,
             reader,
             writer,
             last,
@@ -196,6 +244,10 @@ impl BeatEngine {
             published: Arc::new(RwLock::new(Ladder::default())),
             events,
             metrics,
+            heat: heat::HeatTracker::new(settings.heat_half_life_beats),
+            heat_cursor: Default::default(),
+            heat_inserts_seen: None,
+            settings,
         })
     }
 
@@ -268,12 +320,78 @@ impl BeatEngine {
         if let Ok(mut p) = self.published.write() {
             *p = self.ladder;
         }
+        self.heat_step()?;
         Ok(BeatReport {
             cycle: self.cycle,
             p99_ns,
             breach,
             states: self.ladder.states,
         })
+    }
+
+    /// Reads the next chunk of the heat map; at the end of a walk, exports top-N, rising
+    /// destinations and evictions.
+    fn heat_step(&mut self) -> Result<(), DatapathError> {
+        let (entries, done) = self.reader.heat_step(&mut self.heat_cursor, HEAT_CHUNK)?;
+        self.heat.observe(self.cycle, &entries, done);
+        if !done {
+            return Ok(());
+        }
+        let label = |d: &heat::HotDestination| {
+            let dest = match d.addr {
+                std::net::IpAddr::V4(a) => format!("{a}:{}", d.port),
+                std::net::IpAddr::V6(a) => format!("[{a}]:{}", d.port),
+            };
+            let proto = match d.proto {
+                knhk_abi::PROTO_TCP => "tcp",
+                knhk_abi::PROTO_UDP => "udp",
+                _ => "other",
+            };
+            (dest, proto)
+        };
+        self.metrics.heat_top.reset();
+        for (i, d) in self
+            .heat
+            .top(self.cycle, self.settings.heat_top_n)
+            .iter()
+            .enumerate()
+        {
+            let (dest, proto) = label(d);
+            self.metrics
+                .heat_top
+                .with_label_values(&[&(i + 1).to_string(), &dest, proto])
+                .set(d.heat);
+        }
+        self.metrics.heat_rising.reset();
+        for (i, d) in self
+            .heat
+            .rising(self.cycle, self.settings.heat_top_n)
+            .iter()
+            .enumerate()
+        {
+            let (dest, proto) = label(d);
+            self.metrics
+                .heat_rising
+                .with_label_values(&[&(i + 1).to_string(), &dest, proto])
+                .set(d.rising);
+        }
+        let inserts = self.reader.heat_inserts()?;
+        let evicted = inserts.saturating_sub(self.heat.len() as u64);
+        let before = self.heat_inserts_seen.replace(evicted).unwrap_or(0);
+        if evicted > before {
+            self.metrics.heat_evictions.inc_by(evicted - before);
+        }
+        Ok(())
+    }
+
+    /// The hottest destinations as of the last beat (`n` of them).
+    pub fn hottest(&self, n: usize) -> Vec<heat::HotDestination> {
+        self.heat.top(self.cycle, n)
+    }
+
+    /// Destinations evicted from the kernel heat LRU, as of the last completed walk.
+    pub fn heat_evictions(&self) -> u64 {
+        self.heat_inserts_seen.unwrap_or(0)
     }
 
     /// Beats until `shutdown` resolves. Overruns are counted and logged; a failed beat is

@@ -585,6 +585,8 @@ pub struct SloSection {
     pub w1_budget_per_beat: Option<u64>,
     /// New C1 connects admitted per beat.
     pub c1_budget_per_beat: Option<u64>,
+    /// Beats over which a destination's heat halves (default 50).
+    pub heat_half_life_beats: Option<u32>,
 }
 
 /// SLO admission strategy.
@@ -866,6 +868,12 @@ fn check_slo(s: &SloSection) -> Result<(), (&'static str, String)> {
         return Err((
             "window_beats",
             "0 is out of range: the window needs at least 1 beat".into(),
+        ));
+    }
+    if s.heat_half_life_beats == Some(0) {
+        return Err((
+            "heat_half_life_beats",
+            "0 is out of range: heat needs at least 1 beat to halve".into(),
         ));
     }
     if s.recover_beats == Some(0) {

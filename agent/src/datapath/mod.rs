@@ -24,7 +24,7 @@ pub mod pins;
 mod reader;
 mod sys;
 
-pub use reader::{DatapathReader, Decisions, HeatEntry, LatencyHistogram};
+pub use reader::{DatapathReader, Decisions, HeatCursor, HeatEntry, LatencyHistogram};
 
 use crate::{
     config::{CgroupPath, Class, DefaultAction, Mode},

@@ -77,7 +77,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 13] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 14] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -171,6 +171,7 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 13] {
             BPF_F_MMAPABLE,
             true,
         ),
+        spec(m::HEAT_INSERTS, PERCPU_ARRAY, 4, 8, 1, 0, true),
         spec(
             m::PARK,
             HASH,

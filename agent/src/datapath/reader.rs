@@ -174,9 +174,14 @@ impl HeatEntry {
     }
 }
 
+/// Where an incremental walk of the heat map stands; see [`DatapathReader::heat_step`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeatCursor(sys::BatchCursor);
+
 /// Reads the datapath's counters from its pins.
 pub struct DatapathReader {
     decisions: PerCpuArray<MapData, u64>,
+    heat_inserts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, Histogram>,
     heat: MapData,
     heat_capacity: u32,
@@ -202,6 +207,8 @@ impl DatapathReader {
             .map_err(map_err("open", map_names::DECISIONS))?;
         let latency = PerCpuArray::try_from(open(layout, map_names::LATENCY)?)
             .map_err(map_err("open", map_names::LATENCY))?;
+        let heat_inserts = PerCpuArray::try_from(open(layout, map_names::HEAT_INSERTS)?)
+            .map_err(map_err("open", map_names::HEAT_INSERTS))?;
         let heat_path = layout.map(map_names::HEAT);
         let heat = MapData::from_pin(&heat_path).map_err(map_err("open pin", map_names::HEAT))?;
         let heat_capacity = heat
@@ -216,6 +223,7 @@ impl DatapathReader {
                 .map_err(io_err("mmap", &hits_path))?;
         Ok(Self {
             decisions,
+            heat_inserts,
             latency,
             heat,
             heat_capacity,
@@ -282,6 +290,39 @@ impl DatapathReader {
                 .then(a.port.cmp(&b.port))
         });
         Ok(out)
+    }
+
+    /// Reads up to `max` heat entries from `cursor` (one batch syscall); returns them and
+    /// whether the walk reached the end of the map (the cursor then starts over).
+    pub fn heat_step(
+        &self,
+        cursor: &mut HeatCursor,
+        max: usize,
+    ) -> Result<(Vec<HeatEntry>, bool), DatapathError> {
+        let (raw, done): (Vec<(HeatKey, HeatValue)>, bool) =
+            sys::lookup_batch_step(self.heat.fd().as_fd(), &mut cursor.0, max).map_err(|e| {
+                DatapathError::Map {
+                    op: "batch lookup",
+                    map: map_names::HEAT,
+                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    }),
+                }
+            })?;
+        Ok((
+            raw.iter().map(|(k, v)| HeatEntry::from_map(k, v)).collect(),
+            done,
+        ))
+    }
+
+    /// Destinations inserted into the heat map since it was created (all CPUs).
+    pub fn heat_inserts(&self) -> Result<u64, DatapathError> {
+        let v = self
+            .heat_inserts
+            .get(&0, 0)
+            .map_err(map_err("lookup", map_names::HEAT_INSERTS))?;
+        Ok(v.iter().sum())
     }
 
     /// Capacity of the heat map.

@@ -94,57 +94,84 @@ pub(crate) fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::
     Ok(())
 }
 
-/// Reads every entry of a hash-type map with `BPF_MAP_LOOKUP_BATCH` (thousands per syscall).
-pub(crate) fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+/// Where a batched walk of a hash map stands (the kernel's bucket cursor).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchCursor {
+    token: [u8; 64],
+    started: bool,
+}
+
+impl Default for BatchCursor {
+    fn default() -> Self {
+        BatchCursor {
+            token: [0; 64],
+            started: false,
+        }
+    }
+}
+
+/// Reads up to `max` entries of a hash-type map from `cursor` with one `BPF_MAP_LOOKUP_BATCH`;
+/// returns them and whether the walk reached the end (the cursor then starts over).
+pub(crate) fn lookup_batch_step<K: Copy + Default, V: Copy + Default>(
     fd: BorrowedFd<'_>,
-    capacity: usize,
-) -> io::Result<Vec<(K, V)>> {
-    const CHUNK: usize = 4096;
-    let mut out = Vec::new();
-    let mut keys = vec![K::default(); CHUNK];
-    let mut values = vec![V::default(); CHUNK];
-    let mut token = [0u8; 64];
-    let mut first = true;
+    cursor: &mut BatchCursor,
+    max: usize,
+) -> io::Result<(Vec<(K, V)>, bool)> {
+    let mut keys = vec![K::default(); max];
+    let mut values = vec![V::default(); max];
+    let mut count = max as u32;
+    let mut next = [0u8; 64];
     let opts = libbpf_sys::bpf_map_batch_opts {
         sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
         elem_flags: 0,
         flags: 0,
     };
-    loop {
-        let mut count = CHUNK as u32;
-        let mut next = [0u8; 64];
-        // SAFETY: buffers hold `count` keys and values; the batch tokens are large enough for
-        // any hash map's bucket cursor (the kernel uses a u32).
-        let ret = unsafe {
-            libbpf_sys::bpf_map_lookup_batch(
-                fd.as_raw_fd(),
-                if first {
-                    std::ptr::null_mut()
-                } else {
-                    token.as_mut_ptr().cast()
-                },
-                next.as_mut_ptr().cast(),
-                keys.as_mut_ptr().cast(),
-                values.as_mut_ptr().cast(),
-                &mut count,
-                &opts,
-            )
-        };
-        let done = ret < 0 && -ret == libc::ENOENT;
-        if ret < 0 && !done {
-            return Err(io::Error::from_raw_os_error(-ret));
+    // SAFETY: buffers hold `count` keys and values; the batch tokens are large enough for any
+    // hash map's bucket cursor (the kernel uses a u32).
+    let ret = unsafe {
+        libbpf_sys::bpf_map_lookup_batch(
+            fd.as_raw_fd(),
+            if cursor.started {
+                cursor.token.as_mut_ptr().cast()
+            } else {
+                std::ptr::null_mut()
+            },
+            next.as_mut_ptr().cast(),
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            &mut count,
+            &opts,
+        )
+    };
+    let done = ret < 0 && -ret == libc::ENOENT;
+    if ret < 0 && !done {
+        return Err(io::Error::from_raw_os_error(-ret));
+    }
+    let out = keys.into_iter().zip(values).take(count as usize).collect();
+    *cursor = if done {
+        BatchCursor::default()
+    } else {
+        BatchCursor {
+            token: next,
+            started: true,
         }
-        out.extend(
-            keys.iter()
-                .copied()
-                .zip(values.iter().copied())
-                .take(count as usize),
-        );
+    };
+    Ok((out, done))
+}
+
+/// Reads every entry of a hash-type map with `BPF_MAP_LOOKUP_BATCH` (thousands per syscall).
+pub(crate) fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    capacity: usize,
+) -> io::Result<Vec<(K, V)>> {
+    let mut cursor = BatchCursor::default();
+    let mut out = Vec::new();
+    loop {
+        let (chunk, done) = lookup_batch_step(fd, &mut cursor, 4096)?;
+        out.extend(chunk);
         if done || out.len() >= capacity {
             return Ok(out);
         }
-        token = next;
-        first = false;
     }
 }
 

@@ -121,8 +121,10 @@ pub mod map_names {
     pub const BUDGETS: &str = "KNHK_BUDGETS";
     /// Park targets: rule counter id → [`super::ParkTarget`].
     pub const PARK: &str = "KNHK_PARK";
+    /// Per-CPU count of destinations inserted into the heat map (evictions = inserts − entries).
+    pub const HEAT_INSERTS: &str = "KNHK_HEAT_INSERTS";
     /// Every map, in pin order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         POLICY_V4,
         POLICY_V6,
@@ -136,6 +138,7 @@ pub mod map_names {
         CLASS_STATE,
         PARK,
         BUDGETS,
+        HEAT_INSERTS,
     ];
 }
 

@@ -51,6 +51,8 @@ static CLASS_STATE: Array<ClassControl> = Array::pinned(CLASSES as u32, BPF_F_MM
 static BUDGETS: Array<i64> = Array::pinned(CLASSES as u32, BPF_F_MMAPABLE);
 #[map(name = "KNHK_PARK")]
 static PARK: HashMap<u32, ParkTarget> = HashMap::pinned(MAX_PARK_TARGETS, 0);
+#[map(name = "KNHK_HEAT_INSERTS")]
+static HEAT_INSERTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map(name = "KNHK_SAMPLED")]
 static SAMPLED: PerCpuArray<u64> = PerCpuArray::pinned(CLASSES as u32, 0);
 #[map(name = "KNHK_LATENCY")]
@@ -293,7 +295,11 @@ fn record_heat(addr: &[u8; 16], port: u16, proto: u8, now: u64) {
             (*v).last_seen_ns = now;
         },
         None => {
-            let _ = HEAT.insert(&key, &HeatValue { attempts: 1, last_seen_ns: now }, BPF_NOEXIST as u64);
+            if HEAT.insert(&key, &HeatValue { attempts: 1, last_seen_ns: now }, BPF_NOEXIST as u64).is_ok() {
+                if let Some(n) = HEAT_INSERTS.get_ptr_mut(0) {
+                    unsafe { *n += 1 };
+                }
+            }
         }
     }
 }
