@@ -131,6 +131,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 &registry,
             )?;
             controller.attach_ladder(engine.ladder_handle());
+            if let Err(e) = registry.register(Box::new(engine.heat_view())) {
+                return Err(AgentError::Internal(format!(
+                    "registering heat metrics: {e}"
+                )));
+            }
             info!(
                 beat_ms = settings.interval.as_millis() as u64,
                 window_beats = settings.window_beats,

@@ -560,3 +560,26 @@ pub fn timing_exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
 pub fn timing_shared() -> std::sync::RwLockReadGuard<'static, ()> {
     TIMING.read().unwrap_or_else(|e| e.into_inner())
 }
+
+/// `n` TCP connects from a process in `cgroup`, each to a different destination
+/// `127.1.x.y:9` (nothing listens; each attempt still enters the heat map). Returns how many
+/// were admitted (refused by the stack rather than by admission).
+pub fn tcp_connect_many_from(cgroup: &Path, n: u32) -> u64 {
+    let addrs: Vec<RawAddr> = (0..n)
+        .map(|i| {
+            raw_addr(SocketAddr::from((
+                [127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                9,
+            )))
+        })
+        .collect();
+    let [admitted] = in_cgroup::<1>(cgroup, move |out| {
+        let mut ns = 0;
+        for a in &addrs {
+            if raw_connect(a, libc::SOCK_STREAM, &mut ns) != libc::EPERM as i64 {
+                out[0] += 1;
+            }
+        }
+    });
+    admitted as u64
+}

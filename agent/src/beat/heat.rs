@@ -7,10 +7,22 @@
 //! entry was last visited: `heat = heat × d^(beats since) + new attempts`. The rate of new
 //! attempts per beat between two visits gives the derivative; a destination whose rate grew is
 //! *rising* (a preload hint). A destination not seen during a whole walk left the kernel map
-//! (evicted), and is dropped.
+//! (evicted): rankings skip it, and a sweep that also advances a bounded number of entries per
+//! beat drops it, so no beat ever touches the whole table.
 
 use crate::datapath::HeatEntry;
-use std::{collections::HashMap, net::IpAddr};
+use prometheus::{
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
 
 /// A destination and its heat.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,8 +55,13 @@ type Key = (IpAddr, u16, u8);
 #[derive(Debug, Clone)]
 pub struct HeatTracker {
     table: HashMap<Key, Tracked>,
+    /// Every key of `table`, for the bounded sweep of stale entries.
+    keys: Vec<Key>,
+    sweep_at: usize,
     decay_per_beat: f64,
     walk: u64,
+    seen_this_walk: usize,
+    seen_last_walk: usize,
 }
 
 impl HeatTracker {
@@ -52,8 +69,12 @@ impl HeatTracker {
     pub fn new(half_life_beats: f64) -> Self {
         HeatTracker {
             table: HashMap::new(),
+            keys: Vec::new(),
+            sweep_at: 0,
             decay_per_beat: 0.5f64.powf(1.0 / half_life_beats.max(1e-9)),
             walk: 0,
+            seen_this_walk: 0,
+            seen_last_walk: 0,
         }
     }
 
@@ -65,6 +86,9 @@ impl HeatTracker {
             let decay = self.decay_per_beat;
             match self.table.get_mut(&key) {
                 Some(t) => {
+                    if t.walk != walk {
+                        self.seen_this_walk += 1;
+                    }
                     // Fewer attempts than before: the kernel entry was evicted and recreated.
                     let new = if e.attempts >= t.attempts {
                         e.attempts - t.attempts
@@ -81,6 +105,8 @@ impl HeatTracker {
                     t.walk = walk;
                 }
                 None => {
+                    self.seen_this_walk += 1;
+                    self.keys.push(key);
                     self.table.insert(
                         key,
                         Tracked {
@@ -95,62 +121,231 @@ impl HeatTracker {
                 }
             }
         }
+        // Drop entries missing from the last complete walk, a bounded number per call.
+        let budget = entries.len().max(64) * 2;
+        for _ in 0..budget.min(self.keys.len()) {
+            if self.sweep_at >= self.keys.len() {
+                self.sweep_at = 0;
+            }
+            let key = self.keys[self.sweep_at];
+            if self.table.get(&key).is_some_and(|t| t.walk + 1 < self.walk) {
+                self.table.remove(&key);
+                self.keys.swap_remove(self.sweep_at);
+            } else {
+                self.sweep_at += 1;
+            }
+        }
         if walk_done {
-            let finished = self.walk;
-            self.table.retain(|_, t| t.walk == finished);
             self.walk += 1;
+            self.seen_last_walk = std::mem::take(&mut self.seen_this_walk);
         }
     }
 
-    /// Destinations tracked (after a full walk: the kernel map's entries).
+    /// Whether an entry was seen in the last complete walk or the current one.
+    fn live(&self, t: &Tracked) -> bool {
+        t.walk + 1 >= self.walk
+    }
+
+    /// Destinations in the kernel map as of the last complete walk.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.seen_last_walk
     }
 
-    /// Whether nothing is tracked.
+    /// Whether the last complete walk found nothing.
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.seen_last_walk == 0
     }
 
-    fn snapshot(&self, beat: u64) -> Vec<HotDestination> {
-        self.table
-            .iter()
-            .map(|((addr, port, proto), t)| HotDestination {
-                addr: *addr,
-                port: *port,
-                proto: *proto,
-                heat: t.heat
-                    * self
-                        .decay_per_beat
-                        .powi(beat.saturating_sub(t.last_beat).min(i32::MAX as u64) as i32),
-                rising: t.rising,
-            })
+    /// The `n` entries with the largest `score` (descending), without sorting the whole table.
+    fn best(
+        &self,
+        beat: u64,
+        n: usize,
+        score: impl Fn(f64, &Tracked) -> Option<f64>,
+    ) -> Vec<HotDestination> {
+        use std::{cmp::Reverse, collections::BinaryHeap};
+        struct Scored(f64, Key, f64, f64);
+        impl PartialEq for Scored {
+            fn eq(&self, o: &Self) -> bool {
+                self.0.total_cmp(&o.0).is_eq() && self.1 == o.1
+            }
+        }
+        impl Eq for Scored {}
+        impl PartialOrd for Scored {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for Scored {
+            // Higher score first; ties broken by destination, so the result is deterministic.
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                self.0.total_cmp(&o.0).then_with(|| o.1.cmp(&self.1))
+            }
+        }
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut heap: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(n + 1);
+        for (key, t) in self.table.iter().filter(|(_, t)| self.live(t)) {
+            let heat = t.heat
+                * self
+                    .decay_per_beat
+                    .powi(beat.saturating_sub(t.last_beat).min(i32::MAX as u64) as i32);
+            let Some(s) = score(heat, t) else { continue };
+            heap.push(Reverse(Scored(s, *key, heat, t.rising)));
+            if heap.len() > n {
+                heap.pop();
+            }
+        }
+        let mut out: Vec<Scored> = heap.into_iter().map(|Reverse(s)| s).collect();
+        out.sort_by(|a, b| b.cmp(a));
+        out.into_iter()
+            .map(
+                |Scored(_, (addr, port, proto), heat, rising)| HotDestination {
+                    addr,
+                    port,
+                    proto,
+                    heat,
+                    rising,
+                },
+            )
             .collect()
     }
 
     /// The `n` hottest destinations as of `beat`, hottest first.
     pub fn top(&self, beat: u64, n: usize) -> Vec<HotDestination> {
-        let mut all = self.snapshot(beat);
-        all.sort_by(|a, b| {
-            b.heat
-                .total_cmp(&a.heat)
-                .then(a.addr.cmp(&b.addr))
-                .then(a.port.cmp(&b.port))
-        });
-        all.truncate(n);
-        all
+        self.best(beat, n, |heat, _| Some(heat))
     }
 
     /// Up to `n` destinations whose attempt rate grew, fastest growth first.
     pub fn rising(&self, beat: u64, n: usize) -> Vec<HotDestination> {
-        let mut all: Vec<_> = self
-            .snapshot(beat)
-            .into_iter()
-            .filter(|d| d.rising > 0.0)
+        self.best(beat, n, |_, t| (t.rising > 0.0).then_some(t.rising))
+    }
+}
+
+/// The tracker shared between the beat engine (which feeds it) and its readers (metrics, API),
+/// with the beat it was last fed at. Rankings cost a pass over every destination, so they are
+/// computed when asked for, outside the beat.
+#[derive(Debug, Clone)]
+pub struct HeatView {
+    tracker: Arc<Mutex<HeatTracker>>,
+    beat: Arc<AtomicU64>,
+    top_n: usize,
+    descs: Vec<Desc>,
+}
+
+const FAMILIES: [(&str, &str); 2] = [
+    (
+        "knhk_heat_decayed_attempts",
+        "Decayed connect attempts of the hottest destinations (top N by rank).",
+    ),
+    (
+        "knhk_heat_rising_attempts_per_beat",
+        "Growth of the attempt rate (attempts per beat) of the fastest-rising destinations: preload hints.",
+    ),
+];
+
+impl HeatView {
+    /// Shares `tracker`; metrics export `top_n` destinations per family.
+    pub fn new(tracker: HeatTracker, top_n: usize) -> Self {
+        let descs = FAMILIES
+            .iter()
+            .filter_map(|(n, h)| {
+                Desc::new((*n).into(), (*h).into(), vec![], Default::default()).ok()
+            })
             .collect();
-        all.sort_by(|a, b| b.rising.total_cmp(&a.rising).then(a.addr.cmp(&b.addr)));
-        all.truncate(n);
-        all
+        HeatView {
+            tracker: Arc::new(Mutex::new(tracker)),
+            beat: Arc::new(AtomicU64::new(0)),
+            top_n,
+            descs,
+        }
+    }
+
+    /// Feeds entries read at `beat`; at the end of a walk returns the destinations present.
+    pub fn observe(&self, beat: u64, entries: &[HeatEntry], walk_done: bool) -> Option<usize> {
+        self.beat.store(beat, Ordering::Relaxed);
+        let mut t = self.tracker.lock().ok()?;
+        t.observe(beat, entries, walk_done);
+        walk_done.then(|| t.len())
+    }
+
+    /// The `n` hottest destinations.
+    pub fn top(&self, n: usize) -> Vec<HotDestination> {
+        let beat = self.beat.load(Ordering::Relaxed);
+        self.tracker
+            .lock()
+            .map(|t| t.top(beat, n))
+            .unwrap_or_default()
+    }
+
+    /// Up to `n` rising destinations.
+    pub fn rising(&self, n: usize) -> Vec<HotDestination> {
+        let beat = self.beat.load(Ordering::Relaxed);
+        self.tracker
+            .lock()
+            .map(|t| t.rising(beat, n))
+            .unwrap_or_default()
+    }
+}
+
+fn gauge(rank: usize, d: &HotDestination, value: f64) -> proto::Metric {
+    let dest = match d.addr {
+        IpAddr::V4(a) => format!("{a}:{}", d.port),
+        IpAddr::V6(a) => format!("[{a}]:{}", d.port),
+    };
+    let proto_name = match d.proto {
+        knhk_abi::PROTO_TCP => "tcp",
+        knhk_abi::PROTO_UDP => "udp",
+        _ => "other",
+    };
+    let labels = [
+        ("rank", rank.to_string()),
+        ("destination", dest),
+        ("protocol", proto_name.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| {
+        let mut l = proto::LabelPair::default();
+        l.set_name(k.into());
+        l.set_value(v);
+        l
+    })
+    .collect();
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::from_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+impl Collector for HeatView {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let family = |(name, help): (&str, &str), metrics: Vec<proto::Metric>| {
+            let mut f = MetricFamily::default();
+            f.set_name(name.into());
+            f.set_help(help.into());
+            f.set_field_type(MetricType::GAUGE);
+            f.set_metric(metrics);
+            f
+        };
+        let top = self
+            .top(self.top_n)
+            .iter()
+            .enumerate()
+            .map(|(i, d)| gauge(i + 1, d, d.heat))
+            .collect();
+        let rising = self
+            .rising(self.top_n)
+            .iter()
+            .enumerate()
+            .map(|(i, d)| gauge(i + 1, d, d.rising))
+            .collect();
+        vec![family(FAMILIES[0], top), family(FAMILIES[1], rising)]
     }
 }
 
@@ -194,9 +389,15 @@ mod tests {
         assert_eq!(t.len(), 2);
         t.observe(2, &[entry(2, 3)], true);
         assert_eq!(t.len(), 1, "10.0.0.1 was not in the last walk");
+        t.observe(3, &[], false);
+        assert_eq!(t.top(3, 5).len(), 1, "and it is no longer ranked");
         // A recreated kernel entry (fewer attempts than tracked) counts its attempts as new.
-        t.observe(3, &[entry(2, 1)], true);
+        t.observe(4, &[entry(2, 1)], true);
         let d = 0.5f64.powf(0.1);
-        assert!((t.top(3, 1)[0].heat - ((d + 2.0) * d + 1.0)).abs() < 1e-6);
+        assert!(
+            (t.top(4, 1)[0].heat - ((d + 2.0) * d.powi(2) + 1.0)).abs() < 1e-6,
+            "{:?}",
+            t.top(4, 1)
+        );
     }
 }

@@ -98,8 +98,6 @@ pub struct BeatReport {
 const HEAT_CHUNK: usize = 1024;
 
 struct Metrics {
-    heat_top: prometheus::GaugeVec,
-    heat_rising: prometheus::GaugeVec,
     heat_evictions: IntCounter,
     beats: IntCounter,
     overruns: IntCounter,
@@ -135,27 +133,10 @@ impl Metrics {
             ),
             &["class"],
         )?;
-        let heat_labels = ["rank", "destination", "protocol"];
-        let heat_top = prometheus::GaugeVec::new(
-            Opts::new(
-                "knhk_heat_decayed_attempts",
-                "Decayed connect attempts of the hottest destinations (top N, refreshed every walk of the heat map).",
-            ),
-            &heat_labels,
-        )?;
-        let heat_rising = prometheus::GaugeVec::new(
-            Opts::new(
-                "knhk_heat_rising_attempts_per_beat",
-                "Growth of the attempt rate (attempts per beat) of the fastest-rising destinations: preload hints.",
-            ),
-            &heat_labels,
-        )?;
         let heat_evictions = IntCounter::new(
             "knhk_heat_evictions_total",
             "Destinations evicted from the kernel heat LRU (inserted minus present).",
         )?;
-        registry.register(Box::new(heat_top.clone()))?;
-        registry.register(Box::new(heat_rising.clone()))?;
         registry.register(Box::new(heat_evictions.clone()))?;
         registry.register(Box::new(beats.clone()))?;
         registry.register(Box::new(overruns.clone()))?;
@@ -173,8 +154,6 @@ impl Metrics {
                 .set(f64::NAN);
         }
         Ok(Metrics {
-            heat_top,
-            heat_rising,
             heat_evictions,
             beats,
             overruns,
@@ -197,7 +176,7 @@ pub struct BeatEngine {
     published: Arc<RwLock<Ladder>>,
     events: broadcast::Sender<Event>,
     metrics: Metrics,
-    heat: heat::HeatTracker,
+    heat: heat::HeatView,
     heat_cursor: crate::datapath::HeatCursor,
     heat_inserts_seen: Option<u64>,
 }
@@ -244,7 +223,10 @@ impl BeatEngine {
             published: Arc::new(RwLock::new(Ladder::default())),
             events,
             metrics,
-            heat: heat::HeatTracker::new(settings.heat_half_life_beats),
+            heat: heat::HeatView::new(
+                heat::HeatTracker::new(settings.heat_half_life_beats),
+                settings.heat_top_n,
+            ),
             heat_cursor: Default::default(),
             heat_inserts_seen: None,
             settings,
@@ -329,64 +311,30 @@ impl BeatEngine {
         })
     }
 
-    /// Reads the next chunk of the heat map; at the end of a walk, exports top-N, rising
-    /// destinations and evictions.
+    /// Reads the next chunk of the heat map into the tracker; at the end of a walk, counts
+    /// evictions. Rankings are computed by whoever asks ([`heat::HeatView`]), not in the beat.
     fn heat_step(&mut self) -> Result<(), DatapathError> {
         let (entries, done) = self.reader.heat_step(&mut self.heat_cursor, HEAT_CHUNK)?;
-        self.heat.observe(self.cycle, &entries, done);
-        if !done {
-            return Ok(());
-        }
-        let label = |d: &heat::HotDestination| {
-            let dest = match d.addr {
-                std::net::IpAddr::V4(a) => format!("{a}:{}", d.port),
-                std::net::IpAddr::V6(a) => format!("[{a}]:{}", d.port),
-            };
-            let proto = match d.proto {
-                knhk_abi::PROTO_TCP => "tcp",
-                knhk_abi::PROTO_UDP => "udp",
-                _ => "other",
-            };
-            (dest, proto)
-        };
-        self.metrics.heat_top.reset();
-        for (i, d) in self
-            .heat
-            .top(self.cycle, self.settings.heat_top_n)
-            .iter()
-            .enumerate()
-        {
-            let (dest, proto) = label(d);
-            self.metrics
-                .heat_top
-                .with_label_values(&[&(i + 1).to_string(), &dest, proto])
-                .set(d.heat);
-        }
-        self.metrics.heat_rising.reset();
-        for (i, d) in self
-            .heat
-            .rising(self.cycle, self.settings.heat_top_n)
-            .iter()
-            .enumerate()
-        {
-            let (dest, proto) = label(d);
-            self.metrics
-                .heat_rising
-                .with_label_values(&[&(i + 1).to_string(), &dest, proto])
-                .set(d.rising);
-        }
-        let inserts = self.reader.heat_inserts()?;
-        let evicted = inserts.saturating_sub(self.heat.len() as u64);
-        let before = self.heat_inserts_seen.replace(evicted).unwrap_or(0);
-        if evicted > before {
-            self.metrics.heat_evictions.inc_by(evicted - before);
+        let present = self.heat.observe(self.cycle, &entries, done);
+        if let Some(present) = present {
+            let inserts = self.reader.heat_inserts()?;
+            let evicted = inserts.saturating_sub(present as u64);
+            let before = self.heat_inserts_seen.replace(evicted).unwrap_or(0);
+            if evicted > before {
+                self.metrics.heat_evictions.inc_by(evicted - before);
+            }
         }
         Ok(())
     }
 
+    /// A shared view of the heat tracker: rankings, and a Prometheus collector of them.
+    pub fn heat_view(&self) -> heat::HeatView {
+        self.heat.clone()
+    }
+
     /// The hottest destinations as of the last beat (`n` of them).
     pub fn hottest(&self, n: usize) -> Vec<heat::HotDestination> {
-        self.heat.top(self.cycle, n)
+        self.heat.top(n)
     }
 
     /// Destinations evicted from the kernel heat LRU, as of the last completed walk.
