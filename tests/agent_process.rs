@@ -403,11 +403,17 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
     let cg = TestCgroup::new("prom");
     let pins = TestPins::new("prom");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &cg.path, &pins.root, &deny_rule(target.port()));
+    // With [slo], so that the beat engine's and the heat tracker's metrics are linted too.
+    let rules = format!(
+        "{}[slo]\nr1_p99_max_ns = 200000\nbeat_interval_ms = 20\n",
+        deny_rule(target.port())
+    );
+    let config = write_config(dir.path(), &cg.path, &pins.root, &rules);
     let agent = Agent::start(&config);
     for _ in 0..5 {
         assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
     }
+    std::thread::sleep(Duration::from_millis(200));
 
     // promtool lints the exposition as served.
     let response = agent.get("/metrics");
@@ -451,6 +457,12 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         Some(5.0)
     );
     assert_eq!(prom.query("up"), Some(1.0));
+    assert!(prom.query("knhk_beats_total").is_some_and(|b| b > 0.0), "the beat engine runs and is scraped");
+    assert_eq!(
+        prom.query(r#"knhk_heat_decayed_attempts{rank="1"}"#).map(|v| v > 0.0),
+        Some(true),
+        "the hottest destination is exported"
+    );
 }
 
 // ---- gRPC API ----
