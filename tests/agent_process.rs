@@ -457,9 +457,13 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         Some(5.0)
     );
     assert_eq!(prom.query("up"), Some(1.0));
-    assert!(prom.query("knhk_beats_total").is_some_and(|b| b > 0.0), "the beat engine runs and is scraped");
+    assert!(
+        prom.query("knhk_beats_total").is_some_and(|b| b > 0.0),
+        "the beat engine runs and is scraped"
+    );
     assert_eq!(
-        prom.query(r#"knhk_heat_decayed_attempts{rank="1"}"#).map(|v| v > 0.0),
+        prom.query(r#"knhk_heat_decayed_attempts{rank="1"}"#)
+            .map(|v| v > 0.0),
         Some(true),
         "the hottest destination is exported"
     );

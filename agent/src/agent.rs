@@ -129,7 +129,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 class_states,
                 controller.event_sender(),
                 &registry,
-            )?;
+            )?
+            .with_policy_status(controller.status_handle());
             controller.attach_ladder(engine.ladder_handle());
             if let Err(e) = registry.register(Box::new(engine.heat_view())) {
                 return Err(AgentError::Internal(format!(

@@ -92,7 +92,44 @@ pub struct BeatReport {
     pub breach: [bool; 3],
     /// Class states after the beat.
     pub states: [ClassState; 3],
+    /// On a pulse (`tick == 0`), the summary of the 8-beat cycle it closes (without its heat
+    /// digest, which [`BeatEngine::run`] adds off the beat).
+    pub pulse: Option<CycleSummary>,
 }
+
+/// What one 8-beat cycle saw, emitted at its pulse for the receipts ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CycleSummary {
+    /// The pulse's beat number (a multiple of 8).
+    pub cycle: u64,
+    /// Per class (R1, W1, C1), during the cycle.
+    pub classes: [ClassSummary; 3],
+    /// Live policy generation at the pulse.
+    pub policy_generation: u64,
+    /// SHA-256 (hex) of the top-N heat list ("addr:port/proto heat" lines), or empty until
+    /// computed.
+    pub heat_digest: String,
+}
+
+/// One class in a [`CycleSummary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClassSummary {
+    /// Connects admitted (allowed, audited or parked).
+    pub admitted: u64,
+    /// Connects refused (denied by policy or shed by SLO admission).
+    pub refused: u64,
+    /// Connects parked on a lower tier.
+    pub parked: u64,
+    /// Window handshake p50, ns.
+    pub p50_ns: Option<u64>,
+    /// Window handshake p99, ns.
+    pub p99_ns: Option<u64>,
+    /// State at the pulse.
+    pub state: Option<ClassState>,
+}
+
+/// Beats in a cycle; the beat with `cycle & 7 == 0` is the pulse.
+pub const BEATS_PER_CYCLE: u64 = 8;
 
 /// Heat entries read per beat: one batch syscall of about half a millisecond.
 const HEAT_CHUNK: usize = 1024;
@@ -179,6 +216,9 @@ pub struct BeatEngine {
     heat: heat::HeatView,
     heat_cursor: crate::datapath::HeatCursor,
     heat_inserts_seen: Option<u64>,
+    last_pulse_decisions: Option<crate::datapath::Decisions>,
+    policy_status: Option<Arc<RwLock<crate::datapath::DatapathStatus>>>,
+    summaries: broadcast::Sender<CycleSummary>,
 }
 
 impl std::fmt::Debug for BeatEngine {
@@ -229,6 +269,9 @@ impl BeatEngine {
             ),
             heat_cursor: Default::default(),
             heat_inserts_seen: None,
+            last_pulse_decisions: None,
+            policy_status: None,
+            summaries: broadcast::channel(64).0,
             settings,
         })
     }
@@ -257,6 +300,7 @@ impl BeatEngine {
             self.window.pop_front();
         }
         let mut p99_ns = [None; 3];
+        let mut p50_ns = [None; 3];
         let mut breach = [false; 3];
         for class in Class::ALL {
             let i = class.abi() as usize;
@@ -265,6 +309,7 @@ impl BeatEngine {
                 merged.add_histogram(&beat[i]);
             }
             p99_ns[i] = merged.quantile(0.99);
+            p50_ns[i] = merged.quantile(0.5);
             breach[i] = matches!((p99_ns[i], self.settings.ceilings_ns[i]), (Some(p), Some(max)) if p > max);
             self.metrics
                 .window_p99
@@ -303,12 +348,72 @@ impl BeatEngine {
             *p = self.ladder;
         }
         self.heat_step()?;
+        let pulse = if self.cycle.is_multiple_of(BEATS_PER_CYCLE) {
+            Some(self.pulse(p50_ns, p99_ns)?)
+        } else {
+            None
+        };
         Ok(BeatReport {
             cycle: self.cycle,
             p99_ns,
             breach,
             states: self.ladder.states,
+            pulse,
         })
+    }
+
+    /// The summary of the cycle that ends at this pulse (decision deltas since the last pulse).
+    fn pulse(
+        &mut self,
+        p50_ns: [Option<u64>; 3],
+        p99_ns: [Option<u64>; 3],
+    ) -> Result<CycleSummary, DatapathError> {
+        use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, ACTION_PARK, ACTION_SHED};
+        let now = self.reader.decisions()?;
+        let before = self.last_pulse_decisions.replace(now).unwrap_or_default();
+        let delta = |action: u8, class: Class| {
+            now.get(action, class)
+                .saturating_sub(before.get(action, class))
+        };
+        let mut classes = [ClassSummary::default(); 3];
+        for class in Class::ALL {
+            let i = class.abi() as usize;
+            classes[i] = ClassSummary {
+                admitted: delta(ACTION_ALLOW, class)
+                    + delta(ACTION_AUDIT, class)
+                    + delta(ACTION_PARK, class),
+                refused: delta(ACTION_DENY, class) + delta(ACTION_SHED, class),
+                parked: delta(ACTION_PARK, class),
+                p50_ns: p50_ns[i],
+                p99_ns: p99_ns[i],
+                state: Some(self.ladder.states[i]),
+            };
+        }
+        let policy_generation = self
+            .policy_status
+            .as_ref()
+            .and_then(|s| s.read().ok().map(|s| s.generation))
+            .unwrap_or(0);
+        Ok(CycleSummary {
+            cycle: self.cycle,
+            classes,
+            policy_generation,
+            heat_digest: String::new(),
+        })
+    }
+
+    /// Cycle summaries from now on: one per pulse, for the receipts ledger.
+    pub fn summaries(&self) -> broadcast::Receiver<CycleSummary> {
+        self.summaries.subscribe()
+    }
+
+    /// Lets pulses report the live policy generation.
+    pub fn with_policy_status(
+        mut self,
+        status: Arc<RwLock<crate::datapath::DatapathStatus>>,
+    ) -> Self {
+        self.policy_status = Some(status);
+        self
     }
 
     /// Reads the next chunk of the heat map into the tracker; at the end of a walk, counts
@@ -342,6 +447,24 @@ impl BeatEngine {
         self.heat_inserts_seen.unwrap_or(0)
     }
 
+    /// Completes a pulse's summary with the heat digest (a ranking: computed off the beat) and
+    /// publishes it.
+    fn emit(&self, mut summary: CycleSummary) {
+        let heat = self.heat.clone();
+        let top_n = self.settings.heat_top_n;
+        let tx = self.summaries.clone();
+        tokio::task::spawn_blocking(move || {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for d in heat.top(top_n) {
+                h.update(format!("{}:{}/{} {:.3}\n", d.addr, d.port, d.proto, d.heat).as_bytes());
+            }
+            summary.heat_digest = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            tracing::debug!(cycle = summary.cycle, "cycle summary");
+            let _ = tx.send(summary);
+        });
+    }
+
     /// Beats until `shutdown` resolves. Overruns are counted and logged; a failed beat is
     /// logged and the next one tries again.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
@@ -353,8 +476,10 @@ impl BeatEngine {
                 _ = &mut shutdown => return,
                 _ = ticker.tick() => {
                     let started = Instant::now();
-                    if let Err(e) = self.beat() {
-                        tracing::error!(cycle = self.cycle, "beat failed (the next one retries): {e}");
+                    match self.beat() {
+                        Ok(BeatReport { pulse: Some(summary), .. }) => self.emit(summary),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(cycle = self.cycle, "beat failed (the next one retries): {e}"),
                     }
                     let took = started.elapsed();
                     self.metrics.beats.inc();
