@@ -467,6 +467,25 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         Some(true),
         "the hottest destination is exported"
     );
+    // The API ranks by decayed heat too.
+    let out = Command::new(BIN)
+        .args([
+            "heat",
+            "--output",
+            "json",
+            "--endpoint",
+            &format!("http://{}", agent.grpc),
+        ])
+        .output()
+        .expect("cli");
+    let heat: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(heat["entries"][0]["port"], target.port(), "{heat}");
+    assert!(
+        heat["entries"][0]["decayed_heat"]
+            .as_f64()
+            .is_some_and(|h| h > 0.0),
+        "{heat}"
+    );
 }
 
 // ---- gRPC API ----

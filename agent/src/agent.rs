@@ -132,6 +132,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             )?
             .with_policy_status(controller.status_handle());
             controller.attach_ladder(engine.ladder_handle());
+            controller.attach_heat(engine.heat_view());
             if let Err(e) = registry.register(Box::new(engine.heat_view())) {
                 return Err(AgentError::Internal(format!(
                     "registering heat metrics: {e}"

@@ -301,17 +301,20 @@ pub async fn heat(endpoint: &str, limit: u32) -> Result<Report, ClientError> {
     for (i, e) in r.entries.iter().enumerate() {
         let _ = writeln!(
             human,
-            "  {:>3}. {:<40} {:<5} {:>12} attempts",
+            "  {:>3}. {:<40} {:<5} {:>12} attempts  {:>12.1} decayed  {:>+9.1} rising",
             i + 1,
             format!("{}:{}", e.address, e.port),
             e.protocol,
-            e.attempts
+            e.attempts,
+            e.decayed_heat,
+            e.rising
         );
     }
     let entries: Vec<_> = r
         .entries
         .iter()
-        .map(|e| json!({"address": e.address, "port": e.port, "protocol": e.protocol, "attempts": e.attempts}))
+        .map(|e| json!({"address": e.address, "port": e.port, "protocol": e.protocol, "attempts": e.attempts,
+                           "decayed_heat": e.decayed_heat, "rising": e.rising}))
         .collect();
     Ok(Report {
         human,

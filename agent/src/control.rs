@@ -15,6 +15,7 @@ use crate::{
 };
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE, LATENCY_RTT};
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex, RwLock},
     time::{Instant, SystemTime},
 };
@@ -133,10 +134,12 @@ impl ClassLatency {
 }
 
 /// Heat of the hottest destinations.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Heat {
-    /// Hottest first.
+    /// Hottest first: by decayed heat when the beat engine runs, else by raw attempts.
     pub entries: Vec<HeatEntry>,
+    /// Decayed heat and rising rate of each entry (same order), when the beat engine runs.
+    pub decayed: Option<Vec<(f64, f64)>>,
     /// Destinations in the map.
     pub map_entries: usize,
     /// Map capacity.
@@ -160,6 +163,7 @@ pub struct Controller {
     slo: Option<SloSection>,
     heat_top_n: usize,
     ladder: std::sync::OnceLock<Arc<RwLock<crate::beat::ladder::Ladder>>>,
+    heat_view: std::sync::OnceLock<crate::beat::heat::HeatView>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -216,6 +220,7 @@ impl Controller {
             slo: config.slo.clone(),
             heat_top_n: config.agent.heat_top_n as usize,
             ladder: std::sync::OnceLock::new(),
+            heat_view: std::sync::OnceLock::new(),
         });
         tracing::info!(
             generation = live.number,
@@ -442,11 +447,47 @@ impl Controller {
     pub fn heat(&self, limit: usize) -> Result<Heat, ControlError> {
         let all = self.reader.heat()?;
         let limit = if limit == 0 { self.heat_top_n } else { limit };
+        let map_entries = all.len();
+        let (entries, decayed) = match self.heat_view.get() {
+            Some(view) => {
+                let attempts: HashMap<(std::net::IpAddr, u16, u8), HeatEntry> = all
+                    .into_iter()
+                    .map(|e| ((e.addr, e.port, e.proto), e))
+                    .collect();
+                let top = view.top(limit);
+                let entries = top
+                    .iter()
+                    .map(|d| {
+                        attempts
+                            .get(&(d.addr, d.port, d.proto))
+                            .cloned()
+                            .unwrap_or(HeatEntry {
+                                addr: d.addr,
+                                port: d.port,
+                                proto: d.proto,
+                                attempts: 0,
+                                last_seen_ns: 0,
+                            })
+                    })
+                    .collect();
+                (
+                    entries,
+                    Some(top.iter().map(|d| (d.heat, d.rising)).collect()),
+                )
+            }
+            None => (all.into_iter().take(limit).collect(), None),
+        };
         Ok(Heat {
-            map_entries: all.len(),
+            map_entries,
             map_capacity: self.reader.heat_capacity(),
-            entries: all.into_iter().take(limit).collect(),
+            entries,
+            decayed,
         })
+    }
+
+    /// Attaches the beat engine's heat tracker: `heat` then ranks by decayed heat.
+    pub fn attach_heat(&self, view: crate::beat::heat::HeatView) {
+        let _ = self.heat_view.set(view);
     }
 
     /// Events from now on.

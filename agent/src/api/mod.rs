@@ -250,16 +250,26 @@ impl AgentService for AgentApi {
             entries: heat
                 .entries
                 .into_iter()
-                .map(|e| pb::HeatEntry {
-                    address: e.addr.to_string(),
-                    port: e.port.into(),
-                    protocol: match e.proto {
-                        knhk_abi::PROTO_TCP => "tcp",
-                        knhk_abi::PROTO_UDP => "udp",
-                        _ => "other",
+                .enumerate()
+                .map(|(i, e)| {
+                    let (decayed_heat, rising) = heat
+                        .decayed
+                        .as_ref()
+                        .and_then(|d| d.get(i).copied())
+                        .unwrap_or((0.0, 0.0));
+                    pb::HeatEntry {
+                        address: e.addr.to_string(),
+                        port: e.port.into(),
+                        protocol: match e.proto {
+                            knhk_abi::PROTO_TCP => "tcp",
+                            knhk_abi::PROTO_UDP => "udp",
+                            _ => "other",
+                        }
+                        .into(),
+                        attempts: e.attempts,
+                        decayed_heat,
+                        rising,
                     }
-                    .into(),
-                    attempts: e.attempts,
                 })
                 .collect(),
             map_entries: heat.map_entries as u64,
