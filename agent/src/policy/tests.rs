@@ -167,7 +167,7 @@ fn too_many_overlapping_entries_is_a_precise_error() {
     let e = compile_scope(&rs, None, &counters, Class::C1)
         .expect_err("overflow")
         .to_string();
-    assert!(e.contains("33 rule entries"), "{e}");
+    assert!(e.contains("17 rule entries"), "{e}");
     assert!(e.contains("cover 10.0.0.0/8"), "{e}");
     assert!(e.contains("r0, r1"), "{e}");
 }

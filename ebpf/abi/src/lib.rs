@@ -77,7 +77,7 @@ pub const FLAG_HISTOGRAMS: u32 = 1 << 2;
 /// Deepest cgroup level (from the hierarchy root) a rule's scope may sit at.
 pub const MAX_SCOPE_LEVEL: u32 = 16;
 /// Most rule entries (rule × port range) that may cover one destination prefix.
-pub const MAX_LEAF_ENTRIES: usize = 32;
+pub const MAX_LEAF_ENTRIES: usize = 16;
 /// Capacity of the rule-hit counter array; counter 0 counts connects that matched no rule.
 pub const MAX_RULE_COUNTERS: u32 = 131_072;
 /// Capacity of each LPM trie (prefixes, over both policy slots and every scope).
