@@ -379,11 +379,12 @@ impl Controller {
             };
             if let Some(ticket) = ticket {
                 crate::datapath::grace_period()?;
-                // A few thousand removals (a few milliseconds) per hold of the datapath.
+                // A few hundred removals (well under a millisecond) per hold of the datapath,
+                // so an apply never waits long behind a reclaim.
                 while dp
                     .lock()
                     .map_err(|_| poisoned())?
-                    .finish_reclaim(ticket, 2048)?
+                    .finish_reclaim(ticket, 256)?
                 {}
             }
             let mut dp = dp.lock().map_err(|_| poisoned())?;
