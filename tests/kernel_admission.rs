@@ -456,6 +456,7 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         budgets_per_beat: [None; 3],
         heat_half_life_beats: 50.0,
         heat_top_n: 20,
+        capacity_budgets: false,
     };
     let (events, mut rx) = tokio::sync::broadcast::channel(64);
     let mut engine = BeatEngine::new(
@@ -600,6 +601,7 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         budgets_per_beat: [None; 3],
         heat_half_life_beats: 50.0,
         heat_top_n: 20,
+        capacity_budgets: false,
     };
     let (events, _rx) = tokio::sync::broadcast::channel(64);
     let mut engine = BeatEngine::new(
@@ -672,6 +674,7 @@ fn kernel_budget_admits_exactly_n_per_beat() {
         budgets_per_beat: [None, None, Some(5)],
         heat_half_life_beats: 50.0,
         heat_top_n: 20,
+        capacity_budgets: false,
     };
     let (events, _rx) = tokio::sync::broadcast::channel(8);
     let mut engine = BeatEngine::new(
@@ -743,6 +746,7 @@ fn kernel_heat_ranks_decays_and_counts_evictions() {
         budgets_per_beat: [None; 3],
         heat_half_life_beats: 10.0,
         heat_top_n: 5,
+        capacity_budgets: false,
     };
     let (events, _rx) = tokio::sync::broadcast::channel(8);
     let mut engine = BeatEngine::new(

@@ -240,6 +240,7 @@ fn main() {
         budgets_per_beat: [None; 3],
         heat_half_life_beats: 50.0,
         heat_top_n: 20,
+        capacity_budgets: false,
     };
     let (events, _rx) = tokio::sync::broadcast::channel(1024);
     let mut engine = knhk_agent::beat::BeatEngine::new(

@@ -10,6 +10,7 @@
 //! the per-class admission budgets (`*_budget_per_beat`): the kernel spends one per admitted
 //! connect, and past zero applies the strategy's action (refuse or park) until the next refill.
 
+pub mod capacity;
 pub mod heat;
 pub mod ladder;
 
@@ -47,6 +48,9 @@ pub struct BeatSettings {
     pub heat_half_life_beats: f64,
     /// Hottest and rising destinations exported.
     pub heat_top_n: usize,
+    /// Set each class's per-beat budget from the capacity model's knee (where it has one and
+    /// no static budget is configured).
+    pub capacity_budgets: bool,
 }
 
 impl BeatSettings {
@@ -77,6 +81,7 @@ impl BeatSettings {
             ],
             heat_half_life_beats: slo.heat_half_life_beats.unwrap_or(50) as f64,
             heat_top_n: 20,
+            capacity_budgets: slo.capacity_budgets.unwrap_or(false),
         }
     }
 }
@@ -134,7 +139,14 @@ pub const BEATS_PER_CYCLE: u64 = 8;
 /// Heat entries read per beat: one batch syscall of about half a millisecond.
 const HEAT_CHUNK: usize = 1024;
 
+/// Capacity samples kept per class (one per beat with enough handshakes).
+const CAPACITY_SAMPLES: usize = 64;
+/// Handshakes a beat needs before its p99 counts as a capacity sample.
+const MIN_SAMPLE_HANDSHAKES: u64 = 10;
+
 struct Metrics {
+    capacity: prometheus::GaugeVec,
+    headroom: prometheus::GaugeVec,
     heat_evictions: IntCounter,
     beats: IntCounter,
     overruns: IntCounter,
@@ -170,6 +182,22 @@ impl Metrics {
             ),
             &["class"],
         )?;
+        let capacity = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_class_capacity_connects_per_second",
+                "Capacity model: the admission rate at which the class's handshake p99 reaches its ceiling (NaN: unknown).",
+            ),
+            &["class"],
+        )?;
+        let headroom = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_class_headroom_ratio",
+                "Capacity model: predicted knee rate over the current admission rate (NaN: unknown).",
+            ),
+            &["class"],
+        )?;
+        registry.register(Box::new(capacity.clone()))?;
+        registry.register(Box::new(headroom.clone()))?;
         let heat_evictions = IntCounter::new(
             "knhk_heat_evictions_total",
             "Destinations evicted from the kernel heat LRU (inserted minus present).",
@@ -190,7 +218,13 @@ impl Metrics {
                 .with_label_values(&[class.as_str()])
                 .set(f64::NAN);
         }
+        for class in Class::ALL {
+            capacity.with_label_values(&[class.as_str()]).set(f64::NAN);
+            headroom.with_label_values(&[class.as_str()]).set(f64::NAN);
+        }
         Ok(Metrics {
+            capacity,
+            headroom,
             heat_evictions,
             beats,
             overruns,
@@ -217,6 +251,10 @@ pub struct BeatEngine {
     heat_cursor: crate::datapath::HeatCursor,
     heat_inserts_seen: Option<u64>,
     last_pulse_decisions: Option<crate::datapath::Decisions>,
+    last_beat_decisions: Option<crate::datapath::Decisions>,
+    capacity_samples: [VecDeque<(f64, f64)>; 3],
+    capacity_fits: [Option<capacity::Fit>; 3],
+    current_rates: [f64; 3],
     policy_status: Option<Arc<RwLock<crate::datapath::DatapathStatus>>>,
     summaries: broadcast::Sender<CycleSummary>,
 }
@@ -270,6 +308,10 @@ impl BeatEngine {
             heat_cursor: Default::default(),
             heat_inserts_seen: None,
             last_pulse_decisions: None,
+            last_beat_decisions: None,
+            capacity_samples: Default::default(),
+            capacity_fits: [None; 3],
+            current_rates: [0.0; 3],
             policy_status: None,
             summaries: broadcast::channel(64).0,
             settings,
@@ -295,6 +337,7 @@ impl BeatEngine {
             delta[i] = now.minus(&self.last[i]);
             self.last[i] = now;
         }
+        self.sample_capacity(&delta)?;
         self.window.push_back(delta);
         while self.window.len() > self.settings.window_beats.max(1) {
             self.window.pop_front();
@@ -348,6 +391,9 @@ impl BeatEngine {
             *p = self.ladder;
         }
         self.heat_step()?;
+        if self.cycle.is_multiple_of(BEATS_PER_CYCLE) {
+            self.refit_capacity();
+        }
         let pulse = if self.cycle.is_multiple_of(BEATS_PER_CYCLE) {
             Some(self.pulse(p50_ns, p99_ns)?)
         } else {
@@ -360,6 +406,62 @@ impl BeatEngine {
             states: self.ladder.states,
             pulse,
         })
+    }
+
+    /// One capacity sample per class from this beat: (admission rate, this beat's p99).
+    fn sample_capacity(&mut self, delta: &[LatencyHistogram; 3]) -> Result<(), DatapathError> {
+        use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_PARK};
+        let now = self.reader.decisions()?;
+        let before = self.last_beat_decisions.replace(now);
+        let Some(before) = before else { return Ok(()) };
+        let secs = self.settings.interval.as_secs_f64();
+        for class in Class::ALL {
+            let i = class.abi() as usize;
+            let admitted: u64 = [ACTION_ALLOW, ACTION_AUDIT, ACTION_PARK]
+                .iter()
+                .map(|a| now.get(*a, class).saturating_sub(before.get(*a, class)))
+                .sum();
+            self.current_rates[i] = admitted as f64 / secs;
+            if delta[i].count >= MIN_SAMPLE_HANDSHAKES {
+                if let Some(p99) = delta[i].quantile(0.99) {
+                    let samples = &mut self.capacity_samples[i];
+                    samples.push_back((self.current_rates[i], p99 as f64 / 1e9));
+                    while samples.len() > CAPACITY_SAMPLES {
+                        samples.pop_front();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refits the capacity model of each class (at pulses) and exports knee and headroom.
+    fn refit_capacity(&mut self) {
+        for class in Class::ALL {
+            let i = class.abi() as usize;
+            let samples: Vec<(f64, f64)> = self.capacity_samples[i].iter().copied().collect();
+            self.capacity_fits[i] = capacity::fit(&samples);
+            let ceiling = self.settings.ceilings_ns[i].map(|ns| ns as f64 / 1e9);
+            let knee = self.capacity_fits[i]
+                .zip(ceiling)
+                .and_then(|(f, c)| f.knee(c));
+            let headroom = ceiling.and_then(|c| {
+                capacity::headroom(self.capacity_fits[i].as_ref(), c, self.current_rates[i])
+            });
+            self.metrics
+                .capacity
+                .with_label_values(&[class.as_str()])
+                .set(knee.unwrap_or(f64::NAN));
+            self.metrics
+                .headroom
+                .with_label_values(&[class.as_str()])
+                .set(headroom.unwrap_or(f64::NAN));
+        }
+    }
+
+    /// The capacity model of `class` as of the last pulse.
+    pub fn capacity_fit(&self, class: Class) -> Option<capacity::Fit> {
+        self.capacity_fits[class.abi() as usize]
     }
 
     /// The summary of the cycle that ends at this pulse (decision deltas since the last pulse).

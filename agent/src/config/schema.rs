@@ -587,6 +587,9 @@ pub struct SloSection {
     pub c1_budget_per_beat: Option<u64>,
     /// Beats over which a destination's heat halves (default 50).
     pub heat_half_life_beats: Option<u32>,
+    /// Set per-beat budgets from the capacity model's knee for classes without a static budget
+    /// (default false).
+    pub capacity_budgets: Option<bool>,
 }
 
 /// SLO admission strategy.
