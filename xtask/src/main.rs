@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",              // real Prometheus server and promtool in tests
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Python tools the tests use, installed into `.venv/` at the workspace root.
+const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.*"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "knhk-agent project tasks")]
@@ -146,6 +148,28 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn setup() -> Result<()> {
+    setup_system()?;
+    setup_python()
+}
+
+/// `.venv/` with the Python tools of the tests (offline-capable checks such as manifest
+/// validation).
+fn setup_python() -> Result<()> {
+    let venv = workspace_root().join(".venv");
+    if !venv.join("bin/kubernetes-validate").exists() {
+        eprintln!(
+            "xtask: installing Python test tools into {}",
+            venv.display()
+        );
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(PIP_PACKAGES))?;
+    }
+    Ok(())
+}
+
+fn setup_system() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
         .copied()
