@@ -583,3 +583,34 @@ pub fn tcp_connect_many_from(cgroup: &Path, n: u32) -> u64 {
     });
     admitted as u64
 }
+
+/// One TCP connect from a process in `cgroup`; returns the outcome and the socket's
+/// `SO_PRIORITY` after it.
+pub fn tcp_connect_priority_from(cgroup: &Path, addr: SocketAddr) -> (Outcome, i64) {
+    let a = raw_addr(addr);
+    let [code, prio] = in_cgroup::<2>(cgroup, move |out| unsafe {
+        let fd = libc::socket(a.family, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            out[0] = 1000;
+            return;
+        }
+        let r = libc::connect(fd, &a.storage as *const _ as *const libc::sockaddr, a.len);
+        out[0] = if r == 0 {
+            0
+        } else {
+            *libc::__errno_location() as i64
+        };
+        let mut p: libc::c_int = -1;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PRIORITY,
+            (&mut p as *mut libc::c_int).cast(),
+            &mut len,
+        );
+        out[1] = p as i64;
+        libc::close(fd);
+    });
+    (Outcome::from_code(code), prio)
+}

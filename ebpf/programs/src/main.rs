@@ -17,10 +17,13 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_SOCK_OPS_RTT_CB_FLAG},
     btf_maps::SkStorage,
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_sk_storage_get},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns, bpf_setsockopt, bpf_sk_storage_get,
+    },
     macros::{btf_map, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
 };
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use knhk_abi::*;
@@ -216,11 +219,16 @@ fn admit<const V6: bool>(
             }
             match state {
                 STATE_PAUSED => verdict.action = ACTION_SHED,
-                STATE_DEGRADED if verdict.counter != 0 => {
-                    if let Some(t) = unsafe { PARK.get(&verdict.counter) } {
-                        if park::<V6>(ctx, t) {
-                            verdict.action = ACTION_PARK;
-                        }
+                STATE_DEGRADED => {
+                    let target = if verdict.counter != 0 { unsafe { PARK.get(&verdict.counter) } } else { None };
+                    let parked = match target {
+                        Some(t) => park::<V6>(ctx, t),
+                        None => false,
+                    };
+                    if parked {
+                        verdict.action = ACTION_PARK;
+                    } else {
+                        lower_priority(ctx);
                     }
                 }
                 _ => {}
@@ -284,6 +292,27 @@ fn park<const V6: bool>(ctx: &SockAddrContext, t: &ParkTarget) -> bool {
     }
     sa.user_port = t.port_be;
     true
+}
+
+/// `SO_PRIORITY` for degraded connects without a park target: TC_PRIO_BULK, the lowest band
+/// of the default `pfifo_fast` and `prio` qdiscs.
+const DEGRADED_PRIORITY: i32 = 2;
+
+/// Admits, but lowers the socket's priority (a degraded class with no lower tier to park on).
+#[inline(always)]
+fn lower_priority(ctx: &SockAddrContext) {
+    const SOL_SOCKET: i32 = 1;
+    const SO_PRIORITY: i32 = 12;
+    let mut prio = DEGRADED_PRIORITY;
+    unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_PRIORITY,
+            (&raw mut prio).cast(),
+            size_of::<i32>() as i32,
+        )
+    };
 }
 
 #[inline(always)]
