@@ -47,6 +47,27 @@ impl Harness {
         DatapathReader::open(self.dp.pins()).expect("reader")
     }
 
+    /// A beat engine over this datapath, driven by the test (`engine.beat()`), with the
+    /// receiving end of its events.
+    fn engine(
+        &self,
+        settings: knhk_agent::beat::BeatSettings,
+    ) -> (
+        knhk_agent::beat::BeatEngine,
+        tokio::sync::broadcast::Receiver<knhk_agent::control::Event>,
+    ) {
+        let (events, rx) = tokio::sync::broadcast::channel(64);
+        let engine = knhk_agent::beat::BeatEngine::new(
+            settings,
+            self.reader(),
+            self.dp.class_state_writer(),
+            events,
+            &prometheus::Registry::new(),
+        )
+        .expect("beat engine");
+        (engine, rx)
+    }
+
     fn hits(&self, rule: &str) -> u64 {
         let status = self.dp.status();
         let id = status
@@ -432,7 +453,7 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         return;
     }
     let _serial = timing_exclusive();
-    use knhk_agent::beat::{ladder::ClassState, BeatEngine, BeatSettings};
+    use knhk_agent::beat::{ladder::ClassState, BeatSettings};
     // R1 goes to a server behind a real 20 ms delay; its SLO is 5 ms. Unmatched (local)
     // connects are C1.
     let server = DelayedServer::new(20);
@@ -448,25 +469,12 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         "#,
     );
     let settings = BeatSettings {
-        interval: std::time::Duration::from_millis(100),
         window_beats: 4,
         recover_beats: 3,
         ceilings_ns: [Some(5_000_000), None, None],
-        strategy: knhk_agent::config::AdmissionStrategy::Strict,
-        budgets_per_beat: [None; 3],
-        heat_half_life_beats: 50.0,
-        heat_top_n: 20,
-        capacity_budgets: false,
+        ..BeatSettings::default()
     };
-    let (events, mut rx) = tokio::sync::broadcast::channel(64);
-    let mut engine = BeatEngine::new(
-        settings,
-        h.reader(),
-        h.dp.class_state_writer(),
-        events,
-        &prometheus::Registry::new(),
-    )
-    .expect("engine");
+    let (mut engine, mut rx) = h.engine(settings);
     let beat = engine.beat().expect("beat");
     assert_eq!(
         beat.states,
@@ -568,7 +576,7 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         return;
     }
     let _serial = timing_exclusive();
-    use knhk_agent::beat::{ladder::ClassState, BeatEngine, BeatSettings};
+    use knhk_agent::beat::{ladder::ClassState, BeatSettings};
     let server = DelayedServer::new(20);
     let lower_tier = tcp_sink("127.0.0.1:0");
     // The C1 destination has no listener: admitted it is refused by the stack; parked it
@@ -593,25 +601,13 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         ),
     );
     let settings = BeatSettings {
-        interval: std::time::Duration::from_millis(100),
         window_beats: 4,
         recover_beats: 3,
         ceilings_ns: [Some(5_000_000), None, None],
         strategy: knhk_agent::config::AdmissionStrategy::Degrade,
-        budgets_per_beat: [None; 3],
-        heat_half_life_beats: 50.0,
-        heat_top_n: 20,
-        capacity_budgets: false,
+        ..BeatSettings::default()
     };
-    let (events, _rx) = tokio::sync::broadcast::channel(64);
-    let mut engine = BeatEngine::new(
-        settings,
-        h.reader(),
-        h.dp.class_state_writer(),
-        events,
-        &prometheus::Registry::new(),
-    )
-    .expect("engine");
+    let (mut engine, _rx) = h.engine(settings);
     engine.beat().expect("beat");
     let cold = addr("127.0.0.2:9");
     assert_eq!(
@@ -653,7 +649,7 @@ fn kernel_budget_admits_exactly_n_per_beat() {
         return;
     }
     let _serial = timing_shared();
-    use knhk_agent::beat::{BeatEngine, BeatSettings};
+    use knhk_agent::beat::BeatSettings;
     let target = tcp_sink("127.0.0.1:0");
     let h = Harness::start(
         "budget",
@@ -667,24 +663,10 @@ fn kernel_budget_admits_exactly_n_per_beat() {
     );
     let settings = BeatSettings {
         interval: std::time::Duration::from_secs(3600),
-        window_beats: 8,
-        recover_beats: 10,
-        ceilings_ns: [None; 3],
-        strategy: knhk_agent::config::AdmissionStrategy::Strict,
         budgets_per_beat: [None, None, Some(5)],
-        heat_half_life_beats: 50.0,
-        heat_top_n: 20,
-        capacity_budgets: false,
+        ..BeatSettings::default()
     };
-    let (events, _rx) = tokio::sync::broadcast::channel(8);
-    let mut engine = BeatEngine::new(
-        settings,
-        h.reader(),
-        h.dp.class_state_writer(),
-        events,
-        &prometheus::Registry::new(),
-    )
-    .expect("engine");
+    let (mut engine, _rx) = h.engine(settings);
     // Beats are driven by the test: everything below happens "within one beat".
     engine.beat().expect("beat");
     let writer = h.dp.class_state_writer();
@@ -731,7 +713,7 @@ fn kernel_heat_ranks_decays_and_counts_evictions() {
         return;
     }
     let _serial = timing_shared();
-    use knhk_agent::beat::{BeatEngine, BeatSettings};
+    use knhk_agent::beat::BeatSettings;
     let h = Harness::start_with_heat(
         "heat",
         "[[policy.rules]]\nname = \"any\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
@@ -739,24 +721,11 @@ fn kernel_heat_ranks_decays_and_counts_evictions() {
     );
     let settings = BeatSettings {
         interval: std::time::Duration::from_secs(3600),
-        window_beats: 8,
-        recover_beats: 10,
-        ceilings_ns: [None; 3],
-        strategy: knhk_agent::config::AdmissionStrategy::Strict,
-        budgets_per_beat: [None; 3],
         heat_half_life_beats: 10.0,
         heat_top_n: 5,
-        capacity_budgets: false,
+        ..BeatSettings::default()
     };
-    let (events, _rx) = tokio::sync::broadcast::channel(8);
-    let mut engine = BeatEngine::new(
-        settings,
-        h.reader(),
-        h.dp.class_state_writer(),
-        events,
-        &prometheus::Registry::new(),
-    )
-    .expect("engine");
+    let (mut engine, _rx) = h.engine(settings);
     // 40 distinct destinations through a 16-entry LRU (nobody listens: the attempts still count).
     for port in 21_000..21_040u16 {
         assert!(tcp_connect_from(&h.cg.path, addr(&format!("127.0.0.1:{port}"))).admitted());

@@ -232,15 +232,8 @@ fn main() {
     let reader = knhk_agent::datapath::DatapathReader::open(dp.pins()).expect("reader");
     let heat_entries = reader.heat().expect("heat").len();
     let settings = knhk_agent::beat::BeatSettings {
-        interval: Duration::from_millis(100),
-        window_beats: 8,
-        recover_beats: 10,
         ceilings_ns: [Some(200_000), Some(1_000_000), Some(500_000_000)],
-        strategy: knhk_agent::config::AdmissionStrategy::Strict,
-        budgets_per_beat: [None; 3],
-        heat_half_life_beats: 50.0,
-        heat_top_n: 20,
-        capacity_budgets: false,
+        ..Default::default()
     };
     let (events, _rx) = tokio::sync::broadcast::channel(1024);
     let mut engine = knhk_agent::beat::BeatEngine::new(

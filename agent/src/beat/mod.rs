@@ -53,6 +53,24 @@ pub struct BeatSettings {
     pub capacity_budgets: bool,
 }
 
+impl Default for BeatSettings {
+    /// The defaults of `[slo]`: 100 ms beats, 8-beat window, 10 beats to recover, no ceilings,
+    /// Strict, no budgets, heat half-life 50 beats, top 20.
+    fn default() -> Self {
+        BeatSettings {
+            interval: Duration::from_millis(100),
+            window_beats: 8,
+            recover_beats: 10,
+            ceilings_ns: [None; 3],
+            strategy: AdmissionStrategy::Strict,
+            budgets_per_beat: [None; 3],
+            heat_half_life_beats: 50.0,
+            heat_top_n: 20,
+            capacity_budgets: false,
+        }
+    }
+}
+
 impl BeatSettings {
     /// The settings a configuration describes, if it has an `[slo]` section.
     pub fn from_config(config: &crate::config::Config) -> Option<BeatSettings> {
