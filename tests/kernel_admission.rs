@@ -753,3 +753,42 @@ fn kernel_heat_ranks_decays_and_counts_evictions() {
     let top = engine.hottest(1);
     assert!((top[0].heat - 25.0).abs() < 1e-6, "{top:?}");
 }
+
+#[test]
+fn kernel_slo_control_fails_open_when_the_beat_stops() {
+    if !kernel_available("kernel_slo_control_fails_open_when_the_beat_stops") {
+        return;
+    }
+    let _serial = timing_shared();
+    use knhk_agent::beat::BeatSettings;
+    let target = tcp_sink("127.0.0.1:0");
+    let h = Harness::start(
+        "failopen",
+        "[[policy.rules]]\nname = \"cold\"\naction = \"allow\"\nclass = \"C1\"\ncidrs = [\"127.0.0.1/32\"]\n",
+    );
+    let settings = BeatSettings {
+        budgets_per_beat: [None, None, Some(0)],
+        fail_open_after: std::time::Duration::from_millis(500),
+        ..BeatSettings::default()
+    };
+    let (mut engine, _rx) = h.engine(settings);
+    engine.beat().expect("beat");
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, target),
+        Outcome::Denied,
+        "a zero budget sheds"
+    );
+    // The agent stops beating (crash, upgrade): after fail_open_after the kernel admits again.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, target),
+        Outcome::Connected,
+        "stale decisions fail open"
+    );
+    engine.beat().expect("beat");
+    assert_eq!(
+        tcp_connect_from(&h.cg.path, target),
+        Outcome::Denied,
+        "and apply again once beats resume"
+    );
+}

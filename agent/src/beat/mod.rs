@@ -51,6 +51,9 @@ pub struct BeatSettings {
     /// Set each class's per-beat budget from the capacity model's knee (where it has one and
     /// no static budget is configured).
     pub capacity_budgets: bool,
+    /// When no beat has run for this long, the kernel ignores class states and budgets (fails
+    /// open) instead of shedding on stale decisions.
+    pub fail_open_after: Duration,
 }
 
 impl Default for BeatSettings {
@@ -67,6 +70,7 @@ impl Default for BeatSettings {
             heat_half_life_beats: 50.0,
             heat_top_n: 20,
             capacity_budgets: false,
+            fail_open_after: Duration::from_secs(1),
         }
     }
 }
@@ -100,6 +104,8 @@ impl BeatSettings {
             heat_half_life_beats: slo.heat_half_life_beats.unwrap_or(50) as f64,
             heat_top_n: 20,
             capacity_budgets: slo.capacity_budgets.unwrap_or(false),
+            fail_open_after: (Duration::from_millis(slo.beat_interval_ms.unwrap_or(100)) * 10)
+                .max(Duration::from_secs(1)),
         }
     }
 }
@@ -305,6 +311,7 @@ impl BeatEngine {
             writer.set_over_budget(class, over_budget.abi());
             writer.set_budget(class, settings.budgets_per_beat[class.abi() as usize]);
         }
+        writer.heartbeat(Some(settings.fail_open_after));
         let mut last: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
             last[class.abi() as usize] = reader.histogram(LATENCY_HANDSHAKE, class)?;
@@ -344,6 +351,7 @@ impl BeatEngine {
     /// Runs one beat: refill budgets, read, window, decide, write.
     pub fn beat(&mut self) -> Result<BeatReport, DatapathError> {
         self.cycle += 1;
+        self.writer.heartbeat(Some(self.settings.fail_open_after));
         for class in Class::ALL {
             self.writer
                 .set_budget(class, self.settings.budgets_per_beat[class.abi() as usize]);
@@ -593,7 +601,14 @@ impl BeatEngine {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    // Leave the kernel neutral: nothing shed on decisions nobody maintains.
+                    for class in Class::ALL {
+                        self.writer.set(class, ClassState::Normal.abi());
+                        self.writer.set_budget(class, None);
+                    }
+                    return;
+                }
                 _ = ticker.tick() => {
                     let started = Instant::now();
                     match self.beat() {

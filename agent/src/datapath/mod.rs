@@ -192,45 +192,76 @@ pub struct ClassStateWriter(
 
 /// The kernel lays out mmapable array elements at a stride of the value size rounded up to 8.
 const MMAP_ELEM_STRIDE: usize = 8;
+/// Stride of `ClassControl` elements in the class-state mapping.
+const CONTROL_STRIDE: usize = size_of::<ClassControl>().div_ceil(8) * 8;
 
 impl ClassStateWriter {
+    /// The `ClassControl` element of `class` in the shared mapping. Fields are reached through
+    /// it (no hand-computed offsets).
+    fn control(&self, class: Class) -> *mut ClassControl {
+        self.0
+            .at::<ClassControl>(class.abi() as usize * CONTROL_STRIDE)
+    }
+
+    /// The budget element of `class`.
+    fn budget_cell(&self, class: Class) -> &std::sync::atomic::AtomicI64 {
+        let p = self.1.at::<i64>(class.abi() as usize * MMAP_ELEM_STRIDE);
+        // SAFETY: aligned i64 inside the mapping, alive as long as `self`; the kernel updates it
+        // atomically too.
+        unsafe { std::sync::atomic::AtomicI64::from_ptr(p) }
+    }
+
     /// Sets the state of `class`.
     pub fn set(&self, class: Class, state: u32) {
-        let p = self.0.at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE);
-        // SAFETY: aligned u32 inside the mapping; the kernel reads it with a plain load.
-        unsafe { AtomicU32::from_ptr(p).store(state, Ordering::SeqCst) };
+        // SAFETY: aligned u32 field inside the mapping; the kernel reads it with a plain load.
+        unsafe {
+            AtomicU32::from_ptr(&raw mut (*self.control(class)).state)
+                .store(state, Ordering::SeqCst)
+        };
     }
 
     /// Sets the state applied to `class`'s connects once its budget is spent.
     pub fn set_over_budget(&self, class: Class, state: u32) {
-        let p = self
-            .0
-            .at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE + 4);
-        // SAFETY: aligned u32 inside the mapping (`ClassControl::over_budget`).
-        unsafe { AtomicU32::from_ptr(p).store(state, Ordering::SeqCst) };
+        // SAFETY: as in `set`.
+        unsafe {
+            AtomicU32::from_ptr(&raw mut (*self.control(class)).over_budget)
+                .store(state, Ordering::SeqCst)
+        };
     }
 
     /// Sets `class`'s admission budget for the coming beat (`None`: unlimited).
     pub fn set_budget(&self, class: Class, budget: Option<u64>) {
         let v = budget.map_or(BUDGET_UNLIMITED, |b| b.min(i64::MAX as u64 - 1) as i64);
-        let p = self.1.at::<i64>(class.abi() as usize * MMAP_ELEM_STRIDE);
-        // SAFETY: aligned i64 inside the mapping; the kernel updates it atomically too.
-        unsafe { std::sync::atomic::AtomicI64::from_ptr(p).store(v, Ordering::SeqCst) };
+        self.budget_cell(class).store(v, Ordering::SeqCst);
     }
 
     /// What is left of `class`'s budget this beat (`None`: unlimited; negative: overspent).
     pub fn budget(&self, class: Class) -> Option<i64> {
-        let p = self.1.at::<i64>(class.abi() as usize * MMAP_ELEM_STRIDE);
-        // SAFETY: as in `set_budget`.
-        let v = unsafe { std::sync::atomic::AtomicI64::from_ptr(p).load(Ordering::SeqCst) };
+        let v = self.budget_cell(class).load(Ordering::SeqCst);
         (v != BUDGET_UNLIMITED).then_some(v)
+    }
+
+    /// Marks the decisions as fresh now; the kernel ignores states and budgets once no heartbeat
+    /// came for `stale_after` (`None`: never; SLO admission then never fails open).
+    pub fn heartbeat(&self, stale_after: Option<Duration>) {
+        let now = sys::monotonic_ns();
+        let stale = stale_after.map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64);
+        for class in CLASSES_IN_ABI_ORDER {
+            let c = self.control(class);
+            // SAFETY: aligned u64 fields of the class's `ClassControl` inside the mapping.
+            unsafe {
+                std::sync::atomic::AtomicU64::from_ptr(&raw mut (*c).heartbeat_ns)
+                    .store(now, Ordering::SeqCst);
+                std::sync::atomic::AtomicU64::from_ptr(&raw mut (*c).stale_after_ns)
+                    .store(stale, Ordering::SeqCst);
+            }
+        }
     }
 
     /// The state of `class`.
     pub fn get(&self, class: Class) -> u32 {
-        let p = self.0.at::<u32>(class.abi() as usize * MMAP_ELEM_STRIDE);
         // SAFETY: as in `set`.
-        unsafe { AtomicU32::from_ptr(p).load(Ordering::SeqCst) }
+        unsafe { AtomicU32::from_ptr(&raw mut (*self.control(class)).state).load(Ordering::SeqCst) }
     }
 }
 
@@ -438,6 +469,22 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
+        // The object and this build's ABI must agree on every map: a mismatch is a build defect,
+        // caught here rather than as garbage in a shared mapping.
+        for spec in pins::expected_maps(opts.heat_max_entries) {
+            let path = layout.map(spec.name);
+            let shape = pins::pinned_shape(&path).map_err(io_err("inspecting pin", &path))?;
+            let diff = shape
+                .map(|s| pins::differences(&spec, &s))
+                .unwrap_or_else(|| vec!["not pinned".into()]);
+            if !diff.is_empty() {
+                return Err(DatapathError::Load(format!(
+                    "map {} of the embedded object does not match the agent's ABI: {}",
+                    spec.name,
+                    diff.join(", ")
+                )));
+            }
+        }
 
         let config_map = take_map(&mut ebpf, map_names::CONFIG)?;
         let config = sys::MmapArray::map(
@@ -461,7 +508,7 @@ impl Datapath {
         let states_map = take_map(&mut ebpf, map_names::CLASS_STATE)?;
         let budgets_map = take_map(&mut ebpf, map_names::BUDGETS)?;
         let mmap_small = |m: &MapData, name: &'static str| {
-            sys::MmapArray::map(m.fd().as_fd(), page_round(CLASSES * MMAP_ELEM_STRIDE), true)
+            sys::MmapArray::map(m.fd().as_fd(), page_round(CLASSES * CONTROL_STRIDE), true)
                 .map(std::sync::Arc::new)
                 .map_err(io_err("mmap", &layout.map(name)))
         };
@@ -520,6 +567,7 @@ impl Datapath {
             dp.class_states.set_over_budget(class, STATE_NORMAL);
             dp.class_states.set_budget(class, None);
         }
+        dp.class_states.heartbeat(None);
         let previous_root = dp.config_ref().attach_cgroup_id;
         dp.attach_programs(attach, previous_root)?;
         // SAFETY (for the writes below): the mapping holds one `Config`, and fields are written

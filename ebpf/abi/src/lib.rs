@@ -58,6 +58,12 @@ pub struct ClassControl {
     /// `STATE_*` applied to a connect of a `STATE_NORMAL` class once its per-beat budget is
     /// spent (`STATE_PAUSED` under Strict, `STATE_DEGRADED` under Degrade).
     pub over_budget: u32,
+    /// CLOCK_MONOTONIC ns of the beat engine's last beat.
+    pub heartbeat_ns: u64,
+    /// When non-zero and the last heartbeat is older than this, the kernel ignores state and
+    /// budget: SLO admission fails open while the agent is not beating (stopped, crashed,
+    /// upgrading), instead of shedding on stale decisions.
+    pub stale_after_ns: u64,
 }
 
 /// Rule protocols (`RuleEntry::proto`). Values are IPPROTO numbers, with 0 for "any".
@@ -505,7 +511,7 @@ mod tests {
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<HeatKey>(), 20);
         assert_eq!(size_of::<ParkTarget>(), 24);
-        assert_eq!(size_of::<ClassControl>(), 8);
+        assert_eq!(size_of::<ClassControl>(), 24);
         assert_eq!(size_of::<HeatValue>(), 16);
         assert_eq!(size_of::<ConnState>(), 16);
         assert_eq!(size_of::<Histogram>(), 16 + 8 * BUCKETS);

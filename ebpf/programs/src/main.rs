@@ -205,15 +205,29 @@ fn admit<const V6: bool>(
     if verdict.action != ACTION_DENY && cfg.flags & FLAG_ENFORCE != 0 {
         if let Some(ctl) = CLASS_STATE.get(class as u32) {
             let mut state = unsafe { core::ptr::read_volatile(&ctl.state) };
+            let mut budget = BUDGETS.get_ptr_mut(class as u32);
+            if let Some(b) = budget {
+                if unsafe { core::ptr::read_volatile(b) } == BUDGET_UNLIMITED {
+                    budget = None;
+                }
+            }
+            if state != STATE_NORMAL || budget.is_some() {
+                // Fail open on stale decisions: the agent stopped beating.
+                let stale_after = unsafe { core::ptr::read_volatile(&ctl.stale_after_ns) };
+                let heartbeat = unsafe { core::ptr::read_volatile(&ctl.heartbeat_ns) };
+                let now = unsafe { bpf_ktime_get_ns() };
+                if stale_after != 0 && now.wrapping_sub(heartbeat) > stale_after {
+                    state = STATE_NORMAL;
+                    budget = None;
+                }
+            }
             if state == STATE_NORMAL {
-                if let Some(budget) = BUDGETS.get_ptr_mut(class as u32) {
-                    if unsafe { core::ptr::read_volatile(budget) } != BUDGET_UNLIMITED {
-                        // Spend one, then look: a connect that took the budget below zero always
-                        // sees it below zero, so no more than the budget is ever admitted per beat.
-                        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(budget, -1) };
-                        if unsafe { core::ptr::read_volatile(budget) } < 0 {
-                            state = unsafe { core::ptr::read_volatile(&ctl.over_budget) };
-                        }
+                if let Some(b) = budget {
+                    // Spend one, then look: a connect that took the budget below zero always
+                    // sees it below zero, so no more than the budget is ever admitted per beat.
+                    unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(b, -1) };
+                    if unsafe { core::ptr::read_volatile(b) } < 0 {
+                        state = unsafe { core::ptr::read_volatile(&ctl.over_budget) };
                     }
                 }
             }
