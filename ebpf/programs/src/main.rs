@@ -199,6 +199,8 @@ fn admit<const V6: bool>(
         verdict.action = ACTION_AUDIT;
     }
     let class = if (verdict.class as usize) < CLASSES { verdict.class } else { CLASS_C1 };
+    // One clock read per connect at most, shared by the SLO, heat and histogram paths.
+    let mut clock = Clock(0);
     // SLO admission (enforce mode only): a paused class's admitted connects are shed; a
     // degraded class's are parked on their rule's park target, if it has one. A normal class
     // spends its per-beat budget; past it, the class's over-budget state applies.
@@ -215,8 +217,7 @@ fn admit<const V6: bool>(
                 // Fail open on stale decisions: the agent stopped beating.
                 let stale_after = unsafe { core::ptr::read_volatile(&ctl.stale_after_ns) };
                 let heartbeat = unsafe { core::ptr::read_volatile(&ctl.heartbeat_ns) };
-                let now = unsafe { bpf_ktime_get_ns() };
-                if stale_after != 0 && now.wrapping_sub(heartbeat) > stale_after {
+                if stale_after != 0 && clock.now().wrapping_sub(heartbeat) > stale_after {
                     state = STATE_NORMAL;
                     budget = None;
                 }
@@ -257,13 +258,13 @@ fn admit<const V6: bool>(
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, 1) };
     }
     if cfg.flags & FLAG_HEAT != 0 {
-        record_heat(heat_addr, port, proto, unsafe { bpf_ktime_get_ns() });
+        record_heat(heat_addr, port, proto, clock.now());
     }
     if verdict.action == ACTION_DENY || verdict.action == ACTION_SHED {
         return REFUSED;
     }
     if cfg.flags & FLAG_HISTOGRAMS != 0 && proto == PROTO_TCP {
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = clock.now();
         let Some(last) = SAMPLED.get_ptr_mut(class as u32) else {
             return ALLOWED;
         };
@@ -279,6 +280,19 @@ fn admit<const V6: bool>(
         }
     }
     ALLOWED
+}
+
+/// `bpf_ktime_get_ns()`, read on first use and then reused.
+struct Clock(u64);
+
+impl Clock {
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.0 == 0 {
+            self.0 = unsafe { bpf_ktime_get_ns() };
+        }
+        self.0
+    }
 }
 
 /// Rewrites the destination to `t`; returns whether it could. `V6` is the program's family:
