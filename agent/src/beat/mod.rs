@@ -421,7 +421,7 @@ impl BeatEngine {
             self.refit_capacity();
         }
         let pulse = if self.cycle.is_multiple_of(BEATS_PER_CYCLE) {
-            Some(self.pulse(p50_ns, p99_ns)?)
+            Some(self.pulse(p50_ns, p99_ns))
         } else {
             None
         };
@@ -491,13 +491,10 @@ impl BeatEngine {
     }
 
     /// The summary of the cycle that ends at this pulse (decision deltas since the last pulse).
-    fn pulse(
-        &mut self,
-        p50_ns: [Option<u64>; 3],
-        p99_ns: [Option<u64>; 3],
-    ) -> Result<CycleSummary, DatapathError> {
+    fn pulse(&mut self, p50_ns: [Option<u64>; 3], p99_ns: [Option<u64>; 3]) -> CycleSummary {
         use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, ACTION_PARK, ACTION_SHED};
-        let now = self.reader.decisions()?;
+        // The counters this beat already read for the capacity samples.
+        let now = self.last_beat_decisions.unwrap_or_default();
         let before = self.last_pulse_decisions.replace(now).unwrap_or_default();
         let delta = |action: u8, class: Class| {
             now.get(action, class)
@@ -522,12 +519,12 @@ impl BeatEngine {
             .as_ref()
             .and_then(|s| s.read().ok().map(|s| s.generation))
             .unwrap_or(0);
-        Ok(CycleSummary {
+        CycleSummary {
             cycle: self.cycle,
             classes,
             policy_generation,
             heat_digest: String::new(),
-        })
+        }
     }
 
     /// Cycle summaries from now on: one per pulse, for the receipts ledger.
