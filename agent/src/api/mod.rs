@@ -260,12 +260,7 @@ impl AgentService for AgentApi {
                     pb::HeatEntry {
                         address: e.addr.to_string(),
                         port: e.port.into(),
-                        protocol: match e.proto {
-                            knhk_abi::PROTO_TCP => "tcp",
-                            knhk_abi::PROTO_UDP => "udp",
-                            _ => "other",
-                        }
-                        .into(),
+                        protocol: crate::datapath::protocol_name(e.proto).into(),
                         attempts: e.attempts,
                         decayed_heat,
                         rising,

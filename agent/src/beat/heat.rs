@@ -290,15 +290,8 @@ impl HeatView {
 }
 
 fn gauge(rank: usize, d: &HotDestination, value: f64) -> proto::Metric {
-    let dest = match d.addr {
-        IpAddr::V4(a) => format!("{a}:{}", d.port),
-        IpAddr::V6(a) => format!("[{a}]:{}", d.port),
-    };
-    let proto_name = match d.proto {
-        knhk_abi::PROTO_TCP => "tcp",
-        knhk_abi::PROTO_UDP => "udp",
-        _ => "other",
-    };
+    let dest = std::net::SocketAddr::new(d.addr, d.port).to_string();
+    let proto_name = crate::datapath::protocol_name(d.proto);
     let labels = [
         ("rank", rank.to_string()),
         ("destination", dest),

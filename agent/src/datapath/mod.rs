@@ -24,7 +24,9 @@ pub mod pins;
 mod reader;
 mod sys;
 
-pub use reader::{DatapathReader, Decisions, HeatCursor, HeatEntry, LatencyHistogram};
+pub use reader::{
+    protocol_name, DatapathReader, Decisions, HeatCursor, HeatEntry, LatencyHistogram,
+};
 
 use crate::{
     config::{CgroupPath, Class, DefaultAction, Mode},

@@ -142,6 +142,15 @@ impl LatencyHistogram {
     }
 }
 
+/// The name of an IPPROTO number as metrics and the API show it: `tcp`, `udp` or `other`.
+pub fn protocol_name(proto: u8) -> &'static str {
+    match proto {
+        knhk_abi::PROTO_TCP => "tcp",
+        knhk_abi::PROTO_UDP => "udp",
+        _ => "other",
+    }
+}
+
 /// One destination of the heat map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeatEntry {

@@ -247,15 +247,8 @@ impl Collector for DatapathCollector {
                     .take(self.heat_top_n)
                     .enumerate()
                     .map(|(i, e)| {
-                        let dest = match e.addr {
-                            std::net::IpAddr::V4(a) => format!("{a}:{}", e.port),
-                            std::net::IpAddr::V6(a) => format!("[{a}]:{}", e.port),
-                        };
-                        let proto = match e.proto {
-                            6 => "tcp",
-                            17 => "udp",
-                            _ => "other",
-                        };
+                        let dest = std::net::SocketAddr::new(e.addr, e.port).to_string();
+                        let proto = crate::datapath::protocol_name(e.proto);
                         gauge(
                             &[
                                 ("rank", &(i + 1).to_string()),
