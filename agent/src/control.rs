@@ -188,51 +188,33 @@ impl Controller {
         config: &Config,
     ) -> Result<Arc<Controller>, ControlError> {
         let reader = DatapathReader::open(datapath.pins())?;
-        let datapath = Arc::new(Mutex::new(datapath));
         let policy = Policy::from_config(config);
-        let (report, status) = {
-            let dp = datapath.clone();
-            let policy = policy.clone();
-            blocking(move || {
-                let mut dp = dp.lock().map_err(|_| poisoned())?;
-                let report = dp.apply(&policy, None)?;
-                Ok::<_, ControlError>((report, dp.status()))
-            })
-            .await??
-        };
-        let live = Generation {
-            number: report.generation,
-            digest: policy.digest(),
+        // Until the first switch below, the live generation is whatever the pins held.
+        let adopted = Generation {
+            number: datapath.generation(),
+            digest: String::new(),
             policy: policy.clone(),
         };
+        let status = datapath.status();
         let (events, _) = broadcast::channel(1024);
         let controller = Arc::new(Controller {
-            datapath,
+            datapath: Arc::new(Mutex::new(datapath)),
             reader,
             history: tokio::sync::Mutex::new(History {
-                live: live.clone(),
+                live: adopted,
                 previous: None,
             }),
             status: Arc::new(RwLock::new(status)),
             events,
-            defaults: policy,
+            defaults: policy.clone(),
             max_rules: config.policy.max_rules,
             slo: config.slo.clone(),
             heat_top_n: config.agent.heat_top_n as usize,
             ladder: std::sync::OnceLock::new(),
             heat_view: std::sync::OnceLock::new(),
         });
-        tracing::info!(
-            generation = live.number,
-            rules = live.policy.rules.len(),
-            trie_entries = report.trie_entries,
-            switch_us = report.switch_latency.as_micros() as u64,
-            "policy switched in"
-        );
-        for p in &report.pending_scopes {
-            tracing::info!(cgroup = %p, "rule cgroup does not exist yet: its rules take effect when it appears");
-        }
-        controller.emit_switch(&live, "startup");
+        let applied = controller.switch(policy, None, "startup").await?;
+        controller.history.lock().await.live = applied.generation;
         Ok(controller)
     }
 
@@ -333,7 +315,18 @@ impl Controller {
             digest: policy.digest(),
             policy,
         };
-        tracing::info!(generation = generation.number, cause, digest = %generation.digest, "policy switched in");
+        tracing::info!(
+            generation = generation.number,
+            cause,
+            rules = generation.policy.rules.len(),
+            trie_entries = report.trie_entries,
+            switch_us = report.switch_latency.as_micros() as u64,
+            digest = %generation.digest,
+            "policy switched in"
+        );
+        for p in &report.pending_scopes {
+            tracing::info!(cgroup = %p, "rule cgroup does not exist yet: its rules take effect when it appears");
+        }
         self.emit_switch(&generation, cause);
         Ok(Applied {
             generation,
