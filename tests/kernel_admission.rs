@@ -571,6 +571,60 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
 }
 
 #[test]
+fn kernel_slo_judges_a_class_by_rtt_when_configured() {
+    if !kernel_available("kernel_slo_judges_a_class_by_rtt_when_configured") {
+        return;
+    }
+    let _serial = timing_exclusive();
+    use knhk_agent::{beat::BeatSettings, config::LatencySource};
+    // R1 is judged by the smoothed RTT of its connections, over a real 20 ms path; its
+    // ceiling is 5 ms. The ceiling of W1 (judged by handshakes, of which it has none) is never
+    // breached.
+    let server = DelayedServer::new(20);
+    let h = Harness::start(
+        "slo-rtt",
+        r#"
+        [[policy.rules]]
+        name = "hot"
+        action = "allow"
+        class = "R1"
+        cidrs = ["10.213.0.0/16"]
+        "#,
+    );
+    let settings = BeatSettings {
+        ceilings_ns: [Some(5_000_000), Some(5_000_000), None],
+        latency_sources: [
+            LatencySource::Rtt,
+            LatencySource::Handshake,
+            LatencySource::Handshake,
+        ],
+        ..BeatSettings::default()
+    };
+    let (mut engine, _rx) = h.engine(settings);
+    engine.beat().expect("beat");
+    let rtt_before = h
+        .reader()
+        .histogram(knhk_abi::LATENCY_RTT, Class::R1)
+        .expect("rtt histogram")
+        .count;
+    assert_eq!(tcp_send_from(&h.cg.path, server.addr, 5, 150), 5);
+    let rtt_after = h
+        .reader()
+        .histogram(knhk_abi::LATENCY_RTT, Class::R1)
+        .expect("rtt histogram")
+        .count;
+    assert!(
+        rtt_after > rtt_before,
+        "the handshakes produced RTT samples"
+    );
+    let beat = engine.beat().expect("beat");
+    let p99 = beat.p99_ns[0].expect("an R1 RTT p99");
+    eprintln!("R1 window RTT p99: {p99} ns");
+    assert!(p99 > 15_000_000, "RTT over the 20 ms path: {beat:?}");
+    assert_eq!(beat.breach, [true, false, false], "{beat:?}");
+}
+
+#[test]
 fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
     if !kernel_available("kernel_slo_degrade_parks_connects_on_the_lower_tier") {
         return;
@@ -790,5 +844,112 @@ fn kernel_slo_control_fails_open_when_the_beat_stops() {
         tcp_connect_from(&h.cg.path, target),
         Outcome::Denied,
         "and apply again once beats resume"
+    );
+}
+
+#[test]
+fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
+    if !kernel_available("kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server") {
+        return;
+    }
+    let _serial = timing_exclusive();
+    use knhk_agent::beat::BeatSettings;
+    use std::time::{Duration, Instant};
+    // A server behind a 2 Mbit/s link with no other traffic: each connect puts about 200 bytes
+    // (SYN, ACK, RST) on it, so the link serves about 1,200 connects/s. An open-loop Poisson load
+    // ramps up to it; the beat engine samples (rate, p99) every beat and fits its model.
+    const CEILING_S: f64 = 0.005;
+    let server = DelayedServer::rate_limited("2mbit");
+    let h = Harness::start(
+        "capacity",
+        r#"
+        [[policy.rules]]
+        name = "hot"
+        action = "allow"
+        class = "R1"
+        cidrs = ["10.213.0.0/16"]
+        "#,
+    );
+    // Beats of 250 ms; the SLO window and each load step are 8 beats (2 s), aligned, so each
+    // step gives the model one (rate, window p99) sample.
+    let interval = Duration::from_millis(250);
+    let settings = BeatSettings {
+        interval,
+        window_beats: 8,
+        ..BeatSettings::default()
+    };
+    let (mut engine, _rx) = h.engine(settings);
+    let ramp = [
+        400.0, 600.0, 800.0, 900.0, 1000.0, 1100.0, 1200.0, 1300.0, 1400.0,
+    ];
+    let step = interval * 8;
+    let mut measured: Vec<(f64, f64)> = Vec::new();
+    let mut fits = Vec::new();
+    let mut loads = Vec::new();
+    while engine.beat().expect("beat").cycle % 8 != 0 {}
+    for (i, rate) in ramp.iter().enumerate() {
+        let arrivals = poisson_arrivals(*rate, step, 7 + i as u64);
+        let before = h
+            .reader()
+            .histogram(LATENCY_HANDSHAKE, Class::R1)
+            .expect("histogram");
+        let (cg, addr, n) = (h.cg.path.clone(), server.addr, arrivals.len());
+        loads.push(std::thread::spawn(move || {
+            tcp_open_loop_from(&cg, addr, &arrivals, 1500)
+        }));
+        let mut next = Instant::now();
+        for _ in 0..8 {
+            next += interval;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            engine.beat().expect("beat");
+        }
+        let step_histogram = h
+            .reader()
+            .histogram(LATENCY_HANDSHAKE, Class::R1)
+            .expect("histogram")
+            .minus(&before);
+        let p99 = step_histogram.quantile(0.99).unwrap_or(0) as f64 / 1e9;
+        let actual_rate = n as f64 / step.as_secs_f64();
+        eprintln!(
+            "offered {rate}/s: {actual_rate:.0} connects/s, {} handshakes timed, p99 {:.2} ms",
+            step_histogram.count,
+            p99 * 1e3
+        );
+        measured.push((actual_rate, p99));
+        fits.push(engine.capacity_fit(Class::R1));
+        if p99 > 3.0 * CEILING_S {
+            break;
+        }
+    }
+    for load in loads {
+        load.join().expect("load generator");
+    }
+    for (m, f) in measured.iter().zip(&fits) {
+        eprintln!(
+            "after {m:?}: knee {:?} fit {f:?}",
+            f.and_then(|f| f.knee(CEILING_S))
+        );
+    }
+    // The last upward crossing: past it, p99 stays above the ceiling.
+    let crossing = measured
+        .windows(2)
+        .rev()
+        .find(|w| w[0].1 <= CEILING_S && w[1].1 > CEILING_S)
+        .unwrap_or_else(|| panic!("the ramp never crossed {CEILING_S} s: {measured:?}"));
+    let [(r0, p0), (r1, p1)] = [crossing[0], crossing[1]];
+    let measured_knee = r0 + (r1 - r0) * (CEILING_S - p0) / (p1 - p0);
+    let fit = engine
+        .capacity_fit(Class::R1)
+        .unwrap_or_else(|| panic!("no capacity fit from the ramp: {measured:?}"));
+    let predicted_knee = fit.knee(CEILING_S).expect("a knee above the base latency");
+    let error = (predicted_knee - measured_knee) / measured_knee;
+    eprintln!(
+        "knee at p99 = {} ms: measured {measured_knee:.0}/s, predicted {predicted_knee:.0}/s ({:+.1}%); fit {fit:?}",
+        CEILING_S * 1e3,
+        error * 100.0
+    );
+    assert!(
+        error.abs() <= 0.25,
+        "predicted knee {predicted_knee:.0}/s vs measured {measured_knee:.0}/s ({fit:?}, {measured:?})"
     );
 }

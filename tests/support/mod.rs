@@ -393,6 +393,138 @@ pub fn tcp_connect_timings_from<const N: usize>(cgroup: &Path, addr: SocketAddr)
     })
 }
 
+/// `n` TCP connections from a process in `cgroup`, each sending a few bytes and waiting
+/// `wait_ms` for their acknowledgement before closing; returns how many connected.
+pub fn tcp_send_from(cgroup: &Path, addr: SocketAddr, n: u32, wait_ms: u32) -> u64 {
+    let a = raw_addr(addr);
+    let [connected] = in_cgroup::<1>(cgroup, move |out| unsafe {
+        for _ in 0..n {
+            let fd = libc::socket(a.family, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                continue;
+            }
+            if libc::connect(fd, &a.storage as *const _ as *const libc::sockaddr, a.len) == 0 {
+                out[0] += 1;
+                let _ = libc::write(fd, b"knhk".as_ptr().cast(), 4);
+                let ts = libc::timespec {
+                    tv_sec: (wait_ms / 1000) as _,
+                    tv_nsec: ((wait_ms % 1000) as i64 * 1_000_000) as _,
+                };
+                libc::nanosleep(&ts, core::ptr::null_mut());
+            }
+            libc::close(fd);
+        }
+    });
+    connected as u64
+}
+
+/// Open-loop load: TCP connects from a process in `cgroup` at the given offsets from now (ns,
+/// ascending; e.g. Poisson arrivals), without waiting for earlier ones to complete. Each socket
+/// is closed (with a reset) `hold_ms` after its connect started. Returns the connects started.
+pub fn tcp_open_loop_from(
+    cgroup: &Path,
+    addr: SocketAddr,
+    arrivals_ns: &[u64],
+    hold_ms: u64,
+) -> u64 {
+    const RING: usize = 8192;
+    let a = raw_addr(addr);
+    let hold_ns = hold_ms * 1_000_000;
+    let [started] = in_cgroup::<1>(cgroup, move |out| unsafe {
+        let now = || {
+            let mut t: libc::timespec = std::mem::zeroed();
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t);
+            t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+        };
+        let mut ring = [(0i32, 0u64); RING];
+        let (mut head, mut tail) = (0usize, 0usize);
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let close = |fd: i32| {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as _,
+            );
+            libc::close(fd);
+        };
+        let t0 = now();
+        for &at in arrivals_ns {
+            loop {
+                let t = now() - t0;
+                while tail != head && ring[tail % RING].1 + hold_ns <= t {
+                    close(ring[tail % RING].0);
+                    tail += 1;
+                }
+                if t >= at {
+                    break;
+                }
+                let wait = (at - t).min(1_000_000);
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: wait as _,
+                };
+                libc::nanosleep(&ts, core::ptr::null_mut());
+            }
+            if head - tail == RING {
+                close(ring[tail % RING].0);
+                tail += 1;
+            }
+            let fd = libc::socket(a.family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            if fd < 0 {
+                continue;
+            }
+            libc::connect(fd, &a.storage as *const _ as *const libc::sockaddr, a.len);
+            ring[head % RING] = (fd, now() - t0);
+            head += 1;
+            out[0] += 1;
+        }
+        // The rest close on schedule too (all at once would be a burst of resets).
+        while tail != head {
+            let (fd, opened) = ring[tail % RING];
+            let t = now() - t0;
+            if opened + hold_ns > t {
+                let wait = (opened + hold_ns - t).min(1_000_000);
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: wait as _,
+                };
+                libc::nanosleep(&ts, core::ptr::null_mut());
+                continue;
+            }
+            close(fd);
+            tail += 1;
+        }
+    });
+    started as u64
+}
+
+/// Poisson arrival offsets (ns) at `rate` per second over `duration`, from a fixed seed.
+pub fn poisson_arrivals(rate: f64, duration: Duration, seed: u64) -> Vec<u64> {
+    let mut state = seed.max(1);
+    let mut uniform = move || {
+        // xorshift64*: deterministic and good enough for inter-arrival times.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let end = duration.as_nanos() as f64;
+    let mut t = 0.0;
+    let mut out = Vec::new();
+    loop {
+        t += -uniform().ln() / rate * 1e9;
+        if t >= end {
+            return out;
+        }
+        out.push(t as u64);
+    }
+}
+
 fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
         .args(args)
@@ -432,7 +564,19 @@ pub struct DelayedServer {
 }
 
 impl DelayedServer {
+    /// A server behind a queue kept full: a steady extra delay of about `latency_ms`.
     pub fn new(latency_ms: u32) -> Self {
+        Self::shaped("2mbit", latency_ms, true)
+    }
+
+    /// A server behind a link of `rate` (a `tc` rate such as `"100kbit"`) towards it, with room
+    /// for 2 s of queue and no other traffic: connects queue only behind each other, so the
+    /// link is a single FIFO server with a known service rate.
+    pub fn rate_limited(rate: &str) -> Self {
+        Self::shaped(rate, 2000, false)
+    }
+
+    fn shaped(rate: &str, latency_ms: u32, saturate: bool) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let tag = format!("{}{}", std::process::id() % 100_000, n);
         let netns = format!("knhk-t{tag}");
@@ -482,9 +626,9 @@ impl DelayedServer {
             "root",
             "tbf",
             "rate",
-            "2mbit",
+            rate,
             "burst",
-            "1600",
+            if saturate { "1600" } else { "100" },
             "latency",
             &format!("{latency_ms}ms"),
         ]);
@@ -501,9 +645,17 @@ impl DelayedServer {
             let l = TcpListener::bind(format!("{listen_ip}:0")).expect("bind in netns");
             l.set_nonblocking(true).expect("nonblocking");
             tx.send(l.local_addr().expect("addr")).expect("send addr");
+            // Accepted connections stay open (the newest 1,024), so that clients can send data
+            // and see it acknowledged.
+            let mut open = std::collections::VecDeque::new();
             while !stop_l.load(Ordering::Relaxed) {
                 match l.accept() {
-                    Ok((c, _)) => drop(c),
+                    Ok((c, _)) => {
+                        open.push_back(c);
+                        if open.len() > 1024 {
+                            open.pop_front();
+                        }
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
             }
@@ -511,6 +663,14 @@ impl DelayedServer {
         let addr = rx
             .recv_timeout(Duration::from_secs(5))
             .expect("listener address");
+        if !saturate {
+            return DelayedServer {
+                addr,
+                netns,
+                stop,
+                threads: vec![listener],
+            };
+        }
         let stop_b = stop.clone();
         let blaster = std::thread::spawn(move || {
             let s = UdpSocket::bind("0.0.0.0:0").expect("udp");

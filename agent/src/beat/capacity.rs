@@ -2,30 +2,39 @@
 //! rate at which a class's p99 reaches its SLO ceiling, and the headroom to it.
 //!
 //! # Model
-//! A single FIFO server with Poisson arrivals and exponential service (M/M/1) in front of a fixed
-//! base latency `d` (the network path): the sojourn time is exponential with rate `μ − λ`, so
+//! A single FIFO server (a link, a SYN or accept queue) with service rate `μ`, in front of a
+//! fixed base latency `d`, under Kingman's heavy-traffic approximation for a G/G/1 queue: the
+//! waiting time is about exponential with mean `k · ρ / (μ − λ)`, where `ρ = λ / μ` and
+//! `k = (c_a² + c_s²) / 2` is the variability of arrivals and service (1 for Poisson arrivals and
+//! exponential service, M/M/1; ½ for deterministic service, M/D/1). So
 //!
 //! ```text
-//! p99(λ) = d + ln(100) / (μ − λ)          for λ < μ
+//! p99(λ) = d + ln(100) · k · λ / (μ · (μ − λ))        for λ < μ
 //! ```
 //!
-//! `μ` and `d` are fitted by least squares over the samples. The predicted knee for a ceiling
-//! `S > d` is `λ* = μ − ln(100) / (S − d)`, and the headroom is `λ* / λ_now`.
+//! For a given `μ` this is linear in `d` and `k`, so the fit searches `μ` (above the highest
+//! observed rate) and solves `d` and `k` by least squares at each candidate. The predicted knee
+//! for a ceiling `S > d` solves `p99(λ*) = S`: with `b = (S − d) / (ln(100) · k)`,
+//! `λ* = b · μ² / (1 + b · μ)`; the headroom is `λ* / λ_now`. M/M/1 is the special case `k = 1`
+//! (its sojourn p99 `ln(100) / (μ − λ)` is exactly this form with `d` raised by `ln(100) / μ`).
 //!
 //! # Why not the Universal Scalability Law
 //! USL relates throughput to *concurrency*; what the kernel observes per class is an arrival rate
-//! and a latency quantile. Handshakes queue at one place at a time (a link, a SYN or accept
-//! queue), which is what M/M/1 describes, with two parameters that a few beats can pin down; USL
-//! needs three and a concurrency series we would have to derive through Little's law.
+//! and a latency quantile. Handshakes queue at one place at a time, which is what a single-server
+//! queue describes, with parameters that a few beats can pin down; USL needs a concurrency series
+//! we would have to derive through Little's law. A plain M/M/1 fit (two parameters) was tried
+//! first: on a real rate-limited link (deterministic service, flat latency until close to
+//! saturation) it placed the knee 27 % too high, because M/M/1 insists on queueing at low load
+//! that such a link does not have; the variability term `k` fixes that.
 //!
 //! # When it is wrong
-//! Bursty (non-Poisson) arrivals and heavy-tailed service make real p99 grow faster than predicted
-//! (the knee comes earlier); a bottleneck that drops instead of queueing (a full accept queue:
-//! SYNs retransmitted after 1 s) is a step, not a curve, and shows no queueing before the cliff; a
-//! multi-server bottleneck queues later and more sharply. Without samples that show queueing the
-//! model says nothing (`None`) rather than guess.
+//! Bursty (non-Poisson, correlated) arrivals make real p99 grow faster than a fit from calm beats
+//! predicts (the knee comes earlier); a bottleneck that drops instead of queueing (a full accept
+//! queue: SYNs retransmitted after 1 s) is a step, not a curve, and shows no queueing before the
+//! cliff; a multi-server bottleneck queues later and more sharply. Without samples that show
+//! queueing the model says nothing (`None`) rather than guess.
 
-/// ln(100): the p99 of an exponential distribution is ln(100) / rate.
+/// ln(100): the p99 of an exponential distribution is ln(100) times its mean.
 const LN_100: f64 = 4.605_170_185_988_092;
 
 /// A fitted model of one class.
@@ -33,8 +42,10 @@ const LN_100: f64 = 4.605_170_185_988_092;
 pub struct Fit {
     /// Service rate μ, connects per second.
     pub service_rate: f64,
-    /// Base latency d, seconds.
+    /// Base latency d (the p99 at zero load), seconds.
     pub base_latency: f64,
+    /// Variability k = (c_a² + c_s²) / 2 (1: M/M/1; ½: deterministic service).
+    pub variability: f64,
     /// Samples used.
     pub samples: usize,
 }
@@ -42,21 +53,27 @@ pub struct Fit {
 impl Fit {
     /// p99 latency (seconds) the model predicts at `rate`; `None` at or past saturation.
     pub fn p99_at(&self, rate: f64) -> Option<f64> {
-        (rate < self.service_rate).then(|| self.base_latency + LN_100 / (self.service_rate - rate))
+        let mu = self.service_rate;
+        (rate < mu)
+            .then(|| self.base_latency + LN_100 * self.variability * rate / (mu * (mu - rate)))
     }
 
     /// The rate (connects per second) at which p99 reaches `ceiling` seconds; `None` when the
     /// ceiling is below the base latency (never met).
     pub fn knee(&self, ceiling: f64) -> Option<f64> {
-        (ceiling > self.base_latency)
-            .then(|| (self.service_rate - LN_100 / (ceiling - self.base_latency)).max(0.0))
+        if ceiling <= self.base_latency {
+            return None;
+        }
+        let mu = self.service_rate;
+        let b = (ceiling - self.base_latency) / (LN_100 * self.variability);
+        Some(b * mu * mu / (1.0 + b * mu))
     }
 }
 
 /// Fits the model to `(rate per second, p99 seconds)` samples by least squares: for each
 /// candidate μ above the highest rate (a log-spaced search, then a finer one around the best),
-/// the best `d` is the mean residual, clamped at 0. `None` without at least three samples at
-/// different rates whose p99 varies by more than 10 % (no visible queueing, nothing to fit).
+/// `d ≥ 0` and `k > 0` are solved linearly. `None` without at least three samples at different
+/// rates whose p99 varies by more than 10 % (no visible queueing, nothing to fit).
 pub fn fit(samples: &[(f64, f64)]) -> Option<Fit> {
     let samples: Vec<(f64, f64)> = samples
         .iter()
@@ -78,35 +95,59 @@ pub fn fit(samples: &[(f64, f64)]) -> Option<Fit> {
     if distinct_rates < 3 || hi_p <= lo_p * 1.1 {
         return None;
     }
-    let cost = |mu: f64| -> (f64, f64) {
+    // For a given μ: p99 = d + a·x with x = λ / (μ(μ − λ)), a = ln(100)·k. Returns
+    // (squared error, d, a), or None when the best line has no positive slope.
+    let solve = |mu: f64| -> Option<(f64, f64, f64)> {
         let n = samples.len() as f64;
-        let d = (samples
+        let xs: Vec<f64> = samples.iter().map(|(r, _)| r / (mu * (mu - r))).collect();
+        let mean_x = xs.iter().sum::<f64>() / n;
+        let mean_y = samples.iter().map(|(_, p)| p).sum::<f64>() / n;
+        let sxx: f64 = xs.iter().map(|x| (x - mean_x).powi(2)).sum();
+        let sxy: f64 = xs
             .iter()
-            .map(|(r, p)| p - LN_100 / (mu - r))
-            .sum::<f64>()
-            / n)
-            .max(0.0);
-        let err = samples
+            .zip(&samples)
+            .map(|(x, (_, p))| (x - mean_x) * (p - mean_y))
+            .sum();
+        if sxx <= 0.0 {
+            return None;
+        }
+        let (mut a, mut d) = (sxy / sxx, mean_y - sxy / sxx * mean_x);
+        if d < 0.0 {
+            // Through the origin instead.
+            d = 0.0;
+            let xx: f64 = xs.iter().map(|x| x * x).sum();
+            a = xs
+                .iter()
+                .zip(&samples)
+                .map(|(x, (_, p))| x * p)
+                .sum::<f64>()
+                / xx;
+        }
+        if !a.is_finite() || a <= 0.0 {
+            return None;
+        }
+        let err = xs
             .iter()
-            .map(|(r, p)| (p - d - LN_100 / (mu - r)).powi(2))
-            .sum::<f64>();
-        (err, d)
+            .zip(&samples)
+            .map(|(x, (_, p))| (p - d - a * x).powi(2))
+            .sum();
+        Some((err, d, a))
     };
     let floor = max_rate.max(1e-6);
-    let search = |from: f64, to: f64, steps: usize| -> f64 {
+    let search = |from: f64, to: f64, steps: usize| -> Option<f64> {
         (0..=steps)
             .map(|i| from * (to / from).powf(i as f64 / steps as f64))
-            .map(|mu| (cost(mu).0, mu))
+            .filter_map(|mu| solve(mu).map(|(err, _, _)| (err, mu)))
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, mu)| mu)
-            .unwrap_or(from)
     };
-    let coarse = search(floor * 1.0001, floor * 1000.0, 400);
-    let mu = search((coarse / 1.02).max(floor * 1.0001), coarse * 1.02, 200);
-    let (_, d) = cost(mu);
+    let coarse = search(floor * 1.0001, floor * 1000.0, 400)?;
+    let mu = search((coarse / 1.02).max(floor * 1.0001), coarse * 1.02, 200)?;
+    let (_, d, a) = solve(mu)?;
     Some(Fit {
         service_rate: mu,
         base_latency: d,
+        variability: a / LN_100,
         samples: samples.len(),
     })
 }
@@ -135,7 +176,9 @@ mod tests {
             .collect();
         let f = fit(&samples).expect("fit");
         assert!((f.service_rate - mu).abs() / mu < 0.01, "{f:?}");
-        assert!((f.base_latency - d).abs() < 1e-4, "{f:?}");
+        // M/M/1 is the k = 1 case, with the zero-load p99 as base latency.
+        assert!((f.base_latency - mm1(mu, d, 0.0)).abs() < 1e-4, "{f:?}");
+        assert!((f.variability - 1.0).abs() < 0.02, "{f:?}");
         let knee = f.knee(0.010).expect("knee");
         let exact = mu - LN_100 / (0.010 - d);
         assert!(
@@ -169,6 +212,22 @@ mod tests {
         );
         let h = headroom(Some(&f), 0.02, 100.0).expect("headroom");
         assert!((h - knee / 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn recovers_deterministic_service_variability() {
+        // Kingman's form with k = ½ (M/D/1), no base latency.
+        let (mu, k) = (600.0, 0.5);
+        let p99 = |r: f64| LN_100 * k * r / (mu * (mu - r));
+        let samples: Vec<(f64, f64)> = [100.0, 200.0, 300.0, 400.0, 500.0, 550.0]
+            .iter()
+            .map(|r| (*r, p99(*r)))
+            .collect();
+        let f = fit(&samples).expect("fit");
+        assert!((f.service_rate - mu).abs() / mu < 0.01, "{f:?}");
+        assert!((f.variability - k).abs() < 0.02, "{f:?}");
+        let knee = f.knee(0.010).expect("knee");
+        assert!((f.p99_at(knee).expect("below saturation") - 0.010).abs() < 1e-9);
     }
 
     #[test]

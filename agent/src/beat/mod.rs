@@ -5,8 +5,9 @@
 //! Beats count a monotonic `cycle`; `tick = cycle & 7`; tick 0 is the pulse that closes an 8-beat
 //! cycle. A beat that overruns its period is counted and logged, never skipped silently.
 //!
-//! What the engine measures per class is the window's handshake p99 (from the kernel's sampled
-//! handshake histograms), compared with the `[slo]` ceiling of the class. Each beat also refills
+//! What the engine measures per class is the window's p99 of the class's latency source (the
+//! kernel's sampled TCP handshake histograms by default, or its RTT histograms with
+//! `<class>_latency = "rtt"`), compared with the `[slo]` ceiling of the class. Each beat also refills
 //! the per-class admission budgets (`*_budget_per_beat`): the kernel spends one per admitted
 //! connect, and past zero applies the strategy's action (refuse or park) until the next refill.
 
@@ -15,11 +16,10 @@ pub mod heat;
 pub mod ladder;
 
 use crate::{
-    config::{AdmissionStrategy, Class, SloSection},
+    config::{AdmissionStrategy, Class, LatencySource, SloSection},
     control::Event,
     datapath::{ClassStateWriter, DatapathError, DatapathReader, LatencyHistogram},
 };
-use knhk_abi::LATENCY_HANDSHAKE;
 use ladder::{ClassState, Ladder};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use std::{
@@ -40,6 +40,8 @@ pub struct BeatSettings {
     pub recover_beats: u32,
     /// p99 ceilings in ns, per class (R1, W1, C1); `None`: no SLO for that class.
     pub ceilings_ns: [Option<u64>; 3],
+    /// The latency each class's ceiling is compared with (R1, W1, C1).
+    pub latency_sources: [LatencySource; 3],
     /// Refuse or park.
     pub strategy: AdmissionStrategy,
     /// New connects admitted per beat, per class (R1, W1, C1); `None`: no budget.
@@ -65,6 +67,7 @@ impl Default for BeatSettings {
             window_beats: 8,
             recover_beats: 10,
             ceilings_ns: [None; 3],
+            latency_sources: [LatencySource::Handshake; 3],
             strategy: AdmissionStrategy::Strict,
             budgets_per_beat: [None; 3],
             heat_half_life_beats: 50.0,
@@ -94,6 +97,11 @@ impl BeatSettings {
                 slo.r1_p99_max_ns,
                 slo.w1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
                 slo.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
+            ],
+            latency_sources: [
+                slo.r1_latency.unwrap_or_default(),
+                slo.w1_latency.unwrap_or_default(),
+                slo.c1_latency.unwrap_or_default(),
             ],
             strategy: slo.admission_strategy.unwrap_or(AdmissionStrategy::Strict),
             budgets_per_beat: [
@@ -149,9 +157,9 @@ pub struct ClassSummary {
     pub refused: u64,
     /// Connects parked on a lower tier.
     pub parked: u64,
-    /// Window handshake p50, ns.
+    /// Window p50 of the class's latency source, ns.
     pub p50_ns: Option<u64>,
-    /// Window handshake p99, ns.
+    /// Window p99 of the class's latency source, ns.
     pub p99_ns: Option<u64>,
     /// State at the pulse.
     pub state: Option<ClassState>,
@@ -163,10 +171,10 @@ pub const BEATS_PER_CYCLE: u64 = 8;
 /// Heat entries read per beat: one batch syscall of about half a millisecond.
 const HEAT_CHUNK: usize = 1024;
 
-/// Capacity samples kept per class (one per beat with enough handshakes).
+/// Capacity samples kept per class (one per window with enough samples).
 const CAPACITY_SAMPLES: usize = 64;
-/// Handshakes a beat needs before its p99 counts as a capacity sample.
-const MIN_SAMPLE_HANDSHAKES: u64 = 10;
+/// Latency samples a window needs before its p99 counts as a capacity sample.
+const MIN_SAMPLE_LATENCIES: u64 = 50;
 
 struct Metrics {
     capacity: prometheus::GaugeVec,
@@ -180,7 +188,10 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+    fn register(
+        registry: &Registry,
+        sources: [LatencySource; 3],
+    ) -> Result<Metrics, prometheus::Error> {
         let beats = IntCounter::new("knhk_beats_total", "Beats run by the beat engine.")?;
         let overruns = IntCounter::new(
             "knhk_beat_overruns_total",
@@ -201,10 +212,10 @@ impl Metrics {
         )?;
         let window_p99 = prometheus::GaugeVec::new(
             Opts::new(
-                "knhk_class_window_handshake_p99_seconds",
-                "TCP handshake p99 over the beat window, by class (NaN without samples).",
+                "knhk_class_window_p99_seconds",
+                "p99 over the beat window of the latency each class's SLO is judged by (source: handshake or rtt; NaN without samples).",
             ),
-            &["class"],
+            &["class", "source"],
         )?;
         let capacity = prometheus::GaugeVec::new(
             Opts::new(
@@ -239,7 +250,7 @@ impl Metrics {
                     .set((s == ClassState::Normal) as i64);
             }
             window_p99
-                .with_label_values(&[class.as_str()])
+                .with_label_values(&[class.as_str(), sources[class.abi() as usize].as_str()])
                 .set(f64::NAN);
         }
         for class in Class::ALL {
@@ -265,7 +276,8 @@ pub struct BeatEngine {
     reader: DatapathReader,
     writer: ClassStateWriter,
     last: [LatencyHistogram; 3],
-    window: VecDeque<[LatencyHistogram; 3]>,
+    /// Per beat of the window: latency deltas and connects admitted, per class.
+    window: VecDeque<([LatencyHistogram; 3], [u64; 3])>,
     ladder: Ladder,
     cycle: u64,
     published: Arc<RwLock<Ladder>>,
@@ -300,7 +312,7 @@ impl BeatEngine {
         events: broadcast::Sender<Event>,
         registry: &Registry,
     ) -> Result<BeatEngine, DatapathError> {
-        let metrics = Metrics::register(registry)
+        let metrics = Metrics::register(registry, settings.latency_sources)
             .map_err(|e| DatapathError::Load(format!("registering beat metrics: {e}")))?;
         let over_budget = match settings.strategy {
             AdmissionStrategy::Strict => ClassState::Paused,
@@ -314,7 +326,8 @@ impl BeatEngine {
         writer.heartbeat(Some(settings.fail_open_after));
         let mut last: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
-            last[class.abi() as usize] = reader.histogram(LATENCY_HANDSHAKE, class)?;
+            let source = settings.latency_sources[class.abi() as usize];
+            last[class.abi() as usize] = reader.histogram(source.abi(), class)?;
         }
         Ok(BeatEngine {
             reader,
@@ -359,12 +372,13 @@ impl BeatEngine {
         let mut delta: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
             let i = class.abi() as usize;
-            let now = self.reader.histogram(LATENCY_HANDSHAKE, class)?;
+            let source = self.settings.latency_sources[i];
+            let now = self.reader.histogram(source.abi(), class)?;
             delta[i] = now.minus(&self.last[i]);
             self.last[i] = now;
         }
-        self.sample_capacity(&delta)?;
-        self.window.push_back(delta);
+        let admitted = self.count_admissions()?;
+        self.window.push_back((delta, admitted));
         while self.window.len() > self.settings.window_beats.max(1) {
             self.window.pop_front();
         }
@@ -374,15 +388,21 @@ impl BeatEngine {
         for class in Class::ALL {
             let i = class.abi() as usize;
             let mut merged = LatencyHistogram::default();
-            for beat in &self.window {
+            for (beat, _) in &self.window {
                 merged.add_histogram(&beat[i]);
             }
             p99_ns[i] = merged.quantile(0.99);
             p50_ns[i] = merged.quantile(0.5);
+            if self
+                .cycle
+                .is_multiple_of(self.settings.window_beats.max(1) as u64)
+            {
+                self.sample_capacity(class, &merged);
+            }
             breach[i] = matches!((p99_ns[i], self.settings.ceilings_ns[i]), (Some(p), Some(max)) if p > max);
             self.metrics
                 .window_p99
-                .with_label_values(&[class.as_str()])
+                .with_label_values(&[class.as_str(), self.settings.latency_sources[i].as_str()])
                 .set(p99_ns[i].map_or(f64::NAN, |ns| ns as f64 / 1e9));
         }
         if let Some(change) =
@@ -434,31 +454,44 @@ impl BeatEngine {
         })
     }
 
-    /// One capacity sample per class from this beat: (admission rate, this beat's p99).
-    fn sample_capacity(&mut self, delta: &[LatencyHistogram; 3]) -> Result<(), DatapathError> {
+    /// Connects admitted per class since the last beat (allowed, audited or parked); updates
+    /// the current admission rates.
+    fn count_admissions(&mut self) -> Result<[u64; 3], DatapathError> {
         use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_PARK};
         let now = self.reader.decisions()?;
         let before = self.last_beat_decisions.replace(now);
-        let Some(before) = before else { return Ok(()) };
-        let secs = self.settings.interval.as_secs_f64();
+        let mut admitted = [0; 3];
+        let Some(before) = before else {
+            return Ok(admitted);
+        };
         for class in Class::ALL {
             let i = class.abi() as usize;
-            let admitted: u64 = [ACTION_ALLOW, ACTION_AUDIT, ACTION_PARK]
+            admitted[i] = [ACTION_ALLOW, ACTION_AUDIT, ACTION_PARK]
                 .iter()
                 .map(|a| now.get(*a, class).saturating_sub(before.get(*a, class)))
                 .sum();
-            self.current_rates[i] = admitted as f64 / secs;
-            if delta[i].count >= MIN_SAMPLE_HANDSHAKES {
-                if let Some(p99) = delta[i].quantile(0.99) {
-                    let samples = &mut self.capacity_samples[i];
-                    samples.push_back((self.current_rates[i], p99 as f64 / 1e9));
-                    while samples.len() > CAPACITY_SAMPLES {
-                        samples.pop_front();
-                    }
-                }
-            }
+            self.current_rates[i] = admitted[i] as f64 / self.settings.interval.as_secs_f64();
         }
-        Ok(())
+        Ok(admitted)
+    }
+
+    /// One capacity sample of `class` per window (windows do not overlap): the window's
+    /// admission rate and its p99 — the same statistic the ladder compares with the ceiling.
+    fn sample_capacity(&mut self, class: Class, merged: &LatencyHistogram) {
+        let i = class.abi() as usize;
+        if merged.count < MIN_SAMPLE_LATENCIES {
+            return;
+        }
+        let Some(p99) = merged.quantile(0.99) else {
+            return;
+        };
+        let admitted: u64 = self.window.iter().map(|(_, a)| a[i]).sum();
+        let secs = self.settings.interval.as_secs_f64() * self.window.len() as f64;
+        let samples = &mut self.capacity_samples[i];
+        samples.push_back((admitted as f64 / secs, p99 as f64 / 1e9));
+        while samples.len() > CAPACITY_SAMPLES {
+            samples.pop_front();
+        }
     }
 
     /// Refits the capacity model of each class (at pulses) and exports knee and headroom.

@@ -13,8 +13,8 @@ mod schema;
 
 pub use schema::{
     Action, AdmissionStrategy, AgentSection, CgroupPath, Cidr, Class, Config, DefaultAction,
-    KmsSection, Mode, MultiRegionSection, PolicySection, PortRange, PromotionSection, Protocol,
-    RuleName, RuleSpec, SloSection, SpiffeSection,
+    KmsSection, LatencySource, Mode, MultiRegionSection, PolicySection, PortRange,
+    PromotionSection, Protocol, RuleName, RuleSpec, SloSection, SpiffeSection,
 };
 
 use std::path::{Path, PathBuf};

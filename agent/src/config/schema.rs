@@ -590,6 +590,41 @@ pub struct SloSection {
     /// Set per-beat budgets from the capacity model's knee for classes without a static budget
     /// (default false).
     pub capacity_budgets: Option<bool>,
+    /// What R1's ceiling is compared with: `handshake` (default) or `rtt`.
+    pub r1_latency: Option<LatencySource>,
+    /// What W1's ceiling is compared with: `handshake` (default) or `rtt`.
+    pub w1_latency: Option<LatencySource>,
+    /// What C1's ceiling is compared with: `handshake` (default) or `rtt`.
+    pub c1_latency: Option<LatencySource>,
+}
+
+/// Which kernel latency histogram a class's SLO ceiling is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatencySource {
+    /// TCP handshake latency (`connect()` to ESTABLISHED), per new connection.
+    #[default]
+    Handshake,
+    /// Smoothed RTT samples of established connections.
+    Rtt,
+}
+
+impl LatencySource {
+    /// The kernel histogram kind (`knhk_abi::LATENCY_*`).
+    pub fn abi(self) -> usize {
+        match self {
+            LatencySource::Handshake => knhk_abi::LATENCY_HANDSHAKE,
+            LatencySource::Rtt => knhk_abi::LATENCY_RTT,
+        }
+    }
+
+    /// The name used in configuration and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LatencySource::Handshake => "handshake",
+            LatencySource::Rtt => "rtt",
+        }
+    }
 }
 
 /// SLO admission strategy.

@@ -218,6 +218,11 @@ fn bad_input_is_refused_with_file_line_and_reason() {
             &["slo.window_beats"],
         ),
         (
+            "unknown latency source",
+            "[slo]\nr1_latency = \"p99\"\n".into(),
+            &["line 2", "unknown variant `p99`", "handshake", "rtt"],
+        ),
+        (
             "agent and sidecar",
             "[agent]\n[sidecar]\n".into(),
             &["line 2", "alias of [agent]"],
@@ -334,4 +339,17 @@ fn bad_environment_overrides_name_the_variable() {
             .to_string();
         assert!(e.contains(needle), "{var}: expected {needle:?} in {e}");
     }
+}
+
+#[test]
+fn latency_sources_are_chosen_per_class() {
+    use crate::beat::BeatSettings;
+    use crate::config::LatencySource::{Handshake, Rtt};
+    let config = Config::parse(
+        "[slo]\nr1_latency = \"rtt\"\nr1_p99_max_ns = 900000\n",
+        "t.toml",
+    )
+    .expect("valid");
+    let settings = BeatSettings::from_config(&config).expect("slo present");
+    assert_eq!(settings.latency_sources, [Rtt, Handshake, Handshake]);
 }
