@@ -119,6 +119,16 @@ fn compile_protos() {
     tonic_prost_build::configure()
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating gRPC code: {e}"));
+
+    // The SPIFFE Workload API: server side only (no package, so it lands in `_.rs`).
+    let workload = root.join("spiffe/workload.proto");
+    println!("cargo:rerun-if-changed={}", workload.display());
+    let fds = protox::compile([&workload], [root.join("spiffe")])
+        .unwrap_or_else(|e| panic!("proto/spiffe: {e}"));
+    tonic_prost_build::configure()
+        .build_client(false)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating Workload API code: {e}"));
 }
 
 fn which(bin: &str) -> Option<PathBuf> {

@@ -12,6 +12,7 @@ use crate::{
     config::Config,
     control::{ControlError, Controller},
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
+    identity::{Identity, IdentityError, IdentitySettings},
     telemetry::{AdminServer, DatapathCollector, Readiness},
 };
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -43,6 +44,9 @@ pub enum AgentError {
     /// The gRPC API could not start.
     #[error(transparent)]
     Api(#[from] api::ServeError),
+    /// The workload identity could not start (a local cause, such as unreadable files).
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     /// A background task panicked.
     #[error("internal error: {0}")]
     Internal(String),
@@ -69,7 +73,11 @@ async fn blocking<T: Send + 'static>(
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
-    let api_listener = api::bind(config.agent.listen_address).await?;
+    let identity_settings = config
+        .spiffe
+        .as_ref()
+        .and_then(|s| IdentitySettings::from_section(s).ok().flatten());
+    let api_listener = api::bind(config.agent.listen_address, identity_settings.is_some()).await?;
     let root = cgroup_root(&config)?;
     let registry = prometheus::Registry::new();
     let readiness = Arc::new(Readiness::default());
@@ -82,6 +90,15 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         addr: config.agent.metrics_address,
         source,
     })?;
+
+    let identity = match identity_settings {
+        Some(settings) => {
+            let identity = Arc::new(Identity::start(settings, &registry).await?);
+            readiness.register("workload identity", identity.readiness_check());
+            Some(identity)
+        }
+        None => None,
+    };
 
     let opts = DatapathOptions {
         cgroup_root: root.clone(),
@@ -160,6 +177,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         api_listener,
         config.agent.max_request_bytes,
         controller.clone(),
+        identity.clone(),
         async {
             let _ = api_stopped.await;
         },

@@ -72,18 +72,86 @@ impl ClientError {
     }
 }
 
-async fn channel(endpoint: &str) -> Result<Channel, ClientError> {
+/// Where and how to reach the agent.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port` (or `host:port`).
+    pub endpoint: String,
+    /// mTLS with the caller's SPIFFE identity; `None`: plaintext.
+    pub mtls: Option<ClientMtls>,
+}
+
+/// The caller's side of mTLS.
+#[derive(Debug, Clone)]
+pub struct ClientMtls {
+    /// Workload API endpoint (`unix:/path`) the caller's SVID comes from.
+    pub workload_api: String,
+    /// Trust domains the agent's certificate may belong to (empty: the caller's own).
+    pub trust_domains: Vec<spiffe::TrustDomain>,
+    /// IDs the agent may present (empty: any of those trust domains).
+    pub agent_ids: Vec<crate::identity::IdMatcher>,
+}
+
+impl Target {
+    /// Plaintext to `endpoint`.
+    pub fn plaintext(endpoint: impl Into<String>) -> Target {
+        Target {
+            endpoint: endpoint.into(),
+            mtls: None,
+        }
+    }
+}
+
+async fn channel(target: &Target) -> Result<Channel, ClientError> {
+    let endpoint = &target.endpoint;
     let unavailable = |reason: String| ClientError::Unavailable {
         endpoint: endpoint.to_owned(),
         reason,
     };
-    Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| unavailable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
-        .connect()
+    let Some(mtls) = &target.mtls else {
+        return Channel::from_shared(endpoint.to_owned())
+            .map_err(|e| unavailable(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .map_err(|e| unavailable(e.to_string()));
+    };
+    let authority = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .unwrap_or(endpoint);
+    let addr: std::net::SocketAddr = authority.parse().map_err(|_| {
+        unavailable(format!(
+            "with mTLS the endpoint must be an IP address and port, not {authority:?}"
+        ))
+    })?;
+    let source = spiffe::X509Source::builder()
+        .endpoint(&mtls.workload_api)
+        .initial_sync_timeout(Duration::from_secs(5))
+        .build()
         .await
-        .map_err(|e| unavailable(e.to_string()))
+        .map_err(|e| {
+            unavailable(format!(
+                "no SVID for this client from the Workload API at {}: {e}",
+                mtls.workload_api
+            ))
+        })?;
+    let mut trust_domains = mtls.trust_domains.clone();
+    if trust_domains.is_empty() {
+        let own = source
+            .svid()
+            .map_err(|e| unavailable(e.to_string()))?
+            .spiffe_id()
+            .trust_domain()
+            .clone();
+        trust_domains.push(own);
+    }
+    let config =
+        crate::identity::tls::client_config(source, &trust_domains, mtls.agent_ids.clone())
+            .map_err(unavailable)?;
+    let channel = crate::identity::tls::channel(addr, config).map_err(unavailable)?;
+    Ok(channel)
 }
 
 /// Reads a policy file: a configuration file's `[[policy.rules]]`, and optionally its `[agent]`
@@ -120,13 +188,13 @@ fn list(v: &[String]) -> String {
 
 /// `policy apply FILE`.
 pub async fn policy_apply(
-    endpoint: &str,
+    target: &Target,
     file: &Path,
     expected: Option<u64>,
 ) -> Result<Report, ClientError> {
     let doc = read_policy_file(file)?;
     let rules = doc.rules.len();
-    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+    let mut c = PolicyServiceClient::new(channel(target).await?);
     let r = c
         .apply_policy(pb::ApplyPolicyRequest {
             policy: Some(doc),
@@ -150,8 +218,8 @@ pub async fn policy_apply(
 }
 
 /// `policy get`.
-pub async fn policy_get(endpoint: &str) -> Result<Report, ClientError> {
-    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
+    let mut c = PolicyServiceClient::new(channel(target).await?);
     let r = c
         .get_policy(pb::GetPolicyRequest {})
         .await
@@ -201,9 +269,9 @@ pub async fn policy_get(endpoint: &str) -> Result<Report, ClientError> {
 }
 
 /// `policy diff FILE` (a dry run).
-pub async fn policy_diff(endpoint: &str, file: &Path) -> Result<Report, ClientError> {
+pub async fn policy_diff(target: &Target, file: &Path) -> Result<Report, ClientError> {
     let doc = read_policy_file(file)?;
-    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+    let mut c = PolicyServiceClient::new(channel(target).await?);
     let r = c
         .dry_run(pb::DryRunRequest { policy: Some(doc) })
         .await
@@ -228,8 +296,11 @@ pub async fn policy_diff(endpoint: &str, file: &Path) -> Result<Report, ClientEr
 }
 
 /// `policy rollback`.
-pub async fn policy_rollback(endpoint: &str, expected: Option<u64>) -> Result<Report, ClientError> {
-    let mut c = PolicyServiceClient::new(channel(endpoint).await?);
+pub async fn policy_rollback(
+    target: &Target,
+    expected: Option<u64>,
+) -> Result<Report, ClientError> {
+    let mut c = PolicyServiceClient::new(channel(target).await?);
     let r = c
         .rollback(pb::RollbackRequest {
             expected_generation: expected,
@@ -247,8 +318,8 @@ pub async fn policy_rollback(endpoint: &str, expected: Option<u64>) -> Result<Re
 }
 
 /// `status`.
-pub async fn status(endpoint: &str) -> Result<Report, ClientError> {
-    let mut c = AgentServiceClient::new(channel(endpoint).await?);
+pub async fn status(target: &Target) -> Result<Report, ClientError> {
+    let mut c = AgentServiceClient::new(channel(target).await?);
     let r = c
         .get_status(pb::GetStatusRequest {})
         .await
@@ -287,8 +358,8 @@ pub async fn status(endpoint: &str) -> Result<Report, ClientError> {
 }
 
 /// `heat`.
-pub async fn heat(endpoint: &str, limit: u32) -> Result<Report, ClientError> {
-    let mut c = AgentServiceClient::new(channel(endpoint).await?);
+pub async fn heat(target: &Target, limit: u32) -> Result<Report, ClientError> {
+    let mut c = AgentServiceClient::new(channel(target).await?);
     let r = c
         .get_heat(pb::GetHeatRequest { limit })
         .await
@@ -323,8 +394,8 @@ pub async fn heat(endpoint: &str, limit: u32) -> Result<Report, ClientError> {
 }
 
 /// `slo`.
-pub async fn slo(endpoint: &str) -> Result<Report, ClientError> {
-    let mut c = AgentServiceClient::new(channel(endpoint).await?);
+pub async fn slo(target: &Target) -> Result<Report, ClientError> {
+    let mut c = AgentServiceClient::new(channel(target).await?);
     let r = c
         .get_slo(pb::GetSloRequest {})
         .await

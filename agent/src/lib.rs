@@ -22,5 +22,6 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod identity;
 pub mod policy;
 pub mod telemetry;

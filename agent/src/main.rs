@@ -98,24 +98,76 @@ struct ClientArgs {
     /// http://127.0.0.1:50051].
     #[arg(long, env = "KNHK_ENDPOINT")]
     endpoint: Option<String>,
-    /// Take the endpoint from this configuration file's agent.listen_address.
+    /// Take the endpoint (agent.listen_address) and, with [spiffe] enabled, mTLS settings from
+    /// this configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Use mTLS with this client's SVID from the SPIFFE Workload API at PATH (a socket path or
+    /// unix: URI) [default with --config and [spiffe] enabled: its spiffe_socket_path].
+    #[arg(long, value_name = "PATH")]
+    spiffe_socket: Option<String>,
+    /// With mTLS: the SPIFFE ID the agent must present (exact, or a prefix ending in /*)
+    /// [default: spiffe.spiffe_id of --config, else any ID of the trust domain].
+    #[arg(long, value_name = "SPIFFE_ID")]
+    agent_id: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
 }
 
 impl ClientArgs {
-    /// The endpoint: `--endpoint`, else the configuration's listen address, else the default.
-    fn endpoint(&self) -> Result<String, ExitCode> {
-        if let Some(e) = &self.endpoint {
-            return Ok(e.clone());
-        }
-        match &self.config {
-            Some(path) => load(Some(path)).map(|c| format!("http://{}", c.agent.listen_address)),
-            None => Ok("http://127.0.0.1:50051".into()),
-        }
+    /// Where and how to reach the agent: `--endpoint`, else the configuration's listen address,
+    /// else the default; mTLS with `--spiffe-socket`, or when the configuration enables [spiffe].
+    fn target(&self) -> Result<client::Target, ExitCode> {
+        let config = match &self.config {
+            Some(path) => Some(load(Some(path))?),
+            None => None,
+        };
+        let endpoint = match (&self.endpoint, &config) {
+            (Some(e), _) => e.clone(),
+            (None, Some(c)) => format!("http://{}", c.agent.listen_address),
+            (None, None) => "http://127.0.0.1:50051".into(),
+        };
+        let identity = config
+            .as_ref()
+            .and_then(|c| c.spiffe.as_ref())
+            .and_then(|s| {
+                knhk_agent::identity::IdentitySettings::from_section(s)
+                    .ok()
+                    .flatten()
+            });
+        let agent_ids = match &self.agent_id {
+            Some(id) => match knhk_agent::identity::IdMatcher::parse(id) {
+                Ok(m) => vec![m],
+                Err(e) => {
+                    eprintln!("error: --agent-id: {e}");
+                    return Err(ExitCode::from(EXIT_CONFIG));
+                }
+            },
+            None => identity
+                .as_ref()
+                .and_then(|s| s.expected_id.clone())
+                .map(knhk_agent::identity::IdMatcher::Exact)
+                .into_iter()
+                .collect(),
+        };
+        let workload_api = match (&self.spiffe_socket, &identity) {
+            (Some(p), _) if p.starts_with("unix:") => Some(p.clone()),
+            (Some(p), _) => Some(format!("unix:{p}")),
+            (None, Some(s)) => Some(s.endpoint()),
+            (None, None) => None,
+        };
+        Ok(client::Target {
+            endpoint,
+            mtls: workload_api.map(|workload_api| client::ClientMtls {
+                workload_api,
+                trust_domains: identity
+                    .as_ref()
+                    .map(|s| s.accepted_trust_domains())
+                    .unwrap_or_default(),
+                agent_ids,
+            }),
+        })
     }
 }
 
@@ -197,7 +249,10 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(agent::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ agent::AgentError::Api(knhk_agent::api::ServeError::NotLoopback(_))) => {
+                Err(
+                    e @ (agent::AgentError::Api(knhk_agent::api::ServeError::NotLoopback(_))
+                    | agent::AgentError::Identity(_)),
+                ) => {
                     eprintln!("error: {e}");
                     ExitCode::from(EXIT_CONFIG)
                 }
@@ -217,6 +272,13 @@ fn main() -> ExitCode {
                 let mut active = vec!["agent", "policy"];
                 if config.slo.is_some() {
                     active.push("slo");
+                }
+                if config
+                    .spiffe
+                    .as_ref()
+                    .is_some_and(|s| s.enabled == Some(true))
+                {
+                    active.push("spiffe");
                 }
                 match output {
                     Output::Json => {
@@ -328,11 +390,11 @@ fn main() -> ExitCode {
 /// Runs one client command on a small runtime and prints its report.
 fn client_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
 where
-    F: FnOnce(String) -> Fut,
+    F: FnOnce(client::Target) -> Fut,
     Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
 {
-    let endpoint = match args.endpoint() {
-        Ok(e) => e,
+    let target = match args.target() {
+        Ok(t) => t,
         Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -345,7 +407,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(command(endpoint)) {
+    match runtime.block_on(command(target)) {
         Ok(report) => {
             match args.output {
                 Output::Human => print!("{}", report.human),

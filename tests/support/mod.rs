@@ -5,6 +5,11 @@
 //! throwaway child cgroup, and every guard cleans up in `Drop`, also when the test fails.
 #![allow(dead_code)]
 
+pub mod agent;
+pub mod spire;
+#[allow(unused_imports)]
+pub use agent::*;
+
 use std::{
     ffi::CString,
     io::Read,

@@ -4,6 +4,7 @@
 //! The services only translate between protobuf and domain types ([`convert`]) and call the
 //! [`Controller`]; every outcome maps to one status code in [`status_of`].
 
+pub mod authz;
 pub mod convert;
 
 /// Generated protobuf types, clients and servers of `proto/knhk/agent/v1`.
@@ -36,10 +37,13 @@ use tonic::{Request, Response, Status};
 pub enum ServeError {
     /// A non-loopback address without mTLS.
     #[error(
-        "refusing to serve the gRPC API on {0}: it is not a loopback address and mTLS (SPIFFE identity) \
-         is not in this version; set agent.listen_address to 127.0.0.1:PORT or [::1]:PORT"
+        "refusing to serve the gRPC API on {0}: it is not a loopback address and mTLS is off; \
+         enable [spiffe] (enabled = true, trust_domain = ...) or set agent.listen_address to 127.0.0.1:PORT or [::1]:PORT"
     )]
     NotLoopback(SocketAddr),
+    /// The mTLS server config could not be built.
+    #[error("{0}")]
+    Tls(String),
     /// Binding failed.
     #[error("cannot listen on agent.listen_address {addr}: {source}")]
     Bind {
@@ -342,10 +346,10 @@ pub struct ApiServer {
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-/// Binds the API address: loopback only in this version. Done before anything touches the
-/// kernel, so a bad address changes nothing.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
-    if !addr.ip().is_loopback() {
+/// Binds the API address: any address with mTLS, loopback only without. Done before anything
+/// touches the kernel, so a bad address changes nothing.
+pub async fn bind(addr: SocketAddr, mtls: bool) -> Result<tokio::net::TcpListener, ServeError> {
+    if !mtls && !addr.ip().is_loopback() {
         return Err(ServeError::NotLoopback(addr));
     }
     tokio::net::TcpListener::bind(addr)
@@ -353,11 +357,14 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeErro
         .map_err(|source| ServeError::Bind { addr, source })
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `shutdown` resolves: over mTLS with SPIFFE-ID
+/// authorization when `identity` is given (from its first SVID on; until then connections wait
+/// in the listen backlog), else plaintext.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     max_request_bytes: usize,
     controller: Arc<Controller>,
+    identity: Option<Arc<crate::identity::Identity>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ApiServer, ServeError> {
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
@@ -377,6 +384,7 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let router = tonic::transport::Server::builder()
+        .layer(authz::AuthzLayer::new(identity.clone()))
         .add_service(health)
         .add_service(reflection)
         .add_service(
@@ -387,8 +395,37 @@ pub async fn serve(
             AgentServiceServer::new(AgentApi(controller))
                 .max_decoding_message_size(max_request_bytes),
         );
-    // No Nagle: small responses must not wait for a delayed ACK (40 ms on Linux).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
+    let Some(identity) = identity else {
+        // No Nagle: small responses must not wait for a delayed ACK (40 ms on Linux).
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown));
+        return Ok(ApiServer { local_addr, task });
+    };
+    let task = tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        let source = tokio::select! {
+            source = identity.source() => source,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let Some(source) = source else {
+            return Ok(());
+        };
+        let config = match crate::identity::tls::server_config(
+            source,
+            &identity.settings().accepted_trust_domains(),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("the gRPC API cannot serve mTLS: {e}");
+                return Ok(());
+            }
+        };
+        tracing::info!(%local_addr, "gRPC API serving over mTLS (SPIFFE)");
+        let incoming = crate::identity::tls::incoming(listener, config);
+        router
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+    });
     Ok(ApiServer { local_addr, task })
 }

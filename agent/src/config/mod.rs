@@ -12,9 +12,10 @@
 mod schema;
 
 pub use schema::{
-    Action, AdmissionStrategy, AgentSection, CgroupPath, Cidr, Class, Config, DefaultAction,
-    KmsSection, LatencySource, Mode, MultiRegionSection, PolicySection, PortRange,
-    PromotionSection, Protocol, RuleName, RuleSpec, SloSection, SpiffeSection,
+    Action, AdmissionStrategy, AgentSection, AuthorizedIds, CgroupPath, Cidr, Class, Config,
+    DefaultAction, IdentitySource, KmsSection, LatencySource, Mode, MultiRegionSection,
+    PolicySection, PortRange, PromotionSection, Protocol, RuleName, RuleSpec, SloSection,
+    SpiffeSection,
 };
 
 use std::path::{Path, PathBuf};

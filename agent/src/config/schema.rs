@@ -16,7 +16,7 @@ pub struct Config {
     pub policy: PolicySection,
     /// `[slo]`: accepted; the beat engine that enforces it is not part of this version.
     pub slo: Option<SloSection>,
-    /// `[spiffe]`: accepted; workload identity is not part of this version.
+    /// `[spiffe]`: workload identity and mTLS for the gRPC API.
     pub spiffe: Option<SpiffeSection>,
     /// `[kms]`: accepted; receipt signing is not part of this version.
     pub kms: Option<KmsSection>,
@@ -31,8 +31,15 @@ impl Config {
     /// with the reason, for `check-config`.
     pub fn inactive_sections(&self) -> Vec<(&'static str, &'static str)> {
         let mut out = Vec::new();
-        if self.spiffe.is_some() {
-            out.push(("spiffe", "SPIFFE identity and mTLS are not in this version"));
+        if self
+            .spiffe
+            .as_ref()
+            .is_some_and(|s| s.enabled != Some(true))
+        {
+            out.push((
+                "spiffe",
+                "enabled is not true: the gRPC API is plaintext, loopback only",
+            ));
         }
         if self.kms.is_some() {
             out.push(("kms", "the signed receipts ledger is not in this version"));
@@ -51,7 +58,7 @@ macro_rules! agent_table {
     ($(#[$meta:meta])* $vis:vis struct $name:ident { $($extra:tt)* }) => {
         $(#[$meta])*
         $vis struct $name {
-            /// gRPC API address. Without mTLS (not in this version) only loopback is allowed.
+            /// gRPC API address. Without `[spiffe] enabled = true` (mTLS) only loopback is allowed.
             #[serde(default = "default_listen_address")]
             pub listen_address: SocketAddr,
             /// Largest gRPC request accepted, bytes.
@@ -637,18 +644,63 @@ pub enum AdmissionStrategy {
     Degrade,
 }
 
-/// `[spiffe]` (the plan's `[sidecar.spiffe]`). Parsed; not acted on in this version.
+/// `[spiffe]` (the plan's `[sidecar.spiffe]`): workload identity and mTLS. See
+/// `docs/identity.md`; checked by [`crate::identity::IdentitySettings::from_section`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpiffeSection {
-    /// Use the SPIRE Workload API.
+    /// Serve the gRPC API over mTLS with a SPIFFE identity (default false).
     pub enabled: Option<bool>,
-    /// Workload API socket.
+    /// Where the identity comes from: `workload_api` (default) or `files` (migration only).
+    pub source: Option<IdentitySource>,
+    /// Workload API socket (default `$SPIFFE_ENDPOINT_SOCKET`, else
+    /// `/tmp/spire-agent/public/api.sock`).
     pub spiffe_socket_path: Option<PathBuf>,
-    /// Trust domain.
+    /// This node's trust domain (required when enabled).
     pub trust_domain: Option<String>,
-    /// Expected own SPIFFE ID.
+    /// The SPIFFE ID the agent expects to be issued; another one is an error.
     pub spiffe_id: Option<String>,
+    /// Foreign trust domains whose peers are accepted, with their bundles from the Workload API.
+    pub federated_trust_domains: Option<Vec<String>>,
+    /// Oldest acceptable SVID, hours (1-24, default 24): older fails readiness.
+    pub max_svid_age_hours: Option<u32>,
+    /// How long the first SVID may take before readiness says so, seconds (default 30).
+    pub initial_sync_timeout_secs: Option<u64>,
+    /// `source = "files"`: PEM certificate chain (leaf first).
+    pub cert_file: Option<PathBuf>,
+    /// `source = "files"`: PEM PKCS#8 private key; must not be readable by group or others.
+    pub key_file: Option<PathBuf>,
+    /// `source = "files"`: PEM bundle of the trust domain's CA certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Who may call what.
+    pub authorized_ids: Option<AuthorizedIds>,
+}
+
+/// Where the agent's SVID comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    /// The SPIRE Workload API (streamed, rotated by SPIRE).
+    #[default]
+    WorkloadApi,
+    /// Certificate, key and CA files, reloaded when they change (migration only).
+    Files,
+}
+
+/// `[spiffe.authorized_ids]`: SPIFFE IDs allowed per API surface. Each entry is an exact ID
+/// (`spiffe://td/ns/ops/sa/admin`) or a path prefix ending in `/*` (`spiffe://td/ns/ops/*`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizedIds {
+    /// May change the policy (ApplyPolicy, Rollback); writers may also read.
+    pub policy_writers: Option<Vec<String>>,
+    /// May read (GetPolicy, DryRun, GetStatus, GetSlo, GetHeat, WatchEvents, reflection).
+    /// Default: any ID of the local trust domain.
+    pub readers: Option<Vec<String>>,
+    /// May sync receipts as another region.
+    pub region_peers: Option<Vec<String>>,
+    /// May place and release legal holds.
+    pub hold_writers: Option<Vec<String>>,
 }
 
 /// `[kms]` (the plan's `[sidecar.kms]`). Parsed and checked; not acted on in this version.
@@ -782,6 +834,11 @@ impl RawConfig {
                     ));
                 }
             }
+        }
+        if let Some(spiffe) = &spiffe {
+            crate::identity::IdentitySettings::from_section(spiffe.get_ref()).map_err(
+                |(key, message)| err(spiffe.span().start, format!("spiffe.{key}"), message),
+            )?;
         }
         if let Some(slo) = &slo {
             check_slo(slo.get_ref())

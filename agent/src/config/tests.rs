@@ -24,9 +24,15 @@ fn the_plans_example_loads_unchanged() {
     assert_eq!(c.slo.as_ref().and_then(|s| s.r1_p99_max_ns), Some(2));
     assert_eq!(
         c.inactive_sections().len(),
-        4,
-        "[slo] is active (the beat engine)"
+        3,
+        "[slo] (the beat engine) and [spiffe] (mTLS) are active"
     );
+    let identity = crate::identity::IdentitySettings::from_section(
+        c.spiffe.as_ref().expect("[sidecar.spiffe]"),
+    )
+    .expect("valid")
+    .expect("enabled");
+    assert_eq!(identity.trust_domain.as_str(), "fortune5.example.com");
     let warnings = c.warnings();
     assert!(
         warnings.iter().any(|w| w.contains(

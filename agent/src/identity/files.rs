@@ -1,0 +1,243 @@
+//! The file identity source (migration only): a certificate chain, key and CA bundle on disk,
+//! served as a SPIFFE Workload API on a private Unix socket, so that the agent consumes it
+//! exactly like SPIRE (same `X509Source`, same TLS configs, same authorization).
+//!
+//! The files are checked at start (a bad file is a startup error) and polled every second;
+//! a change is loaded and pushed on the stream. A change that does not load (a half-written
+//! file, a key that does not match) is logged and the previous identity keeps serving.
+
+use super::{
+    workload_api::{
+        check_security_header, concat_der,
+        pb::{
+            spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
+            JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse,
+            ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest,
+            X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
+        },
+    },
+    FilePaths,
+};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivatePkcs8KeyDer};
+use spiffe::TrustDomain;
+use std::{
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    pin::Pin,
+    time::Duration,
+};
+use tokio::sync::watch;
+use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+/// A running file-backed Workload API. Dropping it stops the server and removes the socket.
+pub(crate) struct FileWorkloadApi {
+    dir: PathBuf,
+    socket: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FileWorkloadApi {
+    /// Loads the files (an error names the file and the reason) and starts serving them.
+    pub(crate) async fn start(
+        paths: FilePaths,
+        trust_domain: &TrustDomain,
+    ) -> Result<FileWorkloadApi, String> {
+        let first = load(&paths, trust_domain)?;
+        let dir = std::env::temp_dir().join(format!("knhk-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("securing {}: {e}", dir.display()))?;
+        let socket = dir.join("workload.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
+        let (tx, rx) = watch::channel(first);
+        let server = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let result = tonic::transport::Server::builder()
+                .add_service(SpiffeWorkloadApiServer::new(FileApi { current: rx }))
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(e) = result {
+                tracing::error!("the file identity's Workload API stopped: {e}");
+            }
+        });
+        let td = trust_domain.clone();
+        let watcher = tokio::spawn(async move {
+            let mut seen = fingerprint(&paths);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let now = fingerprint(&paths);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match load(&paths, &td) {
+                    Ok(response) => {
+                        tracing::info!(cert = %paths.cert.display(), "identity files changed: loaded");
+                        let _ = tx.send(response);
+                    }
+                    Err(e) => tracing::error!(
+                        "identity files changed but do not load ({e}); the previous identity keeps serving"
+                    ),
+                }
+            }
+        });
+        Ok(FileWorkloadApi {
+            dir,
+            socket,
+            tasks: vec![server, watcher],
+        })
+    }
+
+    /// The socket the Workload API is served on.
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for FileWorkloadApi {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// (modification time, size, inode) of each file: a change in any means "reload".
+fn fingerprint(paths: &FilePaths) -> Vec<Option<(i64, i64, u64, u64)>> {
+    [&paths.cert, &paths.key, &paths.ca]
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
+        })
+        .collect()
+}
+
+/// Reads and checks the files into one Workload API response.
+fn load(paths: &FilePaths, trust_domain: &TrustDomain) -> Result<X509svidResponse, String> {
+    let meta = std::fs::metadata(&paths.key)
+        .map_err(|e| format!("key_file {}: {e}", paths.key.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "key_file {} has mode {mode:04o}: a private key must not be readable by group or others (chmod 600 it)",
+            paths.key.display()
+        ));
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("cert_file {}: {e}", paths.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "cert_file {}: no PEM certificate in it",
+            paths.cert.display()
+        ));
+    }
+    let key = PrivatePkcs8KeyDer::from_pem_file(&paths.key).map_err(|e| {
+        format!(
+            "key_file {}: {e} (a PEM \"PRIVATE KEY\", PKCS#8, is expected)",
+            paths.key.display()
+        )
+    })?;
+    let bundle: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.ca)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| format!("ca_file {}: {e}", paths.ca.display()))?;
+    if bundle.is_empty() {
+        return Err(format!(
+            "ca_file {}: no PEM certificate in it",
+            paths.ca.display()
+        ));
+    }
+    let chain_der = concat_der(chain.iter().map(|c| c.as_ref()));
+    let svid =
+        spiffe::X509Svid::parse_from_der(&chain_der, key.secret_pkcs8_der()).map_err(|e| {
+            format!(
+                "cert_file {} with key_file {}: not a usable X.509-SVID: {e}",
+                paths.cert.display(),
+                paths.key.display()
+            )
+        })?;
+    if svid.spiffe_id().trust_domain() != trust_domain {
+        return Err(format!(
+            "cert_file {}: its SPIFFE ID {} is not in trust_domain {:?}",
+            paths.cert.display(),
+            svid.spiffe_id(),
+            trust_domain.as_str()
+        ));
+    }
+    Ok(X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: svid.spiffe_id().to_string(),
+            x509_svid: chain_der,
+            x509_svid_key: key.secret_pkcs8_der().to_vec(),
+            bundle: concat_der(bundle.iter().map(|c| c.as_ref())),
+            hint: String::new(),
+        }],
+        ..Default::default()
+    })
+}
+
+struct FileApi {
+    current: watch::Receiver<X509svidResponse>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for FileApi {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_security_header(request.metadata())?;
+        let stream = WatchStream::new(self.current.clone()).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        _: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the file identity source serves X.509-SVIDs only",
+        ))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Err(Status::unimplemented(
+            "the file identity source serves X.509-SVIDs only",
+        ))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented(
+            "the file identity source serves X.509-SVIDs only",
+        ))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented(
+            "the file identity source serves X.509-SVIDs only",
+        ))
+    }
+}
