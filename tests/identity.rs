@@ -375,6 +375,38 @@ fn kernel_mtls_authorizes_each_rpc_by_spiffe_id() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
+    // The CLI over mTLS, with its own SVID: a reader's `status` works, another workload's not.
+    let cli = |socket: &Path| {
+        std::process::Command::new(BIN)
+            .args([
+                "status",
+                "--endpoint",
+                &agent.grpc.to_string(),
+                "--spiffe-socket",
+            ])
+            .arg(socket)
+            .args(["--agent-id", &format!("spiffe://{TD}/agent")])
+            .output()
+            .expect("run the CLI")
+    };
+    let out = cli(&monitor.socket);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("policy generation"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = cli(&other.socket);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("permission denied"),
+        "{stderr}"
+    );
+
     let body = agent.get("/metrics");
     let denied = |surface: &str| {
         body.lines()
@@ -388,7 +420,7 @@ fn kernel_mtls_authorizes_each_rpc_by_spiffe_id() {
             .unwrap_or(0.0)
     };
     assert_eq!(denied("policy_writers"), 1.0, "{body}");
-    assert_eq!(denied("readers"), 1.0, "{body}");
+    assert_eq!(denied("readers"), 2.0, "{body}");
 }
 
 /// A verifier for the no-certificate client, which must not fail on the server's side first.

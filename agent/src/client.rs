@@ -51,6 +51,8 @@ fn code_name(c: tonic::Code) -> &'static str {
         tonic::Code::ResourceExhausted => "too large",
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Unavailable => "unavailable",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unauthenticated => "unauthenticated",
         _ => "error",
     }
 }
