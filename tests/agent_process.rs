@@ -836,14 +836,14 @@ fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("active: [agent], [policy], [slo], [spiffe]"),
+        stdout.contains("active: [agent], [policy], [slo], [spiffe], [kms]"),
         "{stdout}"
     );
     assert!(
         stdout.contains("warning: slo.r1_p99_max_ns: a ceiling of 2 ns"),
         "{stdout}"
     );
-    for section in ["[kms]", "[multi_region]", "[promotion]"] {
+    for section in ["[multi_region]", "[promotion]"] {
         assert!(
             stdout.contains(&format!("accepted, not active: {section}")),
             "{section} in {stdout}"
@@ -856,7 +856,7 @@ fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {
         .expect("run");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(json["valid"], true);
-    assert_eq!(json["inactive_sections"].as_array().map(Vec::len), Some(3));
+    assert_eq!(json["inactive_sections"].as_array().map(Vec::len), Some(2));
 
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, "[agent]\nmetrics_adress = \"127.0.0.1:9464\"\n").expect("write");
@@ -886,5 +886,142 @@ fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {
     assert!(
         stderr.contains("0.0.0.0:50051") && stderr.contains("agent.listen_address"),
         "{stderr}"
+    );
+}
+
+/// `knhk-agent <args>` with plaintext access to `agent`'s gRPC API.
+fn cli(agent: &Agent, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--endpoint", &format!("http://{}", agent.grpc)])
+        .output()
+        .expect("run the CLI")
+}
+
+fn log_size(agent: &Agent) -> u64 {
+    let out = cli(
+        agent,
+        &["receipts", "list", "--limit", "1", "--output", "json"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["log_size"].as_u64().expect("log_size")
+}
+
+#[test]
+fn kernel_receipts_survive_kill9_and_the_ledger_verifies() {
+    if !kernel_available("kernel_receipts_survive_kill9_and_the_ledger_verifies") {
+        return;
+    }
+    let _serial = timing_shared();
+    let cg = TestCgroup::new("receipts");
+    let pins = TestPins::new("receipts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("receipts.redb");
+    // 1 ms beats: a pulse (a cycle-summary receipt and a checkpoint) every 8 ms.
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[slo]\nbeat_interval_ms = 1\n[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\nnode = \"test-node\"\n",
+            dir.path().join("keys").display(),
+            db.display()
+        ),
+    );
+    let agent = Agent::start(&config);
+    assert!(
+        agent.logs().contains("LOCAL FILE KEY") || agent.get("/readyz").contains("200"),
+        "started"
+    );
+    // Policy switches while the pulses run: receipts from both sources.
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, deny_rule(9)).expect("policy");
+    for _ in 0..20 {
+        let out = cli(
+            &agent,
+            &["policy", "apply", policy.to_str().expect("utf-8")],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A legal hold, placed through the CLI, is itself receipted.
+    let out = cli(
+        &agent,
+        &[
+            "hold",
+            "place",
+            "--case-id",
+            "CASE-1",
+            "--reason",
+            "test",
+            "--from-seq",
+            "0",
+            "--to-seq",
+            "10",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&agent, &["hold", "list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("CASE-1"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Acknowledged (listed, so committed) right before the kill.
+    let acknowledged = log_size(&agent);
+    assert!(
+        acknowledged > 20,
+        "receipts are being written: {acknowledged}"
+    );
+    agent.kill9();
+
+    let agent = Agent::start(&config);
+    let after = log_size(&agent);
+    assert!(
+        after >= acknowledged,
+        "every acknowledged receipt survived: {after} < {acknowledged}"
+    );
+    let out = cli(
+        &agent,
+        &[
+            "receipts", "list", "--from", "0", "--limit", "1000", "--output", "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let kinds: Vec<&str> = v["receipts"]
+        .as_array()
+        .expect("receipts")
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    for kind in ["policy_switch", "cycle_summary", "hold_placed"] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+    // Stop it and verify the ledger offline: every receipt, node, checkpoint and signature.
+    let mut agent = agent;
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let _ = agent.child.wait();
+    let out = Command::new(BIN)
+        .args(["receipts", "verify", "--db"])
+        .arg(&db)
+        .output()
+        .expect("verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("verified"),
+        "{stdout}"
     );
 }

@@ -13,6 +13,7 @@ use crate::{
     control::{ControlError, Controller},
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
     identity::{Identity, IdentityError, IdentitySettings},
+    receipts::{NewReceipt, ReceiptKind, ReceiptSettings, Receipts, ReceiptsError},
     telemetry::{AdminServer, DatapathCollector, Readiness},
 };
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -44,6 +45,9 @@ pub enum AgentError {
     /// The gRPC API could not start.
     #[error(transparent)]
     Api(#[from] api::ServeError),
+    /// The receipts ledger could not start (its database or a local signer problem).
+    #[error(transparent)]
+    Receipts(#[from] ReceiptsError),
     /// The workload identity could not start (a local cause, such as unreadable files).
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -138,6 +142,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // SLO admission: the beat engine runs when [slo] is configured.
     let (stop_beat, beat_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut summaries = None;
     let beat_task = match BeatSettings::from_config(&config) {
         Some(settings) => {
             let engine = BeatEngine::new(
@@ -148,6 +153,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 &registry,
             )?
             .with_policy_status(controller.status_handle());
+            summaries = Some(engine.summaries());
             controller.attach_ladder(engine.ladder_handle());
             controller.attach_heat(engine.heat_view());
             if let Err(e) = registry.register(Box::new(engine.heat_view())) {
@@ -172,12 +178,50 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         warn!("{w}");
     }
 
+    // The receipts ledger runs when [kms] names a signing key.
+    let receipts = match ReceiptSettings::from_config(&config) {
+        Some(settings) => {
+            let path = settings.path.clone();
+            let signer = settings
+                .signer
+                .connect()
+                .await
+                .map_err(ReceiptsError::from)?;
+            let receipts = Receipts::start(
+                settings,
+                signer,
+                &registry,
+                Some(controller.event_sender().subscribe()),
+                summaries,
+            )
+            .await?;
+            readiness.register("receipts signing", receipts.readiness_check());
+            let live = controller.live().await;
+            receipts
+                .append(NewReceipt {
+                    kind: ReceiptKind::PolicySwitch,
+                    cycle: 0,
+                    policy_generation: live.number,
+                    payload: serde_json::to_vec(&serde_json::json!({
+                        "generation": live.number, "digest": live.digest, "cause": "startup",
+                    }))
+                    .unwrap_or_default(),
+                })
+                .await
+                .map_err(AgentError::Internal)?;
+            info!(path = %path.display(), "receipts ledger on");
+            Some(receipts)
+        }
+        None => None,
+    };
+
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = api::serve(
         api_listener,
         config.agent.max_request_bytes,
         controller.clone(),
         identity.clone(),
+        receipts.clone(),
         async {
             let _ = api_stopped.await;
         },
@@ -211,6 +255,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 }
             }
         }
+    }
+    if let Some(r) = &receipts {
+        // A last checkpoint over everything written; its signature may come with the next run.
+        r.pulse(0).await;
     }
     let _ = stop_api.send(());
     let _ = stop_beat.send(());

@@ -437,3 +437,131 @@ pub async fn slo(target: &Target) -> Result<Report, ClientError> {
         json: json!({"classes": classes}),
     })
 }
+
+use crate::api::receipts::pb as rpb;
+
+fn hold_json(h: &rpb::Hold) -> serde_json::Value {
+    json!({"id": h.id, "case_id": h.case_id, "reason": h.reason, "from_seq": h.from_seq, "to_seq": h.to_seq,
+        "from_time_unix_nanos": h.from_time_unix_nanos, "to_time_unix_nanos": h.to_time_unix_nanos,
+        "kind": h.kind, "region": h.region, "placed_unix_nanos": h.placed_unix_nanos,
+        "released_unix_nanos": h.released_unix_nanos})
+}
+
+/// `hold place`.
+pub async fn hold_place(target: &Target, hold: rpb::Hold) -> Result<Report, ClientError> {
+    let mut c = rpb::hold_service_client::HoldServiceClient::new(channel(target).await?);
+    let id = c
+        .place_hold(rpb::PlaceHoldRequest { hold: Some(hold) })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner()
+        .id;
+    Ok(Report {
+        human: format!("hold {id} placed (receipted); covered receipts are kept past retention\n"),
+        json: json!({"id": id}),
+    })
+}
+
+/// `hold release`.
+pub async fn hold_release(target: &Target, id: u64, reason: &str) -> Result<Report, ClientError> {
+    let mut c = rpb::hold_service_client::HoldServiceClient::new(channel(target).await?);
+    let hold = c
+        .release_hold(rpb::ReleaseHoldRequest {
+            id,
+            reason: reason.to_owned(),
+        })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner()
+        .hold
+        .unwrap_or_default();
+    Ok(Report {
+        human: format!("hold {id} released (receipted)\n"),
+        json: hold_json(&hold),
+    })
+}
+
+/// `hold list`.
+pub async fn hold_list(target: &Target) -> Result<Report, ClientError> {
+    let mut c = rpb::hold_service_client::HoldServiceClient::new(channel(target).await?);
+    let holds = c
+        .list_holds(rpb::ListHoldsRequest {})
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner()
+        .holds;
+    let mut human =
+        String::from("id   case            state      limits                          reason\n");
+    for h in &holds {
+        let mut limits = Vec::new();
+        if let (Some(a), Some(b)) = (h.from_seq, h.to_seq) {
+            limits.push(format!("seq {a}..{b}"));
+        }
+        if let (Some(a), Some(b)) = (h.from_time_unix_nanos, h.to_time_unix_nanos) {
+            limits.push(format!(
+                "time {}..{} s",
+                a / 1_000_000_000,
+                b / 1_000_000_000
+            ));
+        }
+        if !h.kind.is_empty() {
+            limits.push(format!("kind {}", h.kind));
+        }
+        if !h.region.is_empty() {
+            limits.push(format!("region {}", h.region));
+        }
+        let _ = writeln!(
+            human,
+            "{:<4} {:<15} {:<10} {:<31} {}",
+            h.id,
+            h.case_id,
+            if h.released_unix_nanos.is_some() {
+                "released"
+            } else {
+                "active"
+            },
+            limits.join(", "),
+            h.reason
+        );
+    }
+    Ok(Report {
+        human,
+        json: json!({"holds": holds.iter().map(hold_json).collect::<Vec<_>>()}),
+    })
+}
+
+/// `receipts list`.
+pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Report, ClientError> {
+    let mut c = rpb::receipt_service_client::ReceiptServiceClient::new(channel(target).await?);
+    let r = c
+        .list_receipts(rpb::ListReceiptsRequest {
+            from_seq: from,
+            limit,
+        })
+        .await
+        .map_err(ClientError::Rpc)?
+        .into_inner();
+    let mut human = format!(
+        "{} receipts in the ledger\nseq      kind            cycle     generation  payload\n",
+        r.log_size
+    );
+    let mut items = Vec::new();
+    for x in &r.receipts {
+        let payload = if x.payload_compacted {
+            "(compacted)".to_string()
+        } else {
+            String::from_utf8_lossy(&x.payload).into_owned()
+        };
+        let _ = writeln!(
+            human,
+            "{:<8} {:<15} {:<9} {:<11} {}",
+            x.seq, x.kind, x.cycle, x.policy_generation, payload
+        );
+        items.push(json!({"seq": x.seq, "kind": x.kind, "cycle": x.cycle, "time_unix_nanos": x.time_unix_nanos,
+            "policy_generation": x.policy_generation, "payload": payload, "key_id": x.key_id, "key_version": x.key_version}));
+    }
+    Ok(Report {
+        human,
+        json: json!({"log_size": r.log_size, "receipts": items}),
+    })
+}

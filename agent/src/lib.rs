@@ -24,4 +24,6 @@ pub mod control;
 pub mod datapath;
 pub mod identity;
 pub mod policy;
+pub mod receipts;
+pub mod resilience;
 pub mod telemetry;

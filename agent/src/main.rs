@@ -65,6 +65,12 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Work with a receipts ledger.
+    #[command(subcommand)]
+    Receipts(ReceiptsCommand),
+    /// Legal holds on receipts of a running agent (over gRPC).
+    #[command(subcommand)]
+    Hold(HoldCommand),
     /// Read or change the live policy of a running agent (over gRPC).
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -212,6 +218,89 @@ enum PolicyCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum HoldCommand {
+    /// Place a legal hold: receipts it covers are never compacted. Give at least one limit.
+    #[command(
+        after_help = "Examples:\n  knhk-agent hold place --case-id CASE-7 --reason litigation --from-seq 1000 --to-seq 2000\n  knhk-agent hold place --case-id AUDIT-2026 --reason 'annual audit' --kind policy_switch"
+    )]
+    Place {
+        /// Case identifier.
+        #[arg(long)]
+        case_id: String,
+        /// Why the receipts must be kept.
+        #[arg(long)]
+        reason: String,
+        /// First receipt held.
+        #[arg(long, requires = "to_seq")]
+        from_seq: Option<u64>,
+        /// First receipt after the held range.
+        #[arg(long, requires = "from_seq")]
+        to_seq: Option<u64>,
+        /// Hold receipts written from this time (seconds since the epoch).
+        #[arg(long, requires = "to_unix")]
+        from_unix: Option<i64>,
+        /// ... until this time (exclusive).
+        #[arg(long, requires = "from_unix")]
+        to_unix: Option<i64>,
+        /// Only receipts of this kind (policy_switch, class_state, cycle_summary, key_rotation, hold_placed, hold_released).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only receipts of this region.
+        #[arg(long)]
+        region: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Release a hold (its receipts become subject to retention again).
+    #[command(after_help = "Example:\n  knhk-agent hold release 3 --reason 'case closed'")]
+    Release {
+        /// Hold id.
+        id: u64,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List holds, active and released.
+    #[command(after_help = "Example:\n  knhk-agent hold list --output json")]
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReceiptsCommand {
+    /// List receipts of a running agent, from a sequence number.
+    #[command(after_help = "Example:\n  knhk-agent receipts list --from 0 --limit 20")]
+    List {
+        /// First sequence number.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// How many (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Verify a ledger offline with only its public keys: every receipt against its payload
+    /// hash, every tree node, every checkpoint's root and signature, the key-transition chain.
+    /// Exit 0 when it verifies, 1 with the first bad entry named otherwise.
+    #[command(
+        after_help = "Example:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb"
+    )]
+    Verify {
+        /// The ledger database (stop the agent first, or copy the file).
+        #[arg(long)]
+        db: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Human,
@@ -251,7 +340,8 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(
                     e @ (agent::AgentError::Api(knhk_agent::api::ServeError::NotLoopback(_))
-                    | agent::AgentError::Identity(_)),
+                    | agent::AgentError::Identity(_)
+                    | agent::AgentError::Receipts(_)),
                 ) => {
                     eprintln!("error: {e}");
                     ExitCode::from(EXIT_CONFIG)
@@ -279,6 +369,12 @@ fn main() -> ExitCode {
                     .is_some_and(|s| s.enabled == Some(true))
                 {
                     active.push("spiffe");
+                }
+                if config.kms.is_some() {
+                    active.push("kms");
+                    if config.receipts.is_some() {
+                        active.push("receipts");
+                    }
                 }
                 match output {
                     Output::Json => {
@@ -350,6 +446,95 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Receipts(ReceiptsCommand::Verify { db, output }) => {
+            let database = match redb::Database::open(&db) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot open {}: {e} (is the agent still running on it?)",
+                        db.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match knhk_agent::receipts::verify(&database) {
+                Ok(report) => {
+                    match output {
+                        Output::Json => println!("{}", serde_json::json!(report)),
+                        Output::Human => {
+                            println!(
+                                "{}: {} receipts ({} payloads compacted), {} checkpoints ({} not yet signed), {} keys",
+                                db.display(),
+                                report.receipts,
+                                report.compacted_payloads,
+                                report.checkpoints,
+                                report.unsigned_checkpoints,
+                                report.keys
+                            );
+                            if report.ok() {
+                                println!("verified");
+                            }
+                            for p in &report.problems {
+                                println!("FAILED: {p}");
+                            }
+                        }
+                    }
+                    if report.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Receipts(ReceiptsCommand::List {
+            from,
+            limit,
+            client: c,
+        }) => client_command(&c, move |t| async move {
+            client::receipts_list(&t, from, limit).await
+        }),
+        Command::Hold(HoldCommand::Place {
+            case_id,
+            reason,
+            from_seq,
+            to_seq,
+            from_unix,
+            to_unix,
+            kind,
+            region,
+            client: c,
+        }) => {
+            let hold = knhk_agent::api::receipts::pb::Hold {
+                case_id,
+                reason,
+                from_seq,
+                to_seq,
+                from_time_unix_nanos: from_unix.map(|s| s.saturating_mul(1_000_000_000)),
+                to_time_unix_nanos: to_unix.map(|s| s.saturating_mul(1_000_000_000)),
+                kind: kind.unwrap_or_default(),
+                region: region.unwrap_or_default(),
+                ..Default::default()
+            };
+            client_command(
+                &c,
+                move |t| async move { client::hold_place(&t, hold).await },
+            )
+        }
+        Command::Hold(HoldCommand::Release {
+            id,
+            reason,
+            client: c,
+        }) => client_command(&c, move |t| async move {
+            client::hold_release(&t, id, &reason).await
+        }),
+        Command::Hold(HoldCommand::List { client: c }) => {
+            client_command(&c, move |t| async move { client::hold_list(&t).await })
         }
         Command::DefaultConfig => {
             print!("{}", knhk_agent::config::EMBEDDED_DEFAULT);

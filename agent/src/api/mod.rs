@@ -6,6 +6,7 @@
 
 pub mod authz;
 pub mod convert;
+pub mod receipts;
 
 /// Generated protobuf types, clients and servers of `proto/knhk/agent/v1`.
 #[allow(missing_docs, clippy::all)]
@@ -365,6 +366,7 @@ pub async fn serve(
     max_request_bytes: usize,
     controller: Arc<Controller>,
     identity: Option<Arc<crate::identity::Identity>>,
+    ledger: Option<Arc<crate::receipts::Receipts>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ApiServer, ServeError> {
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
@@ -394,7 +396,14 @@ pub async fn serve(
         .add_service(
             AgentServiceServer::new(AgentApi(controller))
                 .max_decoding_message_size(max_request_bytes),
-        );
+        )
+        .add_optional_service(ledger.clone().map(|r| {
+            receipts::pb::receipt_service_server::ReceiptServiceServer::new(receipts::ReceiptApi(r))
+        }))
+        .add_optional_service(ledger.map(|r| {
+            receipts::pb::hold_service_server::HoldServiceServer::new(receipts::HoldApi(r))
+                .max_decoding_message_size(max_request_bytes)
+        }));
     let Some(identity) = identity else {
         // No Nagle: small responses must not wait for a delayed ACK (40 ms on Linux).
         let incoming =

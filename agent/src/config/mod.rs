@@ -14,8 +14,8 @@ mod schema;
 pub use schema::{
     Action, AdmissionStrategy, AgentSection, AuthorizedIds, CgroupPath, Cidr, Class, Config,
     DefaultAction, IdentitySource, KmsSection, LatencySource, Mode, MultiRegionSection,
-    PolicySection, PortRange, PromotionSection, Protocol, RuleName, RuleSpec, SloSection,
-    SpiffeSection,
+    PolicySection, PortRange, PromotionSection, Protocol, ReceiptsSection, RuleName, RuleSpec,
+    SloSection, SpiffeSection,
 };
 
 use std::path::{Path, PathBuf};
@@ -168,12 +168,13 @@ impl Config {
 }
 
 /// Top-level sections that environment overrides may address.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "agent",
     "policy",
     "slo",
     "spiffe",
     "kms",
+    "receipts",
     "multi_region",
     "promotion",
 ];

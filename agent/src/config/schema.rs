@@ -18,8 +18,10 @@ pub struct Config {
     pub slo: Option<SloSection>,
     /// `[spiffe]`: workload identity and mTLS for the gRPC API.
     pub spiffe: Option<SpiffeSection>,
-    /// `[kms]`: accepted; receipt signing is not part of this version.
+    /// `[kms]`: the key that signs receipt checkpoints; with it the receipts ledger runs.
     pub kms: Option<KmsSection>,
+    /// `[receipts]`: where and how long receipts are kept.
+    pub receipts: Option<ReceiptsSection>,
     /// `[multi_region]`: accepted; region sync is not part of this version.
     pub multi_region: Option<MultiRegionSection>,
     /// `[promotion]`: accepted; promotion gates are not part of this version.
@@ -41,8 +43,8 @@ impl Config {
                 "enabled is not true: the gRPC API is plaintext, loopback only",
             ));
         }
-        if self.kms.is_some() {
-            out.push(("kms", "the signed receipts ledger is not in this version"));
+        if self.receipts.is_some() && self.kms.is_none() {
+            out.push(("receipts", "the ledger needs [kms] (a signing key)"));
         }
         if self.multi_region.is_some() {
             out.push(("multi_region", "region sync is not in this version"));
@@ -128,6 +130,7 @@ agent_table!(
         slo: Option<Spanned<SloSection>>,
         spiffe: Option<Spanned<SpiffeSection>>,
         kms: Option<Spanned<KmsSection>>,
+        receipts: Option<Spanned<ReceiptsSection>>,
         multi_region: Option<Spanned<MultiRegionSection>>,
         promotion: Option<Spanned<PromotionSection>>,
     }
@@ -703,7 +706,8 @@ pub struct AuthorizedIds {
     pub hold_writers: Option<Vec<String>>,
 }
 
-/// `[kms]` (the plan's `[sidecar.kms]`). Parsed and checked; not acted on in this version.
+/// `[kms]` (the plan's `[sidecar.kms]`): the key that signs receipt checkpoints. See
+/// `docs/receipts.md`; checked by [`crate::receipts::SignerSettings::from_section`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmsSection {
@@ -711,10 +715,37 @@ pub struct KmsSection {
     pub provider: Option<String>,
     /// AWS region.
     pub region: Option<String>,
-    /// Key ARN, id or alias.
+    /// AWS: key ARN, id or alias (an alias for rotation).
     pub key_id: Option<String>,
-    /// Signing key rotation interval, at most 24 hours.
+    /// AWS: a KMS-compatible endpoint instead of AWS's.
+    pub endpoint_url: Option<String>,
+    /// Signing key rotation interval, at most 24 hours (default 24).
     pub rotation_interval_hours: Option<u32>,
+    /// Vault/OpenBao address, e.g. `https://vault:8200`.
+    pub addr: Option<String>,
+    /// Vault transit mount (default `transit`).
+    pub mount_path: Option<String>,
+    /// Vault transit key name (an `ecdsa-p256` key).
+    pub key_name: Option<String>,
+    /// Vault token file (default: `$VAULT_TOKEN`).
+    pub token_file: Option<PathBuf>,
+    /// `file`: directory of local keys (development only).
+    pub key_dir: Option<PathBuf>,
+}
+
+/// `[receipts]`: the ledger's storage and retention.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsSection {
+    /// The database file (default `/var/lib/knhk/receipts.redb`).
+    pub path: Option<PathBuf>,
+    /// This node's name in receipts (default: the host name).
+    pub node: Option<String>,
+    /// Days to keep each kind's payloads (`policy_switch = 365`); kinds not named are kept forever.
+    pub retention_days: Option<std::collections::BTreeMap<String, u32>>,
+    /// Unsigned checkpoints kept while the KMS is unreachable (default 1024; older ones are
+    /// dropped, newer ones cover their receipts).
+    pub max_pending_checkpoints: Option<usize>,
 }
 
 /// `[multi_region]` (the plan's `[sidecar.multi_region]`). Parsed; not acted on in this version.
@@ -753,6 +784,7 @@ pub(super) struct RawConfig {
     slo: Option<Spanned<SloSection>>,
     spiffe: Option<Spanned<SpiffeSection>>,
     kms: Option<Spanned<KmsSection>>,
+    receipts: Option<Spanned<ReceiptsSection>>,
     multi_region: Option<Spanned<MultiRegionSection>>,
     promotion: Option<Spanned<PromotionSection>>,
 }
@@ -805,6 +837,7 @@ impl RawConfig {
         let slo = one_of(self.slo, nested.slo, "slo", table_name, &err)?;
         let spiffe = one_of(self.spiffe, nested.spiffe, "spiffe", table_name, &err)?;
         let kms = one_of(self.kms, nested.kms, "kms", table_name, &err)?;
+        let receipts = one_of(self.receipts, nested.receipts, "receipts", table_name, &err)?;
         let multi_region = one_of(
             self.multi_region,
             nested.multi_region,
@@ -823,17 +856,13 @@ impl RawConfig {
         check_agent(&agent)
             .map_err(|(key, message)| err(agent_pos, format!("{table_name}.{key}"), message))?;
         if let Some(kms) = &kms {
-            if let Some(h) = kms.get_ref().rotation_interval_hours {
-                if h == 0 || h > 24 {
-                    return Err(err(
-                        kms.span().start,
-                        "kms.rotation_interval_hours".into(),
-                        format!(
-                            "{h} is out of range: keys must rotate at least every 24 hours (1-24)"
-                        ),
-                    ));
-                }
-            }
+            crate::receipts::SignerSettings::from_section(kms.get_ref())
+                .map_err(|(key, message)| err(kms.span().start, format!("kms.{key}"), message))?;
+        }
+        if let Some(r) = &receipts {
+            crate::receipts::ReceiptSettings::check_section(r.get_ref()).map_err(
+                |(key, message)| err(r.span().start, format!("receipts.{key}"), message),
+            )?;
         }
         if let Some(spiffe) = &spiffe {
             crate::identity::IdentitySettings::from_section(spiffe.get_ref()).map_err(
@@ -910,6 +939,7 @@ impl RawConfig {
             slo: slo.map(Spanned::into_inner),
             spiffe: spiffe.map(Spanned::into_inner),
             kms: kms.map(Spanned::into_inner),
+            receipts: receipts.map(Spanned::into_inner),
             multi_region: multi_region.map(Spanned::into_inner),
             promotion: promotion.map(Spanned::into_inner),
         })
@@ -922,6 +952,7 @@ struct Nested {
     slo: Option<Spanned<SloSection>>,
     spiffe: Option<Spanned<SpiffeSection>>,
     kms: Option<Spanned<KmsSection>>,
+    receipts: Option<Spanned<ReceiptsSection>>,
     multi_region: Option<Spanned<MultiRegionSection>>,
     promotion: Option<Spanned<PromotionSection>>,
 }
@@ -950,6 +981,7 @@ impl RawAgentTable {
             slo: self.slo,
             spiffe: self.spiffe,
             kms: self.kms,
+            receipts: self.receipts,
             multi_region: self.multi_region,
             promotion: self.promotion,
         };

@@ -24,8 +24,8 @@ fn the_plans_example_loads_unchanged() {
     assert_eq!(c.slo.as_ref().and_then(|s| s.r1_p99_max_ns), Some(2));
     assert_eq!(
         c.inactive_sections().len(),
-        3,
-        "[slo] (the beat engine) and [spiffe] (mTLS) are active"
+        2,
+        "[slo] (the beat engine), [spiffe] (mTLS) and [kms] (receipts) are active"
     );
     let identity = crate::identity::IdentitySettings::from_section(
         c.spiffe.as_ref().expect("[sidecar.spiffe]"),
@@ -215,8 +215,28 @@ fn bad_input_is_refused_with_file_line_and_reason() {
         ),
         (
             "rotation above 24h",
-            "[kms]\nrotation_interval_hours = 48\n".into(),
-            &["kms.rotation_interval_hours", "48 is out of range"],
+            "[kms]\nprovider = \"file\"\nkey_dir = \"/k\"\nrotation_interval_hours = 25\n".into(),
+            &["kms.rotation_interval_hours", "25 is out of range"],
+        ),
+        (
+            "unknown kms provider",
+            "[kms]\nprovider = \"gcp\"\n".into(),
+            &["kms.provider", "unknown provider \"gcp\""],
+        ),
+        (
+            "malformed key ARN",
+            "[kms]\nprovider = \"aws\"\nregion = \"us-east-1\"\nkey_id = \"arn:aws:kms:us-east-1:123:key/abc\"\n".into(),
+            &["kms.key_id", "is not a KMS key ARN"],
+        ),
+        (
+            "vault without a key name",
+            "[kms]\nprovider = \"vault\"\naddr = \"http://127.0.0.1:8200\"\n".into(),
+            &["kms.key_name", "is required with provider = \"vault\""],
+        ),
+        (
+            "unknown retention kind",
+            "[receipts]\nretention_days = { policy_swich = 30 }\n".into(),
+            &["receipts.retention_days.policy_swich", "unknown receipt kind"],
         ),
         (
             "zero window",

@@ -1,0 +1,303 @@
+//! `knhk.receipts.v1`: `ReceiptService` (read the ledger, get proofs) and `HoldService` (legal
+//! holds), thin over [`crate::receipts::Receipts`].
+
+/// Generated types, clients and servers of `proto/knhk/receipts/v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("knhk.receipts.v1");
+}
+
+use crate::receipts::{CheckpointBody, Hold, LedgerError, ReceiptKind, Receipts, StoredReceipt};
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use pb::{hold_service_server::HoldService, receipt_service_server::ReceiptService};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+fn status(e: LedgerError) -> Status {
+    match e {
+        LedgerError::NotFound(m) => Status::not_found(m),
+        LedgerError::Corrupt(m) => Status::data_loss(m),
+        LedgerError::Db(m) => Status::unavailable(m),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)
+}
+
+fn receipt_pb((r, payload): StoredReceipt) -> pb::Receipt {
+    pb::Receipt {
+        seq: r.seq,
+        cycle: r.cycle,
+        kind: r.kind.as_str().into(),
+        time_unix_nanos: r.time_ns,
+        policy_generation: r.policy_generation,
+        payload_sha256: r.payload_hash.to_vec(),
+        payload_compacted: payload.is_none(),
+        payload: payload.unwrap_or_default(),
+        node: r.node.clone(),
+        region: r.region.clone(),
+        key_id: r.key_id.clone(),
+        key_version: r.key_version,
+        encoding: r.encode(),
+    }
+}
+
+/// The receipt reader.
+#[derive(Debug, Clone)]
+pub struct ReceiptApi(pub Arc<Receipts>);
+
+#[tonic::async_trait]
+impl ReceiptService for ReceiptApi {
+    async fn get_receipt(
+        &self,
+        request: Request<pb::GetReceiptRequest>,
+    ) -> Result<Response<pb::GetReceiptResponse>, Status> {
+        let seq = request.into_inner().seq;
+        let ledger = self.0.ledger().clone();
+        let r = blocking(move || ledger.receipt(seq)).await?;
+        Ok(Response::new(pb::GetReceiptResponse {
+            receipt: Some(receipt_pb(r)),
+        }))
+    }
+
+    async fn list_receipts(
+        &self,
+        request: Request<pb::ListReceiptsRequest>,
+    ) -> Result<Response<pb::ListReceiptsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n if n > 1000 => {
+                return Err(Status::out_of_range(format!(
+                    "limit: {n} is more than 1000 receipts per call"
+                )))
+            }
+            n => n as usize,
+        };
+        let ledger = self.0.ledger().clone();
+        let (receipts, size) = blocking(move || {
+            let size = ledger.size()?;
+            Ok((ledger.receipts(req.from_seq, limit)?, size))
+        })
+        .await?;
+        Ok(Response::new(pb::ListReceiptsResponse {
+            receipts: receipts.into_iter().map(receipt_pb).collect(),
+            log_size: size,
+        }))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        let wanted = request.into_inner().number;
+        let ledger = self.0.ledger().clone();
+        let all = blocking(move || ledger.checkpoints()).await?;
+        let found = match wanted {
+            Some(n) => all.into_iter().find(|(k, _)| *k == n),
+            None => all.into_iter().rev().find(|(_, c)| c.signature.is_some()),
+        };
+        let (number, stored) = found.ok_or_else(|| match wanted {
+            Some(n) => Status::not_found(format!("no checkpoint {n}")),
+            None => Status::not_found("no signed checkpoint yet"),
+        })?;
+        let body = CheckpointBody::decode(&stored.body)
+            .map_err(|e| Status::data_loss(format!("checkpoint {number}: {e}")))?;
+        Ok(Response::new(pb::GetCheckpointResponse {
+            checkpoint: Some(pb::Checkpoint {
+                number,
+                signature: stored
+                    .signature
+                    .as_deref()
+                    .and_then(|s| B64.decode(s).ok())
+                    .unwrap_or_default(),
+                body: stored.body,
+                tree_size: body.size,
+                root_hash: body.root.to_vec(),
+                key_id: body.key.id,
+                key_version: body.key.version,
+            }),
+        }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::GetInclusionProofResponse>, Status> {
+        let req = request.into_inner();
+        let ledger = self.0.ledger().clone();
+        let (path, leaf) = blocking(move || {
+            let path = ledger.inclusion_proof(req.seq, req.tree_size)?;
+            let (r, _) = ledger.receipt(req.seq)?;
+            Ok((path, crate::receipts::format::leaf_hash(&r.encode())))
+        })
+        .await?;
+        Ok(Response::new(pb::GetInclusionProofResponse {
+            path: path.iter().map(|h| h.to_vec()).collect(),
+            leaf_hash: leaf.to_vec(),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<pb::GetConsistencyProofRequest>,
+    ) -> Result<Response<pb::GetConsistencyProofResponse>, Status> {
+        let req = request.into_inner();
+        let ledger = self.0.ledger().clone();
+        let path = blocking(move || ledger.consistency_proof(req.old_size, req.new_size)).await?;
+        Ok(Response::new(pb::GetConsistencyProofResponse {
+            path: path.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+}
+
+/// Legal holds.
+#[derive(Debug, Clone)]
+pub struct HoldApi(pub Arc<Receipts>);
+
+fn hold_pb(h: Hold) -> pb::Hold {
+    pb::Hold {
+        id: h.id,
+        case_id: h.case_id,
+        reason: h.reason,
+        from_seq: h.seq_range.map(|r| r.0),
+        to_seq: h.seq_range.map(|r| r.1),
+        from_time_unix_nanos: h.time_range.map(|r| r.0),
+        to_time_unix_nanos: h.time_range.map(|r| r.1),
+        kind: h.kind.unwrap_or_default(),
+        region: h.region.unwrap_or_default(),
+        placed_unix_nanos: h.placed_ns,
+        released_unix_nanos: h.released_ns,
+    }
+}
+
+/// A hold request as a [`Hold`], or every problem with it as `field: what is wrong`.
+#[allow(clippy::result_large_err)]
+pub fn hold_from_pb(h: pb::Hold) -> Result<Hold, Status> {
+    let mut problems = Vec::new();
+    if h.case_id.trim().is_empty() {
+        problems.push("hold.case_id: is required".to_string());
+    }
+    if h.reason.trim().is_empty() {
+        problems.push("hold.reason: is required (why the receipts must be kept)".to_string());
+    }
+    let range =
+        |from: Option<i128>, to: Option<i128>, what: &str, problems: &mut Vec<String>| match (
+            from, to,
+        ) {
+            (None, None) => None,
+            (Some(a), Some(b)) if a < b => Some((a, b)),
+            (Some(_), Some(_)) => {
+                problems.push(format!("hold.from_{what}: must be below to_{what}"));
+                None
+            }
+            _ => {
+                problems.push(format!(
+                    "hold.from_{what} and hold.to_{what}: give both or neither"
+                ));
+                None
+            }
+        };
+    let seq = range(
+        h.from_seq.map(i128::from),
+        h.to_seq.map(i128::from),
+        "seq",
+        &mut problems,
+    );
+    let time = range(
+        h.from_time_unix_nanos.map(i128::from),
+        h.to_time_unix_nanos.map(i128::from),
+        "time_unix_nanos",
+        &mut problems,
+    );
+    if !h.kind.is_empty() && ReceiptKind::parse(&h.kind).is_none() {
+        let names: Vec<&str> = ReceiptKind::ALL.iter().map(|k| k.as_str()).collect();
+        problems.push(format!(
+            "hold.kind: {:?} is not a receipt kind ({})",
+            h.kind,
+            names.join(", ")
+        ));
+    }
+    if seq.is_none()
+        && time.is_none()
+        && h.kind.is_empty()
+        && h.region.is_empty()
+        && problems.is_empty()
+    {
+        problems
+            .push("hold: give at least one limit (seq range, time range, kind or region)".into());
+    }
+    if !problems.is_empty() {
+        return Err(Status::invalid_argument(problems.join("; ")));
+    }
+    Ok(Hold {
+        id: 0,
+        case_id: h.case_id,
+        reason: h.reason,
+        seq_range: seq.map(|(a, b)| (a as u64, b as u64)),
+        time_range: time.map(|(a, b)| (a as i64, b as i64)),
+        kind: (!h.kind.is_empty()).then_some(h.kind),
+        region: (!h.region.is_empty()).then_some(h.region),
+        placed_ns: 0,
+        released_ns: None,
+    })
+}
+
+#[tonic::async_trait]
+impl HoldService for HoldApi {
+    async fn place_hold(
+        &self,
+        request: Request<pb::PlaceHoldRequest>,
+    ) -> Result<Response<pb::PlaceHoldResponse>, Status> {
+        let hold = request
+            .into_inner()
+            .hold
+            .ok_or_else(|| Status::invalid_argument("hold: is required"))?;
+        let hold = hold_from_pb(hold)?;
+        let id = self.0.place_hold(hold).await.map_err(Status::unavailable)?;
+        Ok(Response::new(pb::PlaceHoldResponse { id }))
+    }
+
+    async fn release_hold(
+        &self,
+        request: Request<pb::ReleaseHoldRequest>,
+    ) -> Result<Response<pb::ReleaseHoldResponse>, Status> {
+        let req = request.into_inner();
+        if req.reason.trim().is_empty() {
+            return Err(Status::invalid_argument("reason: is required"));
+        }
+        let hold = self
+            .0
+            .release_hold(req.id, &req.reason)
+            .await
+            .map_err(|e| {
+                if e.starts_with("no hold") {
+                    Status::not_found(e)
+                } else if e.contains("already released") {
+                    Status::failed_precondition(e)
+                } else {
+                    Status::unavailable(e)
+                }
+            })?;
+        Ok(Response::new(pb::ReleaseHoldResponse {
+            hold: Some(hold_pb(hold)),
+        }))
+    }
+
+    async fn list_holds(
+        &self,
+        _: Request<pb::ListHoldsRequest>,
+    ) -> Result<Response<pb::ListHoldsResponse>, Status> {
+        let ledger = self.0.ledger().clone();
+        let holds = blocking(move || ledger.holds()).await?;
+        Ok(Response::new(pb::ListHoldsResponse {
+            holds: holds.into_iter().map(hold_pb).collect(),
+        }))
+    }
+}

