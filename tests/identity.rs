@@ -628,3 +628,51 @@ fn kernel_identity_from_files_reloads_on_change_and_refuses_an_open_key() {
     });
     assert!(agent.logs().contains("migration only"), "file mode warns");
 }
+
+#[test]
+fn kernel_region_sync_accepts_only_region_peer_ids() {
+    if !kernel_available("kernel_region_sync_accepts_only_region_peer_ids") {
+        return;
+    }
+    let _serial = timing_shared();
+    let s = Setup::new("mtls-region");
+    let agent_spire = s.workload("agent", "/agent", &[]);
+    let peer = s.workload("peer", "/region/eu-west-1", &[]);
+    let ops = s.workload("ops", "/ops", &[]);
+    let agent = start_agent(
+        s.dir.path(),
+        &s.cg,
+        &s.pins,
+        &format!(
+            "spiffe_socket_path = \"{}\"\n[spiffe.authorized_ids]\npolicy_writers = [\"spiffe://{TD}/ops\"]\nregion_peers = [\"spiffe://{TD}/region/*\"]\n\
+             [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n\
+             [multi_region]\nregion = \"us-east-1\"\ncross_region_sync_enabled = true\nreceipt_sync_endpoints = []\n",
+            agent_spire.socket.display(),
+            s.dir.path().join("keys").display(),
+            s.dir.path().join("receipts.redb").display()
+        ),
+    );
+    wait_until("the agent is ready", Duration::from_secs(20), || {
+        ready(&agent).0
+    });
+    let addr = agent.grpc;
+    s.rt.block_on(async {
+        let state = |socket: PathBuf| async move {
+            let source = client_source(&socket).await;
+            let channel = tls::channel(addr, client_config(&source, &[TD])).expect("channel");
+            knhk_agent::sync::pb::region_sync_client::RegionSyncClient::new(channel)
+                .get_sync_state(knhk_agent::sync::pb::GetSyncStateRequest {
+                    origin_region: "eu-west-1".into(),
+                })
+                .await
+        };
+        state(peer.socket.clone())
+            .await
+            .expect("a region peer is served");
+        let e = state(ops.socket.clone())
+            .await
+            .expect_err("an operator is not a region peer");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("region_peers"), "{e:?}");
+    });
+}

@@ -87,7 +87,7 @@ fn main() {
         let controller = Controller::start(dp, &config).await.expect("controller");
         let listener = api::bind("127.0.0.1:0".parse().expect("addr"), false).await.expect("bind");
         let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = api::serve(listener, 64 << 20, controller.clone(), None, None, async {
+        let server = api::serve(listener, 64 << 20, controller.clone(), Default::default(), async {
             let _ = stopped.await;
         })
         .await

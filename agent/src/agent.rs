@@ -14,6 +14,7 @@ use crate::{
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
     identity::{Identity, IdentityError, IdentitySettings},
     receipts::{NewReceipt, ReceiptKind, ReceiptSettings, Receipts, ReceiptsError},
+    sync::{Replicator, SyncSettings},
     telemetry::{AdminServer, DatapathCollector, Readiness},
 };
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -215,13 +216,42 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         None => None,
     };
 
+    // Region sync replicates the ledger when [multi_region] enables it.
+    let sync = match (
+        config
+            .multi_region
+            .as_ref()
+            .and_then(|m| SyncSettings::from_section(m).ok().flatten()),
+        &receipts,
+    ) {
+        (Some(settings), Some(r)) => {
+            let peers_dir = ReceiptSettings::from_config(&config)
+                .and_then(|s| s.path.parent().map(|p| p.join("peers")))
+                .unwrap_or_else(|| PathBuf::from("/var/lib/knhk/peers"));
+            info!(region = %settings.region, peers = settings.peers.len(), quorum = settings.quorum, "region sync on");
+            let sync =
+                Replicator::start(settings, r.clone(), identity.clone(), peers_dir, &registry)
+                    .map_err(|e| AgentError::Internal(e.to_string()))?;
+            readiness.register("region quorum", sync.readiness_check());
+            Some(sync)
+        }
+        (Some(_), None) => {
+            warn!("[multi_region] enables sync but there is no receipts ledger ([kms]): nothing to replicate");
+            None
+        }
+        _ => None,
+    };
+
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = api::serve(
         api_listener,
         config.agent.max_request_bytes,
         controller.clone(),
-        identity.clone(),
-        receipts.clone(),
+        api::Extensions {
+            identity: identity.clone(),
+            receipts: receipts.clone(),
+            sync: sync.as_ref().map(|s| s.server()),
+        },
         async {
             let _ = api_stopped.await;
         },

@@ -26,4 +26,5 @@ pub mod identity;
 pub mod policy;
 pub mod receipts;
 pub mod resilience;
+pub mod sync;
 pub mod telemetry;

@@ -375,6 +375,13 @@ fn main() -> ExitCode {
                     if config.receipts.is_some() {
                         active.push("receipts");
                     }
+                    if config
+                        .multi_region
+                        .as_ref()
+                        .is_some_and(|m| m.cross_region_sync_enabled == Some(true))
+                    {
+                        active.push("multi_region");
+                    }
                 }
                 match output {
                     Output::Json => {

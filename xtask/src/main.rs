@@ -130,6 +130,9 @@ fn main() -> Result<()> {
             ))?;
             run(&mut Command::new(
                 root.join("target/release/examples/bench_receipts"),
+            ))?;
+            run(&mut Command::new(
+                root.join("target/release/examples/bench_sync"),
             ))
         }
     }

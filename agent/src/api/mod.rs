@@ -347,6 +347,17 @@ pub struct ApiServer {
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+/// What the API serves beyond policy and status, when configured.
+#[derive(Debug, Default)]
+pub struct Extensions {
+    /// mTLS with SPIFFE-ID authorization (else plaintext, loopback only).
+    pub identity: Option<Arc<crate::identity::Identity>>,
+    /// `ReceiptService` and `HoldService`.
+    pub receipts: Option<Arc<crate::receipts::Receipts>>,
+    /// `RegionSync` (the witness side of region sync).
+    pub sync: Option<Arc<crate::sync::SyncServer>>,
+}
+
 /// Binds the API address: any address with mTLS, loopback only without. Done before anything
 /// touches the kernel, so a bad address changes nothing.
 pub async fn bind(addr: SocketAddr, mtls: bool) -> Result<tokio::net::TcpListener, ServeError> {
@@ -365,10 +376,14 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     max_request_bytes: usize,
     controller: Arc<Controller>,
-    identity: Option<Arc<crate::identity::Identity>>,
-    ledger: Option<Arc<crate::receipts::Receipts>>,
+    extensions: Extensions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<ApiServer, ServeError> {
+    let Extensions {
+        identity,
+        receipts: ledger,
+        sync,
+    } = extensions;
     let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -403,6 +418,10 @@ pub async fn serve(
         .add_optional_service(ledger.map(|r| {
             receipts::pb::hold_service_server::HoldServiceServer::new(receipts::HoldApi(r))
                 .max_decoding_message_size(max_request_bytes)
+        }))
+        .add_optional_service(sync.map(|s| {
+            crate::sync::pb::region_sync_server::RegionSyncServer::from_arc(s)
+                .max_decoding_message_size(max_request_bytes.max(64 << 20))
         }));
     let Some(identity) = identity else {
         // No Nagle: small responses must not wait for a delayed ACK (40 ms on Linux).

@@ -301,3 +301,50 @@ impl HoldService for HoldApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_holds_name_every_problem() {
+        let e = hold_from_pb(pb::Hold::default()).expect_err("empty");
+        assert!(e.message().contains("hold.case_id: is required"), "{e:?}");
+        assert!(e.message().contains("hold.reason: is required"), "{e:?}");
+        let base = pb::Hold {
+            case_id: "C".into(),
+            reason: "r".into(),
+            ..Default::default()
+        };
+        let e = hold_from_pb(base.clone()).expect_err("no limit");
+        assert!(e.message().contains("at least one limit"), "{e:?}");
+        let e = hold_from_pb(pb::Hold {
+            from_seq: Some(5),
+            to_seq: Some(5),
+            kind: "policy".into(),
+            ..base.clone()
+        })
+        .expect_err("bad range and kind");
+        assert!(
+            e.message().contains("hold.from_seq: must be below to_seq"),
+            "{e:?}"
+        );
+        assert!(
+            e.message()
+                .contains("hold.kind: \"policy\" is not a receipt kind"),
+            "{e:?}"
+        );
+        let e = hold_from_pb(pb::Hold {
+            from_time_unix_nanos: Some(1),
+            ..base.clone()
+        })
+        .expect_err("half a range");
+        assert!(e.message().contains("give both or neither"), "{e:?}");
+        let ok = hold_from_pb(pb::Hold {
+            region: "eu".into(),
+            ..base
+        })
+        .expect("region only");
+        assert_eq!(ok.region.as_deref(), Some("eu"));
+    }
+}

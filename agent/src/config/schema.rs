@@ -22,7 +22,7 @@ pub struct Config {
     pub kms: Option<KmsSection>,
     /// `[receipts]`: where and how long receipts are kept.
     pub receipts: Option<ReceiptsSection>,
-    /// `[multi_region]`: accepted; region sync is not part of this version.
+    /// `[multi_region]`: cross-region receipt sync.
     pub multi_region: Option<MultiRegionSection>,
     /// `[promotion]`: accepted; promotion gates are not part of this version.
     pub promotion: Option<PromotionSection>,
@@ -46,8 +46,17 @@ impl Config {
         if self.receipts.is_some() && self.kms.is_none() {
             out.push(("receipts", "the ledger needs [kms] (a signing key)"));
         }
-        if self.multi_region.is_some() {
-            out.push(("multi_region", "region sync is not in this version"));
+        if self
+            .multi_region
+            .as_ref()
+            .is_some_and(|m| m.cross_region_sync_enabled != Some(true))
+        {
+            out.push(("multi_region", "cross_region_sync_enabled is not true"));
+        } else if self.multi_region.is_some() && self.kms.is_none() {
+            out.push((
+                "multi_region",
+                "region sync replicates the receipts ledger, which needs [kms]",
+            ));
         }
         if self.promotion.is_some() {
             out.push(("promotion", "promotion gates are not in this version"));
@@ -748,7 +757,8 @@ pub struct ReceiptsSection {
     pub max_pending_checkpoints: Option<usize>,
 }
 
-/// `[multi_region]` (the plan's `[sidecar.multi_region]`). Parsed; not acted on in this version.
+/// `[multi_region]` (the plan's `[sidecar.multi_region]`): cross-region receipt sync; checked by
+/// [`crate::sync::SyncSettings::from_section`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MultiRegionSection {
@@ -758,8 +768,16 @@ pub struct MultiRegionSection {
     pub primary_region: Option<String>,
     /// Replicate receipts to the other regions.
     pub cross_region_sync_enabled: Option<bool>,
-    /// Peer endpoints.
+    /// Peer endpoints (`https://HOST:PORT`; `http://` for plaintext on loopback).
     pub receipt_sync_endpoints: Option<Vec<String>>,
+    /// Regions (this one included) that must hold a checkpoint (default: a majority).
+    pub quorum: Option<usize>,
+    /// Receipts per batch (default 1000, at most 10000).
+    pub batch_size: Option<usize>,
+    /// Wait this long for more receipts before sending a partial batch (default 20 ms).
+    pub batch_linger_ms: Option<u64>,
+    /// Per-call timeout towards a peer (default 5000 ms).
+    pub timeout_ms: Option<u64>,
 }
 
 /// `[promotion]` (the plan's `[sidecar.promotion]`). Parsed; not acted on in this version.
@@ -858,6 +876,11 @@ impl RawConfig {
         if let Some(kms) = &kms {
             crate::receipts::SignerSettings::from_section(kms.get_ref())
                 .map_err(|(key, message)| err(kms.span().start, format!("kms.{key}"), message))?;
+        }
+        if let Some(m) = &multi_region {
+            crate::sync::SyncSettings::from_section(m.get_ref()).map_err(|(key, message)| {
+                err(m.span().start, format!("multi_region.{key}"), message)
+            })?;
         }
         if let Some(r) = &receipts {
             crate::receipts::ReceiptSettings::check_section(r.get_ref()).map_err(

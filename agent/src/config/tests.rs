@@ -24,8 +24,17 @@ fn the_plans_example_loads_unchanged() {
     assert_eq!(c.slo.as_ref().and_then(|s| s.r1_p99_max_ns), Some(2));
     assert_eq!(
         c.inactive_sections().len(),
-        2,
-        "[slo] (the beat engine), [spiffe] (mTLS) and [kms] (receipts) are active"
+        1,
+        "[slo] (the beat engine), [spiffe] (mTLS), [kms] (receipts) and [multi_region] (sync) are active; [promotion] is not"
+    );
+    let sync = crate::sync::SyncSettings::from_section(
+        c.multi_region.as_ref().expect("[sidecar.multi_region]"),
+    )
+    .expect("valid")
+    .expect("enabled");
+    assert_eq!(
+        (sync.region.as_str(), sync.peers.len(), sync.quorum),
+        ("us-east-1", 2, 2)
     );
     let identity = crate::identity::IdentitySettings::from_section(
         c.spiffe.as_ref().expect("[sidecar.spiffe]"),

@@ -19,6 +19,11 @@ pub(crate) const NODES: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new
 pub(crate) const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
 pub(crate) const KEYS: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
 pub(crate) const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("holds");
+/// Witness cosignatures of this ledger's checkpoints: (checkpoint number, witness region) → JSON.
+pub(crate) const COSIGNATURES: TableDefinition<(u64, &str), &[u8]> =
+    TableDefinition::new("cosignatures");
+/// Small named values (sync state of a foreign ledger, fork evidence).
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +42,9 @@ pub enum LedgerError {
 fn db<E: std::fmt::Display>(e: E) -> LedgerError {
     LedgerError::Db(e.to_string())
 }
+
+/// A receipt as it travels between regions: (seq, encoding, payload unless compacted).
+pub type EncodedReceipt = (u64, Vec<u8>, Option<Vec<u8>>);
 
 /// A receipt with its payload (`None` once compacted).
 pub type StoredReceipt = (Receipt, Option<Vec<u8>>);
@@ -165,6 +173,8 @@ impl Ledger {
             tx.open_table(t).map_err(db)?;
         }
         tx.open_table(NODES).map_err(db)?;
+        tx.open_table(COSIGNATURES).map_err(db)?;
+        tx.open_table(META).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Ledger {
             db: Arc::new(database),
@@ -524,7 +534,153 @@ impl Ledger {
     }
 }
 
+/// A witness region's signature of one of this ledger's checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCosignature {
+    /// The witness's region.
+    pub region: String,
+    /// The witness's node.
+    pub node: String,
+    /// The witness's key.
+    pub key: KeyRef,
+    /// Its public key, SPKI DER base64.
+    pub public_key: String,
+    /// DER signature, base64, over [`cosigned_message`].
+    pub signature: String,
+}
+
+/// What a witness signs: its region and the origin's checkpoint body.
+pub fn cosigned_message(witness_region: &str, checkpoint_body: &str) -> String {
+    format!("knhk-cosignature/v1\nwitness: {witness_region}\n{checkpoint_body}")
+}
+
+impl Ledger {
+    /// Appends receipts written elsewhere (a foreign origin's log): consecutive from the
+    /// current size, each decoding, numbered as its position and matching its payload hash.
+    /// Entries below the current size must equal what is stored (a re-sent batch); anything
+    /// else rejects the whole batch and stores nothing. Returns the size after.
+    pub fn append_encoded(&self, entries: &[EncodedReceipt]) -> Result<u64, LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let size = {
+            let mut receipts = tx.open_table(RECEIPTS).map_err(db)?;
+            let mut payloads = tx.open_table(PAYLOADS).map_err(db)?;
+            let mut nodes = tx.open_table(NODES).map_err(db)?;
+            let mut size = receipts.len().map_err(db)?;
+            for (seq, encoding, payload) in entries {
+                if *seq < size {
+                    let same = receipts
+                        .get(*seq)
+                        .map_err(db)?
+                        .is_some_and(|v| v.value() == &encoding[..]);
+                    if !same {
+                        return Err(LedgerError::Corrupt(format!(
+                            "receipt {seq} differs from the one already stored for this origin"
+                        )));
+                    }
+                    continue;
+                }
+                if *seq != size {
+                    return Err(LedgerError::NotFound(format!(
+                        "receipt {seq} does not follow the {size} stored (a gap)"
+                    )));
+                }
+                let r = Receipt::decode(encoding)
+                    .map_err(|e| LedgerError::Corrupt(format!("receipt {seq}: {e}")))?;
+                if r.seq != *seq {
+                    return Err(LedgerError::Corrupt(format!(
+                        "receipt {seq}: its encoding says seq {}",
+                        r.seq
+                    )));
+                }
+                if let Some(p) = payload {
+                    if p.len() != r.payload_len as usize || format::sha256(p) != r.payload_hash {
+                        return Err(LedgerError::Corrupt(format!(
+                            "receipt {seq}: its payload does not match the payload hash in its header"
+                        )));
+                    }
+                    payloads.insert(*seq, &p[..]).map_err(db)?;
+                }
+                let done = {
+                    let reader = TableNodes(&nodes);
+                    merkle::completed_by_append(*seq, format::leaf_hash(encoding), |l, x| {
+                        merkle::Nodes::node(&reader, l, x)
+                    })?
+                };
+                for (level, index, hash) in done {
+                    nodes.insert((level, index), &hash[..]).map_err(db)?;
+                }
+                receipts.insert(*seq, &encoding[..]).map_err(db)?;
+                size += 1;
+            }
+            size
+        };
+        tx.commit().map_err(db)?;
+        Ok(size)
+    }
+
+    /// A named value.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(META).map_err(db)?;
+        Ok(t.get(name).map_err(db)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a named value.
+    pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), LedgerError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(META)
+            .map_err(db)?
+            .insert(name, value)
+            .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    /// Stores a foreign origin's signed checkpoint under its own number.
+    pub fn put_signed_checkpoint(
+        &self,
+        number: u64,
+        stored: &StoredCheckpoint,
+    ) -> Result<(), LedgerError> {
+        let json = serde_json::to_vec(stored).map_err(db)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(CHECKPOINTS)
+            .map_err(db)?
+            .insert(number, &json[..])
+            .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    /// Stores a witness's cosignature of checkpoint `number`.
+    pub fn put_cosignature(&self, number: u64, c: &StoredCosignature) -> Result<(), LedgerError> {
+        let json = serde_json::to_vec(c).map_err(db)?;
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(COSIGNATURES)
+            .map_err(db)?
+            .insert((number, c.region.as_str()), &json[..])
+            .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    /// Every cosignature: (checkpoint number, cosignature).
+    pub fn cosignatures(&self) -> Result<Vec<(u64, StoredCosignature)>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(COSIGNATURES).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(db)? {
+            let (k, v) = entry.map_err(db)?;
+            let (n, _) = k.value();
+            out.push((
+                n,
+                serde_json::from_slice(v.value()).map_err(|e| {
+                    LedgerError::Corrupt(format!("cosignature of checkpoint {n}: {e}"))
+                })?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
 /// Table definitions, for the verifier.
 pub(crate) mod tables {
-    pub(crate) use super::{CHECKPOINTS, KEYS, NODES, PAYLOADS, RECEIPTS};
+    pub(crate) use super::{CHECKPOINTS, COSIGNATURES, KEYS, NODES, PAYLOADS, RECEIPTS};
 }

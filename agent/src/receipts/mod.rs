@@ -462,6 +462,7 @@ pub struct Receipts {
     key: Mutex<KeyState>,
     commands: mpsc::Sender<Command>,
     sign_now: Notify,
+    appended: Arc<Notify>,
     metrics: Metrics,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -528,6 +529,7 @@ impl Receipts {
             settings,
             commands,
             sign_now: Notify::new(),
+            appended: Arc::new(Notify::new()),
             metrics,
             tasks: Mutex::new(Vec::new()),
         });
@@ -544,6 +546,39 @@ impl Receipts {
             t.extend([writer, signing, rotation]);
         }
         Ok(receipts)
+    }
+
+    /// Woken whenever receipts are appended or a checkpoint is written or signed (for
+    /// replication).
+    pub fn changes(&self) -> Arc<Notify> {
+        self.appended.clone()
+    }
+
+    /// The node and region receipts are written as.
+    pub fn origin(&self) -> (&str, &str) {
+        (&self.settings.node, &self.settings.region)
+    }
+
+    /// Signs `message` with the current key (through the circuit breaker); for witness
+    /// cosignatures.
+    pub async fn sign_with_current(
+        &self,
+        message: &[u8],
+    ) -> Result<(KeyInfo, Vec<u8>), SignerError> {
+        if self.key.lock().is_ok_and(|k| k.current.is_none()) {
+            self.sync_key().await?;
+        }
+        let key = self
+            .key
+            .lock()
+            .ok()
+            .and_then(|k| k.current.clone())
+            .ok_or_else(|| SignerError::Unavailable {
+                provider: self.signer.provider(),
+                message: "no current key known".into(),
+            })?;
+        let sig = self.call(|| self.signer.sign(&key.key, message)).await?;
+        Ok((key, sig))
     }
 
     /// Stops the tasks (in-flight appends are answered with an error); the database closes
@@ -767,6 +802,7 @@ impl Receipts {
                 };
                 match &result {
                     Ok(range) => {
+                        self.appended.notify_waiters();
                         for (r, _) in &batch {
                             self.metrics
                                 .appended
@@ -886,6 +922,7 @@ impl Receipts {
                             break;
                         }
                         self.metrics.signed.inc();
+                        self.appended.notify_waiters();
                     }
                     Err(e) => {
                         tracing::warn!(

@@ -27,6 +27,8 @@ pub struct VerifyReport {
     pub unsigned_checkpoints: u64,
     /// Keys in the history.
     pub keys: usize,
+    /// Witness cosignatures checked.
+    pub cosignatures: u64,
     /// Everything wrong, in order; empty when the ledger verifies.
     pub problems: Vec<String>,
 }
@@ -218,6 +220,53 @@ pub fn verify(database: &Database) -> Result<VerifyReport, LedgerError> {
                 &mut problem,
             );
             next_checkpoint += 1;
+        }
+    }
+    // Witness cosignatures, each over its checkpoint's body.
+    let bodies: HashMap<u64, String> = checkpoints
+        .iter()
+        .map(|(n, s, _)| (*n, s.body.clone()))
+        .collect();
+    for entry in tx
+        .open_table(COSIGNATURES)
+        .map_err(db)?
+        .iter()
+        .map_err(db)?
+    {
+        let (k, v) = entry.map_err(db)?;
+        let (number, region) = k.value();
+        let region = region.to_owned();
+        report.cosignatures += 1;
+        let c: super::ledger::StoredCosignature = match serde_json::from_slice(v.value()) {
+            Ok(c) => c,
+            Err(e) => {
+                problem(
+                    &mut report,
+                    format!("cosignature of checkpoint {number} by {region}: does not parse: {e}"),
+                );
+                continue;
+            }
+        };
+        let Some(body) = bodies.get(&number) else {
+            problem(
+                &mut report,
+                format!("cosignature of checkpoint {number} by {region}: no such checkpoint"),
+            );
+            continue;
+        };
+        let message = super::ledger::cosigned_message(&c.region, body);
+        let valid = B64
+            .decode(&c.public_key)
+            .ok()
+            .zip(B64.decode(&c.signature).ok())
+            .is_some_and(|(k, sig)| verify_signature(&k, message.as_bytes(), &sig));
+        if !valid {
+            problem(
+                &mut report,
+                format!(
+                    "cosignature of checkpoint {number} by {region}: the signature does not verify"
+                ),
+            );
         }
     }
     let total = report.receipts;

@@ -1,0 +1,600 @@
+//! Cross-region receipt sync (`knhk.sync.v1.RegionSync`): every region pushes its own receipts
+//! and signed checkpoints to every peer; peers keep each origin's log in its own ledger file,
+//! verify it, and cosign checkpoints as witnesses. A checkpoint is quorum-committed once
+//! `quorum` regions (the origin counts as one) hold it with a cosignature. Protocol and failure
+//! cases: `docs/multi-region.md`.
+//!
+//! Each origin's log has a single writer (its own agent), so there is nothing to elect: a
+//! witness only checks that each checkpoint it cosigns extends the last one it cosigned for that
+//! origin (a consistency proof), and refuses — keeping both as evidence — when it sees two
+//! different checkpoints of the same size (a fork).
+
+mod server;
+pub use server::SyncServer;
+
+use crate::{
+    receipts::{ledger::StoredCosignature, CheckpointBody, Receipts},
+    resilience::{CircuitBreaker, CircuitState},
+};
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+/// Generated types, client and server of `proto/knhk/sync/v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("knhk.sync.v1");
+}
+
+/// Validated `[multi_region]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// This region.
+    pub region: String,
+    /// Peer endpoints.
+    pub peers: Vec<Peer>,
+    /// Regions (this one included) that must hold a checkpoint for it to be committed.
+    pub quorum: usize,
+    /// Receipts per batch.
+    pub batch_size: usize,
+    /// How long to wait for more receipts before sending a partial batch.
+    pub linger: Duration,
+    /// Per-call timeout.
+    pub timeout: Duration,
+}
+
+/// A peer region's endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// As configured.
+    pub endpoint: String,
+    /// `HOST:PORT` (resolved when connecting).
+    pub authority: String,
+    /// `https`: mTLS with SPIFFE; `http`: plaintext (loopback, development only).
+    pub tls: bool,
+}
+
+impl SyncSettings {
+    /// Checks a `[multi_region]` section: `Ok(None)` unless sync is enabled. Errors name the key.
+    pub fn from_section(
+        m: &crate::config::MultiRegionSection,
+    ) -> Result<Option<SyncSettings>, (String, String)> {
+        let bad = |k: &str, msg: String| (k.to_owned(), msg);
+        let mut peers = Vec::new();
+        for (i, e) in m.receipt_sync_endpoints.iter().flatten().enumerate() {
+            let key = format!("receipt_sync_endpoints[{i}]");
+            let (tls, rest) = if let Some(r) = e.strip_prefix("https://") {
+                (true, r)
+            } else if let Some(r) = e.strip_prefix("http://") {
+                (false, r)
+            } else {
+                return Err(bad(&key, format!("{e:?}: expected https://HOST:PORT")));
+            };
+            let rest = rest.trim_end_matches('/');
+            let port_ok = rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return Err(bad(&key, format!("{e:?}: expected https://HOST:PORT")));
+            }
+            peers.push(Peer {
+                endpoint: e.clone(),
+                authority: rest.to_owned(),
+                tls,
+            });
+        }
+        let regions = peers.len() + 1;
+        let quorum = m.quorum.unwrap_or(regions / 2 + 1);
+        if quorum == 0 || quorum > regions {
+            return Err(bad(
+                "quorum",
+                format!(
+                    "{quorum} is out of range (1-{regions}: this region and its {} peers)",
+                    peers.len()
+                ),
+            ));
+        }
+        let batch_size = m.batch_size.unwrap_or(1000);
+        if !(1..=10_000).contains(&batch_size) {
+            return Err(bad(
+                "batch_size",
+                format!("{batch_size} is out of range (1-10000)"),
+            ));
+        }
+        if m.cross_region_sync_enabled != Some(true) {
+            return Ok(None);
+        }
+        let region = m.region.clone().filter(|r| valid_region(r)).ok_or_else(|| {
+            bad("region", "is required with cross_region_sync_enabled: letters, digits, '-', '_' (e.g. \"eu-west-1\")".into())
+        })?;
+        Ok(Some(SyncSettings {
+            region,
+            peers,
+            quorum,
+            batch_size,
+            linger: Duration::from_millis(m.batch_linger_ms.unwrap_or(20)),
+            timeout: Duration::from_millis(m.timeout_ms.unwrap_or(5000)),
+        }))
+    }
+}
+
+/// Whether `r` is a usable region name (it names a file).
+pub fn valid_region(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 64
+        && r.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[derive(Clone)]
+struct Metrics {
+    acked: IntGaugeVec,
+    backlog: IntGaugeVec,
+    circuit: IntGaugeVec,
+    failures: IntCounterVec,
+    committed: IntGauge,
+    forks: IntCounter,
+    rejected: IntCounter,
+}
+
+impl Metrics {
+    fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
+        let acked = IntGaugeVec::new(
+            Opts::new(
+                "knhk_sync_peer_acked_receipts",
+                "Receipts of this region a peer holds durably.",
+            ),
+            &["peer"],
+        )?;
+        let backlog = IntGaugeVec::new(
+            Opts::new(
+                "knhk_sync_peer_backlog_receipts",
+                "Receipts of this region a peer does not hold yet.",
+            ),
+            &["peer"],
+        )?;
+        let circuit = IntGaugeVec::new(
+            Opts::new(
+                "knhk_sync_peer_circuit",
+                "1 for each peer's circuit breaker state.",
+            ),
+            &["peer", "state"],
+        )?;
+        let failures = IntCounterVec::new(
+            Opts::new("knhk_sync_peer_failures_total", "Failed pushes to a peer."),
+            &["peer"],
+        )?;
+        let committed = IntGauge::new(
+            "knhk_sync_quorum_committed_size",
+            "Tree size of this region's newest quorum-committed checkpoint.",
+        )?;
+        let forks = IntCounter::new(
+            "knhk_sync_forks_detected_total",
+            "Two different checkpoints of the same size from one origin (refused; both kept as evidence).",
+        )?;
+        let rejected = IntCounter::new(
+            "knhk_sync_batches_rejected_total",
+            "Batches from peers refused as malformed, oversized or unverifiable (nothing stored).",
+        )?;
+        for m in [
+            Box::new(acked.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(backlog.clone()),
+            Box::new(circuit.clone()),
+            Box::new(failures.clone()),
+            Box::new(committed.clone()),
+            Box::new(forks.clone()),
+            Box::new(rejected.clone()),
+        ] {
+            registry.register(m)?;
+        }
+        Ok(Metrics {
+            acked,
+            backlog,
+            circuit,
+            failures,
+            committed,
+            forks,
+            rejected,
+        })
+    }
+}
+
+/// Why sync could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Metrics.
+    #[error("registering sync metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// TLS.
+    #[error("region sync: {0}")]
+    Tls(String),
+}
+
+/// The origin side: one replication task per peer, and the quorum view.
+pub struct Replicator {
+    settings: SyncSettings,
+    receipts: Arc<Receipts>,
+    metrics: Metrics,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    server: Arc<SyncServer>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("region", &self.settings.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        if let Ok(t) = self.tasks.lock() {
+            for t in t.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Replicator {
+    /// Starts replicating `receipts` to the peers, and a witness server for theirs (under
+    /// `peers_dir`). `identity` gives mTLS to `https://` peers.
+    pub fn start(
+        settings: SyncSettings,
+        receipts: Arc<Receipts>,
+        identity: Option<Arc<crate::identity::Identity>>,
+        peers_dir: std::path::PathBuf,
+        registry: &Registry,
+    ) -> Result<Arc<Replicator>, SyncError> {
+        let metrics = Metrics::register(registry)?;
+        let server = Arc::new(SyncServer::new(
+            settings.region.clone(),
+            receipts.clone(),
+            peers_dir,
+            settings.batch_size,
+            metrics.clone(),
+        ));
+        let sync = Arc::new(Replicator {
+            settings,
+            receipts,
+            metrics,
+            tasks: Mutex::new(Vec::new()),
+            server,
+        });
+        for peer in sync.settings.peers.clone() {
+            let task = tokio::spawn(Arc::clone(&sync).replicate(peer, identity.clone()));
+            if let Ok(mut t) = sync.tasks.lock() {
+                t.push(task);
+            }
+        }
+        Ok(sync)
+    }
+
+    /// The witness service for the gRPC server.
+    pub fn server(&self) -> Arc<SyncServer> {
+        self.server.clone()
+    }
+
+    /// A readiness check: no signed checkpoint has waited for its quorum longer than twice the
+    /// peer timeout (at least 2 s).
+    pub fn readiness_check(
+        self: &Arc<Self>,
+    ) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let me = Arc::downgrade(self);
+        move || {
+            let Some(me) = me.upgrade() else {
+                return Err("region sync stopped".into());
+            };
+            let limit = (me.settings.timeout * 2)
+                .max(Duration::from_secs(2))
+                .as_secs() as i64;
+            match me.quorum_state().1 {
+                Some((size, age_s, holders)) if age_s >= limit => Err(format!(
+                    "region {}: cannot reach quorum: the checkpoint of size {size} has waited {age_s} s and is held by {holders} of the {} regions needed; \
+                     check the peers and the links to them (knhk_sync_peer_circuit)",
+                    me.settings.region, me.settings.quorum
+                )),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// (newest committed size, the oldest signed checkpoint past it: (size, age in s, regions
+    /// holding it)).
+    fn quorum_state(&self) -> (u64, Option<(u64, i64, usize)>) {
+        let ledger = self.receipts.ledger();
+        let checkpoints = ledger.checkpoints().unwrap_or_default();
+        let cosigs = ledger.cosignatures().unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        let signed: Vec<(u64, CheckpointBody)> = checkpoints
+            .iter()
+            .filter(|(_, c)| c.signature.is_some())
+            .filter_map(|(n, c)| CheckpointBody::decode(&c.body).ok().map(|b| (*n, b)))
+            .collect();
+        let holders = |n: u64| 1 + cosigs.iter().filter(|(k, _)| *k == n).count();
+        let committed = signed
+            .iter()
+            .filter(|(n, _)| holders(*n) >= self.settings.quorum)
+            .map(|(_, b)| b.size)
+            .max()
+            .unwrap_or(0);
+        self.metrics.committed.set(committed as i64);
+        let waiting = signed
+            .iter()
+            .find(|(_, b)| b.size > committed)
+            .map(|(n, b)| (b.size, (now - b.time_ns) / 1_000_000_000, holders(*n)));
+        (committed, waiting)
+    }
+
+    async fn channel(
+        &self,
+        peer: &Peer,
+        identity: Option<&crate::identity::Identity>,
+    ) -> Result<tonic::transport::Channel, String> {
+        let addr: SocketAddr = tokio::net::lookup_host(&peer.authority)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("{}: cannot resolve {}", peer.endpoint, peer.authority))?;
+        if !peer.tls {
+            return tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| e.to_string())
+                .map(|e| e.timeout(self.settings.timeout).connect_lazy());
+        }
+        let identity = identity.ok_or_else(|| {
+            format!(
+                "{}: https peers need [spiffe] enabled = true (mTLS)",
+                peer.endpoint
+            )
+        })?;
+        let source = identity
+            .source()
+            .await
+            .ok_or_else(|| "no SVID for region sync".to_string())?;
+        let config = crate::identity::tls::client_config(
+            source,
+            &identity.settings().accepted_trust_domains(),
+            identity.settings().access.region_peers.clone(),
+        )?;
+        crate::identity::tls::channel(addr, config)
+    }
+
+    async fn replicate(
+        self: Arc<Self>,
+        peer: Peer,
+        identity: Option<Arc<crate::identity::Identity>>,
+    ) {
+        let name = peer.endpoint.clone();
+        let breaker = CircuitBreaker::new(3, Duration::from_secs(2));
+        let set_circuit = |s: CircuitState| {
+            for x in CircuitState::ALL {
+                self.metrics
+                    .circuit
+                    .with_label_values(&[&name, x.as_str()])
+                    .set(i64::from(x == s));
+            }
+        };
+        set_circuit(CircuitState::Closed);
+        let changes = self.receipts.changes();
+        let channel = loop {
+            match self.channel(&peer, identity.as_deref()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::error!(peer = %name, "region sync cannot connect: {e}");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        };
+        let mut client = pb::region_sync_client::RegionSyncClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut acked: Option<u64> = None;
+        let mut cosigned: u64 = 0;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Err(wait) = breaker.allow() {
+                set_circuit(breaker.state());
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let result = self.push_once(&mut client, &mut acked, &mut cosigned).await;
+            match result {
+                Ok(more) => {
+                    breaker.success();
+                    set_circuit(breaker.state());
+                    backoff = Duration::from_millis(100);
+                    if !more {
+                        // Caught up: wait for new receipts or checkpoints, then let a batch fill.
+                        tokio::select! {
+                            _ = changes.notified() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        tokio::time::sleep(self.settings.linger).await;
+                    }
+                }
+                Err(e) => {
+                    breaker.failure();
+                    set_circuit(breaker.state());
+                    self.metrics.failures.with_label_values(&[&name]).inc();
+                    tracing::warn!(peer = %name, "region sync push failed (retrying in {} ms): {e}", backoff.as_millis());
+                    acked = None;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            let size = self.receipts.ledger().size().unwrap_or(0);
+            self.metrics
+                .acked
+                .with_label_values(&[&name])
+                .set(acked.unwrap_or(0) as i64);
+            self.metrics
+                .backlog
+                .with_label_values(&[&name])
+                .set(size.saturating_sub(acked.unwrap_or(0)) as i64);
+            self.quorum_state();
+        }
+    }
+
+    /// One push: the next batch, with the newest signed checkpoint it completes. Returns whether
+    /// more is waiting.
+    async fn push_once(
+        &self,
+        client: &mut pb::region_sync_client::RegionSyncClient<tonic::transport::Channel>,
+        acked: &mut Option<u64>,
+        cosigned: &mut u64,
+    ) -> Result<bool, String> {
+        let region = self.settings.region.clone();
+        if acked.is_none() {
+            let state = client
+                .get_sync_state(pb::GetSyncStateRequest {
+                    origin_region: region.clone(),
+                })
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            *acked = Some(state.stored_size);
+            *cosigned = state.cosigned_size;
+        }
+        let from = acked.unwrap_or(0);
+        let ledger = self.receipts.ledger().clone();
+        let batch = self.settings.batch_size;
+        let cosigned_now = *cosigned;
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&ledger, from, batch, cosigned_now))
+                .await
+                .map_err(|e| e.to_string())??;
+        let Some((request, number, end, more)) = prepared.map(|(mut r, n, end, more)| {
+            r.origin_region = region.clone();
+            (r, n, end, more)
+        }) else {
+            return Ok(false);
+        };
+        let response = client
+            .push_batch(request)
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        *acked = Some(response.stored_size);
+        *cosigned = response.cosigned_size;
+        if let (Some(c), Some(number)) = (response.cosignature, number) {
+            let stored = StoredCosignature {
+                region: c.witness_region,
+                node: c.witness_node,
+                key: crate::receipts::KeyRef {
+                    id: c.key_id,
+                    version: c.key_version,
+                },
+                public_key: B64.encode(&c.public_key_der),
+                signature: B64.encode(&c.signature),
+            };
+            let ledger = self.receipts.ledger().clone();
+            tokio::task::spawn_blocking(move || ledger.put_cosignature(number, &stored))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(more || response.stored_size < end)
+    }
+}
+
+type Prepared = Option<(pb::PushBatchRequest, Option<u64>, u64, bool)>;
+
+/// The next batch from `from`: receipts, the key history, and the newest signed checkpoint the
+/// peer will fully hold after it (with the consistency proof from `cosigned`). `None`: nothing
+/// to send.
+fn prepare(
+    ledger: &crate::receipts::Ledger,
+    from: u64,
+    batch: usize,
+    cosigned: u64,
+) -> Result<Prepared, String> {
+    let size = ledger.size().map_err(|e| e.to_string())?;
+    let entries: Vec<pb::Entry> = ledger
+        .receipts(from, batch)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(r, payload)| pb::Entry {
+            seq: r.seq,
+            encoding: r.encode(),
+            payload: payload.unwrap_or_default(),
+        })
+        .collect();
+    let end = from + entries.len() as u64;
+    let checkpoint = ledger
+        .checkpoints()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|(_, c)| c.signature.is_some())
+        .filter_map(|(n, c)| CheckpointBody::decode(&c.body).ok().map(|b| (n, c, b)))
+        .rfind(|(_, _, b)| b.size <= end && b.size > cosigned);
+    if entries.is_empty() && checkpoint.is_none() {
+        return Ok(None);
+    }
+    let keys = ledger
+        .keys()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|k| pb::KeyRecord {
+            key_id: k.key.id,
+            key_version: k.key.version,
+            public_key_der: B64.decode(&k.public_key).unwrap_or_default(),
+            since_unix_nanos: k.since_ns,
+            transition_statement: k
+                .transition
+                .as_ref()
+                .map(|t| t.0.clone())
+                .unwrap_or_default(),
+            transition_signature: k
+                .transition
+                .as_ref()
+                .and_then(|t| B64.decode(&t.1).ok())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let (number, checkpoint, proof) = match checkpoint {
+        Some((n, c, b)) => {
+            let proof = if cosigned > 0 && cosigned < b.size {
+                ledger
+                    .consistency_proof(cosigned, b.size)
+                    .map_err(|e| e.to_string())?
+            } else {
+                Vec::new()
+            };
+            let sig = c
+                .signature
+                .as_deref()
+                .and_then(|s| B64.decode(s).ok())
+                .unwrap_or_default();
+            (
+                Some(n),
+                Some(pb::SignedCheckpoint {
+                    number: n,
+                    body: c.body,
+                    signature: sig,
+                }),
+                proof,
+            )
+        }
+        None => (None, None, Vec::new()),
+    };
+    Ok(Some((
+        pb::PushBatchRequest {
+            origin_region: String::new(),
+            entries,
+            keys,
+            checkpoint,
+            consistency_proof: proof.iter().map(|h| h.to_vec()).collect(),
+            proof_from_size: cosigned,
+        },
+        number,
+        end,
+        end < size,
+    )))
+}
