@@ -462,7 +462,8 @@ pub struct Receipts {
     key: Mutex<KeyState>,
     commands: mpsc::Sender<Command>,
     sign_now: Notify,
-    appended: Arc<Notify>,
+    /// Bumped whenever receipts are appended or a checkpoint is signed.
+    changes: tokio::sync::watch::Sender<u64>,
     metrics: Metrics,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -529,7 +530,7 @@ impl Receipts {
             settings,
             commands,
             sign_now: Notify::new(),
-            appended: Arc::new(Notify::new()),
+            changes: tokio::sync::watch::Sender::new(0),
             metrics,
             tasks: Mutex::new(Vec::new()),
         });
@@ -548,10 +549,10 @@ impl Receipts {
         Ok(receipts)
     }
 
-    /// Woken whenever receipts are appended or a checkpoint is written or signed (for
-    /// replication).
-    pub fn changes(&self) -> Arc<Notify> {
-        self.appended.clone()
+    /// Changes whenever receipts are appended or a checkpoint is signed (for replication; a
+    /// change that happens while the receiver is busy is not lost).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The node and region receipts are written as.
@@ -802,7 +803,7 @@ impl Receipts {
                 };
                 match &result {
                     Ok(range) => {
-                        self.appended.notify_waiters();
+                        self.changes.send_modify(|v| *v += 1);
                         for (r, _) in &batch {
                             self.metrics
                                 .appended
@@ -922,7 +923,7 @@ impl Receipts {
                             break;
                         }
                         self.metrics.signed.inc();
-                        self.appended.notify_waiters();
+                        self.changes.send_modify(|v| *v += 1);
                     }
                     Err(e) => {
                         tracing::warn!(

@@ -382,7 +382,7 @@ impl Replicator {
             }
         };
         set_circuit(CircuitState::Closed);
-        let changes = self.receipts.changes();
+        let mut changes = self.receipts.changes();
         let channel = loop {
             match self.channel(&peer, identity.as_deref()).await {
                 Ok(c) => break c,
@@ -413,7 +413,7 @@ impl Replicator {
                     if !more {
                         // Caught up: wait for new receipts or checkpoints, then let a batch fill.
                         tokio::select! {
-                            _ = changes.notified() => {}
+                            _ = changes.changed() => {}
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                         }
                         tokio::time::sleep(self.settings.linger).await;
