@@ -148,23 +148,8 @@ async fn sign_rotate_verify(signer: SignerSettings, rotated_versions: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_kms_signs_rotates_by_alias_and_verifies_offline() {
     let moto = kms::moto();
-    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
     // The operator creates the first key and its alias.
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&moto.url)
-        .load()
-        .await;
-    let client = aws_sdk_kms::Client::new(&config);
-    let key = client
-        .create_key()
-        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-        .send()
-        .await
-        .expect("CreateKey");
-    let key_id = key.key_metadata().expect("metadata").key_id().to_owned();
+    let (client, key_id) = kms::create_kms_key(&moto.url).await;
     client
         .create_alias()
         .alias_name("alias/knhk-receipts")
@@ -195,23 +180,7 @@ async fn aws_kms_signs_rotates_by_alias_and_verifies_offline() {
 }
 
 async fn openbao_transit(url: &str) {
-    use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
-    let client = VaultClient::new(
-        VaultClientSettingsBuilder::default()
-            .address(url)
-            .token("root")
-            .build()
-            .expect("settings"),
-    )
-    .expect("client");
-    vaultrs::sys::mount::enable(&client, "transit", "transit", None)
-        .await
-        .expect("enable transit");
-    let mut opts = vaultrs::api::transit::requests::CreateKeyRequestBuilder::default();
-    opts.key_type(vaultrs::api::transit::KeyType::EcdsaP256);
-    vaultrs::transit::key::create(&client, "transit", "knhk", Some(&mut opts))
-        .await
-        .expect("create key");
+    kms::create_transit_key(url, "knhk").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

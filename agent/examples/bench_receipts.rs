@@ -104,27 +104,10 @@ async fn main() {
     );
 
     let moto = kms::moto();
-    std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&moto.url)
-        .load()
-        .await;
-    let created = aws_sdk_kms::Client::new(&config)
-        .create_key()
-        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
-        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
-        .send()
-        .await
-        .expect("CreateKey");
+    let (_client, key_id) = kms::create_kms_key(&moto.url).await;
     let aws = SignerSettings::Aws {
         region: "us-east-1".into(),
-        key_id: created
-            .key_metadata()
-            .expect("metadata")
-            .key_id()
-            .to_owned(),
+        key_id,
         endpoint_url: Some(moto.url.clone()),
     }
     .connect()
@@ -139,22 +122,7 @@ async fn main() {
     drop(moto);
 
     let bao = kms::openbao();
-    let client = vaultrs::client::VaultClient::new(
-        vaultrs::client::VaultClientSettingsBuilder::default()
-            .address(&bao.url)
-            .token("root")
-            .build()
-            .expect("settings"),
-    )
-    .expect("client");
-    vaultrs::sys::mount::enable(&client, "transit", "transit", None)
-        .await
-        .expect("mount");
-    let mut opts = vaultrs::api::transit::requests::CreateKeyRequestBuilder::default();
-    opts.key_type(vaultrs::api::transit::KeyType::EcdsaP256);
-    vaultrs::transit::key::create(&client, "transit", "bench", Some(&mut opts))
-        .await
-        .expect("key");
+    kms::create_transit_key(&bao.url, "bench").await;
     let token = dir.path().join("token");
     std::fs::write(&token, "root").expect("token");
     let vault = SignerSettings::Vault {

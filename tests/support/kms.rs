@@ -112,3 +112,46 @@ pub fn openbao() -> Server {
     }
     .wait_ready("bao")
 }
+
+/// Mounts the transit engine on the OpenBao at `url` (root token `root`) and creates an
+/// `ecdsa-p256` key `name`.
+pub async fn create_transit_key(url: &str, name: &str) {
+    use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+    let client = VaultClient::new(
+        VaultClientSettingsBuilder::default()
+            .address(url)
+            .token("root")
+            .build()
+            .expect("settings"),
+    )
+    .expect("client");
+    vaultrs::sys::mount::enable(&client, "transit", "transit", None)
+        .await
+        .expect("enable transit");
+    let mut opts = vaultrs::api::transit::requests::CreateKeyRequestBuilder::default();
+    opts.key_type(vaultrs::api::transit::KeyType::EcdsaP256);
+    vaultrs::transit::key::create(&client, "transit", name, Some(&mut opts))
+        .await
+        .expect("create key");
+}
+
+/// Creates an ECC_NIST_P256 signing key on moto at `url`; returns the client and the key id.
+pub async fn create_kms_key(url: &str) -> (aws_sdk_kms::Client, String) {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(url)
+        .load()
+        .await;
+    let client = aws_sdk_kms::Client::new(&config);
+    let key = client
+        .create_key()
+        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+        .send()
+        .await
+        .expect("CreateKey");
+    let id = key.key_metadata().expect("metadata").key_id().to_owned();
+    (client, id)
+}
