@@ -220,6 +220,25 @@ fn kernel_three_regions_replicate_reach_quorum_survive_a_loss_and_a_partition() 
             .filter(|l| l.contains("knhk_sync_peer_circuit") && l.contains("state=\"closed\""))
             .all(|l| l.ends_with(" 1"))
     });
+    // Nothing lost, counted end to end: every receipt us-east-1 had written by now (through the
+    // loss and the partition) reaches both witnesses.
+    let written = metric(a, "knhk_receipts_log_size");
+    wait_until(
+        "both witnesses hold every receipt of us-east-1",
+        Duration::from_secs(30),
+        || {
+            [1, 2].iter().all(|j| {
+                metric(
+                    a,
+                    &format!(
+                        "knhk_sync_peer_acked_receipts{{peer=\"http://{}\"}}",
+                        proxies[0][*j].as_ref().expect("p").addr
+                    ),
+                ) >= written
+            })
+        },
+    );
+    eprintln!("us-east-1: {written} receipts, all held by both witnesses");
 
     // Stop everything; every ledger verifies, with the witnesses' cosignatures.
     for a in agents.iter_mut() {
