@@ -201,6 +201,19 @@ fn kernel_three_regions_replicate_reach_quorum_survive_a_loss_and_a_partition() 
             !r.contains("200 OK") && r.contains("cannot reach quorum")
         },
     );
+    let status = Command::new(BIN)
+        .args([
+            "status",
+            "--endpoint",
+            &format!("http://{}", regions[0].grpc),
+        ])
+        .output()
+        .expect("status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("region us-east-1: quorum 2") && status.contains("cannot reach quorum"),
+        "{status}"
+    );
     assert!(metric(a, "knhk_sync_peer_circuit{peer=") >= 1.0);
     let open = a.get("/metrics").lines().any(|l| {
         l.contains("knhk_sync_peer_circuit") && l.contains("state=\"open\"") && l.ends_with(" 1")

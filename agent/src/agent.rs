@@ -250,7 +250,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         api::Extensions {
             identity: identity.clone(),
             receipts: receipts.clone(),
-            sync: sync.as_ref().map(|s| s.server()),
+            sync: sync.clone(),
         },
         async {
             let _ = api_stopped.await;

@@ -351,11 +351,38 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
         decisions.push(json!({"runtime_class": class, "state": d.state, "allowed": d.allowed, "denied": d.denied,
                               "audited": d.audited, "shed": d.shed}));
     }
+    if let Some(l) = &r.ledger {
+        let _ = writeln!(
+            human,
+            "receipts: {} written, {} checkpoints waiting for the KMS, signing key {}",
+            l.log_size, l.checkpoints_pending, l.signing_key
+        );
+    }
+    if let Some(s) = &r.sync {
+        let _ = writeln!(
+            human,
+            "region {}: quorum {}, committed up to {} receipts{}",
+            s.region,
+            s.quorum,
+            s.committed_size,
+            if s.problem.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", s.problem)
+            }
+        );
+    }
+    let ledger = r.ledger.as_ref().map(|l| {
+        json!({"log_size": l.log_size, "checkpoints_pending": l.checkpoints_pending, "signing_key": l.signing_key})
+    });
+    let sync = r.sync.as_ref().map(|s| {
+        json!({"region": s.region, "quorum": s.quorum, "committed_size": s.committed_size, "problem": s.problem})
+    });
     Ok(Report {
         human,
         json: json!({"version": r.version, "programs": r.programs, "cgroup_root": r.cgroup_root, "generation": r.generation,
                      "adopted": r.adopted, "active_cgroups": r.active_cgroups, "pending_cgroups": r.pending_cgroups,
-                     "trie_entries": r.trie_entries, "decisions": decisions}),
+                     "trie_entries": r.trie_entries, "decisions": decisions, "receipts": ledger, "sync": sync}),
     })
 }
 

@@ -181,7 +181,11 @@ impl PolicyService for PolicyApi {
     }
 }
 
-struct AgentApi(Arc<Controller>);
+struct AgentApi(
+    Arc<Controller>,
+    Option<Arc<crate::receipts::Receipts>>,
+    Option<Arc<crate::sync::Replicator>>,
+);
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
@@ -192,7 +196,40 @@ impl AgentService for AgentApi {
         _: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let (status, decisions) = self.0.status().map_err(status_of)?;
+        let ledger = match &self.1 {
+            Some(r) => {
+                let r = r.clone();
+                let (log_size, checkpoints_pending, signing_key) =
+                    tokio::task::spawn_blocking(move || r.status())
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                Some(pb::LedgerStatus {
+                    log_size,
+                    checkpoints_pending,
+                    signing_key,
+                })
+            }
+            None => None,
+        };
+        let sync = match &self.2 {
+            Some(s) => {
+                let s = s.clone();
+                let (region, quorum, committed_size, problem) =
+                    tokio::task::spawn_blocking(move || s.status())
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                Some(pb::SyncStatus {
+                    region,
+                    quorum: quorum as u32,
+                    committed_size,
+                    problem: problem.unwrap_or_default(),
+                })
+            }
+            None => None,
+        };
         Ok(Response::new(pb::GetStatusResponse {
+            ledger,
+            sync,
             version: env!("CARGO_PKG_VERSION").into(),
             programs: status.programs.iter().map(|p| p.to_string()).collect(),
             cgroup_root: status.cgroup_root.display().to_string(),
@@ -354,8 +391,8 @@ pub struct Extensions {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// `ReceiptService` and `HoldService`.
     pub receipts: Option<Arc<crate::receipts::Receipts>>,
-    /// `RegionSync` (the witness side of region sync).
-    pub sync: Option<Arc<crate::sync::SyncServer>>,
+    /// Region sync: `RegionSync` (its witness side), and quorum in `GetStatus`.
+    pub sync: Option<Arc<crate::sync::Replicator>>,
 }
 
 /// Binds the API address: any address with mTLS, loopback only without. Done before anything
@@ -409,7 +446,7 @@ pub async fn serve(
                 .max_decoding_message_size(max_request_bytes),
         )
         .add_service(
-            AgentServiceServer::new(AgentApi(controller))
+            AgentServiceServer::new(AgentApi(controller, ledger.clone(), sync.clone()))
                 .max_decoding_message_size(max_request_bytes),
         )
         .add_optional_service(ledger.clone().map(|r| {
@@ -419,8 +456,8 @@ pub async fn serve(
             receipts::pb::hold_service_server::HoldServiceServer::new(receipts::HoldApi(r))
                 .max_decoding_message_size(max_request_bytes)
         }))
-        .add_optional_service(sync.map(|s| {
-            crate::sync::pb::region_sync_server::RegionSyncServer::from_arc(s)
+        .add_optional_service(sync.as_ref().map(|s| {
+            crate::sync::pb::region_sync_server::RegionSyncServer::from_arc(s.server())
                 .max_decoding_message_size(max_request_bytes.max(64 << 20))
         }));
     let Some(identity) = identity else {

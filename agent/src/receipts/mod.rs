@@ -555,6 +555,17 @@ impl Receipts {
         self.changes.subscribe()
     }
 
+    /// (receipts written, checkpoints waiting for the KMS, the signing key as `id#version`).
+    pub fn status(&self) -> (u64, u64, String) {
+        let size = self.ledger.size().unwrap_or(0);
+        let pending = self
+            .ledger
+            .unsigned_checkpoints()
+            .map_or(0, |u| u.len() as u64);
+        let key = self.stamp().to_string();
+        (size, pending, key)
+    }
+
     /// The node and region receipts are written as.
     pub fn origin(&self) -> (&str, &str) {
         (&self.settings.node, &self.settings.region)

@@ -304,6 +304,18 @@ impl Replicator {
         }
     }
 
+    /// (region, quorum, newest committed size, why quorum is not being reached).
+    pub fn status(self: &Arc<Self>) -> (String, usize, u64, Option<String>) {
+        let (committed, _) = self.quorum_state();
+        let problem = (self.readiness_check())().err();
+        (
+            self.settings.region.clone(),
+            self.settings.quorum,
+            committed,
+            problem,
+        )
+    }
+
     /// (newest committed size, the oldest signed checkpoint past it: (size, age in s, regions
     /// holding it)).
     fn quorum_state(&self) -> (u64, Option<(u64, i64, usize)>) {
