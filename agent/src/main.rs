@@ -16,8 +16,12 @@ const EXIT_DATAPATH: u8 = 69;
     about = "eBPF node agent for SLO-driven connection admission",
     long_about = "knhk-agent loads eBPF programs that admit or refuse every connect() on the node \
                   according to a policy, records handshake latency and destination heat, and exports \
-                  them as Prometheus metrics.",
-    after_help = "Exit codes: 0 success; 1 other error; 64 invalid configuration or policy file (nothing changed); \
+                  them as Prometheus metrics. With [slo] it sheds colder runtime classes when a hotter one \
+                  breaches its latency SLO; with [spiffe] its gRPC API is mTLS with SPIFFE-ID authorization; \
+                  with [kms] it keeps a signed receipts ledger of its decisions; with [multi_region] it \
+                  replicates that ledger to peer regions, which cosign it.",
+    after_help = "Exit codes: 0 success; 1 other error (receipts verify: the ledger does not verify); 64 invalid configuration \
+                  or policy file, unusable identity files or key (nothing changed); \
                   65 the agent refused the policy as invalid; 69 kernel datapath unavailable (run) or agent unreachable \
                   (client commands); 75 stale --expected-generation or nothing to roll back."
 )]
