@@ -14,7 +14,7 @@ pub struct Config {
     pub agent: AgentSection,
     /// `[policy]`: the admission rules.
     pub policy: PolicySection,
-    /// `[slo]`: accepted; the beat engine that enforces it is not part of this version.
+    /// `[slo]`: SLO admission by the beat engine.
     pub slo: Option<SloSection>,
     /// `[spiffe]`: workload identity and mTLS for the gRPC API.
     pub spiffe: Option<SpiffeSection>,
