@@ -536,9 +536,12 @@ impl Receipts {
         });
         receipts.metrics.circuit_state(CircuitState::Closed);
         receipts.metrics.size.set(receipts.ledger.size()? as i64);
-        // Learn the KMS's current key now if it answers (else the signer task keeps trying).
-        if let Err(e) = receipts.sync_key().await {
-            tracing::warn!("receipts: the KMS did not answer at start ({e}); receipts are written and their checkpoints queue until it does");
+        // Learn the KMS's current key now if it answers quickly (else the signer task keeps
+        // trying, and the agent does not wait for the KMS to start).
+        match tokio::time::timeout(Duration::from_secs(3), receipts.sync_key()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("receipts: the KMS did not answer at start ({e}); receipts are written and their checkpoints queue until it does"),
+            Err(_) => tracing::warn!("receipts: the KMS did not answer within 3 s at start; receipts are written and their checkpoints queue until it does"),
         }
         let writer = tokio::spawn(Arc::clone(&receipts).write_loop(rx, events, summaries));
         let signing = tokio::spawn(Arc::clone(&receipts).sign_loop());
