@@ -676,3 +676,62 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
         assert!(e.message().contains("region_peers"), "{e:?}");
     });
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+#[test]
+fn kernel_two_regions_sync_over_mtls_and_cosign() {
+    if !kernel_available("kernel_two_regions_sync_over_mtls_and_cosign") {
+        return;
+    }
+    let _serial = timing_shared();
+    let s = Setup::new("mtls-sync-a");
+    let cg_b = TestCgroup::new("mtls-sync-b");
+    let pins_b = TestPins::new("mtls-sync-b");
+    let names = ["us-east-1", "eu-west-1"];
+    let ports = [free_port(), free_port()];
+    let spires: Vec<FakeSpire> = names
+        .iter()
+        .map(|n| s.workload(n, &format!("/region/{n}"), &[]))
+        .collect();
+    let start = |i: usize, cg: &TestCgroup, pins: &TestPins| {
+        let dir = s.dir.path().join(names[i]);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let text = format!(
+            "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\nlisten_address = \"127.0.0.1:{}\"\n\
+             [slo]\nbeat_interval_ms = 25\n\
+             [spiffe]\nenabled = true\ntrust_domain = \"{TD}\"\nspiffe_id = \"spiffe://{TD}/region/{}\"\nspiffe_socket_path = \"{}\"\n\
+             [spiffe.authorized_ids]\nregion_peers = [\"spiffe://{TD}/region/*\"]\n\
+             [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n\
+             [multi_region]\nregion = \"{}\"\ncross_region_sync_enabled = true\nreceipt_sync_endpoints = [\"https://127.0.0.1:{}\"]\ntimeout_ms = 1000\n",
+            cg.path.display(),
+            pins.root.display(),
+            ports[i],
+            names[i],
+            spires[i].socket.display(),
+            dir.join("keys").display(),
+            dir.join("receipts.redb").display(),
+            names[i],
+            ports[1 - i]
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).expect("config");
+        Agent::start(&path)
+    };
+    let a = start(0, &s.cg, &s.pins);
+    let b = start(1, &cg_b, &pins_b);
+    // Quorum 2 of 2: each region's checkpoints need the other's cosignature, over mTLS.
+    for (name, agent) in [("us-east-1", &a), ("eu-west-1", &b)] {
+        wait_until(
+            &format!("{name} commits with quorum"),
+            Duration::from_secs(30),
+            || metric(agent, "knhk_sync_quorum_committed_size") > 0.0,
+        );
+    }
+    assert!(ready(&a).0 && ready(&b).0, "{}", a.get("/readyz"));
+}
