@@ -450,3 +450,109 @@ fn kernel_a_witness_refuses_forks_and_malformed_or_oversized_batches() {
     assert_eq!(metric(&agent, "knhk_sync_forks_detected_total"), 1.0);
     assert!(metric(&agent, "knhk_sync_batches_rejected_total") >= 2.0);
 }
+
+/// Random packet loss towards a loopback port (an iptables `statistic` match), removed on drop.
+struct Loss {
+    rule: Vec<String>,
+}
+
+impl Loss {
+    fn on_port(port: u16, probability: f64) -> Loss {
+        let rule: Vec<String> = [
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &probability.to_string(),
+            "-m",
+            "comment",
+            "--comment",
+            &format!("knhk-test-{}", std::process::id()),
+            "-j",
+            "DROP",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = Command::new("iptables")
+            .arg("-I")
+            .args(&rule)
+            .output()
+            .expect("run iptables");
+        assert!(
+            out.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loss { rule }
+    }
+}
+
+impl Drop for Loss {
+    fn drop(&mut self) {
+        let out = Command::new("iptables").arg("-D").args(&self.rule).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!(
+                "cleanup: iptables -D {} failed: {out:?}",
+                self.rule.join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn kernel_sync_converges_through_packet_loss() {
+    if !kernel_available("kernel_sync_converges_through_packet_loss") {
+        return;
+    }
+    let _serial = timing_shared();
+    let rt = runtime();
+    let regions = [Region::new("ap-south-1"), Region::new("sa-east-1")];
+    // Each region reaches the other through a proxy whose port drops 20 % of packets.
+    let proxies = [
+        DelayProxy::start(&rt, regions[1].grpc, Duration::from_millis(1)),
+        DelayProxy::start(&rt, regions[0].grpc, Duration::from_millis(1)),
+    ];
+    let _loss = [
+        Loss::on_port(proxies[0].addr.port(), 0.2),
+        Loss::on_port(proxies[1].addr.port(), 0.2),
+    ];
+    let agents = [
+        Agent::start(&regions[0].config(&[proxies[0].addr])),
+        Agent::start(&regions[1].config(&[proxies[1].addr])),
+    ];
+    let started = Instant::now();
+    for (r, a) in regions.iter().zip(&agents) {
+        wait_until(
+            &format!("{} commits with quorum through the loss", r.name),
+            Duration::from_secs(60),
+            || committed(a) > 0.0,
+        );
+    }
+    // Everything written so far arrives, despite the loss.
+    let written = metric(&agents[0], "knhk_receipts_log_size");
+    wait_until(
+        "sa-east-1 holds every receipt of ap-south-1",
+        Duration::from_secs(60),
+        || {
+            metric(
+                &agents[0],
+                &format!(
+                    "knhk_sync_peer_acked_receipts{{peer=\"http://{}\"}}",
+                    proxies[0].addr
+                ),
+            ) >= written
+        },
+    );
+    let failures = metric(&agents[0], "knhk_sync_peer_failures_total");
+    eprintln!(
+        "20% loss each way: quorum and {written} receipts replicated within {:?} ({failures} failed pushes retried)",
+        started.elapsed()
+    );
+}

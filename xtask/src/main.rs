@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",              // libbpf-sys
     "iproute2",                // network namespaces in tests
     "prometheus",              // real Prometheus server and promtool in tests
+    "iptables",                // packet loss (statistic match) between regions in tests
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python tools the tests use, installed into `.venv/` at the workspace root.
