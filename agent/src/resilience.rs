@@ -3,6 +3,10 @@
 //! `failure_threshold` consecutive failures the circuit opens and calls fail fast for
 //! `open_for`; then one probe is let through (half-open); its success closes the circuit, its
 //! failure opens it again.
+//!
+//! The breaker is ours (about 80 lines): the maintained breaker crates (`failsafe`) wrap the
+//! call itself and bring their own backoff, while here the backoff is `backon`'s and the
+//! breaker's state must be readable on its own for metrics and readiness.
 
 use std::{
     sync::Mutex,
