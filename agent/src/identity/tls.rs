@@ -105,6 +105,7 @@ pub fn channel(
     let connector = TlsConnector::from(config);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("{addr}: {e}"))?
+        .connect_timeout(HANDSHAKE_TIMEOUT)
         .tcp_nodelay(true);
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {

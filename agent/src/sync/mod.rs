@@ -454,6 +454,13 @@ impl Replicator {
         }
     }
 
+    /// A request that gives up after the configured timeout.
+    fn bounded<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.set_timeout(self.settings.timeout);
+        r
+    }
+
     /// One push: the next batch, with the newest signed checkpoint it completes. Returns whether
     /// more is waiting.
     async fn push_once(
@@ -465,9 +472,9 @@ impl Replicator {
         let region = self.settings.region.clone();
         if acked.is_none() {
             let state = client
-                .get_sync_state(pb::GetSyncStateRequest {
+                .get_sync_state(self.bounded(pb::GetSyncStateRequest {
                     origin_region: region.clone(),
-                })
+                }))
                 .await
                 .map_err(|s| s.to_string())?
                 .into_inner();
@@ -489,7 +496,7 @@ impl Replicator {
             return Ok(false);
         };
         let response = client
-            .push_batch(request)
+            .push_batch(self.bounded(request))
             .await
             .map_err(|s| s.to_string())?
             .into_inner();
