@@ -644,7 +644,7 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
         &s.cg,
         &s.pins,
         &format!(
-            "spiffe_socket_path = \"{}\"\n[spiffe.authorized_ids]\npolicy_writers = [\"spiffe://{TD}/ops\"]\nregion_peers = [\"spiffe://{TD}/region/*\"]\n\
+            "spiffe_socket_path = \"{}\"\n[spiffe.authorized_ids]\npolicy_writers = [\"spiffe://{TD}/ops\"]\nregion_peers = [\"spiffe://{TD}/region/*\"]\nhold_writers = [\"spiffe://{TD}/legal\"]\n\
              [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n\
              [multi_region]\nregion = \"us-east-1\"\ncross_region_sync_enabled = true\nreceipt_sync_endpoints = []\n",
             agent_spire.socket.display(),
@@ -674,6 +674,28 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
             .expect_err("an operator is not a region peer");
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("region_peers"), "{e:?}");
+        // Legal holds have their own list: a policy writer may list them but not place one.
+        let source = client_source(&ops.socket).await;
+        let channel = tls::channel(addr, client_config(&source, &[TD])).expect("channel");
+        let mut holds =
+            knhk_agent::api::receipts::pb::hold_service_client::HoldServiceClient::new(channel);
+        holds
+            .list_holds(knhk_agent::api::receipts::pb::ListHoldsRequest {})
+            .await
+            .expect("a writer reads holds");
+        let e = holds
+            .place_hold(knhk_agent::api::receipts::pb::PlaceHoldRequest {
+                hold: Some(knhk_agent::api::receipts::pb::Hold {
+                    case_id: "C".into(),
+                    reason: "r".into(),
+                    region: "us-east-1".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect_err("not a hold writer");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("hold_writers"), "{e:?}");
     });
 }
 
