@@ -299,17 +299,19 @@ impl Controller {
     ) -> Result<Applied, ControlError> {
         let dp = self.datapath.clone();
         let p = policy.clone();
-        let (report, status, switched_at) = blocking(move || {
+        let published = self.status.clone();
+        let (report, switched_at) = blocking(move || {
             let mut dp = dp.lock().map_err(|_| poisoned())?;
             let started = Instant::now();
             let report = dp.apply(&p, deadline)?;
             let switched_at = started + report.switch_latency;
-            Ok::<_, ControlError>((report, dp.status(), switched_at))
+            // Published under the datapath lock, so snapshots are published in datapath order.
+            if let Ok(mut s) = published.write() {
+                *s = dp.status();
+            }
+            Ok::<_, ControlError>((report, switched_at))
         })
         .await??;
-        if let Ok(mut s) = self.status.write() {
-            *s = status;
-        }
         let generation = Generation {
             number: report.generation,
             digest: policy.digest(),
@@ -365,7 +367,8 @@ impl Controller {
     /// grace period is waited for without holding the datapath, so applies never wait on it.
     pub async fn tick(&self) -> Result<(), ControlError> {
         let dp = self.datapath.clone();
-        let (changes, status) = blocking(move || {
+        let published = self.status.clone();
+        let changes = blocking(move || {
             let ticket = {
                 let dp = dp.lock().map_err(|_| poisoned())?;
                 dp.begin_reclaim()
@@ -382,12 +385,13 @@ impl Controller {
             }
             let mut dp = dp.lock().map_err(|_| poisoned())?;
             let changes = dp.refresh_scopes()?;
-            Ok::<_, ControlError>((changes, dp.status()))
+            // Under the datapath lock: a switch that follows cannot be overwritten by this.
+            if let Ok(mut s) = published.write() {
+                *s = dp.status();
+            }
+            Ok::<_, ControlError>(changes)
         })
         .await??;
-        if let Ok(mut s) = self.status.write() {
-            *s = status;
-        }
         for c in changes {
             let (cgroup, present) = match &c {
                 ScopeChange::Appeared { path, id } => {
