@@ -98,11 +98,21 @@ impl ReceiptService for ReceiptApi {
     ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
         let wanted = request.into_inner().number;
         let ledger = self.0.ledger().clone();
-        let all = blocking(move || ledger.checkpoints()).await?;
-        let found = match wanted {
-            Some(n) => all.into_iter().find(|(k, _)| *k == n),
-            None => all.into_iter().rev().find(|(_, c)| c.signature.is_some()),
-        };
+        let found = blocking(move || match wanted {
+            Some(n) => Ok(ledger.checkpoint(n)?.map(|c| (n, c))),
+            None => {
+                let mut latest = None;
+                ledger.checkpoints_newest_first(|n, c| {
+                    if c.signature.is_some() {
+                        latest = Some((n, c));
+                        return false;
+                    }
+                    true
+                })?;
+                Ok(latest)
+            }
+        })
+        .await?;
         let (number, stored) = found.ok_or_else(|| match wanted {
             Some(n) => Status::not_found(format!("no checkpoint {n}")),
             None => Status::not_found("no signed checkpoint yet"),

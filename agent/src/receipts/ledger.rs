@@ -287,12 +287,18 @@ impl Ledger {
 
     /// Checkpoints waiting for a signature, oldest first: (number, body).
     pub fn unsigned_checkpoints(&self) -> Result<Vec<(u64, CheckpointBody)>, LedgerError> {
-        Ok(self
-            .checkpoints()?
-            .into_iter()
-            .filter(|(_, c)| c.signature.is_none())
-            .filter_map(|(n, c)| CheckpointBody::decode(&c.body).ok().map(|b| (n, b)))
-            .collect())
+        // Checkpoints are signed oldest first and a signed one is final, so the unsigned ones
+        // are the newest: read back only until the first signed one (the backlog, not the log).
+        let mut out = Vec::new();
+        self.checkpoints_newest_first(|n, c| {
+            if c.signature.is_some() {
+                return false;
+            }
+            out.extend(CheckpointBody::decode(&c.body).ok().map(|b| (n, b)));
+            true
+        })?;
+        out.reverse();
+        Ok(out)
     }
 
     /// Signs checkpoint `number`: stores `body` (the text that was signed: the stored one, or
@@ -362,6 +368,37 @@ impl Ledger {
             out.push((k.value(), stored));
         }
         Ok(out)
+    }
+
+    /// Checkpoints newest first, for as long as `visit` returns `true`: reads only as far back
+    /// as the caller needs.
+    pub fn checkpoints_newest_first(
+        &self,
+        mut visit: impl FnMut(u64, StoredCheckpoint) -> bool,
+    ) -> Result<(), LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CHECKPOINTS).map_err(db)?;
+        for entry in t.iter().map_err(db)?.rev() {
+            let (k, v) = entry.map_err(db)?;
+            let stored = serde_json::from_slice(v.value())
+                .map_err(|e| LedgerError::Corrupt(format!("checkpoint {}: {e}", k.value())))?;
+            if !visit(k.value(), stored) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpoint `number`, if it exists.
+    pub fn checkpoint(&self, number: u64) -> Result<Option<StoredCheckpoint>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CHECKPOINTS).map_err(db)?;
+        let Some(v) = t.get(number).map_err(db)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| LedgerError::Corrupt(format!("checkpoint {number}: {e}")))
     }
 
     /// The receipt `seq` and its payload (`None` once compacted).
@@ -659,6 +696,18 @@ impl Ledger {
             .insert((number, c.region.as_str()), &json[..])
             .map_err(db)?;
         tx.commit().map_err(db)
+    }
+
+    /// How many witnesses cosigned checkpoint `number`.
+    pub fn cosigner_count(&self, number: u64) -> Result<usize, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(COSIGNATURES).map_err(db)?;
+        let mut n = 0;
+        for entry in t.range((number, "")..(number + 1, "")).map_err(db)? {
+            entry.map_err(db)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Every cosignature: (checkpoint number, cosignature).

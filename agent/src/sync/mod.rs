@@ -320,28 +320,29 @@ impl Replicator {
     /// holding it)).
     fn quorum_state(&self) -> (u64, Option<(u64, i64, usize)>) {
         let ledger = self.receipts.ledger();
-        let checkpoints = ledger.checkpoints().unwrap_or_default();
-        let cosigs = ledger.cosignatures().unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        let signed: Vec<(u64, CheckpointBody)> = checkpoints
-            .iter()
-            .filter(|(_, c)| c.signature.is_some())
-            .filter_map(|(n, c)| CheckpointBody::decode(&c.body).ok().map(|b| (*n, b)))
-            .collect();
-        let holders = |n: u64| 1 + cosigs.iter().filter(|(k, _)| *k == n).count();
-        let committed = signed
-            .iter()
-            .filter(|(n, _)| holders(*n) >= self.settings.quorum)
-            .map(|(_, b)| b.size)
-            .max()
-            .unwrap_or(0);
+        // Newest first, back to the newest committed one: only the checkpoints still waiting
+        // are read, not the whole history.
+        let mut committed = 0;
+        let mut waiting = None;
+        let _ = ledger.checkpoints_newest_first(|n, c| {
+            if c.signature.is_none() {
+                return true;
+            }
+            let Ok(body) = CheckpointBody::decode(&c.body) else {
+                return true;
+            };
+            let holders = 1 + ledger.cosigner_count(n).unwrap_or(0);
+            if holders >= self.settings.quorum {
+                committed = body.size;
+                return false;
+            }
+            waiting = Some((body.size, (now - body.time_ns) / 1_000_000_000, holders));
+            true
+        });
         self.metrics.committed.set(committed as i64);
-        let waiting = signed
-            .iter()
-            .find(|(_, b)| b.size > committed)
-            .map(|(n, b)| (b.size, (now - b.time_ns) / 1_000_000_000, holders(*n)));
         (committed, waiting)
     }
 
@@ -546,13 +547,26 @@ fn prepare(
         })
         .collect();
     let end = from + entries.len() as u64;
-    let checkpoint = ledger
-        .checkpoints()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|(_, c)| c.signature.is_some())
-        .filter_map(|(n, c)| CheckpointBody::decode(&c.body).ok().map(|b| (n, c, b)))
-        .rfind(|(_, _, b)| b.size <= end && b.size > cosigned);
+    // The newest signed checkpoint the peer will fully hold, if it is newer than the one it
+    // cosigned; read newest first, so only recent checkpoints are decoded.
+    let mut checkpoint = None;
+    ledger
+        .checkpoints_newest_first(|n, c| {
+            if c.signature.is_none() {
+                return true;
+            }
+            let Ok(b) = CheckpointBody::decode(&c.body) else {
+                return true;
+            };
+            if b.size > end {
+                return true;
+            }
+            if b.size > cosigned {
+                checkpoint = Some((n, c, b));
+            }
+            false
+        })
+        .map_err(|e| e.to_string())?;
     if entries.is_empty() && checkpoint.is_none() {
         return Ok(None);
     }
