@@ -22,14 +22,6 @@ use support::{spire::*, *};
 
 const TD: &str = "knhk.test";
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// An agent with SPIFFE mTLS on, attached to a throwaway cgroup, whose Workload API is
 /// `spire` (already serving or not).
 fn start_agent(dir: &Path, cg: &TestCgroup, pins: &TestPins, spiffe: &str) -> Agent {
@@ -93,14 +85,6 @@ async fn handshake(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Resul
         .map_err(|_| "no answer".to_string())?
         .map_err(|e| e.to_string())?;
     Ok(serial)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn metric(agent: &Agent, name: &str) -> f64 {
@@ -697,13 +681,6 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
         assert!(e.message().contains("hold_writers"), "{e:?}");
     });
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 #[test]

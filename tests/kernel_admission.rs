@@ -80,6 +80,15 @@ impl Harness {
     }
 }
 
+/// A policy that classes the shaped servers' subnet (`DelayedServer`, 10.213.0.0/16) as R1.
+const DELAYED_SERVERS_ARE_R1: &str = r#"
+[[policy.rules]]
+name = "hot"
+action = "allow"
+class = "R1"
+cidrs = ["10.213.0.0/16"]
+"#;
+
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
@@ -397,16 +406,7 @@ fn kernel_histograms_and_heat_fill_from_real_connections() {
     // A real network delay of about 20 ms dominates the handshake, so the connect() time seen in
     // userspace and the connect-to-ESTABLISHED time seen by the kernel measure the same thing.
     let server = DelayedServer::new(20);
-    let h = Harness::start(
-        "latency",
-        r#"
-        [[policy.rules]]
-        name = "hot"
-        action = "allow"
-        class = "R1"
-        cidrs = ["10.213.0.0/16"]
-        "#,
-    );
+    let h = Harness::start("latency", DELAYED_SERVERS_ARE_R1);
     const N: usize = 200;
     let timings = tcp_connect_timings_from::<N>(&h.cg.path, server.addr);
     assert!(
@@ -458,16 +458,7 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
     // connects are C1.
     let server = DelayedServer::new(20);
     let local = tcp_sink("127.0.0.1:0");
-    let h = Harness::start(
-        "slo",
-        r#"
-        [[policy.rules]]
-        name = "hot"
-        action = "allow"
-        class = "R1"
-        cidrs = ["10.213.0.0/16"]
-        "#,
-    );
+    let h = Harness::start("slo", DELAYED_SERVERS_ARE_R1);
     let settings = BeatSettings {
         window_beats: 4,
         recover_beats: 3,
@@ -581,16 +572,7 @@ fn kernel_slo_judges_a_class_by_rtt_when_configured() {
     // ceiling is 5 ms. The ceiling of W1 (judged by handshakes, of which it has none) is never
     // breached.
     let server = DelayedServer::new(20);
-    let h = Harness::start(
-        "slo-rtt",
-        r#"
-        [[policy.rules]]
-        name = "hot"
-        action = "allow"
-        class = "R1"
-        cidrs = ["10.213.0.0/16"]
-        "#,
-    );
+    let h = Harness::start("slo-rtt", DELAYED_SERVERS_ARE_R1);
     let settings = BeatSettings {
         ceilings_ns: [Some(5_000_000), Some(5_000_000), None],
         latency_sources: [
@@ -860,16 +842,7 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
     // ramps up to it; the beat engine samples (rate, p99) every beat and fits its model.
     const CEILING_S: f64 = 0.005;
     let server = DelayedServer::rate_limited("2mbit");
-    let h = Harness::start(
-        "capacity",
-        r#"
-        [[policy.rules]]
-        name = "hot"
-        action = "allow"
-        class = "R1"
-        cidrs = ["10.213.0.0/16"]
-        "#,
-    );
+    let h = Harness::start("capacity", DELAYED_SERVERS_ARE_R1);
     // Beats of 250 ms; the SLO window and each load step are 8 beats (2 s), aligned, so each
     // step gives the model one (rate, window p99) sample.
     let interval = Duration::from_millis(250);

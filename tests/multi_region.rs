@@ -9,27 +9,12 @@ use knhk_agent::{
     sync::pb::{self, region_sync_client::RegionSyncClient},
 };
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 use support::{proxy::DelayProxy, *};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
 
 struct Region {
     name: &'static str,
@@ -84,14 +69,6 @@ fn metric(agent: &Agent, line_prefix: &str) -> f64 {
         .filter(|l| l.starts_with(line_prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, f64::max)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn committed(agent: &Agent) -> f64 {

@@ -6,9 +6,10 @@
 //!    transit (an OpenBao dev server), each on this machine.
 //! 3. Offline verification speed of a ledger of 1,000,000 receipts.
 
-#[path = "../../tests/support/kms.rs"]
-#[allow(dead_code)]
-mod kms;
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use support::kms;
 
 use knhk_agent::receipts::{
     verify, CheckpointBody, KeyRef, Ledger, NewReceipt, ReceiptKind, Signer, SignerSettings,

@@ -6,9 +6,10 @@
 //!    from a pulse (checkpoint written) until a witness's cosignature is stored at the origin
 //!    (quorum 2 of 3), 50 checkpoints; against the goal of 3 × RTT + the batch linger.
 
-#[path = "../../tests/support/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use support::proxy;
 
 use knhk_agent::{
     receipts::{NewReceipt, ReceiptKind, ReceiptSettings, Receipts, SignerSettings},

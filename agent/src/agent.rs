@@ -225,9 +225,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         &receipts,
     ) {
         (Some(settings), Some(r)) => {
-            let peers_dir = ReceiptSettings::from_config(&config)
-                .and_then(|s| s.path.parent().map(|p| p.join("peers")))
-                .unwrap_or_else(|| PathBuf::from("/var/lib/knhk/peers"));
+            // Foreign ledgers live beside this region's own.
+            let peers_dir = r
+                .path()
+                .parent()
+                .map_or_else(|| PathBuf::from("peers"), |dir| dir.join("peers"));
             info!(region = %settings.region, peers = settings.peers.len(), quorum = settings.quorum, "region sync on");
             let sync =
                 Replicator::start(settings, r.clone(), identity.clone(), peers_dir, &registry)

@@ -3,8 +3,8 @@
 //! Each runs on a free loopback port and is killed on drop; `pause`/`resume` (SIGSTOP,
 //! SIGCONT) make it unresponsive and back without losing its in-memory keys.
 
+use super::free_port;
 use std::{
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -12,13 +12,6 @@ use std::{
 
 fn venv() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A running server process.

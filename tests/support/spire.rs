@@ -1,27 +1,20 @@
 //! A stand-in for SPIRE, which cannot be installed here: a certificate authority per trust
 //! domain (`rcgen`) and a SPIFFE Workload API server on a Unix socket that speaks the real
-//! protocol (`proto/spiffe/workload.proto`, the server side the agent generates): it requires
-//! the `workload.spiffe.io: true` header and streams full X.509-SVID responses, each replacing
+//! protocol (`proto/spiffe/workload.proto`; the agent's `X509SvidServer`, which it also uses for
+//! its file source): it requires the `workload.spiffe.io: true` header and streams full X.509-SVID
+//! responses, each replacing
 //! the last (anything absent, such as a federated bundle, is revoked). Tests push rotations and
 //! bundle changes with [`FakeSpire::push`].
 
 use knhk_agent::identity::workload_api::{
-    check_security_header,
-    pb::{
-        spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
-        JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse,
-        ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
-        X509svid, X509svidRequest, X509svidResponse,
-    },
+    pb::{X509svid, X509svidResponse},
+    X509SvidServer,
 };
 use std::{
     path::{Path, PathBuf},
-    pin::Pin,
     time::{Duration, SystemTime},
 };
 use tokio::sync::watch;
-use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
-use tonic::{Request, Response, Status};
 
 /// A trust domain's certificate authority.
 pub struct TestCa {
@@ -171,7 +164,7 @@ impl FakeSpire {
         let task = runtime.spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(SpiffeWorkloadApiServer::new(Api { current: rx }))
+                .add_service(X509SvidServer::service(rx))
                 .serve_with_incoming(incoming)
                 .await;
         });
@@ -206,55 +199,5 @@ impl FakeSpire {
     pub fn stop(self) {
         self.task.abort();
         let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-struct Api {
-    current: watch::Receiver<Option<X509svidResponse>>,
-}
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for Api {
-    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
-    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
-    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
-
-    async fn fetch_x509svid(
-        &self,
-        request: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_security_header(request.metadata())?;
-        let stream = WatchStream::new(self.current.clone()).filter_map(|r| r.map(Ok));
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn fetch_x509_bundles(
-        &self,
-        _: Request<X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        Err(Status::unimplemented("not in the test double"))
-    }
-
-    async fn fetch_jwtsvid(
-        &self,
-        _: Request<JwtsvidRequest>,
-    ) -> Result<Response<JwtsvidResponse>, Status> {
-        Err(Status::unimplemented("not in the test double"))
-    }
-
-    async fn fetch_jwt_bundles(
-        &self,
-        _: Request<JwtBundlesRequest>,
-    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented("not in the test double"))
-    }
-
-    async fn validate_jwtsvid(
-        &self,
-        _: Request<ValidateJwtsvidRequest>,
-    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        Err(Status::unimplemented("not in the test double"))
     }
 }

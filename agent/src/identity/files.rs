@@ -8,13 +8,9 @@
 
 use super::{
     workload_api::{
-        check_security_header, concat_der,
-        pb::{
-            spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
-            JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse,
-            ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest,
-            X509BundlesResponse, X509svid, X509svidRequest, X509svidResponse,
-        },
+        concat_der,
+        pb::{X509svid, X509svidResponse},
+        X509SvidServer,
     },
     FilePaths,
 };
@@ -23,12 +19,9 @@ use spiffe::TrustDomain;
 use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
-    pin::Pin,
     time::Duration,
 };
 use tokio::sync::watch;
-use tokio_stream::{wrappers::WatchStream, Stream, StreamExt};
-use tonic::{Request, Response, Status};
 
 /// A running file-backed Workload API. Dropping it stops the server and removes the socket.
 pub(crate) struct FileWorkloadApi {
@@ -52,11 +45,11 @@ impl FileWorkloadApi {
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
-        let (tx, rx) = watch::channel(first);
+        let (tx, rx) = watch::channel(Some(first));
         let server = tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
             let result = tonic::transport::Server::builder()
-                .add_service(SpiffeWorkloadApiServer::new(FileApi { current: rx }))
+                .add_service(X509SvidServer::service(rx))
                 .serve_with_incoming(incoming)
                 .await;
             if let Err(e) = result {
@@ -77,7 +70,7 @@ impl FileWorkloadApi {
                 match load(&paths, &td) {
                     Ok(response) => {
                         tracing::info!(cert = %paths.cert.display(), "identity files changed: loaded");
-                        let _ = tx.send(response);
+                        let _ = tx.send(Some(response));
                     }
                     Err(e) => tracing::error!(
                         "identity files changed but do not load ({e}); the previous identity keeps serving"
@@ -182,62 +175,4 @@ fn load(paths: &FilePaths, trust_domain: &TrustDomain) -> Result<X509svidRespons
         }],
         ..Default::default()
     })
-}
-
-struct FileApi {
-    current: watch::Receiver<X509svidResponse>,
-}
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for FileApi {
-    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
-    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
-    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
-
-    async fn fetch_x509svid(
-        &self,
-        request: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_security_header(request.metadata())?;
-        let stream = WatchStream::new(self.current.clone()).map(Ok);
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn fetch_x509_bundles(
-        &self,
-        _: Request<X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        Err(Status::unimplemented(
-            "the file identity source serves X.509-SVIDs only",
-        ))
-    }
-
-    async fn fetch_jwtsvid(
-        &self,
-        _: Request<JwtsvidRequest>,
-    ) -> Result<Response<JwtsvidResponse>, Status> {
-        Err(Status::unimplemented(
-            "the file identity source serves X.509-SVIDs only",
-        ))
-    }
-
-    async fn fetch_jwt_bundles(
-        &self,
-        _: Request<JwtBundlesRequest>,
-    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        Err(Status::unimplemented(
-            "the file identity source serves X.509-SVIDs only",
-        ))
-    }
-
-    async fn validate_jwtsvid(
-        &self,
-        _: Request<ValidateJwtsvidRequest>,
-    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        Err(Status::unimplemented(
-            "the file identity source serves X.509-SVIDs only",
-        ))
-    }
 }

@@ -606,6 +606,11 @@ impl Receipts {
         }
     }
 
+    /// The ledger's database file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.settings.path
+    }
+
     /// The ledger (for reads: receipts, proofs, checkpoints).
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
