@@ -3,10 +3,11 @@
 
 mod support;
 
-use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE};
+use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use knhk_agent::{
-    config::{Class, Config},
+    config::Config,
     datapath::{Datapath, DatapathOptions, DatapathReader},
+    model::{Class, LatencySource},
     policy::Policy,
 };
 use std::net::SocketAddr;
@@ -21,7 +22,9 @@ struct Harness {
 }
 
 fn policy(text: &str) -> Policy {
-    Policy::from_config(&Config::parse(text, "test").unwrap_or_else(|e| panic!("{e}")))
+    Config::parse(text, "test")
+        .unwrap_or_else(|e| panic!("{e}"))
+        .policy()
 }
 
 impl Harness {
@@ -51,10 +54,10 @@ impl Harness {
     /// receiving end of its events.
     fn engine(
         &self,
-        settings: knhk_agent::beat::BeatSettings,
+        settings: knhk_agent::config::BeatSettings,
     ) -> (
         knhk_agent::beat::BeatEngine,
-        tokio::sync::broadcast::Receiver<knhk_agent::control::Event>,
+        tokio::sync::broadcast::Receiver<knhk_agent::model::Event>,
     ) {
         let (events, rx) = tokio::sync::broadcast::channel(64);
         let engine = knhk_agent::beat::BeatEngine::new(
@@ -415,7 +418,7 @@ fn kernel_histograms_and_heat_fill_from_real_connections() {
     );
     let kernel = h
         .reader()
-        .histogram(LATENCY_HANDSHAKE, Class::R1)
+        .histogram(LatencySource::Handshake, Class::R1)
         .expect("histogram");
     assert_eq!(kernel.count, N as u64, "one handshake sample per connect");
     let mut user: Vec<u64> = timings.iter().map(|t| *t as u64).collect();
@@ -453,7 +456,7 @@ fn kernel_slo_admission_sheds_colder_classes_and_recovers() {
         return;
     }
     let _serial = timing_exclusive();
-    use knhk_agent::beat::{ladder::ClassState, BeatSettings};
+    use knhk_agent::{config::BeatSettings, model::ClassState};
     // R1 goes to a server behind a real 20 ms delay; its SLO is 5 ms. Unmatched (local)
     // connects are C1.
     let server = DelayedServer::new(20);
@@ -567,7 +570,7 @@ fn kernel_slo_judges_a_class_by_rtt_when_configured() {
         return;
     }
     let _serial = timing_exclusive();
-    use knhk_agent::{beat::BeatSettings, config::LatencySource};
+    use knhk_agent::config::BeatSettings;
     // R1 is judged by the smoothed RTT of its connections, over a real 20 ms path; its
     // ceiling is 5 ms. The ceiling of W1 (judged by handshakes, of which it has none) is never
     // breached.
@@ -586,13 +589,13 @@ fn kernel_slo_judges_a_class_by_rtt_when_configured() {
     engine.beat().expect("beat");
     let rtt_before = h
         .reader()
-        .histogram(knhk_abi::LATENCY_RTT, Class::R1)
+        .histogram(LatencySource::Rtt, Class::R1)
         .expect("rtt histogram")
         .count;
     assert_eq!(tcp_send_from(&h.cg.path, server.addr, 5, 150), 5);
     let rtt_after = h
         .reader()
-        .histogram(knhk_abi::LATENCY_RTT, Class::R1)
+        .histogram(LatencySource::Rtt, Class::R1)
         .expect("rtt histogram")
         .count;
     assert!(
@@ -612,7 +615,7 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         return;
     }
     let _serial = timing_exclusive();
-    use knhk_agent::beat::{ladder::ClassState, BeatSettings};
+    use knhk_agent::{config::BeatSettings, model::ClassState};
     let server = DelayedServer::new(20);
     let lower_tier = tcp_sink("127.0.0.1:0");
     // The C1 destination has no listener: admitted it is refused by the stack; parked it
@@ -640,7 +643,7 @@ fn kernel_slo_degrade_parks_connects_on_the_lower_tier() {
         window_beats: 4,
         recover_beats: 3,
         ceilings_ns: [Some(5_000_000), None, None],
-        strategy: knhk_agent::config::AdmissionStrategy::Degrade,
+        strategy: knhk_agent::model::AdmissionStrategy::Degrade,
         ..BeatSettings::default()
     };
     let (mut engine, _rx) = h.engine(settings);
@@ -685,7 +688,7 @@ fn kernel_budget_admits_exactly_n_per_beat() {
         return;
     }
     let _serial = timing_shared();
-    use knhk_agent::beat::BeatSettings;
+    use knhk_agent::config::BeatSettings;
     let target = tcp_sink("127.0.0.1:0");
     let h = Harness::start(
         "budget",
@@ -749,7 +752,7 @@ fn kernel_heat_ranks_decays_and_counts_evictions() {
         return;
     }
     let _serial = timing_shared();
-    use knhk_agent::beat::BeatSettings;
+    use knhk_agent::config::BeatSettings;
     let h = Harness::start_with_heat(
         "heat",
         "[[policy.rules]]\nname = \"any\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
@@ -796,7 +799,7 @@ fn kernel_slo_control_fails_open_when_the_beat_stops() {
         return;
     }
     let _serial = timing_shared();
-    use knhk_agent::beat::BeatSettings;
+    use knhk_agent::config::BeatSettings;
     let target = tcp_sink("127.0.0.1:0");
     let h = Harness::start(
         "failopen",
@@ -835,7 +838,7 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
         return;
     }
     let _serial = timing_exclusive();
-    use knhk_agent::beat::BeatSettings;
+    use knhk_agent::config::BeatSettings;
     use std::time::{Duration, Instant};
     // A server behind a 2 Mbit/s link with no other traffic: each connect puts about 200 bytes
     // (SYN, ACK, RST) on it, so the link serves about 1,200 connects/s. An open-loop Poisson load
@@ -864,7 +867,7 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
         let arrivals = poisson_arrivals(*rate, step, 7 + i as u64);
         let before = h
             .reader()
-            .histogram(LATENCY_HANDSHAKE, Class::R1)
+            .histogram(LatencySource::Handshake, Class::R1)
             .expect("histogram");
         let (cg, addr, n) = (h.cg.path.clone(), server.addr, arrivals.len());
         loads.push(std::thread::spawn(move || {
@@ -878,7 +881,7 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
         }
         let step_histogram = h
             .reader()
-            .histogram(LATENCY_HANDSHAKE, Class::R1)
+            .histogram(LatencySource::Handshake, Class::R1)
             .expect("histogram")
             .minus(&before);
         let p99 = step_histogram.quantile(0.99).unwrap_or(0) as f64 / 1e9;

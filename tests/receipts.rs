@@ -4,8 +4,9 @@
 
 mod support;
 
-use knhk_agent::receipts::{
-    merkle, verify, Hold, NewReceipt, ReceiptKind, ReceiptSettings, Receipts, SignerSettings,
+use knhk_agent::{
+    config::{ReceiptSettings, SignerSettings},
+    receipts::{merkle, verify, Hold, NewReceipt, ReceiptKind, Receipts},
 };
 use redb::{ReadableTable, TableDefinition};
 use std::{
@@ -28,7 +29,9 @@ fn settings(dir: &Path, signer: SignerSettings) -> ReceiptSettings {
 }
 
 async fn start(settings: ReceiptSettings) -> Arc<Receipts> {
-    let signer = settings.signer.connect().await.expect("signer");
+    let signer = knhk_agent::receipts::connect_signer(&settings.signer)
+        .await
+        .expect("signer");
     Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
         .await
         .expect("receipts")
@@ -463,13 +466,12 @@ async fn held_receipts_survive_compaction_and_the_tree_still_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vault_signer_without_a_token_is_a_clear_error() {
     std::env::remove_var("VAULT_TOKEN");
-    let e = SignerSettings::Vault {
+    let e = knhk_agent::receipts::connect_signer(&SignerSettings::Vault {
         addr: "http://127.0.0.1:1".into(),
         mount: "transit".into(),
         key_name: "k".into(),
         token_file: None,
-    }
-    .connect()
+    })
     .await
     .expect_err("no token");
     assert!(
@@ -477,13 +479,12 @@ async fn a_vault_signer_without_a_token_is_a_clear_error() {
             .contains("no token: set kms.token_file or VAULT_TOKEN"),
         "{e}"
     );
-    let e = SignerSettings::Vault {
+    let e = knhk_agent::receipts::connect_signer(&SignerSettings::Vault {
         addr: "http://127.0.0.1:1".into(),
         mount: "transit".into(),
         key_name: "k".into(),
         token_file: Some("/nonexistent/token".into()),
-    }
-    .connect()
+    })
     .await
     .expect_err("no token file");
     assert!(

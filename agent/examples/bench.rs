@@ -43,7 +43,9 @@ fn policy(port: u16, rules: u64) -> Policy {
             i & 255
         ));
     }
-    Policy::from_config(&Config::parse(&text, "bench").expect("bench policy"))
+    Config::parse(&text, "bench")
+        .expect("bench policy")
+        .policy()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -231,7 +233,7 @@ fn main() {
     let filled = tcp_connect_many_from(&agent_cg.path, 65_536);
     let reader = knhk_agent::datapath::DatapathReader::open(dp.pins()).expect("reader");
     let heat_entries = reader.heat().expect("heat").len();
-    let settings = knhk_agent::beat::BeatSettings {
+    let settings = knhk_agent::config::BeatSettings {
         ceilings_ns: [Some(200_000), Some(1_000_000), Some(500_000_000)],
         ..Default::default()
     };

@@ -84,7 +84,9 @@ fn main() {
             heat_max_entries: 65_536,
         })
         .expect("datapath");
-        let controller = Controller::start(dp, &config).await.expect("controller");
+        let controller = Controller::start(dp, &config, tokio::sync::broadcast::channel(1024).0, None)
+            .await
+            .expect("controller");
         let listener = api::bind("127.0.0.1:0".parse().expect("addr"), false).await.expect("bind");
         let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = api::serve(listener, 64 << 20, controller.clone(), Default::default(), async {

@@ -11,8 +11,9 @@ mod support;
 
 use support::kms;
 
-use knhk_agent::receipts::{
-    verify, CheckpointBody, KeyRef, Ledger, NewReceipt, ReceiptKind, Signer, SignerSettings,
+use knhk_agent::{
+    config::SignerSettings,
+    receipts::{verify, CheckpointBody, KeyRef, Ledger, NewReceipt, ReceiptKind, Signer},
 };
 use std::time::{Duration, Instant};
 
@@ -91,10 +92,9 @@ async fn main() {
     }
 
     println!("checkpoint sign latency, 50 signs each (local servers):");
-    let file = SignerSettings::File {
+    let file = knhk_agent::receipts::connect_signer(&SignerSettings::File {
         key_dir: dir.path().join("keys"),
-    }
-    .connect()
+    })
     .await
     .expect("file signer");
     let (p50, p99) = sign_latency(file.as_ref(), 50).await;
@@ -106,12 +106,11 @@ async fn main() {
 
     let moto = kms::moto();
     let (_client, key_id) = kms::create_kms_key(&moto.url).await;
-    let aws = SignerSettings::Aws {
+    let aws = knhk_agent::receipts::connect_signer(&SignerSettings::Aws {
         region: "us-east-1".into(),
         key_id,
         endpoint_url: Some(moto.url.clone()),
-    }
-    .connect()
+    })
     .await
     .expect("aws signer");
     let (p50, p99) = sign_latency(aws.as_ref(), 50).await;
@@ -126,13 +125,12 @@ async fn main() {
     kms::create_transit_key(&bao.url, "bench").await;
     let token = dir.path().join("token");
     std::fs::write(&token, "root").expect("token");
-    let vault = SignerSettings::Vault {
+    let vault = knhk_agent::receipts::connect_signer(&SignerSettings::Vault {
         addr: bao.url.clone(),
         mount: "transit".into(),
         key_name: "bench".into(),
         token_file: Some(token),
-    }
-    .connect()
+    })
     .await
     .expect("vault signer");
     let (p50, p99) = sign_latency(vault.as_ref(), 50).await;

@@ -12,8 +12,9 @@ mod support;
 use support::proxy;
 
 use knhk_agent::{
-    receipts::{NewReceipt, ReceiptKind, ReceiptSettings, Receipts, SignerSettings},
-    sync::{pb, Peer, Replicator, SyncSettings},
+    config::{Peer, ReceiptSettings, SignerSettings, SyncSettings},
+    receipts::{NewReceipt, ReceiptKind, Receipts},
+    sync::{pb, Replicator},
 };
 use std::{
     net::SocketAddr,
@@ -37,7 +38,9 @@ fn settings(dir: &std::path::Path, region: &str) -> ReceiptSettings {
 
 async fn receipts(dir: &std::path::Path, region: &str) -> Arc<Receipts> {
     let s = settings(dir, region);
-    let signer = s.signer.connect().await.expect("signer");
+    let signer = knhk_agent::receipts::connect_signer(&s.signer)
+        .await
+        .expect("signer");
     Receipts::start(s, signer, &prometheus::Registry::new(), None, None)
         .await
         .expect("receipts")

@@ -8,13 +8,14 @@
 
 use crate::{
     api,
-    beat::{BeatEngine, BeatSettings},
+    beat::BeatEngine,
     config::Config,
     control::{ControlError, Controller},
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
-    identity::{Identity, IdentityError, IdentitySettings},
-    receipts::{NewReceipt, ReceiptKind, ReceiptSettings, Receipts, ReceiptsError},
-    sync::{Replicator, SyncSettings},
+    identity::{Identity, IdentityError},
+    model::ReceiptKind,
+    receipts::{self, NewReceipt, Receipts, ReceiptsError},
+    sync::Replicator,
     telemetry::{AdminServer, DatapathCollector, Readiness},
 };
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -78,10 +79,7 @@ async fn blocking<T: Send + 'static>(
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
-    let identity_settings = config
-        .spiffe
-        .as_ref()
-        .and_then(|s| IdentitySettings::from_section(s).ok().flatten());
+    let identity_settings = config.settings.identity.clone();
     let api_listener = api::bind(config.agent.listen_address, identity_settings.is_some()).await?;
     let root = cgroup_root(&config)?;
     let registry = prometheus::Registry::new();
@@ -113,7 +111,22 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let datapath = blocking(move || Datapath::start(&opts)).await??;
     let layout = datapath.pins().clone();
     let class_states = datapath.class_state_writer();
-    let controller = Controller::start(datapath, &config).await?;
+
+    // SLO admission: the beat engine runs when [slo] is configured. It is built before the
+    // control core, which reads its view; both publish on the one event stream.
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let mut engine = match &config.settings.beat {
+        Some(settings) => Some(BeatEngine::new(
+            settings.clone(),
+            DatapathReader::open(&layout)?,
+            class_states,
+            events.clone(),
+            &registry,
+        )?),
+        None => None,
+    };
+    let controller =
+        Controller::start(datapath, &config, events, engine.as_ref().map(|e| e.view())).await?;
 
     let status = controller.status_handle();
     let collector = DatapathCollector::new(
@@ -141,22 +154,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         probe.decisions().map(|_| ()).map_err(|e| e.to_string())
     });
 
-    // SLO admission: the beat engine runs when [slo] is configured.
     let (stop_beat, beat_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut summaries = None;
-    let beat_task = match BeatSettings::from_config(&config) {
-        Some(settings) => {
-            let engine = BeatEngine::new(
-                settings.clone(),
-                DatapathReader::open(&layout)?,
-                class_states,
-                controller.event_sender(),
-                &registry,
-            )?
-            .with_policy_status(controller.status_handle());
+    let beat_task = match (engine.take(), &config.settings.beat) {
+        (Some(engine), Some(settings)) => {
+            let engine = engine.with_policy_status(controller.status_handle());
             summaries = Some(engine.summaries());
-            controller.attach_ladder(engine.ladder_handle());
-            controller.attach_heat(engine.heat_view());
             if let Err(e) = registry.register(Box::new(engine.heat_view())) {
                 return Err(AgentError::Internal(format!(
                     "registering heat metrics: {e}"
@@ -173,19 +176,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 let _ = beat_stopped.await;
             })))
         }
-        None => None,
+        _ => None,
     };
     for w in config.warnings() {
         warn!("{w}");
     }
 
     // The receipts ledger runs when [kms] names a signing key.
-    let receipts = match ReceiptSettings::from_config(&config) {
+    let receipts = match config.settings.receipts.clone() {
         Some(settings) => {
             let path = settings.path.clone();
-            let signer = settings
-                .signer
-                .connect()
+            let signer = receipts::connect_signer(&settings.signer)
                 .await
                 .map_err(ReceiptsError::from)?;
             let receipts = Receipts::start(
@@ -217,13 +218,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
 
     // Region sync replicates the ledger when [multi_region] enables it.
-    let sync = match (
-        config
-            .multi_region
-            .as_ref()
-            .and_then(|m| SyncSettings::from_section(m).ok().flatten()),
-        &receipts,
-    ) {
+    let sync = match (config.settings.sync.clone(), &receipts) {
         (Some(settings), Some(r)) => {
             // Foreign ledgers live beside this region's own.
             let peers_dir = r

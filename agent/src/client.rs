@@ -10,7 +10,6 @@ use crate::{
         },
     },
     config::Config,
-    policy::Policy,
 };
 use serde_json::json;
 use std::{fmt::Write as _, path::Path, time::Duration};
@@ -91,7 +90,7 @@ pub struct ClientMtls {
     /// Trust domains the agent's certificate may belong to (empty: the caller's own).
     pub trust_domains: Vec<spiffe::TrustDomain>,
     /// IDs the agent may present (empty: any of those trust domains).
-    pub agent_ids: Vec<crate::identity::IdMatcher>,
+    pub agent_ids: Vec<crate::model::spiffe::IdMatcher>,
 }
 
 impl Target {
@@ -167,7 +166,7 @@ pub fn read_policy_file(path: &Path) -> Result<pb::PolicyDocument, ClientError> 
         .or_else(|| table.get("sidecar"))
         .and_then(|v| v.as_table());
     let set = |key: &str| agent.is_some_and(|a| a.contains_key(key));
-    let mut doc = convert::policy_to_proto(&Policy::from_config(&config));
+    let mut doc = convert::policy_to_proto(&config.policy());
     if !set("mode") {
         doc.mode = pb::Mode::Unspecified as i32;
     }

@@ -6,14 +6,15 @@
 //! translate to and from these calls.
 
 use crate::{
-    config::{Class, Config, SloSection},
+    config::Config,
     datapath::{
         Datapath, DatapathError, DatapathReader, DatapathStatus, Decisions, HeatEntry,
         LatencyHistogram, ScopeChange,
     },
+    model::{Class, ClassState, Event, LatencySource, SloView},
     policy::{Policy, PolicyDiff},
 };
-use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE, LATENCY_RTT};
+use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, RwLock},
@@ -70,42 +71,6 @@ pub struct Applied {
     pub switched_at: Instant,
 }
 
-/// Something that happened, for `WatchEvents`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A generation went live.
-    PolicySwitched {
-        /// When.
-        at: SystemTime,
-        /// Generation number.
-        generation: u64,
-        /// Its digest.
-        digest: String,
-        /// "apply", "rollback" or "startup".
-        cause: &'static str,
-    },
-    /// SLO admission changed a class's state.
-    ClassStateChanged {
-        /// When.
-        at: SystemTime,
-        /// The class.
-        class: Class,
-        /// Before.
-        from: crate::beat::ladder::ClassState,
-        /// After.
-        to: crate::beat::ladder::ClassState,
-    },
-    /// A rule cgroup appeared (`present`) or was removed.
-    CgroupChanged {
-        /// When.
-        at: SystemTime,
-        /// Rule cgroup path.
-        cgroup: String,
-        /// Whether it exists now.
-        present: bool,
-    },
-}
-
 /// Measured latency of one class against its SLO ceiling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassLatency {
@@ -160,10 +125,11 @@ pub struct Controller {
     events: broadcast::Sender<Event>,
     defaults: Policy,
     max_rules: usize,
-    slo: Option<SloSection>,
+    /// p99 ceilings per class (ns), from `[slo]`.
+    ceilings_ns: [Option<u64>; 3],
     heat_top_n: usize,
-    ladder: std::sync::OnceLock<Arc<RwLock<crate::beat::ladder::Ladder>>>,
-    heat_view: std::sync::OnceLock<crate::beat::heat::HeatView>,
+    /// The beat engine's view, when SLO admission runs.
+    slo_view: Option<Arc<dyn SloView>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -182,13 +148,16 @@ async fn blocking<T: Send + 'static>(
 
 impl Controller {
     /// Takes over a started datapath and applies the configuration's policy as the first
-    /// generation of this run.
+    /// generation of this run. Events are published on `events`; `slo_view` is the beat
+    /// engine's view when SLO admission runs.
     pub async fn start(
         datapath: Datapath,
         config: &Config,
+        events: broadcast::Sender<Event>,
+        slo_view: Option<Arc<dyn SloView>>,
     ) -> Result<Arc<Controller>, ControlError> {
         let reader = DatapathReader::open(datapath.pins())?;
-        let policy = Policy::from_config(config);
+        let policy = config.policy();
         // Until the first switch below, the live generation is whatever the pins held.
         let adopted = Generation {
             number: datapath.generation(),
@@ -196,7 +165,6 @@ impl Controller {
             policy: policy.clone(),
         };
         let status = datapath.status();
-        let (events, _) = broadcast::channel(1024);
         let controller = Arc::new(Controller {
             datapath: Arc::new(Mutex::new(datapath)),
             reader,
@@ -208,10 +176,13 @@ impl Controller {
             events,
             defaults: policy.clone(),
             max_rules: config.policy.max_rules,
-            slo: config.slo.clone(),
+            ceilings_ns: config
+                .settings
+                .beat
+                .as_ref()
+                .map_or([None; 3], |b| b.ceilings_ns),
             heat_top_n: config.agent.heat_top_n as usize,
-            ladder: std::sync::OnceLock::new(),
-            heat_view: std::sync::OnceLock::new(),
+            slo_view,
         });
         let applied = controller.switch(policy, None, "startup").await?;
         controller.history.lock().await.live = applied.generation;
@@ -422,13 +393,9 @@ impl Controller {
     pub fn slo(&self) -> Result<Vec<ClassLatency>, ControlError> {
         let mut out = Vec::new();
         for class in Class::ALL {
-            let hs: LatencyHistogram = self.reader.histogram(LATENCY_HANDSHAKE, class)?;
-            let rtt = self.reader.histogram(LATENCY_RTT, class)?;
-            let ceiling = self.slo.as_ref().and_then(|s| match class {
-                Class::R1 => s.r1_p99_max_ns,
-                Class::W1 => s.w1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
-                Class::C1 => s.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
-            });
+            let hs: LatencyHistogram = self.reader.histogram(LatencySource::Handshake, class)?;
+            let rtt = self.reader.histogram(LatencySource::Rtt, class)?;
+            let ceiling = self.ceilings_ns[class.index()];
             out.push(ClassLatency {
                 class,
                 handshake_samples: hs.count,
@@ -446,13 +413,13 @@ impl Controller {
         let all = self.reader.heat()?;
         let limit = if limit == 0 { self.heat_top_n } else { limit };
         let map_entries = all.len();
-        let (entries, decayed) = match self.heat_view.get() {
+        let (entries, decayed) = match &self.slo_view {
             Some(view) => {
                 let attempts: HashMap<(std::net::IpAddr, u16, u8), HeatEntry> = all
                     .into_iter()
                     .map(|e| ((e.addr, e.port, e.proto), e))
                     .collect();
-                let top = view.top(limit);
+                let top = view.hottest(limit);
                 let entries = top
                     .iter()
                     .map(|d| {
@@ -483,11 +450,6 @@ impl Controller {
         })
     }
 
-    /// Attaches the beat engine's heat tracker: `heat` then ranks by decayed heat.
-    pub fn attach_heat(&self, view: crate::beat::heat::HeatView) {
-        let _ = self.heat_view.set(view);
-    }
-
     /// Events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -498,17 +460,11 @@ impl Controller {
         self.events.clone()
     }
 
-    /// Attaches the beat engine's published ladder, for status output.
-    pub fn attach_ladder(&self, ladder: Arc<RwLock<crate::beat::ladder::Ladder>>) {
-        let _ = self.ladder.set(ladder);
-    }
-
     /// The SLO admission state of `class` (`Normal` without a beat engine).
-    pub fn class_state(&self, class: Class) -> crate::beat::ladder::ClassState {
-        self.ladder
-            .get()
-            .and_then(|l| l.read().ok().map(|l| l.state(class)))
-            .unwrap_or(crate::beat::ladder::ClassState::Normal)
+    pub fn class_state(&self, class: Class) -> ClassState {
+        self.slo_view
+            .as_ref()
+            .map_or(ClassState::Normal, |v| v.class_state(class))
     }
 
     /// Decision counts of `class`: (allowed, denied, audited, shed).

@@ -15,6 +15,7 @@
 //! - [`client`]: the CLI's client commands, over gRPC.
 #![warn(missing_docs)]
 
+pub mod abi;
 pub mod agent;
 pub mod api;
 pub mod beat;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod identity;
+pub mod model;
 pub mod policy;
 pub mod receipts;
 pub mod resilience;

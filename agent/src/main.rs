@@ -138,16 +138,9 @@ impl ClientArgs {
             (None, Some(c)) => format!("http://{}", c.agent.listen_address),
             (None, None) => "http://127.0.0.1:50051".into(),
         };
-        let identity = config
-            .as_ref()
-            .and_then(|c| c.spiffe.as_ref())
-            .and_then(|s| {
-                knhk_agent::identity::IdentitySettings::from_section(s)
-                    .ok()
-                    .flatten()
-            });
+        let identity = config.and_then(|c| c.settings.identity);
         let agent_ids = match &self.agent_id {
-            Some(id) => match knhk_agent::identity::IdMatcher::parse(id) {
+            Some(id) => match knhk_agent::model::spiffe::IdMatcher::parse(id) {
                 Ok(m) => vec![m],
                 Err(e) => {
                     eprintln!("error: --agent-id: {e}");
@@ -157,7 +150,7 @@ impl ClientArgs {
             None => identity
                 .as_ref()
                 .and_then(|s| s.expected_id.clone())
-                .map(knhk_agent::identity::IdMatcher::Exact)
+                .map(knhk_agent::model::spiffe::IdMatcher::Exact)
                 .into_iter()
                 .collect(),
         };

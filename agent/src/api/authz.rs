@@ -6,7 +6,10 @@
 //! there is no verified ID and `PERMISSION_DENIED` when the ID is not on the surface's
 //! allow-list, before the service sees the request.
 
-use crate::identity::{peer_id, Identity, Surface};
+use crate::{
+    identity::Identity,
+    model::spiffe::{peer_id, Surface},
+};
 use std::{
     sync::Arc,
     task::{Context, Poll},

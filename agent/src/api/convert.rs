@@ -2,7 +2,7 @@
 
 use super::pb;
 use crate::{
-    config::{
+    model::{
         Action, CgroupPath, Cidr, Class, DefaultAction, Mode, PortRange, Protocol, RuleName,
         RuleSpec,
     },

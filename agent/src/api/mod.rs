@@ -17,8 +17,9 @@ pub mod pb {
 }
 
 use crate::{
-    control::{ControlError, Controller, Event},
+    control::{ControlError, Controller},
     datapath::DatapathError,
+    model::Event,
 };
 use pb::{
     agent_service_server::{AgentService, AgentServiceServer},
@@ -242,7 +243,7 @@ impl AgentService for AgentApi {
                 .map(|p| p.to_string())
                 .collect(),
             trie_entries: status.trie_entries as u64,
-            decisions: crate::config::Class::ALL
+            decisions: crate::model::Class::ALL
                 .iter()
                 .map(|c| {
                     let (allowed, denied, audited, shed) = Controller::decisions_of(&decisions, *c);

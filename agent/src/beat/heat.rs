@@ -10,7 +10,7 @@
 //! (evicted): rankings skip it, and a sweep that also advances a bounded number of entries per
 //! beat drops it, so no beat ever touches the whole table.
 
-use crate::datapath::HeatEntry;
+use crate::{datapath::HeatEntry, model::HotDestination};
 use prometheus::{
     core::{Collector, Desc},
     proto::{self, MetricFamily, MetricType},
@@ -23,21 +23,6 @@ use std::{
         Arc, Mutex,
     },
 };
-
-/// A destination and its heat.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HotDestination {
-    /// Address.
-    pub addr: IpAddr,
-    /// Port.
-    pub port: u16,
-    /// IPPROTO number.
-    pub proto: u8,
-    /// Decayed attempts as of the beat asked about.
-    pub heat: f64,
-    /// Change of the attempt rate (attempts per beat) between the last two visits.
-    pub rising: f64,
-}
 
 #[derive(Debug, Clone)]
 struct Tracked {

@@ -7,41 +7,7 @@
 //! breach stays visible in the metrics. After `recover_beats` consecutive beats without a breach,
 //! the hottest shed class returns to `Normal`, one class per `recover_beats` beats.
 
-use crate::config::{AdmissionStrategy, Class};
-
-/// What admission does with a class's new connects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ClassState {
-    /// Admitted.
-    Normal,
-    /// Parked to a lower tier (Degrade strategy).
-    Degraded,
-    /// Refused with EPERM (Strict strategy).
-    Paused,
-}
-
-impl ClassState {
-    /// Every state.
-    pub const ALL: [ClassState; 3] = [ClassState::Normal, ClassState::Degraded, ClassState::Paused];
-
-    /// The ABI value (`knhk_abi::STATE_*`).
-    pub fn abi(self) -> u32 {
-        match self {
-            ClassState::Normal => knhk_abi::STATE_NORMAL,
-            ClassState::Degraded => knhk_abi::STATE_DEGRADED,
-            ClassState::Paused => knhk_abi::STATE_PAUSED,
-        }
-    }
-
-    /// Lower-case name, for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClassState::Normal => "normal",
-            ClassState::Degraded => "degraded",
-            ClassState::Paused => "paused",
-        }
-    }
-}
+use crate::model::{AdmissionStrategy, Class, ClassState};
 
 /// The ladder's state: one state per class (R1, W1, C1) and the healthy-beat streak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,7 +41,7 @@ pub struct Change {
 impl Ladder {
     /// The state of `class`.
     pub fn state(&self, class: Class) -> ClassState {
-        self.states[class.abi() as usize]
+        self.states[class.index()]
     }
 
     /// One beat: `breach[i]` says whether class i (R1, W1, C1) is over its SLO in the window.
@@ -177,7 +143,7 @@ mod tests {
                     if let Some(hot) = breach.iter().position(|b| *b) {
                         assert_eq!(l.healthy_beats, 0, "a breach resets the streak");
                         if let Some(c) = change {
-                            let i = c.class.abi() as usize;
+                            let i = c.class.index();
                             assert_eq!((c.from, c.to), (Normal, shed), "a breach only sheds");
                             assert!(i >= hot, "only the breaching class or colder ones are shed");
                             // Colder classes go first: everything colder than the shed one was
@@ -207,7 +173,7 @@ mod tests {
                             start.healthy_beats + 1 >= recover,
                             "recovery needs {recover} healthy beats"
                         );
-                        let i = c.class.abi() as usize;
+                        let i = c.class.index();
                         for j in 0..i {
                             assert_eq!(
                                 start.states[j], Normal,

@@ -16,107 +16,21 @@ pub mod heat;
 pub mod ladder;
 
 use crate::{
-    config::{AdmissionStrategy, Class, LatencySource, SloSection},
-    control::Event,
+    config::BeatSettings,
     datapath::{ClassStateWriter, DatapathError, DatapathReader, LatencyHistogram},
+    model::{
+        AdmissionStrategy, Class, ClassState, ClassSummary, CycleSummary, Event, HotDestination,
+        LatencySource, SloView,
+    },
 };
-use ladder::{ClassState, Ladder};
+use ladder::Ladder;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use std::{
     collections::VecDeque,
     sync::{Arc, RwLock},
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 use tokio::sync::broadcast;
-
-/// The engine's settings, from `[slo]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BeatSettings {
-    /// Beat period.
-    pub interval: Duration,
-    /// Beats in the sliding window.
-    pub window_beats: usize,
-    /// Healthy beats before a shed class recovers.
-    pub recover_beats: u32,
-    /// p99 ceilings in ns, per class (R1, W1, C1); `None`: no SLO for that class.
-    pub ceilings_ns: [Option<u64>; 3],
-    /// The latency each class's ceiling is compared with (R1, W1, C1).
-    pub latency_sources: [LatencySource; 3],
-    /// Refuse or park.
-    pub strategy: AdmissionStrategy,
-    /// New connects admitted per beat, per class (R1, W1, C1); `None`: no budget.
-    pub budgets_per_beat: [Option<u64>; 3],
-    /// Beats over which a destination's heat halves.
-    pub heat_half_life_beats: f64,
-    /// Hottest and rising destinations exported.
-    pub heat_top_n: usize,
-    /// Set each class's per-beat budget from the capacity model's knee (where it has one and
-    /// no static budget is configured).
-    pub capacity_budgets: bool,
-    /// When no beat has run for this long, the kernel ignores class states and budgets (fails
-    /// open) instead of shedding on stale decisions.
-    pub fail_open_after: Duration,
-}
-
-impl Default for BeatSettings {
-    /// The defaults of `[slo]`: 100 ms beats, 8-beat window, 10 beats to recover, no ceilings,
-    /// Strict, no budgets, heat half-life 50 beats, top 20.
-    fn default() -> Self {
-        BeatSettings {
-            interval: Duration::from_millis(100),
-            window_beats: 8,
-            recover_beats: 10,
-            ceilings_ns: [None; 3],
-            latency_sources: [LatencySource::Handshake; 3],
-            strategy: AdmissionStrategy::Strict,
-            budgets_per_beat: [None; 3],
-            heat_half_life_beats: 50.0,
-            heat_top_n: 20,
-            capacity_budgets: false,
-            fail_open_after: Duration::from_secs(1),
-        }
-    }
-}
-
-impl BeatSettings {
-    /// The settings a configuration describes, if it has an `[slo]` section.
-    pub fn from_config(config: &crate::config::Config) -> Option<BeatSettings> {
-        config.slo.as_ref().map(|slo| BeatSettings {
-            heat_top_n: config.agent.heat_top_n as usize,
-            ..Self::from_slo(slo)
-        })
-    }
-
-    /// The settings an `[slo]` section describes (heat top-N: 20).
-    pub fn from_slo(slo: &SloSection) -> BeatSettings {
-        BeatSettings {
-            interval: Duration::from_millis(slo.beat_interval_ms.unwrap_or(100)),
-            window_beats: slo.window_beats.unwrap_or(8) as usize,
-            recover_beats: slo.recover_beats.unwrap_or(10),
-            ceilings_ns: [
-                slo.r1_p99_max_ns,
-                slo.w1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
-                slo.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
-            ],
-            latency_sources: [
-                slo.r1_latency.unwrap_or_default(),
-                slo.w1_latency.unwrap_or_default(),
-                slo.c1_latency.unwrap_or_default(),
-            ],
-            strategy: slo.admission_strategy.unwrap_or(AdmissionStrategy::Strict),
-            budgets_per_beat: [
-                slo.r1_budget_per_beat,
-                slo.w1_budget_per_beat,
-                slo.c1_budget_per_beat,
-            ],
-            heat_half_life_beats: slo.heat_half_life_beats.unwrap_or(50) as f64,
-            heat_top_n: 20,
-            capacity_budgets: slo.capacity_budgets.unwrap_or(false),
-            fail_open_after: (Duration::from_millis(slo.beat_interval_ms.unwrap_or(100)) * 10)
-                .max(Duration::from_secs(1)),
-        }
-    }
-}
 
 /// What one beat saw and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,37 +46,6 @@ pub struct BeatReport {
     /// On a pulse (`tick == 0`), the summary of the 8-beat cycle it closes (without its heat
     /// digest, which [`BeatEngine::run`] adds off the beat).
     pub pulse: Option<CycleSummary>,
-}
-
-/// What one 8-beat cycle saw, emitted at its pulse for the receipts ledger.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CycleSummary {
-    /// The pulse's beat number (a multiple of 8).
-    pub cycle: u64,
-    /// Per class (R1, W1, C1), during the cycle.
-    pub classes: [ClassSummary; 3],
-    /// Live policy generation at the pulse.
-    pub policy_generation: u64,
-    /// SHA-256 (hex) of the top-N heat list ("addr:port/proto heat" lines), or empty until
-    /// computed.
-    pub heat_digest: String,
-}
-
-/// One class in a [`CycleSummary`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ClassSummary {
-    /// Connects admitted (allowed, audited or parked).
-    pub admitted: u64,
-    /// Connects refused (denied by policy or shed by SLO admission).
-    pub refused: u64,
-    /// Connects parked on a lower tier.
-    pub parked: u64,
-    /// Window p50 of the class's latency source, ns.
-    pub p50_ns: Option<u64>,
-    /// Window p99 of the class's latency source, ns.
-    pub p99_ns: Option<u64>,
-    /// State at the pulse.
-    pub state: Option<ClassState>,
 }
 
 /// Beats in a cycle; the beat with `cycle & 7 == 0` is the pulse.
@@ -250,7 +133,7 @@ impl Metrics {
                     .set((s == ClassState::Normal) as i64);
             }
             window_p99
-                .with_label_values(&[class.as_str(), sources[class.abi() as usize].as_str()])
+                .with_label_values(&[class.as_str(), sources[class.index()].as_str()])
                 .set(f64::NAN);
         }
         for class in Class::ALL {
@@ -267,6 +150,25 @@ impl Metrics {
             state,
             window_p99,
         })
+    }
+}
+
+/// The engine's published state, read by other services through [`SloView`].
+struct BeatView {
+    ladder: Arc<RwLock<Ladder>>,
+    heat: heat::HeatView,
+}
+
+impl SloView for BeatView {
+    fn class_state(&self, class: Class) -> ClassState {
+        // A poisoned lock means a beat panicked mid-write; report no shedding rather than stale.
+        self.ladder
+            .read()
+            .map_or(ClassState::Normal, |l| l.state(class))
+    }
+
+    fn hottest(&self, n: usize) -> Vec<HotDestination> {
+        self.heat.top(n)
     }
 }
 
@@ -319,15 +221,15 @@ impl BeatEngine {
             AdmissionStrategy::Degrade => ClassState::Degraded,
         };
         for class in Class::ALL {
-            writer.set(class, ClassState::Normal.abi());
-            writer.set_over_budget(class, over_budget.abi());
-            writer.set_budget(class, settings.budgets_per_beat[class.abi() as usize]);
+            writer.set(class, ClassState::Normal);
+            writer.set_over_budget(class, over_budget);
+            writer.set_budget(class, settings.budgets_per_beat[class.index()]);
         }
         writer.heartbeat(Some(settings.fail_open_after));
         let mut last: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
-            let source = settings.latency_sources[class.abi() as usize];
-            last[class.abi() as usize] = reader.histogram(source.abi(), class)?;
+            let source = settings.latency_sources[class.index()];
+            last[class.index()] = reader.histogram(source, class)?;
         }
         Ok(BeatEngine {
             reader,
@@ -356,9 +258,13 @@ impl BeatEngine {
         })
     }
 
-    /// The ladder as of the last beat (for status output).
-    pub fn ladder_handle(&self) -> Arc<RwLock<Ladder>> {
-        self.published.clone()
+    /// What other services read of this engine: class states as of the last beat, and heat
+    /// rankings.
+    pub fn view(&self) -> Arc<dyn SloView> {
+        Arc::new(BeatView {
+            ladder: self.published.clone(),
+            heat: self.heat.clone(),
+        })
     }
 
     /// Runs one beat: refill budgets, read, window, decide, write.
@@ -367,13 +273,13 @@ impl BeatEngine {
         self.writer.heartbeat(Some(self.settings.fail_open_after));
         for class in Class::ALL {
             self.writer
-                .set_budget(class, self.settings.budgets_per_beat[class.abi() as usize]);
+                .set_budget(class, self.settings.budgets_per_beat[class.index()]);
         }
         let mut delta: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
-            let i = class.abi() as usize;
+            let i = class.index();
             let source = self.settings.latency_sources[i];
-            let now = self.reader.histogram(source.abi(), class)?;
+            let now = self.reader.histogram(source, class)?;
             delta[i] = now.minus(&self.last[i]);
             self.last[i] = now;
         }
@@ -386,7 +292,7 @@ impl BeatEngine {
         let mut p50_ns = [None; 3];
         let mut breach = [false; 3];
         for class in Class::ALL {
-            let i = class.abi() as usize;
+            let i = class.index();
             let mut merged = LatencyHistogram::default();
             for (beat, _) in &self.window {
                 merged.add_histogram(&beat[i]);
@@ -409,7 +315,7 @@ impl BeatEngine {
             self.ladder
                 .step(breach, self.settings.strategy, self.settings.recover_beats)
         {
-            self.writer.set(change.class, change.to.abi());
+            self.writer.set(change.class, change.to);
             self.metrics
                 .state
                 .with_label_values(&[change.class.as_str(), change.from.as_str()])
@@ -465,7 +371,7 @@ impl BeatEngine {
             return Ok(admitted);
         };
         for class in Class::ALL {
-            let i = class.abi() as usize;
+            let i = class.index();
             admitted[i] = [ACTION_ALLOW, ACTION_AUDIT, ACTION_PARK]
                 .iter()
                 .map(|a| now.get(*a, class).saturating_sub(before.get(*a, class)))
@@ -478,7 +384,7 @@ impl BeatEngine {
     /// One capacity sample of `class` per window (windows do not overlap): the window's
     /// admission rate and its p99 — the same statistic the ladder compares with the ceiling.
     fn sample_capacity(&mut self, class: Class, merged: &LatencyHistogram) {
-        let i = class.abi() as usize;
+        let i = class.index();
         if merged.count < MIN_SAMPLE_LATENCIES {
             return;
         }
@@ -497,7 +403,7 @@ impl BeatEngine {
     /// Refits the capacity model of each class (at pulses) and exports knee and headroom.
     fn refit_capacity(&mut self) {
         for class in Class::ALL {
-            let i = class.abi() as usize;
+            let i = class.index();
             let samples: Vec<(f64, f64)> = self.capacity_samples[i].iter().copied().collect();
             self.capacity_fits[i] = capacity::fit(&samples);
             let ceiling = self.settings.ceilings_ns[i].map(|ns| ns as f64 / 1e9);
@@ -520,7 +426,7 @@ impl BeatEngine {
 
     /// The capacity model of `class` as of the last pulse.
     pub fn capacity_fit(&self, class: Class) -> Option<capacity::Fit> {
-        self.capacity_fits[class.abi() as usize]
+        self.capacity_fits[class.index()]
     }
 
     /// The summary of the cycle that ends at this pulse (decision deltas since the last pulse).
@@ -535,7 +441,7 @@ impl BeatEngine {
         };
         let mut classes = [ClassSummary::default(); 3];
         for class in Class::ALL {
-            let i = class.abi() as usize;
+            let i = class.index();
             classes[i] = ClassSummary {
                 admitted: delta(ACTION_ALLOW, class)
                     + delta(ACTION_AUDIT, class)
@@ -596,7 +502,7 @@ impl BeatEngine {
     }
 
     /// The hottest destinations as of the last beat (`n` of them).
-    pub fn hottest(&self, n: usize) -> Vec<heat::HotDestination> {
+    pub fn hottest(&self, n: usize) -> Vec<HotDestination> {
         self.heat.top(n)
     }
 
@@ -634,7 +540,7 @@ impl BeatEngine {
                 _ = &mut shutdown => {
                     // Leave the kernel neutral: nothing shed on decisions nobody maintains.
                     for class in Class::ALL {
-                        self.writer.set(class, ClassState::Normal.abi());
+                        self.writer.set(class, ClassState::Normal);
                         self.writer.set_budget(class, None);
                     }
                     return;

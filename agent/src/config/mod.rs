@@ -10,12 +10,15 @@
 //! validation changes nothing: callers get a [`ConfigError`] before anything is attached.
 
 mod schema;
+pub mod settings;
 
 pub use schema::{
-    Action, AdmissionStrategy, AgentSection, AuthorizedIds, CgroupPath, Cidr, Class, Config,
-    DefaultAction, IdentitySource, KmsSection, LatencySource, Mode, MultiRegionSection,
-    PolicySection, PortRange, PromotionSection, Protocol, ReceiptsSection, RuleName, RuleSpec,
-    SloSection, SpiffeSection,
+    AgentSection, AuthorizedIds, Config, IdentitySource, KmsSection, MultiRegionSection,
+    PolicySection, PromotionSection, ReceiptsSection, SloSection, SpiffeSection,
+};
+pub use settings::{
+    BeatSettings, FilePaths, IdentitySettings, Peer, ReceiptSettings, Settings, SignerSettings,
+    SyncSettings,
 };
 
 use std::path::{Path, PathBuf};
@@ -149,6 +152,20 @@ impl Config {
             message: e.to_string(),
         })?;
         Self::parse(&rendered, origin)
+    }
+
+    /// The policy this configuration describes: its rules with the `[agent]` settings that switch
+    /// with them.
+    pub fn policy(&self) -> crate::policy::Policy {
+        crate::policy::Policy {
+            rules: self.policy.rules.clone(),
+            mode: self.agent.mode,
+            default_action: self.agent.default_action,
+            default_class: self.agent.default_class,
+            heat: self.agent.heat_enabled,
+            histograms: self.agent.histograms_enabled,
+            histogram_interval_us: self.agent.histogram_interval_us,
+        }
     }
 
     /// Parses and validates config text; `origin` names the source in error messages.

@@ -1,10 +1,14 @@
 //! The configuration schema. Value types validate themselves while parsing, so the TOML parser
 //! reports their errors with a line, a column and a caret.
 
-use super::{line_of, ConfigError};
-use ipnet::IpNet;
-use serde::{de, Deserialize, Deserializer};
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr};
+use super::{
+    line_of,
+    settings::{BeatSettings, IdentitySettings, ReceiptSettings, Settings, SyncSettings},
+    ConfigError,
+};
+use crate::model::{AdmissionStrategy, Class, DefaultAction, LatencySource, Mode, RuleSpec};
+use serde::Deserialize;
+use std::{net::SocketAddr, path::PathBuf};
 use toml::Spanned;
 
 /// A validated configuration. Build one with [`Config::load_file`] or [`Config::parse`].
@@ -26,6 +30,8 @@ pub struct Config {
     pub multi_region: Option<MultiRegionSection>,
     /// `[promotion]`: accepted; promotion gates are not part of this version.
     pub promotion: Option<PromotionSection>,
+    /// The typed settings of the optional sections, built from the ones above while loading.
+    pub settings: Settings,
 }
 
 impl Config {
@@ -198,357 +204,6 @@ fn default_cgroup_poll_interval_ms() -> u64 {
     25
 }
 
-/// `enforce` or `audit`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Deny rules refuse connects with EPERM.
-    #[default]
-    Enforce,
-    /// Deny rules admit and count the connect as a would-be deny.
-    Audit,
-}
-
-/// Action for connects that match no rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DefaultAction {
-    /// Admit.
-    #[default]
-    Allow,
-    /// Refuse (in enforce mode).
-    Deny,
-}
-
-/// A rule's action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Admit.
-    Allow,
-    /// Refuse with EPERM (in enforce mode; counted as audit in audit mode).
-    Deny,
-    /// Admit and count as a would-be deny.
-    Audit,
-}
-
-/// Runtime class: hot (R1), warm (W1) or cold (C1) path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-pub enum Class {
-    /// Hot path.
-    #[serde(alias = "r1")]
-    R1,
-    /// Warm path.
-    #[serde(alias = "w1")]
-    W1,
-    /// Cold path.
-    #[serde(alias = "c1")]
-    C1,
-}
-
-impl Class {
-    /// Every class, hottest first.
-    pub const ALL: [Class; 3] = [Class::R1, Class::W1, Class::C1];
-
-    /// The class's ABI number (`knhk_abi::CLASS_*`).
-    pub fn abi(self) -> u8 {
-        match self {
-            Class::R1 => knhk_abi::CLASS_R1,
-            Class::W1 => knhk_abi::CLASS_W1,
-            Class::C1 => knhk_abi::CLASS_C1,
-        }
-    }
-
-    /// The name used in configs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::R1 => "R1",
-            Class::W1 => "W1",
-            Class::C1 => "C1",
-        }
-    }
-}
-
-/// A rule's transport protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP and UDP.
-    #[default]
-    Any,
-    /// TCP only.
-    Tcp,
-    /// UDP only (`connect()` on a UDP socket).
-    Udp,
-}
-
-impl Protocol {
-    /// The ABI number (`knhk_abi::PROTO_*`).
-    pub fn abi(self) -> u8 {
-        match self {
-            Protocol::Any => knhk_abi::PROTO_ANY,
-            Protocol::Tcp => knhk_abi::PROTO_TCP,
-            Protocol::Udp => knhk_abi::PROTO_UDP,
-        }
-    }
-}
-
-/// A destination prefix in canonical form (no host bits set), IPv4 or IPv6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr(pub IpNet);
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let net: IpNet = match s.parse() {
-            Ok(net) => net,
-            // A bare address means a single host.
-            Err(_) => match s.parse::<std::net::IpAddr>() {
-                Ok(addr) => IpNet::from(addr),
-                Err(_) => return Err(cidr_problem(s)),
-            },
-        };
-        if net.trunc() != net {
-            return Err(format!(
-                "\"{s}\" has host bits set beyond the /{} prefix; did you mean \"{}\"?",
-                net.prefix_len(),
-                net.trunc()
-            ));
-        }
-        Ok(Cidr(net))
-    }
-}
-
-fn cidr_problem(s: &str) -> String {
-    if let Some((addr, len)) = s.split_once('/') {
-        if let Ok(addr) = addr.parse::<std::net::IpAddr>() {
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            return match len.parse::<u32>() {
-                Ok(n) => format!(
-                    "\"{s}\" is not a valid prefix: length {n} exceeds {max} for {}",
-                    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
-                ),
-                Err(_) => format!("\"{s}\" is not a valid prefix: \"{len}\" is not a length"),
-            };
-        }
-        return format!("\"{s}\" is not a valid prefix: \"{addr}\" is not an IP address");
-    }
-    format!("\"{s}\" is not a valid prefix (expected e.g. \"10.0.0.0/8\" or \"fd00::/8\")")
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// An inclusive port range, from `"443"`, `"8000-8080"` or the integer `443`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PortRange {
-    /// First port.
-    pub lo: u16,
-    /// Last port (inclusive).
-    pub hi: u16,
-}
-
-impl PortRange {
-    /// Every port.
-    pub const ALL: PortRange = PortRange {
-        lo: 0,
-        hi: u16::MAX,
-    };
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let port = |p: &str| -> Result<u16, String> {
-            p.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("port range \"{s}\": \"{p}\" is not a port (0-65535)"))
-        };
-        match s.split_once('-') {
-            None => port(s).map(|p| PortRange { lo: p, hi: p }),
-            Some((lo, hi)) => {
-                let (lo, hi) = (port(lo)?, port(hi)?);
-                if lo > hi {
-                    return Err(format!(
-                        "port range \"{s}\" is out of order: {lo} > {hi}; write \"{hi}-{lo}\""
-                    ));
-                }
-                Ok(PortRange { lo, hi })
-            }
-        }
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}-{}", self.lo, self.hi)
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl de::Visitor<'_> for V {
-            type Value = PortRange;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a port or port range such as \"443\" or \"8000-8080\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
-                u16::try_from(v)
-                    .map(|p| PortRange { lo: p, hi: p })
-                    .map_err(|_| E::custom(format!("{v} is not a port (0-65535)")))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-macro_rules! deserialize_from_str {
-    ($t:ty, $what:literal) => {
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl de::Visitor<'_> for V {
-                    type Value = $t;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str($what)
-                    }
-                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$t, E> {
-                        v.parse().map_err(E::custom)
-                    }
-                }
-                d.deserialize_str(V)
-            }
-        }
-    };
-}
-deserialize_from_str!(Cidr, "a prefix such as \"10.0.0.0/8\" or \"fd00::/8\"");
-deserialize_from_str!(RuleName, "a rule name");
-deserialize_from_str!(CgroupPath, "a cgroup path relative to agent.cgroup_root");
-
-/// A rule name: 1 to 63 characters from `A-Z a-z 0-9 . _ -` (it becomes a metric label value).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RuleName(String);
-
-impl FromStr for RuleName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.is_empty() || s.len() > 63 {
-            return Err(format!("rule name \"{s}\" must be 1 to 63 characters long"));
-        }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
-        {
-            return Err(format!(
-                "rule name \"{s}\" contains {c:?}; use only letters, digits, '.', '_' and '-'"
-            ));
-        }
-        Ok(RuleName(s.to_owned()))
-    }
-}
-
-impl RuleName {
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for RuleName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A cgroup path relative to the agent's cgroup root, e.g. `kubepods/besteffort`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CgroupPath(String);
-
-impl FromStr for CgroupPath {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let trimmed = s.trim_end_matches('/');
-        if trimmed.starts_with('/') {
-            return Err(format!(
-                "cgroup \"{s}\" must be relative to agent.cgroup_root (drop the leading '/')"
-            ));
-        }
-        if trimmed.is_empty() {
-            return Err("cgroup \"\" is empty; omit the key to match every cgroup".to_owned());
-        }
-        if let Some(bad) = trimmed
-            .split('/')
-            .find(|c| c.is_empty() || *c == "." || *c == "..")
-        {
-            return Err(format!("cgroup \"{s}\" has an invalid component \"{bad}\""));
-        }
-        Ok(CgroupPath(trimmed.to_owned()))
-    }
-}
-
-impl CgroupPath {
-    /// The path, without a trailing '/'.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Number of components (`a/b` has 2).
-    pub fn depth(&self) -> usize {
-        self.0.split('/').count()
-    }
-
-    /// Whether `self` is `other` or one of its ancestors.
-    pub fn contains(&self, other: &CgroupPath) -> bool {
-        other.0 == self.0
-            || (other.0.starts_with(&self.0) && other.0.as_bytes().get(self.0.len()) == Some(&b'/'))
-    }
-}
-
-impl fmt::Display for CgroupPath {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// One admission rule, as written in `[[policy.rules]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSpec {
-    /// Unique name; it labels the rule's hit counter.
-    pub name: RuleName,
-    /// `allow`, `deny` or `audit`.
-    pub action: Action,
-    /// Runtime class of the connects it matches (default: `agent.default_class`).
-    #[serde(default)]
-    pub class: Option<Class>,
-    /// Cgroup subtree it applies to, relative to the cgroup root (default: every cgroup).
-    #[serde(default)]
-    pub cgroup: Option<CgroupPath>,
-    /// Destination prefixes, IPv4 and/or IPv6.
-    pub cidrs: Vec<Cidr>,
-    /// Destination ports (default: all).
-    #[serde(default)]
-    pub ports: Option<Vec<PortRange>>,
-    /// `tcp`, `udp` or `any` (default).
-    #[serde(default)]
-    pub protocol: Protocol,
-    /// Under the Degrade strategy, where this rule's connects go while their class is degraded
-    /// (the lower tier), e.g. `"127.0.0.1:9090"` or `"[::1]:9090"`.
-    #[serde(default)]
-    pub park_to: Option<SocketAddr>,
-}
-
 /// `[policy]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicySection {
@@ -615,45 +270,6 @@ pub struct SloSection {
     pub w1_latency: Option<LatencySource>,
     /// What C1's ceiling is compared with: `handshake` (default) or `rtt`.
     pub c1_latency: Option<LatencySource>,
-}
-
-/// Which kernel latency histogram a class's SLO ceiling is compared with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LatencySource {
-    /// TCP handshake latency (`connect()` to ESTABLISHED), per new connection.
-    #[default]
-    Handshake,
-    /// Smoothed RTT samples of established connections.
-    Rtt,
-}
-
-impl LatencySource {
-    /// The kernel histogram kind (`knhk_abi::LATENCY_*`).
-    pub fn abi(self) -> usize {
-        match self {
-            LatencySource::Handshake => knhk_abi::LATENCY_HANDSHAKE,
-            LatencySource::Rtt => knhk_abi::LATENCY_RTT,
-        }
-    }
-
-    /// The name used in configuration and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LatencySource::Handshake => "handshake",
-            LatencySource::Rtt => "rtt",
-        }
-    }
-}
-
-/// SLO admission strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdmissionStrategy {
-    /// Refuse.
-    Strict,
-    /// Park to a lower tier.
-    Degrade,
 }
 
 /// `[spiffe]` (the plan's `[sidecar.spiffe]`): workload identity and mTLS. See
@@ -743,7 +359,7 @@ pub struct KmsSection {
 }
 
 /// `[receipts]`: the ledger's storage and retention.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiptsSection {
     /// The database file (default `/var/lib/knhk/receipts.redb`).
@@ -873,25 +489,46 @@ impl RawConfig {
 
         check_agent(&agent)
             .map_err(|(key, message)| err(agent_pos, format!("{table_name}.{key}"), message))?;
-        if let Some(kms) = &kms {
-            crate::receipts::SignerSettings::from_section(kms.get_ref())
-                .map_err(|(key, message)| err(kms.span().start, format!("kms.{key}"), message))?;
-        }
-        if let Some(m) = &multi_region {
-            crate::sync::SyncSettings::from_section(m.get_ref()).map_err(|(key, message)| {
-                err(m.span().start, format!("multi_region.{key}"), message)
-            })?;
-        }
-        if let Some(r) = &receipts {
-            crate::receipts::ReceiptSettings::check_section(r.get_ref()).map_err(
-                |(key, message)| err(r.span().start, format!("receipts.{key}"), message),
-            )?;
-        }
-        if let Some(spiffe) = &spiffe {
-            crate::identity::IdentitySettings::from_section(spiffe.get_ref()).map_err(
-                |(key, message)| err(spiffe.span().start, format!("spiffe.{key}"), message),
-            )?;
-        }
+        let section_err =
+            |pos: usize| move |(key, message): (String, String)| err(pos, key, message);
+        let identity = match &spiffe {
+            Some(s) => IdentitySettings::from_section(s.get_ref())
+                .map_err(|(k, m)| (format!("spiffe.{k}"), m))
+                .map_err(section_err(s.span().start))?,
+            None => None,
+        };
+        let sync = match &multi_region {
+            Some(m) => SyncSettings::from_section(m.get_ref())
+                .map_err(|(k, m)| (format!("multi_region.{k}"), m))
+                .map_err(section_err(m.span().start))?,
+            None => None,
+        };
+        let region = multi_region
+            .as_ref()
+            .and_then(|m| m.get_ref().region.as_deref());
+        let receipt_settings = match &kms {
+            Some(k) => Some(
+                ReceiptSettings::from_sections(
+                    k.get_ref(),
+                    receipts.as_ref().map(|r| r.get_ref()),
+                    region,
+                )
+                .map_err(|(key, message)| {
+                    let pos = match (&receipts, key.starts_with("receipts.")) {
+                        (Some(r), true) => r.span().start,
+                        _ => k.span().start,
+                    };
+                    err(pos, key, message)
+                })?,
+            ),
+            None => {
+                if let Some(r) = &receipts {
+                    super::settings::check_receipts(r.get_ref())
+                        .map_err(section_err(r.span().start))?;
+                }
+                None
+            }
+        };
         if let Some(slo) = &slo {
             check_slo(slo.get_ref())
                 .map_err(|(key, message)| err(slo.span().start, format!("slo.{key}"), message))?;
@@ -956,7 +593,16 @@ impl RawConfig {
                 rules.push(rule);
             }
         }
+        let beat = slo
+            .as_ref()
+            .map(|s| BeatSettings::from_slo(s.get_ref(), agent.heat_top_n as usize));
         Ok(Config {
+            settings: Settings {
+                beat,
+                identity,
+                receipts: receipt_settings,
+                sync,
+            },
             agent,
             policy: PolicySection { max_rules, rules },
             slo: slo.map(Spanned::into_inner),

@@ -1,4 +1,5 @@
 use super::*;
+use crate::model::{CgroupPath, Mode, PortRange, Protocol};
 
 /// The "Fortune 5 Configuration" example of the readiness plan, verbatim.
 const PLAN_EXAMPLE: &str = include_str!("../../../tests/data/fortune5-plan.toml");
@@ -27,20 +28,20 @@ fn the_plans_example_loads_unchanged() {
         1,
         "[slo] (the beat engine), [spiffe] (mTLS), [kms] (receipts) and [multi_region] (sync) are active; [promotion] is not"
     );
-    let sync = crate::sync::SyncSettings::from_section(
-        c.multi_region.as_ref().expect("[sidecar.multi_region]"),
-    )
-    .expect("valid")
-    .expect("enabled");
+    let sync = c
+        .settings
+        .sync
+        .clone()
+        .expect("[sidecar.multi_region] enables sync");
     assert_eq!(
         (sync.region.as_str(), sync.peers.len(), sync.quorum),
         ("us-east-1", 2, 2)
     );
-    let identity = crate::identity::IdentitySettings::from_section(
-        c.spiffe.as_ref().expect("[sidecar.spiffe]"),
-    )
-    .expect("valid")
-    .expect("enabled");
+    let identity = c
+        .settings
+        .identity
+        .clone()
+        .expect("[sidecar.spiffe] enables identity");
     assert_eq!(identity.trust_domain.as_str(), "fortune5.example.com");
     let warnings = c.warnings();
     assert!(
@@ -378,13 +379,12 @@ fn bad_environment_overrides_name_the_variable() {
 
 #[test]
 fn latency_sources_are_chosen_per_class() {
-    use crate::beat::BeatSettings;
-    use crate::config::LatencySource::{Handshake, Rtt};
+    use crate::model::LatencySource::{Handshake, Rtt};
     let config = Config::parse(
         "[slo]\nr1_latency = \"rtt\"\nr1_p99_max_ns = 900000\n",
         "t.toml",
     )
     .expect("valid");
-    let settings = BeatSettings::from_config(&config).expect("slo present");
+    let settings = config.settings.beat.expect("slo present");
     assert_eq!(settings.latency_sources, [Rtt, Handshake, Handshake]);
 }

@@ -29,7 +29,8 @@ pub use reader::{
 };
 
 use crate::{
-    config::{CgroupPath, Class, DefaultAction, Mode},
+    abi,
+    model::{CgroupPath, Class, ClassState, DefaultAction, Mode},
     policy::{compile_scope, rule_scopes, CompileError, Policy, ScopeTable},
 };
 use aya::{
@@ -201,33 +202,32 @@ impl ClassStateWriter {
     /// The `ClassControl` element of `class` in the shared mapping. Fields are reached through
     /// it (no hand-computed offsets).
     fn control(&self, class: Class) -> *mut ClassControl {
-        self.0
-            .at::<ClassControl>(class.abi() as usize * CONTROL_STRIDE)
+        self.0.at::<ClassControl>(class.index() * CONTROL_STRIDE)
     }
 
     /// The budget element of `class`.
     fn budget_cell(&self, class: Class) -> &std::sync::atomic::AtomicI64 {
-        let p = self.1.at::<i64>(class.abi() as usize * MMAP_ELEM_STRIDE);
+        let p = self.1.at::<i64>(class.index() * MMAP_ELEM_STRIDE);
         // SAFETY: aligned i64 inside the mapping, alive as long as `self`; the kernel updates it
         // atomically too.
         unsafe { std::sync::atomic::AtomicI64::from_ptr(p) }
     }
 
     /// Sets the state of `class`.
-    pub fn set(&self, class: Class, state: u32) {
+    pub fn set(&self, class: Class, state: ClassState) {
         // SAFETY: aligned u32 field inside the mapping; the kernel reads it with a plain load.
         unsafe {
             AtomicU32::from_ptr(&raw mut (*self.control(class)).state)
-                .store(state, Ordering::SeqCst)
+                .store(abi::class_state(state), Ordering::SeqCst)
         };
     }
 
     /// Sets the state applied to `class`'s connects once its budget is spent.
-    pub fn set_over_budget(&self, class: Class, state: u32) {
+    pub fn set_over_budget(&self, class: Class, state: ClassState) {
         // SAFETY: as in `set`.
         unsafe {
             AtomicU32::from_ptr(&raw mut (*self.control(class)).over_budget)
-                .store(state, Ordering::SeqCst)
+                .store(abi::class_state(state), Ordering::SeqCst)
         };
     }
 
@@ -565,8 +565,8 @@ impl Datapath {
         dp.recover_slots()?;
         // SLO admission starts neutral; the beat engine (if configured) takes over.
         for class in CLASSES_IN_ABI_ORDER {
-            dp.class_states.set(class, STATE_NORMAL);
-            dp.class_states.set_over_budget(class, STATE_NORMAL);
+            dp.class_states.set(class, ClassState::Normal);
+            dp.class_states.set_over_budget(class, ClassState::Normal);
             dp.class_states.set_budget(class, None);
         }
         dp.class_states.heartbeat(None);
@@ -819,7 +819,7 @@ impl Datapath {
                 DefaultAction::Allow => ACTION_ALLOW,
                 DefaultAction::Deny => ACTION_DENY,
             },
-            default_class: policy.default_class.abi(),
+            default_class: abi::class(policy.default_class),
             _pad: [0; 2],
             scope_level_min: level_min,
             scope_level_max: level_max,

@@ -3,7 +3,10 @@
 //! A reader opens the pins itself, so metrics scrapes never wait for the writer.
 
 use super::{io_err, map_err, pins::PinLayout, sys, DatapathError, CLASSES_IN_ABI_ORDER};
-use crate::config::Class;
+use crate::{
+    abi,
+    model::{Class, LatencySource},
+};
 use aya::maps::{Map, MapData, PerCpuArray};
 use knhk_abi::{
     bucket_lower_bound, bucket_upper_bound, decision_index, histogram_index, map_names, HeatKey,
@@ -23,7 +26,7 @@ pub struct Decisions(pub [[u64; CLASSES]; ACTIONS]);
 impl Decisions {
     /// Count for `action` (`knhk_abi::ACTION_*`) and `class`.
     pub fn get(&self, action: u8, class: Class) -> u64 {
-        self.0[action as usize][class.abi() as usize]
+        self.0[action as usize][class.index()]
     }
 
     /// Count for `action` over every class.
@@ -247,9 +250,9 @@ impl DatapathReader {
             for class in CLASSES_IN_ABI_ORDER {
                 let values = self
                     .decisions
-                    .get(&decision_index(action, class.abi()), 0)
+                    .get(&decision_index(action, abi::class(class)), 0)
                     .map_err(map_err("lookup", map_names::DECISIONS))?;
-                out.0[action as usize][class.abi() as usize] = values.iter().sum();
+                out.0[action as usize][class.index()] = values.iter().sum();
             }
         }
         Ok(out)
@@ -265,11 +268,18 @@ impl DatapathReader {
         unsafe { AtomicU64::from_ptr(p).load(Ordering::Relaxed) }
     }
 
-    /// The latency histogram of `kind` (`knhk_abi::LATENCY_*`) for `class`, summed over CPUs.
-    pub fn histogram(&self, kind: usize, class: Class) -> Result<LatencyHistogram, DatapathError> {
+    /// The latency histogram of `source` for `class`, summed over CPUs.
+    pub fn histogram(
+        &self,
+        source: LatencySource,
+        class: Class,
+    ) -> Result<LatencyHistogram, DatapathError> {
         let values = self
             .latency
-            .get(&histogram_index(kind, class.abi()), 0)
+            .get(
+                &histogram_index(abi::latency_kind(source), abi::class(class)),
+                0,
+            )
             .map_err(map_err("lookup", map_names::LATENCY))?;
         let mut out = LatencyHistogram::default();
         for h in values.iter() {

@@ -6,14 +6,12 @@
 //! a change is loaded and pushed on the stream. A change that does not load (a half-written
 //! file, a key that does not match) is logged and the previous identity keeps serving.
 
-use super::{
-    workload_api::{
-        concat_der,
-        pb::{X509svid, X509svidResponse},
-        X509SvidServer,
-    },
-    FilePaths,
+use super::workload_api::{
+    concat_der,
+    pb::{X509svid, X509svidResponse},
+    X509SvidServer,
 };
+use crate::config::FilePaths;
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivatePkcs8KeyDer};
 use spiffe::TrustDomain;
 use std::{

@@ -1,7 +1,10 @@
 //! Unit tests of SPIFFE ID parsing, certificate identity extraction and `[spiffe]` settings.
 
-use super::*;
-use crate::config::Config;
+use crate::{
+    config::{Config, IdentitySettings},
+    model::spiffe::{parse_spiffe_id, peer_id, Surface},
+};
+use std::time::Duration;
 
 #[test]
 fn spiffe_ids_follow_the_spec() {
@@ -93,10 +96,7 @@ fn a_peer_certificate_needs_exactly_one_spiffe_uri_san() {
 
 fn settings(spiffe: &str) -> Result<Option<IdentitySettings>, String> {
     Config::parse(&format!("[spiffe]\n{spiffe}"), "t.toml")
-        .map(|c| {
-            IdentitySettings::from_section(c.spiffe.as_ref().expect("section"))
-                .expect("validated by Config::parse")
-        })
+        .map(|c| c.settings.identity)
         .map_err(|e| e.to_string())
 }
 

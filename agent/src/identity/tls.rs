@@ -7,7 +7,7 @@
 //! rotation needs no restart. Session resumption is off (a resumed session would skip the
 //! verifier). Per-RPC authorization happens above TLS, in the API layer, against the verified ID.
 
-use super::IdMatcher;
+use crate::model::spiffe::IdMatcher;
 use spiffe::{TrustDomain, X509Source};
 use spiffe_rustls::TrustDomainPolicy;
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};

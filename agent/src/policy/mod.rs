@@ -15,9 +15,12 @@
 //! first entry whose port range and protocol match. Entries after a catch-all entry (every port,
 //! any protocol) can never win and are dropped.
 
-use crate::config::{CgroupPath, Class, Config, DefaultAction, Mode, RuleSpec};
+use crate::{
+    abi,
+    model::{CgroupPath, Class, DefaultAction, Mode, PortRange, RuleSpec},
+};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use knhk_abi::{RuleEntry, RuleLeaf, ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, MAX_LEAF_ENTRIES};
+use knhk_abi::{RuleEntry, RuleLeaf, MAX_LEAF_ENTRIES};
 use std::collections::{BTreeSet, HashMap};
 
 /// A policy as the datapath applies it: the rules plus the settings that switch with them.
@@ -37,21 +40,6 @@ pub struct Policy {
     pub histograms: bool,
     /// Time at most one connect per CPU and class per this many µs (0 = every connect).
     pub histogram_interval_us: u64,
-}
-
-impl Policy {
-    /// The policy a configuration describes.
-    pub fn from_config(config: &Config) -> Policy {
-        Policy {
-            rules: config.policy.rules.clone(),
-            mode: config.agent.mode,
-            default_action: config.agent.default_action,
-            default_class: config.agent.default_class,
-            heat: config.agent.heat_enabled,
-            histograms: config.agent.histograms_enabled,
-            histogram_interval_us: config.agent.histogram_interval_us,
-        }
-    }
 }
 
 impl Policy {
@@ -209,18 +197,15 @@ pub fn compile_scope(
             (Some(own), Some(scope)) if own.contains(scope) => own.depth(),
             _ => continue,
         };
-        let ports = rule
-            .ports
-            .as_deref()
-            .unwrap_or(&[crate::config::PortRange::ALL]);
+        let ports = rule.ports.as_deref().unwrap_or(&[PortRange::ALL]);
         for cidr in &rule.cidrs {
             for p in ports {
                 let entry = RuleEntry {
                     port_lo: p.lo,
                     port_hi: p.hi,
-                    proto: rule.protocol.abi(),
-                    action: action_abi(rule.action),
-                    class: rule.class.unwrap_or(default_class).abi(),
+                    proto: abi::protocol(rule.protocol),
+                    action: abi::action(rule.action),
+                    class: abi::class(rule.class.unwrap_or(default_class)),
                     _pad: 0,
                     counter: counters.get(order).copied().unwrap_or(0),
                 };
@@ -324,14 +309,6 @@ fn flatten<N: Copy + Eq + std::hash::Hash + Ord>(
         out.push((net, leaf));
     }
     Ok(out)
-}
-
-fn action_abi(action: crate::config::Action) -> u8 {
-    match action {
-        crate::config::Action::Allow => ACTION_ALLOW,
-        crate::config::Action::Deny => ACTION_DENY,
-        crate::config::Action::Audit => ACTION_AUDIT,
-    }
 }
 
 /// The distinct cgroup paths that rules name, in a stable order.

@@ -2,7 +2,8 @@
 //! verifies them against the origin's signed checkpoints, and cosigns checkpoints that extend
 //! the last one it cosigned for that origin.
 
-use super::{pb, valid_region, Metrics};
+use super::{pb, Metrics};
+use crate::config::settings::valid_region;
 use crate::receipts::{
     format, ledger::cosigned_message, merkle, signer::verify_signature, CheckpointBody, KeyRecord,
     KeyRef, Ledger, LedgerError, Receipts, StoredCheckpoint,

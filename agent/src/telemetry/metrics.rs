@@ -18,10 +18,10 @@
 //! `MAX_RULE_COUNTERS`), and heat destinations are limited to the top N.
 
 use crate::{
-    config::Class,
     datapath::{DatapathReader, DatapathStatus},
+    model::{Class, LatencySource},
 };
-use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, LATENCY_HANDSHAKE, LATENCY_RTT};
+use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use prometheus::{
     core::{Collector, Desc},
     proto::{self, MetricFamily, MetricType},
@@ -210,8 +210,11 @@ impl Collector for DatapathCollector {
         ));
 
         for (kind, name) in [
-            (LATENCY_HANDSHAKE, "knhk_tcp_handshake_duration_seconds"),
-            (LATENCY_RTT, "knhk_tcp_rtt_seconds"),
+            (
+                LatencySource::Handshake,
+                "knhk_tcp_handshake_duration_seconds",
+            ),
+            (LatencySource::Rtt, "knhk_tcp_rtt_seconds"),
         ] {
             let mut ms = Vec::new();
             for class in Class::ALL {

@@ -15,6 +15,8 @@ mod vault;
 pub use vault::VaultSigner;
 
 use super::format::KeyRef;
+use crate::config::SignerSettings;
+use std::sync::Arc;
 
 /// A key version with its public key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,4 +98,53 @@ pub(crate) fn public_key_pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
     key.to_public_key_der()
         .map(|d| d.as_bytes().to_vec())
         .map_err(|e| e.to_string())
+}
+
+/// Connects the signer. Fails only on local problems (a missing token, a bad key file);
+/// an unreachable KMS shows later, as queued checkpoints.
+pub async fn connect(settings: &SignerSettings) -> Result<Arc<dyn Signer>, SignerError> {
+    match settings {
+        #[cfg(feature = "aws-kms")]
+        SignerSettings::Aws {
+            region,
+            key_id,
+            endpoint_url,
+        } => Ok(Arc::new(
+            AwsSigner::new(region, key_id, endpoint_url.as_deref()).await,
+        )),
+        #[cfg(feature = "vault")]
+        SignerSettings::Vault {
+            addr,
+            mount,
+            key_name,
+            token_file,
+        } => {
+            let token = match token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .map(|t| t.trim().to_owned())
+                    .map_err(|e| SignerError::Refused {
+                        provider: "vault",
+                        message: format!("kms.token_file {}: {e}", f.display()),
+                    })?,
+                None => std::env::var("VAULT_TOKEN").map_err(|_| SignerError::Refused {
+                    provider: "vault",
+                    message: "no token: set kms.token_file or VAULT_TOKEN".into(),
+                })?,
+            };
+            Ok(Arc::new(VaultSigner::new(addr, &token, mount, key_name)?))
+        }
+        SignerSettings::File { key_dir } => {
+            tracing::warn!(
+                key_dir = %key_dir.display(),
+                "receipts are signed with a LOCAL FILE KEY: for development only; use kms.provider = \"aws\" or \"vault\""
+            );
+            Ok(Arc::new(FileSigner::open(key_dir)?))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(SignerError::Refused {
+            provider: "kms",
+            message: "this build of knhk-agent lacks that provider (cargo features aws-kms, vault)"
+                .into(),
+        }),
+    }
 }

@@ -1,4 +1,4 @@
-//! SPIFFE-ID authorization: who may call which API surface.
+//! SPIFFE IDs and who may call which API surface (pure: parsing and allow-list matching).
 //!
 //! Authorization runs after the TLS handshake has verified the peer's X.509-SVID against the
 //! bundle of its trust domain; it only looks at the verified SPIFFE ID. An allow-list entry is

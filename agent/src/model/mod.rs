@@ -1,0 +1,22 @@
+//! The agent's domain: the values every other module speaks in. No I/O, no kernel ABI numbers,
+//! and no imports from the rest of the crate: this is the bottom layer (see `docs/architecture.md`).
+//!
+//! - [`rule`]: admission rules and their values (classes, actions, prefixes, ports, cgroups).
+//! - [`slo`]: class states, cycle summaries, heat rankings, and the beat engine's read view.
+//! - [`event`]: what the agent publishes on its event stream.
+//! - [`receipt`]: the kinds of receipts the ledger records.
+//! - [`spiffe`]: SPIFFE IDs and per-surface allow-lists.
+
+pub mod event;
+pub mod receipt;
+pub mod rule;
+pub mod slo;
+pub mod spiffe;
+
+pub use event::Event;
+pub use receipt::ReceiptKind;
+pub use rule::{
+    Action, AdmissionStrategy, CgroupPath, Cidr, Class, DefaultAction, LatencySource, Mode,
+    PortRange, Protocol, RuleName, RuleSpec,
+};
+pub use slo::{ClassState, ClassSummary, CycleSummary, HotDestination, SloView};
