@@ -228,7 +228,10 @@ fn kernel_cgroup_created_after_the_policy_is_enforced_and_removal_leaves_nothing
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(agent.logs().contains("rule cgroup removed"));
+    // The entries go before the log line is written: wait for it rather than race it.
+    wait_until("the removal is logged", Duration::from_secs(2), || {
+        agent.logs().contains("rule cgroup removed")
+    });
     drop(agent);
 }
 
@@ -843,6 +846,16 @@ fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {
         stdout.contains("warning: slo.r1_p99_max_ns: a ceiling of 2 ns"),
         "{stdout}"
     );
+    // The other ways the plan's example loads but cannot work as written.
+    for needle in [
+        "warning: spiffe.authorized_ids.policy_writers is empty",
+        "warning: spiffe.authorized_ids.region_peers is empty",
+        "names one key: rotation creates a new key",
+        "warning: multi_region.primary_region = \"us-east-1\" has no effect",
+        "every class is paused within three beats",
+    ] {
+        assert!(stdout.contains(needle), "{needle:?} in {stdout}");
+    }
     assert!(
         stdout.contains("accepted, not active: [promotion]"),
         "[promotion] in {stdout}"
@@ -882,7 +895,7 @@ fn check_config_loads_the_plans_example_and_suggests_fixes_for_typos() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
-        stderr.contains("0.0.0.0:50051") && stderr.contains("agent.listen_address"),
+        stderr.contains("0.0.0.0:50051") && stderr.contains("sidecar.listen_address"),
         "{stderr}"
     );
 }

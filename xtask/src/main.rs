@@ -3,6 +3,8 @@
 //! Every task that needs tools installs what is missing first (`setup`), so that a fresh Debian 12
 //! machine needs nothing but this repository and rustup's cargo.
 
+mod layers;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::{
@@ -57,6 +59,8 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Check that the agent's modules keep to their layers (xtask/src/layers.rs).
+    Layers,
     /// Run the benchmarks (datapath cost; policy API latency; receipts ledger) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
@@ -74,6 +78,7 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match cli.task {
         Task::Setup => setup(),
+        Task::Layers => layers::check(&root),
         Task::BuildEbpf => {
             setup()?;
             // agent/build.rs is the one place that knows how to build the kernel crate.
@@ -84,14 +89,15 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "knhk-agent"]))?;
             // Replace this process, so that SIGINT/SIGTERM reach the agent directly.
             use std::os::unix::process::CommandExt;
-            let err = Command::new(root.join("target/release/knhk-agent"))
+            let err = Command::new(target_dir(&root).join("release/knhk-agent"))
                 .arg("run")
                 .args(args)
                 .exec();
-            Err(err).context("starting target/release/knhk-agent")
+            Err(err).context("starting the release build of knhk-agent")
         }
         Task::Test { filter, no_lint } => {
             setup()?;
+            layers::check(&root)?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--", "--check"]))
                     .context("cargo fmt --check: run `cargo fmt --all`")?;
@@ -118,23 +124,16 @@ fn main() -> Result<()> {
         Task::Bench { connects, rules } => {
             setup()?;
             run(cargo().args(["build", "--release", "-p", "knhk-agent", "--examples"]))?;
-            run(
-                Command::new(root.join("target/release/examples/bench")).args([
-                    "--connects",
-                    &connects.to_string(),
-                    "--rules",
-                    &rules.to_string(),
-                ]),
-            )?;
-            run(&mut Command::new(
-                root.join("target/release/examples/bench_api"),
-            ))?;
-            run(&mut Command::new(
-                root.join("target/release/examples/bench_receipts"),
-            ))?;
-            run(&mut Command::new(
-                root.join("target/release/examples/bench_sync"),
-            ))
+            let examples = target_dir(&root).join("release/examples");
+            run(Command::new(examples.join("bench")).args([
+                "--connects",
+                &connects.to_string(),
+                "--rules",
+                &rules.to_string(),
+            ]))?;
+            run(&mut Command::new(examples.join("bench_api")))?;
+            run(&mut Command::new(examples.join("bench_receipts")))?;
+            run(&mut Command::new(examples.join("bench_sync")))
         }
     }
 }
@@ -144,6 +143,15 @@ fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// Where cargo puts its builds: `$CARGO_TARGET_DIR` if set (relative to the workspace), else
+/// `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
 }
 
 fn cargo() -> Command {

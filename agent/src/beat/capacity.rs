@@ -159,9 +159,37 @@ pub fn headroom(fit: Option<&Fit>, ceiling: f64, current_rate: f64) -> Option<f6
     (current_rate > 0.0).then(|| knee / current_rate)
 }
 
+/// A class's admission budget for one beat: the configured static budget if there is one; else,
+/// with `capacity_budgets`, the connects the model's knee admits in one beat (at least 1, so a
+/// class is throttled, never shut off, by its own model); else no budget.
+pub fn budget_per_beat(
+    static_budget: Option<u64>,
+    capacity_budgets: bool,
+    knee_per_second: Option<f64>,
+    beat: std::time::Duration,
+) -> Option<u64> {
+    if static_budget.is_some() || !capacity_budgets {
+        return static_budget;
+    }
+    let knee = knee_per_second.filter(|k| k.is_finite() && *k > 0.0)?;
+    Some(((knee * beat.as_secs_f64()).floor() as u64).max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgets_come_from_the_knee_only_where_asked_and_not_configured() {
+        use std::time::Duration;
+        let beat = Duration::from_millis(100);
+        assert_eq!(budget_per_beat(None, true, Some(1000.0), beat), Some(100));
+        assert_eq!(budget_per_beat(Some(7), true, Some(1000.0), beat), Some(7));
+        assert_eq!(budget_per_beat(None, false, Some(1000.0), beat), None);
+        assert_eq!(budget_per_beat(None, true, None, beat), None);
+        assert_eq!(budget_per_beat(None, true, Some(f64::NAN), beat), None);
+        assert_eq!(budget_per_beat(None, true, Some(2.0), beat), Some(1));
+    }
 
     fn mm1(mu: f64, d: f64, rate: f64) -> f64 {
         d + LN_100 / (mu - rate)

@@ -192,6 +192,8 @@ pub struct BeatEngine {
     last_beat_decisions: Option<crate::datapath::Decisions>,
     capacity_samples: [VecDeque<(f64, f64)>; 3],
     capacity_fits: [Option<capacity::Fit>; 3],
+    /// Per class, the admission rate at which the model predicts the ceiling is reached.
+    knees: [Option<f64>; 3],
     current_rates: [f64; 3],
     policy_status: Option<Arc<RwLock<crate::datapath::DatapathStatus>>>,
     summaries: broadcast::Sender<CycleSummary>,
@@ -251,6 +253,7 @@ impl BeatEngine {
             last_beat_decisions: None,
             capacity_samples: Default::default(),
             capacity_fits: [None; 3],
+            knees: [None; 3],
             current_rates: [0.0; 3],
             policy_status: None,
             summaries: broadcast::channel(64).0,
@@ -272,8 +275,14 @@ impl BeatEngine {
         self.cycle += 1;
         self.writer.heartbeat(Some(self.settings.fail_open_after));
         for class in Class::ALL {
-            self.writer
-                .set_budget(class, self.settings.budgets_per_beat[class.index()]);
+            let i = class.index();
+            let budget = capacity::budget_per_beat(
+                self.settings.budgets_per_beat[i],
+                self.settings.capacity_budgets,
+                self.knees[i],
+                self.settings.interval,
+            );
+            self.writer.set_budget(class, budget);
         }
         let mut delta: [LatencyHistogram; 3] = Default::default();
         for class in Class::ALL {
@@ -410,6 +419,7 @@ impl BeatEngine {
             let knee = self.capacity_fits[i]
                 .zip(ceiling)
                 .and_then(|(f, c)| f.knee(c));
+            self.knees[i] = knee;
             let headroom = ceiling.and_then(|c| {
                 capacity::headroom(self.capacity_fits[i].as_ref(), c, self.current_rates[i])
             });

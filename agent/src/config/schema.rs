@@ -593,6 +593,36 @@ impl RawConfig {
                 rules.push(rule);
             }
         }
+        if identity.is_none() && !agent.listen_address.ip().is_loopback() {
+            return Err(err(
+                agent_pos,
+                format!("{table_name}.listen_address"),
+                format!(
+                    "{} is not a loopback address: without mTLS any host could change the policy; \
+                     enable [spiffe] (enabled = true, trust_domain = ...) or listen on 127.0.0.1:PORT or [::1]:PORT",
+                    agent.listen_address
+                ),
+            ));
+        }
+        // The kernel's limits (entries per trie leaf) are checked here too, so that a config
+        // check-config accepts does not fail at start.
+        let scopes = crate::policy::rule_scopes(&rules);
+        for scope in std::iter::once(None).chain(scopes.iter().map(Some)) {
+            crate::policy::compile_scope(&rules, scope, &[], agent.default_class).map_err(|e| {
+                let crate::policy::CompileError::LeafOverflow { rules: names, .. } = &e;
+                let (index, pos) = names
+                    .split(", ")
+                    .next()
+                    .and_then(|first| {
+                        rules
+                            .iter()
+                            .position(|r| r.name.as_str() == first)
+                            .and_then(|i| seen.get(&rules[i].name).map(|pos| (i, *pos)))
+                    })
+                    .unwrap_or((0, 0));
+                err(pos, format!("policy.rules[{index}]"), e.to_string())
+            })?;
+        }
         let beat = slo
             .as_ref()
             .map(|s| BeatSettings::from_slo(s.get_ref(), agent.heat_top_n as usize));
@@ -730,8 +760,80 @@ impl Config {
                     ));
                 }
             }
+            let r1_unmeetable = slo
+                .r1_p99_max_ns
+                .is_some_and(|ns| ns < MIN_MEASURABLE_HANDSHAKE_NS);
+            if r1_unmeetable
+                && slo.admission_strategy.unwrap_or(AdmissionStrategy::Strict)
+                    == AdmissionStrategy::Strict
+            {
+                out.push(
+                    "slo.admission_strategy: with \"strict\" and an R1 ceiling no handshake can meet, every class \
+                     is paused within three beats of R1 traffic (C1, then W1, then R1 itself): every new connect is \
+                     refused; raise slo.r1_p99_max_ns (nanoseconds) or use \"degrade\""
+                        .into(),
+                );
+            }
             if self.agent.mode == Mode::Audit {
                 out.push("slo: in audit mode class states are computed and exported but nothing is refused".into());
+            }
+        }
+        let identity = self.settings.identity.as_ref();
+        if !self.agent.listen_address.ip().is_loopback() {
+            if let Some(id) = identity.filter(|id| id.access.policy_writers.is_empty()) {
+                out.push(format!(
+                    "spiffe.authorized_ids.policy_writers is empty: the API on {} accepts mTLS peers of {:?}, \
+                     but none may apply or roll back a policy; name the operators' SPIFFE IDs there",
+                    self.agent.listen_address,
+                    id.trust_domain.as_str()
+                ));
+            }
+        }
+        if let Some(sync) = &self.settings.sync {
+            let tls_peers: Vec<&str> = sync
+                .peers
+                .iter()
+                .filter(|p| p.tls)
+                .map(|p| p.endpoint.as_str())
+                .collect();
+            match identity {
+                None if !tls_peers.is_empty() => out.push(format!(
+                    "multi_region.receipt_sync_endpoints: {} use https://, which needs this agent's SVID, but \
+                     [spiffe] is not enabled: every push to them fails and quorum is never reached",
+                    tls_peers.join(", ")
+                )),
+                Some(id) if id.access.region_peers.is_empty() => out.push(
+                    "spiffe.authorized_ids.region_peers is empty: peer regions cannot push their receipts to \
+                     this agent, so it witnesses nobody and their checkpoints miss this region's cosignature"
+                        .into(),
+                ),
+                _ => {}
+            }
+        }
+        if let Some(primary) = self
+            .multi_region
+            .as_ref()
+            .and_then(|m| m.primary_region.as_deref())
+        {
+            out.push(format!(
+                "multi_region.primary_region = {primary:?} has no effect: every region writes its own log and a \
+                 checkpoint commits once `quorum` regions hold it; there is no primary"
+            ));
+        }
+        if let Some(crate::config::SignerSettings::Aws { key_id, .. }) =
+            self.settings.receipts.as_ref().map(|r| &r.signer)
+        {
+            if !key_id.starts_with("alias/") {
+                let hours = self
+                    .settings
+                    .receipts
+                    .as_ref()
+                    .map_or(24, |r| r.rotation_interval.as_secs() / 3600);
+                out.push(format!(
+                    "kms.key_id {key_id:?} names one key: rotation creates a new key and moves an alias to it, \
+                     so with a key ARN or id the agent cannot rotate and /readyz fails after {hours} h \
+                     (kms.rotation_interval_hours); use an alias (alias/NAME)"
+                ));
             }
         }
         out

@@ -50,7 +50,136 @@ fn the_plans_example_loads_unchanged() {
         )),
         "{warnings:?}"
     );
+    // What the plan's own example gets wrong, each said once.
+    for needle in [
+        "spiffe.authorized_ids.policy_writers is empty",
+        "spiffe.authorized_ids.region_peers is empty",
+        "kms.key_id \"arn:aws:kms:us-east-1:123456789012:key/abc123\" names one key",
+        "multi_region.primary_region = \"us-east-1\" has no effect",
+        "every class is paused within three beats",
+    ] {
+        assert_eq!(
+            warnings.iter().filter(|w| w.contains(needle)).count(),
+            1,
+            "{needle:?} in {warnings:#?}"
+        );
+    }
     assert!(c.policy.rules.is_empty());
+}
+
+/// The warnings of a configuration that loads.
+fn warnings(text: &str) -> Vec<String> {
+    Config::parse(text, "t.toml")
+        .unwrap_or_else(|e| panic!("must load: {e}"))
+        .warnings()
+}
+
+const SPIFFE: &str = "[spiffe]\nenabled = true\ntrust_domain = \"td\"\n";
+const KMS_FILE: &str = "[kms]\nprovider = \"file\"\nkey_dir = \"/k\"\n";
+
+#[test]
+fn https_peers_without_spiffe_are_warned_about() {
+    let sync = "[multi_region]\nregion = \"a\"\ncross_region_sync_enabled = true\n\
+                receipt_sync_endpoints = [\"https://b.example:50051\"]\n";
+    let w = warnings(&format!("{KMS_FILE}{sync}"));
+    assert!(
+        w.iter()
+            .any(|w| w.contains("https://b.example:50051 use https://")
+                && w.contains("[spiffe] is not enabled")),
+        "{w:#?}"
+    );
+    // With [spiffe] (and region_peers) that warning is gone.
+    let w = warnings(&format!(
+        "{KMS_FILE}{sync}{SPIFFE}[spiffe.authorized_ids]\nregion_peers = [\"spiffe://td/b\"]\n"
+    ));
+    assert!(w.is_empty(), "{w:#?}");
+}
+
+#[test]
+fn sync_without_region_peers_is_warned_about() {
+    let sync = "[multi_region]\nregion = \"a\"\ncross_region_sync_enabled = true\n\
+                receipt_sync_endpoints = [\"https://b.example:50051\"]\n";
+    let w = warnings(&format!("{KMS_FILE}{sync}{SPIFFE}"));
+    assert!(
+        w.iter()
+            .any(|w| w.contains("spiffe.authorized_ids.region_peers is empty")),
+        "{w:#?}"
+    );
+}
+
+#[test]
+fn a_remote_api_without_policy_writers_is_warned_about() {
+    let w = warnings(&format!(
+        "[agent]\nlisten_address = \"0.0.0.0:50051\"\n{SPIFFE}"
+    ));
+    assert!(
+        w.iter()
+            .any(|w| w.contains("spiffe.authorized_ids.policy_writers is empty")),
+        "{w:#?}"
+    );
+    let w = warnings(&format!(
+        "[agent]\nlisten_address = \"0.0.0.0:50051\"\n{SPIFFE}[spiffe.authorized_ids]\npolicy_writers = [\"spiffe://td/ops\"]\n"
+    ));
+    assert!(w.is_empty(), "{w:#?}");
+}
+
+#[test]
+fn an_aws_key_that_cannot_rotate_is_warned_about() {
+    let kms = |key: &str| {
+        format!("[kms]\nprovider = \"aws\"\nregion = \"us-east-1\"\nkey_id = \"{key}\"\nrotation_interval_hours = 6\n")
+    };
+    let w = warnings(&kms("1234abcd-12ab-34cd-56ef-1234567890ab"));
+    assert!(
+        w.iter()
+            .any(|w| w.contains("names one key") && w.contains("after 6 h")),
+        "{w:#?}"
+    );
+    assert!(warnings(&kms("alias/knhk-receipts")).is_empty());
+}
+
+#[test]
+fn primary_region_is_said_to_have_no_effect() {
+    let w = warnings("[multi_region]\nregion = \"a\"\nprimary_region = \"a\"\n");
+    assert!(
+        w.iter()
+            .any(|w| w.contains("primary_region = \"a\" has no effect")),
+        "{w:#?}"
+    );
+}
+
+#[test]
+fn strict_with_an_unmeetable_r1_ceiling_is_warned_about() {
+    let w = warnings("[slo]\nr1_p99_max_ns = 2\nadmission_strategy = \"strict\"\n");
+    assert!(
+        w.iter().any(|w| w.contains("every class is paused")),
+        "{w:#?}"
+    );
+    let w = warnings("[slo]\nr1_p99_max_ns = 2\nadmission_strategy = \"degrade\"\n");
+    assert!(
+        !w.iter().any(|w| w.contains("every class is paused")),
+        "{w:#?}"
+    );
+}
+
+#[test]
+fn what_run_would_refuse_is_refused_at_load() {
+    // More rule entries on one prefix than a kernel leaf holds: the compiler's error, with the
+    // rule's line.
+    let ports: Vec<String> = (1..=17).map(|p| format!("\"{p}\"")).collect();
+    let e = err(&format!(
+        "[agent]\nmode = \"enforce\"\n\n[[policy.rules]]\nname = \"legacy\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nports = [{}]\n",
+        ports.join(", ")
+    ));
+    assert!(
+        e.contains("line 4: policy.rules[0]") && e.contains("17 rule entries"),
+        "{e}"
+    );
+    // A non-loopback API without mTLS.
+    let e = err("[agent]\nlisten_address = \"0.0.0.0:50051\"\n");
+    assert!(
+        e.contains("agent.listen_address") && e.contains("not a loopback address"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -42,13 +42,23 @@ pub struct Policy {
     pub histogram_interval_us: u64,
 }
 
+/// The version of [`Policy::canonical_text`] that [`Policy::digest`] hashes.
+///
+/// Version 1 is the encoding digests were first recorded with (receipts, `GetPolicy`): one
+/// `key=value` line per setting, then one line per rule in declaration order, with the fixed
+/// names below — never derived from Rust identifiers, so renaming a type changes no digest. A
+/// version-1 digest is the bare SHA-256 hex; a later version will prefix its digests with
+/// `v<N>:`, so a digest says how it was computed and old ones stay comparable.
+pub const DIGEST_VERSION: u32 = 1;
+
 impl Policy {
-    /// A canonical text form: the same policy always gives the same text.
+    /// The canonical text (encoding version [`DIGEST_VERSION`]): the same policy always gives
+    /// the same text. Documented in `docs/receipts.md`.
     pub fn canonical_text(&self) -> String {
         let mut out = format!(
-            "mode={:?}\ndefault_action={:?}\ndefault_class={}\n",
-            self.mode,
-            self.default_action,
+            "mode={}\ndefault_action={}\ndefault_class={}\n",
+            canonical::mode(self.mode),
+            canonical::default_action(self.default_action),
             self.default_class.as_str()
         );
         for r in &self.rules {
@@ -101,17 +111,52 @@ impl Policy {
     }
 }
 
+/// The fixed names of the canonical encoding, version 1.
+mod canonical {
+    use crate::model::{Action, DefaultAction, Mode, Protocol};
+
+    pub fn mode(m: Mode) -> &'static str {
+        match m {
+            Mode::Enforce => "Enforce",
+            Mode::Audit => "Audit",
+        }
+    }
+
+    pub fn default_action(a: DefaultAction) -> &'static str {
+        match a {
+            DefaultAction::Allow => "Allow",
+            DefaultAction::Deny => "Deny",
+        }
+    }
+
+    pub fn action(a: Action) -> &'static str {
+        match a {
+            Action::Allow => "Allow",
+            Action::Deny => "Deny",
+            Action::Audit => "Audit",
+        }
+    }
+
+    pub fn protocol(p: Protocol) -> &'static str {
+        match p {
+            Protocol::Any => "Any",
+            Protocol::Tcp => "Tcp",
+            Protocol::Udp => "Udp",
+        }
+    }
+}
+
 fn rule_line(r: &RuleSpec, default_class: Class) -> String {
     let list = |v: Vec<String>| v.join(",");
     format!(
-        "name={} action={:?} class={} cgroup={} cidrs={} ports={} protocol={:?} park_to={}",
+        "name={} action={} class={} cgroup={} cidrs={} ports={} protocol={} park_to={}",
         r.name,
-        r.action,
+        canonical::action(r.action),
         r.class.unwrap_or(default_class).as_str(),
         r.cgroup.as_ref().map(|c| c.as_str()).unwrap_or(""),
         list(r.cidrs.iter().map(|c| c.to_string()).collect()),
         list(r.ports.iter().flatten().map(|p| p.to_string()).collect()),
-        r.protocol,
+        canonical::protocol(r.protocol),
         r.park_to.map(|a| a.to_string()).unwrap_or_default()
     )
 }

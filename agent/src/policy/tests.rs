@@ -1,9 +1,46 @@
 use super::*;
-use crate::config::Config;
 use std::net::IpAddr;
 
+/// The `[[policy.rules]]` of a TOML text (the compiler's input; config-level checks are the
+/// config module's).
 fn rules(text: &str) -> Vec<RuleSpec> {
-    Config::parse(text, "t").expect("valid").policy.rules
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        policy: Section,
+    }
+    #[derive(serde::Deserialize)]
+    struct Section {
+        rules: Vec<RuleSpec>,
+    }
+    toml::from_str::<Doc>(text).expect("valid").policy.rules
+}
+
+#[test]
+fn the_digest_encoding_is_stable() {
+    // Version 1 of the canonical text, byte for byte: digests recorded in receipts by earlier
+    // versions must still compare equal.
+    let policy = Policy {
+        rules: rules(
+            "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\nclass = \"R1\"\ncgroup = \"a/b\"\n\
+             cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]\nports = [\"80\", \"8000-8080\"]\nprotocol = \"tcp\"\n\
+             park_to = \"127.0.0.1:9090\"\n\
+             [[policy.rules]]\nname = \"s\"\naction = \"audit\"\ncidrs = [\"0.0.0.0/0\"]\nprotocol = \"udp\"\n",
+        ),
+        mode: Mode::Enforce,
+        default_action: DefaultAction::Allow,
+        default_class: Class::C1,
+        heat: true,
+        histograms: true,
+        histogram_interval_us: 1000,
+    };
+    assert_eq!(
+        policy.canonical_text(),
+        "mode=Enforce\ndefault_action=Allow\ndefault_class=C1\n\
+         name=r action=Deny class=R1 cgroup=a/b cidrs=10.0.0.0/8,fd00::/8 ports=80,8000-8080 protocol=Tcp park_to=127.0.0.1:9090\n\
+         name=s action=Audit class=C1 cgroup= cidrs=0.0.0.0/0 ports= protocol=Udp park_to=\n"
+    );
+    assert_eq!(DIGEST_VERSION, 1);
+    assert_eq!(policy.digest().len(), 64, "a version-1 digest is bare hex");
 }
 
 /// What the kernel would decide: longest prefix in the table, then the first matching entry.
