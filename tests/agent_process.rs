@@ -1036,3 +1036,126 @@ fn kernel_receipts_survive_kill9_and_the_ledger_verifies() {
         "{stdout}"
     );
 }
+
+/// SIGTERM under load (holds being placed, each acknowledged only once its receipt is durable):
+/// the agent stops within Kubernetes' default grace period, every acknowledged hold has its
+/// receipt in a ledger that verifies and ends in a signed checkpoint over all of it, and
+/// enforcement stays pinned (`detach_on_exit = false`).
+#[test]
+fn kernel_sigterm_under_load_loses_no_acknowledged_receipt_and_keeps_enforcing() {
+    if !kernel_available(
+        "kernel_sigterm_under_load_loses_no_acknowledged_receipt_and_keeps_enforcing",
+    ) {
+        return;
+    }
+    let _serial = timing_shared();
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("sigterm");
+    let pins = TestPins::new("sigterm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("receipts.redb");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            // No [slo]: without pulses a checkpoint comes once a second, so the receipts of the
+            // last moments are covered only by the checkpoint the shutdown writes.
+            "detach_on_exit = false\n[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n{}",
+            dir.path().join("keys").display(),
+            db.display(),
+            deny_rule(target.port()),
+        ),
+    );
+    let agent = Agent::start(&config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let endpoint = format!("http://{}", agent.grpc);
+
+    // Four clients place holds until the agent stops answering; each records the ids it got.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (endpoint, stop) = (endpoint.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let out = Command::new(BIN)
+                        .args(["hold", "place", "--case-id"])
+                        .arg(format!("CASE-{c}-{n}"))
+                        .args(["--reason", "load", "--from-seq", "0", "--to-seq", "1"])
+                        .args(["--endpoint", &endpoint, "--output", "json"])
+                        .output()
+                        .expect("run the CLI");
+                    if !out.status.success() {
+                        continue; // refused or cut off while stopping: not acknowledged
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&out.stdout).expect("hold place json");
+                    acked.push(v["id"].as_u64().expect("hold id"));
+                }
+                acked
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, took) = agent.sigterm();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked: Vec<u64> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("client"))
+        .collect();
+    eprintln!(
+        "SIGTERM: exit {status} after {} ms; {} holds acknowledged",
+        took.as_millis(),
+        acked.len()
+    );
+    assert!(status.success(), "clean exit: {status}");
+    assert!(
+        took < Duration::from_secs(25),
+        "stopped within the grace period: {took:?}"
+    );
+    assert!(acked.len() >= 4, "the load ran: {} holds", acked.len());
+
+    // Enforcement is still pinned with no agent running.
+    assert_eq!(
+        tcp_connect_from(&cg.path, target),
+        Outcome::Denied,
+        "enforcement continues after a SIGTERM"
+    );
+
+    // Every acknowledged hold's receipt is in the ledger, which verifies, and the last signed
+    // checkpoint covers every receipt (the final checkpoint was written and signed).
+    let database = redb::Database::open(&db).expect("the agent closed its ledger");
+    let report = knhk_agent::receipts::verify(&database).expect("verify runs");
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.unsigned_checkpoints, 0, "{report:?}");
+    drop(database);
+    let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
+    let size = ledger.size().expect("size");
+    let last = ledger
+        .checkpoints()
+        .expect("checkpoints")
+        .pop()
+        .expect("a checkpoint");
+    let last = knhk_agent::receipts::CheckpointBody::decode(&last.1.body).expect("checkpoint");
+    eprintln!(
+        "ledger: {size} receipts, last checkpoint over {}",
+        last.size
+    );
+    assert_eq!(last.size, size, "the final checkpoint covers every receipt");
+    let mut receipted = std::collections::BTreeSet::new();
+    for (receipt, payload) in ledger.receipts(0, size as usize).expect("receipts") {
+        if receipt.kind == knhk_agent::model::ReceiptKind::HoldPlaced {
+            let hold: serde_json::Value =
+                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
+            receipted.insert(hold["id"].as_u64().expect("id"));
+        }
+    }
+    let lost: Vec<&u64> = acked.iter().filter(|id| !receipted.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged holds without a receipt: {lost:?}"
+    );
+}

@@ -7,6 +7,7 @@ mod support;
 use knhk_agent::{
     config::{ReceiptSettings, SignerSettings},
     receipts::{merkle, verify, Hold, NewReceipt, ReceiptKind, Receipts},
+    tasks::TaskGroup,
 };
 use redb::{ReadableTable, TableDefinition};
 use std::{
@@ -28,13 +29,27 @@ fn settings(dir: &Path, signer: SignerSettings) -> ReceiptSettings {
     }
 }
 
-async fn start(settings: ReceiptSettings) -> Arc<Receipts> {
+/// A running ledger and the group that owns its tasks.
+struct Running {
+    r: Arc<Receipts>,
+    tasks: TaskGroup,
+}
+
+impl std::ops::Deref for Running {
+    type Target = Receipts;
+    fn deref(&self) -> &Receipts {
+        &self.r
+    }
+}
+
+async fn start(settings: ReceiptSettings) -> Running {
     let signer = knhk_agent::receipts::connect_signer(&settings.signer)
         .await
         .expect("signer");
-    Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
+    let (r, tasks) = Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
         .await
-        .expect("receipts")
+        .expect("receipts");
+    Running { r, tasks }
 }
 
 fn receipt(i: u64) -> NewReceipt {
@@ -72,11 +87,15 @@ async fn all_signed(r: &Receipts, within: Duration) {
     }
 }
 
-/// Stops the ledger and verifies its file offline.
-async fn stop_and_verify(r: Arc<Receipts>, path: &Path) -> verify::VerifyReport {
-    r.shutdown();
+/// Stops the ledger (its tasks stopped and awaited, so the file is closed) and verifies its
+/// file offline.
+async fn stop_and_verify(running: Running, path: &Path) -> verify::VerifyReport {
+    let Running { r, tasks } = running;
+    let late = tasks
+        .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(late.is_empty(), "tasks that did not stop: {late:?}");
     drop(r);
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let db = redb::Database::open(path).expect("open the ledger offline");
     verify(&db).expect("verify runs")
 }
@@ -223,7 +242,7 @@ async fn a_kms_outage_queues_checkpoints_and_the_backlog_is_signed_on_return() {
     );
     let path = s.path.clone();
     let r = start(s).await;
-    let ready = r.readiness_check();
+    let ready = r.r.readiness_check();
     append(&r, 0..10).await;
     r.pulse(8).await;
     all_signed(&r, Duration::from_secs(20)).await;

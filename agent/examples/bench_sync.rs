@@ -15,6 +15,7 @@ use knhk_agent::{
     config::{Peer, ReceiptSettings, SignerSettings, SyncSettings},
     receipts::{NewReceipt, ReceiptKind, Receipts},
     sync::{pb, Replicator},
+    tasks::TaskGroup,
 };
 use std::{
     net::SocketAddr,
@@ -36,7 +37,8 @@ fn settings(dir: &std::path::Path, region: &str) -> ReceiptSettings {
     }
 }
 
-async fn receipts(dir: &std::path::Path, region: &str) -> Arc<Receipts> {
+/// A ledger and the group that owns its tasks (they stop when it is dropped).
+async fn receipts(dir: &std::path::Path, region: &str) -> (Arc<Receipts>, TaskGroup) {
     let s = settings(dir, region);
     let signer = knhk_agent::receipts::connect_signer(&s.signer)
         .await
@@ -47,8 +49,12 @@ async fn receipts(dir: &std::path::Path, region: &str) -> Arc<Receipts> {
 }
 
 /// A witness region serving `RegionSync` on loopback.
-async fn witness(dir: &std::path::Path, region: &str) -> (SocketAddr, Arc<Replicator>) {
-    let r = receipts(dir, region).await;
+/// The witness's address, and what must stay alive for it to serve.
+async fn witness(
+    dir: &std::path::Path,
+    region: &str,
+) -> (SocketAddr, (Arc<Replicator>, TaskGroup, TaskGroup)) {
+    let (r, ledger_tasks) = receipts(dir, region).await;
     let sync = Replicator::start(
         SyncSettings {
             region: region.into(),
@@ -64,6 +70,7 @@ async fn witness(dir: &std::path::Path, region: &str) -> (SocketAddr, Arc<Replic
         &prometheus::Registry::new(),
     )
     .expect("witness");
+    let (sync, sync_tasks) = sync;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -80,7 +87,7 @@ async fn witness(dir: &std::path::Path, region: &str) -> (SocketAddr, Arc<Replic
             .serve_with_incoming(incoming)
             .await;
     });
-    (addr, sync)
+    (addr, (sync, ledger_tasks, sync_tasks))
 }
 
 fn peer(addr: SocketAddr) -> Peer {
@@ -124,7 +131,7 @@ async fn main() {
     // 1. Throughput to two peers on loopback.
     let (w1, _k1) = witness(dir.path(), "w1").await;
     let (w2, _k2) = witness(dir.path(), "w2").await;
-    let origin = receipts(dir.path(), "origin").await;
+    let (origin, _origin_tasks) = receipts(dir.path(), "origin").await;
     const N: u64 = 200_000;
     let key = origin.ledger().keys().expect("keys")[0].key.clone();
     for chunk in 0..N / 10_000 {
@@ -185,7 +192,7 @@ async fn main() {
     .await
     .expect("proxies");
     let _ = handle;
-    let delayed = receipts(dir.path(), "delayed").await;
+    let (delayed, _delayed_tasks) = receipts(dir.path(), "delayed").await;
     let linger = Duration::from_millis(20);
     let _delayed_sync = Replicator::start(
         SyncSettings {

@@ -16,9 +16,20 @@ use crate::{
     model::ReceiptKind,
     receipts::{self, NewReceipt, Receipts, ReceiptsError},
     sync::Replicator,
+    tasks::TaskGroup,
     telemetry::{AdminServer, DatapathCollector, Readiness},
 };
+
+/// How long in-flight gRPC calls may take to finish after a stop.
+const SHUTDOWN_API: Duration = Duration::from_secs(10);
+/// How long each middle step of the shutdown may take (beat engine; receipts flush and final
+/// checkpoint; receipts signing).
+const SHUTDOWN_STEP: Duration = Duration::from_secs(3);
+/// How long region sync may push after a stop. With the steps above the total stays under
+/// Kubernetes' default grace period of 30 s: 10 + 3 × 3 + 5 = 24 s at worst.
+const SHUTDOWN_SYNC: Duration = Duration::from_secs(5);
 use std::{path::PathBuf, sync::Arc, time::Duration};
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 /// Why the agent stopped with an error.
@@ -154,71 +165,70 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         probe.decisions().map(|_| ()).map_err(|e| e.to_string())
     });
 
-    let (stop_beat, beat_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut services = TaskGroup::new("agent");
     let mut summaries = None;
-    let beat_task = match (engine.take(), &config.settings.beat) {
-        (Some(engine), Some(settings)) => {
-            let engine = engine.with_policy_status(controller.status_handle());
-            summaries = Some(engine.summaries());
-            if let Err(e) = registry.register(Box::new(engine.heat_view())) {
-                return Err(AgentError::Internal(format!(
-                    "registering heat metrics: {e}"
-                )));
-            }
-            info!(
-                beat_ms = settings.interval.as_millis() as u64,
-                window_beats = settings.window_beats,
-                recover_beats = settings.recover_beats,
-                strategy = ?settings.strategy,
-                "SLO admission on"
-            );
-            Some(tokio::spawn(engine.run(async {
-                let _ = beat_stopped.await;
-            })))
+    if let (Some(engine), Some(settings)) = (engine.take(), &config.settings.beat) {
+        let engine = engine.with_policy_status(controller.status_handle());
+        summaries = Some(engine.summaries());
+        if let Err(e) = registry.register(Box::new(engine.heat_view())) {
+            return Err(AgentError::Internal(format!(
+                "registering heat metrics: {e}"
+            )));
         }
-        _ => None,
-    };
+        info!(
+            beat_ms = settings.interval.as_millis() as u64,
+            window_beats = settings.window_beats,
+            recover_beats = settings.recover_beats,
+            strategy = ?settings.strategy,
+            "SLO admission on"
+        );
+        let mut stop = services.stop_signal();
+        services.spawn(
+            "beat engine",
+            engine.run(async move { stop.requested().await }),
+        );
+    }
     for w in config.warnings() {
         warn!("{w}");
     }
 
     // The receipts ledger runs when [kms] names a signing key.
-    let receipts = match config.settings.receipts.clone() {
+    let (receipts, receipt_tasks) = match config.settings.receipts.clone() {
         Some(settings) => {
             let path = settings.path.clone();
             let signer = receipts::connect_signer(&settings.signer)
                 .await
                 .map_err(ReceiptsError::from)?;
-            let receipts = Receipts::start(
+            let (receipts, tasks) = Receipts::start(
                 settings,
                 signer,
                 &registry,
-                Some(controller.event_sender().subscribe()),
+                Some(controller.subscribe()),
                 summaries,
             )
             .await?;
             readiness.register("receipts signing", receipts.readiness_check());
             let live = controller.live().await;
+            let payload = serde_json::json!({
+                "generation": live.number, "digest": live.digest, "cause": "startup",
+            });
             receipts
                 .append(NewReceipt {
                     kind: ReceiptKind::PolicySwitch,
                     cycle: 0,
                     policy_generation: live.number,
-                    payload: serde_json::to_vec(&serde_json::json!({
-                        "generation": live.number, "digest": live.digest, "cause": "startup",
-                    }))
-                    .unwrap_or_default(),
+                    payload: payload.to_string().into_bytes(),
                 })
                 .await
                 .map_err(AgentError::Internal)?;
             info!(path = %path.display(), "receipts ledger on");
-            Some(receipts)
+            (Some(receipts), Some(tasks))
         }
-        None => None,
+        None => (None, None),
     };
 
     // Region sync replicates the ledger when [multi_region] enables it.
-    let sync = match (config.settings.sync.clone(), &receipts) {
+    let (sync, sync_tasks) = match (config.settings.sync.clone(), &receipts) {
         (Some(settings), Some(r)) => {
             // Foreign ledgers live beside this region's own.
             let peers_dir = r
@@ -226,17 +236,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 .parent()
                 .map_or_else(|| PathBuf::from("peers"), |dir| dir.join("peers"));
             info!(region = %settings.region, peers = settings.peers.len(), quorum = settings.quorum, "region sync on");
-            let sync =
+            let (sync, tasks) =
                 Replicator::start(settings, r.clone(), identity.clone(), peers_dir, &registry)
                     .map_err(|e| AgentError::Internal(e.to_string()))?;
             readiness.register("region quorum", sync.readiness_check());
-            Some(sync)
+            (Some(sync), Some(tasks))
         }
         (Some(_), None) => {
             warn!("[multi_region] enables sync but there is no receipts ledger ([kms]): nothing to replicate");
-            None
+            (None, None)
         }
-        _ => None,
+        _ => (None, None),
     };
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -250,7 +260,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             sync: sync.clone(),
         },
         async {
-            let _ = api_stopped.await;
+            // A dropped sender is a stop too.
+            let _stopped = api_stopped.await;
         },
     )
     .await?;
@@ -265,6 +276,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         admin.local_addr,
         admin.local_addr,
         layout.dir.display(),
+    );
+    // One machine-readable line for scripts and tests (the lines above are for people).
+    println!(
+        "{}",
+        serde_json::json!({
+            "ready": true,
+            "grpc": api.local_addr.to_string(),
+            "admin": admin.local_addr.to_string(),
+            "pins": layout.dir.display().to_string(),
+            "generation": generation,
+        })
     );
 
     let poll = Duration::from_millis(config.agent.cgroup_poll_interval_ms);
@@ -283,22 +305,43 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             }
         }
     }
-    if let Some(r) = &receipts {
-        // A last checkpoint over everything written; its signature may come with the next run.
-        r.pulse(0).await;
-    }
-    let _ = stop_api.send(());
-    let _ = stop_beat.send(());
-    if let Some(t) = beat_task {
-        let _ = t.await;
-    }
-    match tokio::time::timeout(Duration::from_secs(5), api.task).await {
+
+    // Shutdown, within Kubernetes' default grace period of 30 s: the API first (no new work;
+    // in-flight calls finish), then the beat engine, then the ledger (flushed, closed with a
+    // checkpoint, signed if the KMS answers), then region sync (pushes what it can).
+    let stopping = Instant::now();
+    // A dropped receiver means the server already stopped.
+    let _already_stopped = stop_api.send(());
+    let mut api_task = api.task;
+    match tokio::time::timeout(SHUTDOWN_API, &mut api_task).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!("the gRPC server stopped with an error: {e}"),
-        _ => warn!("the gRPC server did not stop within 5 s"),
+        Ok(Err(e)) => warn!("the gRPC server task failed: {e}"),
+        Err(_) => {
+            warn!(
+                "in-flight gRPC calls did not finish within {} s: cut off",
+                SHUTDOWN_API.as_secs()
+            );
+            api_task.abort();
+        }
+    }
+    services.shutdown(Instant::now() + SHUTDOWN_STEP).await;
+    if let (Some(r), Some(tasks)) = (&receipts, receipt_tasks) {
+        if tokio::time::timeout(SHUTDOWN_STEP, r.pulse(0))
+            .await
+            .is_err()
+        {
+            warn!(
+                "receipts: the final checkpoint was not written within {} s",
+                SHUTDOWN_STEP.as_secs()
+            );
+        }
+        tasks.shutdown(Instant::now() + SHUTDOWN_STEP).await;
+    }
+    if let Some(tasks) = sync_tasks {
+        tasks.shutdown(Instant::now() + SHUTDOWN_SYNC).await;
     }
     drop(controller);
-
     drop(admin);
     if config.agent.detach_on_exit {
         match datapath::remove_pins(&config.agent.pin_root) {
@@ -311,5 +354,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     } else {
         info!(pins = %layout.dir.display(), "exiting; programs stay attached and enforcing (pinned)");
     }
+    info!(took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }

@@ -29,4 +29,5 @@ pub mod policy;
 pub mod receipts;
 pub mod resilience;
 pub mod sync;
+pub mod tasks;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! The `knhk-agent` binary as a test subject: started with a config, its endpoints read from
-//! its startup lines, its logs collected, killed on drop.
+//! its machine-readable ready line, its logs collected, killed on drop.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -37,13 +37,14 @@ impl Agent {
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
-            let mut grpc = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.trim().strip_prefix("grpc     ") {
-                    grpc = rest.to_owned();
-                }
-                if let Some(rest) = line.trim().strip_prefix("metrics  http://") {
-                    let _ = tx.send((rest.trim_end_matches("/metrics").to_owned(), grpc.clone()));
+                // {"ready":true,"grpc":"127.0.0.1:PORT","admin":"127.0.0.1:PORT",...}
+                let Ok(ready) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if ready["ready"] == true {
+                    let field = |k: &str| ready[k].as_str().unwrap_or_default().to_owned();
+                    let _ = tx.send((field("admin"), field("grpc")));
                 }
             }
         });
@@ -72,6 +73,16 @@ impl Agent {
             grpc,
             stderr: erx,
         }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and how long it took.
+    pub fn sigterm(mut self) -> (std::process::ExitStatus, Duration) {
+        let sent = std::time::Instant::now();
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(r, 0, "kill -TERM {}", self.child.id());
+        let status = self.child.wait().expect("wait");
+        (status, sent.elapsed())
     }
 
     pub fn kill9(mut self) {

@@ -19,6 +19,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     // Layer 0: the domain, and helpers with no domain knowledge.
     ("model", &[]),
     ("resilience", &[]),
+    ("tasks", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
@@ -31,10 +32,17 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
     ("beat", &["model", "config", "datapath"]),
     ("control", &["model", "config", "datapath", "policy"]),
-    ("receipts", &["model", "config", "resilience"]),
+    ("receipts", &["model", "config", "resilience", "tasks"]),
     (
         "sync",
-        &["model", "config", "identity", "receipts", "resilience"],
+        &[
+            "model",
+            "config",
+            "identity",
+            "receipts",
+            "resilience",
+            "tasks",
+        ],
     ),
     // Layer 5: the gRPC API, its client, and the wiring of `knhk-agent run`.
     (
@@ -57,6 +65,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "receipts",
             "sync",
             "api",
+            "tasks",
         ],
     ),
 ];

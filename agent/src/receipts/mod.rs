@@ -28,6 +28,7 @@ use crate::{
     config::ReceiptSettings,
     model::{CycleSummary, Event},
     resilience::{CircuitBreaker, CircuitState},
+    tasks::{Stop, TaskGroup},
 };
 use backon::Retryable as _;
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
@@ -194,7 +195,6 @@ pub struct Receipts {
     /// Bumped whenever receipts are appended or a checkpoint is signed.
     changes: tokio::sync::watch::Sender<u64>,
     metrics: Metrics,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Receipts {
@@ -205,32 +205,27 @@ impl std::fmt::Debug for Receipts {
     }
 }
 
-impl Drop for Receipts {
-    fn drop(&mut self) {
-        if let Ok(tasks) = self.tasks.lock() {
-            for t in tasks.iter() {
-                t.abort();
-            }
-        }
-    }
-}
-
 /// Receipt payloads (JSON) of the agent's own kinds.
 fn json(v: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap_or_default()
 }
 
 impl Receipts {
-    /// Opens the ledger and starts its tasks. `events` feeds policy switches and class-state
-    /// changes; `summaries` (the beat engine's pulses) feeds cycle summaries and paces
-    /// checkpoints — without it, a checkpoint is written every second.
+    /// Opens the ledger and starts its tasks (writer, signer, key rotation), returned as a group
+    /// for the caller to own. `events` feeds policy switches and class-state changes;
+    /// `summaries` (the beat engine's pulses) feeds cycle summaries and paces checkpoints —
+    /// without it, a checkpoint is written every second.
+    ///
+    /// On the group's stop, the writer appends everything already sent to it and writes a final
+    /// checkpoint, and the signer makes one last attempt to sign what is unsigned; both within
+    /// the deadline given to [`TaskGroup::shutdown`].
     pub async fn start(
         settings: ReceiptSettings,
         signer: Arc<dyn Signer>,
         registry: &Registry,
         events: Option<broadcast::Receiver<Event>>,
         summaries: Option<broadcast::Receiver<CycleSummary>>,
-    ) -> Result<Arc<Receipts>, ReceiptsError> {
+    ) -> Result<(Arc<Receipts>, TaskGroup), ReceiptsError> {
         let metrics = Metrics::register(registry)?;
         let (path, node, region) = (
             settings.path.clone(),
@@ -261,7 +256,6 @@ impl Receipts {
             sign_now: Notify::new(),
             changes: tokio::sync::watch::Sender::new(0),
             metrics,
-            tasks: Mutex::new(Vec::new()),
         });
         receipts.metrics.circuit_state(CircuitState::Closed);
         receipts.metrics.size.set(receipts.ledger.size()? as i64);
@@ -272,13 +266,15 @@ impl Receipts {
             Ok(Err(e)) => tracing::warn!("receipts: the KMS did not answer at start ({e}); receipts are written and their checkpoints queue until it does"),
             Err(_) => tracing::warn!("receipts: the KMS did not answer within 3 s at start; receipts are written and their checkpoints queue until it does"),
         }
-        let writer = tokio::spawn(Arc::clone(&receipts).write_loop(rx, events, summaries));
-        let signing = tokio::spawn(Arc::clone(&receipts).sign_loop());
-        let rotation = tokio::spawn(Arc::clone(&receipts).rotation_loop());
-        if let Ok(mut t) = receipts.tasks.lock() {
-            t.extend([writer, signing, rotation]);
-        }
-        Ok(receipts)
+        let mut tasks = TaskGroup::new("receipts");
+        let stop = tasks.stop_signal();
+        tasks.spawn(
+            "writer",
+            Arc::clone(&receipts).write_loop(rx, events, summaries, stop.clone()),
+        );
+        tasks.spawn("signer", Arc::clone(&receipts).sign_loop(stop.clone()));
+        tasks.spawn("key rotation", Arc::clone(&receipts).rotation_loop(stop));
+        Ok((receipts, tasks))
     }
 
     /// Changes whenever receipts are appended or a checkpoint is signed (for replication; a
@@ -323,16 +319,6 @@ impl Receipts {
             })?;
         let sig = self.call(|| self.signer.sign(&key.key, message)).await?;
         Ok((key, sig))
-    }
-
-    /// Stops the tasks (in-flight appends are answered with an error); the database closes
-    /// when the last handle goes.
-    pub fn shutdown(&self) {
-        if let Ok(tasks) = self.tasks.lock() {
-            for t in tasks.iter() {
-                t.abort();
-            }
-        }
     }
 
     /// The ledger's database file.
@@ -503,16 +489,29 @@ impl Receipts {
         mut commands: mpsc::Receiver<Command>,
         mut events: Option<broadcast::Receiver<Event>>,
         mut summaries: Option<broadcast::Receiver<CycleSummary>>,
+        mut stop: Stop,
     ) {
         let mut fallback = tokio::time::interval(Duration::from_secs(1));
         fallback.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let paced = summaries.is_some();
         let mut compaction = tokio::time::interval(Duration::from_secs(3600));
+        let mut stopping = false;
         loop {
             let mut batch: Vec<(NewReceipt, Option<Ack>)> = Vec::new();
             let mut pulse = None;
             let mut pulse_acks = Vec::new();
             tokio::select! {
+                _ = stop.requested(), if !stopping => {
+                    // Append what was sent before the stop, then close with a checkpoint.
+                    stopping = true;
+                    pulse = Some(0);
+                    while let Some(e) = recv_now(&mut events) {
+                        batch.extend(self.receipt_of_event(e).map(|r| (r, None)));
+                    }
+                    while let Some(s) = recv_now(&mut summaries) {
+                        batch.push((receipt_of_summary(&s), None));
+                    }
+                },
                 c = commands.recv() => match c {
                     Some(Command::Append(r, ack)) => batch.push((r, Some(ack))),
                     Some(Command::Pulse(cycle, ack)) => { pulse = Some(cycle); pulse_acks.extend(ack); }
@@ -585,6 +584,10 @@ impl Receipts {
             for ack in pulse_acks {
                 let _ = ack.send(());
             }
+            if stopping {
+                tracing::info!("receipts: writer flushed and stopped");
+                return;
+            }
         }
     }
 
@@ -617,11 +620,14 @@ impl Receipts {
         }
     }
 
-    async fn sign_loop(self: Arc<Self>) {
-        loop {
+    async fn sign_loop(self: Arc<Self>, mut stop: Stop) {
+        let mut last_pass = false;
+        while !last_pass {
             tokio::select! {
                 _ = self.sign_now.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                // One more pass on stop: the writer's final checkpoint was written before it.
+                _ = stop.requested() => last_pass = true,
             }
             if self.key.lock().is_ok_and(|k| k.current.is_none()) && self.sync_key().await.is_err()
             {
@@ -700,9 +706,12 @@ impl Receipts {
         }
     }
 
-    async fn rotation_loop(self: Arc<Self>) {
+    async fn rotation_loop(self: Arc<Self>, mut stop: Stop) {
         let mut backoff = Duration::from_secs(5);
         loop {
+            if stop.is_requested() {
+                return;
+            }
             let (since, has_key) = self
                 .key
                 .lock()
@@ -718,7 +727,10 @@ impl Receipts {
                     .rotation_interval
                     .saturating_sub(age)
                     .min(Duration::from_secs(60));
-                tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
+                    _ = stop.requested() => return,
+                }
                 backoff = Duration::from_secs(5);
                 continue;
             }
@@ -738,7 +750,10 @@ impl Receipts {
                     if let Ok(mut k) = self.key.lock() {
                         k.problem = Some(problem);
                     }
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.requested() => return,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(300));
                 }
             }
@@ -870,6 +885,19 @@ async fn recv_opt<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>) -> Result<T
         Err(broadcast::error::RecvError::Closed) => {
             *rx = None;
             std::future::pending().await
+        }
+    }
+}
+
+/// The next message already queued on `rx`, without waiting (skipping over a lag, which the
+/// writer's normal path counts).
+fn recv_now<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>) -> Option<T> {
+    let r = rx.as_mut()?;
+    loop {
+        match r.try_recv() {
+            Ok(v) => return Some(v),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return None,
         }
     }
 }

@@ -16,14 +16,11 @@ use crate::{
     config::{Peer, SyncSettings},
     receipts::{ledger::StoredCosignature, CheckpointBody, Receipts},
     resilience::{CircuitBreaker, CircuitState},
+    tasks::{Stop, TaskGroup},
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 /// Generated types, client and server of `proto/knhk/sync/v1`.
 #[allow(missing_docs, clippy::all)]
@@ -120,7 +117,6 @@ pub struct Replicator {
     settings: SyncSettings,
     receipts: Arc<Receipts>,
     metrics: Metrics,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     server: Arc<SyncServer>,
 }
 
@@ -132,26 +128,18 @@ impl std::fmt::Debug for Replicator {
     }
 }
 
-impl Drop for Replicator {
-    fn drop(&mut self) {
-        if let Ok(t) = self.tasks.lock() {
-            for t in t.iter() {
-                t.abort();
-            }
-        }
-    }
-}
-
 impl Replicator {
-    /// Starts replicating `receipts` to the peers, and a witness server for theirs (under
-    /// `peers_dir`). `identity` gives mTLS to `https://` peers.
+    /// Starts replicating `receipts` to the peers (one task per peer, returned as a group for
+    /// the caller to own), and a witness server for theirs (under `peers_dir`). `identity` gives
+    /// mTLS to `https://` peers. On the group's stop, each peer task pushes until it is caught up
+    /// (or fails, or the shutdown deadline passes), then stops.
     pub fn start(
         settings: SyncSettings,
         receipts: Arc<Receipts>,
         identity: Option<Arc<crate::identity::Identity>>,
         peers_dir: std::path::PathBuf,
         registry: &Registry,
-    ) -> Result<Arc<Replicator>, SyncError> {
+    ) -> Result<(Arc<Replicator>, TaskGroup), SyncError> {
         let metrics = Metrics::register(registry)?;
         let server = Arc::new(SyncServer::new(
             settings.region.clone(),
@@ -164,16 +152,18 @@ impl Replicator {
             settings,
             receipts,
             metrics,
-            tasks: Mutex::new(Vec::new()),
             server,
         });
+        let mut tasks = TaskGroup::new("region sync");
         for peer in sync.settings.peers.clone() {
-            let task = tokio::spawn(Arc::clone(&sync).replicate(peer, identity.clone()));
-            if let Ok(mut t) = sync.tasks.lock() {
-                t.push(task);
-            }
+            let name = format!("push to {}", peer.endpoint);
+            let stop = tasks.stop_signal();
+            tasks.spawn(
+                name,
+                Arc::clone(&sync).replicate(peer, identity.clone(), stop),
+            );
         }
-        Ok(sync)
+        Ok((sync, tasks))
     }
 
     /// The witness service for the gRPC server.
@@ -284,6 +274,7 @@ impl Replicator {
         self: Arc<Self>,
         peer: Peer,
         identity: Option<Arc<crate::identity::Identity>>,
+        mut stop: Stop,
     ) {
         let name = peer.endpoint.clone();
         let breaker = CircuitBreaker::new(3, Duration::from_secs(2));
@@ -302,7 +293,10 @@ impl Replicator {
                 Ok(c) => break c,
                 Err(e) => {
                     tracing::error!(peer = %name, "region sync cannot connect: {e}");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        _ = stop.requested() => return,
+                    }
                 }
             }
         };
@@ -315,7 +309,13 @@ impl Replicator {
         loop {
             if let Err(wait) = breaker.allow() {
                 set_circuit(breaker.state());
-                tokio::time::sleep(wait).await;
+                if stop.is_requested() {
+                    return; // The peer is down: nothing more to push before the deadline.
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.requested() => {}
+                }
                 continue;
             }
             let result = self.push_once(&mut client, &mut acked, &mut cosigned).await;
@@ -325,10 +325,16 @@ impl Replicator {
                     set_circuit(breaker.state());
                     backoff = Duration::from_millis(100);
                     if !more {
+                        if stop.is_requested() {
+                            tracing::info!(peer = %name, "region sync caught up and stopped");
+                            return;
+                        }
                         // Caught up: wait for new receipts or checkpoints, then let a batch fill.
                         tokio::select! {
                             _ = changes.changed() => {}
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            // On stop, one more push: whatever the final checkpoint added.
+                            _ = stop.requested() => continue,
                         }
                         tokio::time::sleep(self.settings.linger).await;
                     }
@@ -339,7 +345,13 @@ impl Replicator {
                     self.metrics.failures.with_label_values(&[&name]).inc();
                     tracing::warn!(peer = %name, "region sync push failed (retrying in {} ms): {e}", backoff.as_millis());
                     acked = None;
-                    tokio::time::sleep(backoff).await;
+                    if stop.is_requested() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.requested() => {}
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
