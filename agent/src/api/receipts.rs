@@ -13,21 +13,13 @@ use pb::{hold_service_server::HoldService, receipt_service_server::ReceiptServic
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
-fn status(e: LedgerError) -> Status {
-    match e {
-        LedgerError::NotFound(m) => Status::not_found(m),
-        LedgerError::Corrupt(m) => Status::data_loss(m),
-        LedgerError::Db(m) => Status::unavailable(m),
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
 ) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(status)
+        .map_err(Status::from)
 }
 
 fn receipt_pb((r, payload): StoredReceipt) -> pb::Receipt {

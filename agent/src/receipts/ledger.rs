@@ -37,6 +37,24 @@ pub enum LedgerError {
     /// A request names something that does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// Receipts given to append are not a valid continuation of the log (the caller's fault:
+    /// nothing was stored).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The one mapping of ledger errors to gRPC codes, for every service that reads a ledger.
+impl From<LedgerError> for tonic::Status {
+    fn from(e: LedgerError) -> tonic::Status {
+        match e {
+            LedgerError::Db(m) => tonic::Status::unavailable(format!("receipts database: {m}")),
+            LedgerError::Corrupt(m) => {
+                tonic::Status::data_loss(format!("receipts database is corrupt: {m}"))
+            }
+            LedgerError::NotFound(m) => tonic::Status::not_found(m),
+            LedgerError::Refused(m) => tonic::Status::invalid_argument(m),
+        }
+    }
 }
 
 fn db<E: std::fmt::Display>(e: E) -> LedgerError {
@@ -610,28 +628,28 @@ impl Ledger {
                         .map_err(db)?
                         .is_some_and(|v| v.value() == &encoding[..]);
                     if !same {
-                        return Err(LedgerError::Corrupt(format!(
+                        return Err(LedgerError::Refused(format!(
                             "receipt {seq} differs from the one already stored for this origin"
                         )));
                     }
                     continue;
                 }
                 if *seq != size {
-                    return Err(LedgerError::NotFound(format!(
+                    return Err(LedgerError::Refused(format!(
                         "receipt {seq} does not follow the {size} stored (a gap)"
                     )));
                 }
                 let r = Receipt::decode(encoding)
-                    .map_err(|e| LedgerError::Corrupt(format!("receipt {seq}: {e}")))?;
+                    .map_err(|e| LedgerError::Refused(format!("receipt {seq}: {e}")))?;
                 if r.seq != *seq {
-                    return Err(LedgerError::Corrupt(format!(
+                    return Err(LedgerError::Refused(format!(
                         "receipt {seq}: its encoding says seq {}",
                         r.seq
                     )));
                 }
                 if let Some(p) = payload {
                     if p.len() != r.payload_len as usize || format::sha256(p) != r.payload_hash {
-                        return Err(LedgerError::Corrupt(format!(
+                        return Err(LedgerError::Refused(format!(
                             "receipt {seq}: its payload does not match the payload hash in its header"
                         )));
                     }

@@ -2,11 +2,11 @@
 //! verifies them against the origin's signed checkpoints, and cosigns checkpoints that extend
 //! the last one it cosigned for that origin.
 
-use super::{pb, Metrics};
+use super::{pb, witness, Metrics};
 use crate::config::settings::valid_region;
 use crate::receipts::{
-    format, ledger::cosigned_message, merkle, signer::verify_signature, CheckpointBody, KeyRecord,
-    KeyRef, Ledger, LedgerError, Receipts, StoredCheckpoint,
+    format, ledger::cosigned_message, signer::verify_signature, CheckpointBody, KeyRecord, KeyRef,
+    Ledger, LedgerError, Receipts, StoredCheckpoint,
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use serde::{Deserialize, Serialize};
@@ -20,11 +20,63 @@ use tonic::{Request, Response, Status};
 /// The largest batch a peer accepts.
 pub const MAX_BATCH: usize = 10_000;
 
+/// The meta key of what this witness last cosigned for an origin.
+const COSIGNED: &str = "cosigned";
+
 /// What this witness last cosigned for an origin.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy)]
 struct Cosigned {
     size: u64,
+    root: format::Hash,
+}
+
+/// [`Cosigned`] as stored (JSON, root in base64).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredCosigned {
+    size: u64,
     root: String,
+}
+
+impl Cosigned {
+    fn stored(&self) -> StoredCosigned {
+        StoredCosigned {
+            size: self.size,
+            root: B64.encode(self.root),
+        }
+    }
+}
+
+/// What this witness last cosigned for the origin of `ledger` (`None`: nothing yet). A record
+/// that does not decode is corruption, never "nothing cosigned": that would accept any history.
+fn read_cosigned(ledger: &Ledger) -> Result<Option<Cosigned>, LedgerError> {
+    let Some(bytes) = ledger.meta(COSIGNED)? else {
+        return Ok(None);
+    };
+    let corrupt = |m: String| LedgerError::Corrupt(format!("witness record {COSIGNED:?}: {m}"));
+    let stored: StoredCosigned =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let root = B64
+        .decode(&stored.root)
+        .map_err(|e| corrupt(e.to_string()))?
+        .try_into()
+        .map_err(|_| corrupt("the root is not 32 bytes".into()))?;
+    Ok(Some(Cosigned {
+        size: stored.size,
+        root,
+    }))
+}
+
+/// A stored checkpoint's body, from its JSON record under `key`.
+fn decode_stored(bytes: &[u8], key: &str) -> Result<CheckpointBody, LedgerError> {
+    let corrupt = |m: String| LedgerError::Corrupt(format!("witness record {key:?}: {m}"));
+    let stored: StoredCheckpoint =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    CheckpointBody::decode(&stored.body).map_err(|e| corrupt(e.to_string()))
+}
+
+/// JSON of a record to store (these types always serialize; an error is a bug, reported).
+fn encode_json(v: &impl Serialize) -> Result<Vec<u8>, LedgerError> {
+    serde_json::to_vec(v).map_err(|e| LedgerError::Db(format!("encoding a witness record: {e}")))
 }
 
 /// The `RegionSync` service.
@@ -43,13 +95,6 @@ impl std::fmt::Debug for SyncServer {
         f.debug_struct("SyncServer")
             .field("region", &self.region)
             .finish_non_exhaustive()
-    }
-}
-
-fn db_status(e: LedgerError) -> Status {
-    match e {
-        LedgerError::Db(m) => Status::unavailable(m),
-        other => Status::invalid_argument(other.to_string()),
     }
 }
 
@@ -82,8 +127,7 @@ impl SyncServer {
         if let Some(l) = map.get(origin) {
             return Ok(l.clone());
         }
-        let l = Ledger::open(&self.dir.join(format!("{origin}.redb")), origin, origin)
-            .map_err(db_status)?;
+        let l = Ledger::open(&self.dir.join(format!("{origin}.redb")), origin, origin)?;
         map.insert(origin.to_owned(), l.clone());
         Ok(l)
     }
@@ -92,6 +136,45 @@ impl SyncServer {
         self.metrics.rejected.inc();
         tracing::warn!("region sync: refused a batch: {}", status.message());
         status
+    }
+
+    /// The answer to a checkpoint the witness refuses: an invalid one is counted as a rejected
+    /// batch; a fork is counted, logged loudly, and both checkpoints are kept as evidence.
+    fn refuse(
+        &self,
+        ledger: &Ledger,
+        cp: &witness::Presented<'_>,
+        e: witness::WitnessError,
+    ) -> Status {
+        match e {
+            witness::WitnessError::Invalid(m) => self.reject(Status::invalid_argument(m)),
+            witness::WitnessError::Fork(m) => {
+                self.metrics.forks.inc();
+                let known = |key: &str| {
+                    ledger
+                        .meta(key)
+                        .ok()
+                        .flatten()
+                        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+                };
+                let size = CheckpointBody::decode(cp.body).map_or(0, |b| b.size);
+                let evidence = serde_json::json!({
+                    "seen_at_size": known(&format!("checkpoint-size:{size}")),
+                    "cosigned": known(COSIGNED),
+                    "second": {"number": cp.number, "body": cp.body, "signature": B64.encode(cp.signature)},
+                });
+                if let Err(err) = ledger.put_meta(
+                    &format!("fork:{size}:{}", cp.number),
+                    evidence.to_string().as_bytes(),
+                ) {
+                    tracing::error!(
+                        "region sync: the evidence of a fork could not be stored: {err}"
+                    );
+                }
+                tracing::error!(message = %m, "FORK: refusing to cosign; both checkpoints kept as evidence");
+                Status::failed_precondition(format!("fork: {m}"))
+            }
+        }
     }
 
     /// The keys of the request as records, checked to extend `known` with transitions signed
@@ -191,8 +274,7 @@ impl pb::region_sync_server::RegionSync for SyncServer {
         let l = ledger.clone();
         let known = tokio::task::spawn_blocking(move || l.keys())
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(db_status)?;
+            .map_err(|e| Status::internal(e.to_string()))??;
         let new_keys = Self::new_keys(&known, &req.keys).map_err(|s| self.reject(s))?;
         // Receipts: all or nothing.
         let entries: Vec<crate::receipts::ledger::EncodedReceipt> = req
@@ -216,147 +298,76 @@ impl pb::region_sync_server::RegionSync for SyncServer {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| self.reject(db_status(e)))?;
+        .map_err(|e| match e {
+            LedgerError::Refused(m) => self.reject(Status::invalid_argument(m)),
+            other => Status::from(other),
+        })?;
         for k in &new_keys {
-            ledger.add_key(k).map_err(db_status)?;
+            ledger.add_key(k)?;
         }
         let mut keys: HashMap<KeyRef, Vec<u8>> = HashMap::new();
         for k in known.iter().chain(new_keys.iter()) {
-            keys.insert(k.key.clone(), B64.decode(&k.public_key).unwrap_or_default());
+            let der = B64.decode(&k.public_key).map_err(|e| {
+                LedgerError::Corrupt(format!("origin {origin}: stored key {}: {e}", k.key))
+            })?;
+            keys.insert(k.key.clone(), der);
         }
-        let mut cosigned: Cosigned = ledger
-            .meta("cosigned")
-            .map_err(db_status)?
-            .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default();
+        let mut cosigned = read_cosigned(&ledger)?;
         let mut cosignature = None;
         if let Some(cp) = req.checkpoint {
-            let body = CheckpointBody::decode(&cp.body)
-                .map_err(|e| self.reject(Status::invalid_argument(format!("checkpoint: {e}"))))?;
-            if body.region != origin {
-                return Err(self.reject(Status::invalid_argument(format!(
-                    "checkpoint: it is of region {:?}, not {origin:?}",
-                    body.region
-                ))));
-            }
-            let public = keys.get(&body.key).ok_or_else(|| {
-                self.reject(Status::invalid_argument(format!(
-                    "checkpoint: signed by {}, which is not in the key history",
-                    body.key
-                )))
-            })?;
-            if !verify_signature(public, cp.body.as_bytes(), &cp.signature) {
-                return Err(self.reject(Status::invalid_argument(format!(
-                    "checkpoint {}: its signature does not verify with {}",
-                    cp.number, body.key
-                ))));
-            }
-            if body.size > stored_size {
-                return Err(self.reject(Status::invalid_argument(format!(
-                    "checkpoint {}: covers {} receipts but only {stored_size} are stored here",
-                    cp.number, body.size
-                ))));
-            }
-            // Fork: another checkpoint of the same size with a different root.
+            let presented = witness::Presented {
+                number: cp.number,
+                body: &cp.body,
+                signature: &cp.signature,
+            };
+            let body = witness::check_presented(&origin, &presented, &keys, stored_size)
+                .map_err(|e| self.refuse(&ledger, &presented, e))?;
+            // What this witness holds of the origin at that size.
             let evidence_key = format!("checkpoint-size:{}", body.size);
-            if let Some(seen) = ledger.meta(&evidence_key).map_err(db_status)? {
-                let seen: StoredCheckpoint =
-                    serde_json::from_slice(&seen).map_err(|e| Status::internal(e.to_string()))?;
-                if let Ok(old) = CheckpointBody::decode(&seen.body) {
-                    if old.root != body.root {
-                        self.metrics.forks.inc();
-                        let evidence = serde_json::json!({"first": seen, "second": {"body": cp.body, "signature": B64.encode(&cp.signature)}});
-                        let _ = ledger.put_meta(
-                            &format!("fork:{}:{}", body.size, cp.number),
-                            evidence.to_string().as_bytes(),
-                        );
-                        tracing::error!(%origin, size = body.size, "FORK: two different checkpoints of the same size; refusing to cosign, both kept as evidence");
-                        return Err(Status::failed_precondition(format!(
-                            "fork: region {origin} presented two different checkpoints of size {}; refusing to cosign (evidence kept)",
-                            body.size
-                        )));
-                    }
-                }
-            }
-            // Its root must be that of the receipts stored here (every receipt's inclusion).
+            let seen = match ledger.meta(&evidence_key)? {
+                Some(bytes) => Some(decode_stored(&bytes, &evidence_key)?),
+                None => None,
+            };
             let l = ledger.clone();
             let size = body.size;
-            let root = tokio::task::spawn_blocking(move || l.root(size))
+            let stored_root = tokio::task::spawn_blocking(move || l.root(size))
                 .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(db_status)?;
-            if root != body.root {
-                return Err(self.reject(Status::invalid_argument(format!(
-                    "checkpoint {}: its root does not match the {} receipts stored here",
-                    cp.number, body.size
-                ))));
-            }
-            // Append-only: consistent with what was cosigned before.
-            if cosigned.size > 0 {
-                let old_root: format::Hash = B64
-                    .decode(&cosigned.root)
-                    .ok()
-                    .and_then(|v| v.try_into().ok())
-                    .unwrap_or([0; 32]);
-                let proof: Vec<format::Hash> = req
-                    .consistency_proof
-                    .iter()
-                    .filter_map(|h| h.as_slice().try_into().ok())
-                    .collect();
-                let consistent = if body.size == cosigned.size {
-                    // The same checkpoint again (a re-sent batch).
-                    body.root == old_root
-                } else {
-                    body.size > cosigned.size
-                        && req.proof_from_size == cosigned.size
-                        && merkle::verify_consistency(
-                            &old_root,
-                            cosigned.size,
-                            &body.root,
-                            body.size,
-                            &proof,
-                        )
-                };
-                if !consistent {
-                    self.metrics.forks.inc();
-                    let _ = ledger.put_meta(
-                        &format!("fork:{}:{}", body.size, cp.number),
-                        serde_json::json!({"cosigned": cosigned, "second": {"body": cp.body, "signature": B64.encode(&cp.signature)}})
-                            .to_string()
-                            .as_bytes(),
-                    );
-                    return Err(Status::failed_precondition(format!(
-                        "fork: checkpoint {} of region {origin} is not consistent with the one of size {} cosigned before",
-                        cp.number, cosigned.size
-                    )));
-                }
-            }
+                .map_err(|e| Status::internal(e.to_string()))??;
+            let history = witness::History {
+                seen_at_size: seen.as_ref(),
+                stored_root,
+                cosigned: cosigned.as_ref().map(|c| (c.size, c.root)),
+            };
+            let proof: Vec<format::Hash> = req
+                .consistency_proof
+                .iter()
+                .filter_map(|h| h.as_slice().try_into().ok())
+                .collect();
+            witness::check_history(
+                &origin,
+                cp.number,
+                &body,
+                &history,
+                req.proof_from_size,
+                &proof,
+            )
+            .map_err(|e| self.refuse(&ledger, &presented, e))?;
+
             let stored = StoredCheckpoint {
                 body: cp.body.clone(),
                 signature: Some(B64.encode(&cp.signature)),
             };
-            ledger
-                .put_signed_checkpoint(cp.number, &stored)
-                .map_err(db_status)?;
-            ledger
-                .put_meta(
-                    &evidence_key,
-                    &serde_json::to_vec(&stored).unwrap_or_default(),
-                )
-                .map_err(db_status)?;
+            ledger.put_signed_checkpoint(cp.number, &stored)?;
+            ledger.put_meta(&evidence_key, &encode_json(&stored)?)?;
             let message = cosigned_message(&self.region, &cp.body);
             match self.receipts.sign_with_current(message.as_bytes()).await {
                 Ok((key, signature)) => {
-                    cosigned = Cosigned {
+                    let now = Cosigned {
                         size: body.size,
-                        root: B64.encode(body.root),
+                        root: body.root,
                     };
-                    ledger
-                        .put_meta(
-                            "cosigned",
-                            &serde_json::to_vec(&cosigned).unwrap_or_default(),
-                        )
-                        .map_err(db_status)?;
+                    ledger.put_meta(COSIGNED, &encode_json(&now.stored())?)?;
+                    cosigned = Some(now);
                     cosignature = Some(pb::Cosignature {
                         witness_region: self.region.clone(),
                         witness_node: self.receipts.origin().0.to_owned(),
@@ -369,10 +380,11 @@ impl pb::region_sync_server::RegionSync for SyncServer {
                 Err(e) => tracing::warn!(%origin, "region sync: cannot cosign now (the KMS): {e}"),
             }
         }
+        let cosigned_size = cosigned.map_or(0, |c| c.size);
         Ok(Response::new(pb::PushBatchResponse {
             stored_size,
             cosignature,
-            cosigned_size: cosigned.size,
+            cosigned_size,
         }))
     }
 
@@ -387,14 +399,10 @@ impl pb::region_sync_server::RegionSync for SyncServer {
             )));
         }
         let ledger = self.ledger(&origin)?;
-        let cosigned: Cosigned = ledger
-            .meta("cosigned")
-            .map_err(db_status)?
-            .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default();
+        let cosigned = read_cosigned(&ledger)?;
         Ok(Response::new(pb::GetSyncStateResponse {
-            stored_size: ledger.size().map_err(db_status)?,
-            cosigned_size: cosigned.size,
+            stored_size: ledger.size()?,
+            cosigned_size: cosigned.map_or(0, |c| c.size),
         }))
     }
 }
