@@ -55,7 +55,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
     },
-    /// Detach the programs and remove every knhk pin. Enforcement stops.
+    /// Detach the programs: remove knhk's own pins (only those, never following a symlink; a
+    /// DIR that is not on bpffs is refused). Enforcement stops.
     #[command(
         after_help = "Examples:\n  knhk-agent detach\n  knhk-agent detach --pin-root /sys/fs/bpf/knhk"
     )]
