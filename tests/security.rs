@@ -204,3 +204,258 @@ fn kernel_detach_removes_only_knhk_pins_and_never_follows_symlinks() {
     );
     assert!(std::fs::symlink_metadata(&link).is_ok());
 }
+
+// ---- item 2: the admin HTTP server against clients that hold connections ----
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+/// What a client sees when it waits for the server on `s`: `Closed` (EOF or reset) or `Open`
+/// (nothing within `wait`), and how long that took.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Closed,
+    Open,
+    Data(String),
+}
+
+fn wait_for_server(s: &mut TcpStream, wait: Duration) -> (Seen, Duration) {
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let start = Instant::now();
+    let mut buf = [0u8; 4096];
+    let seen = match s.read(&mut buf) {
+        Ok(0) => Seen::Closed,
+        Ok(n) => Seen::Data(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Seen::Open
+        }
+        Err(_) => Seen::Closed,
+    };
+    (seen, start.elapsed())
+}
+
+/// One keep-alive `GET /healthz` on `s`: the response head and body.
+fn healthz_on(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("request");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).ends_with("ok\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).expect("connect to the admin server")
+}
+
+#[test]
+fn kernel_admin_server_closes_slowloris_and_caps_connections_grpc_unaffected() {
+    if !kernel_available(
+        "kernel_admin_server_closes_slowloris_and_caps_connections_grpc_unaffected",
+    ) {
+        return;
+    }
+    let cg = TestCgroup::new("admin-cap");
+    let pins = TestPins::new("admin-cap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let timeout = knhk_agent::telemetry::ADMIN_HEADER_READ_TIMEOUT;
+    let cap = knhk_agent::telemetry::ADMIN_MAX_CONNECTIONS;
+
+    // Slowloris: part of a request line, then nothing. Closed at the header read timeout.
+    let mut slow = connect(agent.metrics);
+    slow.write_all(b"GET /metr").expect("partial request");
+    let (seen, after) = wait_for_server(&mut slow, timeout + Duration::from_secs(5));
+    assert_eq!(seen, Seen::Closed, "a slowloris connection stays open");
+    assert!(
+        after >= timeout - Duration::from_millis(500) && after < timeout + Duration::from_secs(3),
+        "closed after {after:?}, the timeout is {timeout:?}"
+    );
+
+    // The cap: one keep-alive client and cap-1 idle ones hold every slot.
+    let mut keep = connect(agent.metrics);
+    assert!(healthz_on(&mut keep).contains("200 OK"));
+    let mut idle: Vec<TcpStream> = (1..cap).map(|_| connect(agent.metrics)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut over = connect(agent.metrics);
+    let (seen, after) = wait_for_server(&mut over, Duration::from_secs(2));
+    assert_eq!(seen, Seen::Closed, "connection {} was not refused", cap + 1);
+    assert!(
+        after < Duration::from_secs(1),
+        "refused only after {after:?}"
+    );
+    // The connections already in keep serving, and gRPC is a different server.
+    assert!(healthz_on(&mut keep).contains("200 OK"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut c = knhk_agent::api::pb::policy_service_client::PolicyServiceClient::connect(
+            format!("http://{}", agent.grpc),
+        )
+        .await
+        .expect("gRPC connect");
+        let live = c
+            .get_policy(knhk_agent::api::pb::GetPolicyRequest {})
+            .await
+            .expect("GetPolicy while the admin server is at its cap");
+        assert_eq!(live.into_inner().generation, 1);
+    });
+    // Closing connections frees their slots.
+    drop(keep);
+    idle.clear();
+    let start = Instant::now();
+    loop {
+        let mut s = connect(agent.metrics);
+        let answer = healthz_on(&mut s);
+        if answer.contains("200 OK") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no slot freed after closing: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn admin_server(limits: knhk_agent::telemetry::AdminLimits) -> knhk_agent::telemetry::AdminServer {
+    let readiness = std::sync::Arc::new(knhk_agent::telemetry::Readiness::default());
+    knhk_agent::telemetry::AdminServer::start_with_limits(
+        "127.0.0.1:0".parse().expect("addr"),
+        prometheus::Registry::new(),
+        readiness,
+        limits,
+    )
+    .expect("admin server")
+}
+
+#[test]
+fn admin_server_closes_slow_and_idle_clients_at_the_header_timeout() {
+    let timeout = Duration::from_millis(400);
+    let server = admin_server(knhk_agent::telemetry::AdminLimits {
+        max_connections: 8,
+        header_read_timeout: timeout,
+    });
+    let in_time =
+        |after: Duration| after >= timeout - Duration::from_millis(100) && after < timeout * 4;
+    let opened = Instant::now();
+    // Part of a request line, then nothing.
+    let mut partial = connect(server.local_addr);
+    partial.write_all(b"GET /heal").expect("write");
+    // Nothing at all.
+    let mut silent = connect(server.local_addr);
+    for (name, s) in [
+        ("partial request line", &mut partial),
+        ("silent", &mut silent),
+    ] {
+        let (seen, _) = wait_for_server(s, timeout * 4);
+        let after = opened.elapsed();
+        assert_eq!(seen, Seen::Closed, "{name} connection left open");
+        assert!(
+            in_time(after),
+            "{name}: closed after {after:?}, timeout {timeout:?}"
+        );
+    }
+    // A byte every 50 ms, each well inside the timeout: the head as a whole is late.
+    let mut drip = connect(server.local_addr);
+    let opened = Instant::now();
+    let mut closed = false;
+    for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    {
+        if drip.write_all(&[*b]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        if wait_for_server(&mut drip, Duration::from_millis(1)).0 == Seen::Closed {
+            closed = true;
+            break;
+        }
+    }
+    let after = opened.elapsed();
+    assert!(closed, "a client dripping its request head is never closed");
+    assert!(
+        in_time(after),
+        "drip: closed after {after:?}, timeout {timeout:?}"
+    );
+    // A keep-alive client idle for longer than the timeout is closed too; prompt ones are served.
+    let mut keep = connect(server.local_addr);
+    assert!(healthz_on(&mut keep).contains("200 OK"));
+    let (seen, after) = wait_for_server(&mut keep, timeout * 4);
+    assert_eq!(
+        seen,
+        Seen::Closed,
+        "an idle keep-alive connection is never closed"
+    );
+    assert!(in_time(after), "keep-alive: closed after {after:?}");
+    assert!(healthz_on(&mut connect(server.local_addr)).contains("200 OK"));
+}
+
+#[test]
+fn admin_server_refuses_connections_over_its_cap_and_frees_slots_on_close() {
+    let cap = 4;
+    let server = admin_server(knhk_agent::telemetry::AdminLimits {
+        max_connections: cap,
+        header_read_timeout: Duration::from_secs(30),
+    });
+    let mut keep = connect(server.local_addr);
+    assert!(healthz_on(&mut keep).contains("200 OK"));
+    let mut idle: Vec<TcpStream> = (1..cap).map(|_| connect(server.local_addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for attempt in 0..3 {
+        let mut over = connect(server.local_addr);
+        let (seen, after) = wait_for_server(&mut over, Duration::from_secs(3));
+        assert_eq!(
+            seen,
+            Seen::Closed,
+            "attempt {attempt}: connection {} was served",
+            cap + 1
+        );
+        assert!(
+            after < Duration::from_secs(1),
+            "refused only after {after:?}"
+        );
+    }
+    assert!(
+        healthz_on(&mut keep).contains("200 OK"),
+        "a connection inside the cap keeps being served"
+    );
+    // One closed connection frees one slot.
+    idle.pop();
+    let start = Instant::now();
+    let mut fresh = loop {
+        let mut s = connect(server.local_addr);
+        if healthz_on(&mut s).contains("200 OK") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no slot was freed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(healthz_on(&mut fresh).contains("200 OK"));
+    let mut over = connect(server.local_addr);
+    assert_eq!(
+        wait_for_server(&mut over, Duration::from_secs(3)).0,
+        Seen::Closed
+    );
+}

@@ -8,4 +8,6 @@ mod metrics;
 mod server;
 
 pub use metrics::DatapathCollector;
-pub use server::{AdminServer, Readiness};
+pub use server::{
+    AdminLimits, AdminServer, Readiness, ADMIN_HEADER_READ_TIMEOUT, ADMIN_MAX_CONNECTIONS,
+};
