@@ -459,3 +459,273 @@ fn admin_server_refuses_connections_over_its_cap_and_frees_slots_on_close() {
         Seen::Closed
     );
 }
+
+// ---- item 3: `receipts verify` is read-only and never panics; the agent refuses a corrupt ledger ----
+
+use knhk_agent::receipts::{NewReceipt, ReceiptKind, ReceiptSettings, Receipts, SignerSettings};
+
+/// A valid ledger with signed checkpoints, written through the crate's API, at `dir/receipts.redb`.
+fn write_ledger(dir: &Path) -> PathBuf {
+    let path = dir.join("receipts.redb");
+    let settings = ReceiptSettings {
+        path: path.clone(),
+        node: "node-a".into(),
+        region: "local".into(),
+        rotation_interval: Duration::from_secs(24 * 3600),
+        retention: Default::default(),
+        max_pending_checkpoints: 1024,
+        signer: SignerSettings::File {
+            key_dir: dir.join("keys"),
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let signer = settings.signer.connect().await.expect("signer");
+        let r = Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
+            .await
+            .expect("receipts");
+        for i in 0..40u64 {
+            r.append(NewReceipt {
+                kind: ReceiptKind::PolicySwitch,
+                cycle: i,
+                policy_generation: i,
+                payload: format!("{{\"generation\":{i}}}").into_bytes(),
+            })
+            .await
+            .expect("append");
+        }
+        let start = Instant::now();
+        while !r
+            .ledger()
+            .unsigned_checkpoints()
+            .expect("checkpoints")
+            .is_empty()
+            || r.ledger().checkpoints().expect("checkpoints").is_empty()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "checkpoints unsigned"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        r.shutdown();
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    path
+}
+
+fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).expect("read ledger");
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn verify_cmd(db: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["receipts", "verify", "--db"]).arg(db);
+    c
+}
+
+#[test]
+fn receipts_verify_does_not_write_the_ledger_and_verifies_a_read_only_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = write_ledger(dir.path());
+    let before = sha256(&ledger);
+    for run in 0..3 {
+        let out = verify_cmd(&ledger).output().expect("verify");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "run {run}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("verified"), "{stdout}");
+        assert_eq!(
+            sha256(&ledger),
+            before,
+            "run {run}: verify changed the ledger"
+        );
+    }
+    // A read-only copy (0444, in a directory the verifying user cannot write), verified by an
+    // unprivileged user when the test runs as root (root ignores file modes).
+    let ro_dir = tempfile::tempdir().expect("tempdir");
+    let copy = ro_dir.path().join("copy.redb");
+    std::fs::copy(&ledger, &copy).expect("copy");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+    std::fs::set_permissions(ro_dir.path(), std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let mut cmd = verify_cmd(&copy);
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().expect("verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("verified"), "{stdout}");
+    assert_eq!(sha256(&copy), before);
+    std::fs::set_permissions(ro_dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    // A copy taken while a writer has the ledger open was not closed cleanly: redb would have to
+    // repair it, which writes. It is verified through a private repaired copy, still unwritten.
+    let live = dir.path().join("live.redb");
+    std::fs::copy(&ledger, &live).expect("copy");
+    let writer = knhk_agent::receipts::Ledger::open(&live, "node-a", "local").expect("open");
+    let hot = dir.path().join("hot-copy.redb");
+    std::fs::copy(&live, &hot).expect("copy while open");
+    drop(writer);
+    let hot_before = sha256(&hot);
+    let out = verify_cmd(&hot).output().expect("verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("verified"), "{stdout}");
+    assert!(stderr.contains("not closed cleanly"), "{stderr}");
+    assert_eq!(
+        sha256(&hot),
+        hot_before,
+        "verify repaired the copy in place"
+    );
+    // The ledger of a running writer is refused with a precise error, and not written.
+    let writer = knhk_agent::receipts::Ledger::open(&live, "node-a", "local").expect("open");
+    let live_before = sha256(&live);
+    let out = verify_cmd(&live).output().expect("verify");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("open by a running agent"), "{stderr}");
+    assert_eq!(sha256(&live), live_before);
+    drop(writer);
+}
+
+/// Byte offsets to flip in a file of `len` bytes: the whole first page densely (headers), then
+/// a spread over the rest.
+fn flip_offsets(len: usize, count: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = (0..len.min(512)).step_by(3).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while out.len() < count {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.push((x % len as u64) as usize);
+    }
+    out
+}
+
+#[test]
+fn receipts_verify_never_panics_on_byte_flipped_ledgers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = write_ledger(dir.path());
+    let original = std::fs::read(&ledger).expect("read");
+    let copy = dir.path().join("flipped.redb");
+    let mut panics = Vec::new();
+    let (mut verified, mut failed) = (0, 0);
+    for (i, at) in flip_offsets(original.len(), 300).into_iter().enumerate() {
+        let mut bytes = original.clone();
+        bytes[at] ^= if i % 2 == 0 { 0xff } else { 0x01 };
+        std::fs::write(&copy, &bytes).expect("write copy");
+        let out = verify_cmd(&copy).output().expect("verify");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => verified += 1,
+            Some(1 | 64) if !stderr.contains("panicked") => {
+                failed += 1;
+                if failed <= 5 {
+                    eprintln!(
+                        "byte {at}: exit {:?}: {}{stderr}",
+                        out.status.code(),
+                        String::from_utf8_lossy(&out.stdout)
+                    );
+                }
+            }
+            other => panics.push(format!("byte {at}: exit {other:?}: {stderr}")),
+        }
+    }
+    assert!(
+        panics.is_empty(),
+        "{} of 300 flipped copies panicked or exited oddly, e.g. {}",
+        panics.len(),
+        panics[0]
+    );
+    assert!(failed > 0, "no flip was noticed ({verified} verified)");
+}
+
+#[test]
+fn ledger_open_never_panics_on_byte_flipped_ledgers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = write_ledger(dir.path());
+    let original = std::fs::read(&ledger).expect("read");
+    let copy = dir.path().join("flipped.redb");
+    let mut panics = Vec::new();
+    let mut refused = 0;
+    for (i, at) in flip_offsets(original.len(), 300).into_iter().enumerate() {
+        let mut bytes = original.clone();
+        bytes[at] ^= if i % 2 == 0 { 0xff } else { 0x01 };
+        std::fs::write(&copy, &bytes).expect("write copy");
+        let opened = std::panic::catch_unwind(|| {
+            knhk_agent::receipts::Ledger::open(&copy, "node-a", "local").map(|_| ())
+        });
+        match opened {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                refused += 1;
+                assert!(e.to_string().contains("receipts database"), "{e}");
+            }
+            Err(_) => panics.push(at),
+        }
+    }
+    assert!(
+        panics.is_empty(),
+        "Ledger::open panicked on flips at {panics:?}"
+    );
+    eprintln!("{refused} of 300 flipped copies refused with an error");
+}
+
+#[test]
+fn kernel_agent_refuses_a_damaged_ledger_before_attaching() {
+    if !kernel_available("kernel_agent_refuses_a_damaged_ledger_before_attaching") {
+        return;
+    }
+    let cg = TestCgroup::new("bad-ledger");
+    let pins = TestPins::new("bad-ledger");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = dir.path().join("receipts.redb");
+    // A ledger-sized file that is not a redb database.
+    std::fs::write(&ledger, vec![0x5au8; 64 * 1024]).expect("write");
+    let before = sha256(&ledger);
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n",
+            dir.path().join("keys").display(),
+            ledger.display()
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("receipts database"), "{stderr}");
+    assert!(stderr.contains(&ledger.display().to_string()), "{stderr}");
+    assert!(
+        !pins.root.exists(),
+        "the datapath was started (pins at {}) before the ledger was refused",
+        pins.root.display()
+    );
+    assert_eq!(sha256(&ledger), before, "the damaged ledger was written");
+}

@@ -105,6 +105,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         None => None,
     };
 
+    // The receipts ledger is opened before anything touches the kernel: a damaged ledger stops
+    // the agent with nothing attached.
+    let mut ledger = match ReceiptSettings::from_config(&config) {
+        Some(settings) => Some(Receipts::open_ledger(&settings).await?),
+        None => None,
+    };
+
     let opts = DatapathOptions {
         cgroup_root: root.clone(),
         pin_root: config.agent.pin_root.clone(),
@@ -188,7 +195,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 .connect()
                 .await
                 .map_err(ReceiptsError::from)?;
-            let receipts = Receipts::start(
+            let ledger = match ledger.take() {
+                Some(l) => l,
+                None => Receipts::open_ledger(&settings).await?,
+            };
+            let receipts = Receipts::start_on(
+                ledger,
                 settings,
                 signer,
                 &registry,

@@ -292,7 +292,9 @@ enum ReceiptsCommand {
     },
     /// Verify a ledger offline with only its public keys: every receipt against its payload
     /// hash, every tree node, every checkpoint's root and signature, the key-transition chain.
-    /// Exit 0 when it verifies, 1 with the first bad entry named otherwise.
+    /// The file is opened read-only and never written. Exit 0 when it verifies, 1 with the
+    /// first bad entry named otherwise (or when the file is not a readable ledger), 64 when the
+    /// file cannot be opened (missing, not a regular file, held by a running agent).
     #[command(
         after_help = "Example:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb"
     )]
@@ -460,17 +462,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Receipts(ReceiptsCommand::Verify { db, output }) => {
-            let database = match redb::Database::open(&db) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot open {}: {e} (is the agent still running on it?)",
-                        db.display()
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match knhk_agent::receipts::verify(&database) {
+            // A damaged file can make the database library panic; verify_file turns that into
+            // an error, and the message is printed once, below, not by the panic hook.
+            std::panic::set_hook(Box::new(|_| {}));
+            match knhk_agent::receipts::verify_file(&db) {
                 Ok(report) => {
                     match output {
                         Output::Json => println!("{}", serde_json::json!(report)),
@@ -497,6 +492,10 @@ fn main() -> ExitCode {
                     } else {
                         ExitCode::FAILURE
                     }
+                }
+                Err(e @ knhk_agent::receipts::VerifyFileError::Open { .. }) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
                 }
                 Err(e) => {
                     eprintln!("error: {e}");
