@@ -729,3 +729,74 @@ fn kernel_agent_refuses_a_damaged_ledger_before_attaching() {
     );
     assert_eq!(sha256(&ledger), before, "the damaged ledger was written");
 }
+
+// ---- item 4: a grpc-timeout too large for a deadline ----
+
+#[test]
+fn kernel_grpc_timeout_too_large_for_a_deadline_is_served_without_panicking() {
+    if !kernel_available("kernel_grpc_timeout_too_large_for_a_deadline_is_served_without_panicking")
+    {
+        return;
+    }
+    use knhk_agent::api::pb;
+    let cg = TestCgroup::new("grpc-timeout");
+    let pins = TestPins::new("grpc-timeout");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut c = pb::policy_service_client::PolicyServiceClient::connect(format!(
+            "http://{}",
+            agent.grpc
+        ))
+        .await
+        .expect("connect");
+        for (i, timeout) in [
+            "18446744073709551615S",
+            "18446744073709551615H",
+            "99999999H",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut req = tonic::Request::new(pb::ApplyPolicyRequest {
+                policy: Some(pb::PolicyDocument {
+                    rules: vec![pb::Rule {
+                        name: format!("r{i}"),
+                        action: pb::Action::Allow as i32,
+                        cidrs: vec!["10.0.0.0/8".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                expected_generation: None,
+            });
+            req.metadata_mut()
+                .insert("grpc-timeout", timeout.parse().expect("ascii"));
+            let applied = c
+                .apply_policy(req)
+                .await
+                .unwrap_or_else(|e| panic!("ApplyPolicy with grpc-timeout {timeout}: {e:?}"))
+                .into_inner();
+            assert_eq!(applied.generation, i as u64 + 2);
+            let mut req = tonic::Request::new(pb::RollbackRequest {
+                expected_generation: Some(0),
+            });
+            req.metadata_mut()
+                .insert("grpc-timeout", timeout.parse().expect("ascii"));
+            let stale = c.rollback(req).await.expect_err("a stale rollback");
+            assert_eq!(
+                stale.code(),
+                tonic::Code::FailedPrecondition,
+                "Rollback with grpc-timeout {timeout}: {stale:?}"
+            );
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = agent.logs();
+    assert!(!logs.contains("panicked"), "{logs}");
+}
