@@ -800,3 +800,117 @@ fn kernel_grpc_timeout_too_large_for_a_deadline_is_served_without_panicking() {
     let logs = agent.logs();
     assert!(!logs.contains("panicked"), "{logs}");
 }
+
+// ---- item 5: a configuration that is a FIFO, a device, or too large ----
+
+/// Runs `knhk-agent check-config FILE` with at most 1 GiB of address space; kills it after 10 s.
+/// Returns (exit code, stderr), or None when it had to be killed.
+fn check_config_bounded(file: &Path) -> Option<(Option<i32>, String)> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config")
+        .arg(file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn check-config");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut stderr);
+            }
+            return Some((status.code(), stderr));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `Config::load_file(path)` on a thread; None if it has not returned within 5 s.
+fn load_bounded(path: &Path) -> Option<Result<knhk_agent::config::Config, String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let _ = tx.send(knhk_agent::config::Config::load_file(&path).map_err(|e| e.to_string()));
+    });
+    rx.recv_timeout(Duration::from_secs(5)).ok()
+}
+
+#[test]
+fn a_config_that_is_a_fifo_is_refused_without_hanging() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("agent.toml");
+    let c = CString::new(fifo.as_os_str().as_bytes()).expect("path");
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let e = load_bounded(&fifo)
+        .expect("Config::load_file hangs on a FIFO")
+        .expect_err("a FIFO is refused");
+    assert!(e.contains(&fifo.display().to_string()), "{e}");
+    assert!(
+        e.contains("FIFO") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let (code, stderr) = check_config_bounded(&fifo).expect("check-config hangs on a FIFO");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("FIFO") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_config_that_is_a_device_or_too_large_is_refused_without_reading_it_all() {
+    let (code, stderr) =
+        check_config_bounded(Path::new("/dev/zero")).expect("check-config never ends on /dev/zero");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("/dev/zero"), "{stderr}");
+    assert!(
+        stderr.contains("character device") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    let e = load_bounded(Path::new("/dev/zero"))
+        .expect("Config::load_file never ends on /dev/zero")
+        .expect_err("a device is refused");
+    assert!(e.contains("character device"), "{e}");
+    let e = load_bounded(&std::env::temp_dir())
+        .expect("Config::load_file on a directory")
+        .expect_err("a directory is refused");
+    assert!(e.contains("directory"), "{e}");
+
+    // A regular file over the size limit: refused by its size, not read.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("big.toml");
+    let f = std::fs::File::create(&big).expect("create");
+    f.set_len(4 * 1024 * 1024 + 1).expect("sparse file");
+    let e = load_bounded(&big)
+        .expect("Config::load_file on a large file")
+        .expect_err("a large file is refused");
+    assert!(e.contains("4194305 bytes"), "{e}");
+    assert!(e.contains("4 MiB"), "{e}");
+    let (code, stderr) = check_config_bounded(&big).expect("check-config on a large file");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("4194305 bytes"), "{stderr}");
+    // A configuration of ordinary size still loads.
+    let ok = dir.path().join("ok.toml");
+    std::fs::write(&ok, "[agent]\nmode = \"audit\"\n").expect("write");
+    load_bounded(&ok)
+        .expect("load")
+        .expect("a small regular file loads");
+}
