@@ -914,3 +914,52 @@ fn a_config_that_is_a_device_or_too_large_is_refused_without_reading_it_all() {
         .expect("load")
         .expect("a small regular file loads");
 }
+
+// ---- item 6: cgroup names reach the logs escaped ----
+
+#[test]
+fn kernel_cgroup_names_with_newlines_and_escape_codes_are_logged_escaped() {
+    if !kernel_available("kernel_cgroup_names_with_newlines_and_escape_codes_are_logged_escaped") {
+        return;
+    }
+    let cg = TestCgroup::new("log-escape");
+    let pins = TestPins::new("log-escape");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A rule for a cgroup that does not exist yet, whose name forges a log line and carries
+    // terminal escape codes (TOML \n and \u001b escapes).
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\ncgroup = \"pods/x\\n2026-01-01T00:00:00Z  INFO FORGED: all connects allowed \\u001b[2J\"\n",
+    );
+    let agent = Agent::start(&config);
+    let start = Instant::now();
+    let mut lines: Vec<String> = Vec::new();
+    while start.elapsed() < Duration::from_secs(10)
+        && !lines
+            .iter()
+            .any(|l| l.contains("rule cgroup does not exist yet"))
+    {
+        if let Ok(l) = agent.stderr.recv_timeout(Duration::from_millis(100)) {
+            lines.push(l);
+        }
+    }
+    let logged = lines
+        .iter()
+        .find(|l| l.contains("rule cgroup does not exist yet"))
+        .unwrap_or_else(|| panic!("no pending-cgroup log line in {lines:#?}"));
+    assert!(
+        logged.contains(r"pods/x\n2026-01-01T00:00:00Z  INFO FORGED"),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains('\u{1b}'),
+        "a raw escape code reached the log: {logged:?}"
+    );
+    assert!(logged.contains(r"\u{1b}[2J"), "{logged}");
+    assert!(
+        !lines.iter().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
+        "a forged log line: {lines:#?}"
+    );
+}

@@ -295,7 +295,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
                 if let Err(e) = controller.tick().await {
-                    error!("following rule cgroups failed (will retry): {e}");
+                    error!(
+                        "following rule cgroups failed (will retry): {}",
+                        crate::telemetry::log_escape(&e.to_string())
+                    );
                 }
             }
         }

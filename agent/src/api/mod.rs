@@ -74,7 +74,10 @@ pub fn status_of(e: ControlError) -> Status {
             Status::deadline_exceeded(DatapathError::DeadlineExceeded.to_string())
         }
         other => {
-            tracing::error!("API call failed: {other}");
+            tracing::error!(
+                "API call failed: {}",
+                crate::telemetry::log_escape(&other.to_string())
+            );
             Status::internal(other.to_string())
         }
     }
