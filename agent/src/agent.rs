@@ -114,6 +114,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         None => None,
     };
 
+    // The receipts ledger is opened before anything touches the kernel: a damaged ledger stops
+    // the agent with nothing attached.
+    let mut ledger = match &config.settings.receipts {
+        Some(settings) => Some(Receipts::open_ledger(settings).await?),
+        None => None,
+    };
+
     let opts = DatapathOptions {
         cgroup_root: root.clone(),
         pin_root: config.agent.pin_root.clone(),
@@ -199,7 +206,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             let signer = receipts::connect_signer(&settings.signer)
                 .await
                 .map_err(ReceiptsError::from)?;
-            let (receipts, tasks) = Receipts::start(
+            let ledger = match ledger.take() {
+                Some(l) => l,
+                None => Receipts::open_ledger(&settings).await?,
+            };
+            let (receipts, tasks) = Receipts::start_on(
+                ledger,
                 settings,
                 signer,
                 &registry,
@@ -300,7 +312,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
                 if let Err(e) = controller.tick().await {
-                    error!("following rule cgroups failed (will retry): {e}");
+                    error!(
+                        "following rule cgroups failed (will retry): {}",
+                        crate::telemetry::log_escape(&e.to_string())
+                    );
                 }
             }
         }

@@ -13,6 +13,7 @@ use crate::{
     },
     model::{Class, ClassState, Event, LatencySource, SloView},
     policy::{Policy, PolicyDiff},
+    telemetry::log_escape,
 };
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use std::{
@@ -298,7 +299,7 @@ impl Controller {
             "policy switched in"
         );
         for p in &report.pending_scopes {
-            tracing::info!(cgroup = %p, "rule cgroup does not exist yet: its rules take effect when it appears");
+            tracing::info!(cgroup = %log_escape(&p.to_string()), "rule cgroup does not exist yet: its rules take effect when it appears");
         }
         self.emit_switch(&generation, cause);
         Ok(Applied {
@@ -366,11 +367,11 @@ impl Controller {
         for c in changes {
             let (cgroup, present) = match &c {
                 ScopeChange::Appeared { path, id } => {
-                    tracing::info!(cgroup = %path, id, "rule cgroup appeared: its rules are enforced");
+                    tracing::info!(cgroup = %log_escape(&path.to_string()), id, "rule cgroup appeared: its rules are enforced");
                     (path.to_string(), true)
                 }
                 ScopeChange::Removed { path, id } => {
-                    tracing::info!(cgroup = %path, id, "rule cgroup removed: its entries were cleared");
+                    tracing::info!(cgroup = %log_escape(&path.to_string()), id, "rule cgroup removed: its entries were cleared");
                     (path.to_string(), false)
                 }
             };

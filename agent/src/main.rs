@@ -55,7 +55,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
     },
-    /// Detach the programs and remove every knhk pin. Enforcement stops.
+    /// Detach the programs: remove knhk's own pins (only those, never following a symlink; a
+    /// DIR that is not on bpffs is refused). Enforcement stops.
     #[command(
         after_help = "Examples:\n  knhk-agent detach\n  knhk-agent detach --pin-root /sys/fs/bpf/knhk"
     )]
@@ -284,7 +285,9 @@ enum ReceiptsCommand {
     },
     /// Verify a ledger offline with only its public keys: every receipt against its payload
     /// hash, every tree node, every checkpoint's root and signature, the key-transition chain.
-    /// Exit 0 when it verifies, 1 with the first bad entry named otherwise.
+    /// The file is opened read-only and never written. Exit 0 when it verifies, 1 with the
+    /// first bad entry named otherwise (or when the file is not a readable ledger), 64 when the
+    /// file cannot be opened (missing, not a regular file, held by a running agent).
     #[command(
         after_help = "Example:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb"
     )]
@@ -452,17 +455,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Receipts(ReceiptsCommand::Verify { db, output }) => {
-            let database = match redb::Database::open(&db) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!(
-                        "error: cannot open {}: {e} (is the agent still running on it?)",
-                        db.display()
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match knhk_agent::receipts::verify(&database) {
+            // A damaged file can make the database library panic; verify_file turns that into
+            // an error, and the message is printed once, below, not by the panic hook.
+            std::panic::set_hook(Box::new(|_| {}));
+            match knhk_agent::receipts::verify_file(&db) {
                 Ok(report) => {
                     match output {
                         Output::Json => println!("{}", serde_json::json!(report)),
@@ -489,6 +485,10 @@ fn main() -> ExitCode {
                     } else {
                         ExitCode::FAILURE
                     }
+                }
+                Err(e @ knhk_agent::receipts::VerifyFileError::Open { .. }) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
                 }
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -75,27 +75,35 @@ pub fn status_of(e: ControlError) -> Status {
             Status::deadline_exceeded(DatapathError::DeadlineExceeded.to_string())
         }
         other => {
-            tracing::error!("API call failed: {other}");
+            tracing::error!(
+                "API call failed: {}",
+                crate::telemetry::log_escape(&other.to_string())
+            );
             Status::internal(other.to_string())
         }
     }
 }
 
-/// The deadline the client set (`grpc-timeout`), if any.
+/// The deadline the client set (`grpc-timeout`), if any. A value the gRPC spec does not allow
+/// (more than 8 digits, a sign, an unknown unit) is ignored, as tonic's server ignores it; a
+/// deadline too far ahead to represent is no deadline.
 fn deadline_of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     let d = match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
         _ => return None,
     };
-    Some(received + d)
+    received.checked_add(d)
 }
 
 struct PolicyApi(Arc<Controller>);
@@ -494,4 +502,56 @@ pub async fn serve(
             .await
     });
     Ok(ApiServer { local_addr, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(v: &str) -> Request<()> {
+        let mut req = Request::new(());
+        req.metadata_mut()
+            .insert("grpc-timeout", v.parse().expect("ascii"));
+        req
+    }
+
+    #[test]
+    fn a_grpc_timeout_too_large_for_an_instant_is_no_deadline() {
+        let now = Instant::now();
+        for v in [
+            "18446744073709551615S",
+            "18446744073709551615H",
+            "18446744073709551615M",
+            "18446744073709551615m",
+            "18446744073709551615u",
+            "18446744073709551615n",
+            "5124095576030431H",
+        ] {
+            assert_eq!(deadline_of(&with_timeout(v), now), None, "{v}");
+        }
+        assert_eq!(
+            deadline_of(&with_timeout("99999999H"), now),
+            Some(now + Duration::from_secs(99_999_999 * 3600)),
+            "the largest valid value, about 11,000 years, still fits"
+        );
+        assert_eq!(
+            deadline_of(&with_timeout("250m"), now),
+            Some(now + Duration::from_millis(250))
+        );
+        assert_eq!(
+            deadline_of(&with_timeout("2H"), now),
+            Some(now + Duration::from_secs(7200))
+        );
+        for bad in [
+            "",
+            "S",
+            "12",
+            "12x",
+            "-1S",
+            "1.5S",
+            "99999999999999999999999S",
+        ] {
+            assert_eq!(deadline_of(&with_timeout(bad), now), None, "{bad:?}");
+        }
+    }
 }

@@ -73,10 +73,71 @@ pub enum ConfigError {
 impl Config {
     /// Reads and validates the config file at `path`, with the process's `KNHK_*` environment
     /// overrides applied (see [`Config::parse_with_env`]).
+    ///
+    /// Only a regular file of at most 4 MiB is read: a FIFO, device, socket or directory is
+    /// refused without reading it (opened non-blocking, so a FIFO without a writer cannot hang),
+    /// and a larger file is refused with its size.
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::{io::Read, os::unix::fs::FileTypeExt, os::unix::fs::OpenOptionsExt};
+        const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+        let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
+        };
+        let refuse =
+            |why: String| read_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, why));
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        let kind = meta.file_type();
+        let what = if kind.is_file() {
+            None
+        } else if kind.is_dir() {
+            Some("a directory")
+        } else if kind.is_fifo() {
+            Some("a FIFO (named pipe)")
+        } else if kind.is_char_device() {
+            Some("a character device")
+        } else if kind.is_block_device() {
+            Some("a block device")
+        } else if kind.is_socket() {
+            Some("a socket")
+        } else {
+            Some("not a file")
+        };
+        if let Some(what) = what {
+            return Err(refuse(format!(
+                "it is {what}, not a regular file; a configuration must be a regular file"
+            )));
+        }
+        let too_large = |size: u64| {
+            refuse(format!(
+                "it is {size} bytes, more than the {MAX_CONFIG_BYTES}-byte (4 MiB) limit for a configuration file"
+            ))
+        };
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(too_large(meta.len()));
+        }
+        // The file may grow after the check: read at most one byte past the limit.
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        (&mut file)
+            .take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(too_large(bytes.len() as u64));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "it is not UTF-8 text (invalid byte at offset {})",
+                    e.utf8_error().valid_up_to()
+                ),
+            ))
         })?;
         Self::parse_with_env(&text, &path.display().to_string(), std::env::vars())
     }

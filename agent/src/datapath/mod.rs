@@ -85,6 +85,14 @@ pub enum DatapathError {
         /// What failed.
         reason: String,
     },
+    /// `detach` refused a pin root, or something in it that knhk-agent did not make.
+    #[error("detach refused: {path} {reason}; nothing was removed")]
+    DetachRefused {
+        /// What was refused.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A pinned map does not match this build's ABI and holds policy, so it cannot be replaced
     /// without dropping enforcement.
     #[error(
@@ -1257,31 +1265,11 @@ impl Datapath {
     }
 }
 
-/// Detaches knhk's programs and removes every pin under `pin_root` (all ABI versions).
-/// Enforcement stops. Returns the pins removed.
+/// Detaches knhk's programs: removes knhk's own pins under `pin_root` (every known ABI
+/// version) and nothing else; refuses a pin root that is not on bpffs and never follows a
+/// symlink (see [`pins::remove_pins`]). Enforcement stops. Returns the pins removed.
 pub fn remove_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
-    let mut removed = Vec::new();
-    if !pin_root.exists() {
-        return Ok(removed);
-    }
-    let mut stack = vec![pin_root.to_path_buf()];
-    let mut dirs = Vec::new();
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(io_err("reading", &dir))? {
-            let path = entry.map_err(io_err("reading", &dir))?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                std::fs::remove_file(&path).map_err(io_err("unpin", &path))?;
-                removed.push(path);
-            }
-        }
-        dirs.push(dir);
-    }
-    for dir in dirs.into_iter().rev() {
-        std::fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
-    }
-    Ok(removed)
+    pins::remove_pins(pin_root)
 }
 
 fn park_target(addr: std::net::SocketAddr) -> ParkTarget {

@@ -9,6 +9,8 @@
 use knhk_abi::{map_names as m, *};
 use std::path::{Path, PathBuf};
 
+use super::DatapathError;
+
 /// Paths of the pins of one ABI version.
 #[derive(Debug, Clone)]
 pub struct PinLayout {
@@ -237,6 +239,275 @@ pub fn pinned_shape(path: &Path) -> std::io::Result<Option<PinnedShape>> {
         max_entries: info.max_entries(),
         flags: info.map_flags(),
     }))
+}
+
+/// ABI versions whose pin layout (directory names, map and program names) this build knows:
+/// [`remove_pins`] removes the pins of each.
+pub const KNOWN_ABI_VERSIONS: std::ops::RangeInclusive<u32> = 1..=ABI_VERSION;
+
+/// Removes knhk's own pins under `pin_root`, and nothing else: for every known ABI version,
+/// `v<N>/maps/<MAP>` and `v<N>/links/<program>` with the names of [`knhk_abi::map_names`] and
+/// [`knhk_abi::program_names`], then those directories if they are left empty, then `pin_root`
+/// itself if it held one of them and is left empty. Unpinning the links detaches the programs.
+///
+/// Refuses, before removing anything, a pin root that is not a directory on bpffs, and any
+/// symlink, directory or other non-pin where a pin or a pin directory is expected. Symlinks are
+/// never followed (every step is `openat`/`fstatat`/`unlinkat` with `O_NOFOLLOW` relative to a
+/// directory that was checked to be on bpffs). A missing pin root is nothing to remove.
+pub fn remove_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    use std::os::fd::AsFd;
+    // Without a trailing slash, O_NOFOLLOW applies to the last component.
+    let pin_root: PathBuf = pin_root.components().collect();
+    let refuse = |path: &Path, reason: String| DatapathError::DetachRefused {
+        path: path.to_owned(),
+        reason,
+    };
+    let root = match nofollow::open_dir(None, &pin_root) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(refuse(&pin_root, nofollow::why_not_dir(&pin_root, &e))),
+    };
+    let magic = nofollow::fs_magic(root.as_fd()).map_err(super::io_err("statfs", &pin_root))?;
+    if magic != super::sys::BPF_FS_MAGIC {
+        return Err(refuse(
+            &pin_root,
+            format!(
+                "is not on a bpffs (file system magic {magic:#x}, bpffs is {:#x}): knhk-agent \
+                 pins only on bpffs, so this is not its pin root (see agent.pin_root, e.g. \
+                 /sys/fs/bpf/knhk)",
+                super::sys::BPF_FS_MAGIC
+            ),
+        ));
+    }
+
+    // Plan: every directory and pin to remove, checked before anything is removed.
+    struct Dir {
+        fd: std::os::fd::OwnedFd,
+        path: PathBuf,
+        pins: Vec<(&'static str, PathBuf)>,
+    }
+    struct Version {
+        name: String,
+        dir: Dir,
+        subs: Vec<(&'static str, Dir)>,
+    }
+    let mut versions: Vec<Version> = Vec::new();
+    let open_sub = |parent: std::os::fd::BorrowedFd<'_>, parent_path: &Path, name: &str| {
+        let path = parent_path.join(name);
+        match nofollow::open_dir(Some(parent), Path::new(name)) {
+            Ok(fd) => {
+                let magic =
+                    nofollow::fs_magic(fd.as_fd()).map_err(super::io_err("statfs", &path))?;
+                if magic != super::sys::BPF_FS_MAGIC {
+                    return Err(refuse(
+                        &path,
+                        format!("is not on a bpffs (file system magic {magic:#x})"),
+                    ));
+                }
+                Ok(Some(Dir {
+                    fd,
+                    path,
+                    pins: Vec::new(),
+                }))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(refuse(&path, nofollow::why_not_dir(&path, &e))),
+        }
+    };
+    for version in KNOWN_ABI_VERSIONS {
+        let name = format!("v{version}");
+        let Some(vdir) = open_sub(root.as_fd(), &pin_root, &name)? else {
+            continue;
+        };
+        let mut subs = Vec::new();
+        for (sub, names) in [
+            ("maps", &m::ALL[..]),
+            ("links", &knhk_abi::program_names::ALL[..]),
+        ] {
+            let Some(mut dir) = open_sub(vdir.fd.as_fd(), &vdir.path, sub)? else {
+                continue;
+            };
+            for pin in names {
+                let path = dir.path.join(pin);
+                match nofollow::file_type(dir.fd.as_fd(), pin) {
+                    Ok(libc::S_IFREG) => dir.pins.push((pin, path)),
+                    Ok(other) => {
+                        return Err(refuse(
+                            &path,
+                            format!(
+                                "is a {}, not a pin knhk-agent made (remove it yourself if it \
+                                 is not needed)",
+                                nofollow::kind(other)
+                            ),
+                        ))
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(super::io_err("inspecting pin", &path)(e)),
+                }
+            }
+            subs.push((sub, dir));
+        }
+        versions.push(Version {
+            name,
+            dir: vdir,
+            subs,
+        });
+    }
+
+    // Remove the pins, then the directories that are left empty.
+    let mut removed = Vec::new();
+    for version in &versions {
+        for (_, dir) in &version.subs {
+            for (pin, path) in &dir.pins {
+                match nofollow::unlink(dir.fd.as_fd(), pin, false) {
+                    Ok(()) => removed.push(path.clone()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(super::io_err("unpin", path)(e)),
+                }
+            }
+        }
+    }
+    let keep = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTEMPTY | libc::EEXIST | libc::ENOENT | libc::EBUSY)
+        )
+    };
+    for Version {
+        name,
+        dir: vdir,
+        subs,
+    } in &versions
+    {
+        for (sub, dir) in subs {
+            match nofollow::unlink(vdir.fd.as_fd(), sub, true) {
+                Err(e) if !keep(&e) => return Err(super::io_err("removing", &dir.path)(e)),
+                _ => {}
+            }
+        }
+        match nofollow::unlink(root.as_fd(), name, true) {
+            Err(e) if !keep(&e) => return Err(super::io_err("removing", &vdir.path)(e)),
+            _ => {}
+        }
+    }
+    if !versions.is_empty() {
+        // The agent created it (create_dir_all); a mount point such as /sys/fs/bpf stays (EBUSY).
+        match std::fs::remove_dir(&pin_root) {
+            Err(e) if !keep(&e) && e.raw_os_error() != Some(libc::ENOTDIR) => {
+                return Err(super::io_err("removing", &pin_root)(e))
+            }
+            _ => {}
+        }
+    }
+    Ok(removed)
+}
+
+/// `*at` calls that never follow a symlink.
+mod nofollow {
+    use std::{
+        ffi::CString,
+        io,
+        os::{
+            fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+            unix::ffi::OsStrExt,
+        },
+        path::Path,
+    };
+
+    fn cstr(path: &Path) -> io::Result<CString> {
+        CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+    }
+
+    /// Opens directory `path` (relative to `parent`, or to the working directory), refusing a
+    /// symlink as its last component.
+    pub(super) fn open_dir(parent: Option<BorrowedFd<'_>>, path: &Path) -> io::Result<OwnedFd> {
+        let c = cstr(path)?;
+        let dirfd = parent.map_or(libc::AT_FDCWD, |p| p.as_raw_fd());
+        // SAFETY: a valid NUL-terminated path and directory fd.
+        let fd = unsafe {
+            libc::openat(
+                dirfd,
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd owned by us.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Why [`open_dir`] failed on `path`, as a phrase.
+    pub(super) fn why_not_dir(path: &Path, e: &io::Error) -> String {
+        let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+        match e.raw_os_error() {
+            Some(libc::ELOOP | libc::ENOTDIR) if is_link => match std::fs::read_link(path) {
+                Ok(to) => format!(
+                    "is a symlink (to {}); symlinks are never followed: give the directory itself",
+                    to.display()
+                ),
+                Err(_) => "is a symlink; symlinks are never followed".into(),
+            },
+            Some(libc::ENOTDIR) => "is not a directory".into(),
+            _ => format!("cannot be opened: {e}"),
+        }
+    }
+
+    /// The file system magic (`statfs` `f_type`) of an open file.
+    pub(super) fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
+        // SAFETY: plain old data, filled by the kernel.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid fd and out-pointer.
+        if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_type as i64)
+    }
+
+    /// The `S_IFMT` bits of `name` in `dir`, without following a symlink.
+    pub(super) fn file_type(dir: BorrowedFd<'_>, name: &str) -> io::Result<libc::mode_t> {
+        let c = cstr(Path::new(name))?;
+        // SAFETY: plain old data, filled by the kernel.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid fd, path and out-pointer.
+        let r = unsafe {
+            libc::fstatat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.st_mode & libc::S_IFMT)
+    }
+
+    /// A file type, as a noun.
+    pub(super) fn kind(mode: libc::mode_t) -> &'static str {
+        match mode {
+            libc::S_IFLNK => "symlink",
+            libc::S_IFDIR => "directory",
+            libc::S_IFIFO => "FIFO",
+            libc::S_IFSOCK => "socket",
+            libc::S_IFCHR | libc::S_IFBLK => "device",
+            _ => "file of an unexpected type",
+        }
+    }
+
+    /// Removes `name` in `dir` (a directory with `dir_entry`); a symlink itself, never its target.
+    pub(super) fn unlink(dir: BorrowedFd<'_>, name: &str, dir_entry: bool) -> io::Result<()> {
+        let c = cstr(Path::new(name))?;
+        let flags = if dir_entry { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: a valid fd and path.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

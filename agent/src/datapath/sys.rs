@@ -216,7 +216,7 @@ pub(crate) fn update_batch<K: Copy, V: Copy>(
 }
 
 /// `BPF_FS_MAGIC`.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+pub(crate) const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `CGROUP2_SUPER_MAGIC`.
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 

@@ -184,16 +184,43 @@ impl Ledger {
             std::fs::create_dir_all(dir)
                 .map_err(|e| db(format!("creating {}: {e}", dir.display())))?;
         }
-        let database =
-            Database::create(path).map_err(|e| db(format!("{}: {e}", path.display())))?;
-        let tx = database.begin_write().map_err(db)?;
-        for t in [RECEIPTS, PAYLOADS, CHECKPOINTS, KEYS, HOLDS] {
-            tx.open_table(t).map_err(db)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if !meta.is_file() {
+                return Err(db(format!(
+                    "{}: not a regular file (a receipts ledger is a redb database file)",
+                    path.display()
+                )));
+            }
         }
-        tx.open_table(NODES).map_err(db)?;
-        tx.open_table(COSIGNATURES).map_err(db)?;
-        tx.open_table(META).map_err(db)?;
-        tx.commit().map_err(db)?;
+        // redb panics on some damaged files; that is an error here, not a crash of the agent.
+        let opened = std::panic::catch_unwind(|| -> Result<Database, LedgerError> {
+            let database =
+                Database::create(path).map_err(|e| db(format!("{}: {e}", path.display())))?;
+            let tx = database.begin_write().map_err(db)?;
+            for t in [RECEIPTS, PAYLOADS, CHECKPOINTS, KEYS, HOLDS] {
+                tx.open_table(t).map_err(db)?;
+            }
+            tx.open_table(NODES).map_err(db)?;
+            tx.open_table(COSIGNATURES).map_err(db)?;
+            tx.open_table(META).map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(database)
+        });
+        let database = match opened {
+            Ok(result) => result?,
+            Err(payload) => {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(LedgerError::Corrupt(format!(
+                    "{}: its database structure is damaged (the database library failed on it: \
+                     {msg}); restore it from a backup or move it away to start a new ledger",
+                    path.display()
+                )));
+            }
+        };
         Ok(Ledger {
             db: Arc::new(database),
             node: node.to_owned(),

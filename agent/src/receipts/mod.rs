@@ -22,7 +22,7 @@ pub use ledger::{
     Hold, KeyRecord, Ledger, LedgerError, NewReceipt, StoredCheckpoint, StoredReceipt,
 };
 pub use signer::{connect as connect_signer, KeyInfo, Signer, SignerError};
-pub use verify::{verify, VerifyReport};
+pub use verify::{verify, verify_file, VerifyFileError, VerifyReport};
 
 use crate::{
     config::ReceiptSettings,
@@ -226,15 +226,34 @@ impl Receipts {
         events: Option<broadcast::Receiver<Event>>,
         summaries: Option<broadcast::Receiver<CycleSummary>>,
     ) -> Result<(Arc<Receipts>, TaskGroup), ReceiptsError> {
-        let metrics = Metrics::register(registry)?;
+        let ledger = Self::open_ledger(&settings).await?;
+        Self::start_on(ledger, settings, signer, registry, events, summaries).await
+    }
+
+    /// Opens (or creates) the ledger of `settings`; a damaged file is an error, not a panic.
+    pub async fn open_ledger(settings: &ReceiptSettings) -> Result<Ledger, ReceiptsError> {
         let (path, node, region) = (
             settings.path.clone(),
             settings.node.clone(),
             settings.region.clone(),
         );
-        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, &node, &region))
-            .await
-            .map_err(|e| LedgerError::Db(e.to_string()))??;
+        Ok(
+            tokio::task::spawn_blocking(move || Ledger::open(&path, &node, &region))
+                .await
+                .map_err(|e| LedgerError::Db(e.to_string()))??,
+        )
+    }
+
+    /// [`Receipts::start`] on a ledger already opened with [`Receipts::open_ledger`].
+    pub async fn start_on(
+        ledger: Ledger,
+        settings: ReceiptSettings,
+        signer: Arc<dyn Signer>,
+        registry: &Registry,
+        events: Option<broadcast::Receiver<Event>>,
+        summaries: Option<broadcast::Receiver<CycleSummary>>,
+    ) -> Result<(Arc<Receipts>, TaskGroup), ReceiptsError> {
+        let metrics = Metrics::register(registry)?;
         let last_key = ledger.keys()?.pop();
         let (commands, rx) = mpsc::channel(4096);
         let receipts = Arc::new(Receipts {

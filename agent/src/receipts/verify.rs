@@ -11,8 +11,11 @@ use super::{
     signer::verify_signature,
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
-use redb::{Database, ReadableDatabase, ReadableTable};
-use std::collections::HashMap;
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 /// What verification found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -46,8 +49,129 @@ fn db<E: std::fmt::Display>(e: E) -> LedgerError {
     LedgerError::Db(e.to_string())
 }
 
-/// Verifies the ledger in `database`.
-pub fn verify(database: &Database) -> Result<VerifyReport, LedgerError> {
+/// Why a ledger file could not be verified at all.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyFileError {
+    /// The file cannot be opened: missing, unreadable, not a regular file, or held by a
+    /// running agent.
+    #[error("cannot open {path}: {reason}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The file is not a readable ledger: its database structure is damaged.
+    #[error("{path} is not a readable receipts ledger: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is damaged.
+        reason: String,
+    },
+}
+
+/// Verifies the ledger file at `path` without writing to it: opened read-only. A ledger that
+/// was not closed cleanly (a crash, or a copy taken while the agent wrote) needs redb's repair,
+/// which writes; it is then repaired and verified in a private temporary copy, and the file
+/// itself is still not written. Never panics: a damaged file is an error.
+pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
+    let open = |reason: String| VerifyFileError::Open {
+        path: path.to_owned(),
+        reason,
+    };
+    let corrupt = |reason: String| VerifyFileError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    // A FIFO or device would block or never end; only a regular file can be a ledger.
+    let meta = std::fs::metadata(path).map_err(|e| open(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(open(
+            "it is not a regular file (a receipts ledger is a redb database file)".into(),
+        ));
+    }
+    let opened = catch_panic(|| redb::Builder::new().open_read_only(path));
+    let result = match opened {
+        Err(panic) => return Err(corrupt(panic)),
+        Ok(Ok(database)) => catch_panic(|| verify(&database)),
+        Ok(Err(DatabaseError::RepairAborted)) => {
+            tracing::warn!(
+                ledger = %path.display(),
+                "the ledger was not closed cleanly (an agent crash, or a copy taken while it \
+                 wrote): verifying a repaired private copy; the file itself is not written"
+            );
+            let copy = PrivateCopy::of(path).map_err(|e| open(e.to_string()))?;
+            catch_panic(|| {
+                let database =
+                    Database::open(&copy.0).map_err(|e| LedgerError::Db(e.to_string()))?;
+                verify(&database)
+            })
+        }
+        Ok(Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
+            return Err(open(
+                "it is open by a running agent (stop the agent, or verify a copy)".into(),
+            ))
+        }
+        Ok(Err(DatabaseError::Storage(StorageError::Io(e))))
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            return Err(open(e.to_string()))
+        }
+        Ok(Err(e)) => return Err(corrupt(e.to_string())),
+    };
+    match result {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) => Err(corrupt(e.to_string())),
+        Err(panic) => Err(corrupt(panic)),
+    }
+}
+
+/// Runs `f`, turning a panic (redb asserts on some damaged files) into its message.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("its database structure is damaged (the database library failed on it: {msg})")
+    })
+}
+
+/// A copy of a file in the temporary directory, readable only by this user, removed on drop.
+struct PrivateCopy(PathBuf);
+
+impl PrivateCopy {
+    fn of(path: &Path) -> std::io::Result<PrivateCopy> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let copy =
+            std::env::temp_dir().join(format!("knhk-verify-{}-{nanos}.redb", std::process::id()));
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&copy)?;
+        let guard = PrivateCopy(copy);
+        std::io::copy(&mut std::fs::File::open(path)?, &mut to)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for PrivateCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Verifies the ledger in `database` (opened read-only, or read-write).
+pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerError> {
     let mut report = VerifyReport::default();
     let mut problem = |report: &mut VerifyReport, p: String| {
         if report.problems.len() < MAX_PROBLEMS {

@@ -5,6 +5,11 @@
 //! | `GET /metrics` | Prometheus text exposition of the registry |
 //! | `GET /healthz` | `200 ok` while the process serves HTTP |
 //! | `GET /readyz` | `200` when every readiness check passes, else `503`; the body lists each check |
+//!
+//! Against clients that hold connections open (slowloris), it serves at most
+//! [`AdminLimits::max_connections`] connections at once, closing any more as soon as they are
+//! accepted, and closes a connection that has not sent a complete request head within
+//! [`AdminLimits::header_read_timeout`] (also the idle limit between keep-alive requests).
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -12,8 +17,33 @@ use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
     thread::JoinHandle,
+    time::Duration,
 };
 use tokio::sync::oneshot;
+
+/// Connections the admin server serves at once; one more is closed as soon as it is accepted.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// Time a client of the admin server has to send a complete request head, and the longest a
+/// keep-alive connection may sit idle between requests; then it is closed.
+pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Limits of the admin server against clients that hold connections open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time to send a complete request head (and the idle limit between keep-alive requests).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            header_read_timeout: ADMIN_HEADER_READ_TIMEOUT,
+        }
+    }
+}
 
 /// A named readiness check: a function that says whether the component is ready and why not.
 type Check = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -80,11 +110,22 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Binds `addr` and serves on a new thread. Fails if the address cannot be bound.
+    /// Binds `addr` and serves on a new thread, with the default [`AdminLimits`]. Fails if the
+    /// address cannot be bound.
     pub fn start(
         addr: SocketAddr,
         registry: Registry,
         readiness: Arc<Readiness>,
+    ) -> std::io::Result<AdminServer> {
+        Self::start_with_limits(addr, registry, readiness, AdminLimits::default())
+    }
+
+    /// [`AdminServer::start`] with explicit limits.
+    pub fn start_with_limits(
+        addr: SocketAddr,
+        registry: Registry,
+        readiness: Arc<Readiness>,
+        limits: AdminLimits,
     ) -> std::io::Result<AdminServer> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
@@ -113,12 +154,7 @@ impl AdminServer {
                         .route("/healthz", get(|| async { "ok\n" }))
                         .route("/readyz", get(readyz))
                         .with_state(state);
-                    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = rx.await;
-                    });
-                    if let Err(e) = serve.await {
-                        tracing::error!("admin server stopped: {e}");
-                    }
+                    serve(listener, app, limits, rx).await;
                 });
             })?;
         Ok(AdminServer {
@@ -137,6 +173,81 @@ impl Drop for AdminServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Accepts connections until `stop`, serving each with `app` within `limits`; then lets the
+/// open connections finish their requests (at most 2 s).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: AdminLimits,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut refused: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, for example: back off instead of spinning.
+                        tracing::warn!("admin server: accepting a connection failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(
+                            refused,
+                            max_connections = limits.max_connections,
+                            "admin server: at its connection limit; closing new connections"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let mut app = app.clone();
+                    async move { tower::Service::call(&mut app, req).await }
+                });
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let mut closing = closing_rx.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    tokio::pin!(conn);
+                    let result = tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = closing.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = result {
+                        tracing::debug!("admin server: connection closed: {e}");
+                    }
+                });
+            }
+        }
+    }
+    let _ = closing.send(true);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(2), drain)
+        .await
+        .is_err()
+    {
+        connections.abort_all();
     }
 }
 
