@@ -231,8 +231,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                     policy_generation: live.number,
                     payload: payload.to_string().into_bytes(),
                 })
-                .await
-                .map_err(AgentError::Internal)?;
+                .await?;
             info!(path = %path.display(), "receipts ledger on");
             (Some(receipts), Some(tasks))
         }

@@ -7,11 +7,25 @@ pub mod pb {
     tonic::include_proto!("knhk.receipts.v1");
 }
 
-use crate::receipts::{CheckpointBody, Hold, LedgerError, ReceiptKind, Receipts, StoredReceipt};
+use crate::receipts::{
+    CheckpointBody, Hold, LedgerError, ReceiptKind, Receipts, ReceiptsError, StoredReceipt,
+};
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use pb::{hold_service_server::HoldService, receipt_service_server::ReceiptService};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+
+/// The one mapping of the ledger service's errors to gRPC codes.
+fn status_of(e: ReceiptsError) -> Status {
+    match e {
+        ReceiptsError::Ledger(e) => Status::from(e),
+        ReceiptsError::Signer(e) => Status::unavailable(e.to_string()),
+        ReceiptsError::Stopped => Status::unavailable(e.to_string()),
+        ReceiptsError::NoSuchHold(_) => Status::not_found(e.to_string()),
+        ReceiptsError::AlreadyReleased(_) => Status::failed_precondition(e.to_string()),
+        ReceiptsError::Metrics(_) => Status::internal(e.to_string()),
+    }
+}
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
@@ -262,7 +276,7 @@ impl HoldService for HoldApi {
             .hold
             .ok_or_else(|| Status::invalid_argument("hold: is required"))?;
         let hold = hold_from_pb(hold)?;
-        let id = self.0.place_hold(hold).await.map_err(Status::unavailable)?;
+        let id = self.0.place_hold(hold).await.map_err(status_of)?;
         Ok(Response::new(pb::PlaceHoldResponse { id }))
     }
 
@@ -278,15 +292,7 @@ impl HoldService for HoldApi {
             .0
             .release_hold(req.id, &req.reason)
             .await
-            .map_err(|e| {
-                if e.starts_with("no hold") {
-                    Status::not_found(e)
-                } else if e.contains("already released") {
-                    Status::failed_precondition(e)
-                } else {
-                    Status::unavailable(e)
-                }
-            })?;
+            .map_err(status_of)?;
         Ok(Response::new(pb::ReleaseHoldResponse {
             hold: Some(hold_pb(hold)),
         }))
@@ -307,6 +313,57 @@ impl HoldService for HoldApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hold_release_errors_have_their_own_codes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = crate::config::ReceiptSettings {
+            path: dir.path().join("r.redb"),
+            node: "n".into(),
+            region: "local".into(),
+            rotation_interval: std::time::Duration::from_secs(3600),
+            retention: Default::default(),
+            max_pending_checkpoints: 16,
+            signer: crate::config::SignerSettings::File {
+                key_dir: dir.path().join("keys"),
+            },
+        };
+        let signer = crate::receipts::connect_signer(&settings.signer)
+            .await
+            .expect("signer");
+        let (receipts, tasks) =
+            Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
+                .await
+                .expect("receipts");
+        let api = HoldApi(receipts);
+        let hold = pb::Hold {
+            case_id: "C".into(),
+            reason: "r".into(),
+            from_seq: Some(0),
+            to_seq: Some(10),
+            ..Default::default()
+        };
+        let id = api
+            .place_hold(Request::new(pb::PlaceHoldRequest { hold: Some(hold) }))
+            .await
+            .expect("placed")
+            .into_inner()
+            .id;
+        let release = |id: u64| {
+            api.release_hold(Request::new(pb::ReleaseHoldRequest {
+                id,
+                reason: "done".into(),
+            }))
+        };
+        release(id).await.expect("released");
+        let again = release(id).await.expect_err("released twice");
+        assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+        let missing = release(id + 100).await.expect_err("no such hold");
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+        tasks
+            .shutdown(tokio::time::Instant::now() + std::time::Duration::from_secs(5))
+            .await;
+    }
 
     #[test]
     fn bad_holds_name_every_problem() {

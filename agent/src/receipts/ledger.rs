@@ -26,7 +26,7 @@ pub(crate) const COSIGNATURES: TableDefinition<(u64, &str), &[u8]> =
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Why a ledger operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
     /// The database failed.
     #[error("receipts database: {0}")]

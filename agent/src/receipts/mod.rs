@@ -167,6 +167,15 @@ pub enum ReceiptsError {
     /// Metrics registration.
     #[error("registering receipts metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The writer has stopped (the agent is shutting down): nothing was appended.
+    #[error("the receipts writer has stopped; nothing was appended")]
+    Stopped,
+    /// No hold has that id.
+    #[error("no hold {0}")]
+    NoSuchHold(u64),
+    /// The hold was released before.
+    #[error("hold {0} is already released")]
+    AlreadyReleased(u64),
 }
 
 struct KeyState {
@@ -176,7 +185,7 @@ struct KeyState {
 }
 
 /// Answers an append with its sequence number once durable.
-type Ack = oneshot::Sender<Result<u64, String>>;
+type Ack = oneshot::Sender<Result<u64, LedgerError>>;
 
 enum Command {
     Append(NewReceipt, Ack),
@@ -205,9 +214,18 @@ impl std::fmt::Debug for Receipts {
     }
 }
 
-/// Receipt payloads (JSON) of the agent's own kinds.
+/// Receipt payloads (JSON) of the agent's own kinds. (A `Value` always serializes.)
 fn json(v: serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(&v).unwrap_or_default()
+    v.to_string().into_bytes()
+}
+
+/// A ledger call on a blocking thread (redb commits are synchronous).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
+) -> Result<T, LedgerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(LedgerError::Db(format!("a ledger task failed: {e}"))))
 }
 
 impl Receipts {
@@ -351,14 +369,13 @@ impl Receipts {
     }
 
     /// Appends one receipt and waits until it is durable; returns its sequence number.
-    pub async fn append(&self, receipt: NewReceipt) -> Result<u64, String> {
+    pub async fn append(&self, receipt: NewReceipt) -> Result<u64, ReceiptsError> {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Append(receipt, tx))
             .await
-            .map_err(|_| "the receipts writer stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the receipts writer stopped".to_string())?
+            .map_err(|_| ReceiptsError::Stopped)?;
+        Ok(rx.await.map_err(|_| ReceiptsError::Stopped)??)
     }
 
     /// Writes a checkpoint now (as a pulse does), waits until it is durable, and wakes the
@@ -563,10 +580,9 @@ impl Receipts {
                 let ledger = self.ledger.clone();
                 let news: Vec<NewReceipt> = batch.iter().map(|(r, _)| r.clone()).collect();
                 let result = tokio::task::spawn_blocking(move || ledger.append(&news, &key)).await;
-                let result = match result {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
+                let result = result.unwrap_or_else(|e| {
+                    Err(LedgerError::Db(format!("the append task failed: {e}")))
+                });
                 match &result {
                     Ok(range) => {
                         self.changes.send_modify(|v| *v += 1);
@@ -802,46 +818,40 @@ impl Receipts {
     }
 
     /// Places a legal hold (a receipt records it); returns its id.
-    pub async fn place_hold(&self, mut hold: Hold) -> Result<u64, String> {
+    pub async fn place_hold(&self, mut hold: Hold) -> Result<u64, ReceiptsError> {
         hold.id = u64::MAX;
         hold.placed_ns = now_ns();
         hold.released_ns = None;
         let ledger = self.ledger.clone();
         let h = hold.clone();
-        let id = tokio::task::spawn_blocking(move || ledger.put_hold(h))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let id = blocking(move || ledger.put_hold(h)).await?;
         hold.id = id;
         self.append(NewReceipt {
             kind: ReceiptKind::HoldPlaced,
             cycle: 0,
             policy_generation: 0,
-            payload: serde_json::to_vec(&hold).unwrap_or_default(),
+            payload: serde_json::to_vec(&hold)
+                .map_err(|e| LedgerError::Db(format!("encoding hold {id}: {e}")))?,
         })
         .await?;
         Ok(id)
     }
 
     /// Releases hold `id` (a receipt records it).
-    pub async fn release_hold(&self, id: u64, reason: &str) -> Result<Hold, String> {
-        let mut hold = self
-            .ledger
-            .holds()
-            .map_err(|e| e.to_string())?
+    pub async fn release_hold(&self, id: u64, reason: &str) -> Result<Hold, ReceiptsError> {
+        let ledger = self.ledger.clone();
+        let mut hold = blocking(move || ledger.holds())
+            .await?
             .into_iter()
             .find(|h| h.id == id)
-            .ok_or_else(|| format!("no hold {id}"))?;
+            .ok_or(ReceiptsError::NoSuchHold(id))?;
         if hold.released_ns.is_some() {
-            return Err(format!("hold {id} is already released"));
+            return Err(ReceiptsError::AlreadyReleased(id));
         }
         hold.released_ns = Some(now_ns());
         let ledger = self.ledger.clone();
         let h = hold.clone();
-        tokio::task::spawn_blocking(move || ledger.put_hold(h))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        blocking(move || ledger.put_hold(h)).await?;
         self.append(NewReceipt {
             kind: ReceiptKind::HoldReleased,
             cycle: 0,
