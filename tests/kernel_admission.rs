@@ -6,7 +6,7 @@ mod support;
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use knhk_agent::{
     config::Config,
-    datapath::{Datapath, DatapathOptions, DatapathReader},
+    datapath::{Datapath, DatapathOptions, DatapathReader, ScopeChange},
     model::{Class, LatencySource},
     policy::Policy,
 };
@@ -928,4 +928,108 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
         error.abs() <= 0.25,
         "predicted knee {predicted_knee:.0}/s vs measured {measured_knee:.0}/s ({fit:?}, {measured:?})"
     );
+}
+
+/// A rule deeper than the programs probe would silently disable shallower rules: such a policy
+/// is refused whole (whether its cgroup exists yet or not), and the live policy keeps working.
+#[test]
+fn kernel_a_rule_deeper_than_the_probed_levels_is_refused_and_changes_nothing() {
+    if !kernel_available(
+        "kernel_a_rule_deeper_than_the_probed_levels_is_refused_and_changes_nothing",
+    ) {
+        return;
+    }
+    let _serial = timing_shared();
+    let target = tcp_sink("127.0.0.1:0");
+    let deny = format!(
+        "[[policy.rules]]\nname = \"shallow-deny\"\naction = \"deny\"\ncgroup = \"a\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{}\"]\n",
+        target.port()
+    );
+    let mut h = Harness::start("too-deep", &deny);
+    let shallow = h.cg.child("a");
+    h.dp.refresh_scopes().expect("refresh");
+    assert_eq!(tcp_connect_from(&shallow, target), Outcome::Denied);
+
+    // The same policy plus a rule 17 levels below the agent's cgroup root (which is itself a
+    // level below the hierarchy root): the kernel could not probe both levels. Built by hand, as
+    // a gRPC document would be (the config file refuses such depths when it is parsed).
+    let deep_path: Vec<String> = (0..17).map(|i| format!("d{i}")).collect();
+    let mut both = policy(&deny);
+    let mut deep_rule = both.rules[0].clone();
+    deep_rule.name = "deep".parse().expect("name");
+    deep_rule.cgroup = Some(deep_path.join("/").parse().expect("path"));
+    deep_rule.cidrs = vec!["10.9.9.9/32".parse().expect("cidr")];
+    both.rules.push(deep_rule);
+    for exists in [false, true] {
+        if exists {
+            h.cg.child(&deep_path.join("/"));
+        }
+        let e =
+            h.dp.apply(&both, None)
+                .expect_err("a rule too deep must be refused");
+        let message = e.to_string();
+        assert!(
+            message.contains("would be at level 18") && message.contains("levels 1 to 16"),
+            "{message}"
+        );
+        h.dp.refresh_scopes().expect("refresh");
+        assert_eq!(
+            tcp_connect_from(&shallow, target),
+            Outcome::Denied,
+            "the shallow deny still holds (deep cgroup exists: {exists})"
+        );
+    }
+}
+
+/// A pending rule cgroup whose path can never be a cgroup (a component is a file) is reported
+/// for its own rule; the follower keeps activating the others.
+#[test]
+fn kernel_a_bad_pending_cgroup_affects_only_its_own_rule() {
+    if !kernel_available("kernel_a_bad_pending_cgroup_affects_only_its_own_rule") {
+        return;
+    }
+    let _serial = timing_shared();
+    let target = tcp_sink("127.0.0.1:0");
+    let mut h = Harness::start(
+        "bad-pending",
+        &format!(
+            r#"
+            [[policy.rules]]
+            name = "bad-path"
+            action = "deny"
+            cgroup = "aa/cgroup.procs/x"
+            cidrs = ["127.0.0.1/32"]
+            ports = ["{port}"]
+
+            [[policy.rules]]
+            name = "late"
+            action = "deny"
+            cgroup = "zz-late"
+            cidrs = ["127.0.0.1/32"]
+            ports = ["{port}"]
+            "#,
+            port = target.port()
+        ),
+    );
+    assert_eq!(h.dp.status().pending_scopes.len(), 2);
+    // `aa` appears: `aa/cgroup.procs` is a file, so `aa/cgroup.procs/x` can never be a cgroup.
+    h.cg.child("aa");
+    let changes =
+        h.dp.refresh_scopes()
+            .expect("one bad path must not stop the follower");
+    assert!(
+        changes.iter().any(|c| matches!(c, ScopeChange::Unresolvable { path, .. } if path.as_str() == "aa/cgroup.procs/x")),
+        "{changes:?}"
+    );
+    // Reported once, not on every tick.
+    assert!(h.dp.refresh_scopes().expect("refresh").is_empty());
+    let late = h.cg.child("zz-late");
+    let changes = h.dp.refresh_scopes().expect("refresh");
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, ScopeChange::Appeared { path, .. } if path.as_str() == "zz-late")),
+        "{changes:?}"
+    );
+    assert_eq!(tcp_connect_from(&late, target), Outcome::Denied);
 }

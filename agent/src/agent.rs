@@ -313,7 +313,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 if let Err(e) = controller.tick().await {
                     error!(
                         "following rule cgroups failed (will retry): {}",
-                        crate::telemetry::log_escape(&e.to_string())
+                        crate::model::log_escape(&e.to_string())
                     );
                 }
             }

@@ -11,9 +11,8 @@ use crate::{
         Datapath, DatapathError, DatapathReader, DatapathStatus, Decisions, HeatEntry,
         LatencyHistogram, ScopeChange,
     },
-    model::{Class, ClassState, Event, LatencySource, SloView},
+    model::{log_escape, Class, ClassState, Event, LatencySource, SloView},
     policy::{Policy, PolicyDiff},
-    telemetry::log_escape,
 };
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use std::{
@@ -373,6 +372,14 @@ impl Controller {
                 ScopeChange::Removed { path, id } => {
                     tracing::info!(cgroup = %log_escape(&path.to_string()), id, "rule cgroup removed: its entries were cleared");
                     (path.to_string(), false)
+                }
+                ScopeChange::Unresolvable { path, reason } => {
+                    tracing::error!(
+                        cgroup = %log_escape(path.as_str()),
+                        reason = %log_escape(reason),
+                        "rule cgroup cannot be followed: its rules stay pending (other rules are unaffected); fix or remove the rule"
+                    );
+                    continue;
                 }
             };
             let _ = self.events.send(Event::CgroupChanged {

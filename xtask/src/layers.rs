@@ -51,15 +51,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     (
         "api",
         &[
-            "model",
-            "config",
-            "policy",
-            "datapath",
-            "identity",
-            "telemetry",
-            "control",
-            "receipts",
-            "sync",
+            "model", "config", "policy", "datapath", "identity", "control", "receipts", "sync",
         ],
     ),
     ("client", &["model", "config", "policy", "identity", "api"]),

@@ -68,6 +68,9 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::Datapath(DatapathError::Compile(c)) => {
             Status::invalid_argument(c.to_string())
         }
+        ControlError::Datapath(e @ DatapathError::ScopeTooDeep { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
         ControlError::Datapath(e @ DatapathError::Capacity { .. }) => {
             Status::resource_exhausted(e.to_string())
         }
@@ -77,7 +80,7 @@ pub fn status_of(e: ControlError) -> Status {
         other => {
             tracing::error!(
                 "API call failed: {}",
-                crate::telemetry::log_escape(&other.to_string())
+                crate::model::log_escape(&other.to_string())
             );
             Status::internal(other.to_string())
         }

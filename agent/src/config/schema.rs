@@ -580,6 +580,22 @@ impl RawConfig {
                         format!("rule \"{}\" has no cidrs; use [\"0.0.0.0/0\", \"::/0\"] to match every destination", rule.name),
                     ));
                 }
+                if let Some(depth) = rule
+                    .cgroup
+                    .as_ref()
+                    .map(|c| c.depth())
+                    .filter(|d| *d > knhk_abi::MAX_SCOPE_LEVEL as usize)
+                {
+                    return Err(err(
+                        pos,
+                        format!("policy.rules[{i}].cgroup"),
+                        format!(
+                            "rule \"{}\": a cgroup {depth} levels deep is deeper than the {} levels the kernel judges rules at",
+                            rule.name,
+                            knhk_abi::MAX_SCOPE_LEVEL
+                        ),
+                    ));
+                }
                 if rule.ports.as_ref().is_some_and(|p| p.is_empty()) {
                     return Err(err(
                         pos,

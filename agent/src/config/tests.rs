@@ -517,3 +517,16 @@ fn latency_sources_are_chosen_per_class() {
     let settings = config.settings.beat.expect("slo present");
     assert_eq!(settings.latency_sources, [Rtt, Handshake, Handshake]);
 }
+
+#[test]
+fn rule_cgroups_deeper_than_the_kernel_probes_are_refused() {
+    let deep: Vec<String> = (0..17).map(|i| format!("d{i}")).collect();
+    let e = err(&format!(
+        "[[policy.rules]]\nname = \"deep\"\naction = \"deny\"\ncgroup = \"{}\"\ncidrs = [\"10.0.0.0/8\"]\n",
+        deep.join("/")
+    ));
+    assert!(
+        e.contains("policy.rules[0].cgroup") && e.contains("17 levels deep"),
+        "{e}"
+    );
+}

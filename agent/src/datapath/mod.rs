@@ -134,6 +134,21 @@ pub enum DatapathError {
     /// The policy does not compile.
     #[error(transparent)]
     Compile(#[from] CompileError),
+    /// A rule's cgroup would sit deeper in the hierarchy than the kernel programs probe.
+    #[error(
+        "rule cgroup {path} would be at level {level} of the cgroup hierarchy (agent.cgroup_root is at level {root_level}); \
+         the kernel judges rules at levels 1 to {max}: give the rule a shallower cgroup"
+    )]
+    ScopeTooDeep {
+        /// The rule cgroup (escaped for logs).
+        path: String,
+        /// Its level below the hierarchy root.
+        level: u32,
+        /// The level of `agent.cgroup_root`.
+        root_level: u32,
+        /// The deepest level the programs probe (`MAX_SCOPE_LEVEL`).
+        max: u32,
+    },
     /// The caller's deadline passed before the switch; nothing was switched.
     #[error(
         "the deadline passed before the policy could be switched in; the live policy is unchanged"
@@ -304,6 +319,14 @@ pub enum ScopeChange {
         /// Its former cgroup id.
         id: u64,
     },
+    /// The path cannot be looked up (a component is not a directory, permissions, or it sits
+    /// deeper than the programs probe): its rules stay pending; reported once until it changes.
+    Unresolvable {
+        /// Rule cgroup path.
+        path: CgroupPath,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A snapshot of the datapath for status output and metrics.
@@ -411,6 +434,10 @@ pub struct Datapath {
     layout: PinLayout,
     cgroup_mount: PathBuf,
     cgroup_root: PathBuf,
+    /// Level of `cgroup_root` below the hierarchy root.
+    root_level: u32,
+    /// Rule cgroups whose lookup failed, with the reason last reported.
+    unresolvable: BTreeMap<CgroupPath, String>,
     heat_capacity: u32,
     adopted: bool,
     config: sys::MmapArray,
@@ -550,6 +577,8 @@ impl Datapath {
             layout,
             cgroup_mount,
             cgroup_root: opts.cgroup_root.clone(),
+            root_level: attach.level,
+            unresolvable: BTreeMap::new(),
             heat_capacity: opts.heat_max_entries,
             adopted,
             config,
@@ -730,14 +759,24 @@ impl Datapath {
         let mut resolved = BTreeMap::new();
         let mut pending = Vec::new();
         for path in rule_scopes(&policy.rules) {
+            // A rule's level is known before its cgroup exists: refuse what the programs
+            // could not probe (it would silently disable shallower rules).
+            let level = self.root_level + path.depth() as u32;
+            if level > MAX_SCOPE_LEVEL {
+                return Err(DatapathError::ScopeTooDeep {
+                    path: crate::model::log_escape(path.as_str()).into_owned(),
+                    level,
+                    root_level: self.root_level,
+                    max: MAX_SCOPE_LEVEL,
+                });
+            }
             let dir = self.cgroup_root.join(path.as_str());
-            match cgroup::resolve(&self.cgroup_mount, &dir)
-                .map_err(io_err("resolving cgroup", &dir))?
-            {
-                Some(r) => {
+            match cgroup::resolve(&self.cgroup_mount, &dir) {
+                Ok(Some(r)) => {
                     resolved.insert(path, r);
                 }
-                None => pending.push(path),
+                // A path that cannot be looked up now is pending; the follower reports why.
+                Ok(None) | Err(_) => pending.push(path),
             }
         }
         let mut counters = self.counters.clone();
@@ -1115,10 +1154,36 @@ impl Datapath {
         let active = self.active_slot();
         let mut changes = Vec::new();
         let mut resolved = live.resolved.clone();
-        for path in rule_scopes(&live.policy.rules) {
+        let scopes = rule_scopes(&live.policy.rules);
+        self.unresolvable.retain(|p, _| scopes.contains(p));
+        for path in scopes {
             let dir = self.cgroup_root.join(path.as_str());
-            let now = cgroup::resolve(&self.cgroup_mount, &dir)
-                .map_err(io_err("resolving cgroup", &dir))?;
+            // One bad path affects only its own rules: it stays pending, reported once.
+            let looked_up = cgroup::resolve(&self.cgroup_mount, &dir)
+                .map_err(|e| e.to_string())
+                .and_then(|r| match r {
+                    Some(r) if r.level > MAX_SCOPE_LEVEL => Err(format!(
+                        "it is at level {} of the cgroup hierarchy; the kernel judges rules at levels 1 to {MAX_SCOPE_LEVEL}",
+                        r.level
+                    )),
+                    other => Ok(other),
+                });
+            let now = match looked_up {
+                Ok(now) => {
+                    self.unresolvable.remove(&path);
+                    now
+                }
+                Err(reason) => {
+                    if self.unresolvable.get(&path) != Some(&reason) {
+                        self.unresolvable.insert(path.clone(), reason.clone());
+                        changes.push(ScopeChange::Unresolvable {
+                            path: path.clone(),
+                            reason,
+                        });
+                    }
+                    None
+                }
+            };
             let before = live.resolved.get(&path).copied();
             if now == before {
                 continue;

@@ -6,12 +6,14 @@
 //! - [`event`]: what the agent publishes on its event stream.
 //! - [`receipt`]: the kinds of receipts the ledger records.
 //! - [`spiffe`]: SPIFFE IDs and per-surface allow-lists.
+//! - [`text`]: escaping outside text (cgroup paths) for logs.
 
 pub mod event;
 pub mod receipt;
 pub mod rule;
 pub mod slo;
 pub mod spiffe;
+pub mod text;
 
 pub use event::Event;
 pub use receipt::ReceiptKind;
@@ -20,3 +22,4 @@ pub use rule::{
     PortRange, Protocol, RuleName, RuleSpec,
 };
 pub use slo::{ClassState, ClassSummary, CycleSummary, HotDestination, SloView};
+pub use text::log_escape;

@@ -112,6 +112,38 @@ impl FromStr for Cidr {
                 net.trunc()
             ));
         }
+        // IPv4 has one written form: "010.0.0.0/8" is refused rather than read as 10.0.0.0/8
+        // (some tools read a leading zero as octal).
+        if let IpNet::V4(v4) = net {
+            let canonical = if s.contains('/') {
+                v4.to_string()
+            } else {
+                v4.addr().to_string()
+            };
+            if s != canonical {
+                return Err(format!(
+                    "\"{s}\" is not in canonical form (no leading zeros or spaces); write \"{canonical}\""
+                ));
+            }
+        }
+        // The kernel judges IPv4-mapped destinations (::ffff:a.b.c.d, dual-stack sockets) by
+        // the IPv4 rules, so a rule for a mapped prefix would never match.
+        if let IpNet::V6(v6) = net {
+            let mapped = v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some();
+            if mapped {
+                let v4 = ipnet::Ipv4Net::new(
+                    v6.addr()
+                        .to_ipv4_mapped()
+                        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                    v6.prefix_len() - 96,
+                )
+                .map_or_else(|_| "the IPv4 prefix".to_owned(), |n| format!("\"{n}\""));
+                return Err(format!(
+                    "\"{s}\" is an IPv4-mapped IPv6 prefix: connects to ::ffff:a.b.c.d are judged by IPv4 rules, \
+                     so it would never match; write {v4}"
+                ));
+            }
+        }
         Ok(Cidr(net))
     }
 }
@@ -375,4 +407,37 @@ pub enum AdmissionStrategy {
     Strict,
     /// Park to a lower tier.
     Degrade,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_canonical_and_never_unmatchable() {
+        for ok in [
+            "10.0.0.0/8",
+            "10.1.2.3",
+            "0.0.0.0/0",
+            "fd00::/8",
+            "::/0",
+            "::1",
+            "::/96",
+            "::fffe:0:0/95",
+        ] {
+            assert!(ok.parse::<Cidr>().is_ok(), "{ok}");
+        }
+        for (bad, needle) in [
+            ("010.0.0.0/8", "write \"10.0.0.0/8\""),
+            ("10.0.0.01", "not a valid prefix"),
+            ("10.0.0.0/08", "write \"10.0.0.0/8\""),
+            ("::ffff:0:0/96", "write \"0.0.0.0/0\""),
+            ("::ffff:127.0.0.2/128", "write \"127.0.0.2/32\""),
+            ("::ffff:127.0.0.2", "IPv4-mapped"),
+            ("10.0.0.1/8", "host bits"),
+        ] {
+            let e = bad.parse::<Cidr>().expect_err(bad);
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
 }
