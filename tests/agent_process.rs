@@ -1159,3 +1159,87 @@ fn kernel_sigterm_under_load_loses_no_acknowledged_receipt_and_keeps_enforcing()
         "acknowledged holds without a receipt: {lost:?}"
     );
 }
+
+/// Resident memory of `pid`, bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// A small document that would expand to millions of rule entries (2,000 prefixes × 2,000
+/// ports) is refused by DryRun and ApplyPolicy alike, by the same check, before anything is
+/// built: INVALID_ARGUMENT, and the agent's memory does not grow.
+#[test]
+fn kernel_oversized_documents_are_refused_before_they_cost_memory() {
+    if !kernel_available("kernel_oversized_documents_are_refused_before_they_cost_memory") {
+        return;
+    }
+    let cg = TestCgroup::new("oversized");
+    let pins = TestPins::new("oversized");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let pid = agent.child.id();
+    let wide = pb::Rule {
+        name: "wide".into(),
+        action: pb::Action::Deny as i32,
+        cidrs: (0..2000)
+            .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+            .collect(),
+        ports: (1..=2000).map(|p| p.to_string()).collect(),
+        ..Default::default()
+    };
+    // Many prefixes with 16 ports each: within every per-rule bound, over the policy's.
+    let many = pb::Rule {
+        name: "many".into(),
+        action: pb::Action::Deny as i32,
+        cidrs: (0..70_000u32)
+            .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+            .collect(),
+        ports: (1..=16).map(|p| p.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut growth = Vec::new();
+    runtime().block_on(async {
+        let mut c = policy_client(agent.grpc).await;
+        for (rule, needle) in [(wide, "2000 port ranges"), (many, "1120000 rule entries")] {
+            let before = rss_bytes(pid);
+            let d = c
+                .dry_run(pb::DryRunRequest {
+                    policy: Some(doc(vec![rule.clone()])),
+                })
+                .await
+                .expect_err("dry run refused");
+            assert_eq!(d.code(), tonic::Code::InvalidArgument, "{d:?}");
+            assert!(d.message().contains(needle), "{d:?}");
+            let a = c
+                .apply_policy(pb::ApplyPolicyRequest {
+                    policy: Some(doc(vec![rule])),
+                    expected_generation: None,
+                })
+                .await
+                .expect_err("apply refused");
+            assert_eq!(
+                (a.code(), a.message()),
+                (d.code(), d.message()),
+                "one validator for both"
+            );
+            growth.push(rss_bytes(pid).saturating_sub(before));
+        }
+    });
+    eprintln!(
+        "agent RSS growth: {} KiB for the 2,000 x 2,000 document (40 KB), {} KiB for the 70,000-prefix one (1 MB, decoded)",
+        growth[0] / 1024,
+        growth[1] / 1024
+    );
+    assert!(
+        growth[0] < 8 << 20,
+        "a 40 KB document grew RSS by {} KiB",
+        growth[0] / 1024
+    );
+}

@@ -327,11 +327,19 @@ impl Controller {
         self.history.lock().await.live.clone()
     }
 
-    /// What applying `policy` would change against the live generation.
-    pub async fn dry_run(&self, policy: &Policy) -> (Generation, PolicyDiff) {
+    /// What applying `policy` would change against the live generation, after every check an
+    /// apply makes (the datapath's [`Datapath::prepare`]); nothing is written.
+    pub async fn dry_run(&self, policy: &Policy) -> Result<(Generation, PolicyDiff), ControlError> {
+        let dp = self.datapath.clone();
+        let p = policy.clone();
+        blocking(move || {
+            let dp = dp.lock().map_err(|_| poisoned())?;
+            dp.prepare(&p).map(|_| ()).map_err(ControlError::from)
+        })
+        .await??;
         let live = self.live().await;
         let diff = live.policy.diff(policy);
-        (live, diff)
+        Ok((live, diff))
     }
 
     /// Follows rule cgroups and reclaims retired policy slots; called periodically. The RCU

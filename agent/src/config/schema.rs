@@ -537,6 +537,7 @@ impl RawConfig {
         let mut rules = Vec::new();
         let mut max_rules = default_max_rules();
         let mut seen = std::collections::HashMap::new();
+        let policy_pos = policy.as_ref().map_or(0, |p| p.span().start);
         if let Some(p) = policy {
             let pos = p.span().start;
             let p = p.into_inner();
@@ -620,22 +621,26 @@ impl RawConfig {
                 ),
             ));
         }
-        // The kernel's limits (entries per trie leaf) are checked here too, so that a config
-        // check-config accepts does not fail at start.
+        // The kernel's limits (sizes, entries per trie leaf) are checked here too, so that a
+        // config check-config accepts does not fail at start.
+        let rule_line = |name: &str| {
+            rules
+                .iter()
+                .position(|r| r.name.as_str() == name)
+                .and_then(|i| seen.get(&rules[i].name).map(|pos| (i, *pos)))
+        };
+        crate::policy::check_bounds(&rules)
+            .map_err(|e| err(policy_pos, "policy.rules".into(), e.to_string()))?;
         let scopes = crate::policy::rule_scopes(&rules);
         for scope in std::iter::once(None).chain(scopes.iter().map(Some)) {
             crate::policy::compile_scope(&rules, scope, &[], agent.default_class).map_err(|e| {
-                let crate::policy::CompileError::LeafOverflow { rules: names, .. } = &e;
-                let (index, pos) = names
-                    .split(", ")
-                    .next()
-                    .and_then(|first| {
-                        rules
-                            .iter()
-                            .position(|r| r.name.as_str() == first)
-                            .and_then(|i| seen.get(&rules[i].name).map(|pos| (i, *pos)))
-                    })
-                    .unwrap_or((0, 0));
+                let first = match &e {
+                    crate::policy::CompileError::LeafOverflow { rules: names, .. } => {
+                        names.split(", ").next().and_then(rule_line)
+                    }
+                    crate::policy::CompileError::TooLarge(_) => None,
+                };
+                let (index, pos) = first.unwrap_or((0, policy_pos));
                 err(pos, format!("policy.rules[{index}]"), e.to_string())
             })?;
         }

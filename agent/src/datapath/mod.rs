@@ -429,6 +429,26 @@ impl CounterIds {
     }
 }
 
+/// A policy checked and compiled by [`Datapath::prepare`], ready to be written.
+#[derive(Debug)]
+pub struct Prepared {
+    resolved: BTreeMap<CgroupPath, cgroup::CgroupRef>,
+    pending: Vec<CgroupPath>,
+    counters: CounterIds,
+    ids: Vec<u32>,
+    fresh: Vec<u32>,
+    tables: Vec<(u64, Option<u32>, ScopeTable)>,
+    new_v4: usize,
+    new_v6: usize,
+}
+
+impl Prepared {
+    /// Trie entries the policy compiles to, over every scope that exists now.
+    pub fn trie_entries(&self) -> usize {
+        self.new_v4 + self.new_v6
+    }
+}
+
 /// The loaded, attached kernel programs and the writer side of their maps.
 pub struct Datapath {
     layout: PinLayout,
@@ -748,14 +768,11 @@ impl Datapath {
         self.generation
     }
 
-    /// Compiles `policy` and switches it in atomically. On error the live generation is
-    /// unchanged, including when `deadline` passes before the switch.
-    pub fn apply(
-        &mut self,
-        policy: &Policy,
-        deadline: Option<Instant>,
-    ) -> Result<ApplyReport, DatapathError> {
-        let started = Instant::now();
+    /// Everything [`Datapath::apply`] checks, without writing: bounds, cgroup levels, counter
+    /// ids, the compile of every scope, and whether the result could ever fit the maps. The one
+    /// validator of ApplyPolicy and DryRun.
+    pub fn prepare(&self, policy: &Policy) -> Result<Prepared, DatapathError> {
+        crate::policy::check_bounds(&policy.rules)?;
         let mut resolved = BTreeMap::new();
         let mut pending = Vec::new();
         for path in rule_scopes(&policy.rules) {
@@ -795,6 +812,50 @@ impl Datapath {
         }
         let new_v4: usize = tables.iter().map(|t| t.2.v4.len()).sum();
         let new_v6: usize = tables.iter().map(|t| t.2.v6.len()).sum();
+        for (what, needed, max) in [
+            ("IPv4 prefixes", new_v4, MAX_PREFIXES as usize),
+            ("IPv6 prefixes", new_v6, MAX_PREFIXES as usize),
+            ("cgroup scopes", resolved.len(), MAX_SCOPES as usize),
+        ] {
+            if needed > max {
+                return Err(DatapathError::Capacity {
+                    what,
+                    needed,
+                    live: 0,
+                    max,
+                });
+            }
+        }
+        Ok(Prepared {
+            resolved,
+            pending,
+            counters,
+            ids,
+            fresh,
+            tables,
+            new_v4,
+            new_v6,
+        })
+    }
+
+    /// Compiles `policy` and switches it in atomically. On error the live generation is
+    /// unchanged, including when `deadline` passes before the switch.
+    pub fn apply(
+        &mut self,
+        policy: &Policy,
+        deadline: Option<Instant>,
+    ) -> Result<ApplyReport, DatapathError> {
+        let started = Instant::now();
+        let Prepared {
+            resolved,
+            pending,
+            counters,
+            ids,
+            fresh,
+            tables,
+            new_v4,
+            new_v6,
+        } = self.prepare(policy)?;
         // A free slot, and room in the maps: both may need the retired slots reclaimed first.
         let fits = |dp: &Self| {
             let (v4, v6, sc) = dp.entries_in_use();

@@ -195,9 +195,46 @@ impl ScopeTable {
     }
 }
 
+/// Most rule entries (destination prefix × port range, summed over rules) a policy may have.
+/// Checked before anything is built, so an oversized document costs no memory.
+pub const MAX_POLICY_ENTRIES: usize = 1 << 20;
+
+/// Checks a policy's size before it is compiled: each rule at most [`MAX_LEAF_ENTRIES`] port
+/// ranges (a kernel leaf holds that many entries per prefix), at most `MAX_PREFIXES` prefixes
+/// and [`MAX_POLICY_ENTRIES`] entries in all. O(rules); allocates nothing.
+pub fn check_bounds(rules: &[RuleSpec]) -> Result<(), CompileError> {
+    let (mut prefixes, mut entries) = (0usize, 0usize);
+    for (i, r) in rules.iter().enumerate() {
+        let ports = r.ports.as_ref().map_or(1, Vec::len);
+        if ports > MAX_LEAF_ENTRIES {
+            return Err(CompileError::TooLarge(format!(
+                "rules[{i}] (\"{}\"): {ports} port ranges; a kernel leaf holds {MAX_LEAF_ENTRIES} entries per prefix: merge ranges or split the rule",
+                r.name
+            )));
+        }
+        prefixes = prefixes.saturating_add(r.cidrs.len());
+        entries = entries.saturating_add(r.cidrs.len().saturating_mul(ports));
+    }
+    let max_prefixes = knhk_abi::MAX_PREFIXES as usize;
+    if prefixes > max_prefixes {
+        return Err(CompileError::TooLarge(format!(
+            "{prefixes} destination prefixes; at most {max_prefixes}"
+        )));
+    }
+    if entries > MAX_POLICY_ENTRIES {
+        return Err(CompileError::TooLarge(format!(
+            "{entries} rule entries (prefix x port range); at most {MAX_POLICY_ENTRIES}"
+        )));
+    }
+    Ok(())
+}
+
 /// Why a policy cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
+    /// The policy is larger than the kernel maps can hold (checked before compiling).
+    #[error("the policy is too large: {0}")]
+    TooLarge(String),
     /// More rule entries cover one prefix than a kernel leaf holds.
     #[error(
         "{count} rule entries (rule x port range) cover {prefix}{scope}, more than the {max} a kernel leaf holds \
