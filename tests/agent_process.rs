@@ -1243,3 +1243,86 @@ fn kernel_oversized_documents_are_refused_before_they_cost_memory() {
         growth[0] / 1024
     );
 }
+
+/// WatchEvents streams are capped per peer (stream N+1 gets RESOURCE_EXHAUSTED, a closed one
+/// frees its place), and opening and closing streams does not grow the agent's memory.
+#[test]
+fn kernel_watch_streams_are_capped_and_cost_nothing_once_closed() {
+    if !kernel_available("kernel_watch_streams_are_capped_and_cost_nothing_once_closed") {
+        return;
+    }
+    use knhk_agent::api::watch::MAX_WATCHERS_PER_PEER;
+    let cg = TestCgroup::new("watchers");
+    let pins = TestPins::new("watchers");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let pid = agent.child.id();
+    let endpoint = format!("http://{}", agent.grpc);
+    runtime().block_on(async {
+        let mut c = AgentServiceClient::connect(endpoint)
+            .await
+            .expect("connect");
+        let mut open = Vec::new();
+        for _ in 0..MAX_WATCHERS_PER_PEER {
+            open.push(
+                c.watch_events(pb::WatchEventsRequest {})
+                    .await
+                    .expect("stream within the cap")
+                    .into_inner(),
+            );
+        }
+        let e = c
+            .watch_events(pb::WatchEventsRequest {})
+            .await
+            .expect_err("one stream too many");
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        // Closing one frees its place (the server sees the reset stream).
+        drop(open.pop());
+        wait_until_async(|| {
+            let mut c = c.clone();
+            async move { c.watch_events(pb::WatchEventsRequest {}).await.is_ok() }
+        })
+        .await;
+        drop(open);
+
+        // 1,000 open/close cycles: memory stays flat once warm.
+        let cycle = |n: usize| {
+            let mut c = c.clone();
+            async move {
+                for _ in 0..n {
+                    let s = c
+                        .watch_events(pb::WatchEventsRequest {})
+                        .await
+                        .expect("stream");
+                    drop(s);
+                }
+            }
+        };
+        cycle(200).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let warm = rss_bytes(pid);
+        cycle(1000).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let after = rss_bytes(pid);
+        eprintln!(
+            "RSS after 200 cycles {} KiB, after 1,000 more {} KiB",
+            warm / 1024,
+            after / 1024
+        );
+        assert!(
+            after < warm + (2 << 20),
+            "1,000 open/close cycles grew RSS by {} KiB",
+            after.saturating_sub(warm) / 1024
+        );
+    });
+}
+
+/// Polls `f` until it is true (5 s at most).
+async fn wait_until_async<F: std::future::Future<Output = bool>>(mut f: impl FnMut() -> F) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < Duration::from_secs(5), "timed out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

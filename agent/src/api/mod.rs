@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod convert;
 pub mod receipts;
+pub mod watch;
 
 /// Generated protobuf types, clients and servers of `proto/knhk/agent/v1`.
 #[allow(missing_docs, clippy::all)]
@@ -19,7 +20,6 @@ pub mod pb {
 use crate::{
     control::{ControlError, Controller},
     datapath::DatapathError,
-    model::Event,
 };
 use pb::{
     agent_service_server::{AgentService, AgentServiceServer},
@@ -27,11 +27,9 @@ use pb::{
 };
 use std::{
     net::SocketAddr,
-    pin::Pin,
     sync::Arc,
-    time::{Duration, Instant, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
-use tokio_stream::{wrappers::BroadcastStream, Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 /// Why the API server could not start.
@@ -194,9 +192,10 @@ struct AgentApi(
     Arc<Controller>,
     Option<Arc<crate::receipts::Receipts>>,
     Option<Arc<crate::sync::Replicator>>,
+    Arc<watch::Watchers>,
 );
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+type EventStream = watch::EventStream;
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
@@ -327,60 +326,11 @@ impl AgentService for AgentApi {
 
     async fn watch_events(
         &self,
-        _: Request<pb::WatchEventsRequest>,
+        req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let stream = BroadcastStream::new(self.0.subscribe()).filter_map(|e| {
-            // A lagging watcher skips what it missed rather than ending the stream.
-            let e = e.ok()?;
-            let millis = |t: std::time::SystemTime| {
-                t.duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0)
-            };
-            Some(Ok(match e {
-                Event::PolicySwitched {
-                    at,
-                    generation,
-                    digest,
-                    cause,
-                } => pb::WatchEventsResponse {
-                    unix_millis: millis(at),
-                    event: Some(pb::watch_events_response::Event::PolicySwitched(
-                        pb::PolicySwitched {
-                            generation,
-                            digest,
-                            cause: cause.into(),
-                        },
-                    )),
-                },
-                Event::ClassStateChanged {
-                    at,
-                    class,
-                    from,
-                    to,
-                } => pb::WatchEventsResponse {
-                    unix_millis: millis(at),
-                    event: Some(pb::watch_events_response::Event::ClassStateChanged(
-                        pb::ClassStateChanged {
-                            runtime_class: convert::class_to_proto(class) as i32,
-                            from: from.as_str().into(),
-                            to: to.as_str().into(),
-                        },
-                    )),
-                },
-                Event::CgroupChanged {
-                    at,
-                    cgroup,
-                    present,
-                } => pb::WatchEventsResponse {
-                    unix_millis: millis(at),
-                    event: Some(pb::watch_events_response::Event::CgroupChanged(
-                        pb::CgroupChanged { cgroup, present },
-                    )),
-                },
-            }))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let peer = watch::peer_of(&req);
+        let slot = self.3.admit(peer)?;
+        Ok(Response::new(watch::event_stream(self.0.subscribe(), slot)))
     }
 }
 
@@ -455,8 +405,13 @@ pub async fn serve(
                 .max_decoding_message_size(max_request_bytes),
         )
         .add_service(
-            AgentServiceServer::new(AgentApi(controller, ledger.clone(), sync.clone()))
-                .max_decoding_message_size(max_request_bytes),
+            AgentServiceServer::new(AgentApi(
+                controller,
+                ledger.clone(),
+                sync.clone(),
+                Arc::new(watch::Watchers::default()),
+            ))
+            .max_decoding_message_size(max_request_bytes),
         )
         .add_optional_service(ledger.clone().map(|r| {
             receipts::pb::receipt_service_server::ReceiptServiceServer::new(receipts::ReceiptApi(r))
