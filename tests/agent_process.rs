@@ -1326,3 +1326,60 @@ async fn wait_until_async<F: std::future::Future<Output = bool>>(mut f: impl FnM
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A start that fails after the programs are attached (here: a rule cgroup the kernel could not
+/// probe, found when the policy is applied) exits 64 and, with `detach_on_exit`, leaves nothing
+/// attached; a closed stdout does not stop a start that succeeds.
+#[test]
+fn kernel_a_failed_start_leaves_the_node_as_detach_on_exit_says() {
+    if !kernel_available("kernel_a_failed_start_leaves_the_node_as_detach_on_exit_says") {
+        return;
+    }
+    let cg = TestCgroup::new("failed-start");
+    let pins = TestPins::new("failed-start");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 16 levels below agent.cgroup_root, which is itself a level below the hierarchy root.
+    let deep: Vec<String> = (0..16).map(|i| format!("d{i}")).collect();
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "detach_on_exit = true\n[[policy.rules]]\nname = \"deep\"\naction = \"deny\"\ncgroup = \"{}\"\ncidrs = [\"10.0.0.0/8\"]\n",
+            deep.join("/")
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("would be at level 17"), "{stderr}");
+    let links = pins.root.join(format!("v{ABI_VERSION}/links"));
+    let left: Vec<_> = std::fs::read_dir(&links)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "programs left attached: {left:?}");
+
+    // stdout closed before the agent writes its startup lines: it keeps running.
+    let ok = write_config(dir.path(), &cg.path, &pins.root, "detach_on_exit = true\n");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&ok)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the agent died when its stdout was closed"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}

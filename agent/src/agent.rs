@@ -87,6 +87,42 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AgentError::Internal(e.to_string()))
 }
 
+/// Writes a startup line to stdout. A closed or full stdout (a supervisor that stopped reading)
+/// must not stop the agent, so a write error is logged, not raised.
+fn announce(line: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        warn!("cannot write the startup lines to stdout ({e}); continuing");
+    }
+}
+
+/// Detaches the programs when a start fails after attaching, if `agent.detach_on_exit` asks
+/// for that on exit; disarmed once the agent runs (its own exit path then decides).
+struct DetachOnFailure {
+    pin_root: Option<PathBuf>,
+}
+
+impl DetachOnFailure {
+    fn disarm(&mut self) {
+        self.pin_root = None;
+    }
+}
+
+impl Drop for DetachOnFailure {
+    fn drop(&mut self) {
+        if let Some(root) = self.pin_root.take() {
+            match datapath::remove_pins(&root) {
+                Ok(pins) => warn!(
+                    removed = pins.len(),
+                    "the start failed after attaching: programs detached (agent.detach_on_exit)"
+                ),
+                Err(e) => error!("the start failed after attaching, and detaching failed too: {e}"),
+            }
+        }
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
@@ -127,6 +163,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         heat_max_entries: config.agent.heat_max_entries,
     };
     let datapath = blocking(move || Datapath::start(&opts)).await??;
+    // From here on the programs are attached: a start that fails leaves the node as
+    // agent.detach_on_exit says (the guard detaches on an early return).
+    let mut detach_on_failure = DetachOnFailure {
+        pin_root: config
+            .agent
+            .detach_on_exit
+            .then(|| config.agent.pin_root.clone()),
+    };
     let layout = datapath.pins().clone();
     let class_states = datapath.class_state_writer();
 
@@ -279,7 +323,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let mode = format!("{:?}", config.agent.mode).to_lowercase();
     let generation = controller.live().await.number;
-    println!(
+    announce(&format!(
         "knhk-agent running ({mode} mode, policy generation {generation}, attached to {})\n  grpc     {}\n  metrics  http://{}/metrics\n  health   http://{}/healthz  http://{}/readyz\n  pins     {}",
         root.display(),
         api.local_addr,
@@ -287,17 +331,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         admin.local_addr,
         admin.local_addr,
         layout.dir.display(),
-    );
+    ));
     // One machine-readable line for scripts and tests (the lines above are for people).
-    println!(
-        "{}",
-        serde_json::json!({
+    announce(
+        &serde_json::json!({
             "ready": true,
             "grpc": api.local_addr.to_string(),
             "admin": admin.local_addr.to_string(),
             "pins": layout.dir.display().to_string(),
             "generation": generation,
         })
+        .to_string(),
     );
 
     let poll = Duration::from_millis(config.agent.cgroup_poll_interval_ms);
@@ -357,6 +401,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     }
     drop(controller);
     drop(admin);
+    detach_on_failure.disarm();
     if config.agent.detach_on_exit {
         match datapath::remove_pins(&config.agent.pin_root) {
             Ok(pins) => info!(

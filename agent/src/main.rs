@@ -341,7 +341,11 @@ fn main() -> ExitCode {
                 Err(
                     e @ (agent::AgentError::Api(knhk_agent::api::ServeError::NotLoopback(_))
                     | agent::AgentError::Identity(_)
-                    | agent::AgentError::Receipts(_)),
+                    | agent::AgentError::Receipts(_)
+                    | agent::AgentError::Control(knhk_agent::control::ControlError::Datapath(
+                        knhk_agent::datapath::DatapathError::Compile(_)
+                        | knhk_agent::datapath::DatapathError::ScopeTooDeep { .. },
+                    ))),
                 ) => {
                     eprintln!("error: {e}");
                     ExitCode::from(EXIT_CONFIG)
