@@ -21,10 +21,12 @@ struct Harness {
     cg: TestCgroup,
 }
 
-fn policy(text: &str) -> Policy {
-    Config::parse(text, "test")
-        .unwrap_or_else(|e| panic!("{e}"))
-        .policy()
+fn policy(text: &str) -> std::sync::Arc<Policy> {
+    std::sync::Arc::new(
+        Config::parse(text, "test")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .policy(),
+    )
 }
 
 impl Harness {
@@ -954,7 +956,7 @@ fn kernel_a_rule_deeper_than_the_probed_levels_is_refused_and_changes_nothing() 
     // level below the hierarchy root): the kernel could not probe both levels. Built by hand, as
     // a gRPC document would be (the config file refuses such depths when it is parsed).
     let deep_path: Vec<String> = (0..17).map(|i| format!("d{i}")).collect();
-    let mut both = policy(&deny);
+    let mut both = (*policy(&deny)).clone();
     let mut deep_rule = both.rules[0].clone();
     deep_rule.name = "deep".parse().expect("name");
     deep_rule.cgroup = Some(deep_path.join("/").parse().expect("path"));
@@ -965,7 +967,7 @@ fn kernel_a_rule_deeper_than_the_probed_levels_is_refused_and_changes_nothing() 
             h.cg.child(&deep_path.join("/"));
         }
         let e =
-            h.dp.apply(&both, None)
+            h.dp.apply(&std::sync::Arc::new(both.clone()), None)
                 .expect_err("a rule too deep must be refused");
         let message = e.to_string();
         assert!(

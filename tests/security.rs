@@ -906,15 +906,16 @@ fn a_config_that_is_a_device_or_too_large_is_refused_without_reading_it_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let big = dir.path().join("big.toml");
     let f = std::fs::File::create(&big).expect("create");
-    f.set_len(4 * 1024 * 1024 + 1).expect("sparse file");
+    let limit = knhk_agent::config::MAX_CONFIG_BYTES;
+    f.set_len(limit + 1).expect("sparse file");
     let e = load_bounded(&big)
         .expect("Config::load_file on a large file")
         .expect_err("a large file is refused");
-    assert!(e.contains("4194305 bytes"), "{e}");
-    assert!(e.contains("4 MiB"), "{e}");
+    assert!(e.contains(&format!("{} bytes", limit + 1)), "{e}");
+    assert!(e.contains("64 MiB"), "{e}");
     let (code, stderr) = check_config_bounded(&big).expect("check-config on a large file");
     assert_eq!(code, Some(64), "{stderr}");
-    assert!(stderr.contains("4194305 bytes"), "{stderr}");
+    assert!(stderr.contains(&format!("{} bytes", limit + 1)), "{stderr}");
     // A configuration of ordinary size still loads.
     let ok = dir.path().join("ok.toml");
     std::fs::write(&ok, "[agent]\nmode = \"audit\"\n").expect("write");

@@ -31,7 +31,7 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn policy(port: u16, rules: u64) -> Policy {
+fn policy(port: u16, rules: u64) -> std::sync::Arc<Policy> {
     let mut text = format!(
         "[[policy.rules]]\nname = \"target\"\naction = \"allow\"\nclass = \"R1\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{port}\"]\nprotocol = \"tcp\"\n"
     );
@@ -43,9 +43,11 @@ fn policy(port: u16, rules: u64) -> Policy {
             i & 255
         ));
     }
-    Config::parse(&text, "bench")
-        .expect("bench policy")
-        .policy()
+    std::sync::Arc::new(
+        Config::parse(&text, "bench")
+            .expect("bench policy")
+            .policy(),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -120,7 +122,7 @@ fn main() {
     // 1. Per-run cost in the kernel, for the full policy and with features switched off (the
     //    same programs; the policy's flags switch with it), against the empty program.
     let per_run = |t: Duration, n: u64| t.as_nanos() as f64 / n.max(1) as f64;
-    let measure_agent = |dp: &mut Datapath, policy: &Policy| {
+    let measure_agent = |dp: &mut Datapath, policy: &std::sync::Arc<Policy>| {
         dp.apply(policy, None).expect("apply");
         tcp_connect_loop_from(&agent_cg.path, target, 200);
         let (t0, n0) = connect4_stats(dp);
@@ -136,14 +138,16 @@ fn main() {
         )
     };
     let full = policy(target.port(), rules);
-    let mut lean = full.clone();
-    lean.heat = false;
-    lean.histograms = false;
-    let mut heat_only = lean.clone();
-    heat_only.heat = true;
-    let mut one_rule = policy(target.port(), 1);
-    one_rule.heat = false;
-    one_rule.histograms = false;
+    let with = |p: &std::sync::Arc<Policy>, heat: bool, histograms: bool| {
+        std::sync::Arc::new(Policy {
+            heat,
+            histograms,
+            ..(**p).clone()
+        })
+    };
+    let lean = with(&full, false, false);
+    let heat_only = with(&full, true, false);
+    let one_rule = with(&policy(target.port(), 1), false, false);
     let (lean_ns, _, _) = measure_agent(&mut dp, &lean);
     let (one_ns, _, _) = measure_agent(&mut dp, &one_rule);
     let (heat_ns, _, _) = measure_agent(&mut dp, &heat_only);

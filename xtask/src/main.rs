@@ -61,7 +61,7 @@ enum Task {
     },
     /// Check that the agent's modules keep to their layers (xtask/src/layers.rs).
     Layers,
-    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger) and print their reports (needs root).
+    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]
@@ -123,7 +123,14 @@ fn main() -> Result<()> {
         }
         Task::Bench { connects, rules } => {
             setup()?;
-            run(cargo().args(["build", "--release", "-p", "knhk-agent", "--examples"]))?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "knhk-agent",
+                "--bins",
+                "--examples",
+            ]))?;
             let examples = target_dir(&root).join("release/examples");
             run(Command::new(examples.join("bench")).args([
                 "--connects",
@@ -133,7 +140,8 @@ fn main() -> Result<()> {
             ]))?;
             run(&mut Command::new(examples.join("bench_api")))?;
             run(&mut Command::new(examples.join("bench_receipts")))?;
-            run(&mut Command::new(examples.join("bench_sync")))
+            run(&mut Command::new(examples.join("bench_sync")))?;
+            run(&mut Command::new(examples.join("bench_memory")))
         }
     }
 }

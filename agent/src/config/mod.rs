@@ -70,16 +70,19 @@ pub enum ConfigError {
     },
 }
 
+/// The largest configuration or policy file read (64 MiB): the documented maximum policy,
+/// 100,000 rules, is about 10 MB of TOML.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
 impl Config {
     /// Reads and validates the config file at `path`, with the process's `KNHK_*` environment
     /// overrides applied (see [`Config::parse_with_env`]).
     ///
-    /// Only a regular file of at most 4 MiB is read: a FIFO, device, socket or directory is
+    /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read: a FIFO, device, socket or directory is
     /// refused without reading it (opened non-blocking, so a FIFO without a writer cannot hang),
     /// and a larger file is refused with its size.
     pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         use std::{io::Read, os::unix::fs::FileTypeExt, os::unix::fs::OpenOptionsExt};
-        const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
         let read_err = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -115,7 +118,8 @@ impl Config {
         }
         let too_large = |size: u64| {
             refuse(format!(
-                "it is {size} bytes, more than the {MAX_CONFIG_BYTES}-byte (4 MiB) limit for a configuration file"
+                "it is {size} bytes, more than the {MAX_CONFIG_BYTES}-byte ({} MiB) limit for a configuration or policy file",
+                MAX_CONFIG_BYTES >> 20
             ))
         };
         if meta.len() > MAX_CONFIG_BYTES {

@@ -629,8 +629,17 @@ impl RawConfig {
                 .position(|r| r.name.as_str() == name)
                 .and_then(|i| seen.get(&rules[i].name).map(|pos| (i, *pos)))
         };
-        crate::policy::check_bounds(&rules)
-            .map_err(|e| err(policy_pos, "policy.rules".into(), e.to_string()))?;
+        crate::policy::check_bounds(&rules).map_err(|e| {
+            let at = match &e {
+                crate::policy::CompileError::TooLarge { rule: Some(i), .. } => rules
+                    .get(*i)
+                    .and_then(|r| seen.get(&r.name))
+                    .map(|pos| (format!("policy.rules[{i}]"), *pos)),
+                _ => None,
+            };
+            let (key, pos) = at.unwrap_or_else(|| ("policy.rules".into(), policy_pos));
+            err(pos, key, e.to_string())
+        })?;
         let scopes = crate::policy::rule_scopes(&rules);
         for scope in std::iter::once(None).chain(scopes.iter().map(Some)) {
             crate::policy::compile_scope(&rules, scope, &[], agent.default_class).map_err(|e| {
@@ -638,7 +647,7 @@ impl RawConfig {
                     crate::policy::CompileError::LeafOverflow { rules: names, .. } => {
                         names.split(", ").next().and_then(rule_line)
                     }
-                    crate::policy::CompileError::TooLarge(_) => None,
+                    crate::policy::CompileError::TooLarge { .. } => None,
                 };
                 let (index, pos) = first.unwrap_or((0, policy_pos));
                 err(pos, format!("policy.rules[{index}]"), e.to_string())

@@ -171,7 +171,7 @@ fn what_run_would_refuse_is_refused_at_load() {
         ports.join(", ")
     ));
     assert!(
-        e.contains("line 4: policy.rules[0]") && e.contains("17 rule entries"),
+        e.contains("line 4: policy.rules[0]") && e.contains("17 port ranges"),
         "{e}"
     );
     // A non-loopback API without mTLS.

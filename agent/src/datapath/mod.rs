@@ -47,7 +47,10 @@ use std::{
     io,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 use tracing::{info, warn};
@@ -340,8 +343,8 @@ pub struct DatapathStatus {
     pub programs: Vec<&'static str>,
     /// Cgroup the programs are attached to.
     pub cgroup_root: PathBuf,
-    /// Hit counter of each rule of the live policy, by name.
-    pub rule_counters: Vec<(String, u32)>,
+    /// Hit counter of each rule of the live policy, by name (shared with the datapath).
+    pub rule_counters: Arc<[(String, u32)]>,
     /// Rule cgroups that exist.
     pub active_scopes: Vec<CgroupPath>,
     /// Rule cgroups that do not exist yet.
@@ -361,11 +364,17 @@ struct ScopeKeys {
     level: Option<u32>,
 }
 
-/// The policy in the active slot and where its rule cgroups are.
+/// The policy in the active slot and where its rule cgroups are. The live generation as the
+/// datapath keeps it. Everything but `resolved` is immutable and
+/// shared, so the cgroup follower (every tick) and status snapshots copy pointers, not rules.
 #[derive(Debug, Clone)]
 struct Live {
-    policy: Policy,
-    counters: Vec<u32>,
+    policy: Arc<Policy>,
+    counters: Arc<[u32]>,
+    /// (rule name, counter id), for metrics and status.
+    rule_counters: Arc<[(String, u32)]>,
+    /// The distinct rule cgroups.
+    scopes: Arc<[CgroupPath]>,
     resolved: BTreeMap<CgroupPath, CgroupRef>,
 }
 
@@ -842,7 +851,7 @@ impl Datapath {
     /// unchanged, including when `deadline` passes before the switch.
     pub fn apply(
         &mut self,
-        policy: &Policy,
+        policy: &Arc<Policy>,
         deadline: Option<Instant>,
     ) -> Result<ApplyReport, DatapathError> {
         let started = Instant::now();
@@ -972,8 +981,15 @@ impl Datapath {
         self.generation = generation;
         self.counters = counters;
         self.live = Some(Live {
+            rule_counters: policy
+                .rules
+                .iter()
+                .zip(&ids)
+                .map(|(r, c)| (r.name.to_string(), *c))
+                .collect(),
+            scopes: rule_scopes(&policy.rules).into(),
             policy: policy.clone(),
-            counters: ids,
+            counters: ids.into(),
             resolved: resolved.clone(),
         });
         Ok(ApplyReport {
@@ -1215,9 +1231,10 @@ impl Datapath {
         let active = self.active_slot();
         let mut changes = Vec::new();
         let mut resolved = live.resolved.clone();
-        let scopes = rule_scopes(&live.policy.rules);
+        let scopes = live.scopes.clone();
         self.unresolvable.retain(|p, _| scopes.contains(p));
-        for path in scopes {
+        for path in scopes.iter() {
+            let path = path.clone();
             let dir = self.cgroup_root.join(path.as_str());
             // One bad path affects only its own rules: it stays pending, reported once.
             let looked_up = cgroup::resolve(&self.cgroup_mount, &dir)
@@ -1302,19 +1319,15 @@ impl Datapath {
         let active = self.active_slot() as usize;
         let (rule_counters, active_scopes, pending_scopes) = match &self.live {
             Some(live) => (
-                live.policy
-                    .rules
-                    .iter()
-                    .zip(&live.counters)
-                    .map(|(r, c)| (r.name.to_string(), *c))
-                    .collect(),
+                live.rule_counters.clone(),
                 live.resolved.keys().cloned().collect(),
-                rule_scopes(&live.policy.rules)
-                    .into_iter()
-                    .filter(|p| !live.resolved.contains_key(p))
+                live.scopes
+                    .iter()
+                    .filter(|p| !live.resolved.contains_key(*p))
+                    .cloned()
                     .collect(),
             ),
-            None => (Vec::new(), Vec::new(), Vec::new()),
+            None => (Arc::from([]), Vec::new(), Vec::new()),
         };
         DatapathStatus {
             generation: self.generation,

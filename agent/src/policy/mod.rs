@@ -207,24 +207,31 @@ pub fn check_bounds(rules: &[RuleSpec]) -> Result<(), CompileError> {
     for (i, r) in rules.iter().enumerate() {
         let ports = r.ports.as_ref().map_or(1, Vec::len);
         if ports > MAX_LEAF_ENTRIES {
-            return Err(CompileError::TooLarge(format!(
-                "rules[{i}] (\"{}\"): {ports} port ranges; a kernel leaf holds {MAX_LEAF_ENTRIES} entries per prefix: merge ranges or split the rule",
-                r.name
-            )));
+            return Err(CompileError::TooLarge {
+                rule: Some(i),
+                message: format!(
+                    "rules[{i}] (\"{}\"): {ports} port ranges; a kernel leaf holds {MAX_LEAF_ENTRIES} entries per prefix: merge ranges or split the rule",
+                    r.name
+                ),
+            });
         }
         prefixes = prefixes.saturating_add(r.cidrs.len());
         entries = entries.saturating_add(r.cidrs.len().saturating_mul(ports));
     }
     let max_prefixes = knhk_abi::MAX_PREFIXES as usize;
     if prefixes > max_prefixes {
-        return Err(CompileError::TooLarge(format!(
-            "{prefixes} destination prefixes; at most {max_prefixes}"
-        )));
+        return Err(CompileError::TooLarge {
+            rule: None,
+            message: format!("{prefixes} destination prefixes; at most {max_prefixes}"),
+        });
     }
     if entries > MAX_POLICY_ENTRIES {
-        return Err(CompileError::TooLarge(format!(
-            "{entries} rule entries (prefix x port range); at most {MAX_POLICY_ENTRIES}"
-        )));
+        return Err(CompileError::TooLarge {
+            rule: None,
+            message: format!(
+                "{entries} rule entries (prefix x port range); at most {MAX_POLICY_ENTRIES}"
+            ),
+        });
     }
     Ok(())
 }
@@ -233,8 +240,13 @@ pub fn check_bounds(rules: &[RuleSpec]) -> Result<(), CompileError> {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
     /// The policy is larger than the kernel maps can hold (checked before compiling).
-    #[error("the policy is too large: {0}")]
-    TooLarge(String),
+    #[error("the policy is too large: {message}")]
+    TooLarge {
+        /// The rule at fault, when one is.
+        rule: Option<usize>,
+        /// What is too large, and the bound.
+        message: String,
+    },
     /// More rule entries cover one prefix than a kernel leaf holds.
     #[error(
         "{count} rule entries (rule x port range) cover {prefix}{scope}, more than the {max} a kernel leaf holds \
