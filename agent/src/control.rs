@@ -417,8 +417,13 @@ impl Controller {
         Ok((status, self.reader.decisions()?))
     }
 
-    /// Latency per class against the `[slo]` ceilings.
-    pub fn slo(&self) -> Result<Vec<ClassLatency>, ControlError> {
+    /// Latency per class against the `[slo]` ceilings (map reads on a blocking thread).
+    pub async fn slo(self: &Arc<Self>) -> Result<Vec<ClassLatency>, ControlError> {
+        let this = self.clone();
+        blocking(move || this.slo_now()).await?
+    }
+
+    fn slo_now(&self) -> Result<Vec<ClassLatency>, ControlError> {
         let mut out = Vec::new();
         for class in Class::ALL {
             let hs: LatencyHistogram = self.reader.histogram(LatencySource::Handshake, class)?;
@@ -436,8 +441,14 @@ impl Controller {
         Ok(out)
     }
 
-    /// The `limit` hottest destinations (0: `agent.heat_top_n`).
-    pub fn heat(&self, limit: usize) -> Result<Heat, ControlError> {
+    /// The `limit` hottest destinations (0: `agent.heat_top_n`). Reads the whole heat map (up to
+    /// `agent.heat_max_entries` destinations), on a blocking thread.
+    pub async fn heat(self: &Arc<Self>, limit: usize) -> Result<Heat, ControlError> {
+        let this = self.clone();
+        blocking(move || this.heat_now(limit)).await?
+    }
+
+    fn heat_now(&self, limit: usize) -> Result<Heat, ControlError> {
         let all = self.reader.heat()?;
         let limit = if limit == 0 { self.heat_top_n } else { limit };
         let map_entries = all.len();

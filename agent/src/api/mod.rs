@@ -210,7 +210,7 @@ impl AgentService for AgentApi {
                 let (log_size, checkpoints_pending, signing_key) =
                     tokio::task::spawn_blocking(move || r.status())
                         .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
+                        .map_err(|e| Status::internal(e.to_string()))??;
                 Some(pb::LedgerStatus {
                     log_size,
                     checkpoints_pending,
@@ -271,7 +271,7 @@ impl AgentService for AgentApi {
         &self,
         _: Request<pb::GetSloRequest>,
     ) -> Result<Response<pb::GetSloResponse>, Status> {
-        let classes = self.0.slo().map_err(status_of)?;
+        let classes = self.0.slo().await.map_err(status_of)?;
         Ok(Response::new(pb::GetSloResponse {
             classes: classes
                 .into_iter()
@@ -295,6 +295,7 @@ impl AgentService for AgentApi {
         let heat = self
             .0
             .heat(req.into_inner().limit as usize)
+            .await
             .map_err(status_of)?;
         Ok(Response::new(pb::GetHeatResponse {
             entries: heat

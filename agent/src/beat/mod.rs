@@ -557,7 +557,16 @@ impl BeatEngine {
                 }
                 _ = ticker.tick() => {
                     let started = Instant::now();
-                    match self.beat() {
+                    // A beat is map reads and writes (syscalls, a heat chunk): it runs where
+                    // blocking is allowed, so it never stalls the runtime's other tasks.
+                    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+                        == tokio::runtime::RuntimeFlavor::MultiThread;
+                    let report = if multi_thread {
+                        tokio::task::block_in_place(|| self.beat())
+                    } else {
+                        self.beat()
+                    };
+                    match report {
                         Ok(BeatReport { pulse: Some(summary), .. }) => self.emit(summary),
                         Ok(_) => {}
                         Err(e) => tracing::error!(cycle = self.cycle, "beat failed (the next one retries): {e}"),

@@ -321,14 +321,11 @@ impl Receipts {
     }
 
     /// (receipts written, checkpoints waiting for the KMS, the signing key as `id#version`).
-    pub fn status(&self) -> (u64, u64, String) {
-        let size = self.ledger.size().unwrap_or(0);
-        let pending = self
-            .ledger
-            .unsigned_checkpoints()
-            .map_or(0, |u| u.len() as u64);
-        let key = self.stamp().to_string();
-        (size, pending, key)
+    /// A database error is an error, never a size of 0.
+    pub fn status(&self) -> Result<(u64, u64, String), LedgerError> {
+        let size = self.ledger.size()?;
+        let pending = self.ledger.unsigned_checkpoints()?.len() as u64;
+        Ok((size, pending, self.stamp().to_string()))
     }
 
     /// The node and region receipts are written as.

@@ -356,15 +356,22 @@ impl Replicator {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            let size = self.receipts.ledger().size().unwrap_or(0);
             self.metrics
                 .acked
                 .with_label_values(&[&name])
                 .set(acked.unwrap_or(0) as i64);
-            self.metrics
-                .backlog
-                .with_label_values(&[&name])
-                .set(size.saturating_sub(acked.unwrap_or(0)) as i64);
+            // The backlog gauge keeps its last value when the database cannot be read (the
+            // error is logged): 0 would claim the peer is caught up.
+            match self.receipts.ledger().size() {
+                Ok(size) => self
+                    .metrics
+                    .backlog
+                    .with_label_values(&[&name])
+                    .set(size.saturating_sub(acked.unwrap_or(0)) as i64),
+                Err(e) => {
+                    tracing::error!(peer = %name, "region sync: reading the ledger size failed: {e}")
+                }
+            }
             self.quorum_state();
         }
     }

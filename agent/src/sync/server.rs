@@ -66,6 +66,17 @@ fn read_cosigned(ledger: &Ledger) -> Result<Option<Cosigned>, LedgerError> {
     }))
 }
 
+/// `f` on the origin's ledger, on a blocking thread (redb reads and commits are synchronous).
+async fn on_ledger<T: Send + 'static>(
+    ledger: &Ledger,
+    f: impl FnOnce(&Ledger) -> Result<T, LedgerError> + Send + 'static,
+) -> Result<T, Status> {
+    let ledger = ledger.clone();
+    Ok(tokio::task::spawn_blocking(move || f(&ledger))
+        .await
+        .map_err(|e| Status::internal(format!("a ledger task failed: {e}")))??)
+}
+
 /// A stored checkpoint's body, from its JSON record under `key`.
 fn decode_stored(bytes: &[u8], key: &str) -> Result<CheckpointBody, LedgerError> {
     let corrupt = |m: String| LedgerError::Corrupt(format!("witness record {key:?}: {m}"));
@@ -302,9 +313,11 @@ impl pb::region_sync_server::RegionSync for SyncServer {
             LedgerError::Refused(m) => self.reject(Status::invalid_argument(m)),
             other => Status::from(other),
         })?;
-        for k in &new_keys {
-            ledger.add_key(k)?;
-        }
+        let keys_to_add = new_keys.clone();
+        on_ledger(&ledger, move |l| {
+            keys_to_add.iter().try_for_each(|k| l.add_key(k))
+        })
+        .await?;
         let mut keys: HashMap<KeyRef, Vec<u8>> = HashMap::new();
         for k in known.iter().chain(new_keys.iter()) {
             let der = B64.decode(&k.public_key).map_err(|e| {
@@ -312,7 +325,7 @@ impl pb::region_sync_server::RegionSync for SyncServer {
             })?;
             keys.insert(k.key.clone(), der);
         }
-        let mut cosigned = read_cosigned(&ledger)?;
+        let mut cosigned = on_ledger(&ledger, read_cosigned).await?;
         let mut cosignature = None;
         if let Some(cp) = req.checkpoint {
             let presented = witness::Presented {
@@ -324,10 +337,12 @@ impl pb::region_sync_server::RegionSync for SyncServer {
                 .map_err(|e| self.refuse(&ledger, &presented, e))?;
             // What this witness holds of the origin at that size.
             let evidence_key = format!("checkpoint-size:{}", body.size);
-            let seen = match ledger.meta(&evidence_key)? {
-                Some(bytes) => Some(decode_stored(&bytes, &evidence_key)?),
-                None => None,
-            };
+            let key = evidence_key.clone();
+            let seen = on_ledger(&ledger, move |l| match l.meta(&key)? {
+                Some(bytes) => decode_stored(&bytes, &key).map(Some),
+                None => Ok(None),
+            })
+            .await?;
             let l = ledger.clone();
             let size = body.size;
             let stored_root = tokio::task::spawn_blocking(move || l.root(size))
@@ -357,8 +372,12 @@ impl pb::region_sync_server::RegionSync for SyncServer {
                 body: cp.body.clone(),
                 signature: Some(B64.encode(&cp.signature)),
             };
-            ledger.put_signed_checkpoint(cp.number, &stored)?;
-            ledger.put_meta(&evidence_key, &encode_json(&stored)?)?;
+            let (number, record) = (cp.number, encode_json(&stored)?);
+            on_ledger(&ledger, move |l| {
+                l.put_signed_checkpoint(number, &stored)?;
+                l.put_meta(&evidence_key, &record)
+            })
+            .await?;
             let message = cosigned_message(&self.region, &cp.body);
             match self.receipts.sign_with_current(message.as_bytes()).await {
                 Ok((key, signature)) => {
@@ -366,7 +385,8 @@ impl pb::region_sync_server::RegionSync for SyncServer {
                         size: body.size,
                         root: body.root,
                     };
-                    ledger.put_meta(COSIGNED, &encode_json(&now.stored())?)?;
+                    let record = encode_json(&now.stored())?;
+                    on_ledger(&ledger, move |l| l.put_meta(COSIGNED, &record)).await?;
                     cosigned = Some(now);
                     cosignature = Some(pb::Cosignature {
                         witness_region: self.region.clone(),
@@ -399,10 +419,38 @@ impl pb::region_sync_server::RegionSync for SyncServer {
             )));
         }
         let ledger = self.ledger(&origin)?;
-        let cosigned = read_cosigned(&ledger)?;
+        let cosigned = on_ledger(&ledger, read_cosigned).await?;
         Ok(Response::new(pb::GetSyncStateResponse {
             stored_size: ledger.size()?,
             cosigned_size: cosigned.map_or(0, |c| c.size),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_witness_record_that_does_not_decode_is_corruption_not_a_fresh_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("east.redb"), "east", "east").expect("open");
+        assert!(read_cosigned(&ledger).expect("empty").is_none());
+        for garbage in [&b""[..], b"{}", b"{\"size\":3,\"root\":\"not base64\"}"] {
+            ledger.put_meta(COSIGNED, garbage).expect("put");
+            match read_cosigned(&ledger) {
+                Err(LedgerError::Corrupt(m)) => assert!(m.contains("cosigned"), "{m}"),
+                other => panic!("{garbage:?}: expected Corrupt, got {other:?}"),
+            }
+        }
+        let good = Cosigned {
+            size: 3,
+            root: [7; 32],
+        };
+        ledger
+            .put_meta(COSIGNED, &encode_json(&good.stored()).expect("encode"))
+            .expect("put");
+        let back = read_cosigned(&ledger).expect("read").expect("present");
+        assert_eq!((back.size, back.root), (3, [7; 32]));
     }
 }
