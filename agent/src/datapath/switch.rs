@@ -1,0 +1,454 @@
+//! Writing a policy: the checks and compile of [`Datapath::prepare`], the write into a free slot
+//! and the one-store switch of [`Datapath::apply`], and the reclaim of retired slots.
+
+use super::*;
+
+/// Stable hit-counter ids per rule name; counter 0 counts connects that matched no rule.
+#[derive(Debug, Clone, Default)]
+pub(super) struct CounterIds {
+    by_name: HashMap<String, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl CounterIds {
+    /// Ids for `names`, keeping those of names already known; returns (ids, newly assigned).
+    pub(super) fn assign<'a>(
+        &mut self,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Result<(Vec<u32>, Vec<u32>), DatapathError> {
+        let names: Vec<&str> = names.collect();
+        let keep: std::collections::HashSet<&str> = names.iter().copied().collect();
+        let gone: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !keep.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for n in gone {
+            if let Some(id) = self.by_name.remove(&n) {
+                self.free.push(id);
+            }
+        }
+        let (mut ids, mut fresh) = (Vec::with_capacity(names.len()), Vec::new());
+        for n in names {
+            let id = match self.by_name.get(n) {
+                Some(id) => *id,
+                None => {
+                    let id = match self.free.pop() {
+                        Some(id) => id,
+                        None => {
+                            self.next = self.next.max(1);
+                            let id = self.next;
+                            self.next += 1;
+                            id
+                        }
+                    };
+                    if id >= MAX_RULE_COUNTERS {
+                        return Err(DatapathError::Capacity {
+                            what: "rule counters",
+                            needed: id as usize + 1,
+                            live: self.by_name.len(),
+                            max: MAX_RULE_COUNTERS as usize,
+                        });
+                    }
+                    self.by_name.insert(n.to_owned(), id);
+                    fresh.push(id);
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        Ok((ids, fresh))
+    }
+}
+
+/// A policy checked and compiled by [`Datapath::prepare`], ready to be written.
+#[derive(Debug)]
+pub struct Prepared {
+    resolved: BTreeMap<CgroupPath, cgroup::CgroupRef>,
+    pending: Vec<CgroupPath>,
+    counters: CounterIds,
+    ids: Vec<u32>,
+    fresh: Vec<u32>,
+    tables: Vec<(u64, Option<u32>, ScopeTable)>,
+    new_v4: usize,
+    new_v6: usize,
+}
+
+impl Prepared {
+    /// Trie entries the policy compiles to, over every scope that exists now.
+    pub fn trie_entries(&self) -> usize {
+        self.new_v4 + self.new_v6
+    }
+}
+
+impl Datapath {
+    /// Everything [`Datapath::apply`] checks, without writing: bounds, cgroup levels, counter
+    /// ids, the compile of every scope, and whether the result could ever fit the maps. The one
+    /// validator of ApplyPolicy and DryRun.
+    pub fn prepare(&self, policy: &Policy) -> Result<Prepared, DatapathError> {
+        crate::policy::check_bounds(&policy.rules)?;
+        let mut resolved = BTreeMap::new();
+        let mut pending = Vec::new();
+        for path in rule_scopes(&policy.rules) {
+            // A rule's level is known before its cgroup exists: refuse what the programs
+            // could not probe (it would silently disable shallower rules).
+            let level = self.root_level + path.depth() as u32;
+            if level > MAX_SCOPE_LEVEL {
+                return Err(DatapathError::ScopeTooDeep {
+                    path: crate::model::log_escape(path.as_str()).into_owned(),
+                    level,
+                    root_level: self.root_level,
+                    max: MAX_SCOPE_LEVEL,
+                });
+            }
+            let dir = self.cgroup_root.join(path.as_str());
+            match cgroup::resolve(&self.cgroup_mount, &dir) {
+                Ok(Some(r)) => {
+                    resolved.insert(path, r);
+                }
+                // A path that cannot be looked up now is pending; the follower reports why.
+                Ok(None) | Err(_) => pending.push(path),
+            }
+        }
+        let mut counters = self.counters.clone();
+        let (ids, fresh) = counters.assign(policy.rules.iter().map(|r| r.name.as_str()))?;
+        let mut tables: Vec<(u64, Option<u32>, ScopeTable)> = vec![(
+            0,
+            None,
+            compile_scope(&policy.rules, None, &ids, policy.default_class)?,
+        )];
+        for (path, r) in &resolved {
+            tables.push((
+                r.id,
+                Some(r.level),
+                compile_scope(&policy.rules, Some(path), &ids, policy.default_class)?,
+            ));
+        }
+        let new_v4: usize = tables.iter().map(|t| t.2.v4.len()).sum();
+        let new_v6: usize = tables.iter().map(|t| t.2.v6.len()).sum();
+        for (what, needed, max) in [
+            ("IPv4 prefixes", new_v4, MAX_PREFIXES as usize),
+            ("IPv6 prefixes", new_v6, MAX_PREFIXES as usize),
+            ("cgroup scopes", resolved.len(), MAX_SCOPES as usize),
+        ] {
+            if needed > max {
+                return Err(DatapathError::Capacity {
+                    what,
+                    needed,
+                    live: 0,
+                    max,
+                });
+            }
+        }
+        Ok(Prepared {
+            resolved,
+            pending,
+            counters,
+            ids,
+            fresh,
+            tables,
+            new_v4,
+            new_v6,
+        })
+    }
+
+    /// Compiles `policy` and switches it in atomically. On error the live generation is
+    /// unchanged, including when `deadline` passes before the switch.
+    pub fn apply(
+        &mut self,
+        policy: &Arc<Policy>,
+        deadline: Option<Instant>,
+    ) -> Result<ApplyReport, DatapathError> {
+        let started = Instant::now();
+        let Prepared {
+            resolved,
+            pending,
+            counters,
+            ids,
+            fresh,
+            tables,
+            new_v4,
+            new_v6,
+        } = self.prepare(policy)?;
+        // A free slot, and room in the maps: both may need the retired slots reclaimed first.
+        let fits = |dp: &Self| {
+            let (v4, v6, sc) = dp.entries_in_use();
+            v4 + new_v4 <= MAX_PREFIXES as usize
+                && v6 + new_v6 <= MAX_PREFIXES as usize
+                && sc + resolved.len() <= MAX_SCOPES as usize
+        };
+        let compiled = started.elapsed();
+        if self.free_slot().is_none() || !fits(self) {
+            tracing::debug!(
+                "no free policy slot or map room: waiting for a grace period to reclaim"
+            );
+            sys::synchronize_rcu().map_err(io_err("membarrier", Path::new("(synchronize_rcu)")))?;
+            self.clear_retired(self.switches, usize::MAX)?;
+        }
+        let Some(inactive) = self.free_slot() else {
+            return Err(DatapathError::Load(
+                "no free policy slot after reclaiming".into(),
+            ));
+        };
+        let active = self.active_slot();
+        let (live_v4, live_v6, live_scopes) = self.entries_in_use();
+        for (what, needed, live, max) in [
+            ("IPv4 prefixes", new_v4, live_v4, MAX_PREFIXES as usize),
+            ("IPv6 prefixes", new_v6, live_v6, MAX_PREFIXES as usize),
+            (
+                "cgroup scopes",
+                resolved.len(),
+                live_scopes,
+                MAX_SCOPES as usize,
+            ),
+        ] {
+            if needed + live > max {
+                return Err(DatapathError::Capacity {
+                    what,
+                    needed,
+                    live,
+                    max,
+                });
+            }
+        }
+
+        for id in &fresh {
+            self.set_rule_hits(*id, 0);
+        }
+        let (mut level_min, mut level_max) = (0u32, 0u32);
+        let writing = Instant::now();
+        for (scope, level, table) in &tables {
+            self.write_table(inactive, *scope, table)?;
+            if let Some(level) = level {
+                level_min = if level_min == 0 {
+                    *level
+                } else {
+                    level_min.min(*level)
+                };
+                level_max = level_max.max(*level);
+            }
+        }
+        for (scope, level, _) in &tables {
+            if let Some(level) = level {
+                self.insert_scope(inactive, *scope, *level)?;
+            }
+        }
+        let generation = self.generation + 1;
+        let slot_config = SlotConfig {
+            generation,
+            flags: flags_of(policy),
+            default_action: match policy.default_action {
+                DefaultAction::Allow => ACTION_ALLOW,
+                DefaultAction::Deny => ACTION_DENY,
+            },
+            default_class: abi::class(policy.default_class),
+            _pad: [0; 2],
+            scope_level_min: level_min,
+            scope_level_max: level_max,
+            histogram_interval_ns: policy.histogram_interval_us.saturating_mul(1000),
+        };
+        // Park targets are keyed by the rules' (stable) counter ids: write the new ones before
+        // the switch, drop the unused ones after it.
+        let mut parked = std::collections::HashSet::new();
+        for (rule, counter) in policy.rules.iter().zip(&ids) {
+            if let Some(addr) = rule.park_to {
+                let target = park_target(addr);
+                self.park
+                    .insert(*counter, target, 0)
+                    .map_err(map_err("insert", map_names::PARK))?;
+                parked.insert(*counter);
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(DatapathError::DeadlineExceeded);
+        }
+        let cfg = self.config_ptr();
+        // SAFETY: the inactive slot's settings are not read by connects (they read the active
+        // slot's); the switch below is one aligned atomic store.
+        unsafe {
+            std::ptr::write_volatile(&raw mut (*cfg).slots[inactive as usize], slot_config);
+            AtomicU32::from_ptr(&raw mut (*cfg).active_slot).store(inactive, Ordering::SeqCst);
+        }
+        let switch_latency = started.elapsed();
+        tracing::debug!(
+            compile_us = compiled.as_micros() as u64,
+            write_us = writing.elapsed().as_micros() as u64,
+            total_us = switch_latency.as_micros() as u64,
+            slot = inactive,
+            "policy written and switched"
+        );
+        self.switches += 1;
+        self.retired[active as usize] = Some(self.switches);
+        for stale in self.parked.difference(&parked).copied().collect::<Vec<_>>() {
+            ignore_missing(self.park.remove(&stale)).map_err(map_err("remove", map_names::PARK))?;
+        }
+        self.parked = parked;
+        self.generation = generation;
+        self.counters = counters;
+        self.live = Some(Live {
+            rule_counters: policy
+                .rules
+                .iter()
+                .zip(&ids)
+                .map(|(r, c)| (r.name.to_string(), *c))
+                .collect(),
+            scopes: rule_scopes(&policy.rules).into(),
+            policy: policy.clone(),
+            counters: ids.into(),
+            resolved: resolved.clone(),
+        });
+        Ok(ApplyReport {
+            generation,
+            rules: policy.rules.len(),
+            trie_entries: new_v4 + new_v6,
+            active_scopes: resolved.into_keys().collect(),
+            pending_scopes: pending,
+            switch_latency,
+        })
+    }
+
+    /// A slot that is neither live nor retired (and so empty).
+    pub(super) fn free_slot(&self) -> Option<u32> {
+        let active = self.active_slot() as usize;
+        (0..SLOTS)
+            .find(|s| *s != active && self.retired[*s].is_none())
+            .map(|s| s as u32)
+    }
+
+    /// Trie entries (IPv4, IPv6) and scope entries held by every slot.
+    pub(super) fn entries_in_use(&self) -> (usize, usize, usize) {
+        self.slots
+            .iter()
+            .flat_map(|s| s.values())
+            .fold((0, 0, 0), |(a, b, c), k| {
+                (
+                    a + k.v4.len(),
+                    b + k.v6.len(),
+                    c + k.level.is_some() as usize,
+                )
+            })
+    }
+
+    /// Starts reclaiming retired slots: returns a ticket when there is something to reclaim.
+    /// Wait for [`grace_period`] (without holding the datapath), then call
+    /// [`Datapath::finish_reclaim`] with the ticket. `apply` never waits for the grace period
+    /// while a free slot is left.
+    pub fn begin_reclaim(&self) -> Option<ReclaimTicket> {
+        self.retired
+            .iter()
+            .any(Option::is_some)
+            .then_some(ReclaimTicket {
+                switches: self.switches,
+            })
+    }
+
+    /// Clears up to `budget` entries of the slots retired up to `ticket` (which the caller took
+    /// before waiting for a grace period); returns whether entries remain. Small budgets keep
+    /// each hold of the datapath short, so applies are not held up behind a large reclaim.
+    pub fn finish_reclaim(
+        &mut self,
+        ticket: ReclaimTicket,
+        budget: usize,
+    ) -> Result<bool, DatapathError> {
+        self.clear_retired(ticket.switches, budget)
+    }
+
+    pub(super) fn clear_retired(
+        &mut self,
+        up_to_switch: u64,
+        mut budget: usize,
+    ) -> Result<bool, DatapathError> {
+        for slot in 0..SLOTS {
+            if self.retired[slot].is_none_or(|at| at > up_to_switch) {
+                continue;
+            }
+            let scopes: Vec<u64> = self.slots[slot].keys().copied().collect();
+            for scope in scopes {
+                if budget == 0 {
+                    return Ok(true);
+                }
+                budget = self.remove_scope_entries(slot as u32, scope, budget)?;
+            }
+            if self.slots[slot].is_empty() {
+                self.retired[slot] = None;
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes up to `budget` entries of one scope from a slot, the scope entry (which makes the
+    /// tries reachable) first; returns the budget left.
+    pub(super) fn remove_scope_entries(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        budget: usize,
+    ) -> Result<usize, DatapathError> {
+        let Some(keys) = self.slots[slot as usize].get_mut(&scope) else {
+            return Ok(budget);
+        };
+        if keys.level.take().is_some() {
+            let key = ScopeKey {
+                cgroup_id: scope,
+                slot,
+                _pad: 0,
+            };
+            ignore_missing(self.scopes.remove(&key))
+                .map_err(map_err("remove", map_names::SCOPES))?;
+        }
+        let budget = self.policy_v4.remove(slot, scope, &mut keys.v4, budget)?;
+        let budget = self.policy_v6.remove(slot, scope, &mut keys.v6, budget)?;
+        if keys.v4.is_empty() && keys.v6.is_empty() {
+            self.slots[slot as usize].remove(&scope);
+        }
+        Ok(budget)
+    }
+
+    pub(super) fn write_table(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        table: &ScopeTable,
+    ) -> Result<(), DatapathError> {
+        // Record the keys first: if a write fails midway, the slot's cleanup still finds them.
+        let keys = self.slots[slot as usize].entry(scope).or_default();
+        keys.v4.extend(table.v4.iter().map(|(n, _)| *n));
+        keys.v6.extend(table.v6.iter().map(|(n, _)| *n));
+        self.policy_v4.write(slot, scope, &table.v4)?;
+        self.policy_v6.write(slot, scope, &table.v6)
+    }
+
+    pub(super) fn insert_scope(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        level: u32,
+    ) -> Result<(), DatapathError> {
+        let key = ScopeKey {
+            cgroup_id: scope,
+            slot,
+            _pad: 0,
+        };
+        self.scopes
+            .insert(key, ScopeValue { level, _pad: 0 }, 0)
+            .map_err(map_err("insert", map_names::SCOPES))?;
+        self.slots[slot as usize].entry(scope).or_default().level = Some(level);
+        Ok(())
+    }
+
+    /// Removes one scope's entries from a slot: the scope entry first (making the tries
+    /// unreachable), then the tries.
+    /// Removes every entry of one scope from a slot.
+    pub(super) fn remove_scope(&mut self, slot: u32, scope: u64) -> Result<(), DatapathError> {
+        self.remove_scope_entries(slot, scope, usize::MAX)
+            .map(|_| ())
+    }
+
+    pub(super) fn set_rule_hits(&self, counter: u32, value: u64) {
+        let p = self.rule_hits.at::<u64>(counter as usize * 8);
+        // SAFETY: aligned u64 inside the mapping; the kernel updates it atomically too.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(p).store(value, Ordering::Relaxed) };
+    }
+}
