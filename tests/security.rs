@@ -307,11 +307,9 @@ fn kernel_admin_server_closes_slowloris_and_caps_connections_grpc_unaffected() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut c = knhk_agent::api::pb::policy_service_client::PolicyServiceClient::connect(
-            format!("http://{}", agent.grpc),
-        )
-        .await
-        .expect("gRPC connect");
+        let mut c = knhk_agent::api::pb::policy_service_client::PolicyServiceClient::new(
+            agent.channel().await,
+        );
         let live = c
             .get_policy(knhk_agent::api::pb::GetPolicyRequest {})
             .await
@@ -757,12 +755,7 @@ fn kernel_grpc_timeout_too_large_for_a_deadline_is_served_without_panicking() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut c = pb::policy_service_client::PolicyServiceClient::connect(format!(
-            "http://{}",
-            agent.grpc
-        ))
-        .await
-        .expect("connect");
+        let mut c = pb::policy_service_client::PolicyServiceClient::new(agent.channel().await);
         for (i, timeout) in [
             "18446744073709551615S",
             "18446744073709551615H",
@@ -970,4 +963,324 @@ fn kernel_cgroup_names_with_newlines_and_escape_codes_are_logged_escaped() {
         !lines.iter().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
         "a forged log line: {lines:#?}"
     );
+}
+
+// ---- local users against the API and the identity directory (issue 12, part b) ----
+
+/// A directory every user may read and traverse, for files an unprivileged attacker uses.
+fn public_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+/// `knhk-agent ARGS` run as `uid`:`gid` with no supplementary groups (fork, setgid, setgroups,
+/// setuid, exec).
+fn cli_as(uid: u32, gid: u32, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(BIN)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("run knhk-agent")
+}
+
+/// The live policy generation, read as root.
+fn live_generation(endpoint: &str) -> u64 {
+    let out = Command::new(BIN)
+        .args(["policy", "get", "--output", "json", "--endpoint", endpoint])
+        .output()
+        .expect("policy get");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "policy get: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    doc["generation"].as_u64().expect("generation")
+}
+
+/// An allow-everything policy in a file anyone can read.
+fn allow_all_policy(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("allow-all.toml");
+    std::fs::write(
+        &path,
+        "[[policy.rules]]\nname = \"open\"\naction = \"allow\"\ncidrs = [\"0.0.0.0/0\", \"::/0\"]\n",
+    )
+    .expect("write policy");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    path
+}
+
+/// (uid, gid) of a user with no passwd entry and no supplementary groups.
+const STRANGER: (u32, u32) = (4242, 4242);
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// (mode in octal, uid, gid) of `path`, not following a symlink.
+fn owner_and_mode(path: &Path) -> (String, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m =
+        std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (format!("{:04o}", m.mode() & 0o7777), m.uid(), m.gid())
+}
+
+/// Applies `policy` as `uid`:`gid`; returns (exit code, stderr).
+fn apply_as(uid: u32, gid: u32, endpoint: &str, policy: &str) -> (Option<i32>, String) {
+    let out = cli_as(
+        uid,
+        gid,
+        &["policy", "apply", policy, "--endpoint", endpoint],
+    );
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn kernel_a_local_user_cannot_change_the_policy_over_the_api() {
+    if !kernel_available("kernel_a_local_user_cannot_change_the_policy_over_the_api") {
+        return;
+    }
+    let cg = TestCgroup::new("api-local-user");
+    let pins = TestPins::new("api-local-user");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let endpoint = agent.endpoint();
+    let socket = agent.grpc_socket();
+    let public = public_dir();
+    let policy = allow_all_policy(public.path());
+    let policy = policy.to_str().expect("utf-8");
+
+    // What the agent made: its directory 0750 and the socket 0600, both root's.
+    let run = socket.parent().expect("dir");
+    assert_eq!(
+        owner_and_mode(run),
+        ("0750".into(), 0, 0),
+        "{}",
+        run.display()
+    );
+    assert_eq!(
+        owner_and_mode(&socket),
+        ("0600".into(), 0, 0),
+        "{}",
+        socket.display()
+    );
+
+    // The attack: nobody applies an allow-all policy. The directory keeps it out.
+    chmod(dir.path(), 0o755);
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(code, Some(69), "uid 65534 reached the API: {out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    // The socket's mode alone keeps it out.
+    chmod(run, 0o755);
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(code, Some(69), "uid 65534 reached the API: {out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    // And the peer-credential check alone: with the socket made world-writable behind the
+    // agent's back, nobody connects but is cut off before a byte is read.
+    chmod(&socket, 0o666);
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(
+        code,
+        Some(69),
+        "uid 65534 got past the peer-credential check: {out}"
+    );
+    assert!(
+        out.contains("admits root and members of agent.api_socket_group only"),
+        "{out}"
+    );
+    let logs = agent.logs();
+    assert!(
+        logs.contains("refused a connection to the API socket")
+            && logs.contains("uid 65534 gid 65534")
+            && logs.contains("is not root"),
+        "{logs}"
+    );
+    let (code, out) = apply_as(STRANGER.0, STRANGER.1, &endpoint, policy);
+    assert_eq!(
+        code,
+        Some(69),
+        "uid {} got past the peer-credential check: {out}",
+        STRANGER.0
+    );
+    assert_eq!(live_generation(&endpoint), 1, "the policy changed");
+
+    // Root may.
+    let (code, out) = apply_as(0, 0, &endpoint, policy);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(live_generation(&endpoint), 2);
+
+    // On exit the socket goes; a stale one (kill -9) is replaced on the next start.
+    let (status, _) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the socket outlived the agent");
+}
+
+#[test]
+fn kernel_the_api_socket_admits_its_group_and_refuses_others() {
+    if !kernel_available("kernel_the_api_socket_admits_its_group_and_refuses_others") {
+        return;
+    }
+    // The group of gid 65534 (nogroup on Debian), with uid 65534 in it.
+    let out = Command::new("getent")
+        .args(["group", "65534"])
+        .output()
+        .expect("getent");
+    let group = String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .expect("group name")
+        .to_owned();
+    assert!(!group.is_empty(), "no group with gid 65534");
+    let cg = TestCgroup::new("api-group");
+    let pins = TestPins::new("api-group");
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o755);
+    let socket = dir.path().join("run").join("agent.sock");
+    let config = write_config_with(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "api_socket = \"{}\"\napi_socket_group = \"{group}\"\n",
+            socket.display()
+        ),
+        "",
+    );
+    let agent = Agent::start(&config);
+    let endpoint = agent.endpoint();
+    assert_eq!(agent.grpc_socket(), socket);
+    assert_eq!(
+        owner_and_mode(socket.parent().expect("dir")),
+        ("0750".into(), 0, 65534)
+    );
+    assert_eq!(owner_and_mode(&socket), ("0660".into(), 0, 65534));
+    let public = public_dir();
+    let policy = allow_all_policy(public.path());
+    let policy = policy.to_str().expect("utf-8");
+
+    // A member (primary group) may; someone else may not, by mode, then by credentials.
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(code, Some(0), "a member of {group} was refused: {out}");
+    assert_eq!(live_generation(&endpoint), 2);
+    let (code, out) = apply_as(STRANGER.0, STRANGER.1, &endpoint, policy);
+    assert_eq!(code, Some(69), "{out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    chmod(socket.parent().expect("dir"), 0o755);
+    chmod(&socket, 0o666);
+    let (code, out) = apply_as(STRANGER.0, STRANGER.1, &endpoint, policy);
+    assert_eq!(code, Some(69), "{out}");
+    assert_eq!(live_generation(&endpoint), 2, "the policy changed");
+    let logs = agent.logs();
+    assert!(
+        logs.contains(&format!("uid {} gid {}", STRANGER.0, STRANGER.1))
+            && logs.contains(&format!("neither root nor in group {group}")),
+        "{logs}"
+    );
+    // A member by a supplementary group only.
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", STRANGER.0))
+        .arg(format!("--regid={}", STRANGER.1))
+        .arg("--groups=65534")
+        .args([BIN, "policy", "rollback", "--endpoint", &endpoint])
+        .output()
+        .expect("setpriv");
+    assert!(
+        out.status.success(),
+        "a supplementary member of {group} was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(live_generation(&endpoint), 3);
+}
+
+#[test]
+fn kernel_the_api_socket_path_refuses_symlinks_and_other_files() {
+    if !kernel_available("kernel_the_api_socket_path_refuses_symlinks_and_other_files") {
+        return;
+    }
+    let cg = TestCgroup::new("api-socket-path");
+    let pins = TestPins::new("api-socket-path");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    chmod(&run, 0o750);
+    let socket = run.join("agent.sock");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let run_agent = || {
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A regular file, and a symlink (to a file that must stay), are refused and left alone.
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "keep").expect("write");
+    for planted in ["file", "symlink"] {
+        if planted == "file" {
+            std::fs::write(&socket, "not a socket").expect("write");
+        } else {
+            std::os::unix::fs::symlink(&target, &socket).expect("symlink");
+        }
+        let (code, stderr) = run_agent();
+        assert_eq!(code, Some(64), "{planted}: {stderr}");
+        let says = if planted == "file" {
+            "is a regular file, not a socket"
+        } else {
+            "is a symlink"
+        };
+        assert!(
+            stderr.contains("agent.api_socket") && stderr.contains(says),
+            "{planted}: {stderr}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&socket).is_ok(),
+            "{planted} removed"
+        );
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
+        assert!(
+            !pins.root.join("v1").exists(),
+            "{planted}: something was pinned"
+        );
+        std::fs::remove_file(&socket).expect("rm");
+    }
+    // A directory for the socket that others may write is refused.
+    chmod(&run, 0o777);
+    let (code, stderr) = run_agent();
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("writable by group or others"), "{stderr}");
+    chmod(&run, 0o750);
+    // A stale socket (an agent killed with -9) is replaced.
+    let agent = Agent::start(&config);
+    agent.kill9();
+    assert!(socket.exists(), "kill -9 leaves the socket");
+    let agent = Agent::start(&config);
+    let generation = live_generation(&agent.endpoint());
+    // A second agent on a live socket is refused, and the first keeps it.
+    let (code, stderr) = run_agent();
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("another process is serving on it"),
+        "{stderr}"
+    );
+    assert_eq!(live_generation(&agent.endpoint()), generation);
 }

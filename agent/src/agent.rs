@@ -91,7 +91,7 @@ async fn blocking<T: Send + 'static>(
 pub async fn run(config: Config) -> Result<(), AgentError> {
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
     let identity_settings = config.settings.identity.clone();
-    let api_listener = api::bind(config.agent.listen_address, identity_settings.is_some()).await?;
+    let api_listener = api::bind(&config.api_listen(), identity_settings.is_some()).await?;
     let root = cgroup_root(&config)?;
     let registry = prometheus::Registry::new();
     let readiness = Arc::new(Readiness::default());

@@ -20,6 +20,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("resilience", &[]),
     ("tasks", &[]),
+    ("secure_dir", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
@@ -60,6 +61,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "control",
             "receipts",
             "sync",
+            "secure_dir",
         ],
     ),
     ("client", &["model", "config", "policy", "identity", "api"]),
