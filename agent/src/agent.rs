@@ -278,6 +278,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     )
     .await?;
 
+    // Before the ready line: a SIGTERM right after it must stop the agent cleanly.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Internal(format!("installing the SIGTERM handler: {e}")))?;
     let mode = format!("{:?}", config.agent.mode).to_lowercase();
     let generation = controller.live().await.number;
     println!(
@@ -304,8 +307,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let poll = Duration::from_millis(config.agent.cgroup_poll_interval_ms);
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| AgentError::Internal(format!("installing the SIGTERM handler: {e}")))?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
