@@ -150,7 +150,16 @@ fn kernel_invalid_config_exits_before_touching_the_kernel() {
         .expect("run");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains("line 10"), "names the line: {stderr}");
+    let line = std::fs::read_to_string(&config)
+        .expect("read")
+        .lines()
+        .position(|l| l.starts_with("cidrs"))
+        .expect("the cidrs line")
+        + 1;
+    assert!(
+        stderr.contains(&format!("line {line}")),
+        "names the line ({line}): {stderr}"
+    );
     assert!(
         stderr.contains("\"10.0.0.0/33\" is not a valid prefix: length 33 exceeds 32 for IPv4"),
         "{stderr}"

@@ -1284,3 +1284,259 @@ fn kernel_the_api_socket_path_refuses_symlinks_and_other_files() {
     );
     assert_eq!(live_generation(&agent.endpoint()), generation);
 }
+
+/// Runs `cmd ARGS` as uid/gid 65534 (nobody); panics unless it succeeds.
+fn as_nobody(cmd: &str, args: &[&str]) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(cmd)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} as nobody: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Certificate, key and CA files of the file identity source, and the `[spiffe]` table using them.
+fn identity_files(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = support::spire::TestCa::new("knhk.test");
+    let svid = ca.issue("/agent", Duration::from_secs(3600));
+    let (cert, key, bundle) = (
+        dir.join("svid.pem"),
+        dir.join("svid.key"),
+        dir.join("bundle.pem"),
+    );
+    std::fs::write(&cert, &svid.cert_pem).expect("cert");
+    std::fs::write(&key, &svid.key_pem).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&bundle, &ca.bundle_pem).expect("bundle");
+    format!(
+        "[spiffe]\nenabled = true\ntrust_domain = \"knhk.test\"\nsource = \"files\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        bundle.display()
+    )
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .collect()
+}
+
+#[test]
+fn kernel_file_identity_ignores_a_predictable_directory_planted_by_a_local_user() {
+    if !kernel_available(
+        "kernel_file_identity_ignores_a_predictable_directory_planted_by_a_local_user",
+    ) {
+        return;
+    }
+    planted_identity_dir(false);
+}
+
+#[test]
+fn kernel_file_identity_ignores_a_predictable_symlink_planted_by_a_local_user() {
+    if !kernel_available(
+        "kernel_file_identity_ignores_a_predictable_symlink_planted_by_a_local_user",
+    ) {
+        return;
+    }
+    planted_identity_dir(true);
+}
+
+/// The agent's private identity directories under `state_dir`.
+fn identity_dirs(state_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = entries(state_dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("identity-"))
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Starts the agent with a file identity after uid 65534 planted a directory (or a symlink to a
+/// root-owned directory) at the path the agent used to pick for its private Workload API socket.
+fn planted_identity_dir(symlink: bool) {
+    let name = if symlink {
+        "identity-symlink"
+    } else {
+        "identity-dir"
+    };
+    let cg = TestCgroup::new(name);
+    let pins = TestPins::new(name);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &identity_files(dir.path()),
+    );
+    // A root-owned directory the symlink variant points at.
+    let victim = public_dir();
+    let mut planted = PathBuf::new();
+    let agent = Agent::start_after(&config, |pid| {
+        // The attack: before the agent starts, nobody creates the directory the agent would
+        // have used (the old predictable path), or a symlink there to a root-owned one.
+        planted = std::env::temp_dir().join(format!("knhk-identity-{pid}"));
+        let p = planted.to_str().expect("utf-8");
+        if symlink {
+            as_nobody("ln", &["-s", victim.path().to_str().expect("utf-8"), p]);
+        } else {
+            as_nobody("mkdir", &["-m", "0777", p]);
+        }
+    });
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        agent.get("/readyz").contains("200 OK")
+    });
+    // Neither the planted directory nor the symlink's target was used or changed.
+    if symlink {
+        assert_eq!(
+            owner_and_mode(victim.path()),
+            ("0755".into(), 0, 0),
+            "the agent changed the root-owned directory the planted symlink points at"
+        );
+        assert_eq!(
+            entries(victim.path()),
+            Vec::<PathBuf>::new(),
+            "the agent put its socket in the symlink's target"
+        );
+    } else {
+        assert_eq!(
+            owner_and_mode(&planted),
+            ("0777".into(), 65534, 65534),
+            "the agent took over the attacker's directory"
+        );
+        assert_eq!(
+            entries(&planted),
+            Vec::<PathBuf>::new(),
+            "the agent put its Workload API socket in a directory uid 65534 owns"
+        );
+    }
+    let what = if symlink { "symlink" } else { "directory" };
+    assert!(
+        ready,
+        "{what} variant: the agent is not ready: {}",
+        agent.get("/readyz")
+    );
+    // The agent's socket is in a fresh 0700 directory of root's under agent.state_dir, which
+    // nobody can write.
+    let state = dir.path().join("state");
+    assert_eq!(owner_and_mode(&state), ("0700".into(), 0, 0));
+    let private = identity_dirs(&state);
+    assert_eq!(private.len(), 1, "{private:?}");
+    assert_eq!(owner_and_mode(&private[0]), ("0700".into(), 0, 0));
+    assert_eq!(entries(&private[0]), vec![private[0].join("workload.sock")]);
+    assert!(
+        agent.logs().contains("SVID received"),
+        "the identity came from the agent's own socket"
+    );
+    drop(agent);
+    let _ = std::fs::remove_file(&planted);
+    let _ = std::fs::remove_dir_all(&planted);
+}
+
+#[test]
+fn kernel_an_unsafe_state_dir_is_refused_before_anything_is_attached() {
+    if !kernel_available("kernel_an_unsafe_state_dir_is_refused_before_anything_is_attached") {
+        return;
+    }
+    let cg = TestCgroup::new("state-dir");
+    let pins = TestPins::new("state-dir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o755);
+    let spiffe = identity_files(dir.path());
+    let run_with = |state_dir: &Path| {
+        let config = write_config_with(
+            dir.path(),
+            &cg.path,
+            &pins.root,
+            "listen_address = \"127.0.0.1:0\"\n",
+            &spiffe,
+        );
+        // write_config_with sets state_dir = DIR/state: point it elsewhere.
+        let text = std::fs::read_to_string(&config).expect("read").replace(
+            &format!("state_dir = \"{}\"", dir.path().join("state").display()),
+            &format!("state_dir = \"{}\"", state_dir.display()),
+        );
+        std::fs::write(&config, text).expect("write");
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Made by uid 65534 (who could swap the socket in it), world-writable, a symlink.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    chmod(&theirs, 0o700);
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    chmod(&open, 0o777);
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    chmod(&real, 0o700);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    for (state_dir, says) in [
+        (&theirs, "is owned by uid 65534, not by root"),
+        (&open, "has mode 0777: it is writable by group or others"),
+        (&link, "is a symlink: refusing to follow it"),
+    ] {
+        let (code, stderr) = run_with(state_dir);
+        assert_eq!(code, Some(64), "{}: {stderr}", state_dir.display());
+        assert!(
+            stderr.contains("agent.state_dir") && stderr.contains(says),
+            "{}: {stderr}",
+            state_dir.display()
+        );
+        assert!(
+            entries(state_dir).is_empty(),
+            "{} was used",
+            state_dir.display()
+        );
+        assert!(!pins.root.join("v1").exists(), "something was pinned");
+    }
+    assert!(entries(&real).is_empty(), "the symlink was followed");
+    // A relative state_dir is a configuration error.
+    let (code, stderr) = run_with(Path::new("var/lib/knhk"));
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("agent.state_dir") && stderr.contains("must be an absolute path"),
+        "{stderr}"
+    );
+
+    // A good one: a run killed with -9 leaves its directory; the next run removes it.
+    let config = write_config_tcp(dir.path(), &cg.path, &pins.root, &spiffe);
+    let state = dir.path().join("state");
+    let agent = Agent::start(&config);
+    let first = identity_dirs(&state);
+    assert_eq!(first.len(), 1, "{first:?}");
+    agent.kill9();
+    let agent = Agent::start(&config);
+    let second = identity_dirs(&state);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(first, second, "a run reused an old directory");
+    let (status, _) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        identity_dirs(&state),
+        Vec::<PathBuf>::new(),
+        "removed on exit"
+    );
+}

@@ -107,7 +107,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let identity = match identity_settings {
         Some(settings) => {
-            let identity = Arc::new(Identity::start(settings, &registry).await?);
+            let identity =
+                Arc::new(Identity::start(settings, &config.agent.state_dir, &registry).await?);
             readiness.register("workload identity", identity.readiness_check());
             Some(identity)
         }

@@ -13,7 +13,7 @@
 //! - [`api`]: the gRPC services, which translate and call [`control`].
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
 //! - [`client`]: the CLI's client commands, over gRPC.
-//! - [`secure_dir`]: directories only the agent may write (the API socket's).
+//! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
 #![warn(missing_docs)]
 
 pub mod abi;

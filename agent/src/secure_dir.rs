@@ -1,9 +1,14 @@
 //! Directories that only the agent may write: checks that never follow a symlink, creation of
-//! missing ones with a chosen mode and group. Used for the API socket's directory. No domain
-//! knowledge.
+//! missing ones with a chosen mode and group, and fresh private (0700) directories with
+//! `mkdtemp`'s exclusive-create semantics. Used for the API socket's directory and for
+//! `agent.state_dir`. No domain knowledge.
 
 use std::{
-    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    ffi::{CString, OsString},
+    os::unix::{
+        ffi::OsStringExt,
+        fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -135,5 +140,115 @@ pub fn ensure_dir(path: &Path, mode: u32, gid: Option<u32>) -> Result<bool, DirE
             Ok(true)
         }
         Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Creates a fresh directory `<parent>/<prefix>XXXXXX` with mode 0700 (`mkdtemp(3)`: a random
+/// name, created exclusively, so nothing planted beforehand can be reused), after checking
+/// `parent` with [`ensure_dir`] (created 0700 if missing).
+pub fn private_dir(parent: &Path, prefix: &str) -> Result<PathBuf, DirError> {
+    ensure_dir(parent, 0o700, None)?;
+    let mut template = parent
+        .join(format!("{prefix}XXXXXX"))
+        .into_os_string()
+        .into_vec();
+    template.push(0);
+    let template_c = CString::from_vec_with_nul(template).map_err(|_| DirError::Io {
+        path: parent.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte in the path"),
+    })?;
+    let mut buf = template_c.into_bytes_with_nul();
+    // SAFETY: `buf` is a NUL-terminated template ending in "XXXXXX", which mkdtemp rewrites in
+    // place; it lives across the call.
+    let made = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(io(parent)(std::io::Error::last_os_error()));
+    }
+    buf.pop();
+    let dir = PathBuf::from(OsString::from_vec(buf));
+    let meta = check_dir(&dir)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(DirError::Writable { path: dir, mode });
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn unsafe_directories_are_refused_and_symlinks_never_followed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let good = tmp.path().join("good");
+        assert!(ensure_dir(&good, 0o750, None).expect("created"));
+        assert_eq!(
+            std::fs::metadata(&good).expect("stat").permissions().mode() & 0o7777,
+            0o750
+        );
+        assert!(
+            !ensure_dir(&good, 0o700, None).expect("exists"),
+            "left as it is"
+        );
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).expect("symlink");
+        assert!(matches!(check_dir(&link), Err(DirError::Symlink(_))));
+        assert!(matches!(
+            private_dir(&link, "x-"),
+            Err(DirError::Symlink(_))
+        ));
+
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").expect("write");
+        assert!(matches!(check_dir(&file), Err(DirError::NotADirectory(_))));
+
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        chmod(&open, 0o777);
+        let e = check_dir(&open).expect_err("world-writable");
+        assert!(e.to_string().contains("mode 0777"), "{e}");
+        // A child of a world-writable parent without the sticky bit could be swapped.
+        let e = ensure_dir(&open.join("child"), 0o700, None).expect_err("parent");
+        assert!(matches!(e, DirError::Writable { .. }), "{e}");
+
+        if euid() == 0 {
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).expect("mkdir");
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+            let e = check_dir(&theirs).expect_err("not ours");
+            assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        }
+    }
+
+    #[test]
+    fn private_directories_are_fresh_and_0700() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = tmp.path().join("state");
+        let a = private_dir(&state, "identity-").expect("first");
+        let b = private_dir(&state, "identity-").expect("second");
+        assert_ne!(a, b);
+        for d in [&a, &b] {
+            assert!(d.starts_with(&state));
+            let name = d.file_name().expect("name").to_string_lossy().into_owned();
+            assert!(name.starts_with("identity-") && name.len() == 15, "{name}");
+            assert_eq!(
+                std::fs::metadata(d).expect("stat").permissions().mode() & 0o7777,
+                0o700
+            );
+        }
+        assert_eq!(
+            std::fs::metadata(&state)
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o700
+        );
     }
 }

@@ -174,7 +174,7 @@ impl Drop for Agent {
 }
 
 /// A configuration for a test agent: its API on a Unix socket in `dir` (`dir/run/agent.sock`),
-/// metrics on a free loopback port; then `rules` (any further tables).
+/// its state in `dir/state`, metrics on a free loopback port; then `rules` (any further tables).
 pub fn write_config(dir: &Path, cgroup_root: &Path, pin_root: &Path, rules: &str) -> PathBuf {
     write_config_with(
         dir,
@@ -210,9 +210,11 @@ pub fn write_config_with(
 ) -> PathBuf {
     let path = dir.join("agent.toml");
     let text = format!(
-        "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\ncgroup_poll_interval_ms = 10\n{agent_keys}{rules}",
+        "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\ncgroup_poll_interval_ms = 10\n\
+         state_dir = \"{}\"\n{agent_keys}{rules}",
         cgroup_root.display(),
         pin_root.display(),
+        dir.join("state").display()
     );
     std::fs::write(&path, text).expect("write config");
     path

@@ -28,7 +28,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["model", "policy"]),
     // Layer 3: adapters to the kernel, SPIRE, Prometheus.
     ("datapath", &["model", "abi", "policy"]),
-    ("identity", &["model", "config"]),
+    ("identity", &["model", "config", "secure_dir"]),
     ("telemetry", &["model", "datapath"]),
     // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
     ("beat", &["model", "config", "datapath"]),

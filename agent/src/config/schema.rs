@@ -88,6 +88,11 @@ macro_rules! agent_table {
             /// A group (name) whose members may use the API socket besides root.
             #[serde(default)]
             pub api_socket_group: Option<String>,
+            /// The agent's private runtime files (the file identity's Workload API socket, each
+            /// run in a fresh 0700 directory): a directory owned by root and not writable by
+            /// group or others, never a symlink (created 0700 if missing).
+            #[serde(default = "default_state_dir")]
+            pub state_dir: PathBuf,
             /// Largest gRPC request accepted, bytes.
             #[serde(default = "default_max_request_bytes")]
             pub max_request_bytes: usize,
@@ -167,6 +172,7 @@ impl Default for AgentSection {
             listen_address: None,
             api_socket: default_api_socket(),
             api_socket_group: None,
+            state_dir: default_state_dir(),
             max_request_bytes: default_max_request_bytes(),
             metrics_address: default_metrics_address(),
             mode: Mode::default(),
@@ -192,6 +198,9 @@ pub const DEFAULT_LISTEN_ADDRESS: SocketAddr =
 pub const DEFAULT_API_SOCKET: &str = "/run/knhk/agent.sock";
 fn default_api_socket() -> PathBuf {
     PathBuf::from(DEFAULT_API_SOCKET)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/knhk")
 }
 fn default_max_request_bytes() -> usize {
     16 * 1024 * 1024
@@ -681,6 +690,7 @@ impl RawAgentTable {
             listen_address: self.listen_address,
             api_socket: self.api_socket,
             api_socket_group: self.api_socket_group,
+            state_dir: self.state_dir,
             max_request_bytes: self.max_request_bytes,
             metrics_address: self.metrics_address,
             mode: self.mode,
@@ -962,6 +972,12 @@ fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
                 format!("{} must be an absolute path", root.display()),
             ));
         }
+    }
+    if !a.state_dir.is_absolute() {
+        return Err((
+            "state_dir",
+            format!("{} must be an absolute path", a.state_dir.display()),
+        ));
     }
     let socket = &a.api_socket;
     if !socket.is_absolute()

@@ -580,7 +580,7 @@ fn the_api_is_on_a_root_only_unix_socket_unless_tcp_is_asked_for() {
 }
 
 #[test]
-fn bad_api_socket_settings_are_refused_with_the_key() {
+fn bad_api_socket_and_state_dir_settings_are_refused_with_the_key() {
     for (text, key, says) in [
         (
             "api_socket = \"run/agent.sock\"",
@@ -616,6 +616,15 @@ fn bad_api_socket_settings_are_refused_with_the_key() {
         let e = err(&format!("[agent]\n{text}\n"));
         assert!(e.contains(key) && e.contains(says), "{text}: {e}");
     }
+    let e = err("[agent]\nstate_dir = \"var/lib/knhk\"\n");
+    assert!(
+        e.contains("agent.state_dir") && e.contains("must be an absolute path"),
+        "{e}"
+    );
+    assert_eq!(
+        Config::parse("", "t").expect("valid").agent.state_dir,
+        std::path::PathBuf::from("/var/lib/knhk")
+    );
     let long = format!("/run/{}/agent.sock", "x".repeat(100));
     let e = err(&format!("[agent]\napi_socket = \"{long}\"\n"));
     assert!(
