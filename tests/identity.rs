@@ -25,7 +25,7 @@ const TD: &str = "knhk.test";
 /// An agent with SPIFFE mTLS on, attached to a throwaway cgroup, whose Workload API is
 /// `spire` (already serving or not).
 fn start_agent(dir: &Path, cg: &TestCgroup, pins: &TestPins, spiffe: &str) -> Agent {
-    let config = write_config(
+    let config = write_config_tcp(
         dir,
         &cg.path,
         &pins.root,
@@ -162,7 +162,7 @@ fn kernel_mtls_rotation_keeps_streams_and_new_handshakes_use_the_newest_svid() {
     wait_until("the agent is ready", Duration::from_secs(20), || {
         ready(&agent).0
     });
-    let addr = agent.grpc;
+    let addr = agent.grpc_addr();
     s.rt.block_on(async {
         let source = client_source(&ops.socket).await;
         let config = client_config(&source, &[TD]);
@@ -287,7 +287,7 @@ fn kernel_mtls_authorizes_each_rpc_by_spiffe_id() {
     wait_until("the agent is ready", Duration::from_secs(20), || {
         ready(&agent).0
     });
-    let addr = agent.grpc;
+    let addr = agent.grpc_addr();
     s.rt.block_on(async {
         let status = |socket: PathBuf, tds: &'static [&'static str]| async move {
             let source = client_source(&socket).await;
@@ -374,12 +374,7 @@ fn kernel_mtls_authorizes_each_rpc_by_spiffe_id() {
     // The CLI over mTLS, with its own SVID: a reader's `status` works, another workload's not.
     let cli = |socket: &Path| {
         std::process::Command::new(BIN)
-            .args([
-                "status",
-                "--endpoint",
-                &agent.grpc.to_string(),
-                "--spiffe-socket",
-            ])
+            .args(["status", "--endpoint", &agent.grpc, "--spiffe-socket"])
             .arg(socket)
             .args(["--agent-id", &format!("spiffe://{TD}/agent")])
             .output()
@@ -511,7 +506,7 @@ fn kernel_identity_readiness_follows_the_workload_api_and_svid_age() {
     s.rt.block_on(async {
         let source = client_source(&ops.socket).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let seen = handshake(agent.grpc, client_config(&source, &[TD]))
+        let seen = handshake(agent.grpc_addr(), client_config(&source, &[TD]))
             .await
             .expect("still serving without the Workload API");
         assert_eq!(seen, svid.serial);
@@ -558,7 +553,7 @@ fn kernel_identity_from_files_reloads_on_change_and_refuses_an_open_key() {
     );
     // A key readable by others: refused before anything is attached.
     write(&s.ca.issue("/agent", Duration::from_secs(3600)), 0o644);
-    let config = write_config(
+    let config = write_config_tcp(
         s.dir.path(),
         &s.cg.path,
         &s.pins.root,
@@ -588,7 +583,7 @@ fn kernel_identity_from_files_reloads_on_change_and_refuses_an_open_key() {
         let source = client_source(&ops.socket).await;
         let config = client_config(&source, &[TD]);
         assert_eq!(
-            handshake(agent.grpc, config.clone())
+            handshake(agent.grpc_addr(), config.clone())
                 .await
                 .expect("handshake"),
             first.serial
@@ -597,7 +592,7 @@ fn kernel_identity_from_files_reloads_on_change_and_refuses_an_open_key() {
         write(&second, 0o600);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let seen = handshake(agent.grpc, config.clone())
+            let seen = handshake(agent.grpc_addr(), config.clone())
                 .await
                 .expect("handshake");
             if seen == second.serial {
@@ -639,7 +634,7 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
     wait_until("the agent is ready", Duration::from_secs(20), || {
         ready(&agent).0
     });
-    let addr = agent.grpc;
+    let addr = agent.grpc_addr();
     s.rt.block_on(async {
         let state = |socket: PathBuf| async move {
             let source = client_source(&socket).await;

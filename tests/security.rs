@@ -307,11 +307,9 @@ fn kernel_admin_server_closes_slowloris_and_caps_connections_grpc_unaffected() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut c = knhk_agent::api::pb::policy_service_client::PolicyServiceClient::connect(
-            format!("http://{}", agent.grpc),
-        )
-        .await
-        .expect("gRPC connect");
+        let mut c = knhk_agent::api::pb::policy_service_client::PolicyServiceClient::new(
+            agent.channel().await,
+        );
         let live = c
             .get_policy(knhk_agent::api::pb::GetPolicyRequest {})
             .await
@@ -757,12 +755,7 @@ fn kernel_grpc_timeout_too_large_for_a_deadline_is_served_without_panicking() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut c = pb::policy_service_client::PolicyServiceClient::connect(format!(
-            "http://{}",
-            agent.grpc
-        ))
-        .await
-        .expect("connect");
+        let mut c = pb::policy_service_client::PolicyServiceClient::new(agent.channel().await);
         for (i, timeout) in [
             "18446744073709551615S",
             "18446744073709551615H",
@@ -970,5 +963,581 @@ fn kernel_cgroup_names_with_newlines_and_escape_codes_are_logged_escaped() {
     assert!(
         !lines.iter().any(|l| l.starts_with("2026-01-01T00:00:00Z")),
         "a forged log line: {lines:#?}"
+    );
+}
+
+// ---- local users against the API and the identity directory (issue 12, part b) ----
+
+/// A directory every user may read and traverse, for files an unprivileged attacker uses.
+fn public_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+/// `knhk-agent ARGS` run as `uid`:`gid` with no supplementary groups (fork, setgid, setgroups,
+/// setuid, exec).
+fn cli_as(uid: u32, gid: u32, args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    Command::new(BIN)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("run knhk-agent")
+}
+
+/// The live policy generation, read as root.
+fn live_generation(endpoint: &str) -> u64 {
+    let out = Command::new(BIN)
+        .args(["policy", "get", "--output", "json", "--endpoint", endpoint])
+        .output()
+        .expect("policy get");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "policy get: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    doc["generation"].as_u64().expect("generation")
+}
+
+/// An allow-everything policy in a file anyone can read.
+fn allow_all_policy(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("allow-all.toml");
+    std::fs::write(
+        &path,
+        "[[policy.rules]]\nname = \"open\"\naction = \"allow\"\ncidrs = [\"0.0.0.0/0\", \"::/0\"]\n",
+    )
+    .expect("write policy");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    path
+}
+
+/// (uid, gid) of a user with no passwd entry and no supplementary groups.
+const STRANGER: (u32, u32) = (4242, 4242);
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// (mode in octal, uid, gid) of `path`, not following a symlink.
+fn owner_and_mode(path: &Path) -> (String, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m =
+        std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    (format!("{:04o}", m.mode() & 0o7777), m.uid(), m.gid())
+}
+
+/// Applies `policy` as `uid`:`gid`; returns (exit code, stderr).
+fn apply_as(uid: u32, gid: u32, endpoint: &str, policy: &str) -> (Option<i32>, String) {
+    let out = cli_as(
+        uid,
+        gid,
+        &["policy", "apply", policy, "--endpoint", endpoint],
+    );
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn kernel_a_local_user_cannot_change_the_policy_over_the_api() {
+    if !kernel_available("kernel_a_local_user_cannot_change_the_policy_over_the_api") {
+        return;
+    }
+    let cg = TestCgroup::new("api-local-user");
+    let pins = TestPins::new("api-local-user");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let endpoint = agent.endpoint();
+    let socket = agent.grpc_socket();
+    let public = public_dir();
+    let policy = allow_all_policy(public.path());
+    let policy = policy.to_str().expect("utf-8");
+
+    // What the agent made: its directory 0750 and the socket 0600, both root's.
+    let run = socket.parent().expect("dir");
+    assert_eq!(
+        owner_and_mode(run),
+        ("0750".into(), 0, 0),
+        "{}",
+        run.display()
+    );
+    assert_eq!(
+        owner_and_mode(&socket),
+        ("0600".into(), 0, 0),
+        "{}",
+        socket.display()
+    );
+
+    // The attack: nobody applies an allow-all policy. The directory keeps it out.
+    chmod(dir.path(), 0o755);
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(code, Some(69), "uid 65534 reached the API: {out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    // The socket's mode alone keeps it out.
+    chmod(run, 0o755);
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(code, Some(69), "uid 65534 reached the API: {out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    // And the peer-credential check alone: with the socket made world-writable behind the
+    // agent's back, nobody connects but is cut off before a byte is read.
+    chmod(&socket, 0o666);
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(
+        code,
+        Some(69),
+        "uid 65534 got past the peer-credential check: {out}"
+    );
+    assert!(
+        out.contains("admits root and members of agent.api_socket_group only"),
+        "{out}"
+    );
+    let logs = agent.logs();
+    assert!(
+        logs.contains("refused a connection to the API socket")
+            && logs.contains("uid 65534 gid 65534")
+            && logs.contains("is not root"),
+        "{logs}"
+    );
+    let (code, out) = apply_as(STRANGER.0, STRANGER.1, &endpoint, policy);
+    assert_eq!(
+        code,
+        Some(69),
+        "uid {} got past the peer-credential check: {out}",
+        STRANGER.0
+    );
+    assert_eq!(live_generation(&endpoint), 1, "the policy changed");
+
+    // Root may.
+    let (code, out) = apply_as(0, 0, &endpoint, policy);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(live_generation(&endpoint), 2);
+
+    // On exit the socket goes; a stale one (kill -9) is replaced on the next start.
+    let (status, _) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the socket outlived the agent");
+}
+
+#[test]
+fn kernel_the_api_socket_admits_its_group_and_refuses_others() {
+    if !kernel_available("kernel_the_api_socket_admits_its_group_and_refuses_others") {
+        return;
+    }
+    // The group of gid 65534 (nogroup on Debian), with uid 65534 in it.
+    let out = Command::new("getent")
+        .args(["group", "65534"])
+        .output()
+        .expect("getent");
+    let group = String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .next()
+        .expect("group name")
+        .to_owned();
+    assert!(!group.is_empty(), "no group with gid 65534");
+    let cg = TestCgroup::new("api-group");
+    let pins = TestPins::new("api-group");
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o755);
+    let socket = dir.path().join("run").join("agent.sock");
+    let config = write_config_with(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "api_socket = \"{}\"\napi_socket_group = \"{group}\"\n",
+            socket.display()
+        ),
+        "",
+    );
+    let agent = Agent::start(&config);
+    let endpoint = agent.endpoint();
+    assert_eq!(agent.grpc_socket(), socket);
+    assert_eq!(
+        owner_and_mode(socket.parent().expect("dir")),
+        ("0750".into(), 0, 65534)
+    );
+    assert_eq!(owner_and_mode(&socket), ("0660".into(), 0, 65534));
+    let public = public_dir();
+    let policy = allow_all_policy(public.path());
+    let policy = policy.to_str().expect("utf-8");
+
+    // A member (primary group) may; someone else may not, by mode, then by credentials.
+    let (code, out) = apply_as(65534, 65534, &endpoint, policy);
+    assert_eq!(code, Some(0), "a member of {group} was refused: {out}");
+    assert_eq!(live_generation(&endpoint), 2);
+    let (code, out) = apply_as(STRANGER.0, STRANGER.1, &endpoint, policy);
+    assert_eq!(code, Some(69), "{out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    chmod(socket.parent().expect("dir"), 0o755);
+    chmod(&socket, 0o666);
+    let (code, out) = apply_as(STRANGER.0, STRANGER.1, &endpoint, policy);
+    assert_eq!(code, Some(69), "{out}");
+    assert_eq!(live_generation(&endpoint), 2, "the policy changed");
+    let logs = agent.logs();
+    assert!(
+        logs.contains(&format!("uid {} gid {}", STRANGER.0, STRANGER.1))
+            && logs.contains(&format!("neither root nor in group {group}")),
+        "{logs}"
+    );
+    // A member by a supplementary group only.
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", STRANGER.0))
+        .arg(format!("--regid={}", STRANGER.1))
+        .arg("--groups=65534")
+        .args([BIN, "policy", "rollback", "--endpoint", &endpoint])
+        .output()
+        .expect("setpriv");
+    assert!(
+        out.status.success(),
+        "a supplementary member of {group} was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(live_generation(&endpoint), 3);
+}
+
+#[test]
+fn kernel_the_api_socket_path_refuses_symlinks_and_other_files() {
+    if !kernel_available("kernel_the_api_socket_path_refuses_symlinks_and_other_files") {
+        return;
+    }
+    let cg = TestCgroup::new("api-socket-path");
+    let pins = TestPins::new("api-socket-path");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    chmod(&run, 0o750);
+    let socket = run.join("agent.sock");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let run_agent = || {
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A regular file, and a symlink (to a file that must stay), are refused and left alone.
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "keep").expect("write");
+    for planted in ["file", "symlink"] {
+        if planted == "file" {
+            std::fs::write(&socket, "not a socket").expect("write");
+        } else {
+            std::os::unix::fs::symlink(&target, &socket).expect("symlink");
+        }
+        let (code, stderr) = run_agent();
+        assert_eq!(code, Some(64), "{planted}: {stderr}");
+        let says = if planted == "file" {
+            "is a regular file, not a socket"
+        } else {
+            "is a symlink"
+        };
+        assert!(
+            stderr.contains("agent.api_socket") && stderr.contains(says),
+            "{planted}: {stderr}"
+        );
+        assert!(
+            std::fs::symlink_metadata(&socket).is_ok(),
+            "{planted} removed"
+        );
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep");
+        assert!(
+            !pins.root.join("v1").exists(),
+            "{planted}: something was pinned"
+        );
+        std::fs::remove_file(&socket).expect("rm");
+    }
+    // A directory for the socket that others may write is refused.
+    chmod(&run, 0o777);
+    let (code, stderr) = run_agent();
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("writable by group or others"), "{stderr}");
+    chmod(&run, 0o750);
+    // A stale socket (an agent killed with -9) is replaced.
+    let agent = Agent::start(&config);
+    agent.kill9();
+    assert!(socket.exists(), "kill -9 leaves the socket");
+    let agent = Agent::start(&config);
+    let generation = live_generation(&agent.endpoint());
+    // A second agent on a live socket is refused, and the first keeps it.
+    let (code, stderr) = run_agent();
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("another process is serving on it"),
+        "{stderr}"
+    );
+    assert_eq!(live_generation(&agent.endpoint()), generation);
+}
+
+/// Runs `cmd ARGS` as uid/gid 65534 (nobody); panics unless it succeeds.
+fn as_nobody(cmd: &str, args: &[&str]) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(cmd)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} as nobody: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Certificate, key and CA files of the file identity source, and the `[spiffe]` table using them.
+fn identity_files(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let ca = support::spire::TestCa::new("knhk.test");
+    let svid = ca.issue("/agent", Duration::from_secs(3600));
+    let (cert, key, bundle) = (
+        dir.join("svid.pem"),
+        dir.join("svid.key"),
+        dir.join("bundle.pem"),
+    );
+    std::fs::write(&cert, &svid.cert_pem).expect("cert");
+    std::fs::write(&key, &svid.key_pem).expect("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&bundle, &ca.bundle_pem).expect("bundle");
+    format!(
+        "[spiffe]\nenabled = true\ntrust_domain = \"knhk.test\"\nsource = \"files\"\n\
+         cert_file = \"{}\"\nkey_file = \"{}\"\nca_file = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        bundle.display()
+    )
+}
+
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").path())
+        .collect()
+}
+
+#[test]
+fn kernel_file_identity_ignores_a_predictable_directory_planted_by_a_local_user() {
+    if !kernel_available(
+        "kernel_file_identity_ignores_a_predictable_directory_planted_by_a_local_user",
+    ) {
+        return;
+    }
+    planted_identity_dir(false);
+}
+
+#[test]
+fn kernel_file_identity_ignores_a_predictable_symlink_planted_by_a_local_user() {
+    if !kernel_available(
+        "kernel_file_identity_ignores_a_predictable_symlink_planted_by_a_local_user",
+    ) {
+        return;
+    }
+    planted_identity_dir(true);
+}
+
+/// The agent's private identity directories under `state_dir`.
+fn identity_dirs(state_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = entries(state_dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("identity-"))
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Starts the agent with a file identity after uid 65534 planted a directory (or a symlink to a
+/// root-owned directory) at the path the agent used to pick for its private Workload API socket.
+fn planted_identity_dir(symlink: bool) {
+    let name = if symlink {
+        "identity-symlink"
+    } else {
+        "identity-dir"
+    };
+    let cg = TestCgroup::new(name);
+    let pins = TestPins::new(name);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &identity_files(dir.path()),
+    );
+    // A root-owned directory the symlink variant points at.
+    let victim = public_dir();
+    let mut planted = PathBuf::new();
+    let agent = Agent::start_after(&config, |pid| {
+        // The attack: before the agent starts, nobody creates the directory the agent would
+        // have used (the old predictable path), or a symlink there to a root-owned one.
+        planted = std::env::temp_dir().join(format!("knhk-identity-{pid}"));
+        let p = planted.to_str().expect("utf-8");
+        if symlink {
+            as_nobody("ln", &["-s", victim.path().to_str().expect("utf-8"), p]);
+        } else {
+            as_nobody("mkdir", &["-m", "0777", p]);
+        }
+    });
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        agent.get("/readyz").contains("200 OK")
+    });
+    // Neither the planted directory nor the symlink's target was used or changed.
+    if symlink {
+        assert_eq!(
+            owner_and_mode(victim.path()),
+            ("0755".into(), 0, 0),
+            "the agent changed the root-owned directory the planted symlink points at"
+        );
+        assert_eq!(
+            entries(victim.path()),
+            Vec::<PathBuf>::new(),
+            "the agent put its socket in the symlink's target"
+        );
+    } else {
+        assert_eq!(
+            owner_and_mode(&planted),
+            ("0777".into(), 65534, 65534),
+            "the agent took over the attacker's directory"
+        );
+        assert_eq!(
+            entries(&planted),
+            Vec::<PathBuf>::new(),
+            "the agent put its Workload API socket in a directory uid 65534 owns"
+        );
+    }
+    let what = if symlink { "symlink" } else { "directory" };
+    assert!(
+        ready,
+        "{what} variant: the agent is not ready: {}",
+        agent.get("/readyz")
+    );
+    // The agent's socket is in a fresh 0700 directory of root's under agent.state_dir, which
+    // nobody can write.
+    let state = dir.path().join("state");
+    assert_eq!(owner_and_mode(&state), ("0700".into(), 0, 0));
+    let private = identity_dirs(&state);
+    assert_eq!(private.len(), 1, "{private:?}");
+    assert_eq!(owner_and_mode(&private[0]), ("0700".into(), 0, 0));
+    assert_eq!(entries(&private[0]), vec![private[0].join("workload.sock")]);
+    assert!(
+        agent.logs().contains("SVID received"),
+        "the identity came from the agent's own socket"
+    );
+    drop(agent);
+    let _ = std::fs::remove_file(&planted);
+    let _ = std::fs::remove_dir_all(&planted);
+}
+
+#[test]
+fn kernel_an_unsafe_state_dir_is_refused_before_anything_is_attached() {
+    if !kernel_available("kernel_an_unsafe_state_dir_is_refused_before_anything_is_attached") {
+        return;
+    }
+    let cg = TestCgroup::new("state-dir");
+    let pins = TestPins::new("state-dir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o755);
+    let spiffe = identity_files(dir.path());
+    let run_with = |state_dir: &Path| {
+        let config = write_config_with(
+            dir.path(),
+            &cg.path,
+            &pins.root,
+            "listen_address = \"127.0.0.1:0\"\n",
+            &spiffe,
+        );
+        // write_config_with sets state_dir = DIR/state: point it elsewhere.
+        let text = std::fs::read_to_string(&config).expect("read").replace(
+            &format!("state_dir = \"{}\"", dir.path().join("state").display()),
+            &format!("state_dir = \"{}\"", state_dir.display()),
+        );
+        std::fs::write(&config, text).expect("write");
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Made by uid 65534 (who could swap the socket in it), world-writable, a symlink.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    chmod(&theirs, 0o700);
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    chmod(&open, 0o777);
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    chmod(&real, 0o700);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    for (state_dir, says) in [
+        (&theirs, "is owned by uid 65534, not by root"),
+        (&open, "has mode 0777: it is writable by group or others"),
+        (&link, "is a symlink: refusing to follow it"),
+    ] {
+        let (code, stderr) = run_with(state_dir);
+        assert_eq!(code, Some(64), "{}: {stderr}", state_dir.display());
+        assert!(
+            stderr.contains("agent.state_dir") && stderr.contains(says),
+            "{}: {stderr}",
+            state_dir.display()
+        );
+        assert!(
+            entries(state_dir).is_empty(),
+            "{} was used",
+            state_dir.display()
+        );
+        assert!(!pins.root.join("v1").exists(), "something was pinned");
+    }
+    assert!(entries(&real).is_empty(), "the symlink was followed");
+    // A relative state_dir is a configuration error.
+    let (code, stderr) = run_with(Path::new("var/lib/knhk"));
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("agent.state_dir") && stderr.contains("must be an absolute path"),
+        "{stderr}"
+    );
+
+    // A good one: a run killed with -9 leaves its directory; the next run removes it.
+    let config = write_config_tcp(dir.path(), &cg.path, &pins.root, &spiffe);
+    let state = dir.path().join("state");
+    let agent = Agent::start(&config);
+    let first = identity_dirs(&state);
+    assert_eq!(first.len(), 1, "{first:?}");
+    agent.kill9();
+    let agent = Agent::start(&config);
+    let second = identity_dirs(&state);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(first, second, "a run reused an old directory");
+    let (status, _) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        identity_dirs(&state),
+        Vec::<PathBuf>::new(),
+        "removed on exit"
     );
 }

@@ -87,7 +87,9 @@ fn main() {
         let controller = Controller::start(dp, &config, tokio::sync::broadcast::channel(1024).0, None)
             .await
             .expect("controller");
-        let listener = api::bind("127.0.0.1:0".parse().expect("addr"), false).await.expect("bind");
+        let listener = api::ApiListener::Tcp(
+            api::bind_tcp("127.0.0.1:0".parse().expect("addr"), false).await.expect("bind"),
+        );
         let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = api::serve(listener, 64 << 20, controller.clone(), Default::default(), async {
             let _ = stopped.await;

@@ -89,7 +89,7 @@ fn main() {
     let cg = TestCgroup::new("bench-memory");
     let pins = TestPins::new("bench-memory");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &cg.path, &pins.root, "detach_on_exit = true\n");
+    let config = write_config_tcp(dir.path(), &cg.path, &pins.root, "detach_on_exit = true\n");
     println!("agent memory by policy size (a fresh agent per size; release build):");
     println!(
         "{:>8}  {:>12}  {:>12}  {:>12}",

@@ -127,7 +127,7 @@ impl Drop for DetachOnFailure {
 pub async fn run(config: Config) -> Result<(), AgentError> {
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
     let identity_settings = config.settings.identity.clone();
-    let api_listener = api::bind(config.agent.listen_address, identity_settings.is_some()).await?;
+    let api_listener = api::bind(&config.api_listen(), identity_settings.is_some()).await?;
     let root = cgroup_root(&config)?;
     let registry = prometheus::Registry::new();
     let readiness = Arc::new(Readiness::default());
@@ -143,7 +143,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let identity = match identity_settings {
         Some(settings) => {
-            let identity = Arc::new(Identity::start(settings, &registry).await?);
+            let identity =
+                Arc::new(Identity::start(settings, &config.agent.state_dir, &registry).await?);
             readiness.register("workload identity", identity.readiness_check());
             Some(identity)
         }
@@ -321,6 +322,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     )
     .await?;
 
+    // Before the ready line: a SIGTERM right after it must stop the agent cleanly.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Internal(format!("installing the SIGTERM handler: {e}")))?;
     let mode = format!("{:?}", config.agent.mode).to_lowercase();
     let generation = controller.live().await.number;
     announce(&format!(
@@ -347,8 +351,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let poll = Duration::from_millis(config.agent.cgroup_poll_interval_ms);
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| AgentError::Internal(format!("installing the SIGTERM handler: {e}")))?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }

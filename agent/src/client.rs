@@ -38,6 +38,12 @@ pub enum ClientError {
         /// Cause.
         reason: String,
     },
+    /// The connection failed during a call (the agent closed it, or went away): no answer.
+    #[error(
+        "the connection to the agent failed during the call: {0} (the agent may have refused \
+         this caller: its API socket admits root and members of agent.api_socket_group only)"
+    )]
+    Disconnected(String),
     /// The agent answered with an error.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Rpc(tonic::Status),
@@ -57,12 +63,21 @@ fn code_name(c: tonic::Code) -> &'static str {
 }
 
 impl ClientError {
+    /// A call's error: the agent's answer, or (a status made here, carrying its cause) a
+    /// connection that failed.
+    pub fn from_status(status: tonic::Status) -> ClientError {
+        match std::error::Error::source(&status) {
+            Some(cause) => ClientError::Disconnected(chain(cause)),
+            None => ClientError::Rpc(status),
+        }
+    }
+
     /// 64 invalid file, 65 the agent refused the policy as invalid, 69 agent unreachable, 75 stale
     /// generation or nothing to roll back (retry after reading the live state), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::File(_) => 64,
-            ClientError::Unavailable { .. } => 69,
+            ClientError::Unavailable { .. } | ClientError::Disconnected(_) => 69,
             ClientError::Rpc(s) => match s.code() {
                 tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => 65,
                 tonic::Code::FailedPrecondition => 75,
@@ -76,7 +91,7 @@ impl ClientError {
 /// Where and how to reach the agent.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `http://host:port` (or `host:port`).
+    /// `unix:///path` (a Unix socket), or `http://host:port` (or `host:port`).
     pub endpoint: String,
     /// mTLS with the caller's SPIFFE identity; `None`: plaintext.
     pub mtls: Option<ClientMtls>,
@@ -103,21 +118,93 @@ impl Target {
     }
 }
 
+/// Where an endpoint string points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `unix:///path` (or `unix:/path`): a Unix socket.
+    Unix(std::path::PathBuf),
+    /// Anything else: an HTTP/2 URI (`http://host:port`).
+    Uri(String),
+}
+
+/// Parses `--endpoint`: `unix://` followed by an absolute path (`unix:///run/knhk/agent.sock`;
+/// `unix:/path` is accepted too), or an `http://` or `https://` URI.
+pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
+    if let Some(rest) = s.strip_prefix("unix:") {
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{s:?}: a Unix socket endpoint is unix:// followed by an absolute path, e.g. unix:///run/knhk/agent.sock"
+            ));
+        }
+        return Ok(Endpoint::Unix(path.into()));
+    }
+    Ok(Endpoint::Uri(s.to_owned()))
+}
+
+/// An error and its causes, `: `-separated (tonic's transport errors say little on their own).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+/// A plaintext channel to `endpoint` (`unix:///path` or `http://host:port`), connected.
+pub async fn connect(endpoint: &str) -> Result<Channel, ClientError> {
+    channel(&Target::plaintext(endpoint)).await
+}
+
 async fn channel(target: &Target) -> Result<Channel, ClientError> {
     let endpoint = &target.endpoint;
     let unavailable = |reason: String| ClientError::Unavailable {
         endpoint: endpoint.to_owned(),
         reason,
     };
+    let parsed = parse_endpoint(endpoint).map_err(unavailable)?;
     let Some(mtls) = &target.mtls else {
-        return Channel::from_shared(endpoint.to_owned())
-            .map_err(|e| unavailable(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .connect()
-            .await
-            .map_err(|e| unavailable(e.to_string()));
+        return match parsed {
+            Endpoint::Unix(path) => {
+                // The URI only fills the HTTP/2 :authority; the connector dials the socket.
+                tonic::transport::Endpoint::from_static("http://localhost")
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(60))
+                    .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(&path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    }))
+                    .await
+                    .map_err(|e| {
+                        unavailable(format!(
+                            "{} (the API socket admits root and members of agent.api_socket_group only)",
+                            chain(&e)
+                        ))
+                    })
+            }
+            Endpoint::Uri(uri) => Channel::from_shared(uri)
+                .map_err(|e| unavailable(chain(&e)))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(60))
+                .connect()
+                .await
+                .map_err(|e| unavailable(chain(&e))),
+        };
     };
+    if let Endpoint::Unix(_) = parsed {
+        return Err(unavailable(
+            "with mTLS the endpoint must be an IP address and port, not a Unix socket".into(),
+        ));
+    }
     let authority = endpoint
         .strip_prefix("http://")
         .or_else(|| endpoint.strip_prefix("https://"))
@@ -202,7 +289,7 @@ pub async fn policy_apply(
             expected_generation: expected,
         })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     Ok(Report {
         human: format!(
@@ -224,7 +311,7 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
     let r = c
         .get_policy(pb::GetPolicyRequest {})
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     let doc = r.policy.unwrap_or_default();
     let mut human = format!(
@@ -276,7 +363,7 @@ pub async fn policy_diff(target: &Target, file: &Path) -> Result<Report, ClientE
     let r = c
         .dry_run(pb::DryRunRequest { policy: Some(doc) })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     Ok(Report {
         human: format!(
@@ -307,7 +394,7 @@ pub async fn policy_rollback(
             expected_generation: expected,
         })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     Ok(Report {
         human: format!(
@@ -324,7 +411,7 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
     let r = c
         .get_status(pb::GetStatusRequest {})
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = format!(
         "knhk-agent {}: programs {} attached to {}{}\npolicy generation {}, {} trie entries\nrule cgroups: active {}; pending {}\n",
@@ -391,7 +478,7 @@ pub async fn heat(target: &Target, limit: u32) -> Result<Report, ClientError> {
     let r = c
         .get_heat(pb::GetHeatRequest { limit })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = format!(
         "{} of {} heat entries in use\n",
@@ -427,7 +514,7 @@ pub async fn slo(target: &Target) -> Result<Report, ClientError> {
     let r = c
         .get_slo(pb::GetSloRequest {})
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = String::from(
         "class              samples   handshake p50   handshake p99   rtt p99   ceiling   within\n",
@@ -479,7 +566,7 @@ pub async fn hold_place(target: &Target, hold: rpb::Hold) -> Result<Report, Clie
     let id = c
         .place_hold(rpb::PlaceHoldRequest { hold: Some(hold) })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner()
         .id;
     Ok(Report {
@@ -497,7 +584,7 @@ pub async fn hold_release(target: &Target, id: u64, reason: &str) -> Result<Repo
             reason: reason.to_owned(),
         })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner()
         .hold
         .unwrap_or_default();
@@ -513,7 +600,7 @@ pub async fn hold_list(target: &Target) -> Result<Report, ClientError> {
     let holds = c
         .list_holds(rpb::ListHoldsRequest {})
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner()
         .holds;
     let mut human =
@@ -565,7 +652,7 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
             limit,
         })
         .await
-        .map_err(ClientError::Rpc)?
+        .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = format!(
         "{} receipts in the ledger\nseq      kind            cycle     generation  payload\n",

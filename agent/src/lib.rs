@@ -13,6 +13,7 @@
 //! - [`api`]: the gRPC services, which translate and call [`control`].
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
 //! - [`client`]: the CLI's client commands, over gRPC.
+//! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
 #![warn(missing_docs)]
 
 pub mod abi;
@@ -28,6 +29,7 @@ pub mod model;
 pub mod policy;
 pub mod receipts;
 pub mod resilience;
+pub mod secure_dir;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;

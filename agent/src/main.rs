@@ -37,7 +37,7 @@ struct Cli {
 enum Command {
     /// Load and attach the programs, apply the policy, and serve metrics until SIGINT/SIGTERM.
     #[command(
-        after_help = "Examples:\n  knhk-agent run                         # embedded default: audit mode, loopback listeners\n  knhk-agent run --config /etc/knhk/agent.toml"
+        after_help = "Examples:\n  knhk-agent run                         # embedded default: audit mode, API on /run/knhk/agent.sock\n  knhk-agent run --config /etc/knhk/agent.toml"
     )]
     Run {
         /// Configuration file (TOML). Without it, the embedded default is used.
@@ -105,12 +105,13 @@ enum Command {
 /// Options of every client command.
 #[derive(clap::Args)]
 struct ClientArgs {
-    /// gRPC endpoint of the agent [default: agent.listen_address of --config, else
-    /// http://127.0.0.1:50051].
+    /// gRPC endpoint of the agent: unix:///PATH (a Unix socket) or http://HOST:PORT [default:
+    /// the API of --config (agent.api_socket, or agent.listen_address when set or with
+    /// [spiffe]), else unix:///run/knhk/agent.sock].
     #[arg(long, env = "KNHK_ENDPOINT")]
     endpoint: Option<String>,
-    /// Take the endpoint (agent.listen_address) and, with [spiffe] enabled, mTLS settings from
-    /// this configuration file.
+    /// Take the endpoint (agent.api_socket or agent.listen_address) and, with [spiffe] enabled,
+    /// mTLS settings from this configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Use mTLS with this client's SVID from the SPIFFE Workload API at PATH (a socket path or
@@ -127,8 +128,8 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
-    /// Where and how to reach the agent: `--endpoint`, else the configuration's listen address,
-    /// else the default; mTLS with `--spiffe-socket`, or when the configuration enables [spiffe].
+    /// Where and how to reach the agent: `--endpoint`, else the configuration's API, else the
+    /// default socket; mTLS with `--spiffe-socket`, or when the configuration enables [spiffe].
     fn target(&self) -> Result<client::Target, ExitCode> {
         let config = match &self.config {
             Some(path) => Some(load(Some(path))?),
@@ -136,9 +137,13 @@ impl ClientArgs {
         };
         let endpoint = match (&self.endpoint, &config) {
             (Some(e), _) => e.clone(),
-            (None, Some(c)) => format!("http://{}", c.agent.listen_address),
-            (None, None) => "http://127.0.0.1:50051".into(),
+            (None, Some(c)) => c.api_listen().url(),
+            (None, None) => format!("unix://{}", knhk_agent::config::DEFAULT_API_SOCKET),
         };
+        if let Err(e) = client::parse_endpoint(&endpoint) {
+            eprintln!("error: --endpoint: {e}");
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
         let identity = config.and_then(|c| c.settings.identity);
         let agent_ids = match &self.agent_id {
             Some(id) => match knhk_agent::model::spiffe::IdMatcher::parse(id) {
@@ -339,7 +344,10 @@ fn main() -> ExitCode {
             match runtime.block_on(agent::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(
-                    e @ (agent::AgentError::Api(knhk_agent::api::ServeError::NotLoopback(_))
+                    e @ (agent::AgentError::Api(
+                        knhk_agent::api::ServeError::NotLoopback(_)
+                        | knhk_agent::api::ServeError::Socket(_),
+                    )
                     | agent::AgentError::Identity(_)
                     | agent::AgentError::Receipts(_)
                     | agent::AgentError::Control(knhk_agent::control::ControlError::Datapath(

@@ -20,6 +20,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("model", &[]),
     ("resilience", &[]),
     ("tasks", &[]),
+    ("secure_dir", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
@@ -27,7 +28,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["model", "policy"]),
     // Layer 3: adapters to the kernel, SPIRE, Prometheus.
     ("datapath", &["model", "abi", "policy"]),
-    ("identity", &["model", "config"]),
+    ("identity", &["model", "config", "secure_dir"]),
     ("telemetry", &["model", "datapath"]),
     // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
     ("beat", &["model", "config", "datapath"]),
@@ -51,7 +52,15 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     (
         "api",
         &[
-            "model", "config", "policy", "datapath", "identity", "control", "receipts", "sync",
+            "model",
+            "config",
+            "policy",
+            "datapath",
+            "identity",
+            "control",
+            "receipts",
+            "sync",
+            "secure_dir",
         ],
     ),
     ("client", &["model", "config", "policy", "identity", "api"]),

@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod convert;
 pub mod receipts;
+pub mod socket;
 pub mod watch;
 
 /// Generated protobuf types, clients and servers of `proto/knhk/agent/v1`.
@@ -18,6 +19,7 @@ pub mod pb {
 }
 
 use crate::{
+    config::ApiListen,
     control::{ControlError, Controller},
     datapath::DatapathError,
 };
@@ -52,6 +54,10 @@ pub enum ServeError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The Unix socket (`agent.api_socket`) could not be set up: the message names the path
+    /// and what to do.
+    #[error("{0}")]
+    Socket(String),
     /// Reflection could not be built.
     #[error("building server reflection: {0}")]
     Reflection(String),
@@ -335,11 +341,39 @@ impl AgentService for AgentApi {
     }
 }
 
+/// Where a running API server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket.
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for ApiAddr {
+    /// `127.0.0.1:50051`, or `unix:///run/knhk/agent.sock`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiAddr::Tcp(a) => write!(f, "{a}"),
+            ApiAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// A bound API listener, before serving.
+#[derive(Debug)]
+pub enum ApiListener {
+    /// TCP (mTLS, or plaintext on loopback).
+    Tcp(tokio::net::TcpListener),
+    /// The Unix socket, with its peer-credential check.
+    Unix(socket::UnixApiListener),
+}
+
 /// A running API server; it stops when `shutdown` resolves.
 #[derive(Debug)]
 pub struct ApiServer {
-    /// The address actually bound.
-    pub local_addr: SocketAddr,
+    /// Where it listens.
+    pub local_addr: ApiAddr,
     /// The server task.
     pub task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -347,7 +381,7 @@ pub struct ApiServer {
 /// What the API serves beyond policy and status, when configured.
 #[derive(Debug, Default)]
 pub struct Extensions {
-    /// mTLS with SPIFFE-ID authorization (else plaintext, loopback only).
+    /// mTLS with SPIFFE-ID authorization (else plaintext: the Unix socket, or loopback TCP).
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// `ReceiptService` and `HoldService`.
     pub receipts: Option<Arc<crate::receipts::Receipts>>,
@@ -355,9 +389,26 @@ pub struct Extensions {
     pub sync: Option<Arc<crate::sync::Replicator>>,
 }
 
-/// Binds the API address: any address with mTLS, loopback only without. Done before anything
-/// touches the kernel, so a bad address changes nothing.
-pub async fn bind(addr: SocketAddr, mtls: bool) -> Result<tokio::net::TcpListener, ServeError> {
+/// Binds the API: a TCP address (any with mTLS, loopback only without), or the Unix socket
+/// (see [`socket`]). Done before anything touches the kernel, so a bad address changes nothing.
+pub async fn bind(listen: &ApiListen, mtls: bool) -> Result<ApiListener, ServeError> {
+    match listen {
+        ApiListen::Tcp(addr) => bind_tcp(*addr, mtls).await.map(ApiListener::Tcp),
+        ApiListen::Unix { path, group } => {
+            if mtls {
+                return Err(ServeError::Socket(
+                    "with [spiffe] the API is served over mTLS on TCP, not on a Unix socket".into(),
+                ));
+            }
+            socket::bind(path, group.as_deref())
+                .map(ApiListener::Unix)
+                .map_err(ServeError::Socket)
+        }
+    }
+}
+
+/// Binds a TCP address: any address with mTLS, loopback only without.
+pub async fn bind_tcp(addr: SocketAddr, mtls: bool) -> Result<tokio::net::TcpListener, ServeError> {
     if !mtls && !addr.ip().is_loopback() {
         return Err(ServeError::NotLoopback(addr));
     }
@@ -368,9 +419,10 @@ pub async fn bind(addr: SocketAddr, mtls: bool) -> Result<tokio::net::TcpListene
 
 /// Serves the API on `listener` until `shutdown` resolves: over mTLS with SPIFFE-ID
 /// authorization when `identity` is given (from its first SVID on; until then connections wait
-/// in the listen backlog), else plaintext.
+/// in the listen backlog), else plaintext (TCP on loopback, or the Unix socket, whose peers are
+/// checked per connection; the socket file is removed when the server stops).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: ApiListener,
     max_request_bytes: usize,
     controller: Arc<Controller>,
     extensions: Extensions,
@@ -381,10 +433,6 @@ pub async fn serve(
         receipts: ledger,
         sync,
     } = extensions;
-    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<PolicyServiceServer<PolicyApi>>()
@@ -425,6 +473,33 @@ pub async fn serve(
             crate::sync::pb::region_sync_server::RegionSyncServer::from_arc(s.server())
                 .max_decoding_message_size(max_request_bytes.max(64 << 20))
         }));
+    let listener = match (listener, &identity) {
+        (ApiListener::Tcp(l), _) => l,
+        (ApiListener::Unix(_), Some(_)) => {
+            return Err(ServeError::Socket(
+                "with [spiffe] the API is served over mTLS on TCP, not on a Unix socket".into(),
+            ))
+        }
+        (ApiListener::Unix(l), None) => {
+            let local_addr = ApiAddr::Unix(l.path().to_path_buf());
+            let file = socket::socket_file(&l);
+            let incoming = socket::incoming(l);
+            let task = tokio::spawn(async move {
+                let served = router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await;
+                // Clients that come later get "no such file", not a dead socket.
+                drop(file);
+                served
+            });
+            return Ok(ApiServer { local_addr, task });
+        }
+    };
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    let local_addr = ApiAddr::Tcp(addr);
     let Some(identity) = identity else {
         // No Nagle: small responses must not wait for a delayed ACK (40 ms on Linux).
         let incoming =
@@ -451,7 +526,7 @@ pub async fn serve(
                 return Ok(());
             }
         };
-        tracing::info!(%local_addr, "gRPC API serving over mTLS (SPIFFE)");
+        tracing::info!(local_addr = %addr, "gRPC API serving over mTLS (SPIFFE)");
         let incoming = crate::identity::tls::incoming(listener, config);
         router
             .serve_with_incoming_shutdown(incoming, shutdown)

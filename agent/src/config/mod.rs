@@ -13,8 +13,9 @@ mod schema;
 pub mod settings;
 
 pub use schema::{
-    AgentSection, AuthorizedIds, Config, IdentitySource, KmsSection, MultiRegionSection,
+    AgentSection, ApiListen, AuthorizedIds, Config, IdentitySource, KmsSection, MultiRegionSection,
     PolicySection, PromotionSection, ReceiptsSection, SloSection, SpiffeSection,
+    DEFAULT_API_SOCKET, DEFAULT_LISTEN_ADDRESS,
 };
 pub use settings::{
     BeatSettings, FilePaths, IdentitySettings, Peer, ReceiptSettings, Settings, SignerSettings,
@@ -23,8 +24,8 @@ pub use settings::{
 
 use std::path::{Path, PathBuf};
 
-/// The configuration used when `knhk-agent run` is given no `--config`: audit mode, loopback
-/// listeners, one example audit rule. Safe on a laptop.
+/// The configuration used when `knhk-agent run` is given no `--config`: audit mode, the API on
+/// its root-only Unix socket, metrics on loopback, one example audit rule. Safe on a laptop.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 /// Why a configuration was refused.

@@ -46,7 +46,7 @@ impl Config {
         {
             out.push((
                 "spiffe",
-                "enabled is not true: the gRPC API is plaintext, loopback only",
+                "enabled is not true: the gRPC API is plaintext, on agent.api_socket (or loopback agent.listen_address)",
             ));
         }
         if self.receipts.is_some() && self.kms.is_none() {
@@ -75,9 +75,24 @@ macro_rules! agent_table {
     ($(#[$meta:meta])* $vis:vis struct $name:ident { $($extra:tt)* }) => {
         $(#[$meta])*
         $vis struct $name {
-            /// gRPC API address. Without `[spiffe] enabled = true` (mTLS) only loopback is allowed.
-            #[serde(default = "default_listen_address")]
-            pub listen_address: SocketAddr,
+            /// gRPC API over TCP. With `[spiffe] enabled = true` (mTLS) any address (default
+            /// `127.0.0.1:50051`). Without mTLS the API is on `api_socket` unless this is set;
+            /// then it is plaintext, loopback only, and any local user can reach it.
+            #[serde(default)]
+            pub listen_address: Option<SocketAddr>,
+            /// The API's Unix socket without mTLS (unless `listen_address` is set): mode 0600,
+            /// owned by root (0660 with `api_socket_group`), in a directory only root may write
+            /// (created 0750 if missing); every connection's peer must be root or in the group.
+            #[serde(default = "default_api_socket")]
+            pub api_socket: PathBuf,
+            /// A group (name) whose members may use the API socket besides root.
+            #[serde(default)]
+            pub api_socket_group: Option<String>,
+            /// The agent's private runtime files (the file identity's Workload API socket, each
+            /// run in a fresh 0700 directory): a directory owned by root and not writable by
+            /// group or others, never a symlink (created 0700 if missing).
+            #[serde(default = "default_state_dir")]
+            pub state_dir: PathBuf,
             /// Largest gRPC request accepted, bytes.
             #[serde(default = "default_max_request_bytes")]
             pub max_request_bytes: usize,
@@ -154,7 +169,10 @@ agent_table!(
 impl Default for AgentSection {
     fn default() -> Self {
         AgentSection {
-            listen_address: default_listen_address(),
+            listen_address: None,
+            api_socket: default_api_socket(),
+            api_socket_group: None,
+            state_dir: default_state_dir(),
             max_request_bytes: default_max_request_bytes(),
             metrics_address: default_metrics_address(),
             mode: Mode::default(),
@@ -173,8 +191,16 @@ impl Default for AgentSection {
     }
 }
 
-fn default_listen_address() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 50051))
+/// The API's TCP address with mTLS when `agent.listen_address` is not set.
+pub const DEFAULT_LISTEN_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
+/// The API's Unix socket when mTLS is off and `agent.listen_address` is not set.
+pub const DEFAULT_API_SOCKET: &str = "/run/knhk/agent.sock";
+fn default_api_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_API_SOCKET)
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/knhk")
 }
 fn default_max_request_bytes() -> usize {
     16 * 1024 * 1024
@@ -610,16 +636,18 @@ impl RawConfig {
                 rules.push(rule);
             }
         }
-        if identity.is_none() && !agent.listen_address.ip().is_loopback() {
-            return Err(err(
-                agent_pos,
-                format!("{table_name}.listen_address"),
-                format!(
-                    "{} is not a loopback address: without mTLS any host could change the policy; \
-                     enable [spiffe] (enabled = true, trust_domain = ...) or listen on 127.0.0.1:PORT or [::1]:PORT",
-                    agent.listen_address
-                ),
-            ));
+        if let Some(addr) = agent.listen_address.filter(|a| !a.ip().is_loopback()) {
+            if identity.is_none() {
+                return Err(err(
+                    agent_pos,
+                    format!("{table_name}.listen_address"),
+                    format!(
+                        "{addr} is not a loopback address: without mTLS any host could change the policy; \
+                         enable [spiffe] (enabled = true, trust_domain = ...), or remove listen_address to \
+                         serve on agent.api_socket (root only)"
+                    ),
+                ));
+            }
         }
         // The kernel's limits (sizes, entries per trie leaf) are checked here too, so that a
         // config check-config accepts does not fail at start.
@@ -690,6 +718,9 @@ impl RawAgentTable {
     fn split(self) -> (AgentSection, Nested) {
         let agent = AgentSection {
             listen_address: self.listen_address,
+            api_socket: self.api_socket,
+            api_socket_group: self.api_socket_group,
+            state_dir: self.state_dir,
             max_request_bytes: self.max_request_bytes,
             metrics_address: self.metrics_address,
             mode: self.mode,
@@ -809,15 +840,29 @@ impl Config {
             }
         }
         let identity = self.settings.identity.as_ref();
-        if !self.agent.listen_address.ip().is_loopback() {
-            if let Some(id) = identity.filter(|id| id.access.policy_writers.is_empty()) {
-                out.push(format!(
-                    "spiffe.authorized_ids.policy_writers is empty: the API on {} accepts mTLS peers of {:?}, \
-                     but none may apply or roll back a policy; name the operators' SPIFFE IDs there",
-                    self.agent.listen_address,
-                    id.trust_domain.as_str()
-                ));
+        match self.api_listen() {
+            ApiListen::Tcp(addr) if identity.is_none() => out.push(format!(
+                "agent.listen_address = {addr}: the API is plaintext TCP without authentication: any local \
+                 user (every process on this host) can change the policy; remove listen_address to serve on \
+                 agent.api_socket ({}, root only), or enable [spiffe]",
+                self.agent.api_socket.display()
+            )),
+            ApiListen::Tcp(addr) if !addr.ip().is_loopback() => {
+                if let Some(id) = identity.filter(|id| id.access.policy_writers.is_empty()) {
+                    out.push(format!(
+                        "spiffe.authorized_ids.policy_writers is empty: the API on {addr} accepts mTLS peers of {:?}, \
+                         but none may apply or roll back a policy; name the operators' SPIFFE IDs there",
+                        id.trust_domain.as_str()
+                    ));
+                }
             }
+            _ => {}
+        }
+        if let (Some(group), ApiListen::Tcp(_)) = (&self.agent.api_socket_group, self.api_listen())
+        {
+            out.push(format!(
+                "agent.api_socket_group = {group:?} has no effect: the API is on TCP (agent.listen_address or [spiffe]), not on agent.api_socket"
+            ));
         }
         if let Some(sync) = &self.settings.sync {
             let tls_peers: Vec<&str> = sync
@@ -870,6 +915,48 @@ impl Config {
     }
 }
 
+/// Where the gRPC API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiListen {
+    /// TCP: mTLS with `[spiffe]`, else plaintext on loopback (`listen_address` set explicitly).
+    Tcp(SocketAddr),
+    /// A Unix socket (`api_socket`), for root and members of `group`.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+        /// `api_socket_group`.
+        group: Option<String>,
+    },
+}
+
+impl ApiListen {
+    /// The endpoint for a client: `http://ADDR` or `unix:///PATH`.
+    pub fn url(&self) -> String {
+        match self {
+            ApiListen::Tcp(addr) => format!("http://{addr}"),
+            ApiListen::Unix { path, .. } => format!("unix://{}", path.display()),
+        }
+    }
+}
+
+impl Config {
+    /// Where the gRPC API listens: TCP with `[spiffe]` (mTLS; `listen_address`, default
+    /// 127.0.0.1:50051) or when `listen_address` is set, else the Unix socket `api_socket`.
+    pub fn api_listen(&self) -> ApiListen {
+        match (self.agent.listen_address, &self.settings.identity) {
+            (Some(addr), _) => ApiListen::Tcp(addr),
+            (None, Some(_)) => ApiListen::Tcp(DEFAULT_LISTEN_ADDRESS),
+            (None, None) => ApiListen::Unix {
+                path: self.agent.api_socket.clone(),
+                group: self.agent.api_socket_group.clone(),
+            },
+        }
+    }
+}
+
+/// The longest Unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// Range checks on `[agent]`; returns (key, message).
 fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
     if !(1..=1 << 24).contains(&a.heat_max_entries) {
@@ -913,6 +1000,51 @@ fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
             return Err((
                 "cgroup_root",
                 format!("{} must be an absolute path", root.display()),
+            ));
+        }
+    }
+    if !a.state_dir.is_absolute() {
+        return Err((
+            "state_dir",
+            format!("{} must be an absolute path", a.state_dir.display()),
+        ));
+    }
+    let socket = &a.api_socket;
+    if !socket.is_absolute()
+        || socket.file_name().is_none()
+        || socket.as_os_str().as_encoded_bytes().ends_with(b"/")
+    {
+        return Err((
+            "api_socket",
+            format!(
+                "{} must be an absolute path to a socket file, e.g. {DEFAULT_API_SOCKET}",
+                socket.display()
+            ),
+        ));
+    }
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err((
+            "api_socket",
+            format!(
+                "{} is {len} bytes long: a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                socket.display()
+            ),
+        ));
+    }
+    if let Some(group) = &a.api_socket_group {
+        let valid = !group.is_empty()
+            && group.len() <= 32
+            && !group.starts_with('-')
+            && group
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !valid {
+            return Err((
+                "api_socket_group",
+                format!(
+                    "{group:?} is not a group name (1-32 of A-Z a-z 0-9 _ - ., not starting with -)"
+                ),
             ));
         }
     }

@@ -17,7 +17,10 @@ fn rule(body: &str) -> String {
 #[test]
 fn the_plans_example_loads_unchanged() {
     let c = Config::parse(PLAN_EXAMPLE, "plan").expect("the plan's example must load");
-    assert_eq!(c.agent.listen_address.to_string(), "0.0.0.0:50051");
+    assert_eq!(
+        c.agent.listen_address.map(|a| a.to_string()).as_deref(),
+        Some("0.0.0.0:50051")
+    );
     assert_eq!(
         c.kms.as_ref().and_then(|k| k.rotation_interval_hours),
         Some(24)
@@ -187,7 +190,17 @@ fn the_embedded_default_is_valid_and_safe() {
     let c = Config::embedded_default();
     assert_eq!(c.agent.mode, Mode::Audit);
     assert!(c.agent.metrics_address.ip().is_loopback());
-    assert!(c.agent.listen_address.ip().is_loopback());
+    assert_eq!(
+        c.agent.listen_address, None,
+        "no plaintext TCP API by default"
+    );
+    assert_eq!(
+        c.api_listen(),
+        ApiListen::Unix {
+            path: "/run/knhk/agent.sock".into(),
+            group: None
+        }
+    );
     assert!(c.agent.detach_on_exit);
     assert_eq!(c.policy.rules.len(), 2);
 }
@@ -468,7 +481,7 @@ fn environment_overrides_follow_the_files_aliases() {
         ]),
     )
     .expect("valid");
-    assert!(c.agent.listen_address.ip().is_loopback());
+    assert!(c.agent.listen_address.is_some_and(|a| a.ip().is_loopback()));
     assert_eq!(c.slo.and_then(|s| s.w1_p99_max_ms), Some(5));
 }
 
@@ -527,6 +540,108 @@ fn rule_cgroups_deeper_than_the_kernel_probes_are_refused() {
     ));
     assert!(
         e.contains("policy.rules[0].cgroup") && e.contains("17 levels deep"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_api_is_on_a_root_only_unix_socket_unless_tcp_is_asked_for() {
+    // Nothing set: the Unix socket, no warning.
+    let c = Config::parse("", "t").expect("valid");
+    assert_eq!(c.api_listen().url(), "unix:///run/knhk/agent.sock");
+    assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+    // Another socket and a group.
+    let c = Config::parse(
+        "[agent]\napi_socket = \"/run/k/api.sock\"\napi_socket_group = \"knhk-ops\"\n",
+        "t",
+    )
+    .expect("valid");
+    assert_eq!(
+        c.api_listen(),
+        ApiListen::Unix {
+            path: "/run/k/api.sock".into(),
+            group: Some("knhk-ops".into())
+        }
+    );
+    // Explicit loopback TCP: allowed, with a warning naming the risk.
+    let c = Config::parse("[agent]\nlisten_address = \"127.0.0.1:50051\"\n", "t").expect("valid");
+    assert_eq!(c.api_listen().url(), "http://127.0.0.1:50051");
+    let w = c.warnings().join("\n");
+    assert!(
+        w.contains("agent.listen_address") && w.contains("any local user"),
+        "{w}"
+    );
+    // A group with TCP has no effect: said so.
+    let c = Config::parse(
+        "[agent]\nlisten_address = \"127.0.0.1:50051\"\napi_socket_group = \"ops\"\n",
+        "t",
+    )
+    .expect("valid");
+    assert!(
+        c.warnings()
+            .join("\n")
+            .contains("api_socket_group = \"ops\" has no effect"),
+        "{:?}",
+        c.warnings()
+    );
+    // With mTLS the API is on TCP, the default address unless set.
+    let c = Config::parse(SPIFFE, "t").expect("valid");
+    assert_eq!(
+        c.api_listen(),
+        ApiListen::Tcp("127.0.0.1:50051".parse().expect("addr"))
+    );
+}
+
+#[test]
+fn bad_api_socket_and_state_dir_settings_are_refused_with_the_key() {
+    for (text, key, says) in [
+        (
+            "api_socket = \"run/agent.sock\"",
+            "agent.api_socket",
+            "absolute path",
+        ),
+        (
+            "api_socket = \"/run/knhk/\"",
+            "agent.api_socket",
+            "absolute path to a socket file",
+        ),
+        (
+            "api_socket = \"/\"",
+            "agent.api_socket",
+            "absolute path to a socket file",
+        ),
+        (
+            "api_socket_group = \"\"",
+            "agent.api_socket_group",
+            "not a group name",
+        ),
+        (
+            "api_socket_group = \"a b\"",
+            "agent.api_socket_group",
+            "not a group name",
+        ),
+        (
+            "api_socket_group = \"-x\"",
+            "agent.api_socket_group",
+            "not a group name",
+        ),
+    ] {
+        let e = err(&format!("[agent]\n{text}\n"));
+        assert!(e.contains(key) && e.contains(says), "{text}: {e}");
+    }
+    let e = err("[agent]\nstate_dir = \"var/lib/knhk\"\n");
+    assert!(
+        e.contains("agent.state_dir") && e.contains("must be an absolute path"),
+        "{e}"
+    );
+    assert_eq!(
+        Config::parse("", "t").expect("valid").agent.state_dir,
+        std::path::PathBuf::from("/var/lib/knhk")
+    );
+    let long = format!("/run/{}/agent.sock", "x".repeat(100));
+    let e = err(&format!("[agent]\napi_socket = \"{long}\"\n"));
+    assert!(
+        e.contains("agent.api_socket") && e.contains("at most 107"),
         "{e}"
     );
 }

@@ -2,6 +2,10 @@
 //! served as a SPIFFE Workload API on a private Unix socket, so that the agent consumes it
 //! exactly like SPIRE (same `X509Source`, same TLS configs, same authorization).
 //!
+//! The socket lives in a fresh directory `identity-XXXXXX` (mode 0700, created exclusively by
+//! `mkdtemp`) under `agent.state_dir`, which must be root's and writable by no one else: a path
+//! a local user could predict and prepare (the old `/tmp/knhk-identity-<pid>`) is never used.
+//!
 //! The files are checked at start (a bad file is a startup error) and polled every second;
 //! a change is loaded and pushed on the stream. A change that does not load (a half-written
 //! file, a key that does not match) is logged and the previous identity keeps serving.
@@ -11,7 +15,7 @@ use super::workload_api::{
     pb::{X509svid, X509svidResponse},
     X509SvidServer,
 };
-use crate::config::FilePaths;
+use crate::{config::FilePaths, secure_dir};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivatePkcs8KeyDer};
 use spiffe::TrustDomain;
 use std::{
@@ -21,6 +25,46 @@ use std::{
 };
 use tokio::sync::watch;
 
+/// The private directories' name prefix (then six random characters).
+const DIR_PREFIX: &str = "identity-";
+/// The socket's name in its directory.
+const SOCKET: &str = "workload.sock";
+
+/// Removes what earlier runs killed with -9 left under `state_dir`: directories named
+/// `identity-XXXXXX`, ours, holding at most a socket nobody serves any more. Anything else is
+/// left alone.
+fn remove_stale(state_dir: &Path, ours: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale_name = name
+            .strip_prefix(DIR_PREFIX)
+            .is_some_and(|rest| rest.len() == 6 && rest.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if dir == ours || !stale_name || secure_dir::check_dir(&dir).is_err() {
+            continue;
+        }
+        let socket = dir.join(SOCKET);
+        let live = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+        if live {
+            continue;
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() || std::fs::remove_file(&socket).is_err() {
+                continue;
+            }
+        }
+        // Fails, harmlessly, unless the directory is empty now.
+        if std::fs::remove_dir(&dir).is_ok() {
+            tracing::info!(dir = %dir.display(), "removed a stale file identity directory");
+        }
+    }
+}
+
 /// A running file-backed Workload API. Dropping it stops the server and removes the socket.
 pub(crate) struct FileWorkloadApi {
     dir: PathBuf,
@@ -29,18 +73,18 @@ pub(crate) struct FileWorkloadApi {
 }
 
 impl FileWorkloadApi {
-    /// Loads the files (an error names the file and the reason) and starts serving them.
+    /// Loads the files (an error names the file and the reason) and starts serving them on a
+    /// socket in a fresh private directory under `state_dir`.
     pub(crate) async fn start(
         paths: FilePaths,
         trust_domain: &TrustDomain,
+        state_dir: &Path,
     ) -> Result<FileWorkloadApi, String> {
         let first = load(&paths, trust_domain)?;
-        let dir = std::env::temp_dir().join(format!("knhk-identity-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("securing {}: {e}", dir.display()))?;
-        let socket = dir.join("workload.sock");
-        let _ = std::fs::remove_file(&socket);
+        let dir = secure_dir::private_dir(state_dir, DIR_PREFIX)
+            .map_err(|e| format!("agent.state_dir {}: {e}", state_dir.display()))?;
+        remove_stale(state_dir, &dir);
+        let socket = dir.join(SOCKET);
         let listener = tokio::net::UnixListener::bind(&socket)
             .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
         let (tx, rx) = watch::channel(Some(first));

@@ -181,6 +181,7 @@ impl Identity {
     /// [`Identity::status`].
     pub async fn start(
         settings: IdentitySettings,
+        state_dir: &std::path::Path,
         registry: &Registry,
     ) -> Result<Identity, IdentityError> {
         let metrics = Metrics::register(registry)?;
@@ -191,9 +192,10 @@ impl Identity {
                     "SPIFFE identity from files: this mode is for migration only; \
                      certificates are not rotated by SPIRE, only reloaded when the files change"
                 );
-                let server = files::FileWorkloadApi::start(paths.clone(), &settings.trust_domain)
-                    .await
-                    .map_err(IdentityError::Files)?;
+                let server =
+                    files::FileWorkloadApi::start(paths.clone(), &settings.trust_domain, state_dir)
+                        .await
+                        .map_err(IdentityError::Files)?;
                 let endpoint = format!("unix:{}", server.socket().display());
                 (Some(server), endpoint)
             }
