@@ -1393,3 +1393,51 @@ fn kernel_a_failed_start_leaves_the_node_as_detach_on_exit_says() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// The documented maximum policy (100,000 rules) applies over gRPC and reads back whole with
+/// `policy get`, the CLI's client included.
+#[test]
+fn kernel_the_maximum_policy_applies_and_reads_back() {
+    if !kernel_available("kernel_the_maximum_policy_applies_and_reads_back") {
+        return;
+    }
+    let cg = TestCgroup::new("max-policy");
+    let pins = TestPins::new("max-policy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let rules: Vec<pb::Rule> = (0..100_000usize)
+        .map(|i| {
+            rule(
+                &format!("deny-{i}"),
+                pb::Action::Deny,
+                &format!("10.{}.{}.{}/32", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+                &(1000 + i % 50_000).to_string(),
+            )
+        })
+        .collect();
+    runtime().block_on(async {
+        let mut c = policy_client(&agent).await;
+        let applied = c
+            .apply_policy(pb::ApplyPolicyRequest {
+                policy: Some(doc(rules)),
+                expected_generation: None,
+            })
+            .await
+            .expect("the maximum policy applies")
+            .into_inner();
+        assert_eq!(applied.trie_entries, 100_000);
+    });
+    let out = cli(&agent, &["policy", "get", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let count = v["policy"]["rules"]
+        .as_array()
+        .or_else(|| v["rules"].as_array())
+        .map(Vec::len);
+    assert_eq!(count, Some(100_000), "policy get reads back every rule");
+}
