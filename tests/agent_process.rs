@@ -1409,7 +1409,8 @@ fn kernel_the_maximum_policy_applies_and_reads_back() {
     let rules: Vec<pb::Rule> = (0..100_000usize)
         .map(|i| {
             rule(
-                &format!("deny-{i}"),
+                // Long names: the document is over tonic's 4 MiB default message size.
+                &format!("legacy-service-deny-rule-number-{i:06}"),
                 pb::Action::Deny,
                 &format!("10.{}.{}.{}/32", (i >> 16) & 255, (i >> 8) & 255, i & 255),
                 &(1000 + i % 50_000).to_string(),

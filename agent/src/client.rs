@@ -157,6 +157,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// The largest policy document the CLI reads back (`policy get`).
+const MAX_POLICY_MESSAGE_BYTES: usize = 256 << 20;
+
 /// A plaintext channel to `endpoint` (`unix:///path` or `http://host:port`), connected.
 pub async fn connect(endpoint: &str) -> Result<Channel, ClientError> {
     channel(&Target::plaintext(endpoint)).await
@@ -307,7 +310,9 @@ pub async fn policy_apply(
 
 /// `policy get`.
 pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
-    let mut c = PolicyServiceClient::new(channel(target).await?);
+    // The documented maximum policy (100,000 rules) is larger than tonic's 4 MiB default.
+    let mut c = PolicyServiceClient::new(channel(target).await?)
+        .max_decoding_message_size(MAX_POLICY_MESSAGE_BYTES);
     let r = c
         .get_policy(pb::GetPolicyRequest {})
         .await
