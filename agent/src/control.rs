@@ -326,6 +326,7 @@ impl Controller {
     }
 
     fn emit_switch(&self, g: &Generation, cause: &'static str) {
+        // No subscriber (no API watcher, no ledger) is not an error.
         let _ = self.events.send(Event::PolicySwitched {
             at: SystemTime::now(),
             generation: g.number,
@@ -402,6 +403,7 @@ impl Controller {
                     continue;
                 }
             };
+            // No subscriber is not an error.
             let _ = self.events.send(Event::CgroupChanged {
                 at: SystemTime::now(),
                 cgroup,
@@ -413,6 +415,7 @@ impl Controller {
 
     /// The datapath snapshot and the decision counters.
     pub fn status(&self) -> Result<(DatapathStatus, Decisions), ControlError> {
+        // A poisoned snapshot (a panicked writer) reads as empty; the counters below are live.
         let status = self.status.read().map(|s| s.clone()).unwrap_or_default();
         Ok((status, self.reader.decisions()?))
     }

@@ -341,6 +341,7 @@ impl BeatEngine {
                 p99_ns = ?p99_ns,
                 "SLO admission changed a class state"
             );
+            // No subscriber (no API watcher, no ledger) is not an error.
             let _ = self.events.send(Event::ClassStateChanged {
                 at: SystemTime::now(),
                 class: change.class,
@@ -443,6 +444,7 @@ impl BeatEngine {
     fn pulse(&mut self, p50_ns: [Option<u64>; 3], p99_ns: [Option<u64>; 3]) -> CycleSummary {
         use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY, ACTION_PARK, ACTION_SHED};
         // The counters this beat already read for the capacity samples.
+        // Before the first beat and pulse the counts start from zero.
         let now = self.last_beat_decisions.unwrap_or_default();
         let before = self.last_pulse_decisions.replace(now).unwrap_or_default();
         let delta = |action: u8, class: Class| {
@@ -466,6 +468,7 @@ impl BeatEngine {
         let policy_generation = self
             .policy_status
             .as_ref()
+            // A poisoned status (a panicked writer) reports generation 0, as before any apply.
             .and_then(|s| s.read().ok().map(|s| s.generation))
             .unwrap_or(0);
         CycleSummary {
@@ -535,6 +538,7 @@ impl BeatEngine {
             }
             summary.heat_digest = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
             tracing::debug!(cycle = summary.cycle, "cycle summary");
+            // No ledger subscribed (no [kms]): the summary is only logged.
             let _ = tx.send(summary);
         });
     }

@@ -236,6 +236,7 @@ impl Identity {
     /// Waits for the first SVID (then returns the source at once on every call).
     pub async fn source(&self) -> Option<X509Source> {
         let mut rx = self.status.clone();
+        // The identity task gone (shutdown) means no source.
         rx.wait_for(|s| s.source.is_some())
             .await
             .ok()
@@ -299,6 +300,7 @@ async fn keep(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // No SVID yet is reported by the readiness check below, not as an error here.
         let info = source.svid().ok().map(|svid| svid_info(&svid));
         if let Some(info) = &info {
             if last_serial.as_ref() != Some(&info.serial) {

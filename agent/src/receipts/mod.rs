@@ -280,6 +280,7 @@ impl Receipts {
             breaker: CircuitBreaker::new(3, Duration::from_secs(5)),
             key: Mutex::new(KeyState {
                 current: last_key.as_ref().and_then(|k| {
+                    // A stored key that does not decode is not used; the KMS is asked again.
                     B64.decode(&k.public_key).ok().map(|der| KeyInfo {
                         key: k.key.clone(),
                         public_key_der: der,
@@ -342,6 +343,7 @@ impl Receipts {
         if self.key.lock().is_ok_and(|k| k.current.is_none()) {
             self.sync_key().await?;
         }
+        // A poisoned lock (a panicked signer) is treated as "no current key": unavailable.
         let key = self
             .key
             .lock()
@@ -385,12 +387,14 @@ impl Receipts {
             .await
             .is_ok()
         {
+            // Dropped only if the writer stops first; there is then nothing left to wait for.
             let _ = rx.await;
         }
     }
 
     /// The key receipts are stamped with: the KMS's current key, or the last known one.
     fn stamp(&self) -> KeyRef {
+        // A poisoned lock falls back to the unknown key (version 0), re-stamped at signing.
         self.key
             .lock()
             .ok()
@@ -456,20 +460,28 @@ impl Receipts {
             "statement": statement,
             "signature": B64.encode(&signature),
         }));
-        let _ = self
+        if let Err(e) = self
             .append(NewReceipt {
                 kind: ReceiptKind::KeyRotation,
                 cycle: 0,
                 policy_generation: 0,
                 payload,
             })
-            .await;
+            .await
+        {
+            // The rotation happened in the KMS; only its receipt is missing: say so loudly.
+            tracing::error!(
+                "receipts: the key rotation to {} was not receipted: {e}",
+                to.key
+            );
+        }
         Ok(())
     }
 
     /// Rotates the signing key now.
     pub async fn rotate_now(&self) -> Result<KeyRef, SignerError> {
         self.sync_key().await?;
+        // A poisoned lock is treated as "no current key": the rotation waits for the KMS.
         let from = self
             .key
             .lock()
@@ -597,6 +609,7 @@ impl Receipts {
                 }
                 for (i, (_, ack)) in batch.into_iter().enumerate() {
                     if let Some(ack) = ack {
+                        // The caller may have gone (a cancelled RPC); the receipt is durable anyway.
                         let _ = ack.send(result.clone().map(|r| r.start + i as u64));
                     }
                 }
@@ -614,6 +627,7 @@ impl Receipts {
                 }
             }
             for ack in pulse_acks {
+                // The caller may have gone; the checkpoint is written anyway.
                 let _ = ack.send(());
             }
             if stopping {
@@ -868,10 +882,15 @@ impl Receipts {
             let Some(me) = me.upgrade() else {
                 return Err("the receipts ledger stopped".into());
             };
+            // A poisoned lock hides no rotation problem; the checks below still run.
             if let Some(p) = me.key.lock().ok().and_then(|k| k.problem.clone()) {
                 return Err(p);
             }
-            let unsigned = me.ledger.unsigned_checkpoints().unwrap_or_default();
+            // A database that cannot be read is not ready (not "nothing waiting").
+            let unsigned = me
+                .ledger
+                .unsigned_checkpoints()
+                .map_err(|e| format!("the receipts ledger cannot be read: {e}"))?;
             let oldest = unsigned
                 .first()
                 .map(|(_, b)| (now_ns() - b.time_ns).max(0) / 1_000_000_000);

@@ -219,13 +219,14 @@ impl Replicator {
         // are read, not the whole history.
         let mut committed = 0;
         let mut waiting = None;
-        let _ = ledger.checkpoints_newest_first(|n, c| {
+        let scan = ledger.checkpoints_newest_first(|n, c| {
             if c.signature.is_none() {
                 return true;
             }
             let Ok(body) = CheckpointBody::decode(&c.body) else {
                 return true;
             };
+            // A count that cannot be read counts no witness: quorum is never claimed wrongly.
             let holders = 1 + ledger.cosigner_count(n).unwrap_or(0);
             if holders >= self.settings.quorum {
                 committed = body.size;
@@ -234,6 +235,10 @@ impl Replicator {
             waiting = Some((body.size, (now - body.time_ns) / 1_000_000_000, holders));
             true
         });
+        if let Err(e) = scan {
+            // The quorum view keeps what it read; readiness then reports the waiting checkpoint.
+            tracing::error!("region sync: reading checkpoints for the quorum view failed: {e}");
+        }
         self.metrics.committed.set(committed as i64);
         (committed, waiting)
     }
@@ -245,9 +250,14 @@ impl Replicator {
     ) -> Result<tonic::transport::Channel, String> {
         let addr: SocketAddr = tokio::net::lookup_host(&peer.authority)
             .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("{}: cannot resolve {}", peer.endpoint, peer.authority))?;
+            .map_err(|e| format!("{}: cannot resolve {}: {e}", peer.endpoint, peer.authority))?
+            .next()
+            .ok_or_else(|| {
+                format!(
+                    "{}: {} resolves to no address",
+                    peer.endpoint, peer.authority
+                )
+            })?;
         if !peer.tls {
             return tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| e.to_string())
@@ -464,6 +474,7 @@ fn prepare(
         .map(|(r, payload)| pb::Entry {
             seq: r.seq,
             encoding: r.encode(),
+            // A compacted payload travels empty; the header's hash still covers it.
             payload: payload.unwrap_or_default(),
         })
         .collect();
@@ -491,27 +502,32 @@ fn prepare(
     if entries.is_empty() && checkpoint.is_none() {
         return Ok(None);
     }
-    let keys = ledger
-        .keys()
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|k| pb::KeyRecord {
-            key_id: k.key.id,
-            key_version: k.key.version,
-            public_key_der: B64.decode(&k.public_key).unwrap_or_default(),
-            since_unix_nanos: k.since_ns,
+    // Our own stored key records: one that does not decode is corruption, reported rather than
+    // sent to peers as an empty key (which they would refuse without saying why).
+    let corrupt =
+        |what: &str, e: base64::DecodeError| format!("stored {what} does not decode: {e}");
+    let mut keys = Vec::new();
+    for k in ledger.keys().map_err(|e| e.to_string())? {
+        keys.push(pb::KeyRecord {
+            public_key_der: B64
+                .decode(&k.public_key)
+                .map_err(|e| corrupt(&format!("public key of {}", k.key), e))?,
             transition_statement: k
                 .transition
                 .as_ref()
                 .map(|t| t.0.clone())
-                .unwrap_or_default(),
-            transition_signature: k
-                .transition
-                .as_ref()
-                .and_then(|t| B64.decode(&t.1).ok())
-                .unwrap_or_default(),
-        })
-        .collect();
+                .unwrap_or_default(), // The first key has no transition.
+            transition_signature: match &k.transition {
+                Some((_, sig)) => B64
+                    .decode(sig)
+                    .map_err(|e| corrupt(&format!("transition signature of {}", k.key), e))?,
+                None => Vec::new(),
+            },
+            key_id: k.key.id,
+            key_version: k.key.version,
+            since_unix_nanos: k.since_ns,
+        });
+    }
     let (number, checkpoint, proof) = match checkpoint {
         Some((n, c, b)) => {
             let proof = if cosigned > 0 && cosigned < b.size {
@@ -521,11 +537,14 @@ fn prepare(
             } else {
                 Vec::new()
             };
-            let sig = c
-                .signature
-                .as_deref()
-                .and_then(|s| B64.decode(s).ok())
-                .unwrap_or_default();
+            // Only signed checkpoints are pushed; a stored signature that does not decode is
+            // corruption, reported.
+            let sig = match c.signature.as_deref() {
+                Some(s) => B64
+                    .decode(s)
+                    .map_err(|e| corrupt(&format!("signature of checkpoint {n}"), e))?,
+                None => Vec::new(),
+            };
             (
                 Some(n),
                 Some(pb::SignedCheckpoint {
