@@ -318,6 +318,7 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
         .await
         .map_err(ClientError::from_status)?
         .into_inner();
+    // No document in the reply: an empty one is shown.
     let doc = r.policy.unwrap_or_default();
     let mut human = format!(
         "generation {} (digest {})\nmode {}, default action {}, default class {}\n",
@@ -338,6 +339,7 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
         let action = pb::Action::try_from(rule.action)
             .map(|m| m.as_str_name())
             .unwrap_or("?");
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "  {:<24} {:<14} cidrs {} ports {} cgroup {}",
@@ -434,6 +436,7 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
         let class = pb::RuntimeClass::try_from(d.runtime_class)
             .map(|m| m.as_str_name())
             .unwrap_or("?");
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "  {class:<18} {:<9} allowed {:>10}  denied {:>10}  audited {:>10}  shed {:>10}",
@@ -443,6 +446,7 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
                               "audited": d.audited, "shed": d.shed}));
     }
     if let Some(l) = &r.ledger {
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "receipts: {} written, {} checkpoints waiting for the KMS, signing key {}",
@@ -450,6 +454,7 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
         );
     }
     if let Some(s) = &r.sync {
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "region {}: quorum {}, committed up to {} receipts{}",
@@ -490,6 +495,7 @@ pub async fn heat(target: &Target, limit: u32) -> Result<Report, ClientError> {
         r.map_entries, r.map_capacity
     );
     for (i, e) in r.entries.iter().enumerate() {
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "  {:>3}. {:<40} {:<5} {:>12} attempts  {:>12.1} decayed  {:>+9.1} rising",
@@ -536,6 +542,7 @@ pub async fn slo(target: &Target) -> Result<Report, ClientError> {
         let class = pb::RuntimeClass::try_from(c.runtime_class)
             .map(|m| m.as_str_name())
             .unwrap_or("?");
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "{class:<18} {:>8}   {:>13}   {:>13}   {:>7}   {:>7}   {}",
@@ -592,6 +599,7 @@ pub async fn hold_release(target: &Target, id: u64, reason: &str) -> Result<Repo
         .map_err(ClientError::from_status)?
         .into_inner()
         .hold
+        // Absent in the reply: shown empty.
         .unwrap_or_default();
     Ok(Report {
         human: format!("hold {id} released (receipted)\n"),
@@ -628,6 +636,7 @@ pub async fn hold_list(target: &Target) -> Result<Report, ClientError> {
         if !h.region.is_empty() {
             limits.push(format!("region {}", h.region));
         }
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "{:<4} {:<15} {:<10} {:<31} {}",
@@ -670,6 +679,7 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
         } else {
             String::from_utf8_lossy(&x.payload).into_owned()
         };
+        // Writing into a String cannot fail.
         let _ = writeln!(
             human,
             "{:<8} {:<15} {:<9} {:<11} {}",

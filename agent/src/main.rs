@@ -173,6 +173,7 @@ impl ClientArgs {
                 trust_domains: identity
                     .as_ref()
                     .map(|s| s.accepted_trust_domains())
+                    // No [spiffe]: no trust domains (plaintext).
                     .unwrap_or_default(),
                 agent_ids,
             }),
@@ -533,7 +534,9 @@ fn main() -> ExitCode {
                 to_seq,
                 from_time_unix_nanos: from_unix.map(|s| s.saturating_mul(1_000_000_000)),
                 to_time_unix_nanos: to_unix.map(|s| s.saturating_mul(1_000_000_000)),
+                // Not given: no limit on kind.
                 kind: kind.unwrap_or_default(),
+                // Not given: no limit on region.
                 region: region.unwrap_or_default(),
                 ..Default::default()
             };

@@ -113,6 +113,7 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
         .name
         .parse()
         .map_err(|e| errors.push(format!("rules[{i}].name: {e}")))
+        // The parse error is already in `errors`; the document is refused below.
         .ok();
     let action = match pb::Action::try_from(r.action) {
         Ok(pb::Action::Allow) => Some(Action::Allow),
@@ -140,6 +141,7 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
         r.cgroup
             .parse()
             .map_err(|e| errors.push(format!("rules[{i}].cgroup: {e}")))
+            // The parse error is already in `errors`; the document is refused below.
             .ok()
     };
     if r.cidrs.is_empty() {
@@ -152,6 +154,7 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
         .filter_map(|(j, c)| {
             c.parse()
                 .map_err(|e| errors.push(format!("rules[{i}].cidrs[{j}]: {e}")))
+                // The parse error is already in `errors`; the document is refused below.
                 .ok()
         })
         .collect();
@@ -162,6 +165,7 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
         .filter_map(|(j, p)| {
             p.parse()
                 .map_err(|e| errors.push(format!("rules[{i}].ports[{j}]: {e}")))
+                // The parse error is already in `errors`; the document is refused below.
                 .ok()
         })
         .collect();
@@ -176,6 +180,7 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
                     r.park_to
                 ))
             })
+            // The parse error is already in `errors`; the document is refused below.
             .ok()
     };
     let protocol = match pb::Protocol::try_from(r.protocol) {
@@ -239,6 +244,7 @@ fn rule_to_proto(r: &RuleSpec) -> pb::Rule {
             .class
             .map(class_to_proto)
             .unwrap_or(pb::RuntimeClass::Unspecified) as i32,
+        // No cgroup: the empty string, as the proto says.
         cgroup: r.cgroup.as_ref().map(|c| c.to_string()).unwrap_or_default(),
         cidrs: r.cidrs.iter().map(|c| c.to_string()).collect(),
         ports: r.ports.iter().flatten().map(|p| p.to_string()).collect(),
@@ -247,6 +253,7 @@ fn rule_to_proto(r: &RuleSpec) -> pb::Rule {
             Protocol::Tcp => pb::Protocol::Tcp,
             Protocol::Udp => pb::Protocol::Udp,
         } as i32,
+        // No park target: the empty string, as the proto says.
         park_to: r.park_to.map(|a| a.to_string()).unwrap_or_default(),
     }
 }

@@ -95,11 +95,13 @@ pub fn status_of(e: ControlError) -> Status {
 /// (more than 8 digits, a sign, an unknown unit) is ignored, as tonic's server ignores it; a
 /// deadline too far ahead to represent is no deadline.
 fn deadline_of<T>(req: &Request<T>, received: Instant) -> Option<Instant> {
+    // A header that is not ASCII is not a deadline (tonic ignores it too).
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
+    // Not a number: no deadline.
     let n: u64 = digits.parse().ok()?;
     let d = match unit {
         "H" => Duration::from_secs(n.checked_mul(3600)?),
@@ -236,6 +238,7 @@ impl AgentService for AgentApi {
                     region,
                     quorum: quorum as u32,
                     committed_size,
+                    // No problem: the empty string, as the proto says.
                     problem: problem.unwrap_or_default(),
                 })
             }

@@ -45,6 +45,7 @@ fn receipt_pb((r, payload): StoredReceipt) -> pb::Receipt {
         policy_generation: r.policy_generation,
         payload_sha256: r.payload_hash.to_vec(),
         payload_compacted: payload.is_none(),
+        // A compacted payload is sent empty; its hash is in the header.
         payload: payload.unwrap_or_default(),
         node: r.node.clone(),
         region: r.region.clone(),
@@ -131,6 +132,7 @@ impl ReceiptService for ReceiptApi {
                 signature: stored
                     .signature
                     .as_deref()
+                    // Unsigned (or, for a damaged ledger, undecodable): an empty signature, which no verifier accepts.
                     .and_then(|s| B64.decode(s).ok())
                     .unwrap_or_default(),
                 body: stored.body,
@@ -186,7 +188,9 @@ fn hold_pb(h: Hold) -> pb::Hold {
         to_seq: h.seq_range.map(|r| r.1),
         from_time_unix_nanos: h.time_range.map(|r| r.0),
         to_time_unix_nanos: h.time_range.map(|r| r.1),
+        // Absent limit: the empty string, as the proto says.
         kind: h.kind.unwrap_or_default(),
+        // Absent limit: the empty string, as the proto says.
         region: h.region.unwrap_or_default(),
         placed_unix_nanos: h.placed_ns,
         released_unix_nanos: h.released_ns,

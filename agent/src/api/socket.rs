@@ -50,6 +50,7 @@ impl Drop for SocketFile {
     fn drop(&mut self) {
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.inode {
+                // Best effort on exit: a socket left behind is replaced at the next start.
                 let _ = std::fs::remove_file(&self.path);
             }
         }

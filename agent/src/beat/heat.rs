@@ -236,6 +236,7 @@ impl HeatView {
         let descs = FAMILIES
             .iter()
             .filter_map(|(n, h)| {
+                // Static names and help: valid; a bad one would only drop that family.
                 Desc::new((*n).into(), (*h).into(), vec![], Default::default()).ok()
             })
             .collect();
@@ -250,6 +251,7 @@ impl HeatView {
     /// Feeds entries read at `beat`; at the end of a walk returns the destinations present.
     pub fn observe(&self, beat: u64, entries: &[HeatEntry], walk_done: bool) -> Option<usize> {
         self.beat.store(beat, Ordering::Relaxed);
+        // A poisoned tracker (a panicked beat) reports nothing rather than stale heat.
         let mut t = self.tracker.lock().ok()?;
         t.observe(beat, entries, walk_done);
         walk_done.then(|| t.len())
@@ -261,6 +263,7 @@ impl HeatView {
         self.tracker
             .lock()
             .map(|t| t.top(beat, n))
+            // A poisoned tracker ranks nothing.
             .unwrap_or_default()
     }
 
@@ -270,6 +273,7 @@ impl HeatView {
         self.tracker
             .lock()
             .map(|t| t.rising(beat, n))
+            // A poisoned tracker ranks nothing.
             .unwrap_or_default()
     }
 }

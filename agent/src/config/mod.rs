@@ -191,6 +191,7 @@ impl Config {
             let (section, key) = var["KNHK_".len()..]
                 .split_once("__")
                 .map(|(s, k)| (s.to_lowercase(), k.to_lowercase()))
+                // Absent: the empty value, refused or ignored just below.
                 .unwrap_or_default();
             let target = section_table(&mut table, &section).map_err(env_err)?;
             target.insert(key, env_value(&value));
@@ -273,6 +274,7 @@ fn section_table<'a>(
             .iter()
             .min_by_key(|s| strsim::damerau_levenshtein(s, section))
             .map(|s| format!("; did you mean KNHK_{}__...?", s.to_uppercase()))
+            // Absent: the empty value, refused or ignored just below.
             .unwrap_or_default();
         return Err(format!(
             "unknown section `{section}` (expected one of {}){hint}",
@@ -315,6 +317,7 @@ fn section_table<'a>(
 /// An override's value: a TOML value if it parses as one, else the raw string.
 fn env_value(raw: &str) -> toml::Value {
     toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        // Not a TOML value: taken as a string, as documented.
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_owned()))

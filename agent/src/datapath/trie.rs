@@ -34,6 +34,7 @@ impl Family for Ipv4Net {
     fn parse(key: &Key<LpmKeyV4>) -> Option<(u32, u64, Self)> {
         let data = key.data();
         let len = key.prefix_len().saturating_sub(LPM_FIXED_BITS) as u8;
+        // A key that is not a prefix is not ours: skipped.
         let net = Ipv4Net::new(data.addr.into(), len).ok()?;
         Some((data.slot, data.scope, net))
     }
@@ -56,6 +57,7 @@ impl Family for Ipv6Net {
     fn parse(key: &Key<LpmKeyV6>) -> Option<(u32, u64, Self)> {
         let data = key.data();
         let len = key.prefix_len().saturating_sub(LPM_FIXED_BITS) as u8;
+        // A key that is not a prefix is not ours: skipped.
         let net = Ipv6Net::new(data.addr.into(), len).ok()?;
         Some((data.slot, data.scope, net))
     }

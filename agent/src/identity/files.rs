@@ -112,6 +112,7 @@ impl FileWorkloadApi {
                 match load(&paths, &td) {
                     Ok(response) => {
                         tracing::info!(cert = %paths.cert.display(), "identity files changed: loaded");
+                        // No subscriber left (the source is gone): nothing to notify.
                         let _ = tx.send(Some(response));
                     }
                     Err(e) => tracing::error!(
@@ -138,7 +139,9 @@ impl Drop for FileWorkloadApi {
         for t in &self.tasks {
             t.abort();
         }
+        // Best effort on drop: a leftover is removed at the next start.
         let _ = std::fs::remove_file(&self.socket);
+        // Likewise for its private directory.
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -149,6 +152,7 @@ fn fingerprint(paths: &FilePaths) -> Vec<Option<(i64, i64, u64, u64)>> {
         .iter()
         .map(|p| {
             std::fs::metadata(p)
+                // A file that cannot be read now counts as changed; the reload reports why.
                 .ok()
                 .map(|m| (m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
         })

@@ -83,6 +83,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
+                        // The server stopped accepting: the connection is dropped.
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {

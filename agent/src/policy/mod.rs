@@ -157,6 +157,7 @@ fn rule_line(r: &RuleSpec, default_class: Class) -> String {
         list(r.cidrs.iter().map(|c| c.to_string()).collect()),
         list(r.ports.iter().flatten().map(|p| p.to_string()).collect()),
         canonical::protocol(r.protocol),
+        // No park target: empty in the canonical text.
         r.park_to.map(|a| a.to_string()).unwrap_or_default()
     )
 }
@@ -316,18 +317,21 @@ pub fn compile_scope(
             }
         }
     }
+    // The global scope: no suffix.
     let describe_scope = || scope.map(|s| format!(" in cgroup {s}")).unwrap_or_default();
     let name_of = |order: usize| rules[order].name.to_string();
     Ok(ScopeTable {
         v4: flatten(
             v4,
             |n| n.prefix_len(),
+            // Lengths come from existing prefixes: always valid.
             |n, len| Ipv4Net::new(n.network(), len).map(|n| n.trunc()).ok(),
         )
         .map_err(|(p, c)| overflow(IpNet::V4(p), c, describe_scope(), name_of))?,
         v6: flatten(
             v6,
             |n| n.prefix_len(),
+            // Lengths come from existing prefixes: always valid.
             |n, len| Ipv6Net::new(n.network(), len).map(|n| n.trunc()).ok(),
         )
         .map_err(|(p, c)| overflow(IpNet::V6(p), c, describe_scope(), name_of))?,

@@ -195,6 +195,7 @@ impl KeyRef {
         let (id, v) = s.rsplit_once('#')?;
         Some(KeyRef {
             id: id.to_owned(),
+            // Not a number: not a key reference.
             version: v.parse().ok()?,
         })
     }
@@ -257,6 +258,7 @@ impl CheckpointBody {
         let size = field("size")?.parse().map_err(|_| bad("size"))?;
         let root: Hash = B64
             .decode(field("root")?)
+            // Not base64: refused as a bad root below.
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| bad("root"))?;

@@ -213,6 +213,7 @@ impl Ledger {
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| payload.downcast_ref::<String>().cloned())
+                    // A panic payload that is not a string: reported without its text.
                     .unwrap_or_default();
                 return Err(LedgerError::Corrupt(format!(
                     "{}: its database structure is damaged (the database library failed on it: \
@@ -339,6 +340,7 @@ impl Ledger {
             if c.signature.is_some() {
                 return false;
             }
+            // An undecodable checkpoint cannot be signed; verify reports it.
             out.extend(CheckpointBody::decode(&c.body).ok().map(|b| (n, b)));
             true
         })?;

@@ -409,6 +409,7 @@ impl Receipts {
     /// agent (with a transition statement signed by the previous key).
     async fn sync_key(&self) -> Result<(), SignerError> {
         let info = self.call(|| self.signer.current()).await?;
+        // A poisoned lock means no known previous key: the transition is not countersigned.
         let previous = self.key.lock().ok().and_then(|k| k.current.clone());
         match previous {
             Some(p) if p.key == info.key => {}

@@ -166,6 +166,7 @@ impl PrivateCopy {
 
 impl Drop for PrivateCopy {
     fn drop(&mut self) {
+        // Best effort: a temporary copy in the system's temp directory.
         let _ = std::fs::remove_file(&self.0);
     }
 }
@@ -219,6 +220,7 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
                         record.key,
                         record.public_key
                     );
+                    // An unknown previous key: an empty key, which verifies nothing (reported).
                     let prev_public = keys.get(&prev.key).cloned().unwrap_or_default();
                     if !statement.starts_with(&expected_prefix) {
                         problem(
@@ -306,6 +308,7 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
         let done = merkle::completed_by_append(seq, format::leaf_hash(encoding), |l, x| {
             frontier.remove(&(l, x)).ok_or(())
         })
+        // A missing node is reported as a root mismatch below.
         .unwrap_or_default();
         if let Some(&(level, index, hash)) = done.last() {
             // The lower ones were combined into it: only the top joins the frontier.
@@ -381,6 +384,7 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
         let message = super::ledger::cosigned_message(&c.region, body);
         let valid = B64
             .decode(&c.public_key)
+            // Not base64: not valid (reported).
             .ok()
             .zip(B64.decode(&c.signature).ok())
             .is_some_and(|(k, sig)| verify_signature(&k, message.as_bytes(), &sig));

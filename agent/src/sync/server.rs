@@ -164,6 +164,7 @@ impl SyncServer {
                 let known = |key: &str| {
                     ledger
                         .meta(key)
+                        // Evidence is best effort: a record that cannot be read is left out.
                         .ok()
                         .flatten()
                         .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
@@ -356,6 +357,7 @@ impl pb::region_sync_server::RegionSync for SyncServer {
             let proof: Vec<format::Hash> = req
                 .consistency_proof
                 .iter()
+                // A hash of the wrong length makes the proof fail (refused).
                 .filter_map(|h| h.as_slice().try_into().ok())
                 .collect();
             witness::check_history(

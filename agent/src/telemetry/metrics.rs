@@ -102,6 +102,7 @@ impl DatapathCollector {
         let descs = FAMILIES
             .iter()
             .filter_map(|(name, help)| {
+                // Static names and help: valid; a bad one would only drop that family.
                 Desc::new((*name).into(), (*help).into(), vec![], Default::default()).ok()
             })
             .collect();
@@ -171,6 +172,7 @@ impl Collector for DatapathCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        // A poisoned snapshot scrapes as empty; map counters are still read live.
         let status = self.status.read().map(|s| s.clone()).unwrap_or_default();
         let mut out = Vec::new();
         let fam = |name: &str, kind, metrics| family(name, help(name), kind, metrics);

@@ -168,9 +168,11 @@ impl AdminServer {
 impl Drop for AdminServer {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
+            // The server already stopped: nothing to signal.
             let _ = tx.send(());
         }
         if let Some(t) = self.thread.take() {
+            // A panicked server thread has already logged its panic.
             let _ = t.join();
         }
     }
@@ -241,6 +243,7 @@ async fn serve(
             }
         }
     }
+    // No connection left to tell.
     let _ = closing.send(true);
     let drain = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(2), drain)

@@ -66,9 +66,10 @@ impl BeatSettings {
                 slo.c1_p99_max_ms.map(|ms| ms.saturating_mul(1_000_000)),
             ],
             latency_sources: [
+                // Not set: handshake latency, the documented default (also for W1 and C1 below).
                 slo.r1_latency.unwrap_or_default(),
-                slo.w1_latency.unwrap_or_default(),
-                slo.c1_latency.unwrap_or_default(),
+                slo.w1_latency.unwrap_or_default(), // Likewise.
+                slo.c1_latency.unwrap_or_default(), // Likewise.
             ],
             strategy: slo.admission_strategy.unwrap_or(AdmissionStrategy::Strict),
             budgets_per_beat: [

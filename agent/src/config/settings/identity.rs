@@ -86,6 +86,7 @@ impl IdentitySettings {
                 ));
             }
         }
+        // Not set: the Workload API, the documented default.
         let source = s.source.unwrap_or_default();
         let files = match source {
             IdentitySource::WorkloadApi => {
@@ -120,6 +121,7 @@ impl IdentitySettings {
                 })
             }
         };
+        // No [spiffe.authorized_ids]: every list empty, defaults filled below.
         let ids = s.authorized_ids.clone().unwrap_or_default();
         let mut access = AccessPolicy::default();
         for (name, given, list) in [
@@ -197,6 +199,7 @@ impl IdentitySettings {
         match &self.socket {
             Some(p) => format!("unix:{}", p.display()),
             None => std::env::var("SPIFFE_ENDPOINT_SOCKET")
+                // Unset or not Unicode: the default socket.
                 .ok()
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| format!("unix:{DEFAULT_SOCKET}")),

@@ -160,6 +160,7 @@ impl ReceiptSettings {
         region: Option<&str>,
     ) -> Result<ReceiptSettings, (String, String)> {
         let signer = SignerSettings::from_section(kms).map_err(|(k, m)| (format!("kms.{k}"), m))?;
+        // No [receipts]: every key at its documented default.
         let r = receipts.cloned().unwrap_or_default();
         let retention = check_receipts(&r)?;
         Ok(ReceiptSettings {
@@ -209,6 +210,7 @@ pub fn check_receipts(r: &ReceiptsSection) -> Result<BTreeMap<String, Duration>,
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
+        // No readable host name: the fallback name below.
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".into())

@@ -74,6 +74,7 @@ impl AwsSigner {
         let cached = self
             .public_keys
             .lock()
+            // A poisoned cache is bypassed: the key is fetched again.
             .ok()
             .and_then(|m| m.get(resolved).cloned());
         let public_key_der = match cached {

@@ -45,9 +45,11 @@ impl FileSigner {
         let entries = std::fs::read_dir(&self.dir)
             .map_err(|e| refused(format!("reading key_dir {}: {e}", self.dir.display())))?;
         let mut v: Vec<u64> = entries
+            // An unreadable directory entry is not a key file.
             .filter_map(|e| e.ok())
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
+                // Other files are not key versions.
                 name.strip_prefix('v')?.strip_suffix(".pem")?.parse().ok()
             })
             .collect();

@@ -87,6 +87,7 @@ impl VaultSigner {
         };
         let (version, entry) = versions
             .iter()
+            // Vault's key versions are numbers; anything else is not a version.
             .filter_map(|(v, e)| v.parse::<u64>().ok().map(|v| (v, e)))
             .max_by_key(|(v, _)| *v)
             .ok_or_else(|| SignerError::Refused {
@@ -141,6 +142,7 @@ impl Signer for VaultSigner {
                 message: format!("unexpected signature format {:?}", out.signature),
             });
         }
+        // No signature in the reply: refused as not base64 just below.
         B64.decode(sig.unwrap_or_default())
             .map_err(|e| SignerError::Refused {
                 provider: "vault",
