@@ -1166,13 +1166,7 @@ fn kernel_sigterm_under_load_loses_no_acknowledged_receipt_and_keeps_enforcing()
 
 /// Resident memory of `pid`, bytes.
 fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
+    memory_of(pid).0
 }
 
 /// A small document that would expand to millions of rule entries (2,000 prefixes × 2,000

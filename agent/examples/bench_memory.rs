@@ -40,20 +40,6 @@ fn document(rules: usize) -> pb::PolicyDocument {
     }
 }
 
-/// (VmRSS, VmHWM) of `pid`, bytes.
-fn memory(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("a memory field")
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// Starts the agent on `config`; returns it with its gRPC address from the ready line.
 fn start(bin: &std::path::Path, config: &std::path::Path) -> (std::process::Child, String) {
     let mut child = Command::new(bin)
@@ -99,7 +85,7 @@ fn main() {
     for rules in [1usize, 1_000, 10_000, 100_000] {
         let (mut child, grpc) = start(&bin, &config);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let (idle, _) = memory(child.id());
+        let (idle, _) = memory_of(child.id());
         // A runtime per agent, dropped before the agent stops: its client connection closes
         // instead of idling unpolled through the agent's graceful shutdown.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -120,7 +106,7 @@ fn main() {
         });
         drop(rt);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let (rss, hwm) = memory(child.id());
+        let (rss, hwm) = memory_of(child.id());
         println!(
             "{rules:>8}  {:>9} KiB  {:>9} KiB  {:>9} KiB",
             rss / 1024,

@@ -35,6 +35,20 @@ fn unique(name: &str) -> String {
 /// Whether the kernel features the tests need are present. Prints why not and returns `false`
 /// (the test then returns early, loudly), or panics when `KNHK_REQUIRE_KERNEL_TESTS=1` (CI),
 /// so that a skip can never pass silently there.
+/// (resident, peak resident) memory of process `pid`, bytes (`VmRSS`, `VmHWM`).
+pub fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 pub fn kernel_available(test: &str) -> bool {
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("needs root".to_string())
