@@ -322,9 +322,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     )
     .await?;
 
-    // Before the ready line: a SIGTERM right after it must stop the agent cleanly.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| AgentError::Internal(format!("installing the SIGTERM handler: {e}")))?;
+    // Before the ready line: a SIGTERM or SIGINT right after it must stop the agent cleanly.
+    let signal = |kind: tokio::signal::unix::SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| AgentError::Internal(format!("installing the {name} handler: {e}")))
+    };
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
+    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
     let mode = format!("{:?}", config.agent.mode).to_lowercase();
     let generation = controller.live().await.number;
     announce(&format!(
@@ -353,7 +357,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
                 if let Err(e) = controller.tick().await {
