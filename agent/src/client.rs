@@ -318,7 +318,7 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
         .await
         .map_err(ClientError::from_status)?
         .into_inner();
-    // No document in the reply: an empty one is shown.
+    // This agent always sends the document; a reply without one shows it empty.
     let doc = r.policy.unwrap_or_default();
     let mut human = format!(
         "generation {} (digest {})\nmode {}, default action {}, default class {}\n",

@@ -485,6 +485,7 @@ fn main() -> ExitCode {
                                 report.unsigned_checkpoints,
                                 report.keys
                             );
+                            // The report's verdict (no problems), not a Result conversion.
                             if report.ok() {
                                 println!("verified");
                             }
@@ -493,6 +494,7 @@ fn main() -> ExitCode {
                             }
                         }
                     }
+                    // The report's verdict again (not a Result conversion).
                     if report.ok() {
                         ExitCode::SUCCESS
                     } else {

@@ -132,8 +132,12 @@ impl ReceiptService for ReceiptApi {
                 signature: stored
                     .signature
                     .as_deref()
-                    // Unsigned (or, for a damaged ledger, undecodable): an empty signature, which no verifier accepts.
-                    .and_then(|s| B64.decode(s).ok())
+                    .map(|s| B64.decode(s))
+                    .transpose()
+                    .map_err(|e| {
+                        Status::data_loss(format!("checkpoint {number}: signature not base64: {e}"))
+                    })?
+                    // Unsigned (queued for the KMS): empty, as the proto says.
                     .unwrap_or_default(),
                 body: stored.body,
                 tree_size: body.size,

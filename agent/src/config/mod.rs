@@ -191,7 +191,7 @@ impl Config {
             let (section, key) = var["KNHK_".len()..]
                 .split_once("__")
                 .map(|(s, k)| (s.to_lowercase(), k.to_lowercase()))
-                // Absent: the empty value, refused or ignored just below.
+                // Never absent (only names with `__` are kept above); "" would be refused below.
                 .unwrap_or_default();
             let target = section_table(&mut table, &section).map_err(env_err)?;
             target.insert(key, env_value(&value));
@@ -274,7 +274,7 @@ fn section_table<'a>(
             .iter()
             .min_by_key(|s| strsim::damerau_levenshtein(s, section))
             .map(|s| format!("; did you mean KNHK_{}__...?", s.to_uppercase()))
-            // Absent: the empty value, refused or ignored just below.
+            // No section to suggest (SECTIONS is never empty): no hint.
             .unwrap_or_default();
         return Err(format!(
             "unknown section `{section}` (expected one of {}){hint}",

@@ -76,7 +76,7 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
-            // No Nagle: small responses must not wait for a delayed ACK.
+            // No Nagle, so small responses do not wait for a delayed ACK; if refused, only slower.
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();

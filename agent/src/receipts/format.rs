@@ -258,7 +258,7 @@ impl CheckpointBody {
         let size = field("size")?.parse().map_err(|_| bad("size"))?;
         let root: Hash = B64
             .decode(field("root")?)
-            // Not base64: refused as a bad root below.
+            // Not base64, or not 32 bytes: refused as a bad root below.
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| bad("root"))?;

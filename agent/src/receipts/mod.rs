@@ -280,11 +280,20 @@ impl Receipts {
             breaker: CircuitBreaker::new(3, Duration::from_secs(5)),
             key: Mutex::new(KeyState {
                 current: last_key.as_ref().and_then(|k| {
-                    // A stored key that does not decode is not used; the KMS is asked again.
-                    B64.decode(&k.public_key).ok().map(|der| KeyInfo {
-                        key: k.key.clone(),
-                        public_key_der: der,
-                    })
+                    B64.decode(&k.public_key)
+                        .map_err(|e| {
+                            tracing::error!(
+                                key = %k.key,
+                                "receipts: the ledger's last signing key does not decode \
+                                 ({e}); the KMS's current key is taken as a new first key"
+                            )
+                        })
+                        // Logged just above: the KMS is asked again.
+                        .ok()
+                        .map(|der| KeyInfo {
+                            key: k.key.clone(),
+                            public_key_der: der,
+                        })
                 }),
                 since_ns: last_key.as_ref().map_or_else(now_ns, |k| k.since_ns),
                 problem: None,
@@ -610,7 +619,7 @@ impl Receipts {
                 }
                 for (i, (_, ack)) in batch.into_iter().enumerate() {
                     if let Some(ack) = ack {
-                        // The caller may have gone (a cancelled RPC); the receipt is durable anyway.
+                        // The caller may have gone (a cancelled RPC); a failure is logged above.
                         let _ = ack.send(result.clone().map(|r| r.start + i as u64));
                     }
                 }
@@ -628,7 +637,7 @@ impl Receipts {
                 }
             }
             for ack in pulse_acks {
-                // The caller may have gone; the checkpoint is written anyway.
+                // The caller may have gone; the checkpoint is written (or its failure logged).
                 let _ = ack.send(());
             }
             if stopping {

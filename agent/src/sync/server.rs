@@ -164,10 +164,22 @@ impl SyncServer {
                 let known = |key: &str| {
                     ledger
                         .meta(key)
-                        // Evidence is best effort: a record that cannot be read is left out.
+                        .map_err(|e| {
+                            tracing::error!("region sync: fork evidence {key:?} unreadable: {e}")
+                        })
+                        // Logged just above: evidence is best effort, the record is left out.
                         .ok()
                         .flatten()
-                        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+                        .and_then(|v| {
+                            serde_json::from_slice::<serde_json::Value>(&v)
+                                .map_err(|e| {
+                                    tracing::error!(
+                                        "region sync: fork evidence {key:?} damaged: {e}"
+                                    )
+                                })
+                                // Logged just above: the damaged record is left out.
+                                .ok()
+                        })
                 };
                 let size = CheckpointBody::decode(cp.body).map_or(0, |b| b.size);
                 let evidence = serde_json::json!({

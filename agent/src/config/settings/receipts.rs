@@ -210,7 +210,13 @@ pub fn check_receipts(r: &ReceiptsSection) -> Result<BTreeMap<String, Duration>,
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        // No readable host name: the fallback name below.
+        .map_err(|e| {
+            tracing::warn!(
+                "cannot read the host name (/proc/sys/kernel/hostname: {e}); receipts name \
+                 this node \"node\" (set receipts.node to name it)"
+            )
+        })
+        // Logged just above: the fallback name below.
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "node".into())
