@@ -135,4 +135,7 @@ fn main() {
         if hwm <= budget { "MET" } else { "MISSED" },
         hwm >> 20
     );
+    if hwm > budget && std::env::args().any(|a| a == "--check") {
+        std::process::exit(1);
+    }
 }

@@ -765,6 +765,62 @@ pub fn tcp_connect_many_from(cgroup: &Path, n: u32) -> u64 {
     admitted as u64
 }
 
+/// `n` TCP connects from a process in `cgroup`, cycling through `addrs` (each closed with a
+/// reset right away).
+pub fn tcp_connect_cycle_from(cgroup: &Path, addrs: &[SocketAddr], n: u64) -> LoopCounts {
+    let raw: Vec<RawAddr> = addrs.iter().map(|a| raw_addr(*a)).collect();
+    let [c, d, o] = in_cgroup::<3>(cgroup, move |out| {
+        let mut ns = 0;
+        for i in 0..n as usize {
+            match raw_connect(&raw[i % raw.len()], libc::SOCK_STREAM, &mut ns) {
+                0 => out[0] += 1,
+                e if e == libc::EPERM as i64 => out[1] += 1,
+                _ => out[2] += 1,
+            }
+        }
+    });
+    LoopCounts {
+        connected: c as u64,
+        denied: d as u64,
+        other: o as u64,
+    }
+}
+
+/// `n` UDP datagrams sent with `sendto()` from one unconnected socket of a process in `cgroup`,
+/// cycling through `addrs` (of one address family); `connected` counts datagrams sent.
+pub fn udp_sendto_cycle_from(cgroup: &Path, addrs: &[SocketAddr], n: u64) -> LoopCounts {
+    let raw: Vec<RawAddr> = addrs.iter().map(|a| raw_addr(*a)).collect();
+    let [c, d, o] = in_cgroup::<3>(cgroup, move |out| unsafe {
+        let fd = libc::socket(raw[0].family, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            out[2] = n as i64;
+            return;
+        }
+        for i in 0..n as usize {
+            let a = &raw[i % raw.len()];
+            let r = libc::sendto(
+                fd,
+                b"knhk".as_ptr().cast(),
+                4,
+                0,
+                &a.storage as *const _ as *const libc::sockaddr,
+                a.len,
+            );
+            match r {
+                4 => out[0] += 1,
+                _ if *libc::__errno_location() == libc::EPERM => out[1] += 1,
+                _ => out[2] += 1,
+            }
+        }
+        libc::close(fd);
+    });
+    LoopCounts {
+        connected: c as u64,
+        denied: d as u64,
+        other: o as u64,
+    }
+}
+
 /// One TCP connect from a process in `cgroup`; returns the outcome and the socket's
 /// `SO_PRIORITY` after it.
 pub fn tcp_connect_priority_from(cgroup: &Path, addr: SocketAddr) -> (Outcome, i64) {

@@ -66,9 +66,12 @@ enum Task {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]
         connects: u32,
-        /// Rules loaded for the admission-cost measurement.
+        /// Rules loaded for the admission-cost measurement (a seeded generated policy).
         #[arg(long, default_value_t = 10_000)]
         rules: u32,
+        /// Exit non-zero when a benchmark misses one of its goals (each benchmark still runs).
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -121,7 +124,11 @@ fn main() -> Result<()> {
             run(&mut cmd)?;
             run(cargo().args(["test", "--workspace", "--doc"]))
         }
-        Task::Bench { connects, rules } => {
+        Task::Bench {
+            connects,
+            rules,
+            check,
+        } => {
             setup()?;
             run(cargo().args([
                 "build",
@@ -132,16 +139,35 @@ fn main() -> Result<()> {
                 "--examples",
             ]))?;
             let examples = target_dir(&root).join("release/examples");
-            run(Command::new(examples.join("bench")).args([
+            let mut datapath = Command::new(examples.join("bench"));
+            datapath.args([
                 "--connects",
                 &connects.to_string(),
                 "--rules",
                 &rules.to_string(),
-            ]))?;
-            run(&mut Command::new(examples.join("bench_api")))?;
-            run(&mut Command::new(examples.join("bench_receipts")))?;
-            run(&mut Command::new(examples.join("bench_sync")))?;
-            run(&mut Command::new(examples.join("bench_memory")))
+            ]);
+            let mut benches = vec![datapath];
+            for name in ["bench_api", "bench_receipts", "bench_sync", "bench_memory"] {
+                benches.push(Command::new(examples.join(name)));
+            }
+            // Every benchmark runs; with --check, the task fails at the end if one missed a goal.
+            let mut failed = Vec::new();
+            for mut bench in benches {
+                if check {
+                    bench.arg("--check");
+                }
+                if let Err(e) = run(&mut bench) {
+                    failed.push(e.to_string());
+                }
+            }
+            if !failed.is_empty() {
+                bail!(
+                    "{} benchmark(s) failed or missed a goal:\n{}",
+                    failed.len(),
+                    failed.join("\n")
+                );
+            }
+            Ok(())
         }
     }
 }
