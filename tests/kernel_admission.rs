@@ -5,85 +5,11 @@ mod support;
 
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
 use knhk_agent::{
-    config::Config,
-    datapath::{Datapath, DatapathOptions, DatapathReader, ScopeChange},
+    datapath::ScopeChange,
     model::{Class, LatencySource},
-    policy::Policy,
 };
 use std::net::SocketAddr;
 use support::*;
-
-/// A datapath attached to a throwaway cgroup with its own pins. Field order is drop order:
-/// programs first, then pins (detaching them), then the cgroup.
-struct Harness {
-    dp: Datapath,
-    pins: TestPins,
-    cg: TestCgroup,
-}
-
-fn policy(text: &str) -> std::sync::Arc<Policy> {
-    std::sync::Arc::new(
-        Config::parse(text, "test")
-            .unwrap_or_else(|e| panic!("{e}"))
-            .policy(),
-    )
-}
-
-impl Harness {
-    fn start(name: &str, config: &str) -> Harness {
-        Self::start_with_heat(name, config, 1024)
-    }
-
-    fn start_with_heat(name: &str, config: &str, heat_max_entries: u32) -> Harness {
-        let cg = TestCgroup::new(name);
-        let pins = TestPins::new(name);
-        let opts = DatapathOptions {
-            cgroup_root: cg.path.clone(),
-            pin_root: pins.root.clone(),
-            heat_max_entries,
-        };
-        let mut dp = Datapath::start(&opts).unwrap_or_else(|e| panic!("datapath start: {e}"));
-        dp.apply(&policy(config), None)
-            .unwrap_or_else(|e| panic!("apply: {e}"));
-        Harness { dp, pins, cg }
-    }
-
-    fn reader(&self) -> DatapathReader {
-        DatapathReader::open(self.dp.pins()).expect("reader")
-    }
-
-    /// A beat engine over this datapath, driven by the test (`engine.beat()`), with the
-    /// receiving end of its events.
-    fn engine(
-        &self,
-        settings: knhk_agent::config::BeatSettings,
-    ) -> (
-        knhk_agent::beat::BeatEngine,
-        tokio::sync::broadcast::Receiver<knhk_agent::model::Event>,
-    ) {
-        let (events, rx) = tokio::sync::broadcast::channel(64);
-        let engine = knhk_agent::beat::BeatEngine::new(
-            settings,
-            self.reader(),
-            self.dp.class_state_writer(),
-            events,
-            &prometheus::Registry::new(),
-        )
-        .expect("beat engine");
-        (engine, rx)
-    }
-
-    fn hits(&self, rule: &str) -> u64 {
-        let status = self.dp.status();
-        let id = status
-            .rule_counters
-            .iter()
-            .find(|(n, _)| n == rule)
-            .map(|(_, id)| *id);
-        self.reader()
-            .rule_hits(id.unwrap_or_else(|| panic!("no rule {rule}")))
-    }
-}
 
 /// A policy that classes the shaped servers' subnet (`DelayedServer`, 10.213.0.0/16) as R1.
 const DELAYED_SERVERS_ARE_R1: &str = r#"
@@ -355,37 +281,47 @@ fn kernel_policy_switch_under_load_is_atomic() {
     }
     let _serial = timing_shared();
     let target = tcp_sink("127.0.0.1:0");
-    let a = policy(&switch_policy("R1", target.port(), 2000));
-    let b = policy(&switch_policy("W1", target.port(), 2000));
-    let mut h = Harness::start("switch", &switch_policy("R1", target.port(), 2000));
-    let cg = h.cg.path.clone();
-    let loader = std::thread::spawn(move || tcp_connect_loop_from(&cg, target, 30_000));
+    let udp_target = udp_sink("127.0.0.1:0");
+    // The target rule has no protocol: TCP connects and UDP datagrams to either port match it.
+    let text = |class: &str| {
+        switch_policy(class, target.port(), 500).replace(
+            &format!("ports = [\"{}\"]", target.port()),
+            &format!("ports = [\"{}\", \"{}\"]", target.port(), udp_target.port()),
+        )
+    };
+    let a = policy(&text("R1"));
+    let b = policy(&text("W1"));
+    let mut h = Harness::start("switch", &text("R1"));
+    let (cg, cg2) = (h.cg.path.clone(), h.cg.path.clone());
+    const CONNECTS: u64 = 30_000;
+    const DATAGRAMS: u64 = 100_000;
+    let tcp = std::thread::spawn(move || tcp_connect_loop_from(&cg, target, CONNECTS));
+    let udp = std::thread::spawn(move || udp_sendto_cycle_from(&cg2, &[udp_target], DATAGRAMS));
     let mut switches = 0;
-    while !loader.is_finished() {
+    while !tcp.is_finished() || !udp.is_finished() {
         h.dp.apply(if switches % 2 == 0 { &b } else { &a }, None)
             .expect("apply");
         switches += 1;
     }
-    let counts = loader.join().expect("loader");
+    let (tcp, udp) = (tcp.join().expect("tcp"), udp.join().expect("udp"));
+    // Past slot reuse: every slot was written, retired, reclaimed and written again.
     assert!(
-        switches >= 4,
-        "only {switches} switches happened during the loop"
+        switches > 2 * knhk_abi::SLOTS,
+        "only {switches} switches happened during the loops"
     );
-    // The default action is deny: a connect that saw a half-written generation would match no
-    // rule and fail with EPERM.
-    assert_eq!(
-        counts,
-        LoopCounts {
-            connected: 30_000,
-            denied: 0,
-            other: 0
-        },
-        "after {switches} switches"
-    );
+    // The default action is deny: a connect or datagram that saw a half-written generation (or
+    // a verdict cached from a cleared slot) would match no rule and fail with EPERM.
+    let all = |n| LoopCounts {
+        connected: n,
+        denied: 0,
+        other: 0,
+    };
+    assert_eq!(tcp, all(CONNECTS), "TCP after {switches} switches");
+    assert_eq!(udp, all(DATAGRAMS), "UDP after {switches} switches");
     let d = h.reader().decisions().expect("decisions");
     assert_eq!(
         d.get(ACTION_ALLOW, Class::R1) + d.get(ACTION_ALLOW, Class::W1),
-        30_000
+        CONNECTS + DATAGRAMS
     );
     assert!(
         d.get(ACTION_ALLOW, Class::R1) > 0 && d.get(ACTION_ALLOW, Class::W1) > 0,
@@ -395,10 +331,10 @@ fn kernel_policy_switch_under_load_is_atomic() {
     assert_eq!(
         h.reader().rule_hits(0),
         0,
-        "no connect fell through to the default"
+        "nothing fell through to the default"
     );
     eprintln!(
-        "policy switch under load: {switches} switches of 2001-rule policies during 30000 connects"
+        "policy switch under load: {switches} switches of 501-rule policies during {CONNECTS} TCP connects and {DATAGRAMS} UDP datagrams"
     );
 }
 
@@ -411,7 +347,11 @@ fn kernel_histograms_and_heat_fill_from_real_connections() {
     // A real network delay of about 20 ms dominates the handshake, so the connect() time seen in
     // userspace and the connect-to-ESTABLISHED time seen by the kernel measure the same thing.
     let server = DelayedServer::new(20);
-    let h = Harness::start("latency", DELAYED_SERVERS_ARE_R1);
+    // Heat counts every connect (no sampling), so the count below is exact.
+    let h = Harness::start(
+        "latency",
+        &format!("[agent]\nheat_sample_every = 1\n{DELAYED_SERVERS_ARE_R1}"),
+    );
     const N: usize = 200;
     let timings = tcp_connect_timings_from::<N>(&h.cg.path, server.addr);
     assert!(
@@ -757,7 +697,8 @@ fn kernel_heat_ranks_decays_and_counts_evictions() {
     use knhk_agent::config::BeatSettings;
     let h = Harness::start_with_heat(
         "heat",
-        "[[policy.rules]]\nname = \"any\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
+        "[agent]\nheat_sample_every = 1\n\
+         [[policy.rules]]\nname = \"any\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n",
         16,
     );
     let settings = BeatSettings {

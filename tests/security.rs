@@ -1376,10 +1376,12 @@ fn planted_identity_dir(symlink: bool) {
     let cg = TestCgroup::new(name);
     let pins = TestPins::new(name);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(
+    // A free port, not [spiffe]'s default 50051: tests (and other agents) run side by side.
+    let config = write_config_with(
         dir.path(),
         &cg.path,
         &pins.root,
+        "listen_address = \"127.0.0.1:0\"\n",
         &identity_files(dir.path()),
     );
     // A root-owned directory the symlink variant points at.

@@ -2,8 +2,8 @@
 //!
 //! The policy comes from a seeded generator ([`generate_policy`]): prefixes from /8 to /32 that
 //! overlap the destinations actually connected to, rules in several nested cgroup scopes, single
-//! ports, ranges and protocols. Connects cycle through [`DESTINATIONS`] distinct loopback
-//! addresses, so heat entries are created and updated as in a real workload.
+//! ports, ranges and protocols. Connects cycle through `--destinations` (default 1024) distinct
+//! loopback addresses, so heat entries are created and updated as in a real workload.
 //!
 //! 1. **Per-connection kernel cost** (BPF run-time statistics): `connect4` alone, and every
 //!    program run for one connection (`connect4` plus each `sockops` callback), against empty
@@ -36,8 +36,6 @@ use support::*;
 
 static EMPTY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/knhk-bench-empty.o"));
 
-/// Distinct destinations the connects cycle through.
-const DESTINATIONS: usize = 1024;
 /// Where the workload runs, below the attach cgroup: three levels, two of them rule scopes.
 const WORKLOAD: &str = "svc-a/pod-1";
 
@@ -48,6 +46,8 @@ struct Args {
     throughput_rounds: usize,
     max_cover: usize,
     seed: u64,
+    destinations: usize,
+    uniform: bool,
     check: bool,
 }
 
@@ -70,6 +70,8 @@ fn args() -> Args {
         throughput_rounds: num("--throughput-rounds", 41) as usize,
         max_cover: num("--max-cover", 16) as usize,
         seed: num("--seed", 0x6b6e_686b),
+        destinations: num("--destinations", 1024).clamp(1, 50_000) as usize,
+        uniform: args.iter().any(|a| a == "--uniform"),
         check: args.iter().any(|a| a == "--check"),
     }
 }
@@ -93,9 +95,34 @@ impl Rng {
     }
 }
 
+/// The order connects visit `dests`: 8,192 draws with Zipf (s = 1) popularity, as services and
+/// their clients are (a few hot destinations, a long tail; every destination is visited), or
+/// with `uniform`, each in turn (the worst case for every cache: nothing repeats soon).
+fn visit_order(dests: &[SocketAddr], uniform: bool, seed: u64) -> Vec<SocketAddr> {
+    if uniform {
+        return dests.to_vec();
+    }
+    let weights: Vec<f64> = (1..=dests.len()).map(|k| 1.0 / k as f64).collect();
+    let total: f64 = weights.iter().sum();
+    let mut cumulative = Vec::with_capacity(dests.len());
+    let mut acc = 0.0;
+    for w in &weights {
+        acc += w / total;
+        cumulative.push(acc);
+    }
+    let mut rng = Rng(seed ^ 0x5eed);
+    let mut order: Vec<SocketAddr> = dests.to_vec();
+    while order.len() < 8192 {
+        let u = (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+        let k = cumulative.partition_point(|c| *c < u).min(dests.len() - 1);
+        order.push(dests[k]);
+    }
+    order
+}
+
 /// The destinations connected to: distinct addresses spread over 127.0.0.0/8.
-fn destinations(port: u16) -> Vec<SocketAddr> {
-    (0..DESTINATIONS)
+fn destinations(port: u16, n: usize) -> Vec<SocketAddr> {
+    (0..n)
         .map(|i| {
             let a = 1 + (i % 200) as u8;
             let b = ((i / 200) * 41 % 256) as u8;
@@ -108,12 +135,12 @@ fn destinations(port: u16) -> Vec<SocketAddr> {
 /// A seeded policy of `rules` rules. 70 % of the rules cover connected destinations (lengths
 /// /32: 40 %, /24–/31: 30 %, /16–/23: 25 %, /8–/15: 5 %), the rest sit in 10.0.0.0/8. Scopes:
 /// 40 % global, 20 % each `svc-a`, `svc-a/pod-1` and `svc-b`. A rule that could match the
-/// workload's own connects (TCP to `port`) allows or audits them, so every connect is admitted
-/// and takes the full path. No connected destination is covered by more than `max_cover` rule
+/// workload's own traffic (TCP to `port`, UDP to `udp_port`) allows or audits it, so every
+/// connect and datagram is admitted and takes the full path. No connected destination is covered by more than `max_cover` rule
 /// entries (the kernel leaf limit of this ABI bounds it).
 fn generate_policy(
     rules: u64,
-    port: u16,
+    (port, udp_port): (u16, u16),
     dests: &[SocketAddr],
     max_cover: usize,
     seed: u64,
@@ -135,26 +162,24 @@ fn generate_policy(
             6 | 7 => Some("svc-a/pod-1"),
             _ => Some("svc-b"),
         };
-        let (ports, covers_port) = match rng.below(10) {
-            0..=4 => (String::new(), true),
+        let (ports, range) = match rng.below(10) {
+            0..=4 => (String::new(), 0..=u16::MAX),
             5..=7 => {
                 let p = 1 + rng.below(65_535) as u16;
-                (format!("ports = [\"{p}\"]\n"), p == port)
+                (format!("ports = [\"{p}\"]\n"), p..=p)
             }
             _ => {
                 let lo = 1 + rng.below(60_000) as u16;
                 let hi = lo + rng.below(2_000) as u16;
-                (
-                    format!("ports = [\"{lo}-{hi}\"]\n"),
-                    (lo..=hi).contains(&port),
-                )
+                (format!("ports = [\"{lo}-{hi}\"]\n"), lo..=hi)
             }
         };
-        let (protocol, covers_tcp) = match rng.below(10) {
-            0..=3 => ("protocol = \"tcp\"\n", true),
-            4 | 5 => ("protocol = \"udp\"\n", false),
-            _ => ("", true),
+        let (protocol, tcp, udp) = match rng.below(10) {
+            0..=3 => ("protocol = \"tcp\"\n", true, false),
+            4 | 5 => ("protocol = \"udp\"\n", false, true),
+            _ => ("", true, true),
         };
+        let matches_workload = (tcp && range.contains(&port)) || (udp && range.contains(&udp_port));
         // A prefix over the connected destinations, unless that would cover one too often.
         let mut cidr = None;
         if rng.chance(70) {
@@ -182,7 +207,7 @@ fn generate_policy(
             let base = (10 << 24) | (rng.next() as u32 & 0x00ff_ffff);
             (Ipv4Addr::from(base & (u32::MAX << (32 - len))), len, false)
         });
-        let action = if local && covers_port && covers_tcp {
+        let action = if local && matches_workload {
             ["allow", "audit"][rng.below(2) as usize]
         } else {
             ["allow", "deny", "audit"][rng.below(3) as usize]
@@ -280,8 +305,13 @@ fn main() {
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
     let tcp_target = tcp_sink("0.0.0.0:0");
     let udp_target = udp_sink("0.0.0.0:0");
-    let dests = destinations(tcp_target.port());
-    let udp_dests = destinations(udp_target.port());
+    let all_dests = destinations(tcp_target.port(), args.destinations);
+    let dests = visit_order(&all_dests, args.uniform, args.seed);
+    let udp_dests = visit_order(
+        &destinations(udp_target.port(), args.destinations),
+        args.uniform,
+        args.seed,
+    );
 
     let agent_cg = TestCgroup::new("bench-agent");
     let empty_cg = TestCgroup::new("bench-empty");
@@ -300,8 +330,8 @@ fn main() {
     .expect("start datapath");
     let text = generate_policy(
         args.rules,
-        tcp_target.port(),
-        &dests,
+        (tcp_target.port(), udp_target.port()),
+        &all_dests,
         args.max_cover,
         args.seed,
     );
@@ -347,8 +377,9 @@ fn main() {
 
     // Warm up: caches, heat entries for every destination, the accept thread.
     for leaf in [&agent_leaf, &empty_leaf, &bare_leaf] {
-        let c = tcp_connect_cycle_from(leaf, &dests, 2 * DESTINATIONS as u64);
-        assert_eq!(c.connected, 2 * DESTINATIONS as u64, "warm-up: {c:?}");
+        let n = 2 * dests.len().max(500) as u64;
+        let c = tcp_connect_cycle_from(leaf, &dests, n);
+        assert_eq!(c.connected, n, "warm-up: {c:?}");
     }
 
     // 1. Kernel cost per connection, interleaved rounds.
@@ -410,7 +441,7 @@ fn main() {
             None,
         )
         .expect("apply");
-        tcp_connect_cycle_from(&agent_leaf, &dests, DESTINATIONS as u64);
+        tcp_connect_cycle_from(&agent_leaf, &dests, dests.len().max(500) as u64);
         let c0 = agent_stats(&dp, knhk_abi::program_names::CONNECT4).expect("connect4");
         let c = tcp_connect_cycle_from(&agent_leaf, &dests, args.connects);
         assert_eq!(c.connected, args.connects, "{c:?}");
@@ -472,13 +503,18 @@ fn main() {
     }
 
     println!(
-        "knhk-agent datapath benchmark: {} generated rules (seed {:#x}, at most {} entries over one destination), {} trie entries, {} scopes; {} destinations; {} connects per measurement",
+        "knhk-agent datapath benchmark: {} generated rules (seed {:#x}, at most {} entries over one destination), {} trie entries, {} scopes; {} destinations visited {}; {} connects per measurement",
         report.rules,
         args.seed,
         args.max_cover,
         report.trie_entries,
         policy_scopes(&policy),
-        DESTINATIONS,
+        args.destinations,
+        if args.uniform {
+            "in turn (--uniform)"
+        } else {
+            "with Zipf popularity"
+        },
         args.connects
     );
     println!(

@@ -48,6 +48,38 @@ pub fn latency_kind(s: LatencySource) -> usize {
     }
 }
 
+/// The name of a decision's `knhk_abi::ACTION_*` as the API and logs write it.
+pub fn decision_name(action: u8) -> &'static str {
+    match action {
+        knhk_abi::ACTION_ALLOW => "allow",
+        knhk_abi::ACTION_DENY => "deny",
+        knhk_abi::ACTION_AUDIT => "audit",
+        knhk_abi::ACTION_SHED => "shed",
+        knhk_abi::ACTION_PARK => "park",
+        _ => "unknown",
+    }
+}
+
+/// The class of a `knhk_abi::CLASS_*` number (the kernel treats unknown numbers as C1).
+pub fn class_of(c: u8) -> Class {
+    match c {
+        knhk_abi::CLASS_R1 => Class::R1,
+        knhk_abi::CLASS_W1 => Class::W1,
+        _ => Class::C1,
+    }
+}
+
+/// The name of a `knhk_abi::HOOK_*`.
+pub fn hook_name(hook: u8) -> &'static str {
+    match hook {
+        knhk_abi::HOOK_CONNECT4 => "connect4",
+        knhk_abi::HOOK_CONNECT6 => "connect6",
+        knhk_abi::HOOK_SENDMSG4 => "sendmsg4",
+        knhk_abi::HOOK_SENDMSG6 => "sendmsg6",
+        _ => "unknown",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

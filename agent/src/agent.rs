@@ -125,6 +125,14 @@ impl Drop for DetachOnFailure {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
+    // First of all: a SIGTERM or SIGINT that arrives while the agent starts is kept, and stops
+    // it cleanly once it has started (rather than killing it half-attached).
+    let signal = |kind: tokio::signal::unix::SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind)
+            .map_err(|e| AgentError::Internal(format!("installing the {name} handler: {e}")))
+    };
+    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
+    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
     let identity_settings = config.settings.identity.clone();
     let api_listener = api::bind(&config.api_listen(), identity_settings.is_some()).await?;
@@ -322,13 +330,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     )
     .await?;
 
-    // Before the ready line: a SIGTERM or SIGINT right after it must stop the agent cleanly.
-    let signal = |kind: tokio::signal::unix::SignalKind, name: &str| {
-        tokio::signal::unix::signal(kind)
-            .map_err(|e| AgentError::Internal(format!("installing the {name} handler: {e}")))
-    };
-    let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
-    let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
     let mode = format!("{:?}", config.agent.mode).to_lowercase();
     let generation = controller.live().await.number;
     announce(&format!(

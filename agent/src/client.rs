@@ -693,3 +693,184 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
         json: json!({"log_size": r.log_size, "receipts": items}),
     })
 }
+
+/// Parses `DEST:PORT/PROTO` (`10.0.0.5:5432/tcp`, `[fd00::1]:53/udp`; PROTO defaults to tcp).
+pub fn parse_destination(s: &str) -> Result<(std::net::IpAddr, u16, String), ClientError> {
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, p)) => (a, p.to_ascii_lowercase()),
+        None => (s, "tcp".to_owned()),
+    };
+    if proto != "tcp" && proto != "udp" {
+        return Err(ClientError::File(format!(
+            "{s}: protocol {proto:?} is not tcp or udp (write DEST:PORT/PROTO, e.g. 10.0.0.5:5432/tcp)"
+        )));
+    }
+    let sa: std::net::SocketAddr = addr.parse().map_err(|_| {
+        ClientError::File(format!(
+            "{s}: not DEST:PORT/PROTO (e.g. 10.0.0.5:5432/tcp or [fd00::1]:53/udp)"
+        ))
+    })?;
+    Ok((sa.ip(), sa.port(), proto))
+}
+
+/// `explain`.
+pub async fn explain(
+    target: &Target,
+    cgroup: &str,
+    destination: &str,
+) -> Result<Report, ClientError> {
+    let (ip, port, protocol) = parse_destination(destination)?;
+    let mut c = AgentServiceClient::new(channel(target).await?);
+    let r = c
+        .explain(pb::ExplainRequest {
+            cgroup: cgroup.to_owned(),
+            destination: ip.to_string(),
+            port: port.into(),
+            protocol: protocol.clone(),
+        })
+        .await
+        .map_err(ClientError::from_status)?
+        .into_inner();
+    let class = convert::class_name(r.runtime_class);
+    let mut human = format!(
+        "{} from cgroup {cgroup}: {} (rule {}, class {class}, generation {})\n",
+        destination,
+        r.action,
+        if r.rule.is_empty() {
+            "none: the default"
+        } else {
+            &r.rule
+        },
+        r.generation
+    );
+    for (i, step) in r.steps.iter().enumerate() {
+        let _ = writeln!(human, "  {}. {step}", i + 1);
+    }
+    Ok(Report {
+        human,
+        json: json!({"cgroup": cgroup, "destination": ip.to_string(), "port": port, "protocol": protocol,
+                     "generation": r.generation, "scope": r.scope, "prefix": r.prefix, "rule": r.rule,
+                     "rule_action": r.rule_action, "class": class, "action": r.action,
+                     "entries_scanned": r.entries_scanned, "steps": r.steps}),
+    })
+}
+
+/// What `events` streams.
+#[derive(Debug, Clone, Default)]
+pub struct EventsRequest {
+    /// Include kernel verdicts.
+    pub verdicts: bool,
+    /// Only kernel verdicts.
+    pub only_verdicts: bool,
+    /// Verdict actions to keep (empty: all).
+    pub actions: Vec<String>,
+    /// Verdicts of this cgroup subtree only.
+    pub cgroup: Option<String>,
+    /// Verdicts of this rule only.
+    pub rule: Option<String>,
+    /// Stop after this many events.
+    pub count: Option<u64>,
+    /// Stop after this long (None: until interrupted or `count`).
+    pub duration: Option<Duration>,
+}
+
+/// `events`: streams events as they happen, calling `emit` with each; returns how many.
+pub async fn events(
+    target: &Target,
+    req: &EventsRequest,
+    mut emit: impl FnMut(Report),
+) -> Result<u64, ClientError> {
+    let mut c = AgentServiceClient::new(channel(target).await?);
+    let mut stream = c
+        .watch_events(pb::WatchEventsRequest {
+            verdicts: req.verdicts || req.only_verdicts,
+            only_verdicts: req.only_verdicts,
+            actions: req.actions.clone(),
+            cgroup: req.cgroup.clone().unwrap_or_default(),
+            rule: req.rule.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(ClientError::from_status)?
+        .into_inner();
+    let deadline = req.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut n = 0;
+    while req.count.is_none_or(|c| n < c) {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, stream.message()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            None => stream.message().await,
+        };
+        let Some(e) = next.map_err(ClientError::from_status)? else {
+            break;
+        };
+        emit(event_report(e));
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// One event in both renderings.
+fn event_report(e: pb::WatchEventsResponse) -> Report {
+    use pb::watch_events_response::Event as E;
+    let at = e.unix_millis;
+    match e.event {
+        Some(E::Verdict(v)) => Report {
+            human: format!(
+                "{at} verdict {:<5} {}:{}/{} from {} (rule {}, class {}, generation {}, {})\n",
+                v.action,
+                if v.destination.contains(':') {
+                    format!("[{}]", v.destination)
+                } else {
+                    v.destination.clone()
+                },
+                v.port,
+                v.protocol,
+                v.cgroup,
+                if v.rule.is_empty() {
+                    "none: the default"
+                } else {
+                    &v.rule
+                },
+                convert::class_name(v.runtime_class),
+                v.generation,
+                v.hook
+            ),
+            json: json!({"unix_millis": at, "type": "verdict", "cgroup": v.cgroup, "destination": v.destination,
+                         "port": v.port, "protocol": v.protocol, "action": v.action,
+                         "class": convert::class_name(v.runtime_class), "rule": v.rule,
+                         "generation": v.generation, "hook": v.hook}),
+        },
+        Some(E::PolicySwitched(p)) => Report {
+            human: format!(
+                "{at} policy generation {} live ({}, digest {})\n",
+                p.generation, p.cause, p.digest
+            ),
+            json: json!({"unix_millis": at, "type": "policy_switched", "generation": p.generation,
+                         "cause": p.cause, "digest": p.digest}),
+        },
+        Some(E::CgroupChanged(g)) => Report {
+            human: format!(
+                "{at} rule cgroup {} {}\n",
+                g.cgroup,
+                if g.present { "appeared" } else { "removed" }
+            ),
+            json: json!({"unix_millis": at, "type": "cgroup_changed", "cgroup": g.cgroup, "present": g.present}),
+        },
+        Some(E::ClassStateChanged(s)) => Report {
+            human: format!(
+                "{at} class {} {} -> {}\n",
+                convert::class_name(s.runtime_class),
+                s.from,
+                s.to
+            ),
+            json: json!({"unix_millis": at, "type": "class_state_changed",
+                         "class": convert::class_name(s.runtime_class), "from": s.from, "to": s.to}),
+        },
+        None => Report {
+            human: format!("{at} (an event this client does not know)\n"),
+            json: json!({"unix_millis": at, "type": "unknown"}),
+        },
+    }
+}

@@ -8,10 +8,10 @@
 use crate::{
     config::Config,
     datapath::{
-        Datapath, DatapathError, DatapathReader, DatapathStatus, Decisions, HeatEntry,
-        LatencyHistogram, ScopeChange,
+        Datapath, DatapathError, DatapathReader, DatapathStatus, Decisions, Explanation, HeatEntry,
+        LatencyHistogram, ScopeChange, VerdictRing,
     },
-    model::{log_escape, Class, ClassState, Event, LatencySource, SloView},
+    model::{log_escape, Class, ClassState, Event, LatencySource, Protocol, SloView, Verdict},
     policy::{Policy, PolicyDiff},
 };
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
@@ -123,6 +123,9 @@ pub struct Controller {
     history: tokio::sync::Mutex<History>,
     status: Arc<RwLock<DatapathStatus>>,
     events: broadcast::Sender<Event>,
+    /// Kernel verdicts (deny, audit, shed, park), apart from `events`: they come in bursts, and
+    /// must not crowd out the events the receipts ledger records.
+    verdicts: broadcast::Sender<Verdict>,
     defaults: Policy,
     max_rules: usize,
     /// p99 ceilings per class (ns), from `[slo]`.
@@ -157,6 +160,7 @@ impl Controller {
         slo_view: Option<Arc<dyn SloView>>,
     ) -> Result<Arc<Controller>, ControlError> {
         let reader = DatapathReader::open(datapath.pins())?;
+        let ring = VerdictRing::open(datapath.pins(), &datapath.status().cgroup_root)?;
         let policy = Arc::new(config.policy());
         // Until the first switch below, the live generation is whatever the pins held.
         let adopted = Generation {
@@ -174,6 +178,7 @@ impl Controller {
             }),
             status: Arc::new(RwLock::new(status)),
             events,
+            verdicts: broadcast::channel(VERDICT_CHANNEL).0,
             // The settings only: documents bring their own rules.
             defaults: Policy {
                 rules: Vec::new(),
@@ -188,6 +193,7 @@ impl Controller {
             heat_top_n: config.agent.heat_top_n as usize,
             slo_view,
         });
+        spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
         let applied = controller.switch(policy, None, "startup").await?;
         controller.history.lock().await.live = applied.generation;
         Ok(controller)
@@ -413,6 +419,28 @@ impl Controller {
         Ok(())
     }
 
+    /// Kernel verdicts from now on (see [`Verdict`]).
+    pub fn verdicts(&self) -> broadcast::Receiver<Verdict> {
+        self.verdicts.subscribe()
+    }
+
+    /// Which rule of the live kernel tables decides a connect from `cgroup` (relative to the
+    /// cgroup root) to `dest`:`port` over `protocol`, and why.
+    pub async fn explain(
+        &self,
+        cgroup: String,
+        dest: std::net::IpAddr,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<Explanation, ControlError> {
+        let dp = self.datapath.clone();
+        blocking(move || {
+            let dp = dp.lock().map_err(|_| poisoned())?;
+            Ok(dp.explain(&cgroup, dest, port, protocol)?)
+        })
+        .await?
+    }
+
     /// The datapath snapshot and the decision counters.
     pub fn status(&self) -> Result<(DatapathStatus, Decisions), ControlError> {
         // A poisoned snapshot (a panicked writer) reads as empty; the counters below are live.
@@ -518,6 +546,80 @@ impl Controller {
             d.get(knhk_abi::ACTION_SHED, class),
         )
     }
+}
+
+/// Verdicts buffered for slow watchers before they fall behind (and are dropped).
+const VERDICT_CHANNEL: usize = 4096;
+/// Verdicts read from the ring per wake-up.
+const VERDICT_BATCH: usize = 256;
+
+/// Reads the kernel's verdict ring as events arrive and publishes them on the controller's
+/// verdict channel (and at trace level in the log). Ends with the controller.
+fn spawn_verdict_pump(
+    controller: std::sync::Weak<Controller>,
+    ring: VerdictRing,
+) -> Result<(), ControlError> {
+    struct Ring(VerdictRing);
+    impl std::os::fd::AsRawFd for Ring {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            std::os::fd::AsRawFd::as_raw_fd(&self.0.fd())
+        }
+    }
+    // SAFETY: the ring owns its file descriptor and keeps it open, unreplaced, for as long as
+    // the `AsyncFd` holds it.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(Ring(ring), tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| ControlError::Internal(format!("watching the verdict ring: {e}")))?;
+    tokio::spawn(async move {
+        // Rule names of the generation last seen: (generation, counter id -> name).
+        let mut names: (u64, HashMap<u32, String>) = (u64::MAX, HashMap::new());
+        loop {
+            let mut ready = match fd.readable_mut().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("verdict events stopped: waiting on the ring failed: {e}");
+                    return;
+                }
+            };
+            let Some(ctl) = controller.upgrade() else {
+                return;
+            };
+            if let Ok(status) = ctl.status.read() {
+                if status.generation != names.0 {
+                    names = (
+                        status.generation,
+                        status
+                            .rule_counters
+                            .iter()
+                            .map(|(n, c)| (*c, n.clone()))
+                            .collect(),
+                    );
+                }
+            }
+            let batch = ready.get_inner_mut().0.drain(VERDICT_BATCH, &names.1);
+            if batch.len() < VERDICT_BATCH {
+                ready.clear_ready();
+            }
+            for v in batch {
+                tracing::trace!(
+                    cgroup = %log_escape(&v.cgroup),
+                    destination = %v.destination,
+                    port = v.port,
+                    protocol = v.protocol,
+                    action = v.action,
+                    class = %v.class,
+                    rule = %log_escape(v.rule.as_deref().unwrap_or("(default)")),
+                    generation = v.generation,
+                    hook = v.hook,
+                    "verdict"
+                );
+                // No watcher is not an error.
+                let _ = ctl.verdicts.send(v);
+            }
+        }
+    });
+    Ok(())
 }
 
 fn check_expected(expected: Option<u64>, live: u64) -> Result<(), ControlError> {

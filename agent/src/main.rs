@@ -100,6 +100,53 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Which rule of a running agent's live kernel tables decides a connect, and why.
+    #[command(
+        after_help = "Examples:\n  knhk-agent explain --cgroup kubepods/besteffort/pod1 10.0.0.5:5432/tcp\n  knhk-agent explain --cgroup . [fd00::1]:53/udp --output json"
+    )]
+    Explain {
+        /// The connecting cgroup, relative to agent.cgroup_root ("." for the root). It must exist.
+        #[arg(long, default_value = ".")]
+        cgroup: String,
+        /// DEST:PORT/PROTO, e.g. 10.0.0.5:5432/tcp or [fd00::1]:53/udp (PROTO: tcp or udp, default tcp).
+        destination: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Kernel verdicts (deny, audit, shed, park) and agent events of a running agent, as they
+    /// happen: at most one verdict per rule per 10 ms is reported (the rest are counted).
+    #[command(
+        after_help = "Examples:\n  knhk-agent events --follow\n  knhk-agent events --follow --action deny --cgroup kubepods/besteffort\n  knhk-agent events --follow --output json --count 100"
+    )]
+    Events {
+        /// Keep streaming until interrupted (or --count); without it, print what arrives in
+        /// --wait seconds and exit.
+        #[arg(long)]
+        follow: bool,
+        /// Without --follow: how long to listen, seconds.
+        #[arg(long, default_value_t = 1.0)]
+        wait: f64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Only kernel verdicts (no policy, class-state and cgroup events).
+        #[arg(long)]
+        only_verdicts: bool,
+        /// No kernel verdicts (policy, class-state and cgroup events only).
+        #[arg(long, conflicts_with = "only_verdicts")]
+        no_verdicts: bool,
+        /// Only verdicts with this action (repeatable): deny, audit, shed, park.
+        #[arg(long = "action", value_name = "ACTION")]
+        actions: Vec<String>,
+        /// Only verdicts from this cgroup or below (relative to agent.cgroup_root).
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Only verdicts decided by this rule.
+        #[arg(long)]
+        rule: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Options of every client command.
@@ -590,6 +637,58 @@ fn main() -> ExitCode {
         Command::Slo { client: c } => {
             client_command(&c, move |e| async move { client::slo(&e).await })
         }
+        Command::Explain {
+            cgroup,
+            destination,
+            client: c,
+        } => client_command(&c, move |e| async move {
+            client::explain(&e, &cgroup, &destination).await
+        }),
+        Command::Events {
+            follow,
+            wait,
+            count,
+            only_verdicts,
+            no_verdicts,
+            actions,
+            cgroup,
+            rule,
+            client: c,
+        } => {
+            if !(wait.is_finite() && wait >= 0.0) {
+                eprintln!("error: --wait {wait}: expected a number of seconds, 0 or more");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let req = client::EventsRequest {
+                verdicts: !no_verdicts,
+                only_verdicts,
+                actions,
+                cgroup,
+                rule,
+                count,
+                duration: (!follow).then(|| std::time::Duration::from_secs_f64(wait)),
+            };
+            let json = matches!(c.output, Output::Json);
+            client_command(&c, move |e| async move {
+                use std::io::Write as _;
+                client::events(&e, &req, |r| {
+                    let mut out = std::io::stdout().lock();
+                    // A closed stdout (a pipe whose reader left) ends nothing here; the stream
+                    // ends with the process.
+                    let _ = if json {
+                        writeln!(out, "{}", r.json)
+                    } else {
+                        write!(out, "{}", r.human)
+                    };
+                    let _ = out.flush();
+                })
+                .await
+                .map(|_| client::Report {
+                    human: String::new(),
+                    json: serde_json::Value::Null,
+                })
+            })
+        }
     }
 }
 
@@ -617,6 +716,8 @@ where
         Ok(report) => {
             match args.output {
                 Output::Human => print!("{}", report.human),
+                // A streaming command printed as it went.
+                Output::Json if report.json.is_null() => {}
                 Output::Json => println!("{}", report.json),
             }
             ExitCode::SUCCESS

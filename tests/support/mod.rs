@@ -6,11 +6,14 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod harness;
 pub mod kms;
 pub mod proxy;
 pub mod spire;
 #[allow(unused_imports)]
 pub use agent::*;
+#[allow(unused_imports)]
+pub use harness::*;
 
 use std::{
     ffi::CString,
@@ -819,6 +822,165 @@ pub fn udp_sendto_cycle_from(cgroup: &Path, addrs: &[SocketAddr], n: u64) -> Loo
         denied: d as u64,
         other: o as u64,
     }
+}
+
+/// A UDP server that sends every datagram back to its sender (for the life of the process).
+pub fn udp_echo(addr: &str) -> SocketAddr {
+    let s = UdpSocket::bind(addr).expect("bind udp");
+    let local = s.local_addr().expect("local addr");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    local
+}
+
+/// The errno of the last failed call as an [`Outcome`] code (0 when `ok`).
+fn errno_code(ok: bool) -> i64 {
+    if ok {
+        0
+    } else {
+        unsafe { *libc::__errno_location() as i64 }
+    }
+}
+
+/// One UDP datagram sent with `sendto()` (no `connect()`) from a process in `cgroup`.
+pub fn udp_sendto_from(cgroup: &Path, to: SocketAddr) -> Outcome {
+    let a = raw_addr(to);
+    let [code] = in_cgroup::<1>(cgroup, move |out| unsafe {
+        let fd = libc::socket(a.family, libc::SOCK_DGRAM, 0);
+        let r = libc::sendto(
+            fd,
+            b"knhk".as_ptr().cast(),
+            4,
+            0,
+            &a.storage as *const _ as *const libc::sockaddr,
+            a.len,
+        );
+        out[0] = errno_code(r == 4);
+        libc::close(fd);
+    });
+    Outcome::from_code(code)
+}
+
+/// From a process in `cgroup`: a UDP socket `connect()`ed to `connected`, then one datagram
+/// sent with `sendto()` to `to` on that socket. Returns (connect, sendto).
+pub fn udp_connect_then_sendto_from(
+    cgroup: &Path,
+    connected: SocketAddr,
+    to: SocketAddr,
+) -> (Outcome, Outcome) {
+    let (c, t) = (raw_addr(connected), raw_addr(to));
+    let [cc, tc] = in_cgroup::<2>(cgroup, move |out| unsafe {
+        let fd = libc::socket(c.family, libc::SOCK_DGRAM, 0);
+        let r = libc::connect(fd, &c.storage as *const _ as *const libc::sockaddr, c.len);
+        out[0] = errno_code(r == 0);
+        let r = libc::sendto(
+            fd,
+            b"knhk".as_ptr().cast(),
+            4,
+            0,
+            &t.storage as *const _ as *const libc::sockaddr,
+            t.len,
+        );
+        out[1] = errno_code(r == 4);
+        libc::close(fd);
+    });
+    (Outcome::from_code(cc), Outcome::from_code(tc))
+}
+
+/// One TCP Fast Open attempt from a process in `cgroup`: `sendto(MSG_FASTOPEN)` on a fresh
+/// socket, which connects and sends in one call.
+pub fn tcp_fastopen_from(cgroup: &Path, to: SocketAddr) -> Outcome {
+    let a = raw_addr(to);
+    let [code] = in_cgroup::<1>(cgroup, move |out| unsafe {
+        let fd = libc::socket(a.family, libc::SOCK_STREAM, 0);
+        let r = libc::sendto(
+            fd,
+            b"knhk".as_ptr().cast(),
+            4,
+            libc::MSG_FASTOPEN,
+            &a.storage as *const _ as *const libc::sockaddr,
+            a.len,
+        );
+        out[0] = errno_code(r >= 0);
+        libc::close(fd);
+    });
+    Outcome::from_code(code)
+}
+
+/// From a process in `cgroup`: one datagram to `to` with `sendto()`, then the reply read with
+/// `recvfrom()` (2 s timeout). Returns the send outcome and the address the reply came from.
+pub fn udp_request_reply_from(cgroup: &Path, to: SocketAddr) -> (Outcome, Option<SocketAddr>) {
+    let a = raw_addr(to);
+    let [code, family, w0, w1, port] = in_cgroup::<5>(cgroup, move |out| unsafe {
+        let fd = libc::socket(a.family, libc::SOCK_DGRAM, 0);
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as _,
+        );
+        let r = libc::sendto(
+            fd,
+            b"knhk".as_ptr().cast(),
+            4,
+            0,
+            &a.storage as *const _ as *const libc::sockaddr,
+            a.len,
+        );
+        out[0] = errno_code(r == 4);
+        if r != 4 {
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let mut from: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let n = libc::recvfrom(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            0,
+            (&mut from as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        );
+        if n >= 0 {
+            out[1] = from.ss_family as i64;
+            if from.ss_family as i32 == libc::AF_INET {
+                let sin = &*(&from as *const _ as *const libc::sockaddr_in);
+                out[2] = u32::from_be(sin.sin_addr.s_addr) as i64;
+                out[4] = u16::from_be(sin.sin_port) as i64;
+            } else {
+                let sin6 = &*(&from as *const _ as *const libc::sockaddr_in6);
+                let b = sin6.sin6_addr.s6_addr;
+                out[2] = i64::from_be_bytes(b[..8].try_into().unwrap_or_default());
+                out[3] = i64::from_be_bytes(b[8..].try_into().unwrap_or_default());
+                out[4] = u16::from_be(sin6.sin6_port) as i64;
+            }
+        }
+        libc::close(fd);
+    });
+    let from = match family as i32 {
+        libc::AF_INET => Some(SocketAddr::from((
+            std::net::Ipv4Addr::from(w0 as u32),
+            port as u16,
+        ))),
+        libc::AF_INET6 => {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&w0.to_be_bytes());
+            b[8..].copy_from_slice(&w1.to_be_bytes());
+            Some(SocketAddr::from((std::net::Ipv6Addr::from(b), port as u16)))
+        }
+        _ => None,
+    };
+    (Outcome::from_code(code), from)
 }
 
 /// One TCP connect from a process in `cgroup`; returns the outcome and the socket's

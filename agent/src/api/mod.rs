@@ -78,6 +78,9 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::Datapath(e @ DatapathError::Capacity { .. }) => {
             Status::resource_exhausted(e.to_string())
         }
+        ControlError::Datapath(e @ DatapathError::NoSuchCgroup { .. }) => {
+            Status::not_found(e.to_string())
+        }
         ControlError::Datapath(DatapathError::DeadlineExceeded) => {
             Status::deadline_exceeded(DatapathError::DeadlineExceeded.to_string())
         }
@@ -338,9 +341,63 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let (events, verdicts) = watch::request_of(req.get_ref())?;
         let peer = watch::peer_of(&req);
         let slot = self.3.admit(peer)?;
-        Ok(Response::new(watch::event_stream(self.0.subscribe(), slot)))
+        Ok(Response::new(watch::event_stream(
+            events.then(|| self.0.subscribe()),
+            verdicts.map(|f| (self.0.verdicts(), f)),
+            slot,
+        )))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let req = req.into_inner();
+        let dest: std::net::IpAddr = req.destination.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "destination {:?} is not an IP address",
+                crate::model::log_escape(&req.destination)
+            ))
+        })?;
+        let port = u16::try_from(req.port).map_err(|_| {
+            Status::invalid_argument(format!("port {} is out of range (0-65535)", req.port))
+        })?;
+        let protocol = match req.protocol.as_str() {
+            "" | "tcp" => crate::model::Protocol::Tcp,
+            "udp" => crate::model::Protocol::Udp,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "protocol {:?}: expected tcp or udp",
+                    crate::model::log_escape(other)
+                )))
+            }
+        };
+        if req.cgroup.split('/').any(|c| c == "..") {
+            return Err(Status::invalid_argument(format!(
+                "cgroup {:?} may not contain '..'",
+                crate::model::log_escape(&req.cgroup)
+            )));
+        }
+        let e = self
+            .0
+            .explain(req.cgroup, dest, port, protocol)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ExplainResponse {
+            generation: e.generation,
+            // The global scope, no prefix, no rule: empty strings, as the proto says.
+            scope: e.scope.unwrap_or_default(),
+            prefix: e.prefix.map(|p| p.to_string()).unwrap_or_default(),
+            rule: e.rule.unwrap_or_default(),
+            rule_action: e.rule_action.into(),
+            runtime_class: convert::class_to_proto(e.class) as i32,
+            action: e.action.into(),
+            entries_scanned: e.entries_scanned as u32,
+            steps: e.steps,
+        }))
     }
 }
 

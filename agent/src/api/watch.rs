@@ -4,7 +4,7 @@
 //! dropped (its stream ends with `RESOURCE_EXHAUSTED`), so nothing queues for it.
 
 use super::{convert, pb};
-use crate::model::Event;
+use crate::model::{Event, Verdict, VerdictFilter};
 use std::{
     collections::HashMap,
     pin::Pin,
@@ -93,27 +93,107 @@ pub fn peer_of<T>(req: &Request<T>) -> String {
         .map_or_else(|| "local".to_owned(), |a| a.ip().to_string())
 }
 
-/// The events from `rx` as a stream that holds `slot` while it lives and ends when its reader
-/// falls more than the event channel's capacity behind.
-pub fn event_stream(rx: broadcast::Receiver<Event>, slot: Slot) -> EventStream {
+/// The actions a verdict filter may name.
+pub const VERDICT_ACTIONS: [&str; 4] = ["deny", "audit", "shed", "park"];
+
+/// What a `WatchEvents` request asks for, checked: `INVALID_ARGUMENT` names the bad field.
+#[allow(clippy::result_large_err)]
+pub fn request_of(req: &pb::WatchEventsRequest) -> Result<(bool, Option<VerdictFilter>), Status> {
+    for (i, a) in req.actions.iter().enumerate() {
+        if !VERDICT_ACTIONS.contains(&a.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "actions[{i}] {:?}: expected one of {}",
+                crate::model::log_escape(a),
+                VERDICT_ACTIONS.join(", ")
+            )));
+        }
+    }
+    let wants_filter = !req.actions.is_empty() || !req.cgroup.is_empty() || !req.rule.is_empty();
+    if (wants_filter || req.only_verdicts) && !req.verdicts {
+        return Err(Status::invalid_argument(
+            "only_verdicts, actions, cgroup and rule filter verdicts: set verdicts = true",
+        ));
+    }
+    let filter = req.verdicts.then(|| VerdictFilter {
+        actions: req.actions.clone(),
+        cgroup: (!req.cgroup.is_empty()).then(|| req.cgroup.clone()),
+        rule: (!req.rule.is_empty()).then(|| req.rule.clone()),
+    });
+    Ok((!req.only_verdicts, filter))
+}
+
+/// The events from `events` (when given) and the verdicts from `verdicts` that pass its filter
+/// (when given), merged, as a stream that holds `slot` while it lives and ends when its reader
+/// falls more than a channel's capacity behind.
+pub fn event_stream(
+    events: Option<broadcast::Receiver<Event>>,
+    verdicts: Option<(broadcast::Receiver<Verdict>, VerdictFilter)>,
+    slot: Slot,
+) -> EventStream {
+    let lagged = |n: u64| {
+        Status::resource_exhausted(format!(
+            "this watcher fell {n} events behind and was dropped; reconnect and read faster"
+        ))
+    };
+    let events = events.map(|rx| {
+        BroadcastStream::new(rx).map(move |e| match e {
+            Ok(e) => Some(Ok(to_pb(e))),
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Err(lagged(n)))
+            }
+        })
+    });
+    let verdicts = verdicts.map(|(rx, filter)| {
+        BroadcastStream::new(rx).map(move |v| match v {
+            Ok(v) if filter.matches(&v) => Some(Ok(verdict_to_pb(v))),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Err(lagged(n)))
+            }
+        })
+    });
+    type Items =
+        Pin<Box<dyn Stream<Item = Option<Result<pb::WatchEventsResponse, Status>>> + Send>>;
+    let merged: Items = match (events, verdicts) {
+        (Some(e), Some(v)) => Box::pin(e.merge(v)),
+        (Some(e), None) => Box::pin(e),
+        (None, Some(v)) => Box::pin(v),
+        (None, None) => Box::pin(tokio_stream::empty()),
+    };
     let mut dropped = false;
-    let stream = BroadcastStream::new(rx).map_while(move |e| {
+    let stream = merged.filter_map(|item| item).map_while(move |item| {
         let _held = &slot;
         if dropped {
             return None;
         }
-        Some(match e {
-            Ok(e) => Ok(to_pb(e)),
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                // Ends the response (tonic sends this status and stops).
-                dropped = true;
-                Err(Status::resource_exhausted(format!(
-                    "this watcher fell {n} events behind and was dropped; reconnect and read faster"
-                )))
-            }
-        })
+        // A lagged watcher's error ends the response (tonic sends it and stops).
+        dropped = item.is_err();
+        Some(item)
     });
     Box::pin(stream)
+}
+
+/// A verdict as the API sends it.
+fn verdict_to_pb(v: Verdict) -> pb::WatchEventsResponse {
+    pb::WatchEventsResponse {
+        unix_millis: v
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        event: Some(pb::watch_events_response::Event::Verdict(pb::Verdict {
+            cgroup: v.cgroup,
+            destination: v.destination.to_string(),
+            port: v.port.into(),
+            protocol: v.protocol.into(),
+            action: v.action.into(),
+            runtime_class: convert::class_to_proto(v.class) as i32,
+            // No rule: the default action, the empty string as the proto says.
+            rule: v.rule.unwrap_or_default(),
+            generation: v.generation,
+            hook: v.hook.into(),
+        })),
+    }
 }
 
 /// An event as the API sends it.
@@ -196,7 +276,7 @@ mod tests {
     async fn a_watcher_that_falls_behind_is_dropped() {
         let (tx, rx) = broadcast::channel(4);
         let w = Arc::new(Watchers::default());
-        let mut stream = event_stream(rx, w.admit("p".into()).expect("admitted"));
+        let mut stream = event_stream(Some(rx), None, w.admit("p".into()).expect("admitted"));
         for i in 0..10 {
             tx.send(Event::CgroupChanged {
                 at: std::time::SystemTime::now(),

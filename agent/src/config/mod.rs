@@ -230,6 +230,7 @@ impl Config {
             default_action: self.agent.default_action,
             default_class: self.agent.default_class,
             heat: self.agent.heat_enabled,
+            heat_sample_every: self.agent.heat_sample_every,
             histograms: self.agent.histograms_enabled,
             histogram_interval_us: self.agent.histogram_interval_us,
         }

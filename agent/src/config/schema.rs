@@ -121,6 +121,11 @@ macro_rules! agent_table {
             /// Size of the kernel heat LRU (destinations).
             #[serde(default = "default_heat_max_entries")]
             pub heat_max_entries: u32,
+            /// Heat is recorded for one decision in this many (chosen at random), each sample
+            /// counting this many attempts: an unbiased estimate at a fraction of the cost. A
+            /// power of two, 1 (every decision) to 1024.
+            #[serde(default = "default_heat_sample_every")]
+            pub heat_sample_every: u32,
             /// Hottest destinations exported on `/metrics`.
             #[serde(default = "default_heat_top_n")]
             pub heat_top_n: u32,
@@ -182,6 +187,7 @@ impl Default for AgentSection {
             pin_root: default_pin_root(),
             heat_enabled: true,
             heat_max_entries: default_heat_max_entries(),
+            heat_sample_every: default_heat_sample_every(),
             heat_top_n: default_heat_top_n(),
             histograms_enabled: true,
             histogram_interval_us: default_histogram_interval_us(),
@@ -216,6 +222,9 @@ fn default_pin_root() -> PathBuf {
 }
 fn yes() -> bool {
     true
+}
+fn default_heat_sample_every() -> u32 {
+    16
 }
 fn default_heat_max_entries() -> u32 {
     knhk_abi::DEFAULT_HEAT_MAX_ENTRIES
@@ -730,6 +739,7 @@ impl RawAgentTable {
             pin_root: self.pin_root,
             heat_enabled: self.heat_enabled,
             heat_max_entries: self.heat_max_entries,
+            heat_sample_every: self.heat_sample_every,
             heat_top_n: self.heat_top_n,
             histograms_enabled: self.histograms_enabled,
             histogram_interval_us: self.histogram_interval_us,
@@ -963,6 +973,15 @@ fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
         return Err((
             "heat_max_entries",
             format!("{} is out of range (1-16777216)", a.heat_max_entries),
+        ));
+    }
+    if !a.heat_sample_every.is_power_of_two() || a.heat_sample_every > 1024 {
+        return Err((
+            "heat_sample_every",
+            format!(
+                "{} is not a power of two from 1 to 1024 (e.g. 1, 16, 64)",
+                a.heat_sample_every
+            ),
         ));
     }
     if !(1024..=1 << 30).contains(&a.max_request_bytes) {

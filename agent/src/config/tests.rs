@@ -168,13 +168,18 @@ fn strict_with_an_unmeetable_r1_ceiling_is_warned_about() {
 fn what_run_would_refuse_is_refused_at_load() {
     // More rule entries on one prefix than a kernel leaf holds: the compiler's error, with the
     // rule's line.
-    let ports: Vec<String> = (1..=17).map(|p| format!("\"{p}\"")).collect();
-    let e = err(&format!(
-        "[agent]\nmode = \"enforce\"\n\n[[policy.rules]]\nname = \"legacy\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nports = [{}]\n",
-        ports.join(", ")
-    ));
+    let rule = |n: u16| {
+        let ports: Vec<String> = (1..=n).map(|p| format!("\"{p}\"")).collect();
+        format!(
+            "[agent]\nmode = \"enforce\"\n\n[[policy.rules]]\nname = \"legacy\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nports = [{}]\n",
+            ports.join(", ")
+        )
+    };
+    // "Deny these 17 legacy ports" is one rule (the leaf continues in overflow chunks).
+    Config::parse(&rule(17), "t").expect("17 ports fit");
+    let e = err(&rule(1025));
     assert!(
-        e.contains("line 4: policy.rules[0]") && e.contains("17 port ranges"),
+        e.contains("line 4: policy.rules[0]") && e.contains("1025 port ranges"),
         "{e}"
     );
     // A non-loopback API without mTLS.

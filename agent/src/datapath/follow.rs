@@ -77,6 +77,12 @@ impl Datapath {
         if let Some(l) = self.live.as_mut() {
             l.resolved = resolved;
         }
+        if changes
+            .iter()
+            .any(|c| !matches!(c, ScopeChange::Unresolvable { .. }))
+        {
+            self.bump_epoch();
+        }
         Ok(changes)
     }
 

@@ -19,6 +19,7 @@ impl Datapath {
                 tried: cgroup::CGROUP2_CANDIDATES.join(", "),
             })?;
         let layout = PinLayout::new(&opts.pin_root);
+        let superseded_pins = pins::has_superseded_pins(&opts.pin_root);
         prepare_pin_dirs(&layout, &opts.pin_root)?;
         let adopted = check_pins(&layout, &opts.pin_root, opts.heat_max_entries)?;
 
@@ -88,6 +89,11 @@ impl Datapath {
             map_names::SCOPES,
         )?))
         .map_err(map_err("open", map_names::SCOPES))?;
+        let chunks = BpfHashMap::try_from(aya::maps::Map::HashMap(take_map(
+            &mut ebpf,
+            map_names::LEAF_CHUNKS,
+        )?))
+        .map_err(map_err("open", map_names::LEAF_CHUNKS))?;
 
         let mut dp = Datapath {
             layout,
@@ -103,6 +109,9 @@ impl Datapath {
             policy_v4,
             policy_v6,
             scopes,
+            chunks,
+            next_chunk: [1; SLOTS],
+            superseded_pins,
             park,
             parked: Default::default(),
             slots: Default::default(),
@@ -164,6 +173,17 @@ impl Datapath {
                 .or_default()
                 .v6
                 .push(net);
+        }
+        // Overflow chunks cannot be told apart by scope once written: a slot's recovered chunks
+        // are kept with its global scope, and removed when the slot is cleared.
+        let mut chunk_keys = Vec::new();
+        for key in self.chunks.keys() {
+            chunk_keys.push(key.map_err(map_err("iterate", map_names::LEAF_CHUNKS))?);
+        }
+        for ChunkKey { slot, id } in chunk_keys {
+            let slot = slot as usize % SLOTS;
+            self.slots[slot].entry(0).or_default().chunks.push(id);
+            self.next_chunk[slot] = self.next_chunk[slot].max(id + 1);
         }
         let mut scope_entries = Vec::new();
         for key in self.scopes.keys() {

@@ -21,6 +21,8 @@
 
 pub mod cgroup;
 mod class_state;
+mod events;
+mod explain;
 mod follow;
 mod load;
 pub mod pins;
@@ -31,6 +33,8 @@ mod trie;
 
 pub use class_state::ClassStateWriter;
 use class_state::CONTROL_STRIDE;
+pub use events::VerdictRing;
+pub use explain::Explanation;
 use switch::CounterIds;
 pub use switch::Prepared;
 
@@ -41,7 +45,7 @@ pub use reader::{
 use crate::{
     abi,
     model::{CgroupPath, Class, ClassState, DefaultAction, Mode},
-    policy::{compile_scope, rule_scopes, CompileError, Policy, ScopeTable},
+    policy::{compile_scope, rule_scopes, CompileError, CompiledLeaf, Policy, ScopeTable},
 };
 use aya::{
     maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapData, MapError},
@@ -161,6 +165,12 @@ pub enum DatapathError {
         root_level: u32,
         /// The deepest level the programs probe (`MAX_SCOPE_LEVEL`).
         max: u32,
+    },
+    /// `explain` was asked about a cgroup that does not exist.
+    #[error("cgroup {path} does not exist under agent.cgroup_root")]
+    NoSuchCgroup {
+        /// The cgroup, relative to the root (escaped for logs).
+        path: String,
     },
     /// The caller's deadline passed before the switch; nothing was switched.
     #[error(
@@ -289,6 +299,8 @@ struct ScopeKeys {
     v6: Vec<Ipv6Net>,
     /// `Some(level)` when a scope-table entry exists for it.
     level: Option<u32>,
+    /// Overflow chunk ids its leaves use.
+    chunks: Vec<u32>,
 }
 
 /// The policy in the active slot and where its rule cgroups are. The live generation as the
@@ -322,6 +334,11 @@ pub struct Datapath {
     policy_v4: trie::PolicyTrie<Ipv4Net>,
     policy_v6: trie::PolicyTrie<Ipv6Net>,
     scopes: BpfHashMap<MapData, ScopeKey, ScopeValue>,
+    chunks: BpfHashMap<MapData, ChunkKey, RuleChunk>,
+    /// Next free overflow chunk id of each slot (ids start at 1).
+    next_chunk: [u32; SLOTS],
+    /// Pins of an older ABI were found at start: removed after the first policy is live.
+    superseded_pins: bool,
     park: BpfHashMap<MapData, u32, ParkTarget>,
     /// Counter ids that have a park target in `park`.
     parked: std::collections::HashSet<u32>,
@@ -358,6 +375,14 @@ impl Datapath {
     fn config_ref(&self) -> Config {
         // SAFETY: a volatile copy of the shared entry.
         unsafe { std::ptr::read_volatile(self.config_ptr()) }
+    }
+
+    /// Invalidates every cached verdict: called after each change of what connects read (a
+    /// switch, a scope written or removed in place), never before it.
+    fn bump_epoch(&self) {
+        let cfg = self.config_ptr();
+        // SAFETY: an aligned u32 in the shared mapping; programs read it with plain loads.
+        unsafe { AtomicU32::from_ptr(&raw mut (*cfg).epoch).fetch_add(1, Ordering::SeqCst) };
     }
 
     fn active_slot(&self) -> u32 {
@@ -486,8 +511,14 @@ fn park_target(addr: std::net::SocketAddr) -> ParkTarget {
     t
 }
 
+/// Verdict events: at most one per rule per this interval (100 per second per rule).
+pub const EVENT_INTERVAL: Duration = Duration::from_millis(10);
+
 fn flags_of(policy: &Policy) -> u32 {
-    let mut flags = 0;
+    let mut flags = FLAG_EVENTS;
+    if policy.rules.iter().any(|r| r.park_to.is_some()) {
+        flags |= FLAG_PARK;
+    }
     if policy.mode == Mode::Enforce {
         flags |= FLAG_ENFORCE;
     }

@@ -54,6 +54,7 @@ const PERCPU_ARRAY: u32 = 6;
 const LRU_HASH: u32 = 9;
 const LPM_TRIE: u32 = 11;
 const SK_STORAGE: u32 = 24;
+const RINGBUF: u32 = 27;
 
 /// What a map must look like to be re-adopted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +80,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 14] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 20] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -192,6 +193,44 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 14] {
             0,
             true,
         ),
+        spec(
+            m::LEAF_CHUNKS,
+            HASH,
+            size::<ChunkKey>(),
+            size::<RuleChunk>(),
+            MAX_CHUNKS,
+            BPF_F_NO_PREALLOC,
+            false,
+        ),
+        spec(
+            m::VERDICTS,
+            PERCPU_ARRAY,
+            4,
+            size::<VerdictSlot>(),
+            VERDICT_CACHE_SLOTS,
+            0,
+            true,
+        ),
+        spec(
+            m::REVNAT,
+            LRU_HASH,
+            size::<RevNatKey>(),
+            size::<RevNatValue>(),
+            MAX_REVNAT,
+            0,
+            true,
+        ),
+        spec(m::EVENTS, RINGBUF, 0, 0, EVENTS_RING_BYTES, 0, true),
+        spec(m::EVENT_GATE, ARRAY, 4, 8, MAX_RULE_COUNTERS, 0, true),
+        spec(
+            m::EVENT_COUNTERS,
+            PERCPU_ARRAY,
+            4,
+            8,
+            EVENT_COUNTERS,
+            0,
+            true,
+        ),
     ]
 }
 
@@ -255,6 +294,25 @@ pub const KNOWN_ABI_VERSIONS: std::ops::RangeInclusive<u32> = 1..=ABI_VERSION;
 /// never followed (every step is `openat`/`fstatat`/`unlinkat` with `O_NOFOLLOW` relative to a
 /// directory that was checked to be on bpffs). A missing pin root is nothing to remove.
 pub fn remove_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    remove_versions(pin_root, KNOWN_ABI_VERSIONS)
+}
+
+/// Whether pins of an ABI version older than this build's exist under `pin_root`.
+pub fn has_superseded_pins(pin_root: &Path) -> bool {
+    (1..ABI_VERSION).any(|v| pin_root.join(format!("v{v}")).exists())
+}
+
+/// Removes the pins of ABI versions older than this build's (as [`remove_pins`] does for all):
+/// their programs detach, so no older program keeps enforcing a frozen policy beside this
+/// build's. Called once this build's programs enforce the new policy.
+pub fn remove_superseded_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    remove_versions(pin_root, 1..=ABI_VERSION - 1)
+}
+
+fn remove_versions(
+    pin_root: &Path,
+    which: std::ops::RangeInclusive<u32>,
+) -> Result<Vec<PathBuf>, DatapathError> {
     use std::os::fd::AsFd;
     // Without a trailing slash, O_NOFOLLOW applies to the last component.
     let pin_root: PathBuf = pin_root.components().collect();
@@ -314,7 +372,7 @@ pub fn remove_pins(pin_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
             Err(e) => Err(refuse(&path, nofollow::why_not_dir(&path, &e))),
         }
     };
-    for version in KNOWN_ABI_VERSIONS {
+    for version in which {
         let name = format!("v{version}");
         let Some(vdir) = open_sub(root.as_fd(), &pin_root, &name)? else {
             continue;

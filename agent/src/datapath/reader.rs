@@ -194,6 +194,7 @@ pub struct HeatCursor(sys::BatchCursor);
 pub struct DatapathReader {
     decisions: PerCpuArray<MapData, u64>,
     heat_inserts: PerCpuArray<MapData, u64>,
+    event_counts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, Histogram>,
     heat: MapData,
     heat_capacity: u32,
@@ -221,6 +222,8 @@ impl DatapathReader {
             .map_err(map_err("open", map_names::LATENCY))?;
         let heat_inserts = PerCpuArray::try_from(open(layout, map_names::HEAT_INSERTS)?)
             .map_err(map_err("open", map_names::HEAT_INSERTS))?;
+        let event_counts = PerCpuArray::try_from(open(layout, map_names::EVENT_COUNTERS)?)
+            .map_err(map_err("open", map_names::EVENT_COUNTERS))?;
         let heat_path = layout.map(map_names::HEAT);
         let heat = MapData::from_pin(&heat_path).map_err(map_err("open pin", map_names::HEAT))?;
         let heat_capacity = heat
@@ -236,6 +239,7 @@ impl DatapathReader {
         Ok(Self {
             decisions,
             heat_inserts,
+            event_counts,
             latency,
             heat,
             heat_capacity,
@@ -332,6 +336,22 @@ impl DatapathReader {
         Ok((
             raw.iter().map(|(k, v)| HeatEntry::from_map(k, v)).collect(),
             done,
+        ))
+    }
+
+    /// Verdict events since the maps were created (all CPUs): (sent, dropped because the ring
+    /// was full, suppressed by the per-rule rate limit).
+    pub fn verdict_events(&self) -> Result<(u64, u64, u64), DatapathError> {
+        let count = |i: u32| {
+            self.event_counts
+                .get(&i, 0)
+                .map(|v| v.iter().sum::<u64>())
+                .map_err(map_err("lookup", map_names::EVENT_COUNTERS))
+        };
+        Ok((
+            count(knhk_abi::EVENT_COUNTER_SENT)?,
+            count(knhk_abi::EVENT_COUNTER_DROPPED)?,
+            count(knhk_abi::EVENT_COUNTER_SUPPRESSED)?,
         ))
     }
 

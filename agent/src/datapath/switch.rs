@@ -74,6 +74,7 @@ pub struct Prepared {
     tables: Vec<(u64, Option<u32>, ScopeTable)>,
     new_v4: usize,
     new_v6: usize,
+    new_chunks: usize,
 }
 
 impl Prepared {
@@ -128,10 +129,12 @@ impl Datapath {
         }
         let new_v4: usize = tables.iter().map(|t| t.2.v4.len()).sum();
         let new_v6: usize = tables.iter().map(|t| t.2.v6.len()).sum();
+        let new_chunks: usize = tables.iter().map(|t| t.2.chunks()).sum();
         for (what, needed, max) in [
             ("IPv4 prefixes", new_v4, MAX_PREFIXES as usize),
             ("IPv6 prefixes", new_v6, MAX_PREFIXES as usize),
             ("cgroup scopes", resolved.len(), MAX_SCOPES as usize),
+            ("leaf overflow chunks", new_chunks, MAX_CHUNKS as usize),
         ] {
             if needed > max {
                 return Err(DatapathError::Capacity {
@@ -151,6 +154,7 @@ impl Datapath {
             tables,
             new_v4,
             new_v6,
+            new_chunks,
         })
     }
 
@@ -171,13 +175,15 @@ impl Datapath {
             tables,
             new_v4,
             new_v6,
+            new_chunks,
         } = self.prepare(policy)?;
         // A free slot, and room in the maps: both may need the retired slots reclaimed first.
         let fits = |dp: &Self| {
-            let (v4, v6, sc) = dp.entries_in_use();
+            let (v4, v6, sc, ch) = dp.entries_in_use();
             v4 + new_v4 <= MAX_PREFIXES as usize
                 && v6 + new_v6 <= MAX_PREFIXES as usize
                 && sc + resolved.len() <= MAX_SCOPES as usize
+                && ch + new_chunks <= MAX_CHUNKS as usize
         };
         let compiled = started.elapsed();
         if self.free_slot().is_none() || !fits(self) {
@@ -193,7 +199,7 @@ impl Datapath {
             ));
         };
         let active = self.active_slot();
-        let (live_v4, live_v6, live_scopes) = self.entries_in_use();
+        let (live_v4, live_v6, live_scopes, live_chunks) = self.entries_in_use();
         for (what, needed, live, max) in [
             ("IPv4 prefixes", new_v4, live_v4, MAX_PREFIXES as usize),
             ("IPv6 prefixes", new_v6, live_v6, MAX_PREFIXES as usize),
@@ -202,6 +208,12 @@ impl Datapath {
                 resolved.len(),
                 live_scopes,
                 MAX_SCOPES as usize,
+            ),
+            (
+                "leaf overflow chunks",
+                new_chunks,
+                live_chunks,
+                MAX_CHUNKS as usize,
             ),
         ] {
             if needed + live > max {
@@ -244,10 +256,12 @@ impl Datapath {
                 DefaultAction::Deny => ACTION_DENY,
             },
             default_class: abi::class(policy.default_class),
-            _pad: [0; 2],
+            heat_sample_shift: policy.heat_sample_every.max(1).trailing_zeros() as u8,
+            _pad: 0,
             scope_level_min: level_min,
             scope_level_max: level_max,
             histogram_interval_ns: policy.histogram_interval_us.saturating_mul(1000),
+            event_interval_ns: EVENT_INTERVAL.as_nanos() as u64,
         };
         // Park targets are keyed by the rules' (stable) counter ids: write the new ones before
         // the switch, drop the unused ones after it.
@@ -271,6 +285,7 @@ impl Datapath {
             std::ptr::write_volatile(&raw mut (*cfg).slots[inactive as usize], slot_config);
             AtomicU32::from_ptr(&raw mut (*cfg).active_slot).store(inactive, Ordering::SeqCst);
         }
+        self.bump_epoch();
         let switch_latency = started.elapsed();
         tracing::debug!(
             compile_us = compiled.as_micros() as u64,
@@ -286,6 +301,16 @@ impl Datapath {
         }
         self.parked = parked;
         self.generation = generation;
+        if self.superseded_pins {
+            // This build's programs enforce the new policy: the older ABI's may go.
+            let removed =
+                pins::remove_superseded_pins(self.layout.dir.parent().unwrap_or(&self.layout.dir))?;
+            info!(
+                pins = removed.len(),
+                "removed the pins of an older map ABI: its programs are detached"
+            );
+            self.superseded_pins = false;
+        }
         self.counters = counters;
         self.live = Some(Live {
             rule_counters: policy
@@ -317,16 +342,17 @@ impl Datapath {
             .map(|s| s as u32)
     }
 
-    /// Trie entries (IPv4, IPv6) and scope entries held by every slot.
-    pub(super) fn entries_in_use(&self) -> (usize, usize, usize) {
+    /// Trie entries (IPv4, IPv6), scope entries and overflow chunks held by every slot.
+    pub(super) fn entries_in_use(&self) -> (usize, usize, usize, usize) {
         self.slots
             .iter()
             .flat_map(|s| s.values())
-            .fold((0, 0, 0), |(a, b, c), k| {
+            .fold((0, 0, 0, 0), |(a, b, c, d), k| {
                 (
                     a + k.v4.len(),
                     b + k.v6.len(),
                     c + k.level.is_some() as usize,
+                    d + k.chunks.len(),
                 )
             })
     }
@@ -373,6 +399,7 @@ impl Datapath {
             }
             if self.slots[slot].is_empty() {
                 self.retired[slot] = None;
+                self.next_chunk[slot] = 1;
             }
         }
         Ok(false)
@@ -401,6 +428,11 @@ impl Datapath {
         let budget = self.policy_v4.remove(slot, scope, &mut keys.v4, budget)?;
         let budget = self.policy_v6.remove(slot, scope, &mut keys.v6, budget)?;
         if keys.v4.is_empty() && keys.v6.is_empty() {
+            // No leaf refers to the chunks any more.
+            for id in keys.chunks.drain(..) {
+                ignore_missing(self.chunks.remove(&ChunkKey { slot, id }))
+                    .map_err(map_err("remove", map_names::LEAF_CHUNKS))?;
+            }
             self.slots[slot as usize].remove(&scope);
         }
         Ok(budget)
@@ -416,8 +448,41 @@ impl Datapath {
         let keys = self.slots[slot as usize].entry(scope).or_default();
         keys.v4.extend(table.v4.iter().map(|(n, _)| *n));
         keys.v6.extend(table.v6.iter().map(|(n, _)| *n));
-        self.policy_v4.write(slot, scope, &table.v4)?;
-        self.policy_v6.write(slot, scope, &table.v6)
+        // Overflow chunks before the leaves that refer to them.
+        let first_v4 = self.write_chunks(slot, scope, table.v4.iter().map(|(_, l)| l))?;
+        let first_v6 = self.write_chunks(slot, scope, table.v6.iter().map(|(_, l)| l))?;
+        self.policy_v4.write(slot, scope, &table.v4, &first_v4)?;
+        self.policy_v6.write(slot, scope, &table.v6, &first_v6)
+    }
+
+    /// Writes the overflow chunks of `leaves` into `slot`; returns each leaf's first chunk id
+    /// (0 for a leaf without overflow).
+    fn write_chunks<'a>(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        leaves: impl Iterator<Item = &'a CompiledLeaf>,
+    ) -> Result<Vec<u32>, DatapathError> {
+        let mut firsts = Vec::new();
+        for leaf in leaves {
+            if leaf.overflow.is_empty() {
+                firsts.push(0);
+                continue;
+            }
+            let next = &mut self.next_chunk[slot as usize];
+            let first = (*next).max(1);
+            *next = first + leaf.overflow.len() as u32;
+            let keys = self.slots[slot as usize].entry(scope).or_default();
+            keys.chunks
+                .extend(first..first + leaf.overflow.len() as u32);
+            for (id, chunk) in (first..).zip(&leaf.overflow) {
+                self.chunks
+                    .insert(ChunkKey { slot, id }, chunk, 0)
+                    .map_err(map_err("insert", map_names::LEAF_CHUNKS))?;
+            }
+            firsts.push(first);
+        }
+        Ok(firsts)
     }
 
     pub(super) fn insert_scope(

@@ -83,12 +83,14 @@ impl<N: Family> PolicyTrie<N> {
     }
 
     /// Writes `entries` of `scope` into `slot`: batched (thousands per syscall) where the kernel
-    /// supports it, else one by one.
+    /// supports it, else one by one. `first_chunks[i]` is the id of entry `i`'s first overflow
+    /// chunk, already written.
     pub(super) fn write(
         &mut self,
         slot: u32,
         scope: u64,
-        entries: &[(N, RuleLeaf)],
+        entries: &[(N, CompiledLeaf)],
+        first_chunks: &[u32],
     ) -> Result<(), DatapathError> {
         if entries.is_empty() {
             return Ok(());
@@ -97,7 +99,15 @@ impl<N: Family> PolicyTrie<N> {
             .iter()
             .map(|(n, _)| N::key(slot, scope, n))
             .collect();
-        let leaves: Vec<RuleLeaf> = entries.iter().map(|(_, l)| *l).collect();
+        let leaves: Vec<RuleLeaf> = entries
+            .iter()
+            .zip(first_chunks)
+            .map(|((_, l), first)| RuleLeaf {
+                first_chunk: *first,
+                chunks: l.overflow.len() as u32,
+                ..l.leaf
+            })
+            .collect();
         let batched =
             sys::update_batch(self.fd.as_fd(), &keys, &leaves).map_err(|e| DatapathError::Map {
                 op: "batch update",
@@ -134,6 +144,21 @@ impl<N: Family> PolicyTrie<N> {
             budget -= 1;
         }
         Ok(budget)
+    }
+
+    /// The leaf the kernel finds for `net`'s address in `slot` and `scope` (a longest-prefix
+    /// lookup), if any.
+    pub(super) fn get(
+        &self,
+        slot: u32,
+        scope: u64,
+        net: &N,
+    ) -> Result<Option<RuleLeaf>, DatapathError> {
+        match self.map.get(&N::key(slot, scope, net), 0) {
+            Ok(leaf) => Ok(Some(leaf)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("lookup", N::MAP)(e)),
+        }
     }
 
     /// Every (slot, scope, prefix) in the trie.

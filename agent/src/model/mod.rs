@@ -15,7 +15,7 @@ pub mod slo;
 pub mod spiffe;
 pub mod text;
 
-pub use event::Event;
+pub use event::{Event, Verdict, VerdictFilter};
 pub use receipt::ReceiptKind;
 pub use rule::{
     Action, AdmissionStrategy, CgroupPath, Cidr, Class, DefaultAction, LatencySource, Mode,

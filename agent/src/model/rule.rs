@@ -54,6 +54,16 @@ pub enum Class {
     C1,
 }
 
+impl std::fmt::Display for Class {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Class::R1 => "R1",
+            Class::W1 => "W1",
+            Class::C1 => "C1",
+        })
+    }
+}
+
 impl Class {
     /// Every class, hottest first.
     pub const ALL: [Class; 3] = [Class::R1, Class::W1, Class::C1];

@@ -20,7 +20,9 @@ use crate::{
     model::{CgroupPath, Class, DefaultAction, Mode, PortRange, RuleSpec},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use knhk_abi::{RuleEntry, RuleLeaf, MAX_LEAF_ENTRIES};
+use knhk_abi::{
+    RuleChunk, RuleEntry, RuleLeaf, CHUNK_ENTRIES, LEAF_INLINE_ENTRIES, MAX_LEAF_ENTRIES,
+};
 use std::collections::{BTreeSet, HashMap};
 
 /// A policy as the datapath applies it: the rules plus the settings that switch with them.
@@ -36,6 +38,8 @@ pub struct Policy {
     pub default_class: Class,
     /// Record destination heat.
     pub heat: bool,
+    /// Record heat for one decision in this many (a power of two), each counting as many.
+    pub heat_sample_every: u32,
     /// Record latency histograms.
     pub histograms: bool,
     /// Time at most one connect per CPU and class per this many µs (0 = every connect).
@@ -179,9 +183,60 @@ pub struct PolicyDiff {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ScopeTable {
     /// IPv4 prefixes and their leaves.
-    pub v4: Vec<(Ipv4Net, RuleLeaf)>,
+    pub v4: Vec<(Ipv4Net, CompiledLeaf)>,
     /// IPv6 prefixes and their leaves.
-    pub v6: Vec<(Ipv6Net, RuleLeaf)>,
+    pub v6: Vec<(Ipv6Net, CompiledLeaf)>,
+}
+
+/// A compiled trie leaf: the first [`LEAF_INLINE_ENTRIES`] entries in the trie value itself,
+/// the rest, in order, in overflow chunks (written beside the trie; the datapath fills in the
+/// leaf's `first_chunk` and `chunks` when it writes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledLeaf {
+    /// The trie value.
+    pub leaf: RuleLeaf,
+    /// The entries past the inline ones.
+    pub overflow: Vec<RuleChunk>,
+}
+
+impl CompiledLeaf {
+    /// A leaf of `entries`, in winning order.
+    fn new(entries: &[RuleEntry]) -> Self {
+        let (inline, rest) = entries.split_at(entries.len().min(LEAF_INLINE_ENTRIES));
+        let mut leaf = RuleLeaf {
+            len: inline.len() as u32,
+            ..RuleLeaf::default()
+        };
+        leaf.entries[..inline.len()].copy_from_slice(inline);
+        let overflow = rest
+            .chunks(CHUNK_ENTRIES)
+            .map(|part| {
+                let mut chunk = RuleChunk {
+                    len: part.len() as u32,
+                    ..RuleChunk::default()
+                };
+                chunk.entries[..part.len()].copy_from_slice(part);
+                chunk
+            })
+            .collect();
+        CompiledLeaf { leaf, overflow }
+    }
+
+    /// Every entry, in winning order.
+    pub fn entries(&self) -> impl Iterator<Item = &RuleEntry> {
+        let inline = &self.leaf.entries[..(self.leaf.len as usize).min(LEAF_INLINE_ENTRIES)];
+        inline.iter().chain(
+            self.overflow
+                .iter()
+                .flat_map(|c| &c.entries[..(c.len as usize).min(CHUNK_ENTRIES)]),
+        )
+    }
+
+    /// The entry that decides a connect to `port` over `proto`: the first that matches, as
+    /// the kernel scans.
+    pub fn first_match(&self, port: u16, proto: u8) -> Option<&RuleEntry> {
+        self.entries().find(|e| e.matches(port, proto))
+    }
 }
 
 impl ScopeTable {
@@ -193,6 +248,13 @@ impl ScopeTable {
     /// Whether the table has no entries.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Overflow chunks its leaves need.
+    pub fn chunks(&self) -> usize {
+        let v4: usize = self.v4.iter().map(|(_, l)| l.overflow.len()).sum();
+        let v6: usize = self.v6.iter().map(|(_, l)| l.overflow.len()).sum();
+        v4 + v6
     }
 }
 
@@ -364,7 +426,7 @@ fn flatten<N: Copy + Eq + std::hash::Hash + Ord>(
     cands: Vec<(N, Candidate)>,
     len_of: impl Fn(&N) -> u8,
     truncate: impl Fn(&N, u8) -> Option<N>,
-) -> Result<Vec<(N, RuleLeaf)>, (N, Vec<Candidate>)> {
+) -> Result<Vec<(N, CompiledLeaf)>, (N, Vec<Candidate>)> {
     let mut by_prefix: HashMap<N, Vec<Candidate>> = HashMap::new();
     for (net, c) in cands {
         by_prefix.entry(net).or_default().push(c);
@@ -397,14 +459,8 @@ fn flatten<N: Copy + Eq + std::hash::Hash + Ord>(
         if covering.len() > MAX_LEAF_ENTRIES {
             return Err((net, covering));
         }
-        let mut leaf = RuleLeaf {
-            len: covering.len() as u32,
-            ..RuleLeaf::default()
-        };
-        for (slot, c) in leaf.entries.iter_mut().zip(&covering) {
-            *slot = c.entry;
-        }
-        out.push((net, leaf));
+        let entries: Vec<RuleEntry> = covering.iter().map(|c| c.entry).collect();
+        out.push((net, CompiledLeaf::new(&entries)));
     }
     Ok(out)
 }

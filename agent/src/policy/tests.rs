@@ -30,6 +30,7 @@ fn the_digest_encoding_is_stable() {
         default_action: DefaultAction::Allow,
         default_class: Class::C1,
         heat: true,
+        heat_sample_every: 16,
         histograms: true,
         histogram_interval_us: 1000,
     };
@@ -121,7 +122,7 @@ fn declaration_order_breaks_ties_and_catch_alls_end_the_leaf() {
     );
     let t = compile(&rs, None);
     assert_eq!(decide(&t, "192.168.1.1", 1, TCP), Some(0));
-    assert_eq!(t.v4[0].1.len, 1, "the shadowed catch-all is dropped");
+    assert_eq!(t.v4[0].1.leaf.len, 1, "the shadowed catch-all is dropped");
 }
 
 #[test]
@@ -182,7 +183,7 @@ fn ipv6_and_counters_and_classes_are_carried() {
     );
     let t = compile(&rs, None);
     assert_eq!((t.v4.len(), t.v6.len()), (1, 1));
-    let leaf = &t.v6[0].1;
+    let leaf = &t.v6[0].1.leaf;
     assert_eq!(leaf.len, 2);
     assert_eq!(leaf.entries[0].action, knhk_abi::ACTION_AUDIT);
     assert_eq!(leaf.entries[0].class, knhk_abi::CLASS_R1);
@@ -204,7 +205,10 @@ fn too_many_overlapping_entries_is_a_precise_error() {
     let e = compile_scope(&rs, None, &counters, Class::C1)
         .expect_err("overflow")
         .to_string();
-    assert!(e.contains("17 rule entries"), "{e}");
+    assert!(
+        e.contains(&format!("{} rule entries", MAX_LEAF_ENTRIES + 1)),
+        "{e}"
+    );
     assert!(e.contains("cover 10.0.0.0/8"), "{e}");
     assert!(e.contains("r0, r1"), "{e}");
 }
@@ -223,4 +227,29 @@ fn ten_thousand_host_rules_compile_quickly() {
     let t = compile(&rs, None);
     assert_eq!(t.v4.len(), 10_000);
     assert_eq!(decide(&t, "10.1.2.1", 1, TCP), Some(258));
+}
+
+#[test]
+fn a_rule_with_more_ports_than_a_leaf_holds_continues_in_chunks() {
+    // 40 single ports: 16 inline, then chunks of 16 and 8. The last port must still decide.
+    let ports: Vec<String> = (0..40).map(|i| format!("\"{}\"", 2000 + 3 * i)).collect();
+    let rs = rules(&format!(
+        "[[policy.rules]]\nname = \"legacy\"\naction = \"deny\"\ncidrs = [\"10.1.0.0/16\"]\nports = [{}]\n\
+         [[policy.rules]]\nname = \"rest\"\naction = \"allow\"\ncidrs = [\"10.0.0.0/8\"]\n",
+        ports.join(", ")
+    ));
+    let t = compile(&rs, None);
+    let (_, leaf) =
+        t.v4.iter()
+            .find(|(n, _)| n.prefix_len() == 16)
+            .expect("the /16 leaf");
+    assert_eq!(leaf.leaf.len, 16);
+    assert_eq!(
+        leaf.overflow.iter().map(|c| c.len).collect::<Vec<_>>(),
+        [16, 9],
+        "24 more ports, then the /8 rule's catch-all"
+    );
+    assert_eq!(decide(&t, "10.1.2.3", 2000 + 3 * 39, TCP), Some(0));
+    assert_eq!(decide(&t, "10.1.2.3", 2000 + 3 * 15, TCP), Some(0));
+    assert_eq!(decide(&t, "10.1.2.3", 2001, TCP), Some(1));
 }

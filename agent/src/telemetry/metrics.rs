@@ -12,6 +12,7 @@
 //! | `knhk_policy_generation` | gauge | — |
 //! | `knhk_policy_rules` | gauge | — |
 //! | `knhk_policy_scopes` | gauge | `state` (active, pending) |
+//! | `knhk_verdict_events_total` | counter | `outcome` (sent, suppressed, dropped) |
 //! | `knhk_metrics_read_errors_total` | counter | — |
 //!
 //! Every label has a bounded set of values: rule names come from the policy (at most
@@ -50,7 +51,7 @@ impl std::fmt::Debug for DatapathCollector {
     }
 }
 
-const FAMILIES: [(&str, &str); 12] = [
+const FAMILIES: [(&str, &str); 13] = [
     (
         "knhk_connect_decisions_total",
         "connect() admission decisions in the kernel, by action and runtime class.",
@@ -85,6 +86,10 @@ const FAMILIES: [(&str, &str); 12] = [
     (
         "knhk_policy_scopes",
         "Rule cgroups, by whether they exist (active) or not yet (pending).",
+    ),
+    (
+        "knhk_verdict_events_total",
+        "Kernel decisions other than allow, by what became of their event: sent to the agent, suppressed by the per-rule rate limit, or dropped because the ring was full.",
     ),
     (
         "knhk_metrics_read_errors_total",
@@ -197,6 +202,19 @@ impl Collector for DatapathCollector {
                 out.push(fam("knhk_connect_decisions_total", MetricType::COUNTER, ms));
             }
             Err(e) => self.failed("decisions", e),
+        }
+
+        match self.reader.verdict_events() {
+            Ok((sent, dropped, suppressed)) => out.push(fam(
+                "knhk_verdict_events_total",
+                MetricType::COUNTER,
+                vec![
+                    counter(&[("outcome", "sent")], sent),
+                    counter(&[("outcome", "suppressed")], suppressed),
+                    counter(&[("outcome", "dropped")], dropped),
+                ],
+            )),
+            Err(e) => self.failed("verdict event counters", e),
         }
 
         let hits = status

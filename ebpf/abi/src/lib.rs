@@ -10,7 +10,7 @@
 #![no_std]
 
 /// Version of this ABI. Pins live under `<bpffs>/knhk/v<ABI_VERSION>/`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Runtime classes (hot, warm, cold). A rule names one; unmatched connects get the default.
 pub const CLASS_R1: u8 = 0;
@@ -79,11 +79,33 @@ pub const FLAG_ENFORCE: u32 = 1 << 0;
 pub const FLAG_HEAT: u32 = 1 << 1;
 /// `Config::flags`: record handshake and RTT histograms.
 pub const FLAG_HISTOGRAMS: u32 = 1 << 2;
+/// `Config::flags`: send verdict events (deny, audit, shed, park) to [`map_names::EVENTS`].
+pub const FLAG_EVENTS: u32 = 1 << 3;
+/// `Config::flags`: some rule has a park target (the `recvmsg` programs have work to do).
+pub const FLAG_PARK: u32 = 1 << 4;
 
 /// Deepest cgroup level (from the hierarchy root) a rule's scope may sit at.
 pub const MAX_SCOPE_LEVEL: u32 = 16;
+/// Rule entries held in a trie leaf itself; more go to chunks in [`map_names::LEAF_CHUNKS`].
+pub const LEAF_INLINE_ENTRIES: usize = 16;
+/// Rule entries per overflow chunk.
+pub const CHUNK_ENTRIES: usize = 16;
+/// Most overflow chunks one leaf may use.
+pub const MAX_LEAF_CHUNKS: u32 = 63;
 /// Most rule entries (rule × port range) that may cover one destination prefix.
-pub const MAX_LEAF_ENTRIES: usize = 16;
+pub const MAX_LEAF_ENTRIES: usize = LEAF_INLINE_ENTRIES + MAX_LEAF_CHUNKS as usize * CHUNK_ENTRIES;
+/// Capacity of the overflow chunk table (over both policy slots).
+pub const MAX_CHUNKS: u32 = 65_536;
+/// Slots of the per-CPU verdict cache (a power of two): sets of [`VERDICT_CACHE_WAYS`]
+/// adjacent slots.
+pub const VERDICT_CACHE_SLOTS: u32 = 8192;
+/// Slots per set of the verdict cache: a key may sit in either slot of its set, so two hot keys
+/// that hash to one set do not evict each other.
+pub const VERDICT_CACHE_WAYS: u32 = 2;
+/// Capacity of the reverse-translation table of parked UDP destinations.
+pub const MAX_REVNAT: u32 = 65_536;
+/// Size of the verdict event ring buffer, bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 /// Capacity of the rule-hit counter array; counter 0 counts connects that matched no rule.
 pub const MAX_RULE_COUNTERS: u32 = 131_072;
 /// Capacity of each LPM trie (prefixes, over both policy slots and every scope).
@@ -129,8 +151,21 @@ pub mod map_names {
     pub const PARK: &str = "KNHK_PARK";
     /// Per-CPU count of destinations inserted into the heat map (evictions = inserts − entries).
     pub const HEAT_INSERTS: &str = "KNHK_HEAT_INSERTS";
+    /// Overflow chunks of trie leaves: [`super::ChunkKey`] → [`super::RuleChunk`].
+    pub const LEAF_CHUNKS: &str = "KNHK_LEAF_CHUNKS";
+    /// Per-CPU verdict cache: [`super::VerdictSlot`] by hash of (cgroup, destination).
+    pub const VERDICTS: &str = "KNHK_VERDICTS";
+    /// Parked UDP destinations, to translate replies back: [`super::RevNatKey`] →
+    /// [`super::RevNatValue`] (LRU).
+    pub const REVNAT: &str = "KNHK_REVNAT";
+    /// Verdict events (ring buffer of [`super::VerdictEvent`]).
+    pub const EVENTS: &str = "KNHK_EVENTS";
+    /// Per rule counter: `bpf_ktime_get_ns()` of the rule's last event (rate limit).
+    pub const EVENT_GATE: &str = "KNHK_EVENT_GATE";
+    /// Per-CPU event counters, indexed by `EVENT_COUNTER_*`.
+    pub const EVENT_COUNTERS: &str = "KNHK_EVENT_COUNTERS";
     /// Every map, in pin order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 20] = [
         CONFIG,
         POLICY_V4,
         POLICY_V6,
@@ -145,6 +180,12 @@ pub mod map_names {
         PARK,
         BUDGETS,
         HEAT_INSERTS,
+        LEAF_CHUNKS,
+        VERDICTS,
+        REVNAT,
+        EVENTS,
+        EVENT_GATE,
+        EVENT_COUNTERS,
     ];
 }
 
@@ -154,10 +195,20 @@ pub mod program_names {
     pub const CONNECT4: &str = "knhk_connect4";
     /// `cgroup/connect6` admission.
     pub const CONNECT6: &str = "knhk_connect6";
+    /// `cgroup/sendmsg4` admission of UDP datagrams sent with a destination address.
+    pub const SENDMSG4: &str = "knhk_sendmsg4";
+    /// `cgroup/sendmsg6` admission of UDP datagrams sent with a destination address.
+    pub const SENDMSG6: &str = "knhk_sendmsg6";
+    /// `cgroup/recvmsg4`: replies from a parked UDP destination appear to come from the original.
+    pub const RECVMSG4: &str = "knhk_recvmsg4";
+    /// `cgroup/recvmsg6`: as [`RECVMSG4`] for IPv6 sockets.
+    pub const RECVMSG6: &str = "knhk_recvmsg6";
     /// `sockops` latency recorder.
     pub const SOCKOPS: &str = "knhk_sockops";
     /// Every program, in attach order.
-    pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCKOPS];
+    pub const ALL: [&str; 7] = [
+        CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, SOCKOPS,
+    ];
 }
 
 /// Settings of one policy slot: what a connect sees together with that slot's rules.
@@ -172,8 +223,12 @@ pub struct SlotConfig {
     pub default_action: u8,
     /// Class for connects that match no rule.
     pub default_class: u8,
+    /// Heat is recorded for one decision in `2^heat_sample_shift` (chosen at random), each
+    /// sample counting `2^heat_sample_shift` attempts: an unbiased estimate at a fraction of
+    /// the cost.
+    pub heat_sample_shift: u8,
     /// Padding, always zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// Shallowest cgroup level that owns a scope in this slot (0 when there are none).
     pub scope_level_min: u32,
     /// Deepest cgroup level that owns a scope in this slot (0 when there are none).
@@ -182,6 +237,8 @@ pub struct SlotConfig {
     /// histograms (0 = every connect). Timing needs per-socket storage, the costliest step of
     /// admission, so under load only a sample is timed; at low rates every connect is.
     pub histogram_interval_ns: u64,
+    /// At most one verdict event per rule per this many ns.
+    pub event_interval_ns: u64,
 }
 
 /// Policy slots. A new generation is written into a free slot and switched in; the slot it
@@ -203,6 +260,13 @@ pub struct Config {
     pub active_slot: u32,
     /// Inode (cgroup id) of the cgroup the programs are attached to.
     pub attach_cgroup_id: u64,
+    /// Verdict cache epoch: a cached verdict is valid only while this is unchanged. The agent
+    /// increments it after every change of the tables connects read (a switch of
+    /// `active_slot`, a scope added or removed in place); programs read it before
+    /// `active_slot`.
+    pub epoch: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
     /// Every slot's settings.
     pub slots: [SlotConfig; SLOTS],
 }
@@ -262,36 +326,233 @@ pub struct RuleEntry {
 
 /// The value of a trie leaf: every rule entry that covers this prefix, most specific first
 /// (deepest scope, then longest prefix, then declaration order). The first entry whose port
-/// range and protocol match decides.
+/// range and protocol match decides. The first [`LEAF_INLINE_ENTRIES`] are held here; the
+/// rest continue, in order, in `chunks` chunks of [`map_names::LEAF_CHUNKS`] numbered from
+/// `first_chunk` (in the same slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleLeaf {
-    /// Number of valid entries.
+    /// Number of valid inline entries.
     pub len: u32,
+    /// Id of the first overflow chunk (meaningful when `chunks > 0`).
+    pub first_chunk: u32,
+    /// Number of overflow chunks, at most [`MAX_LEAF_CHUNKS`].
+    pub chunks: u32,
     /// Entries; only the first `len` are meaningful, the rest are zero.
-    pub entries: [RuleEntry; MAX_LEAF_ENTRIES],
+    pub entries: [RuleEntry; LEAF_INLINE_ENTRIES],
 }
 
 impl Default for RuleLeaf {
     fn default() -> Self {
         Self {
             len: 0,
-            entries: [RuleEntry::default(); MAX_LEAF_ENTRIES],
+            first_chunk: 0,
+            chunks: 0,
+            entries: [RuleEntry::default(); LEAF_INLINE_ENTRIES],
         }
     }
 }
 
 impl RuleLeaf {
-    /// The first entry matching `port` and `proto`, most specific first. Mirrors the kernel scan.
+    /// The first inline entry matching `port` and `proto`. Mirrors the kernel scan.
     pub fn first_match(&self, port: u16, proto: u8) -> Option<&RuleEntry> {
-        let len = if (self.len as usize) < MAX_LEAF_ENTRIES {
-            self.len as usize
-        } else {
-            MAX_LEAF_ENTRIES
-        };
+        let len = (self.len as usize).min(LEAF_INLINE_ENTRIES);
         self.entries[..len].iter().find(|e| e.matches(port, proto))
     }
 }
+
+/// Key of an overflow chunk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    /// Policy slot (`0..SLOTS`).
+    pub slot: u32,
+    /// Chunk id within the slot (from 1).
+    pub id: u32,
+}
+
+/// An overflow chunk: the continuation of a leaf's entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleChunk {
+    /// Number of valid entries.
+    pub len: u32,
+    /// Entries; only the first `len` are meaningful.
+    pub entries: [RuleEntry; CHUNK_ENTRIES],
+}
+
+impl Default for RuleChunk {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            entries: [RuleEntry::default(); CHUNK_ENTRIES],
+        }
+    }
+}
+
+impl RuleChunk {
+    /// The first entry matching `port` and `proto`. Mirrors the kernel scan.
+    pub fn first_match(&self, port: u16, proto: u8) -> Option<&RuleEntry> {
+        let len = (self.len as usize).min(CHUNK_ENTRIES);
+        self.entries[..len].iter().find(|e| e.matches(port, proto))
+    }
+}
+
+/// A decision as the verdict cache and the events carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// `ACTION_*` of the deciding rule (or the default), before enforce/audit mode applies.
+    pub action: u8,
+    /// `CLASS_*`.
+    pub class: u8,
+    /// Padding, always zero.
+    pub _pad: u16,
+    /// Rule-hit counter of the deciding rule; 0 = no rule matched.
+    pub counter: u32,
+}
+
+impl Verdict {
+    /// Packed into one word (as the cache stores it).
+    #[inline(always)]
+    pub fn to_word(self) -> u64 {
+        self.action as u64 | (self.class as u64) << 8 | (self.counter as u64) << 32
+    }
+
+    /// Unpacked from [`Verdict::to_word`].
+    #[inline(always)]
+    pub fn from_word(w: u64) -> Self {
+        Verdict {
+            action: w as u8,
+            class: (w >> 8) as u8,
+            _pad: 0,
+            counter: (w >> 32) as u32,
+        }
+    }
+}
+
+/// One slot of the per-CPU verdict cache: (cgroup, destination, port, protocol) at an epoch →
+/// verdict. `check` is [`verdict_check`] of the rest, so a slot torn by a concurrent writer
+/// reads as a miss, never as a wrong verdict. 64 bytes: a set of two is two cache lines.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictSlot {
+    /// Cgroup id of the caller.
+    pub cgroup_id: u64,
+    /// Destination (IPv4 as `::ffff:a.b.c.d`), network byte order, as two words.
+    pub addr: [u64; 2],
+    /// `port << 48 | proto << 40 | epoch`.
+    pub meta: u64,
+    /// [`Verdict::to_word`].
+    pub verdict: u64,
+    /// [`verdict_check`].
+    pub check: u64,
+    /// Padding, always zero.
+    pub _pad: [u64; 2],
+}
+
+/// `meta` of a [`VerdictSlot`].
+#[inline(always)]
+pub fn verdict_meta(port: u16, proto: u8, epoch: u32) -> u64 {
+    (port as u64) << 48 | (proto as u64) << 40 | epoch as u64
+}
+
+#[inline(always)]
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+}
+
+/// Hash of a cache key; its top bits index the cache.
+#[inline(always)]
+pub fn verdict_hash(cgroup_id: u64, addr: &[u64; 2], meta: u64) -> u64 {
+    let h = mix(mix(mix(cgroup_id, addr[0]), addr[1]), meta);
+    h ^ (h >> 32)
+}
+
+/// The first slot of the cache set of a key hash.
+#[inline(always)]
+pub fn verdict_index(hash: u64) -> u32 {
+    hash as u32 & (VERDICT_CACHE_SLOTS - 1) & !(VERDICT_CACHE_WAYS - 1)
+}
+
+/// The `check` word of a slot holding `verdict_word` for a key of hash `hash`.
+#[inline(always)]
+pub fn verdict_check(hash: u64, verdict_word: u64) -> u64 {
+    mix(hash, verdict_word) | 1
+}
+
+/// Key of the reverse-translation table: a parked UDP socket and the park target it sends to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie()` of the socket.
+    pub cookie: u64,
+    /// The park target (IPv4 as `::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// The park target's port, network byte order.
+    pub port_be: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+
+/// Value of the reverse-translation table: the destination the application sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue {
+    /// Original destination (IPv4 as `::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// Original port, network byte order.
+    pub port_be: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+
+/// The hook a decision was made at (`VerdictEvent::hook`).
+pub const HOOK_CONNECT4: u8 = 0;
+/// `cgroup/connect6`.
+pub const HOOK_CONNECT6: u8 = 1;
+/// `cgroup/sendmsg4`.
+pub const HOOK_SENDMSG4: u8 = 2;
+/// `cgroup/sendmsg6`.
+pub const HOOK_SENDMSG6: u8 = 3;
+
+/// One verdict, sent to userspace for decisions other than allow, at most one per rule per
+/// `SlotConfig::event_interval_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    /// `bpf_ktime_get_ns()` of the decision.
+    pub time_ns: u64,
+    /// Cgroup id of the caller.
+    pub cgroup_id: u64,
+    /// Policy generation that decided.
+    pub generation: u64,
+    /// Destination (IPv4 as `::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// IPPROTO number.
+    pub proto: u8,
+    /// `ACTION_*` taken (after mode and SLO admission).
+    pub action: u8,
+    /// Rule-hit counter of the deciding rule; 0 = no rule matched.
+    pub counter: u32,
+    /// `CLASS_*`.
+    pub class: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// Padding, always zero.
+    pub _pad: [u8; 6],
+}
+
+/// `EVENT_COUNTERS` index: events written to the ring.
+pub const EVENT_COUNTER_SENT: u32 = 0;
+/// `EVENT_COUNTERS` index: events lost because the ring was full.
+pub const EVENT_COUNTER_DROPPED: u32 = 1;
+/// `EVENT_COUNTERS` index: events not sent because of the per-rule rate limit.
+pub const EVENT_COUNTER_SUPPRESSED: u32 = 2;
+/// Number of event counters.
+pub const EVENT_COUNTERS: u32 = 3;
 
 impl RuleEntry {
     /// Whether this entry covers `port` (host byte order) and `proto` (IPPROTO number).
@@ -482,6 +743,12 @@ mod pod {
     unsafe impl aya::Pod for HeatValue {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for Histogram {}
+    unsafe impl aya::Pod for ChunkKey {}
+    unsafe impl aya::Pod for RuleChunk {}
+    unsafe impl aya::Pod for VerdictSlot {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for VerdictEvent {}
 }
 
 #[cfg(test)]
@@ -491,22 +758,31 @@ mod tests {
 
     #[test]
     fn layouts_are_pinned() {
-        assert_eq!(size_of::<SlotConfig>(), 32);
+        assert_eq!(size_of::<SlotConfig>(), 40);
         assert_eq!(offset_of!(SlotConfig, flags), 8);
         assert_eq!(offset_of!(SlotConfig, default_action), 12);
         assert_eq!(offset_of!(SlotConfig, scope_level_min), 16);
-        assert_eq!(size_of::<Config>(), 16 + 32 * SLOTS);
+        assert_eq!(size_of::<Config>(), 24 + 40 * SLOTS);
+        assert_eq!(offset_of!(Config, epoch), 16);
         assert!(SLOTS.is_power_of_two());
         assert_eq!(offset_of!(Config, active_slot), 4);
         assert_eq!(offset_of!(Config, attach_cgroup_id), 8);
-        assert_eq!(offset_of!(Config, slots), 16);
+        assert_eq!(offset_of!(Config, slots), 24);
         assert_eq!(size_of::<LpmKeyV4>(), 24);
         assert_eq!(offset_of!(LpmKeyV4, addr), 16);
         assert_eq!(size_of::<LpmKeyV6>(), 32);
         assert_eq!(offset_of!(LpmKeyV6, addr), 16);
         assert_eq!(LPM_FIXED_BITS as usize, offset_of!(LpmKeyV4, addr) * 8);
         assert_eq!(size_of::<RuleEntry>(), 12);
-        assert_eq!(size_of::<RuleLeaf>(), 4 + 12 * MAX_LEAF_ENTRIES);
+        assert_eq!(size_of::<RuleLeaf>(), 12 + 12 * LEAF_INLINE_ENTRIES);
+        assert_eq!(size_of::<RuleChunk>(), 4 + 12 * CHUNK_ENTRIES);
+        assert_eq!(MAX_LEAF_ENTRIES, 1024);
+        assert_eq!(size_of::<VerdictSlot>(), 64);
+        assert!(VERDICT_CACHE_SLOTS.is_power_of_two());
+        assert_eq!(size_of::<RevNatKey>(), 32);
+        assert_eq!(size_of::<RevNatValue>(), 24);
+        assert_eq!(size_of::<VerdictEvent>(), 56);
+        assert_eq!(size_of::<Verdict>(), 8);
         assert_eq!(size_of::<ScopeKey>(), 16);
         assert_eq!(size_of::<ScopeValue>(), 8);
         assert_eq!(size_of::<HeatKey>(), 20);
