@@ -2,8 +2,8 @@
 //! `EC-HSM`), ES256 over the SHA-256 digest of the message. Every key version is immutable, so
 //! a [`KeyRef`]'s id is the versioned key identifier (`VAULT/keys/NAME/VERSION`, Azure's `kid`)
 //! and its version is 1, as for AWS keys. Rotation creates a new version of the same key (the
-//! Create Key call on an existing name); old versions keep verifying. Public keys are fetched
-//! once per version and cached.
+//! Create Key call on an existing name); old versions keep verifying. Every Get Key answer
+//! carries the public key, so none is cached.
 //!
 //! The SDK's own retries are off: throttling (429 and its `Retry-After`) and outages go through
 //! the shared retry and circuit breaker like every provider's.
@@ -32,7 +32,7 @@ use azure_security_keyvault_keys::{
     KeyClient, KeyClientOptions, ResourceExt as _,
 };
 use sha2::{Digest as _, Sha256};
-use std::{collections::HashMap, path::PathBuf, sync::Arc, sync::Mutex, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 const PROVIDER: &str = "azure";
 
@@ -170,7 +170,6 @@ pub struct AzureSigner {
     client: KeyClient,
     vault_url: String,
     name: String,
-    public_keys: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 impl std::fmt::Debug for AzureSigner {
@@ -351,7 +350,6 @@ impl AzureSigner {
             client,
             vault_url,
             name: c.key_name,
-            public_keys: Mutex::new(HashMap::new()),
         })
     }
 
@@ -373,7 +371,7 @@ impl AzureSigner {
             })
     }
 
-    /// Checks a key bundle (an enabled EC P-256 key that may sign) and caches its public key.
+    /// Checks a key bundle (an enabled EC P-256 key that may sign) and returns its public key.
     fn info(&self, key: Key, what: &str) -> Result<KeyInfo, SignerError> {
         let version = key
             .resource_id()
@@ -407,9 +405,6 @@ impl AzureSigner {
         let (x, y) = (jwk.x.unwrap_or_default(), jwk.y.unwrap_or_default());
         let public_key_der =
             p256_public_key_der(&x, &y).map_err(|e| refused(format!("key {id}: {e}")))?;
-        if let Ok(mut m) = self.public_keys.lock() {
-            m.insert(id.clone(), public_key_der.clone());
-        }
         Ok(KeyInfo {
             key: KeyRef { id, version: 1 },
             public_key_der,
