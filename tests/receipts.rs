@@ -695,6 +695,77 @@ mod azure {
         );
     }
 
+    /// The production path: `[kms]` settings through `connect_signer`, workload identity and the
+    /// authority host from the environment (as AKS sets them), the CA from `kms.ca_file`, the
+    /// proxy from `HTTPS_PROXY`. (The only test here that sets these variables.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn azure_connect_takes_workload_identity_from_the_environment_and_the_ca_file() {
+        let k = AzureStandIn::start().await;
+        k.create_key("knhk", "EC");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &k.ca_pem).expect("ca");
+        let AzureCredential::WorkloadIdentity { token_file, .. } = workload_identity(dir.path())
+        else {
+            unreachable!()
+        };
+        let vars = [
+            (
+                "AZURE_FEDERATED_TOKEN_FILE",
+                token_file.display().to_string(),
+            ),
+            ("AZURE_TENANT_ID", az::TENANT_ID.to_string()),
+            ("AZURE_CLIENT_ID", az::CLIENT_ID.to_string()),
+            ("AZURE_AUTHORITY_HOST", az::AUTHORITY_HOST.to_string()),
+            ("HTTPS_PROXY", k.proxy.clone()),
+        ];
+        for (name, value) in &vars {
+            std::env::set_var(name, value);
+        }
+        let settings = |ca_file: Option<PathBuf>| SignerSettings::Azure {
+            vault_url: az::VAULT_URL.into(),
+            key_name: "knhk".into(),
+            ca_file,
+        };
+        let signer = knhk_agent::receipts::connect_signer(&settings(Some(ca_file)))
+            .await
+            .expect("signer");
+        let key = signer.current().await;
+        // Without the CA the vault's certificate is not trusted: nothing is signed.
+        let untrusted = knhk_agent::receipts::connect_signer(&settings(None))
+            .await
+            .expect("signer");
+        let untrusted = untrusted.current().await;
+        let missing_ca =
+            knhk_agent::receipts::connect_signer(&settings(Some("/nonexistent/ca.pem".into())))
+                .await;
+        let key = key.expect("current");
+        let sig = signer.sign(&key.key, b"checkpoint").await;
+        for (name, _) in &vars {
+            std::env::remove_var(name);
+        }
+        let sig = sig.expect("sign");
+        assert_eq!(signer.provider(), "azure");
+        assert!(knhk_agent::receipts::signer::verify_signature(
+            &key.public_key_der,
+            b"checkpoint",
+            &sig
+        ));
+        let e = untrusted.expect_err("untrusted vault");
+        eprintln!("without kms.ca_file: {e}");
+        assert!(e.is_transient(), "{e}");
+        assert!(
+            e.to_string().contains("certificate"),
+            "the cause is named: {e}"
+        );
+        let e = missing_ca.expect_err("missing CA file");
+        assert!(
+            e.to_string()
+                .starts_with("azure refused: kms.ca_file /nonexistent/ca.pem: "),
+            "{e}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn azure_client_secret_signs_and_a_refused_credential_is_named() {
         let k = AzureStandIn::start().await;

@@ -227,6 +227,20 @@ fn http_failure(e: &azure_core::Error) -> Option<(u16, Option<Duration>, String)
     None
 }
 
+/// `e` and its causes (a TLS failure's certificate problem, a refused connection), each once.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut current = e.source();
+    while let Some(cause) = current {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+        current = cause.source();
+    }
+    text
+}
+
 /// Service answers by status (429: throttled, 5xx: unavailable, others: refused); a token
 /// endpoint's refusal is named as such; no answer at all (connection, TLS, I/O) may pass.
 fn classify(e: azure_core::Error, what: &str) -> SignerError {
@@ -250,7 +264,7 @@ fn classify(e: azure_core::Error, what: &str) -> SignerError {
         }
         found
     };
-    let message = format!("{what}: {e}");
+    let message = format!("{what}: {}", with_causes(&e));
     if transient {
         SignerError::Unavailable {
             provider: PROVIDER,
