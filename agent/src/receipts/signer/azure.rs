@@ -183,6 +183,7 @@ impl std::fmt::Debug for AzureSigner {
 
 /// The `{"error": {"code", "message"}}` body Key Vault and Entra ID errors carry, as text.
 fn service_message(body: &[u8]) -> Option<String> {
+    // Not JSON (a proxy's HTML page): the caller falls back to the status's error code.
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     if let Some(e) = v.get("error").filter(|e| e.is_object()) {
         let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("");
@@ -389,6 +390,7 @@ impl AzureSigner {
     fn info(&self, key: Key, what: &str) -> Result<KeyInfo, SignerError> {
         let version = key
             .resource_id()
+            // No parsable kid: refused just below as naming no version.
             .ok()
             .and_then(|r| r.version)
             .ok_or_else(|| refused(format!("{what}: the answer names no key version (kid)")))?;
@@ -416,6 +418,7 @@ impl AzureSigner {
                 )));
             }
         }
+        // A missing coordinate is empty: refused just below as not 32 bytes.
         let (x, y) = (jwk.x.unwrap_or_default(), jwk.y.unwrap_or_default());
         let public_key_der =
             p256_public_key_der(&x, &y).map_err(|e| refused(format!("key {id}: {e}")))?;
@@ -479,6 +482,7 @@ impl Signer for AzureSigner {
             .map_err(|e| refused(format!("{what}: the answer is not a sign result: {e}")))?;
         // The vault names the key version that signed: it must be the one asked for.
         if let Some(kid) = &out.kid {
+            // split always yields a first part (empty for an empty kid, refused below).
             let signed_by = kid.split('?').next().unwrap_or_default();
             if !signed_by.ends_with(&format!("/keys/{}/{version}", self.name)) {
                 return Err(refused(format!("{what}: the vault signed with {kid}")));

@@ -106,6 +106,7 @@ pub(crate) fn http_status_error(
 /// else is `None` (the shared backoff then decides).
 #[cfg_attr(not(feature = "azure"), allow(dead_code))]
 pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    // An HTTP date or garbage: no hint, the backoff's own delay stands.
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
@@ -236,6 +237,7 @@ pub async fn connect(settings: &SignerSettings) -> Result<Arc<dyn Signer>, Signe
                 })?),
                 None => None,
             };
+            // Unset, empty or not UTF-8: treated as unset (from_env names what is missing).
             let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
             Ok(Arc::new(AzureSigner::new(AzureConnection {
                 vault_url: vault_url.clone(),
