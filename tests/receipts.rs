@@ -46,6 +46,14 @@ async fn start(settings: ReceiptSettings) -> Running {
     let signer = knhk_agent::receipts::connect_signer(&settings.signer)
         .await
         .expect("signer");
+    start_with(settings, signer).await
+}
+
+/// Starts a ledger on a signer made by the test.
+async fn start_with(
+    settings: ReceiptSettings,
+    signer: Arc<dyn knhk_agent::receipts::Signer>,
+) -> Running {
     let (r, tasks) = Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
         .await
         .expect("receipts");
@@ -103,9 +111,23 @@ async fn stop_and_verify(running: Running, path: &Path) -> verify::VerifyReport 
 /// The full flow against one signer: sign, prove, rotate, sign again, verify offline.
 async fn sign_rotate_verify(signer: SignerSettings, rotated_versions: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = settings(dir.path(), signer);
+    let connected = knhk_agent::receipts::connect_signer(&signer)
+        .await
+        .expect("signer");
+    sign_rotate_verify_on(dir.path(), signer, connected, rotated_versions).await;
+}
+
+/// [`sign_rotate_verify`] with a ledger in `dir` on a connected signer; returns the first and
+/// the rotated key.
+async fn sign_rotate_verify_on(
+    dir: &Path,
+    signer: SignerSettings,
+    connected: Arc<dyn knhk_agent::receipts::Signer>,
+    rotated_versions: bool,
+) -> (knhk_agent::receipts::KeyRef, knhk_agent::receipts::KeyRef) {
+    let s = settings(dir, signer);
     let path = s.path.clone();
-    let r = start(s).await;
+    let r = start_with(s, connected).await;
     append(&r, 0..40).await;
     r.pulse(8).await;
     all_signed(&r, Duration::from_secs(20)).await;
@@ -165,6 +187,7 @@ async fn sign_rotate_verify(signer: SignerSettings, rotated_versions: bool) {
         "60 and the rotation receipt: {report:?}"
     );
     assert_eq!(report.unsigned_checkpoints, 0);
+    (first_key, new_key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,4 +533,426 @@ async fn a_vault_signer_without_a_token_is_a_clear_error() {
         e.to_string().contains("kms.token_file /nonexistent/token"),
         "{e}"
     );
+}
+
+/// The plan's example with its `[sidecar.kms]` switched to Azure Key Vault (the plan's
+/// `vault_url` and `key_name`).
+fn plan_with_azure_kms(vault_url: &str) -> String {
+    let plan = include_str!("data/fortune5-plan.toml");
+    let aws = "provider = \"aws\"\nregion = \"us-east-1\"\nkey_id = \"arn:aws:kms:us-east-1:123456789012:key/abc123\"\n";
+    assert!(plan.contains(aws), "the plan's kms section changed");
+    plan.replace(
+        aws,
+        &format!(
+            "provider = \"azure\"\nvault_url = \"{vault_url}\"\nkey_name = \"knhk-receipts\"\n"
+        ),
+    )
+}
+
+#[test]
+fn check_config_loads_an_azure_kms_and_names_a_malformed_vault_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("azure.toml");
+    std::fs::write(
+        &good,
+        plan_with_azure_kms("https://fortune5.vault.azure.net"),
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["check-config", "--output", "json"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["valid"], true, "{json}");
+    assert!(
+        json["active_sections"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s == "kms")),
+        "the ledger runs with the Azure key: {json}"
+    );
+
+    for (url, why) in [
+        (
+            "http://fortune5.vault.azure.net",
+            "it must start with https://",
+        ),
+        (
+            "https://fortune5.vault.azure.net/keys/knhk-receipts",
+            "it must name the vault only, without a path, query or fragment",
+        ),
+        (
+            "https://fortune5 vault.azure.net",
+            "its host is not a DNS name",
+        ),
+        (
+            "https://fortune5.vault.azure.net:99999",
+            "its port is not a number",
+        ),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, plan_with_azure_kms(url)).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+            .args(["check-config"])
+            .arg(&bad)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{url}: {stderr}");
+        assert!(
+            stderr.contains("kms.vault_url")
+                && stderr.contains(&format!("{url:?} is not a Key Vault URL: {why}")),
+            "{url}: {stderr}"
+        );
+    }
+}
+
+/// Azure Key Vault, against the TLS stand-in of its REST API and Entra ID's token endpoint
+/// (tests/support/azure.rs): Azure itself is not reachable from CI.
+#[cfg(feature = "azure")]
+mod azure {
+    use super::*;
+    use knhk_agent::receipts::{
+        signer::{AzureConnection, AzureCredential, AzureSigner},
+        Signer,
+    };
+    use std::sync::atomic::Ordering;
+    use support::azure::{self as az, AzureStandIn};
+
+    fn workload_identity(dir: &Path) -> AzureCredential {
+        let token_file = dir.join("azure-identity-token");
+        std::fs::write(&token_file, az::FEDERATED_TOKEN).expect("token file");
+        AzureCredential::WorkloadIdentity {
+            tenant_id: az::TENANT_ID.into(),
+            client_id: az::CLIENT_ID.into(),
+            token_file,
+        }
+    }
+
+    fn connection(k: &AzureStandIn, key: &str, credential: AzureCredential) -> AzureConnection {
+        AzureConnection {
+            vault_url: az::VAULT_URL.into(),
+            key_name: key.into(),
+            credential,
+            authority_host: Some(az::AUTHORITY_HOST.into()),
+            ca_pem: Some(k.ca_pem.clone().into_bytes()),
+            proxy: Some(k.proxy.clone()),
+        }
+    }
+
+    fn settings_of(key: &str) -> SignerSettings {
+        SignerSettings::Azure {
+            vault_url: az::VAULT_URL.into(),
+            key_name: key.into(),
+            ca_file: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn azure_key_vault_signs_rotates_versions_and_verifies_offline() {
+        let k = AzureStandIn::start().await;
+        k.create_key("knhk-receipts", "EC");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = AzureSigner::new(connection(
+            &k,
+            "knhk-receipts",
+            workload_identity(dir.path()),
+        ))
+        .expect("signer");
+        let (first, rotated) = sign_rotate_verify_on(
+            dir.path(),
+            settings_of("knhk-receipts"),
+            Arc::new(signer),
+            false,
+        )
+        .await;
+        let versions = k.versions("knhk-receipts");
+        assert_eq!(versions.len(), 2, "rotation made a second version");
+        let id = |v: &str| format!("{}/keys/knhk-receipts/{v}", az::VAULT_URL);
+        assert_eq!(first.id, id(&versions[0]));
+        assert_eq!(rotated.id, id(&versions[1]), "the new version signs");
+        assert!(k.knobs.signatures.load(Ordering::SeqCst) >= 3);
+        assert!(k.knobs.token_requests.load(Ordering::SeqCst) >= 1);
+        let tunnels = k.knobs.tunnels.lock().expect("tunnels").clone();
+        assert!(
+            tunnels.contains(&"knhk.vault.azure.test:443".to_string())
+                && tunnels.contains(&"login.azure.test:443".to_string()),
+            "{tunnels:?}"
+        );
+
+        // `receipts verify` checks the Azure-signed checkpoints offline (the stand-in is gone).
+        drop(k);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+            .args(["receipts", "verify", "--db"])
+            .arg(dir.path().join("receipts.redb"))
+            .output()
+            .expect("verify");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("verified"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The production path: `[kms]` settings through `connect_signer`, workload identity and the
+    /// authority host from the environment (as AKS sets them), the CA from `kms.ca_file`, the
+    /// proxy from `HTTPS_PROXY`. (The only test here that sets these variables.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn azure_connect_takes_workload_identity_from_the_environment_and_the_ca_file() {
+        let k = AzureStandIn::start().await;
+        k.create_key("knhk", "EC");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &k.ca_pem).expect("ca");
+        let AzureCredential::WorkloadIdentity { token_file, .. } = workload_identity(dir.path())
+        else {
+            unreachable!()
+        };
+        let vars = [
+            (
+                "AZURE_FEDERATED_TOKEN_FILE",
+                token_file.display().to_string(),
+            ),
+            ("AZURE_TENANT_ID", az::TENANT_ID.to_string()),
+            ("AZURE_CLIENT_ID", az::CLIENT_ID.to_string()),
+            ("AZURE_AUTHORITY_HOST", az::AUTHORITY_HOST.to_string()),
+            ("HTTPS_PROXY", k.proxy.clone()),
+        ];
+        for (name, value) in &vars {
+            std::env::set_var(name, value);
+        }
+        let settings = |ca_file: Option<PathBuf>| SignerSettings::Azure {
+            vault_url: az::VAULT_URL.into(),
+            key_name: "knhk".into(),
+            ca_file,
+        };
+        let signer = knhk_agent::receipts::connect_signer(&settings(Some(ca_file)))
+            .await
+            .expect("signer");
+        let key = signer.current().await;
+        // Without the CA the vault's certificate is not trusted: nothing is signed.
+        let untrusted = knhk_agent::receipts::connect_signer(&settings(None))
+            .await
+            .expect("signer");
+        let untrusted = untrusted.current().await;
+        let missing_ca =
+            knhk_agent::receipts::connect_signer(&settings(Some("/nonexistent/ca.pem".into())))
+                .await;
+        let sig = match &key {
+            Ok(key) => Some(signer.sign(&key.key, b"checkpoint").await),
+            Err(_) => None,
+        };
+        // Unset before any assertion, so a failure here leaks nothing into other tests.
+        for (name, _) in &vars {
+            std::env::remove_var(name);
+        }
+        let key = key.expect("current");
+        let sig = sig.expect("signed").expect("sign");
+        assert_eq!(signer.provider(), "azure");
+        assert!(knhk_agent::receipts::signer::verify_signature(
+            &key.public_key_der,
+            b"checkpoint",
+            &sig
+        ));
+        let e = untrusted.expect_err("untrusted vault");
+        eprintln!("without kms.ca_file: {e}");
+        assert!(e.is_transient(), "{e}");
+        assert!(
+            e.to_string().contains("certificate"),
+            "the cause is named: {e}"
+        );
+        let e = missing_ca.expect_err("missing CA file");
+        assert!(
+            e.to_string()
+                .starts_with("azure refused: kms.ca_file /nonexistent/ca.pem: "),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn azure_client_secret_signs_and_a_refused_credential_is_named() {
+        let k = AzureStandIn::start().await;
+        k.create_key("knhk", "EC");
+        let secret = |secret: &str| AzureCredential::ClientSecret {
+            tenant_id: az::TENANT_ID.into(),
+            client_id: az::CLIENT_ID.into(),
+            secret: secret.into(),
+        };
+        let signer =
+            AzureSigner::new(connection(&k, "knhk", secret(az::CLIENT_SECRET))).expect("signer");
+        let key = signer.current().await.expect("current");
+        let sig = signer.sign(&key.key, b"checkpoint").await.expect("sign");
+        assert!(knhk_agent::receipts::signer::verify_signature(
+            &key.public_key_der,
+            b"checkpoint",
+            &sig
+        ));
+        assert!(!knhk_agent::receipts::signer::verify_signature(
+            &key.public_key_der,
+            b"another checkpoint",
+            &sig
+        ));
+
+        let wrong =
+            AzureSigner::new(connection(&k, "knhk", secret("not-the-secret"))).expect("signer");
+        let e = wrong.current().await.expect_err("refused");
+        assert!(
+            !e.is_transient(),
+            "a refused credential is not retried: {e}"
+        );
+        assert!(
+            e.to_string().starts_with(
+                "azure refused: get key knhk in https://knhk.vault.azure.test: the Entra ID token \
+                 endpoint answered HTTP 401 (invalid_client: AADSTS7000215: Invalid client secret provided."
+            ),
+            "{e}"
+        );
+        let e = wrong.rotate().await.expect_err("refused");
+        assert!(e.to_string().contains("AADSTS7000215"), "{e}");
+        assert_eq!(k.versions("knhk").len(), 1, "nothing changed in the vault");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn azure_bad_keys_and_urls_are_named_and_change_nothing() {
+        let k = AzureStandIn::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let credential = workload_identity(dir.path());
+
+        // A key that does not exist.
+        let signer =
+            AzureSigner::new(connection(&k, "absent", credential.clone())).expect("signer");
+        let e = signer.current().await.expect_err("missing key");
+        assert!(!e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "azure refused: get key absent in https://knhk.vault.azure.test: Key Vault answered HTTP 404 \
+             (KeyNotFound: A key with (name/id) absent was not found in this key vault. If you recently \
+             deleted this key you may be able to recover it using the correct recovery command.)"
+        );
+        let e = signer.rotate().await.expect_err("no key to rotate");
+        assert!(e.to_string().contains("HTTP 404"), "{e}");
+        assert!(k.versions("absent").is_empty(), "rotation created nothing");
+
+        // A key of the wrong type: an RSA key cannot make ES256 receipts.
+        k.create_key("rsa", "RSA");
+        let signer = AzureSigner::new(connection(&k, "rsa", credential.clone())).expect("signer");
+        let e = signer.current().await.expect_err("wrong type");
+        let v = &k.versions("rsa")[0];
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "azure refused: key https://knhk.vault.azure.test/keys/rsa/{v} is kty RSA crv (none); \
+                 receipts need an EC key on P-256 (ES256): create it with `az keyvault key create --kty EC \
+                 --curve P-256 --ops sign verify`"
+            )
+        );
+
+        // A key reference of another key is not signed with this one.
+        let e = signer
+            .sign(
+                &knhk_agent::receipts::KeyRef {
+                    id: format!("{}/keys/other/{v}", az::VAULT_URL),
+                    version: 1,
+                },
+                b"x",
+            )
+            .await
+            .expect_err("other key");
+        assert!(e.to_string().contains("is not a version of key rsa"), "{e}");
+
+        // A malformed vault URL or CA is refused before any call.
+        let mut c = connection(&k, "knhk", credential.clone());
+        c.vault_url = "not a url".into();
+        let e = AzureSigner::new(c).expect_err("bad url");
+        assert!(
+            e.to_string()
+                .starts_with("azure refused: kms.vault_url \"not a url\": "),
+            "{e}"
+        );
+        let mut c = connection(&k, "knhk", credential);
+        c.ca_pem = Some(b"not a certificate".to_vec());
+        let e = AzureSigner::new(c).expect_err("bad CA");
+        assert_eq!(
+            e.to_string(),
+            "azure refused: kms.ca_file holds no certificate"
+        );
+        assert!(k.knobs.signatures.load(Ordering::SeqCst) == 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn azure_throttling_goes_through_the_shared_retry_and_circuit_breaker() {
+        let k = AzureStandIn::start().await;
+        k.create_key("knhk", "EC");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let signer = AzureSigner::new(connection(&k, "knhk", workload_identity(dir.path())))
+            .expect("signer");
+        let s = settings(dir.path(), settings_of("knhk"));
+        let path = s.path.clone();
+        let registry = prometheus::Registry::new();
+        let (r, tasks) = Receipts::start(s, Arc::new(signer), &registry, None, None)
+            .await
+            .expect("receipts");
+        let r = Running { r, tasks };
+        let circuit_open = || {
+            let text = prometheus::TextEncoder::new()
+                .encode_to_string(&registry.gather())
+                .expect("metrics");
+            text.contains("knhk_receipts_kms_circuit{state=\"open\"} 1")
+        };
+        let ready = r.r.readiness_check();
+        append(&r, 0..10).await;
+        r.pulse(8).await;
+        all_signed(&r, Duration::from_secs(20)).await;
+
+        // Two 429s with Retry-After: 1: the shared retry waits them out and the call succeeds.
+        k.knobs.throttle_next.store(2, Ordering::SeqCst);
+        let started = Instant::now();
+        append(&r, 10..20).await;
+        r.pulse(16).await;
+        all_signed(&r, Duration::from_secs(20)).await;
+        let waited = started.elapsed();
+        assert_eq!(k.knobs.throttled.load(Ordering::SeqCst), 2);
+        assert!(
+            waited >= Duration::from_secs(2),
+            "Retry-After was honoured twice: {waited:?}"
+        );
+        assert!(ready().is_ok(), "{:?}", ready());
+
+        // Throttled without end: each call fails after its retries, three failures open the
+        // circuit, and readiness says the KMS is not signing.
+        assert!(!circuit_open());
+        k.knobs.throttle_next.store(1000, Ordering::SeqCst);
+        append(&r, 20..30).await;
+        r.pulse(24).await;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !circuit_open() {
+            assert!(
+                Instant::now() < deadline,
+                "the circuit never opened on throttling"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let message = ready().expect_err("not ready while the circuit is open");
+        assert!(
+            message.contains("the KMS (azure) has not signed"),
+            "{message}"
+        );
+        assert!(
+            k.knobs.throttled.load(Ordering::SeqCst) >= 2 + 9,
+            "3 calls of 3 attempts"
+        );
+
+        // The vault recovers: the backlog is signed and readiness recovers.
+        k.knobs.throttle_next.store(0, Ordering::SeqCst);
+        all_signed(&r, Duration::from_secs(60)).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ready().is_err() {
+            assert!(Instant::now() < deadline, "readiness did not recover");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.receipts, 30);
+    }
 }

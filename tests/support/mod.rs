@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 pub mod agent;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod harness;
 pub mod kms;
 pub mod proxy;

@@ -371,7 +371,7 @@ pub struct AuthorizedIds {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmsSection {
-    /// `aws`, `vault` or `file`.
+    /// `aws`, `vault`, `azure` or `file`.
     pub provider: Option<String>,
     /// AWS region.
     pub region: Option<String>,
@@ -385,8 +385,12 @@ pub struct KmsSection {
     pub addr: Option<String>,
     /// Vault transit mount (default `transit`).
     pub mount_path: Option<String>,
-    /// Vault transit key name (an `ecdsa-p256` key).
+    /// Vault transit key name (an `ecdsa-p256` key); Azure Key Vault key name (an EC P-256 key).
     pub key_name: Option<String>,
+    /// Azure: the vault, `https://NAME.vault.azure.net`.
+    pub vault_url: Option<String>,
+    /// Azure: a PEM file of extra CAs for the vault and the token endpoint.
+    pub ca_file: Option<PathBuf>,
     /// Vault token file (default: `$VAULT_TOKEN`).
     pub token_file: Option<PathBuf>,
     /// `file`: directory of local keys (development only).

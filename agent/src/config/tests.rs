@@ -127,6 +127,25 @@ fn a_remote_api_without_policy_writers_is_warned_about() {
 }
 
 #[test]
+fn the_plans_azure_fields_load_as_an_azure_signer() {
+    let aws = "provider = \"aws\"\nregion = \"us-east-1\"\nkey_id = \"arn:aws:kms:us-east-1:123456789012:key/abc123\"\n";
+    assert!(PLAN_EXAMPLE.contains(aws));
+    let azure = PLAN_EXAMPLE.replace(
+        aws,
+        "provider = \"azure\"\nvault_url = \"https://fortune5.vault.azure.net/\"\nkey_name = \"knhk-receipts\"\n",
+    );
+    let c = Config::parse(&azure, "plan").expect("the plan with Azure Key Vault loads");
+    assert_eq!(
+        c.settings.receipts.as_ref().map(|r| &r.signer),
+        Some(&crate::config::SignerSettings::Azure {
+            vault_url: "https://fortune5.vault.azure.net/".into(),
+            key_name: "knhk-receipts".into(),
+            ca_file: None,
+        })
+    );
+}
+
+#[test]
 fn an_aws_key_that_cannot_rotate_is_warned_about() {
     let kms = |key: &str| {
         format!("[kms]\nprovider = \"aws\"\nregion = \"us-east-1\"\nkey_id = \"{key}\"\nrotation_interval_hours = 6\n")
@@ -389,6 +408,26 @@ fn bad_input_is_refused_with_file_line_and_reason() {
             "vault without a key name",
             "[kms]\nprovider = \"vault\"\naddr = \"http://127.0.0.1:8200\"\n".into(),
             &["kms.key_name", "is required with provider = \"vault\""],
+        ),
+        (
+            "azure without a vault",
+            "[kms]\nprovider = \"azure\"\nkey_name = \"k\"\n".into(),
+            &["kms.vault_url", "is required with provider = \"azure\""],
+        ),
+        (
+            "azure without a key name",
+            "[kms]\nprovider = \"azure\"\nvault_url = \"https://v.vault.azure.net\"\n".into(),
+            &["kms.key_name", "is required with provider = \"azure\""],
+        ),
+        (
+            "azure vault over http",
+            "[kms]\nprovider = \"azure\"\nvault_url = \"http://v.vault.azure.net\"\nkey_name = \"k\"\n".into(),
+            &["kms.vault_url", "\"http://v.vault.azure.net\" is not a Key Vault URL: it must start with https://"],
+        ),
+        (
+            "azure vault with a key path",
+            "[kms]\nprovider = \"azure\"\nvault_url = \"https://v.vault.azure.net/keys/k\"\nkey_name = \"k\"\n".into(),
+            &["kms.vault_url", "without a path, query or fragment"],
         ),
         (
             "unknown retention kind",

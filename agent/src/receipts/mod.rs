@@ -529,6 +529,15 @@ impl Receipts {
                 2,
             ))
             .when(|e: &SignerError| e.is_transient())
+            // A throttling KMS said when to come back: wait that long (up to a bound, so a
+            // long Retry-After fails this call and counts toward opening the circuit).
+            .adjust(
+                |e: &SignerError, backoff| match (backoff, e.retry_after()) {
+                    (Some(_), Some(asked)) if asked > MAX_RETRY_AFTER => None,
+                    (Some(d), Some(asked)) => Some(d.max(asked)),
+                    (d, _) => d,
+                },
+            )
             .await;
         match &result {
             Ok(_) => self.breaker.success(),
@@ -921,6 +930,9 @@ impl Receipts {
         }
     }
 }
+
+/// The longest `Retry-After` a KMS call waits out before retrying; a longer one fails the call.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// A database failure while recording a key: not the KMS's fault, and not worth retrying.
 fn ledger_error(e: LedgerError) -> SignerError {

@@ -27,6 +27,16 @@ pub enum SignerSettings {
         /// Token file; `None`: `$VAULT_TOKEN`.
         token_file: Option<PathBuf>,
     },
+    /// Azure Key Vault (or Managed HSM): an EC P-256 key, one version per rotation.
+    Azure {
+        /// The vault, `https://NAME.vault.azure.net`.
+        vault_url: String,
+        /// Key name.
+        key_name: String,
+        /// A PEM file of extra CAs trusted for the vault and the Entra ID token endpoint (a
+        /// TLS-inspecting proxy, a sovereign or private cloud); the system's roots stay trusted.
+        ca_file: Option<PathBuf>,
+    },
     /// Local key files (development only).
     File {
         /// Key directory.
@@ -58,6 +68,37 @@ fn is_key_id(s: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() || b == b'-' || b.is_ascii_lowercase())
 }
 
+/// Why `url` is not a Key Vault URL (`https://HOST[:PORT][/]`), or `None` if it is one.
+fn vault_url_problem(url: &str) -> Option<&'static str> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Some("it must start with https:// (Key Vault takes bearer tokens over TLS only)");
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Some("it must name the vault only, without a path, query or fragment");
+    }
+    if authority.contains('@') {
+        return Some("it must not carry user information");
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    if host.is_empty()
+        || host.starts_with(['.', '-'])
+        || host.ends_with(['.', '-'])
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    {
+        return Some("its host is not a DNS name");
+    }
+    if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+        return Some("its port is not a number from 1 to 65535");
+    }
+    None
+}
+
 impl SignerSettings {
     /// Checks a `[kms]` section; errors name the key (relative to `kms.`).
     pub fn from_section(k: &KmsSection) -> Result<SignerSettings, (String, String)> {
@@ -73,7 +114,7 @@ impl SignerSettings {
         let provider = k.provider.as_deref().ok_or_else(|| {
             bad(
                 "provider",
-                "is required: \"aws\", \"vault\" or \"file\"".into(),
+                "is required: \"aws\", \"vault\", \"azure\" or \"file\"".into(),
             )
         })?;
         let need = |key: &str, v: &Option<String>| {
@@ -118,6 +159,22 @@ impl SignerSettings {
                     token_file: k.token_file.clone(),
                 })
             }
+            "azure" => {
+                let vault_url = need("vault_url", &k.vault_url)?;
+                if let Some(why) = vault_url_problem(&vault_url) {
+                    return Err(bad(
+                        "vault_url",
+                        format!(
+                            "{vault_url:?} is not a Key Vault URL: {why} (expected https://NAME.vault.azure.net)"
+                        ),
+                    ));
+                }
+                Ok(SignerSettings::Azure {
+                    vault_url,
+                    key_name: need("key_name", &k.key_name)?,
+                    ca_file: k.ca_file.clone(),
+                })
+            }
             "file" => Ok(SignerSettings::File {
                 key_dir: k
                     .key_dir
@@ -126,7 +183,9 @@ impl SignerSettings {
             }),
             other => Err(bad(
                 "provider",
-                format!("unknown provider {other:?}: expected \"aws\", \"vault\" or \"file\""),
+                format!(
+                    "unknown provider {other:?}: expected \"aws\", \"vault\", \"azure\" or \"file\""
+                ),
             )),
         }
     }
