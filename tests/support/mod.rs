@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod kms;
+pub mod prom;
 pub mod proxy;
 pub mod spire;
 #[allow(unused_imports)]
