@@ -414,7 +414,9 @@ pub async fn policy_rollback(
 
 /// `status`.
 pub async fn status(target: &Target) -> Result<Report, ClientError> {
-    let mut c = AgentServiceClient::new(channel(target).await?);
+    // Every hit rule of the maximum policy can be over tonic's 4 MiB default.
+    let mut c = AgentServiceClient::new(channel(target).await?)
+        .max_decoding_message_size(MAX_POLICY_MESSAGE_BYTES);
     let r = c
         .get_status(pb::GetStatusRequest {})
         .await
@@ -474,11 +476,32 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
     let sync = r.sync.as_ref().map(|s| {
         json!({"region": s.region, "quorum": s.quorum, "committed_size": s.committed_size, "problem": s.problem})
     });
+    if !r.rule_hits.is_empty() {
+        human.push_str("rules with the most hits:\n");
+        for h in r.rule_hits.iter().take(10) {
+            // Writing into a String cannot fail.
+            let _ = writeln!(human, "  {:<32} {:>12}", h.rule, h.hits);
+        }
+        if r.rule_hits.len() > 10 {
+            // Writing into a String cannot fail.
+            let _ = writeln!(
+                human,
+                "  ... and {} more (--output json lists them all)",
+                r.rule_hits.len() - 10
+            );
+        }
+    }
+    let rule_hits: Vec<_> = r
+        .rule_hits
+        .iter()
+        .map(|h| json!({"rule": h.rule, "hits": h.hits}))
+        .collect();
     Ok(Report {
         human,
         json: json!({"version": r.version, "programs": r.programs, "cgroup_root": r.cgroup_root, "generation": r.generation,
                      "adopted": r.adopted, "active_cgroups": r.active_cgroups, "pending_cgroups": r.pending_cgroups,
-                     "trie_entries": r.trie_entries, "decisions": decisions, "receipts": ledger, "sync": sync}),
+                     "trie_entries": r.trie_entries, "decisions": decisions, "receipts": ledger, "sync": sync,
+                     "rule_hits": rule_hits}),
     })
 }
 

@@ -1,0 +1,578 @@
+//! The operator surface against real components: the metrics' cardinality bounds at the
+//! documented maximum policy, PromQL quantiles from a real Prometheus against the kernel's, the
+//! shipped alert rules (promtool, and each alert firing under its fault in a real Prometheus
+//! while a healthy agent stays silent), and every CLI command in both output forms.
+
+mod support;
+
+use knhk_agent::api::pb::{self, policy_service_client::PolicyServiceClient};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant, SystemTime},
+};
+use support::{
+    prom::{Prometheus, Target},
+    spire::{FakeSpire, TestCa},
+    *,
+};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The body of an HTTP response.
+fn body(response: &str) -> &str {
+    response.split("\r\n\r\n").nth(1).unwrap_or("")
+}
+
+/// Series per metric family in a text exposition (histograms count their `_bucket`, `_sum`
+/// and `_count` lines under the family).
+fn series_by_family(text: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+            .unwrap_or(name);
+        *out.entry(family.to_owned()).or_default() += 1;
+    }
+    out
+}
+
+fn rule(name: String, cidr: String) -> pb::Rule {
+    pb::Rule {
+        name,
+        action: pb::Action::Deny as i32,
+        cidrs: vec![cidr],
+        ..Default::default()
+    }
+}
+
+fn cli(agent: &Agent, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--endpoint", &agent.endpoint()])
+        .output()
+        .expect("run the CLI")
+}
+
+/// The documented bound: with the maximum policy (100,000 rules, 200 of them hit) and 200 hot
+/// destinations, a scrape has at most `rule_metrics_top_n` rule series and `heat_top_n` heat
+/// series, and otherwise exactly the series it had with no rules at all.
+#[test]
+fn kernel_metrics_stay_bounded_at_100000_rules() {
+    if !kernel_available("kernel_metrics_stay_bounded_at_100000_rules") {
+        return;
+    }
+    let cg = TestCgroup::new("bounded");
+    let pins = TestPins::new("bounded");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    let agent = Agent::start(&config);
+    let before = agent.get("/metrics");
+    let before = series_by_family(body(&before));
+
+    // Rule i denies 127.1.x.y, the i-th destination of tcp_connect_many_from.
+    let rules: Vec<pb::Rule> = (0..100_000u32)
+        .map(|i| {
+            rule(
+                format!("deny-{i:06}"),
+                format!("127.{}.{}.{}/32", 1 + (i >> 16), (i >> 8) & 255, i & 255),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    runtime().block_on(async {
+        PolicyServiceClient::new(agent.channel().await)
+            .max_encoding_message_size(64 << 20)
+            .apply_policy(pb::ApplyPolicyRequest {
+                policy: Some(pb::PolicyDocument {
+                    rules,
+                    ..Default::default()
+                }),
+                expected_generation: None,
+            })
+            .await
+            .expect("the maximum policy applies");
+    });
+    eprintln!("applied 100,000 rules in {:?}", started.elapsed());
+    // 200 rules hit once, the first 30 of them twice: the top 50 is those 30, then 20 by name.
+    assert_eq!(tcp_connect_many_from(&cg.path, 200), 0, "all denied");
+    assert_eq!(tcp_connect_many_from(&cg.path, 30), 0, "all denied");
+
+    let response = agent.get("/metrics");
+    let text = body(&response);
+    let after = series_by_family(text);
+    let total: usize = after.values().sum();
+    eprintln!(
+        "scrape at 100,000 rules: {} bytes, {total} series ({} before the policy)",
+        text.len(),
+        before.values().sum::<usize>()
+    );
+    let mut hit: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("knhk_rule_hits_total{rule=\""))
+        .map(|l| &l[..l.find('"').unwrap_or(0)])
+        .collect();
+    hit.sort();
+    let expected: Vec<String> = (0..50).map(|i| format!("deny-{i:06}")).collect();
+    assert_eq!(
+        hit, expected,
+        "the 50 rules with the most hits, ties by name"
+    );
+    assert!(
+        text.contains("knhk_rule_hits_total{rule=\"deny-000000\"} 2"),
+        "{text}"
+    );
+    assert_eq!(after["knhk_heat_top_connect_attempts"], 20, "heat_top_n");
+    assert!(
+        !text.contains("rank=\""),
+        "no rank label: a change of order makes no new series"
+    );
+    for (family, n) in &after {
+        let was = before.get(family).copied().unwrap_or(0);
+        let allowed = match family.as_str() {
+            "knhk_rule_hits_total" => 50,
+            "knhk_heat_top_connect_attempts" => 20,
+            _ => was,
+        };
+        assert!(
+            *n <= allowed,
+            "{family}: {n} series at 100,000 rules, {was} without rules"
+        );
+    }
+    assert!(total < 1000, "{total} series");
+    assert!(text.len() < 128 * 1024, "{} bytes", text.len());
+
+    // Every hit rule, with its count, is over gRPC.
+    let out = cli(&agent, &["status", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let hits = status["rule_hits"].as_array().expect("rule_hits");
+    assert_eq!(hits.len(), 200, "every rule that was hit");
+    assert_eq!(hits[0]["rule"], "deny-000000");
+    assert_eq!(hits[0]["hits"], 2);
+    assert_eq!(hits[199]["rule"], "deny-000199");
+}
+
+/// The exported buckets are fine enough that a real Prometheus's `histogram_quantile` p99 agrees
+/// with the kernel's own p99 (its 1,152-bucket histogram, as `knhk-agent slo` reports it) within
+/// the stated 20%.
+#[test]
+fn kernel_promql_p99_agrees_with_the_kernel_p99() {
+    if !kernel_available("kernel_promql_p99_agrees_with_the_kernel_p99") {
+        return;
+    }
+    let _serial = timing_shared();
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("p99");
+    let pins = TestPins::new("p99");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Every connect timed.
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        "histogram_interval_us = 0\n",
+    );
+    let agent = Agent::start(&config);
+    let prom = Prometheus::start(agent.metrics);
+    let counts = tcp_connect_loop_from(&cg.path, target, 3000);
+    assert_eq!(counts.connected, 3000, "{counts:?}");
+
+    let out = cli(&agent, &["slo", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let slo: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let c1 = slo["classes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["runtime_class"] == "C1"))
+        .expect("C1")
+        .clone();
+    let samples = c1["handshake_samples"].as_u64().expect("samples");
+    assert!(samples >= 3000, "{c1}");
+    let kernel_p99 = c1["handshake_p99_ns"].as_u64().expect("p99") as f64 / 1e9;
+
+    // Wait until Prometheus has scraped every sample.
+    wait_until(
+        "prometheus has every handshake",
+        Duration::from_secs(30),
+        || {
+            prom.query(r#"knhk_tcp_handshake_duration_seconds_count{class="C1"}"#)
+                == Some(samples as f64)
+        },
+    );
+    let promql = prom
+        .query(
+            r#"histogram_quantile(0.99, knhk_tcp_handshake_duration_seconds_bucket{class="C1"})"#,
+        )
+        .expect("a p99");
+    let ratio = promql / kernel_p99;
+    eprintln!(
+        "p99 over {samples} handshakes: PromQL {:.1} µs, kernel {:.1} µs, ratio {ratio:.3} (stated bound {})",
+        promql * 1e6,
+        kernel_p99 * 1e6,
+        knhk_agent::telemetry::MAX_BUCKET_RATIO
+    );
+    let bound = knhk_agent::telemetry::MAX_BUCKET_RATIO;
+    assert!(
+        ratio <= bound && ratio >= 1.0 / bound,
+        "PromQL p99 {promql} s vs kernel p99 {kernel_p99} s: ratio {ratio}"
+    );
+}
+
+/// The rule groups of the plain rules file and of the PrometheusRule.
+fn rule_files() -> (String, String) {
+    let alerts = repo().join("k8s/alerts");
+    let plain = std::fs::read_to_string(alerts.join("knhk-agent.rules.yaml")).expect("rules");
+    let crd = std::fs::read_to_string(alerts.join("prometheusrule.yaml")).expect("crd");
+    (plain, crd)
+}
+
+/// The PrometheusRule's `spec.groups`, de-indented into a plain rules file.
+fn crd_as_rules_file(crd: &str) -> String {
+    let spec = &crd[crd.find("\nspec:\n").expect("spec") + "\nspec:\n".len()..];
+    spec.lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+fn groups_of(rules_file: &str) -> &str {
+    &rules_file[rules_file.find("groups:\n").expect("groups")..]
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_the_prometheusrule_has_the_same_rules() {
+    let (plain, crd) = rule_files();
+    let as_rules = crd_as_rules_file(&crd);
+    assert_eq!(
+        groups_of(&as_rules),
+        groups_of(&plain),
+        "k8s/alerts/prometheusrule.yaml has the rules of knhk-agent.rules.yaml"
+    );
+    assert!(crd.contains("kind: PrometheusRule\n"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extracted = dir.path().join("from-crd.rules.yaml");
+    std::fs::write(&extracted, &as_rules).expect("write");
+    for file in [repo().join("k8s/alerts/knhk-agent.rules.yaml"), extracted] {
+        let out = Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&file)
+            .output()
+            .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
+        assert!(
+            out.status.success(),
+            "promtool check rules {}:\n{}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 8 rules found"),
+            "{out:?}"
+        );
+    }
+}
+
+/// The shipped rules with every `for:` shortened to 2 s, for a test's Prometheus.
+fn test_copy_of_rules(dir: &Path) -> PathBuf {
+    let (plain, _) = rule_files();
+    let short: String = plain
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("for: ") {
+            Some(_) => format!("{}for: 2s", &l[..l.len() - l.trim_start().len()]),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.join("rules.yaml");
+    std::fs::write(&path, short + "\n").expect("write rules");
+    path
+}
+
+const TD: &str = "knhk.test";
+
+/// One agent of the alert test: what it is for and its guards.
+struct Subject {
+    job: &'static str,
+    agent: Option<Agent>,
+    metrics: std::net::SocketAddr,
+    _cg: TestCgroup,
+    _pins: TestPins,
+    dir: tempfile::TempDir,
+}
+
+fn subject(job: &'static str, rules: impl FnOnce(&Path) -> (bool, String)) -> Subject {
+    let cg = TestCgroup::new(job);
+    let pins = TestPins::new(job);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tcp, text) = rules(dir.path());
+    let config = if tcp {
+        write_config_tcp(dir.path(), &cg.path, &pins.root, &text)
+    } else {
+        write_config(dir.path(), &cg.path, &pins.root, &text)
+    };
+    let agent = Agent::start(&config);
+    Subject {
+        job,
+        metrics: agent.metrics,
+        agent: Some(agent),
+        _cg: cg,
+        _pins: pins,
+        dir,
+    }
+}
+
+fn kms(dir: &Path) -> String {
+    format!(
+        "[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\nnode = \"test-node\"\n",
+        dir.join("keys").display(),
+        dir.join("receipts.redb").display()
+    )
+}
+
+fn spiffe(socket: &Path, extra: &str) -> String {
+    format!(
+        "[spiffe]\nenabled = true\ntrust_domain = \"{TD}\"\nspiffe_id = \"spiffe://{TD}/agent\"\nspiffe_socket_path = \"{}\"\ninitial_sync_timeout_secs = 1\n{extra}",
+        socket.display()
+    )
+}
+
+/// Each shipped alert fires under its fault, on the faulty agent, and a healthy agent with every
+/// feature on ([slo], [spiffe] with a fresh SVID, [kms]) raises none. One Prometheus (1 s
+/// scrapes and evaluations, `for:` shortened to 2 s) watches all of them.
+#[test]
+fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
+    if !kernel_available("kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent")
+    {
+        return;
+    }
+    let _serial = timing_shared();
+    let rt = runtime();
+    let ca = TestCa::new(TD);
+    let spires = tempfile::tempdir().expect("tempdir");
+    let now = SystemTime::now();
+
+    // Healthy: every feature on, a fresh SVID.
+    let healthy_spire = FakeSpire::start(&rt, &spires.path().join("healthy.sock"));
+    healthy_spire.push(
+        &ca.issue_at(
+            "/agent",
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        ),
+        &ca,
+        &[],
+    );
+    let healthy = subject("knhk-healthy", |dir| {
+        (
+            true,
+            format!(
+                "[slo]\nbeat_interval_ms = 20\n{}{}",
+                spiffe(&spires.path().join("healthy.sock"), ""),
+                kms(dir)
+            ),
+        )
+    });
+    // Killed.
+    let mut killed = subject("knhk-killed", |_| (false, String::new()));
+    // No Workload API at all: no SVID ever, so not ready.
+    let no_svid = subject("knhk-no-svid", |_| {
+        (true, spiffe(&spires.path().join("nobody.sock"), ""))
+    });
+    // An SVID issued 2 h ago, with max_svid_age_hours = 1: rotation overdue.
+    let old_spire = FakeSpire::start(&rt, &spires.path().join("old.sock"));
+    old_spire.push(
+        &ca.issue_at(
+            "/agent",
+            now - Duration::from_secs(2 * 3600),
+            now + Duration::from_secs(20 * 3600),
+        ),
+        &ca,
+        &[],
+    );
+    let old_svid = subject("knhk-old-svid", |_| {
+        (
+            true,
+            spiffe(&spires.path().join("old.sock"), "max_svid_age_hours = 1\n"),
+        )
+    });
+    // Class shed: R1 (this sink) has a 1 µs p99 ceiling that any handshake breaches; the long
+    // window and recovery keep the colder classes paused for the whole test.
+    let r1_sink = tcp_sink("127.0.0.1:0");
+    let shed = subject("knhk-shed", |_| {
+        (
+            false,
+            format!(
+                "[[policy.rules]]\nname = \"hot\"\naction = \"allow\"\nclass = \"R1\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{}\"]\n\
+                 [slo]\nbeat_interval_ms = 20\nwindow_beats = 3000\nrecover_beats = 3000\nr1_p99_max_ns = 1000\n",
+                r1_sink.port()
+            ),
+        )
+    });
+    // Key rotation overdue: the ledger says the key became current 2 h ago (as after 2 h of
+    // failing rotations), and the next key cannot be written (a directory where its file goes).
+    let mut rotation = subject("knhk-key-rotation", |dir| {
+        (
+            false,
+            kms(dir).replace("[kms]\n", "[kms]\nrotation_interval_hours = 1\n"),
+        )
+    });
+    {
+        let agent = rotation.agent.take().expect("agent");
+        wait_until("the first key is recorded", Duration::from_secs(10), || {
+            rotation.dir.path().join("keys/v1.pem").exists()
+        });
+        let (status, _) = agent.sigterm();
+        assert!(status.success(), "{status}");
+        let ledger = knhk_agent::receipts::ledger::Ledger::open(
+            &rotation.dir.path().join("receipts.redb"),
+            "test-node",
+            "local",
+        )
+        .expect("open the ledger");
+        let mut key = ledger.keys().expect("keys").pop().expect("the first key");
+        key.since_ns -= 2 * 3600 * 1_000_000_000;
+        ledger.add_key(&key).expect("add key");
+        drop(ledger);
+        std::fs::create_dir(rotation.dir.path().join("keys/v2.tmp")).expect("block v2");
+        let config = rotation.dir.path().join("agent.toml");
+        let agent = Agent::start(&config);
+        rotation.metrics = agent.metrics;
+        rotation.agent = Some(agent);
+    }
+    // Policy apply failing: an invalid document over gRPC, once Prometheus has seen the agent.
+    let failing = subject("knhk-apply-failing", |_| (false, String::new()));
+
+    killed.agent.take().expect("agent").kill9();
+    let subjects = [
+        &healthy, &killed, &no_svid, &old_svid, &shed, &rotation, &failing,
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = test_copy_of_rules(dir.path());
+    let prom = Prometheus::start_with(
+        &subjects
+            .iter()
+            .map(|s| Target {
+                job: s.job.into(),
+                addr: s.metrics,
+            })
+            .collect::<Vec<_>>(),
+        Some(&rules),
+    );
+    let started = Instant::now();
+    wait_until(
+        "prometheus scrapes the live agents",
+        Duration::from_secs(30),
+        || prom.query(r#"count(up{job=~"knhk.*"} == 1)"#) == Some(6.0),
+    );
+    assert_eq!(
+        tcp_connect_from(&shed._cg.path, r1_sink),
+        Outcome::Connected
+    );
+    rt.block_on(async {
+        let channel =
+            knhk_agent::client::connect(&failing.agent.as_ref().expect("agent").endpoint())
+                .await
+                .expect("connect");
+        let refused = PolicyServiceClient::new(channel)
+            .apply_policy(pb::ApplyPolicyRequest {
+                policy: Some(pb::PolicyDocument {
+                    rules: vec![rule("bad".into(), "10.0.0.0/33".into())],
+                    ..Default::default()
+                }),
+                expected_generation: None,
+            })
+            .await
+            .expect_err("an invalid document is refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    });
+
+    let expected: [(&str, &Subject, Option<(&str, &str)>); 8] = [
+        ("KnhkAgentDown", &killed, None),
+        (
+            "KnhkAgentNotReady",
+            &no_svid,
+            Some(("check", "workload identity")),
+        ),
+        ("KnhkSvidNeverReceived", &no_svid, None),
+        ("KnhkSvidRotationOverdue", &old_svid, None),
+        ("KnhkClassShed", &shed, Some(("class", "C1"))),
+        ("KnhkSigningKeyRotationOverdue", &rotation, None),
+        (
+            "KnhkPolicyApplyFailing",
+            &failing,
+            Some(("reason", "invalid")),
+        ),
+        (
+            "KnhkAgentNotReady",
+            &rotation,
+            Some(("check", "receipts signing")),
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let firing = prom.firing();
+        let healthy_alerts: Vec<_> = firing
+            .iter()
+            .filter(|(_, l)| l["job"] == healthy.job)
+            .collect();
+        assert!(
+            healthy_alerts.is_empty(),
+            "the healthy agent raised {healthy_alerts:?}"
+        );
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|(name, s, label)| {
+                !firing.iter().any(|(n, l)| {
+                    n == name && l["job"] == s.job && label.is_none_or(|(k, v)| l[k] == v)
+                })
+            })
+            .map(|(name, s, label)| format!("{name} on {} {label:?}", s.job))
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    if !missing.is_empty() {
+        for s in subjects {
+            if let Some(a) = &s.agent {
+                eprintln!("---- {}\n{}\n{}", s.job, a.logs(), a.get("/metrics"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not firing: {missing:?}\nfiring: {:?}",
+        prom.firing()
+    );
+    eprintln!("every alert fired within {:?}", started.elapsed());
+    // Over the whole run, the healthy agent never had an alert, not even pending.
+    assert_eq!(
+        prom.query(&format!(
+            r#"count(count_over_time(ALERTS{{job="{}"}}[10m]))"#,
+            healthy.job
+        )),
+        None,
+        "the healthy agent raised an alert at some point"
+    );
+    assert_eq!(
+        prom.query(&format!(r#"up{{job="{}"}}"#, healthy.job)),
+        Some(1.0)
+    );
+    assert_eq!(
+        prom.query(&format!(r#"knhk_ready{{job="{}"}}"#, healthy.job)),
+        Some(1.0)
+    );
+    drop(old_spire);
+    drop(healthy_spire);
+}
