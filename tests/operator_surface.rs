@@ -496,7 +496,9 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     });
 
-    let expected: [(&str, &Subject, Option<(&str, &str)>); 8] = [
+    /// An alert, the agent it must fire for, and a label it must carry.
+    type Expected<'a> = (&'a str, &'a Subject, Option<(&'a str, &'a str)>);
+    let expected: [Expected; 8] = [
         ("KnhkAgentDown", &killed, None),
         (
             "KnhkAgentNotReady",
@@ -575,4 +577,339 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
     );
     drop(old_spire);
     drop(healthy_spire);
+}
+
+/// Runs the CLI with `args` against `endpoint` in both forms; returns (human, json) outputs.
+fn both(endpoint: &str, args: &[&str]) -> (Output, Output) {
+    let run = |output: &str| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--endpoint", endpoint, "--output", output])
+            .output()
+            .expect("run the CLI")
+    };
+    (run("human"), run("json"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// What no human output may contain: protobuf enum names, doubled prefixes, "1 rules".
+fn assert_readable(what: &str, o: &Output) {
+    let t = text(o);
+    for bad in [
+        "RUNTIME_CLASS_",
+        "ACTION_",
+        "MODE_",
+        "PROTOCOL_",
+        "error: error:",
+        " 1 rules",
+        " 1 receipts",
+        " 1 pins",
+    ] {
+        assert!(!t.contains(bad), "{what}: {bad:?} in\n{t}");
+    }
+}
+
+fn json_of(what: &str, o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{what} --output json: {e}\n{}", text(o)))
+}
+
+/// Every CLI command in both forms against a real agent (plaintext TCP, given as HOST:PORT
+/// without a scheme; [slo] and a [kms] ledger so that every command has something to show):
+/// human output in the configuration's words, JSON that parses and carries the same facts.
+#[test]
+fn kernel_every_cli_command_in_both_forms() {
+    if !kernel_available("kernel_every_cli_command_in_both_forms") {
+        return;
+    }
+    let cg = TestCgroup::new("cli");
+    let pins = TestPins::new("cli");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config_tcp(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!("[slo]\nbeat_interval_ms = 20\n{}", kms(dir.path())),
+    );
+    let agent = Agent::start(&config);
+    // HOST:PORT, no scheme.
+    let endpoint = agent.grpc.clone();
+    assert!(!endpoint.contains("://"), "{endpoint}");
+    let sink = tcp_sink("127.0.0.1:0");
+    assert_eq!(tcp_connect_from(&cg.path, sink), Outcome::Connected);
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[agent]\nmode = \"enforce\"\ndefault_action = \"allow\"\ndefault_class = \"W1\"\n\
+             [[policy.rules]]\nname = \"hot\"\naction = \"allow\"\nclass = \"R1\"\nprotocol = \"tcp\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{}\"]\n",
+            sink.port()
+        ),
+    )
+    .expect("policy");
+    let policy = policy.to_str().expect("utf-8");
+    let cfg = config.to_str().expect("utf-8");
+
+    // Local commands.
+    for args in [&["check-config", cfg][..], &["default-config"][..]] {
+        let run = |output: &str| {
+            Command::new(BIN)
+                .args(args)
+                .args(["--output", output])
+                .output()
+                .expect("cli")
+        };
+        let (h, j) = (run("human"), run("json"));
+        assert!(h.status.success() && j.status.success(), "{args:?}");
+        assert_readable(args[0], &h);
+        json_of(args[0], &j);
+    }
+
+    // policy apply (1 rule), then again (for a rollback to have a previous generation).
+    let (h, j) = both(&endpoint, &["policy", "apply", policy]);
+    assert!(h.status.success(), "{}", text(&h));
+    assert_readable("policy apply", &h);
+    assert!(text(&h).contains("applied 1 rule:"), "{}", text(&h));
+    let applied = json_of("policy apply", &j);
+    assert!(applied["generation"].as_u64().is_some(), "{applied}");
+
+    let (h, j) = both(&endpoint, &["policy", "get"]);
+    assert!(h.status.success(), "{}", text(&h));
+    assert_readable("policy get", &h);
+    let t = text(&h);
+    assert!(
+        t.contains("mode enforce, default action allow, default class W1"),
+        "{t}"
+    );
+    let row = t
+        .lines()
+        .find(|l| l.contains("hot"))
+        .expect("the rule's row");
+    for word in ["allow", "R1", "tcp", "127.0.0.1/32"] {
+        assert!(row.contains(word), "{word} in {row:?}");
+    }
+    let got = json_of("policy get", &j);
+    assert_eq!(got["mode"], "enforce", "{got}");
+    assert_eq!(got["default_action"], "allow", "{got}");
+    assert_eq!(got["default_class"], "W1", "{got}");
+    assert_eq!(got["rules"][0]["runtime_class"], "R1", "{got}");
+    assert_eq!(got["rules"][0]["protocol"], "tcp", "{got}");
+    assert_eq!(got["rules"][0]["action"], "allow", "{got}");
+
+    let (h, j) = both(&endpoint, &["policy", "diff", policy]);
+    assert!(h.status.success(), "{}", text(&h));
+    assert_readable("policy diff", &h);
+    assert_eq!(json_of("policy diff", &j)["settings_changed"], false);
+
+    let (h, j) = both(&endpoint, &["policy", "rollback"]);
+    assert!(h.status.success() && j.status.success(), "{}", text(&h));
+    assert_readable("policy rollback", &h);
+    assert!(json_of("policy rollback", &j)["restored_generation"].is_u64());
+
+    assert_eq!(tcp_connect_from(&cg.path, sink), Outcome::Connected);
+    for args in [
+        &["status"][..],
+        &["heat"][..],
+        &["slo"][..],
+        &["receipts", "list"][..],
+    ] {
+        let (h, j) = both(&endpoint, args);
+        assert!(h.status.success(), "{args:?}: {}", text(&h));
+        assert!(j.status.success(), "{args:?}: {}", text(&j));
+        assert_readable(args[0], &h);
+        let v = json_of(args[0], &j);
+        match args[0] {
+            "status" => {
+                assert!(text(&h).contains("C1"), "{}", text(&h));
+                assert!(v["decisions"][0]["runtime_class"] == "R1", "{v}");
+            }
+            "slo" => {
+                assert!(
+                    text(&h).lines().any(|l| l.starts_with("C1 ")),
+                    "{}",
+                    text(&h)
+                );
+                assert_eq!(v["classes"][2]["runtime_class"], "C1", "{v}");
+            }
+            "receipts" => {
+                let header = text(&h).lines().nth(1).unwrap_or("").to_owned();
+                assert!(header.contains("time"), "{header}");
+                assert!(
+                    text(&h)
+                        .lines()
+                        .nth(2)
+                        .is_some_and(|l| l.contains('T') && l.contains('Z')),
+                    "{}",
+                    text(&h)
+                );
+                assert!(
+                    v["receipts"][0]["time_unix_nanos"].as_i64().is_some(),
+                    "{v}"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    // Holds: place, list (with its time column), release; errors say what they are about.
+    let (h, j) = both(
+        &endpoint,
+        &[
+            "hold",
+            "place",
+            "--case-id",
+            "CASE-1",
+            "--reason",
+            "audit",
+            "--from-seq",
+            "0",
+            "--to-seq",
+            "5",
+        ],
+    );
+    assert!(h.status.success() && j.status.success(), "{}", text(&h));
+    assert_readable("hold place", &h);
+    // Both forms placed a hold: the human one says its id.
+    let human_id: u64 = text(&h)
+        .strip_prefix("hold ")
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("hold N placed");
+    let id = json_of("hold place", &j)["id"].as_u64().expect("id");
+    let (h, j) = both(&endpoint, &["hold", "list"]);
+    assert!(h.status.success(), "{}", text(&h));
+    assert!(text(&h)
+        .lines()
+        .next()
+        .is_some_and(|l| l.contains("placed")));
+    assert!(
+        text(&h)
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains('T') && l.contains('Z')),
+        "{}",
+        text(&h)
+    );
+    assert_eq!(
+        json_of("hold list", &j)["holds"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let release = |id: u64, output: &str| {
+        Command::new(BIN)
+            .args(["hold", "release", &id.to_string(), "--reason", "closed"])
+            .args(["--endpoint", &endpoint, "--output", output])
+            .output()
+            .expect("cli")
+    };
+    let h = release(human_id, "human");
+    assert!(h.status.success(), "{}", text(&h));
+    assert_readable("hold release", &h);
+    let j = release(id, "json");
+    assert!(json_of("hold release", &j)["released_unix_nanos"].is_i64());
+    let (h, j) = both(&endpoint, &["hold", "release", "999", "--reason", "x"]);
+    assert_eq!(h.status.code(), Some(1), "{}", text(&h));
+    assert!(text(&h).contains("error: not found:"), "{}", text(&h));
+    assert!(!text(&h).contains("policy"), "{}", text(&h));
+    assert_eq!(json_of("hold release", &j)["exit_code"], 1);
+    let (h, _) = both(
+        &endpoint,
+        &[
+            "hold",
+            "place",
+            "--case-id",
+            "C",
+            "--reason",
+            "r",
+            "--from-seq",
+            "9",
+            "--to-seq",
+            "3",
+        ],
+    );
+    assert_eq!(h.status.code(), Some(64), "{}", text(&h));
+    assert!(text(&h).contains("error: invalid request:"), "{}", text(&h));
+
+    // grpcurl 1.8 and other older clients speak reflection v1alpha.
+    runtime().block_on(async {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut c = ServerReflectionClient::new(agent.channel().await);
+        let mut replies = c
+            .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let reply = replies.message().await.expect("reply").expect("one reply");
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("{reply:?}");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"knhk.agent.v1.PolicyService"), "{names:?}");
+    });
+
+    // A server that accepts and never answers: exit 69 within the timeout, saying so.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr").to_string();
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .args(["status", "--endpoint", &silent_addr, "--timeout", "1"])
+        .output()
+        .expect("cli");
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(text(&out).contains("--timeout"), "{}", text(&out));
+    drop(silent);
+
+    // The ledger, verified offline once the agent stopped; a missing file says so.
+    let (status, _) = agent.sigterm();
+    assert!(status.success());
+    let db = dir.path().join("receipts.redb");
+    let db = db.to_str().expect("utf-8");
+    let missing = dir.path().join("nope.redb");
+    for (file, code) in [(db, 0), (missing.to_str().expect("utf-8"), 64)] {
+        let run = |output: &str| {
+            Command::new(BIN)
+                .args(["receipts", "verify", "--db", file, "--output", output])
+                .output()
+                .expect("cli")
+        };
+        let (h, j) = (run("human"), run("json"));
+        assert_eq!(h.status.code(), Some(code), "{}", text(&h));
+        assert_eq!(j.status.code(), Some(code), "{}", text(&j));
+        assert_readable("receipts verify", &h);
+        json_of("receipts verify", &j);
+        if code == 64 {
+            assert!(text(&h).contains("does not exist"), "{}", text(&h));
+        }
+    }
+    // detach, in both forms (the second finds nothing left to remove).
+    let pin_root = pins.root.to_str().expect("utf-8");
+    for output in ["human", "json"] {
+        let out = Command::new(BIN)
+            .args(["detach", "--pin-root", pin_root, "--output", output])
+            .output()
+            .expect("cli");
+        assert!(out.status.success(), "{}", text(&out));
+        assert_readable("detach", &out);
+        if output == "json" {
+            json_of("detach", &out);
+        }
+    }
 }

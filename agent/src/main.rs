@@ -67,9 +67,16 @@ enum Command {
         /// Take pin_root from this configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
     },
     /// Print the embedded default configuration.
-    DefaultConfig,
+    DefaultConfig {
+        /// Output format (json: {"toml": TEXT}).
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
     /// Work with a receipts ledger.
     #[command(subcommand)]
     Receipts(ReceiptsCommand),
@@ -122,9 +129,23 @@ struct ClientArgs {
     /// [default: spiffe.spiffe_id of --config, else any ID of the trust domain].
     #[arg(long, value_name = "SPIFFE_ID")]
     agent_id: Option<String>,
+    /// Give up when the agent has not accepted the connection, or not answered, within this
+    /// many seconds (exit 69).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
+    timeout: f64,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
+}
+
+/// `--timeout`: positive seconds, at most a day.
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a timeout: give seconds, more than 0 and at most 86400"
+        )),
+    }
 }
 
 impl ClientArgs {
@@ -167,6 +188,7 @@ impl ClientArgs {
             (None, None) => None,
         };
         Ok(client::Target {
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
             endpoint,
             mtls: workload_api.map(|workload_api| client::ClientMtls {
                 workload_api,
@@ -410,9 +432,9 @@ fn main() -> ExitCode {
                     }
                     Output::Human => {
                         println!(
-                            "{}: valid ({} rules)",
+                            "{}: valid ({})",
                             file.display(),
-                            config.policy.rules.len()
+                            client::count(config.policy.rules.len() as u64, "rule")
                         );
                         println!(
                             "  active: {}",
@@ -443,7 +465,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Detach { pin_root, config } => {
+        Command::Detach {
+            pin_root,
+            config,
+            output,
+        } => {
             let pin_root = match (pin_root, config) {
                 (Some(p), _) => p,
                 (None, Some(c)) => match load(Some(&c)) {
@@ -454,17 +480,21 @@ fn main() -> ExitCode {
             };
             match datapath::remove_pins(&pin_root) {
                 Ok(removed) => {
-                    println!(
-                        "removed {} pins under {}; knhk programs are detached",
-                        removed.len(),
-                        pin_root.display()
-                    );
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::json!({"pin_root": pin_root.display().to_string(),
+                                "removed": removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()})
+                        ),
+                        Output::Human => println!(
+                            "removed {} under {}; knhk programs are detached",
+                            client::count(removed.len() as u64, "pin"),
+                            pin_root.display()
+                        ),
+                    }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(output, &e.to_string(), 1),
             }
         }
         Command::Receipts(ReceiptsCommand::Verify { db, output }) => {
@@ -502,13 +532,9 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e @ knhk_agent::receipts::VerifyFileError::Open { .. }) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_CONFIG)
+                    fail(output, &e.to_string(), EXIT_CONFIG)
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(output, &e.to_string(), 1),
             }
         }
         Command::Receipts(ReceiptsCommand::List {
@@ -557,8 +583,14 @@ fn main() -> ExitCode {
         Command::Hold(HoldCommand::List { client: c }) => {
             client_command(&c, move |t| async move { client::hold_list(&t).await })
         }
-        Command::DefaultConfig => {
-            print!("{}", knhk_agent::config::EMBEDDED_DEFAULT);
+        Command::DefaultConfig { output } => {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"toml": knhk_agent::config::EMBEDDED_DEFAULT})
+                ),
+                Output::Human => print!("{}", knhk_agent::config::EMBEDDED_DEFAULT),
+            }
             ExitCode::SUCCESS
         }
         Command::Policy(PolicyCommand::Apply {
@@ -593,6 +625,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reports an error in the chosen form (JSON on stdout: `{"error", "exit_code"}`) and exits
+/// with `code`.
+fn fail(output: Output, message: &str, code: u8) -> ExitCode {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"error": message, "exit_code": code})
+        ),
+        Output::Human => eprintln!("error: {message}"),
+    }
+    ExitCode::from(code)
+}
+
 /// Runs one client command on a small runtime and prints its report.
 fn client_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
 where
@@ -613,7 +658,18 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(command(target)) {
+    let timeout = target.timeout;
+    // A backstop for every phase (an mTLS handshake, a stream): the command as a whole gets the
+    // timeout plus a second; the channel's own timeouts normally answer first.
+    let result = runtime.block_on(async move {
+        match tokio::time::timeout(timeout + std::time::Duration::from_secs(1), command(target))
+            .await
+        {
+            Ok(r) => r.map_err(|e| e.with_timeout(timeout)),
+            Err(_) => Err(client::ClientError::Timeout(timeout)),
+        }
+    });
+    match result {
         Ok(report) => {
             match args.output {
                 Output::Human => print!("{}", report.human),
