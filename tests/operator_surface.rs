@@ -451,10 +451,23 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
     }
     // Policy apply failing: an invalid document over gRPC, once Prometheus has seen the agent.
     let failing = subject("knhk-apply-failing", |_| (false, String::new()));
+    // Region quorum lost: quorum 2 of this region and one peer that is down, so no signed
+    // checkpoint ever gets its cosignature.
+    let dead_peer = free_port();
+    let quorum = subject("knhk-quorum", |dir| {
+        (
+            true,
+            format!(
+                "[slo]\nbeat_interval_ms = 25\n{}[multi_region]\nregion = \"us-east-1\"\ncross_region_sync_enabled = true\n\
+                 receipt_sync_endpoints = [\"http://127.0.0.1:{dead_peer}\"]\nquorum = 2\ntimeout_ms = 1000\n",
+                kms(dir)
+            ),
+        )
+    });
 
     killed.agent.take().expect("agent").kill9();
     let subjects = [
-        &healthy, &killed, &no_svid, &old_svid, &shed, &rotation, &failing,
+        &healthy, &killed, &no_svid, &old_svid, &shed, &rotation, &failing, &quorum,
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     let rules = test_copy_of_rules(dir.path());
@@ -469,11 +482,16 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
         Some(&rules),
     );
     let started = Instant::now();
-    wait_until(
-        "prometheus scrapes the live agents",
-        Duration::from_secs(30),
-        || prom.query(r#"count(up{job=~"knhk.*"} == 1)"#) == Some(6.0),
-    );
+    let scraped = Instant::now();
+    while prom.query(r#"count(up{job=~"knhk.*"} == 1)"#) != Some(7.0) {
+        assert!(
+            scraped.elapsed() < Duration::from_secs(30),
+            "not every live agent is scraped: {:?}\n{:?}",
+            prom.query_all("up"),
+            prom.api("/api/v1/targets")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
         tcp_connect_from(&shed._cg.path, r1_sink),
         Outcome::Connected
@@ -498,7 +516,7 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
 
     /// An alert, the agent it must fire for, and a label it must carry.
     type Expected<'a> = (&'a str, &'a Subject, Option<(&'a str, &'a str)>);
-    let expected: [Expected; 8] = [
+    let expected: [Expected; 10] = [
         ("KnhkAgentDown", &killed, None),
         (
             "KnhkAgentNotReady",
@@ -518,6 +536,12 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
             "KnhkAgentNotReady",
             &rotation,
             Some(("check", "receipts signing")),
+        ),
+        ("KnhkRegionQuorumLost", &quorum, None),
+        (
+            "KnhkAgentNotReady",
+            &quorum,
+            Some(("check", "region quorum")),
         ),
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
