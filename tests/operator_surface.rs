@@ -164,14 +164,15 @@ fn kernel_metrics_stay_bounded_at_100000_rules() {
 
 /// The exported buckets are fine enough that a real Prometheus's `histogram_quantile` p99 agrees
 /// with the kernel's own p99 (its 1,152-bucket histogram, as `knhk-agent slo` reports it) within
-/// the stated 20%.
+/// the stated 20%. The handshakes go to a server behind a real ~20 ms queueing delay: a narrow
+/// distribution, which power-of-4 buckets (16.8 ms to 67 ms) would smear into a p99 near 67 ms.
 #[test]
 fn kernel_promql_p99_agrees_with_the_kernel_p99() {
     if !kernel_available("kernel_promql_p99_agrees_with_the_kernel_p99") {
         return;
     }
-    let _serial = timing_shared();
-    let target = tcp_sink("127.0.0.1:0");
+    let _serial = timing_exclusive();
+    let server = DelayedServer::new(20);
     let cg = TestCgroup::new("p99");
     let pins = TestPins::new("p99");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -184,8 +185,8 @@ fn kernel_promql_p99_agrees_with_the_kernel_p99() {
     );
     let agent = Agent::start(&config);
     let prom = Prometheus::start(agent.metrics);
-    let counts = tcp_connect_loop_from(&cg.path, target, 3000);
-    assert_eq!(counts.connected, 3000, "{counts:?}");
+    let counts = tcp_connect_loop_from(&cg.path, server.addr, 200);
+    assert_eq!(counts.connected, 200, "{counts:?}");
 
     let out = cli(&agent, &["slo", "--output", "json"]);
     assert!(out.status.success(), "{out:?}");
@@ -196,8 +197,9 @@ fn kernel_promql_p99_agrees_with_the_kernel_p99() {
         .expect("C1")
         .clone();
     let samples = c1["handshake_samples"].as_u64().expect("samples");
-    assert!(samples >= 3000, "{c1}");
+    assert!(samples >= 200, "{c1}");
     let kernel_p99 = c1["handshake_p99_ns"].as_u64().expect("p99") as f64 / 1e9;
+    assert!(kernel_p99 > 0.015, "the delay is real: {c1}");
 
     // Wait until Prometheus has scraped every sample.
     wait_until(
@@ -214,13 +216,12 @@ fn kernel_promql_p99_agrees_with_the_kernel_p99() {
         )
         .expect("a p99");
     let ratio = promql / kernel_p99;
-    eprintln!(
-        "p99 over {samples} handshakes: PromQL {:.1} µs, kernel {:.1} µs, ratio {ratio:.3} (stated bound {})",
-        promql * 1e6,
-        kernel_p99 * 1e6,
-        knhk_agent::telemetry::MAX_BUCKET_RATIO
-    );
     let bound = knhk_agent::telemetry::MAX_BUCKET_RATIO;
+    eprintln!(
+        "p99 over {samples} handshakes: PromQL {:.3} ms, kernel {:.3} ms, ratio {ratio:.3} (stated bound {bound})",
+        promql * 1e3,
+        kernel_p99 * 1e3,
+    );
     assert!(
         ratio <= bound && ratio >= 1.0 / bound,
         "PromQL p99 {promql} s vs kernel p99 {kernel_p99} s: ratio {ratio}"
