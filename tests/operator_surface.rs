@@ -149,6 +149,32 @@ fn kernel_metrics_stay_bounded_at_100000_rules() {
         );
     }
     assert!(total < 1000, "{total} series");
+    // The agent's own signals are there too.
+    for needle in [
+        &format!(
+            "knhk_build_info{{abi_version=\"{}\",version=\"{}\"}} 1",
+            knhk_abi::ABI_VERSION,
+            env!("CARGO_PKG_VERSION")
+        )[..],
+        "knhk_ready 1",
+        "knhk_readiness_check{check=\"programs attached\"} 1",
+        "knhk_readiness_check{check=\"maps readable\"} 1",
+        "knhk_policy_generation 2",
+        "knhk_policy_apply_failures_total{reason=\"invalid\"} 0",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
+        "knhk_policy_last_switch_timestamp_seconds ",
+    ] {
+        assert!(text.contains(needle), "{needle} in\n{text}");
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("knhk_policy_info{digest=\""))
+            .count(),
+        1,
+        "one digest series, the live one"
+    );
     assert!(text.len() < 128 * 1024, "{} bytes", text.len());
 
     // Every hit rule, with its count, is over gRPC.
@@ -583,6 +609,18 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
         prom.firing()
     );
     eprintln!("every alert fired within {:?}", started.elapsed());
+    // No NaN anywhere: a value not known yet is an absent series (the shed agent's W1 and C1
+    // windows have no samples, the SVID-less agent has no expiry).
+    for s in subjects {
+        if let Some(a) = &s.agent {
+            let metrics = a.get("/metrics");
+            let nan: Vec<_> = body(&metrics)
+                .lines()
+                .filter(|l| l.ends_with(" NaN"))
+                .collect();
+            assert!(nan.is_empty(), "{}: {nan:?}", s.job);
+        }
+    }
     // Over the whole run, the healthy agent never had an alert, not even pending.
     assert_eq!(
         prom.query(&format!(

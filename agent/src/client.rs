@@ -884,3 +884,64 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
         json: json!({"log_size": r.log_size, "receipts": items}),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_without_a_scheme_are_http() {
+        assert_eq!(
+            parse_endpoint("127.0.0.1:50051"),
+            Ok(Endpoint::Uri("http://127.0.0.1:50051".into()))
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:50051"),
+            Ok(Endpoint::Uri("http://[::1]:50051".into()))
+        );
+        assert_eq!(
+            parse_endpoint("unix:///run/knhk/agent.sock"),
+            Ok(Endpoint::Unix("/run/knhk/agent.sock".into()))
+        );
+        assert!(parse_endpoint("127.0.0.1").is_err(), "no port");
+        assert!(parse_endpoint("host:1/path").is_err());
+        assert!(parse_endpoint("unix:relative").is_err());
+    }
+
+    #[test]
+    fn times_are_utc_and_counts_plural() {
+        assert_eq!(utc(0), "-");
+        assert_eq!(utc(1_000_000_000), "1970-01-01T00:00:01Z");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_150_460_500_000_000), "2026-12-01T18:41:00Z");
+        assert_eq!(utc(-1_000_000_000), "1969-12-31T23:59:59Z");
+        assert_eq!(count(1u64, "rule"), "1 rule");
+        assert_eq!(count(0u64, "rule"), "0 rules");
+        assert_eq!(count(2u64, "receipt"), "2 receipts");
+    }
+
+    #[test]
+    fn enum_names_are_the_configuration_words() {
+        assert_eq!(class_name(pb::RuntimeClass::R1 as i32), "R1");
+        assert_eq!(action_name(pb::Action::Deny as i32), "deny");
+        assert_eq!(mode_name(pb::Mode::Enforce as i32), "enforce");
+        assert_eq!(protocol_name(pb::Protocol::Udp as i32), "udp");
+        assert_eq!(class_name(99), "-");
+    }
+
+    #[test]
+    fn hold_errors_are_not_policy_errors() {
+        let e = ClientError::Rpc(tonic::Status::invalid_argument("from_seq > to_seq"));
+        assert_eq!(e.to_string(), "invalid request: from_seq > to_seq");
+        assert_eq!(e.exit_code(), 64);
+        let e = ClientError::Policy(tonic::Status::invalid_argument("rules[0]: bad"));
+        assert_eq!(e.to_string(), "invalid policy: rules[0]: bad");
+        assert_eq!(e.exit_code(), 65);
+        let e = ClientError::Rpc(tonic::Status::internal("boom"));
+        assert_eq!(e.to_string(), "the agent failed: boom");
+        assert_eq!(
+            ClientError::Timeout(Duration::from_secs(5)).to_string(),
+            "the agent did not answer within 5 seconds (--timeout); is it overloaded or stuck?"
+        );
+    }
+}
