@@ -45,7 +45,7 @@ pub enum ClientError {
     )]
     Disconnected(String),
     /// The agent did not answer within `--timeout`.
-    #[error("the agent did not answer within {} (--timeout); is it overloaded or stuck?", seconds(*.0))]
+    #[error("the agent did not answer within {} (--timeout); is it overloaded or stuck? A policy change that timed out may or may not have been applied: check `policy get`", seconds(*.0))]
     Timeout(Duration),
     /// The agent answered a policy call (apply, diff, rollback) with an error.
     #[error("{}: {}", policy_code_name(.0.code()), .0.message())]
@@ -135,7 +135,7 @@ impl ClientError {
     }
 
     /// 64 invalid file or request, 65 the agent refused the policy as invalid, 69 agent
-    /// unreachable or silent (`--timeout`), 75 stale generation or nothing to roll back (retry
+    /// unreachable, silent past `--timeout`, or past the call's deadline (nothing changed), 75 stale generation or nothing to roll back (retry
     /// after reading the live state), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
@@ -146,12 +146,12 @@ impl ClientError {
             ClientError::Policy(s) => match s.code() {
                 tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => 65,
                 tonic::Code::FailedPrecondition => 75,
-                tonic::Code::Unavailable => 69,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 69,
                 _ => 1,
             },
             ClientError::Rpc(s) => match s.code() {
                 tonic::Code::InvalidArgument => 64,
-                tonic::Code::Unavailable => 69,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 69,
                 _ => 1,
             },
         }
@@ -169,8 +169,14 @@ pub struct Target {
     pub timeout: Duration,
 }
 
-/// The default `--timeout`.
+/// The default `--timeout` of commands that read.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default `--timeout` of policy changes (`policy apply`, `diff`, `rollback`): the agent
+/// compiles and writes the whole policy before it answers, seconds for 100,000 rules on a busy
+/// node.
+pub const DEFAULT_POLICY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The request timeout of [`connect`]'s channels (library callers set their own deadlines).
+const LIBRARY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The caller's side of mTLS.
 #[derive(Debug, Clone)]
@@ -246,9 +252,14 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// The largest policy document the CLI reads back (`policy get`).
 const MAX_POLICY_MESSAGE_BYTES: usize = 256 << 20;
 
-/// A plaintext channel to `endpoint` (`unix:///path` or `http://host:port`), connected.
+/// A plaintext channel to `endpoint` (`unix:///path` or `http://host:port`), connected; each
+/// call on it may take up to a minute.
 pub async fn connect(endpoint: &str) -> Result<Channel, ClientError> {
-    channel(&Target::plaintext(endpoint)).await
+    channel(&Target {
+        timeout: LIBRARY_TIMEOUT,
+        ..Target::plaintext(endpoint)
+    })
+    .await
 }
 
 async fn channel(target: &Target) -> Result<Channel, ClientError> {
@@ -445,11 +456,14 @@ pub async fn policy_apply(
     let doc = read_policy_file(file)?;
     let rules = doc.rules.len();
     let mut c = PolicyServiceClient::new(channel(target).await?);
+    // The deadline travels with the call: an agent that cannot switch in time changes nothing.
+    let mut request = tonic::Request::new(pb::ApplyPolicyRequest {
+        policy: Some(doc),
+        expected_generation: expected,
+    });
+    request.set_timeout(target.timeout);
     let r = c
-        .apply_policy(pb::ApplyPolicyRequest {
-            policy: Some(doc),
-            expected_generation: expected,
-        })
+        .apply_policy(request)
         .await
         .map_err(ClientError::from_policy_status)?
         .into_inner();
@@ -560,10 +574,12 @@ pub async fn policy_rollback(
     expected: Option<u64>,
 ) -> Result<Report, ClientError> {
     let mut c = PolicyServiceClient::new(channel(target).await?);
+    let mut request = tonic::Request::new(pb::RollbackRequest {
+        expected_generation: expected,
+    });
+    request.set_timeout(target.timeout);
     let r = c
-        .rollback(pb::RollbackRequest {
-            expected_generation: expected,
-        })
+        .rollback(request)
         .await
         .map_err(ClientError::from_policy_status)?
         .into_inner();
@@ -941,7 +957,8 @@ mod tests {
         assert_eq!(e.to_string(), "the agent failed: boom");
         assert_eq!(
             ClientError::Timeout(Duration::from_secs(5)).to_string(),
-            "the agent did not answer within 5 seconds (--timeout); is it overloaded or stuck?"
+            "the agent did not answer within 5 seconds (--timeout); is it overloaded or stuck? \
+             A policy change that timed out may or may not have been applied: check `policy get`"
         );
     }
 }

@@ -130,9 +130,9 @@ struct ClientArgs {
     #[arg(long, value_name = "SPIFFE_ID")]
     agent_id: Option<String>,
     /// Give up when the agent has not accepted the connection, or not answered, within this
-    /// many seconds (exit 69).
-    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, value_parser = parse_timeout)]
-    timeout: f64,
+    /// many seconds (exit 69) [default: 5; 30 for policy apply, diff and rollback].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<f64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
@@ -151,7 +151,7 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
 impl ClientArgs {
     /// Where and how to reach the agent: `--endpoint`, else the configuration's API, else the
     /// default socket; mTLS with `--spiffe-socket`, or when the configuration enables [spiffe].
-    fn target(&self) -> Result<client::Target, ExitCode> {
+    fn target(&self, default_timeout: std::time::Duration) -> Result<client::Target, ExitCode> {
         let config = match &self.config {
             Some(path) => Some(load(Some(path))?),
             None => None,
@@ -188,7 +188,9 @@ impl ClientArgs {
             (None, None) => None,
         };
         Ok(client::Target {
-            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            timeout: self
+                .timeout
+                .map_or(default_timeout, std::time::Duration::from_secs_f64),
             endpoint,
             mtls: workload_api.map(|workload_api| client::ClientMtls {
                 workload_api,
@@ -597,20 +599,20 @@ fn main() -> ExitCode {
             file,
             expected_generation,
             client: c,
-        }) => client_command(&c, move |e| async move {
+        }) => policy_command(&c, move |e| async move {
             client::policy_apply(&e, &file, expected_generation).await
         }),
         Command::Policy(PolicyCommand::Get { client: c }) => {
             client_command(&c, move |e| async move { client::policy_get(&e).await })
         }
-        Command::Policy(PolicyCommand::Diff { file, client: c }) => client_command(
+        Command::Policy(PolicyCommand::Diff { file, client: c }) => policy_command(
             &c,
             move |e| async move { client::policy_diff(&e, &file).await },
         ),
         Command::Policy(PolicyCommand::Rollback {
             expected_generation,
             client: c,
-        }) => client_command(&c, move |e| async move {
+        }) => policy_command(&c, move |e| async move {
             client::policy_rollback(&e, expected_generation).await
         }),
         Command::Status { client: c } => {
@@ -644,7 +646,29 @@ where
     F: FnOnce(client::Target) -> Fut,
     Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
 {
-    let target = match args.target() {
+    client_command_with(args, client::DEFAULT_TIMEOUT, command)
+}
+
+/// [`client_command`] for a policy change: a longer default timeout.
+fn policy_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
+where
+    F: FnOnce(client::Target) -> Fut,
+    Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
+{
+    client_command_with(args, client::DEFAULT_POLICY_TIMEOUT, command)
+}
+
+/// Runs one client command with `default_timeout` unless `--timeout` is given.
+fn client_command_with<F, Fut>(
+    args: &ClientArgs,
+    default_timeout: std::time::Duration,
+    command: F,
+) -> ExitCode
+where
+    F: FnOnce(client::Target) -> Fut,
+    Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
+{
+    let target = match args.target(default_timeout) {
         Ok(t) => t,
         Err(code) => return code,
     };
