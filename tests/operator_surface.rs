@@ -651,7 +651,10 @@ fn both(endpoint: &str, args: &[&str]) -> (Output, Output) {
             .output()
             .expect("run the CLI")
     };
-    (run("human"), run("json"))
+    let (human, json) = (run("human"), run("json"));
+    // For whoever reads the test's output (--nocapture): what a person sees.
+    eprintln!("$ knhk-agent {}\n{}", args.join(" "), text(&human));
+    (human, json)
 }
 
 fn text(o: &Output) -> String {
