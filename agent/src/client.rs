@@ -404,13 +404,18 @@ pub fn protocol_name(v: i32) -> &'static str {
     }
 }
 
-/// `n` with `noun`, plural unless `n` is 1: `1 rule`, `2 rules`.
+/// `n` with `noun`, plural (an added `s`) unless `n` is 1: `1 rule`, `2 rules`.
 pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    count_as(n, noun, &format!("{noun}s"))
+}
+
+/// `n` with `singular` when `n` is 1, else with `plural`: `1 trie entry`, `2 trie entries`.
+pub fn count_as(n: impl Into<u64>, singular: &str, plural: &str) -> String {
     let n = n.into();
     if n == 1 {
-        format!("1 {noun}")
+        format!("1 {singular}")
     } else {
-        format!("{n} {noun}s")
+        format!("{n} {plural}")
     }
 }
 
@@ -473,7 +478,7 @@ pub async fn policy_apply(
             count(rules as u64, "rule"),
             r.generation,
             &r.digest[..12.min(r.digest.len())],
-            count(r.trie_entries, "trie entry").replace("entrys", "entries"),
+            count_as(r.trie_entries, "trie entry", "trie entries"),
             r.switch_micros,
             list(&r.pending_cgroups)
         ),
@@ -609,7 +614,7 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
         r.cgroup_root,
         if r.adopted { " (re-adopted pins)" } else { "" },
         r.generation,
-        count(r.trie_entries, "trie entry").replace("entrys", "entries"),
+        count_as(r.trie_entries, "trie entry", "trie entries"),
         list(&r.active_cgroups),
         list(&r.pending_cgroups)
     );
@@ -934,6 +939,10 @@ mod tests {
         assert_eq!(count(1u64, "rule"), "1 rule");
         assert_eq!(count(0u64, "rule"), "0 rules");
         assert_eq!(count(2u64, "receipt"), "2 receipts");
+        assert_eq!(
+            count_as(3u64, "trie entry", "trie entries"),
+            "3 trie entries"
+        );
     }
 
     #[test]
