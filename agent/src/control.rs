@@ -134,9 +134,10 @@ pub struct Controller {
 }
 
 /// Policy switch metrics; registered by [`Controller::register_metrics`].
-#[derive(Clone)]
 struct PolicyMetrics {
     info: prometheus::IntGaugeVec,
+    /// The digest `info` carries now.
+    digest: std::sync::Mutex<Option<String>>,
     last_switch: prometheus::Gauge,
     failures: prometheus::IntCounterVec,
 }
@@ -176,14 +177,23 @@ impl PolicyMetrics {
         }
         Ok(PolicyMetrics {
             info,
+            digest: std::sync::Mutex::new(None),
             last_switch,
             failures,
         })
     }
 
     fn switched(&self, digest: &str) {
-        self.info.reset();
+        // The new series first, then the old one goes: a scrape never sees none.
         self.info.with_label_values(&[digest]).set(1);
+        if let Ok(mut current) = self.digest.lock() {
+            if let Some(old) = current.replace(digest.to_owned()) {
+                if old != digest {
+                    // Already absent: nothing to remove.
+                    let _ = self.info.remove_label_values(&[&old]);
+                }
+            }
+        }
         self.last_switch.set(
             SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
