@@ -21,9 +21,10 @@ const EXIT_DATAPATH: u8 = 69;
                   with [kms] it keeps a signed receipts ledger of its decisions; with [multi_region] it \
                   replicates that ledger to peer regions, which cosign it.",
     after_help = "Exit codes: 0 success; 1 other error (receipts verify: the ledger does not verify); 64 invalid configuration \
-                  or policy file, unusable identity files or key (nothing changed); \
-                  65 the agent refused the policy as invalid; 69 kernel datapath unavailable (run) or agent unreachable \
-                  (client commands); 75 stale --expected-generation or nothing to roll back."
+                  or policy file, unusable identity files or key, a request the agent refused as invalid that is not a \
+                  policy (nothing changed); 65 the agent refused the policy as invalid; 69 kernel datapath unavailable \
+                  (run) or agent unreachable or silent past --timeout (client commands); 75 stale --expected-generation \
+                  or nothing to roll back."
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG overrides it.
