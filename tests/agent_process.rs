@@ -6,13 +6,12 @@ mod support;
 use aya::maps::{lpm_trie::LpmTrie, HashMap as BpfHashMap, Map, MapData};
 use knhk_abi::{map_names, LpmKeyV4, RuleLeaf, ScopeKey, ScopeValue, ABI_VERSION};
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::Write,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
-use support::*;
+use support::{prom::Prometheus, *};
 
 fn deny_rule(port: u16) -> String {
     format!("[[policy.rules]]\nname = \"block\"\naction = \"deny\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{port}\"]\n")
@@ -247,72 +246,6 @@ fn kernel_cgroup_created_after_the_policy_is_enforced_and_removal_leaves_nothing
     drop(agent);
 }
 
-/// A real Prometheus server scraping `target` every second; stopped on drop.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: knhk\n    static_configs:\n      - targets: ['{target}']\n"),
-        )
-        .expect("write prometheus.yml");
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port");
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start prometheus (Debian package prometheus; cargo xtask setup installs it)");
-        Prometheus {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    /// The value of an instant PromQL query with one result, if it has one.
-    fn query(&self, promql: &str) -> Option<f64> {
-        let mut enc = String::new();
-        for b in promql.bytes() {
-            match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => enc.push(b as char),
-                _ => enc.push_str(&format!("%{b:02X}")),
-            }
-        }
-        let mut s = TcpStream::connect(self.addr).ok()?;
-        write!(
-            s,
-            "GET /api/v1/query?query={enc} HTTP/1.0\r\nHost: x\r\n\r\n"
-        )
-        .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
-        json["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
     if !kernel_available("kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean") {
@@ -382,8 +315,10 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
         "the beat engine runs and is scraped"
     );
     assert_eq!(
-        prom.query(r#"knhk_heat_decayed_attempts{rank="1"}"#)
-            .map(|v| v > 0.0),
+        prom.query(&format!(
+            r#"knhk_heat_decayed_attempts{{destination="{target}",protocol="tcp"}}"#
+        ))
+        .map(|v| v > 0.0),
         Some(true),
         "the hottest destination is exported"
     );

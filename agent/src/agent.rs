@@ -17,7 +17,7 @@ use crate::{
     receipts::{self, NewReceipt, Receipts, ReceiptsError},
     sync::Replicator,
     tasks::TaskGroup,
-    telemetry::{AdminServer, DatapathCollector, Readiness},
+    telemetry::{self, AdminServer, DatapathCollector, Readiness},
 };
 
 /// How long in-flight gRPC calls may take to finish after a stop.
@@ -204,8 +204,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         DatapathReader::open(&layout)?,
         status.clone(),
         config.agent.heat_top_n as usize,
+        config.agent.rule_metrics_top_n as usize,
     );
-    if let Err(e) = registry.register(Box::new(collector)) {
+    let registered = registry
+        .register(Box::new(collector))
+        .and_then(|()| controller.register_metrics(&registry))
+        .and_then(|()| telemetry::register_build_info(&registry))
+        .and_then(|()| registry.register(Box::new(telemetry::ProcessCollector::default())))
+        .and_then(|()| {
+            registry.register(Box::new(telemetry::ReadinessCollector::new(
+                readiness.clone(),
+            )))
+        });
+    if let Err(e) = registered {
         return Err(AgentError::Internal(format!("registering metrics: {e}")));
     }
     let probe = DatapathReader::open(&layout)?;

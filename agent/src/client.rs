@@ -44,44 +44,114 @@ pub enum ClientError {
          this caller: its API socket admits root and members of agent.api_socket_group only)"
     )]
     Disconnected(String),
-    /// The agent answered with an error.
+    /// The agent did not answer within `--timeout`.
+    #[error("the agent did not answer within {} (--timeout); is it overloaded or stuck? A policy change that timed out may or may not have been applied: check `policy get`", seconds(*.0))]
+    Timeout(Duration),
+    /// The agent answered a policy call (apply, diff, rollback) with an error.
+    #[error("{}: {}", policy_code_name(.0.code()), .0.message())]
+    Policy(tonic::Status),
+    /// The agent answered another call (status, holds, receipts, ...) with an error.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Rpc(tonic::Status),
 }
 
-fn code_name(c: tonic::Code) -> &'static str {
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s == 1.0 {
+        "1 second".into()
+    } else {
+        format!("{s} seconds")
+    }
+}
+
+/// What a refused policy call means.
+fn policy_code_name(c: tonic::Code) -> &'static str {
     match c {
         tonic::Code::InvalidArgument => "invalid policy",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::ResourceExhausted => "too large",
+        other => code_name(other),
+    }
+}
+
+/// What a refused call means, for calls other than policy changes.
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::InvalidArgument => "invalid request",
         tonic::Code::FailedPrecondition => "refused",
         tonic::Code::ResourceExhausted => "too large",
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         tonic::Code::Unavailable => "unavailable",
         tonic::Code::PermissionDenied => "permission denied",
         tonic::Code::Unauthenticated => "unauthenticated",
-        _ => "error",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::Unimplemented => "not supported by this agent",
+        tonic::Code::Cancelled => "cancelled",
+        tonic::Code::Aborted => "aborted",
+        tonic::Code::OutOfRange => "out of range",
+        tonic::Code::DataLoss => "data loss",
+        tonic::Code::Ok | tonic::Code::Unknown | tonic::Code::Internal => "the agent failed",
     }
+}
+
+/// Whether `e` (or a cause of it) is tonic's request timeout.
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 impl ClientError {
     /// A call's error: the agent's answer, or (a status made here, carrying its cause) a
-    /// connection that failed.
+    /// connection that failed or a request that timed out after `timeout`.
     pub fn from_status(status: tonic::Status) -> ClientError {
         match std::error::Error::source(&status) {
+            Some(cause) if is_timeout(cause) => ClientError::Timeout(Duration::ZERO),
             Some(cause) => ClientError::Disconnected(chain(cause)),
             None => ClientError::Rpc(status),
         }
     }
 
-    /// 64 invalid file, 65 the agent refused the policy as invalid, 69 agent unreachable, 75 stale
-    /// generation or nothing to roll back (retry after reading the live state), 1 otherwise.
+    /// A policy call's error ([`ClientError::from_status`], with policy meanings for the codes).
+    pub fn from_policy_status(status: tonic::Status) -> ClientError {
+        match ClientError::from_status(status) {
+            ClientError::Rpc(s) => ClientError::Policy(s),
+            other => other,
+        }
+    }
+
+    /// A timeout error names the limit that passed.
+    pub fn with_timeout(self, timeout: Duration) -> ClientError {
+        match self {
+            ClientError::Timeout(_) => ClientError::Timeout(timeout),
+            other => other,
+        }
+    }
+
+    /// 64 invalid file or request, 65 the agent refused the policy as invalid, 69 agent
+    /// unreachable, silent past `--timeout`, or past the call's deadline (nothing changed), 75 stale generation or nothing to roll back (retry
+    /// after reading the live state), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::File(_) => 64,
-            ClientError::Unavailable { .. } | ClientError::Disconnected(_) => 69,
-            ClientError::Rpc(s) => match s.code() {
+            ClientError::Unavailable { .. }
+            | ClientError::Disconnected(_)
+            | ClientError::Timeout(_) => 69,
+            ClientError::Policy(s) => match s.code() {
                 tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => 65,
                 tonic::Code::FailedPrecondition => 75,
-                tonic::Code::Unavailable => 69,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 69,
+                _ => 1,
+            },
+            ClientError::Rpc(s) => match s.code() {
+                tonic::Code::InvalidArgument => 64,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 69,
                 _ => 1,
             },
         }
@@ -95,7 +165,18 @@ pub struct Target {
     pub endpoint: String,
     /// mTLS with the caller's SPIFFE identity; `None`: plaintext.
     pub mtls: Option<ClientMtls>,
+    /// The longest the agent may take to accept the connection, and then to answer a call.
+    pub timeout: Duration,
 }
+
+/// The default `--timeout` of commands that read.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default `--timeout` of policy changes (`policy apply`, `diff`, `rollback`): the agent
+/// compiles and writes the whole policy before it answers, seconds for 100,000 rules on a busy
+/// node.
+pub const DEFAULT_POLICY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The request timeout of [`connect`]'s channels (library callers set their own deadlines).
+const LIBRARY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The caller's side of mTLS.
 #[derive(Debug, Clone)]
@@ -114,6 +195,7 @@ impl Target {
         Target {
             endpoint: endpoint.into(),
             mtls: None,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -128,7 +210,8 @@ pub enum Endpoint {
 }
 
 /// Parses `--endpoint`: `unix://` followed by an absolute path (`unix:///run/knhk/agent.sock`;
-/// `unix:/path` is accepted too), or an `http://` or `https://` URI.
+/// `unix:/path` is accepted too), an `http://` or `https://` URI, or `HOST:PORT` (taken as
+/// `http://HOST:PORT`).
 pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     if let Some(rest) = s.strip_prefix("unix:") {
         let path = rest.strip_prefix("//").unwrap_or(rest);
@@ -139,7 +222,16 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
         }
         return Ok(Endpoint::Unix(path.into()));
     }
-    Ok(Endpoint::Uri(s.to_owned()))
+    if s.contains("://") {
+        return Ok(Endpoint::Uri(s.to_owned()));
+    }
+    let uri = format!("http://{s}");
+    match uri.parse::<http::Uri>() {
+        Ok(u) if u.port().is_some() && u.path() == "/" => Ok(Endpoint::Uri(uri)),
+        _ => Err(format!(
+            "{s:?} is not an endpoint: use unix:///PATH, http://HOST:PORT or HOST:PORT"
+        )),
+    }
 }
 
 /// An error and its causes, `: `-separated (tonic's transport errors say little on their own).
@@ -160,9 +252,14 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// The largest policy document the CLI reads back (`policy get`).
 const MAX_POLICY_MESSAGE_BYTES: usize = 256 << 20;
 
-/// A plaintext channel to `endpoint` (`unix:///path` or `http://host:port`), connected.
+/// A plaintext channel to `endpoint` (`unix:///path` or `http://host:port`), connected; each
+/// call on it may take up to a minute.
 pub async fn connect(endpoint: &str) -> Result<Channel, ClientError> {
-    channel(&Target::plaintext(endpoint)).await
+    channel(&Target {
+        timeout: LIBRARY_TIMEOUT,
+        ..Target::plaintext(endpoint)
+    })
+    .await
 }
 
 async fn channel(target: &Target) -> Result<Channel, ClientError> {
@@ -177,8 +274,8 @@ async fn channel(target: &Target) -> Result<Channel, ClientError> {
             Endpoint::Unix(path) => {
                 // The URI only fills the HTTP/2 :authority; the connector dials the socket.
                 tonic::transport::Endpoint::from_static("http://localhost")
-                    .connect_timeout(Duration::from_secs(5))
-                    .timeout(Duration::from_secs(60))
+                    .connect_timeout(target.timeout)
+                    .timeout(target.timeout)
                     .connect_with_connector(tower::service_fn(move |_: http::Uri| {
                         let path = path.clone();
                         async move {
@@ -196,8 +293,8 @@ async fn channel(target: &Target) -> Result<Channel, ClientError> {
             }
             Endpoint::Uri(uri) => Channel::from_shared(uri)
                 .map_err(|e| unavailable(chain(&e)))?
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(60))
+                .connect_timeout(target.timeout)
+                .timeout(target.timeout)
                 .connect()
                 .await
                 .map_err(|e| unavailable(chain(&e))),
@@ -269,6 +366,84 @@ pub fn read_policy_file(path: &Path) -> Result<pb::PolicyDocument, ClientError> 
     Ok(doc)
 }
 
+/// A runtime class as the configuration spells it (`R1`, `W1`, `C1`; `-` when unset).
+pub fn class_name(v: i32) -> &'static str {
+    match pb::RuntimeClass::try_from(v) {
+        Ok(pb::RuntimeClass::R1) => "R1",
+        Ok(pb::RuntimeClass::W1) => "W1",
+        Ok(pb::RuntimeClass::C1) => "C1",
+        _ => "-",
+    }
+}
+
+/// An action as the configuration spells it (`allow`, `deny`, `audit`; `-` when unset).
+pub fn action_name(v: i32) -> &'static str {
+    match pb::Action::try_from(v) {
+        Ok(pb::Action::Allow) => "allow",
+        Ok(pb::Action::Deny) => "deny",
+        Ok(pb::Action::Audit) => "audit",
+        _ => "-",
+    }
+}
+
+/// A mode as the configuration spells it (`enforce`, `audit`; `-` when unset).
+pub fn mode_name(v: i32) -> &'static str {
+    match pb::Mode::try_from(v) {
+        Ok(pb::Mode::Enforce) => "enforce",
+        Ok(pb::Mode::Audit) => "audit",
+        _ => "-",
+    }
+}
+
+/// A protocol as the configuration spells it (`tcp`, `udp`, `any`).
+pub fn protocol_name(v: i32) -> &'static str {
+    match pb::Protocol::try_from(v) {
+        Ok(pb::Protocol::Tcp) => "tcp",
+        Ok(pb::Protocol::Udp) => "udp",
+        _ => "any",
+    }
+}
+
+/// `n` with `noun`, plural (an added `s`) unless `n` is 1: `1 rule`, `2 rules`.
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    count_as(n, noun, &format!("{noun}s"))
+}
+
+/// `n` with `singular` when `n` is 1, else with `plural`: `1 trie entry`, `2 trie entries`.
+pub fn count_as(n: impl Into<u64>, singular: &str, plural: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {singular}")
+    } else {
+        format!("{n} {plural}")
+    }
+}
+
+/// A Unix time in nanoseconds as UTC, `2026-11-30T18:41:00Z` (`-` for 0).
+pub fn utc(unix_nanos: i64) -> String {
+    if unix_nanos == 0 {
+        return "-".into();
+    }
+    let secs = unix_nanos.div_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn list(v: &[String]) -> String {
     if v.is_empty() {
         "-".into()
@@ -286,20 +461,24 @@ pub async fn policy_apply(
     let doc = read_policy_file(file)?;
     let rules = doc.rules.len();
     let mut c = PolicyServiceClient::new(channel(target).await?);
+    // The deadline travels with the call: an agent that cannot switch in time changes nothing.
+    let mut request = tonic::Request::new(pb::ApplyPolicyRequest {
+        policy: Some(doc),
+        expected_generation: expected,
+    });
+    request.set_timeout(target.timeout);
     let r = c
-        .apply_policy(pb::ApplyPolicyRequest {
-            policy: Some(doc),
-            expected_generation: expected,
-        })
+        .apply_policy(request)
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(ClientError::from_policy_status)?
         .into_inner();
     Ok(Report {
         human: format!(
-            "applied {rules} rules: generation {} is live (digest {}, {} trie entries, switched in {} µs)\npending cgroups: {}\n",
+            "applied {}: generation {} is live (digest {}, {}, switched in {} µs)\npending cgroups: {}\n",
+            count(rules as u64, "rule"),
             r.generation,
             &r.digest[..12.min(r.digest.len())],
-            r.trie_entries,
+            count_as(r.trie_entries, "trie entry", "trie entries"),
             r.switch_micros,
             list(&r.pending_cgroups)
         ),
@@ -321,45 +500,49 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
     // This agent always sends the document; a reply without one shows it empty.
     let doc = r.policy.unwrap_or_default();
     let mut human = format!(
-        "generation {} (digest {})\nmode {}, default action {}, default class {}\n",
+        "generation {} (digest {}): {}\nmode {}, default action {}, default class {}\n",
         r.generation,
         r.digest,
-        pb::Mode::try_from(doc.mode)
-            .map(|m| m.as_str_name())
-            .unwrap_or("?"),
-        pb::Action::try_from(doc.default_action)
-            .map(|m| m.as_str_name())
-            .unwrap_or("?"),
-        pb::RuntimeClass::try_from(doc.default_class)
-            .map(|m| m.as_str_name())
-            .unwrap_or("?"),
+        count(doc.rules.len() as u64, "rule"),
+        mode_name(doc.mode),
+        action_name(doc.default_action),
+        class_name(doc.default_class),
     );
-    let mut rules = Vec::new();
-    for rule in &doc.rules {
-        let action = pb::Action::try_from(rule.action)
-            .map(|m| m.as_str_name())
-            .unwrap_or("?");
+    if !doc.rules.is_empty() {
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "  {:<24} {:<14} cidrs {} ports {} cgroup {}",
+            "  {:<24} {:<6} {:<5} {:<5} {:<24} {:<16} cgroup",
+            "rule", "action", "class", "proto", "cidrs", "ports"
+        );
+    }
+    let mut rules = Vec::new();
+    for rule in &doc.rules {
+        let cgroup = if rule.cgroup.is_empty() {
+            "*"
+        } else {
+            &rule.cgroup
+        };
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            human,
+            "  {:<24} {:<6} {:<5} {:<5} {:<24} {:<16} {cgroup}",
             rule.name,
-            action,
+            action_name(rule.action),
+            class_name(rule.runtime_class),
+            protocol_name(rule.protocol),
             list(&rule.cidrs),
             list(&rule.ports),
-            if rule.cgroup.is_empty() {
-                "*"
-            } else {
-                &rule.cgroup
-            }
         );
-        rules.push(json!({"name": rule.name, "action": action, "cidrs": rule.cidrs, "ports": rule.ports,
-            "cgroup": rule.cgroup, "runtime_class": pb::RuntimeClass::try_from(rule.runtime_class).map(|m| m.as_str_name()).unwrap_or("?"),
-            "protocol": pb::Protocol::try_from(rule.protocol).map(|m| m.as_str_name()).unwrap_or("?")}));
+        rules.push(json!({"name": rule.name, "action": action_name(rule.action), "cidrs": rule.cidrs,
+            "ports": rule.ports, "cgroup": rule.cgroup, "runtime_class": class_name(rule.runtime_class),
+            "protocol": protocol_name(rule.protocol)}));
     }
     Ok(Report {
         human,
-        json: json!({"generation": r.generation, "digest": r.digest, "rules": rules}),
+        json: json!({"generation": r.generation, "digest": r.digest, "mode": mode_name(doc.mode),
+                     "default_action": action_name(doc.default_action),
+                     "default_class": class_name(doc.default_class), "rules": rules}),
     })
 }
 
@@ -370,7 +553,7 @@ pub async fn policy_diff(target: &Target, file: &Path) -> Result<Report, ClientE
     let r = c
         .dry_run(pb::DryRunRequest { policy: Some(doc) })
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(ClientError::from_policy_status)?
         .into_inner();
     Ok(Report {
         human: format!(
@@ -396,12 +579,14 @@ pub async fn policy_rollback(
     expected: Option<u64>,
 ) -> Result<Report, ClientError> {
     let mut c = PolicyServiceClient::new(channel(target).await?);
+    let mut request = tonic::Request::new(pb::RollbackRequest {
+        expected_generation: expected,
+    });
+    request.set_timeout(target.timeout);
     let r = c
-        .rollback(pb::RollbackRequest {
-            expected_generation: expected,
-        })
+        .rollback(request)
         .await
-        .map_err(ClientError::from_status)?
+        .map_err(ClientError::from_policy_status)?
         .into_inner();
     Ok(Report {
         human: format!(
@@ -414,32 +599,32 @@ pub async fn policy_rollback(
 
 /// `status`.
 pub async fn status(target: &Target) -> Result<Report, ClientError> {
-    let mut c = AgentServiceClient::new(channel(target).await?);
+    // Every hit rule of the maximum policy can be over tonic's 4 MiB default.
+    let mut c = AgentServiceClient::new(channel(target).await?)
+        .max_decoding_message_size(MAX_POLICY_MESSAGE_BYTES);
     let r = c
         .get_status(pb::GetStatusRequest {})
         .await
         .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = format!(
-        "knhk-agent {}: programs {} attached to {}{}\npolicy generation {}, {} trie entries\nrule cgroups: active {}; pending {}\n",
+        "knhk-agent {}: programs {} attached to {}{}\npolicy generation {}, {}\nrule cgroups: active {}; pending {}\n",
         r.version,
         list(&r.programs),
         r.cgroup_root,
         if r.adopted { " (re-adopted pins)" } else { "" },
         r.generation,
-        r.trie_entries,
+        count_as(r.trie_entries, "trie entry", "trie entries"),
         list(&r.active_cgroups),
         list(&r.pending_cgroups)
     );
     let mut decisions = Vec::new();
     for d in &r.decisions {
-        let class = pb::RuntimeClass::try_from(d.runtime_class)
-            .map(|m| m.as_str_name())
-            .unwrap_or("?");
+        let class = class_name(d.runtime_class);
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "  {class:<18} {:<9} allowed {:>10}  denied {:>10}  audited {:>10}  shed {:>10}",
+            "  {class:<5} {:<9} allowed {:>10}  denied {:>10}  audited {:>10}  shed {:>10}",
             d.state, d.allowed, d.denied, d.audited, d.shed
         );
         decisions.push(json!({"runtime_class": class, "state": d.state, "allowed": d.allowed, "denied": d.denied,
@@ -449,18 +634,20 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "receipts: {} written, {} checkpoints waiting for the KMS, signing key {}",
-            l.log_size, l.checkpoints_pending, l.signing_key
+            "receipts: {} written, {} waiting for the KMS, signing key {}",
+            l.log_size,
+            count(l.checkpoints_pending, "checkpoint"),
+            l.signing_key
         );
     }
     if let Some(s) = &r.sync {
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "region {}: quorum {}, committed up to {} receipts{}",
+            "region {}: quorum {}, committed up to {}{}",
             s.region,
             s.quorum,
-            s.committed_size,
+            count(s.committed_size, "receipt"),
             if s.problem.is_empty() {
                 String::new()
             } else {
@@ -474,11 +661,32 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
     let sync = r.sync.as_ref().map(|s| {
         json!({"region": s.region, "quorum": s.quorum, "committed_size": s.committed_size, "problem": s.problem})
     });
+    if !r.rule_hits.is_empty() {
+        human.push_str("rules with the most hits:\n");
+        for h in r.rule_hits.iter().take(10) {
+            // Writing into a String cannot fail.
+            let _ = writeln!(human, "  {:<32} {:>12}", h.rule, h.hits);
+        }
+        if r.rule_hits.len() > 10 {
+            // Writing into a String cannot fail.
+            let _ = writeln!(
+                human,
+                "  ... and {} more (--output json lists them all)",
+                r.rule_hits.len() - 10
+            );
+        }
+    }
+    let rule_hits: Vec<_> = r
+        .rule_hits
+        .iter()
+        .map(|h| json!({"rule": h.rule, "hits": h.hits}))
+        .collect();
     Ok(Report {
         human,
         json: json!({"version": r.version, "programs": r.programs, "cgroup_root": r.cgroup_root, "generation": r.generation,
                      "adopted": r.adopted, "active_cgroups": r.active_cgroups, "pending_cgroups": r.pending_cgroups,
-                     "trie_entries": r.trie_entries, "decisions": decisions, "receipts": ledger, "sync": sync}),
+                     "trie_entries": r.trie_entries, "decisions": decisions, "receipts": ledger, "sync": sync,
+                     "rule_hits": rule_hits}),
     })
 }
 
@@ -494,11 +702,14 @@ pub async fn heat(target: &Target, limit: u32) -> Result<Report, ClientError> {
         "{} of {} heat entries in use\n",
         r.map_entries, r.map_capacity
     );
+    if !r.entries.is_empty() {
+        human.push_str("  rank destination                              proto     attempts       decayed     rising\n");
+    }
     for (i, e) in r.entries.iter().enumerate() {
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "  {:>3}. {:<40} {:<5} {:>12} attempts  {:>12.1} decayed  {:>+9.1} rising",
+            "  {:>3}. {:<40} {:<5} {:>12}  {:>12.1}  {:>+9.1}",
             i + 1,
             format!("{}:{}", e.address, e.port),
             e.protocol,
@@ -528,7 +739,7 @@ pub async fn slo(target: &Target) -> Result<Report, ClientError> {
         .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = String::from(
-        "class              samples   handshake p50   handshake p99   rtt p99   ceiling   within\n",
+        "class   samples   handshake p50   handshake p99     rtt p99     ceiling   within\n",
     );
     let mut classes = Vec::new();
     let ms = |ns: u64| {
@@ -539,13 +750,11 @@ pub async fn slo(target: &Target) -> Result<Report, ClientError> {
         }
     };
     for c in &r.classes {
-        let class = pb::RuntimeClass::try_from(c.runtime_class)
-            .map(|m| m.as_str_name())
-            .unwrap_or("?");
+        let class = class_name(c.runtime_class);
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "{class:<18} {:>8}   {:>13}   {:>13}   {:>7}   {:>7}   {}",
+            "{class:<5} {:>9}   {:>13}   {:>13}   {:>9}   {:>9}   {}",
             c.handshake_samples,
             ms(c.handshake_p50_ns),
             ms(c.handshake_p99_ns),
@@ -616,19 +825,16 @@ pub async fn hold_list(target: &Target) -> Result<Report, ClientError> {
         .map_err(ClientError::from_status)?
         .into_inner()
         .holds;
-    let mut human =
-        String::from("id   case            state      limits                          reason\n");
+    let mut human = String::from(
+        "id   placed                case            state      limits                          reason\n",
+    );
     for h in &holds {
         let mut limits = Vec::new();
         if let (Some(a), Some(b)) = (h.from_seq, h.to_seq) {
             limits.push(format!("seq {a}..{b}"));
         }
         if let (Some(a), Some(b)) = (h.from_time_unix_nanos, h.to_time_unix_nanos) {
-            limits.push(format!(
-                "time {}..{} s",
-                a / 1_000_000_000,
-                b / 1_000_000_000
-            ));
+            limits.push(format!("time {}..{}", utc(a), utc(b)));
         }
         if !h.kind.is_empty() {
             limits.push(format!("kind {}", h.kind));
@@ -639,8 +845,9 @@ pub async fn hold_list(target: &Target) -> Result<Report, ClientError> {
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "{:<4} {:<15} {:<10} {:<31} {}",
+            "{:<4} {:<21} {:<15} {:<10} {:<31} {}",
             h.id,
+            utc(h.placed_unix_nanos),
             h.case_id,
             if h.released_unix_nanos.is_some() {
                 "released"
@@ -669,8 +876,8 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
         .map_err(ClientError::from_status)?
         .into_inner();
     let mut human = format!(
-        "{} receipts in the ledger\nseq      kind            cycle     generation  payload\n",
-        r.log_size
+        "{} in the ledger\nseq      time                  kind            cycle     generation  payload\n",
+        count(r.log_size, "receipt")
     );
     let mut items = Vec::new();
     for x in &r.receipts {
@@ -682,8 +889,13 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "{:<8} {:<15} {:<9} {:<11} {}",
-            x.seq, x.kind, x.cycle, x.policy_generation, payload
+            "{:<8} {:<21} {:<15} {:<9} {:<11} {}",
+            x.seq,
+            utc(x.time_unix_nanos),
+            x.kind,
+            x.cycle,
+            x.policy_generation,
+            payload
         );
         items.push(json!({"seq": x.seq, "kind": x.kind, "cycle": x.cycle, "time_unix_nanos": x.time_unix_nanos,
             "policy_generation": x.policy_generation, "payload": payload, "key_id": x.key_id, "key_version": x.key_version}));
@@ -731,7 +943,7 @@ pub async fn explain(
         .await
         .map_err(ClientError::from_status)?
         .into_inner();
-    let class = convert::class_name(r.runtime_class);
+    let class = class_name(r.runtime_class);
     let mut human = format!(
         "{} from cgroup {cgroup}: {} (rule {}, class {class}, generation {})\n",
         destination,
@@ -833,13 +1045,13 @@ fn event_report(e: pb::WatchEventsResponse) -> Report {
                 } else {
                     &v.rule
                 },
-                convert::class_name(v.runtime_class),
+                class_name(v.runtime_class),
                 v.generation,
                 v.hook
             ),
             json: json!({"unix_millis": at, "type": "verdict", "cgroup": v.cgroup, "destination": v.destination,
                          "port": v.port, "protocol": v.protocol, "action": v.action,
-                         "class": convert::class_name(v.runtime_class), "rule": v.rule,
+                         "class": class_name(v.runtime_class), "rule": v.rule,
                          "generation": v.generation, "hook": v.hook}),
         },
         Some(E::PolicySwitched(p)) => Report {
@@ -861,16 +1073,82 @@ fn event_report(e: pb::WatchEventsResponse) -> Report {
         Some(E::ClassStateChanged(s)) => Report {
             human: format!(
                 "{at} class {} {} -> {}\n",
-                convert::class_name(s.runtime_class),
+                class_name(s.runtime_class),
                 s.from,
                 s.to
             ),
             json: json!({"unix_millis": at, "type": "class_state_changed",
-                         "class": convert::class_name(s.runtime_class), "from": s.from, "to": s.to}),
+                         "class": class_name(s.runtime_class), "from": s.from, "to": s.to}),
         },
         None => Report {
             human: format!("{at} (an event this client does not know)\n"),
             json: json!({"unix_millis": at, "type": "unknown"}),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_without_a_scheme_are_http() {
+        assert_eq!(
+            parse_endpoint("127.0.0.1:50051"),
+            Ok(Endpoint::Uri("http://127.0.0.1:50051".into()))
+        );
+        assert_eq!(
+            parse_endpoint("[::1]:50051"),
+            Ok(Endpoint::Uri("http://[::1]:50051".into()))
+        );
+        assert_eq!(
+            parse_endpoint("unix:///run/knhk/agent.sock"),
+            Ok(Endpoint::Unix("/run/knhk/agent.sock".into()))
+        );
+        assert!(parse_endpoint("127.0.0.1").is_err(), "no port");
+        assert!(parse_endpoint("host:1/path").is_err());
+        assert!(parse_endpoint("unix:relative").is_err());
+    }
+
+    #[test]
+    fn times_are_utc_and_counts_plural() {
+        assert_eq!(utc(0), "-");
+        assert_eq!(utc(1_000_000_000), "1970-01-01T00:00:01Z");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_150_460_500_000_000), "2026-12-01T18:41:00Z");
+        assert_eq!(utc(-1_000_000_000), "1969-12-31T23:59:59Z");
+        assert_eq!(count(1u64, "rule"), "1 rule");
+        assert_eq!(count(0u64, "rule"), "0 rules");
+        assert_eq!(count(2u64, "receipt"), "2 receipts");
+        assert_eq!(
+            count_as(3u64, "trie entry", "trie entries"),
+            "3 trie entries"
+        );
+    }
+
+    #[test]
+    fn enum_names_are_the_configuration_words() {
+        assert_eq!(class_name(pb::RuntimeClass::R1 as i32), "R1");
+        assert_eq!(action_name(pb::Action::Deny as i32), "deny");
+        assert_eq!(mode_name(pb::Mode::Enforce as i32), "enforce");
+        assert_eq!(protocol_name(pb::Protocol::Udp as i32), "udp");
+        assert_eq!(class_name(99), "-");
+    }
+
+    #[test]
+    fn hold_errors_are_not_policy_errors() {
+        let e = ClientError::Rpc(tonic::Status::invalid_argument("from_seq > to_seq"));
+        assert_eq!(e.to_string(), "invalid request: from_seq > to_seq");
+        assert_eq!(e.exit_code(), 64);
+        let e = ClientError::Policy(tonic::Status::invalid_argument("rules[0]: bad"));
+        assert_eq!(e.to_string(), "invalid policy: rules[0]: bad");
+        assert_eq!(e.exit_code(), 65);
+        let e = ClientError::Rpc(tonic::Status::internal("boom"));
+        assert_eq!(e.to_string(), "the agent failed: boom");
+        assert_eq!(
+            ClientError::Timeout(Duration::from_secs(5)).to_string(),
+            "the agent did not answer within 5 seconds (--timeout); is it overloaded or stuck? \
+             A policy change that timed out may or may not have been applied: check `policy get`"
+        );
     }
 }

@@ -133,6 +133,76 @@ pub struct Controller {
     heat_top_n: usize,
     /// The beat engine's view, when SLO admission runs.
     slo_view: Option<Arc<dyn SloView>>,
+    metrics: PolicyMetrics,
+}
+
+/// Policy switch metrics; registered by [`Controller::register_metrics`].
+struct PolicyMetrics {
+    info: prometheus::IntGaugeVec,
+    /// The digest `info` carries now.
+    digest: std::sync::Mutex<Option<String>>,
+    last_switch: prometheus::Gauge,
+    failures: prometheus::IntCounterVec,
+}
+
+/// Why a policy change failed, as `knhk_policy_apply_failures_total` labels it.
+pub const APPLY_FAILURE_REASONS: [&str; 6] = [
+    "invalid",
+    "capacity",
+    "stale_generation",
+    "no_previous",
+    "deadline",
+    "internal",
+];
+
+impl PolicyMetrics {
+    fn new() -> Result<PolicyMetrics, prometheus::Error> {
+        let info = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "knhk_policy_info",
+                "1 for the live policy generation, labelled with its digest (one series).",
+            ),
+            &["digest"],
+        )?;
+        let last_switch = prometheus::Gauge::new(
+            "knhk_policy_last_switch_timestamp_seconds",
+            "When the kernel last switched to a new policy generation (Unix time).",
+        )?;
+        let failures = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "knhk_policy_apply_failures_total",
+                "ApplyPolicy and Rollback calls that changed nothing, by reason (invalid, capacity, stale_generation, no_previous, deadline, internal).",
+            ),
+            &["reason"],
+        )?;
+        for r in APPLY_FAILURE_REASONS {
+            failures.with_label_values(&[r]);
+        }
+        Ok(PolicyMetrics {
+            info,
+            digest: std::sync::Mutex::new(None),
+            last_switch,
+            failures,
+        })
+    }
+
+    fn switched(&self, digest: &str) {
+        // The new series first, then the old one goes: a scrape never sees none.
+        self.info.with_label_values(&[digest]).set(1);
+        if let Ok(mut current) = self.digest.lock() {
+            if let Some(old) = current.replace(digest.to_owned()) {
+                if old != digest {
+                    // Already absent: nothing to remove.
+                    let _ = self.info.remove_label_values(&[&old]);
+                }
+            }
+        }
+        self.last_switch.set(
+            SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+    }
 }
 
 impl std::fmt::Debug for Controller {
@@ -192,6 +262,8 @@ impl Controller {
                 .map_or([None; 3], |b| b.ceilings_ns),
             heat_top_n: config.agent.heat_top_n as usize,
             slo_view,
+            metrics: PolicyMetrics::new()
+                .map_err(|e| ControlError::Internal(format!("policy metrics: {e}")))?,
         });
         spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
         let applied = controller.switch(policy, None, "startup").await?;
@@ -208,6 +280,26 @@ impl Controller {
     /// Most rules a policy may have.
     pub fn max_rules(&self) -> usize {
         self.max_rules
+    }
+
+    /// Registers the policy metrics (`knhk_policy_info`, `knhk_policy_last_switch_timestamp_seconds`,
+    /// `knhk_policy_apply_failures_total`) with `registry`.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.metrics.info.clone()))?;
+        registry.register(Box::new(self.metrics.last_switch.clone()))?;
+        registry.register(Box::new(self.metrics.failures.clone()))?;
+        Ok(())
+    }
+
+    /// Counts a policy change that failed (`reason`: one of [`APPLY_FAILURE_REASONS`]), for
+    /// `knhk_policy_apply_failures_total`; the API calls it for every refused apply or rollback.
+    pub fn count_apply_failure(&self, reason: &str) {
+        let reason = if APPLY_FAILURE_REASONS.contains(&reason) {
+            reason
+        } else {
+            "internal"
+        };
+        self.metrics.failures.with_label_values(&[reason]).inc();
     }
 
     /// A shared snapshot of the datapath, refreshed after every change (for metrics).
@@ -319,6 +411,7 @@ impl Controller {
             tracing::info!(cgroup = %log_escape(&p.to_string()), "rule cgroup does not exist yet: its rules take effect when it appears");
         }
         self.emit_switch(&generation, cause);
+        self.metrics.switched(&generation.digest);
         Ok(Applied {
             generation,
             pending_cgroups: report
@@ -446,6 +539,17 @@ impl Controller {
         // A poisoned snapshot (a panicked writer) reads as empty; the counters below are live.
         let status = self.status.read().map(|s| s.clone()).unwrap_or_default();
         Ok((status, self.reader.decisions()?))
+    }
+
+    /// Every rule of the live policy with at least one hit, most hits first (ties by name).
+    pub fn rule_hits(&self) -> Vec<(String, u64)> {
+        // A poisoned snapshot (a panicked writer) reads as no rules.
+        let counters = self
+            .status
+            .read()
+            .map(|s| s.rule_counters.clone())
+            .unwrap_or_else(|_| std::sync::Arc::from([]));
+        self.reader.ranked_rule_hits(&counters, None)
     }
 
     /// Latency per class against the `[slo]` ceilings (map reads on a blocking thread).

@@ -21,9 +21,10 @@ const EXIT_DATAPATH: u8 = 69;
                   with [kms] it keeps a signed receipts ledger of its decisions; with [multi_region] it \
                   replicates that ledger to peer regions, which cosign it.",
     after_help = "Exit codes: 0 success; 1 other error (receipts verify: the ledger does not verify); 64 invalid configuration \
-                  or policy file, unusable identity files or key (nothing changed); \
-                  65 the agent refused the policy as invalid; 69 kernel datapath unavailable (run) or agent unreachable \
-                  (client commands); 75 stale --expected-generation or nothing to roll back."
+                  or policy file, unusable identity files or key, a request the agent refused as invalid that is not a \
+                  policy (nothing changed); 65 the agent refused the policy as invalid; 69 kernel datapath unavailable \
+                  (run) or agent unreachable or silent past --timeout (client commands); 75 stale --expected-generation \
+                  or nothing to roll back."
 )]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive); RUST_LOG overrides it.
@@ -67,9 +68,16 @@ enum Command {
         /// Take pin_root from this configuration file.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
     },
     /// Print the embedded default configuration.
-    DefaultConfig,
+    DefaultConfig {
+        /// Output format (json: {"toml": TEXT}).
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
     /// Work with a receipts ledger.
     #[command(subcommand)]
     Receipts(ReceiptsCommand),
@@ -169,15 +177,29 @@ struct ClientArgs {
     /// [default: spiffe.spiffe_id of --config, else any ID of the trust domain].
     #[arg(long, value_name = "SPIFFE_ID")]
     agent_id: Option<String>,
+    /// Give up when the agent has not accepted the connection, or not answered, within this
+    /// many seconds (exit 69) [default: 5; 30 for policy apply, diff and rollback].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    timeout: Option<f64>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Human)]
     output: Output,
 }
 
+/// `--timeout`: positive seconds, at most a day.
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a timeout: give seconds, more than 0 and at most 86400"
+        )),
+    }
+}
+
 impl ClientArgs {
     /// Where and how to reach the agent: `--endpoint`, else the configuration's API, else the
     /// default socket; mTLS with `--spiffe-socket`, or when the configuration enables [spiffe].
-    fn target(&self) -> Result<client::Target, ExitCode> {
+    fn target(&self, default_timeout: std::time::Duration) -> Result<client::Target, ExitCode> {
         let config = match &self.config {
             Some(path) => Some(load(Some(path))?),
             None => None,
@@ -214,6 +236,9 @@ impl ClientArgs {
             (None, None) => None,
         };
         Ok(client::Target {
+            timeout: self
+                .timeout
+                .map_or(default_timeout, std::time::Duration::from_secs_f64),
             endpoint,
             mtls: workload_api.map(|workload_api| client::ClientMtls {
                 workload_api,
@@ -457,9 +482,9 @@ fn main() -> ExitCode {
                     }
                     Output::Human => {
                         println!(
-                            "{}: valid ({} rules)",
+                            "{}: valid ({})",
                             file.display(),
-                            config.policy.rules.len()
+                            client::count(config.policy.rules.len() as u64, "rule")
                         );
                         println!(
                             "  active: {}",
@@ -490,7 +515,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Detach { pin_root, config } => {
+        Command::Detach {
+            pin_root,
+            config,
+            output,
+        } => {
             let pin_root = match (pin_root, config) {
                 (Some(p), _) => p,
                 (None, Some(c)) => match load(Some(&c)) {
@@ -501,17 +530,21 @@ fn main() -> ExitCode {
             };
             match datapath::remove_pins(&pin_root) {
                 Ok(removed) => {
-                    println!(
-                        "removed {} pins under {}; knhk programs are detached",
-                        removed.len(),
-                        pin_root.display()
-                    );
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::json!({"pin_root": pin_root.display().to_string(),
+                                "removed": removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>()})
+                        ),
+                        Output::Human => println!(
+                            "removed {} under {}; knhk programs are detached",
+                            client::count(removed.len() as u64, "pin"),
+                            pin_root.display()
+                        ),
+                    }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(output, &e.to_string(), 1),
             }
         }
         Command::Receipts(ReceiptsCommand::Verify { db, output }) => {
@@ -549,13 +582,9 @@ fn main() -> ExitCode {
                     }
                 }
                 Err(e @ knhk_agent::receipts::VerifyFileError::Open { .. }) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(EXIT_CONFIG)
+                    fail(output, &e.to_string(), EXIT_CONFIG)
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(output, &e.to_string(), 1),
             }
         }
         Command::Receipts(ReceiptsCommand::List {
@@ -604,28 +633,34 @@ fn main() -> ExitCode {
         Command::Hold(HoldCommand::List { client: c }) => {
             client_command(&c, move |t| async move { client::hold_list(&t).await })
         }
-        Command::DefaultConfig => {
-            print!("{}", knhk_agent::config::EMBEDDED_DEFAULT);
+        Command::DefaultConfig { output } => {
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"toml": knhk_agent::config::EMBEDDED_DEFAULT})
+                ),
+                Output::Human => print!("{}", knhk_agent::config::EMBEDDED_DEFAULT),
+            }
             ExitCode::SUCCESS
         }
         Command::Policy(PolicyCommand::Apply {
             file,
             expected_generation,
             client: c,
-        }) => client_command(&c, move |e| async move {
+        }) => policy_command(&c, move |e| async move {
             client::policy_apply(&e, &file, expected_generation).await
         }),
         Command::Policy(PolicyCommand::Get { client: c }) => {
             client_command(&c, move |e| async move { client::policy_get(&e).await })
         }
-        Command::Policy(PolicyCommand::Diff { file, client: c }) => client_command(
+        Command::Policy(PolicyCommand::Diff { file, client: c }) => policy_command(
             &c,
             move |e| async move { client::policy_diff(&e, &file).await },
         ),
         Command::Policy(PolicyCommand::Rollback {
             expected_generation,
             client: c,
-        }) => client_command(&c, move |e| async move {
+        }) => policy_command(&c, move |e| async move {
             client::policy_rollback(&e, expected_generation).await
         }),
         Command::Status { client: c } => {
@@ -669,7 +704,7 @@ fn main() -> ExitCode {
                 duration: (!follow).then(|| std::time::Duration::from_secs_f64(wait)),
             };
             let json = matches!(c.output, Output::Json);
-            client_command(&c, move |e| async move {
+            stream_command(&c, move |e| async move {
                 use std::io::Write as _;
                 client::events(&e, &req, |r| {
                     let mut out = std::io::stdout().lock();
@@ -692,13 +727,60 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reports an error in the chosen form (JSON on stdout: `{"error", "exit_code"}`) and exits
+/// with `code`.
+fn fail(output: Output, message: &str, code: u8) -> ExitCode {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"error": message, "exit_code": code})
+        ),
+        Output::Human => eprintln!("error: {message}"),
+    }
+    ExitCode::from(code)
+}
+
 /// Runs one client command on a small runtime and prints its report.
 fn client_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
 where
     F: FnOnce(client::Target) -> Fut,
     Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
 {
-    let target = match args.target() {
+    client_command_with(args, client::DEFAULT_TIMEOUT, true, command)
+}
+
+/// [`client_command`] for a stream that runs until it ends (`events --follow`): the timeout
+/// bounds connecting and the call's start, not the stream.
+fn stream_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
+where
+    F: FnOnce(client::Target) -> Fut,
+    Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
+{
+    client_command_with(args, client::DEFAULT_TIMEOUT, false, command)
+}
+
+/// [`client_command`] for a policy change: a longer default timeout.
+fn policy_command<F, Fut>(args: &ClientArgs, command: F) -> ExitCode
+where
+    F: FnOnce(client::Target) -> Fut,
+    Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
+{
+    client_command_with(args, client::DEFAULT_POLICY_TIMEOUT, true, command)
+}
+
+/// Runs one client command with `default_timeout` unless `--timeout` is given; with
+/// `whole_call`, the timeout (plus a second) bounds the command as a whole too.
+fn client_command_with<F, Fut>(
+    args: &ClientArgs,
+    default_timeout: std::time::Duration,
+    whole_call: bool,
+    command: F,
+) -> ExitCode
+where
+    F: FnOnce(client::Target) -> Fut,
+    Fut: std::future::Future<Output = Result<client::Report, client::ClientError>>,
+{
+    let target = match args.target(default_timeout) {
         Ok(t) => t,
         Err(code) => return code,
     };
@@ -712,7 +794,21 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(command(target)) {
+    let timeout = target.timeout;
+    // A backstop for every phase (an mTLS handshake, a stream): the command as a whole gets the
+    // timeout plus a second; the channel's own timeouts normally answer first.
+    let result = runtime.block_on(async move {
+        if !whole_call {
+            return command(target).await.map_err(|e| e.with_timeout(timeout));
+        }
+        match tokio::time::timeout(timeout + std::time::Duration::from_secs(1), command(target))
+            .await
+        {
+            Ok(r) => r.map_err(|e| e.with_timeout(timeout)),
+            Err(_) => Err(client::ClientError::Timeout(timeout)),
+        }
+    });
+    match result {
         Ok(report) => {
             match args.output {
                 Output::Human => print!("{}", report.human),

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod azure;
 pub mod harness;
 pub mod kms;
+pub mod prom;
 pub mod proxy;
 pub mod spire;
 #[allow(unused_imports)]

@@ -232,16 +232,6 @@ pub fn class_to_proto(c: Class) -> pb::RuntimeClass {
     }
 }
 
-/// A proto class number as people write it: "R1", "W1", "C1" (or "unspecified").
-pub fn class_name(c: i32) -> &'static str {
-    match pb::RuntimeClass::try_from(c) {
-        Ok(pb::RuntimeClass::R1) => "R1",
-        Ok(pb::RuntimeClass::W1) => "W1",
-        Ok(pb::RuntimeClass::C1) => "C1",
-        _ => "unspecified",
-    }
-}
-
 fn rule_to_proto(r: &RuleSpec) -> pb::Rule {
     pb::Rule {
         name: r.name.to_string(),

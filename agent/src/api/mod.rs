@@ -131,12 +131,12 @@ impl PolicyService for PolicyApi {
         let req = req.into_inner();
         let policy =
             convert::policy_from_proto(req.policy.as_ref(), self.0.defaults(), self.0.max_rules())
-                .map_err(|e| Status::invalid_argument(e.join("\n")))?;
+                .map_err(|e| self.failed(Status::invalid_argument(e.join("\n"))))?;
         let applied = self
             .0
             .apply(policy, req.expected_generation, deadline)
             .await
-            .map_err(status_of)?;
+            .map_err(|e| self.failed(status_of(e)))?;
         Ok(Response::new(pb::ApplyPolicyResponse {
             generation: applied.generation.number,
             digest: applied.generation.digest,
@@ -190,12 +190,35 @@ impl PolicyService for PolicyApi {
             .0
             .rollback(req.into_inner().expected_generation, deadline)
             .await
-            .map_err(status_of)?;
+            .map_err(|e| {
+                let no_previous = matches!(e, ControlError::NoPrevious { .. });
+                let status = status_of(e);
+                if no_previous {
+                    self.0.count_apply_failure("no_previous");
+                    status
+                } else {
+                    self.failed(status)
+                }
+            })?;
         Ok(Response::new(pb::RollbackResponse {
             generation: applied.generation.number,
             digest: applied.generation.digest,
             restored_generation: restored,
         }))
+    }
+}
+
+impl PolicyApi {
+    /// Counts a refused apply or rollback by the reason its status gives, and returns the status.
+    fn failed(&self, status: Status) -> Status {
+        self.0.count_apply_failure(match status.code() {
+            tonic::Code::InvalidArgument => "invalid",
+            tonic::Code::ResourceExhausted => "capacity",
+            tonic::Code::FailedPrecondition => "stale_generation",
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => "deadline",
+            _ => "internal",
+        });
+        status
     }
 }
 
@@ -247,9 +270,16 @@ impl AgentService for AgentApi {
             }
             None => None,
         };
+        let rule_hits = self
+            .0
+            .rule_hits()
+            .into_iter()
+            .map(|(rule, hits)| pb::RuleHits { rule, hits })
+            .collect();
         Ok(Response::new(pb::GetStatusResponse {
             ledger,
             sync,
+            rule_hits,
             version: env!("CARGO_PKG_VERSION").into(),
             programs: status.programs.iter().map(|p| p.to_string()).collect(),
             cgroup_root: status.cgroup_root.display().to_string(),
@@ -505,10 +535,17 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    // grpcurl before 1.9 (and other older clients) speak only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
     let router = tonic::transport::Server::builder()
         .layer(authz::AuthzLayer::new(identity.clone()))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             PolicyServiceServer::new(PolicyApi(controller.clone()))
                 .max_decoding_message_size(max_request_bytes),

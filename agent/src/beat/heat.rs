@@ -222,7 +222,7 @@ pub struct HeatView {
 const FAMILIES: [(&str, &str); 2] = [
     (
         "knhk_heat_decayed_attempts",
-        "Decayed connect attempts of the hottest destinations (top N by rank).",
+        "Decayed connect attempts of the hottest destinations (the top N; no rank label).",
     ),
     (
         "knhk_heat_rising_attempts_per_beat",
@@ -278,22 +278,20 @@ impl HeatView {
     }
 }
 
-fn gauge(rank: usize, d: &HotDestination, value: f64) -> proto::Metric {
+/// One destination's series. No `rank` label: a series is one destination, so a change of order
+/// creates no series; at most `top_n` destinations are exported per family per scrape.
+fn gauge(d: &HotDestination, value: f64) -> proto::Metric {
     let dest = std::net::SocketAddr::new(d.addr, d.port).to_string();
     let proto_name = crate::datapath::protocol_name(d.proto);
-    let labels = [
-        ("rank", rank.to_string()),
-        ("destination", dest),
-        ("protocol", proto_name.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| {
-        let mut l = proto::LabelPair::default();
-        l.set_name(k.into());
-        l.set_value(v);
-        l
-    })
-    .collect();
+    let labels = [("destination", dest), ("protocol", proto_name.to_string())]
+        .into_iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name(k.into());
+            l.set_value(v);
+            l
+        })
+        .collect();
     let mut g = proto::Gauge::default();
     g.set_value(value);
     let mut m = proto::Metric::from_label(labels);
@@ -318,14 +316,12 @@ impl Collector for HeatView {
         let top = self
             .top(self.top_n)
             .iter()
-            .enumerate()
-            .map(|(i, d)| gauge(i + 1, d, d.heat))
+            .map(|d| gauge(d, d.heat))
             .collect();
         let rising = self
             .rising(self.top_n)
             .iter()
-            .enumerate()
-            .map(|(i, d)| gauge(i + 1, d, d.rising))
+            .map(|d| gauge(d, d.rising))
             .collect();
         vec![family(FAMILIES[0], top), family(FAMILIES[1], rising)]
     }

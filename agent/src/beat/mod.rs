@@ -20,7 +20,7 @@ use crate::{
     datapath::{ClassStateWriter, DatapathError, DatapathReader, LatencyHistogram},
     model::{
         AdmissionStrategy, Class, ClassState, ClassSummary, CycleSummary, Event, HotDestination,
-        LatencySource, SloView,
+        SloView,
     },
 };
 use ladder::Ladder;
@@ -71,10 +71,7 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn register(
-        registry: &Registry,
-        sources: [LatencySource; 3],
-    ) -> Result<Metrics, prometheus::Error> {
+    fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
         let beats = IntCounter::new("knhk_beats_total", "Beats run by the beat engine.")?;
         let overruns = IntCounter::new(
             "knhk_beat_overruns_total",
@@ -96,21 +93,21 @@ impl Metrics {
         let window_p99 = prometheus::GaugeVec::new(
             Opts::new(
                 "knhk_class_window_p99_seconds",
-                "p99 over the beat window of the latency each class's SLO is judged by (source: handshake or rtt; NaN without samples).",
+                "p99 over the beat window of the latency each class's SLO is judged by (source: handshake or rtt; absent without samples).",
             ),
             &["class", "source"],
         )?;
         let capacity = prometheus::GaugeVec::new(
             Opts::new(
                 "knhk_class_capacity_connects_per_second",
-                "Capacity model: the admission rate at which the class's handshake p99 reaches its ceiling (NaN: unknown).",
+                "Capacity model: the admission rate at which the class's handshake p99 reaches its ceiling (absent while unknown).",
             ),
             &["class"],
         )?;
         let headroom = prometheus::GaugeVec::new(
             Opts::new(
                 "knhk_class_headroom_ratio",
-                "Capacity model: predicted knee rate over the current admission rate (NaN: unknown).",
+                "Capacity model: predicted knee rate over the current admission rate (absent while unknown).",
             ),
             &["class"],
         )?;
@@ -132,14 +129,9 @@ impl Metrics {
                     .with_label_values(&[class.as_str(), s.as_str()])
                     .set((s == ClassState::Normal) as i64);
             }
-            window_p99
-                .with_label_values(&[class.as_str(), sources[class.index()].as_str()])
-                .set(f64::NAN);
         }
-        for class in Class::ALL {
-            capacity.with_label_values(&[class.as_str()]).set(f64::NAN);
-            headroom.with_label_values(&[class.as_str()]).set(f64::NAN);
-        }
+        // The window p99, capacity and headroom series are absent until they have a value
+        // (never NaN: a NaN compares false in every alert expression).
         Ok(Metrics {
             capacity,
             headroom,
@@ -150,6 +142,18 @@ impl Metrics {
             state,
             window_p99,
         })
+    }
+}
+
+/// Sets the series of `labels` to `value`, or removes it when there is no finite value: an
+/// unknown value is an absent series, never NaN.
+fn set_or_remove(vec: &prometheus::GaugeVec, labels: &[&str], value: Option<f64>) {
+    match value.filter(|v| v.is_finite()) {
+        Some(v) => vec.with_label_values(labels).set(v),
+        None => {
+            // Absent already: nothing to remove.
+            let _ = vec.remove_label_values(labels);
+        }
     }
 }
 
@@ -216,7 +220,7 @@ impl BeatEngine {
         events: broadcast::Sender<Event>,
         registry: &Registry,
     ) -> Result<BeatEngine, DatapathError> {
-        let metrics = Metrics::register(registry, settings.latency_sources)
+        let metrics = Metrics::register(registry)
             .map_err(|e| DatapathError::Load(format!("registering beat metrics: {e}")))?;
         let over_budget = match settings.strategy {
             AdmissionStrategy::Strict => ClassState::Paused,
@@ -315,10 +319,11 @@ impl BeatEngine {
                 self.sample_capacity(class, &merged);
             }
             breach[i] = matches!((p99_ns[i], self.settings.ceilings_ns[i]), (Some(p), Some(max)) if p > max);
-            self.metrics
-                .window_p99
-                .with_label_values(&[class.as_str(), self.settings.latency_sources[i].as_str()])
-                .set(p99_ns[i].map_or(f64::NAN, |ns| ns as f64 / 1e9));
+            set_or_remove(
+                &self.metrics.window_p99,
+                &[class.as_str(), self.settings.latency_sources[i].as_str()],
+                p99_ns[i].map(|ns| ns as f64 / 1e9),
+            );
         }
         if let Some(change) =
             self.ladder
@@ -424,14 +429,8 @@ impl BeatEngine {
             let headroom = ceiling.and_then(|c| {
                 capacity::headroom(self.capacity_fits[i].as_ref(), c, self.current_rates[i])
             });
-            self.metrics
-                .capacity
-                .with_label_values(&[class.as_str()])
-                .set(knee.unwrap_or(f64::NAN));
-            self.metrics
-                .headroom
-                .with_label_values(&[class.as_str()])
-                .set(headroom.unwrap_or(f64::NAN));
+            set_or_remove(&self.metrics.capacity, &[class.as_str()], knee);
+            set_or_remove(&self.metrics.headroom, &[class.as_str()], headroom);
         }
     }
 

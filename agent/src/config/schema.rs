@@ -129,6 +129,10 @@ macro_rules! agent_table {
             /// Hottest destinations exported on `/metrics`.
             #[serde(default = "default_heat_top_n")]
             pub heat_top_n: u32,
+            /// Rules with a `knhk_rule_hits_total` series on `/metrics`: the ones with the most
+            /// hits (rules with no hits have none). Every rule's count is in `GetStatus`.
+            #[serde(default = "default_rule_metrics_top_n")]
+            pub rule_metrics_top_n: u32,
             /// Record TCP handshake and RTT histograms in the kernel.
             #[serde(default = "yes")]
             pub histograms_enabled: bool,
@@ -189,6 +193,7 @@ impl Default for AgentSection {
             heat_max_entries: default_heat_max_entries(),
             heat_sample_every: default_heat_sample_every(),
             heat_top_n: default_heat_top_n(),
+            rule_metrics_top_n: default_rule_metrics_top_n(),
             histograms_enabled: true,
             histogram_interval_us: default_histogram_interval_us(),
             cgroup_poll_interval_ms: default_cgroup_poll_interval_ms(),
@@ -231,6 +236,9 @@ fn default_heat_max_entries() -> u32 {
 }
 fn default_heat_top_n() -> u32 {
     20
+}
+fn default_rule_metrics_top_n() -> u32 {
+    50
 }
 fn default_histogram_interval_us() -> u64 {
     1000
@@ -745,6 +753,7 @@ impl RawAgentTable {
             heat_max_entries: self.heat_max_entries,
             heat_sample_every: self.heat_sample_every,
             heat_top_n: self.heat_top_n,
+            rule_metrics_top_n: self.rule_metrics_top_n,
             histograms_enabled: self.histograms_enabled,
             histogram_interval_us: self.histogram_interval_us,
             cgroup_poll_interval_ms: self.cgroup_poll_interval_ms,
@@ -998,6 +1007,12 @@ fn check_agent(a: &AgentSection) -> Result<(), (&'static str, String)> {
         return Err((
             "heat_top_n",
             format!("{} is out of range (1-1000)", a.heat_top_n),
+        ));
+    }
+    if a.rule_metrics_top_n > 1000 {
+        return Err((
+            "rule_metrics_top_n",
+            format!("{} is out of range (0-1000)", a.rule_metrics_top_n),
         ));
     }
     if a.histogram_interval_us > 60_000_000 {

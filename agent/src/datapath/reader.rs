@@ -272,6 +272,40 @@ impl DatapathReader {
         unsafe { AtomicU64::from_ptr(p).load(Ordering::Relaxed) }
     }
 
+    /// The rules of `counters` (name, counter id) that have at least one hit, with their hits,
+    /// most hits first and ties by name; at most `limit` of them (`None`: all). Reads each
+    /// counter once from the shared mapping; keeps only `limit` in memory while ranking.
+    pub fn ranked_rule_hits(
+        &self,
+        counters: &[(String, u32)],
+        limit: Option<usize>,
+    ) -> Vec<(String, u64)> {
+        use std::{cmp::Reverse, collections::BinaryHeap};
+        let limit = limit.unwrap_or(counters.len());
+        if limit == 0 {
+            return Vec::new();
+        }
+        // Min-heap on (hits, Reverse(name)): its top is the entry that ranks last.
+        let mut heap: BinaryHeap<Reverse<(u64, Reverse<&str>)>> = BinaryHeap::new();
+        for (name, id) in counters {
+            let hits = self.rule_hits(*id);
+            if hits == 0 {
+                continue;
+            }
+            let entry = Reverse((hits, Reverse(name.as_str())));
+            if heap.len() < limit {
+                heap.push(entry);
+            } else if heap.peek().is_some_and(|worst| entry < *worst) {
+                heap.pop();
+                heap.push(entry);
+            }
+        }
+        heap.into_sorted_vec()
+            .into_iter()
+            .map(|Reverse((hits, Reverse(name)))| (name.to_owned(), hits))
+            .collect()
+    }
+
     /// The latency histogram of `source` for `class`, summed over CPUs.
     pub fn histogram(
         &self,
@@ -311,6 +345,7 @@ impl DatapathReader {
                 .cmp(&a.attempts)
                 .then(a.addr.cmp(&b.addr))
                 .then(a.port.cmp(&b.port))
+                .then(a.proto.cmp(&b.proto))
         });
         Ok(out)
     }

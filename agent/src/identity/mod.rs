@@ -53,8 +53,9 @@ pub struct IdentityStatus {
 
 #[derive(Clone)]
 struct Metrics {
-    expiry: prometheus::Gauge,
-    age: prometheus::Gauge,
+    expiry: prometheus::GaugeVec,
+    age: prometheus::GaugeVec,
+    received: IntGauge,
     rotations: IntCounter,
     overdue: IntGauge,
     stream_up: IntGauge,
@@ -64,13 +65,24 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
-        let expiry = prometheus::Gauge::new(
-            "knhk_identity_svid_expiry_seconds",
-            "Seconds until the SVID in use expires (NaN before the first SVID).",
+        // No labels: the one series is absent until the first SVID (never NaN).
+        let expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_identity_svid_expiry_seconds",
+                "Seconds until the SVID in use expires (absent until the first SVID).",
+            ),
+            &[],
         )?;
-        let age = prometheus::Gauge::new(
-            "knhk_identity_svid_age_seconds",
-            "Seconds since the SVID in use was issued (its not-before).",
+        let age = prometheus::GaugeVec::new(
+            Opts::new(
+                "knhk_identity_svid_age_seconds",
+                "Seconds since the SVID in use was issued, its not-before (absent until the first SVID).",
+            ),
+            &[],
+        )?;
+        let received = IntGauge::new(
+            "knhk_identity_svid_received",
+            "1 once the Workload API has delivered an SVID to this agent since it started; 0 while none ever was.",
         )?;
         let rotations = IntCounter::new(
             "knhk_identity_svid_rotations_total",
@@ -98,13 +110,12 @@ impl Metrics {
             ),
             &["surface"],
         )?;
-        expiry.set(f64::NAN);
-        age.set(f64::NAN);
         for s in Surface::ALL {
             denials.with_label_values(&[s.as_str()]);
         }
         registry.register(Box::new(expiry.clone()))?;
         registry.register(Box::new(age.clone()))?;
+        registry.register(Box::new(received.clone()))?;
         registry.register(Box::new(rotations.clone()))?;
         registry.register(Box::new(overdue.clone()))?;
         registry.register(Box::new(stream_up.clone()))?;
@@ -113,6 +124,7 @@ impl Metrics {
         Ok(Metrics {
             expiry,
             age,
+            received,
             rotations,
             overdue,
             stream_up,
@@ -357,8 +369,12 @@ fn judge(
     let left = info.not_after - now;
     let age = now - info.not_before;
     let lifetime = (info.not_after - info.not_before).max(1);
-    metrics.expiry.set(left as f64);
-    metrics.age.set(age as f64);
+    metrics.received.set(1);
+    metrics
+        .expiry
+        .with_label_values::<&str>(&[])
+        .set(left as f64);
+    metrics.age.with_label_values::<&str>(&[]).set(age as f64);
     let max_age = settings.max_svid_age.as_secs() as i64;
     let problem = if let Some(expected) = &settings.expected_id {
         (expected.to_string() != info.spiffe_id).then(|| {

@@ -85,7 +85,13 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
         reason,
     };
     // A FIFO or device would block or never end; only a regular file can be a ledger.
-    let meta = std::fs::metadata(path).map_err(|e| open(e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        open(if e.kind() == std::io::ErrorKind::NotFound {
+            "the file does not exist (check --db)".into()
+        } else {
+            e.to_string()
+        })
+    })?;
     if !meta.is_file() {
         return Err(open(
             "it is not a regular file (a receipts ledger is a redb database file)".into(),

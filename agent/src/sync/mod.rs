@@ -36,6 +36,7 @@ struct Metrics {
     circuit: IntGaugeVec,
     failures: IntCounterVec,
     committed: IntGauge,
+    quorum_ok: IntGauge,
     forks: IntCounter,
     rejected: IntCounter,
 }
@@ -71,6 +72,11 @@ impl Metrics {
             "knhk_sync_quorum_committed_size",
             "Tree size of this region's newest quorum-committed checkpoint.",
         )?;
+        let quorum_ok = IntGauge::new(
+            "knhk_sync_quorum_committed",
+            "1 while every signed checkpoint older than twice the sync timeout (at least 2 s) is quorum-committed; 0 while one waits longer (quorum lost).",
+        )?;
+        quorum_ok.set(1);
         let forks = IntCounter::new(
             "knhk_sync_forks_detected_total",
             "Two different checkpoints of the same size from one origin (refused; both kept as evidence).",
@@ -85,6 +91,7 @@ impl Metrics {
             Box::new(circuit.clone()),
             Box::new(failures.clone()),
             Box::new(committed.clone()),
+            Box::new(quorum_ok.clone()),
             Box::new(forks.clone()),
             Box::new(rejected.clone()),
         ] {
@@ -96,6 +103,7 @@ impl Metrics {
             circuit,
             failures,
             committed,
+            quorum_ok,
             forks,
             rejected,
         })
@@ -182,9 +190,7 @@ impl Replicator {
             let Some(me) = me.upgrade() else {
                 return Err("region sync stopped".into());
             };
-            let limit = (me.settings.timeout * 2)
-                .max(Duration::from_secs(2))
-                .as_secs() as i64;
+            let limit = me.quorum_wait_limit_s();
             match me.quorum_state().1 {
                 Some((size, age_s, holders)) if age_s >= limit => Err(format!(
                     "region {}: cannot reach quorum: the checkpoint of size {size} has waited {age_s} s and is held by {holders} of the {} regions needed; \
@@ -206,6 +212,13 @@ impl Replicator {
             committed,
             problem,
         )
+    }
+
+    /// How long a signed checkpoint may wait for quorum before quorum counts as lost, seconds.
+    fn quorum_wait_limit_s(&self) -> i64 {
+        (self.settings.timeout * 2)
+            .max(Duration::from_secs(2))
+            .as_secs() as i64
     }
 
     /// (newest committed size, the oldest signed checkpoint past it: (size, age in s, regions
@@ -240,6 +253,8 @@ impl Replicator {
             tracing::error!("region sync: reading checkpoints for the quorum view failed: {e}");
         }
         self.metrics.committed.set(committed as i64);
+        let lost = waiting.is_some_and(|(_, age_s, _)| age_s >= self.quorum_wait_limit_s());
+        self.metrics.quorum_ok.set(i64::from(!lost));
         (committed, waiting)
     }
 

@@ -3,11 +3,11 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `knhk_connect_decisions_total` | counter | `action` (allow, deny, audit, shed, park), `class` (R1, W1, C1) |
-//! | `knhk_rule_hits_total` | counter | `rule` (rule names of the live policy) |
+//! | `knhk_rule_hits_total` | counter | `rule`: the `agent.rule_metrics_top_n` rules with the most hits (none for rules without hits) |
 //! | `knhk_unmatched_connects_total` | counter | — |
 //! | `knhk_tcp_handshake_duration_seconds` | histogram | `class` |
 //! | `knhk_tcp_rtt_seconds` | histogram | `class` |
-//! | `knhk_heat_top_connect_attempts` | gauge | `rank` (1..N), `destination`, `protocol` |
+//! | `knhk_heat_top_connect_attempts` | gauge | `destination`, `protocol`: the `agent.heat_top_n` destinations with the most attempts |
 //! | `knhk_bpf_map_entries` / `knhk_bpf_map_capacity_entries` | gauge | `map` (heat, policy) |
 //! | `knhk_policy_generation` | gauge | — |
 //! | `knhk_policy_rules` | gauge | — |
@@ -15,8 +15,11 @@
 //! | `knhk_verdict_events_total` | counter | `outcome` (sent, suppressed, dropped) |
 //! | `knhk_metrics_read_errors_total` | counter | — |
 //!
-//! Every label has a bounded set of values: rule names come from the policy (at most
-//! `MAX_RULE_COUNTERS`), and heat destinations are limited to the top N.
+//! Every family has a bounded number of series per scrape, whatever the policy size or traffic:
+//! rule hits at most `agent.rule_metrics_top_n` (every rule's count is in `GetStatus`), heat at
+//! most `agent.heat_top_n` (ranked by attempts, ties by destination, so the set is the same for
+//! the same map contents; no rank label, so a change of order creates no series), histograms
+//! [`BUCKETS_PER_OCTAVE`] buckets per power of two from 1 µs to 17 s.
 
 use crate::{
     datapath::{DatapathReader, DatapathStatus},
@@ -32,15 +35,39 @@ use std::sync::{
     Arc, RwLock,
 };
 
-/// Histogram bucket edges: powers of two nanoseconds from 2^10 (about 1 µs) to 2^34 (about 17 s),
-/// every second power. They are exact edges of the kernel's log-linear buckets.
-const LE_EXPONENTS: std::ops::RangeInclusive<u32> = 10..=34;
+/// Histogram buckets per power of two.
+pub const BUCKETS_PER_OCTAVE: usize = 4;
+/// Where, in 32nds of the octave, each exported bucket of an octave `[2^e, 2^(e+1))` starts: the
+/// kernel's sub-bucket edges nearest to 2^(k/4), so every exported edge is an exact kernel edge
+/// and adjacent edges are at most 1.2 × apart (1, 1.1875, 1.40625, 1.6875, 2).
+const OCTAVE_EDGES_32NDS: [u64; BUCKETS_PER_OCTAVE] = [0, 6, 13, 22];
+/// Exported octaves: edges from 2^10 ns (about 1 µs) to 2^34 ns (about 17 s).
+const OCTAVES: std::ops::Range<u32> = 10..34;
+/// Largest ratio of two adjacent exported edges. A quantile PromQL interpolates
+/// (`histogram_quantile`) lies in the same bucket as the true one, so it is within this factor of
+/// it: a relative error of at most 20%.
+pub const MAX_BUCKET_RATIO: f64 = 1.2;
+
+/// The exported upper bucket edges, ns, ascending (97 of them).
+pub fn bucket_edges_ns() -> Vec<u64> {
+    let mut edges: Vec<u64> = OCTAVES
+        .flat_map(|e| {
+            OCTAVE_EDGES_32NDS
+                .iter()
+                .map(move |k| (1u64 << e) + k * (1u64 << (e - 5)))
+        })
+        .collect();
+    edges.push(1u64 << OCTAVES.end);
+    edges
+}
 
 /// Reads the datapath maps at each scrape.
 pub struct DatapathCollector {
     reader: DatapathReader,
     status: Arc<RwLock<DatapathStatus>>,
     heat_top_n: usize,
+    rule_top_n: usize,
+    edges_ns: Vec<u64>,
     errors: AtomicU64,
     descs: Vec<Desc>,
 }
@@ -58,7 +85,7 @@ const FAMILIES: [(&str, &str); 13] = [
     ),
     (
         "knhk_rule_hits_total",
-        "connect() calls decided by each rule of the live policy.",
+        "connect() calls decided by a rule of the live policy: the agent.rule_metrics_top_n rules with the most hits.",
     ),
     (
         "knhk_unmatched_connects_total",
@@ -74,7 +101,7 @@ const FAMILIES: [(&str, &str); 13] = [
     ),
     (
         "knhk_heat_top_connect_attempts",
-        "Connect attempts to the hottest destinations since each entered the heat map.",
+        "Connect attempts to the hottest destinations (the top agent.heat_top_n) since each entered the heat map.",
     ),
     ("knhk_bpf_map_entries", "Entries in use in a BPF map."),
     ("knhk_bpf_map_capacity_entries", "Capacity of a BPF map."),
@@ -98,11 +125,13 @@ const FAMILIES: [(&str, &str); 13] = [
 ];
 
 impl DatapathCollector {
-    /// A collector over `reader`, labelling rule hits from `status`.
+    /// A collector over `reader`, labelling rule hits from `status`; it exports the `heat_top_n`
+    /// hottest destinations and the `rule_top_n` rules with the most hits.
     pub fn new(
         reader: DatapathReader,
         status: Arc<RwLock<DatapathStatus>>,
         heat_top_n: usize,
+        rule_top_n: usize,
     ) -> Self {
         let descs = FAMILIES
             .iter()
@@ -115,6 +144,8 @@ impl DatapathCollector {
             reader,
             status,
             heat_top_n,
+            rule_top_n,
+            edges_ns: bucket_edges_ns(),
             errors: AtomicU64::new(0),
             descs,
         }
@@ -217,10 +248,11 @@ impl Collector for DatapathCollector {
             Err(e) => self.failed("verdict event counters", e),
         }
 
-        let hits = status
-            .rule_counters
+        let hits = self
+            .reader
+            .ranked_rule_hits(&status.rule_counters, Some(self.rule_top_n))
             .iter()
-            .map(|(rule, id)| counter(&[("rule", rule)], self.reader.rule_hits(*id)))
+            .map(|(rule, hits)| counter(&[("rule", rule)], *hits))
             .collect();
         out.push(fam("knhk_rule_hits_total", MetricType::COUNTER, hits));
         out.push(fam(
@@ -243,12 +275,13 @@ impl Collector for DatapathCollector {
                         let mut hist = proto::Histogram::default();
                         hist.set_sample_count(h.count);
                         hist.set_sample_sum(h.sum_ns as f64 / 1e9);
-                        let buckets = LE_EXPONENTS
-                            .step_by(2)
-                            .map(|e| {
+                        let buckets = self
+                            .edges_ns
+                            .iter()
+                            .map(|&edge| {
                                 let mut b = proto::Bucket::default();
-                                b.set_upper_bound((1u64 << e) as f64 / 1e9);
-                                b.set_cumulative_count(h.count_at_most((1u64 << e) - 1));
+                                b.set_upper_bound(edge as f64 / 1e9);
+                                b.set_cumulative_count(h.count_at_most(edge - 1));
                                 b
                             })
                             .collect();
@@ -265,19 +298,15 @@ impl Collector for DatapathCollector {
 
         match self.reader.heat() {
             Ok(heat) => {
+                // Ranked by attempts, ties by destination: the same map gives the same set.
                 let top = heat
                     .iter()
                     .take(self.heat_top_n)
-                    .enumerate()
-                    .map(|(i, e)| {
+                    .map(|e| {
                         let dest = std::net::SocketAddr::new(e.addr, e.port).to_string();
                         let proto = crate::datapath::protocol_name(e.proto);
                         gauge(
-                            &[
-                                ("rank", &(i + 1).to_string()),
-                                ("destination", &dest),
-                                ("protocol", proto),
-                            ],
+                            &[("destination", &dest), ("protocol", proto)],
                             e.attempts as f64,
                         )
                     })

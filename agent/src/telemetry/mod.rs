@@ -5,9 +5,13 @@
 //! single-threaded runtime, so a slow scrape never delays the agent's own work.
 
 mod metrics;
+mod process;
 mod server;
+mod signals;
 
-pub use metrics::DatapathCollector;
+pub use metrics::{bucket_edges_ns, DatapathCollector, BUCKETS_PER_OCTAVE, MAX_BUCKET_RATIO};
+pub use process::ProcessCollector;
 pub use server::{
     AdminLimits, AdminServer, Readiness, ADMIN_HEADER_READ_TIMEOUT, ADMIN_MAX_CONNECTIONS,
 };
+pub use signals::{register_build_info, ReadinessCollector};

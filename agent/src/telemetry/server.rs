@@ -72,6 +72,17 @@ impl Readiness {
         }
     }
 
+    /// Runs every check: its name and whether it passed, in registration order.
+    pub fn results(&self) -> Vec<(String, bool)> {
+        let Ok(checks) = self.checks.lock() else {
+            return Vec::new();
+        };
+        checks
+            .iter()
+            .map(|(name, check)| (name.clone(), check().is_ok()))
+            .collect()
+    }
+
     /// Runs every check: (all passed, one line per check). No checks means not ready.
     pub fn evaluate(&self) -> (bool, String) {
         let Ok(checks) = self.checks.lock() else {
