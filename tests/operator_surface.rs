@@ -74,7 +74,8 @@ fn kernel_metrics_stay_bounded_at_100000_rules() {
     let cg = TestCgroup::new("bounded");
     let pins = TestPins::new("bounded");
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &cg.path, &pins.root, "");
+    // Every connect counts as heat (no sampling), so 200 destinations are 200 heat entries.
+    let config = write_config(dir.path(), &cg.path, &pins.root, "heat_sample_every = 1\n");
     let agent = Agent::start(&config);
     let before = agent.get("/metrics");
     let before = series_by_family(body(&before));

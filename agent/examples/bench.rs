@@ -154,7 +154,11 @@ fn generate_policy(
             SocketAddr::V6(_) => unreachable!("IPv4 destinations"),
         })
         .collect();
-    let mut text = String::from("[agent]\ndefault_action = \"allow\"\n");
+    // One deny rule for the event path's measurement (127.255.0.1, nothing else goes there), in
+    // the workload's own scope so that it wins there.
+    let mut text = format!(
+        "[agent]\ndefault_action = \"allow\"\n[[policy.rules]]\nname = \"bench-deny\"\naction = \"deny\"\ncidrs = [\"127.255.0.1/32\"]\ncgroup = \"{WORKLOAD}\"\n"
+    );
     for i in 0..rules {
         let scope = match rng.below(10) {
             0..=3 => None,
@@ -450,6 +454,26 @@ fn main() {
         breakdown.push((what, ns / runs.max(1) as f64));
     }
 
+    // The event path at full deny rate: every connect denied (one rule), each a candidate event.
+    let denied_to = SocketAddr::from(([127, 255, 0, 1], tcp_target.port()));
+    let reader = knhk_agent::datapath::DatapathReader::open(dp.pins()).expect("reader");
+    let c0 = agent_stats(&dp, knhk_abi::program_names::CONNECT4).expect("connect4");
+    let e0 = reader.verdict_events().expect("event counters");
+    let started = Instant::now();
+    let c = tcp_connect_loop_from(&agent_leaf, denied_to, args.connects);
+    let deny_secs = started.elapsed().as_secs_f64();
+    assert_eq!(c.denied, args.connects, "{c:?}");
+    let c1 = agent_stats(&dp, knhk_abi::program_names::CONNECT4).expect("connect4");
+    let e1 = reader.verdict_events().expect("event counters");
+    let (deny_ns, deny_runs) = delta(c0, c1);
+    let deny_path = (
+        deny_ns / deny_runs.max(1) as f64,
+        args.connects as f64 / deny_secs,
+        e1.0 - e0.0,
+        e1.2 - e0.2,
+        e1.1 - e0.1,
+    );
+
     // 2. sendmsg4: unconnected UDP, when the agent has the program.
     let sendmsg = agent_stats(&dp, "knhk_sendmsg4").map(|_| {
         let mut ratios = Vec::new();
@@ -556,6 +580,11 @@ fn main() {
     goals.check(
         format!("every program of one connection {m:.2}x the empty programs (goal <= 3.00x)"),
         m <= 3.0,
+    );
+    println!();
+    println!(
+        "  denied connects (event path): {:7.1} ns per connect4 run at {:.0} denied connects/s; events sent {}, suppressed by the per-rule limit {}, dropped {}",
+        deny_path.0, deny_path.1, deny_path.2, deny_path.3, deny_path.4
     );
     println!();
     match sendmsg {
