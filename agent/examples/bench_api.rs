@@ -84,7 +84,7 @@ fn main() {
             heat_max_entries: 65_536,
         })
         .expect("datapath");
-        let controller = Controller::start(dp, &config, tokio::sync::broadcast::channel(1024).0, None)
+        let controller = Controller::start(dp, &config, tokio::sync::broadcast::channel(1024).0, None, None)
             .await
             .expect("controller");
         let listener = api::ApiListener::Tcp(

@@ -171,6 +171,18 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         pin_root: config.agent.pin_root.clone(),
         heat_max_entries: config.agent.heat_max_entries,
     };
+    // The live policy is kept under agent.state_dir (root's, 0700), so restarts re-adopt it.
+    // Checked before anything touches the kernel: a damaged record changes nothing.
+    crate::secure_dir::ensure_dir(&config.agent.state_dir, 0o700, None).map_err(|e| {
+        ControlError::LiveState(format!(
+            "agent.state_dir {}: {e}",
+            config.agent.state_dir.display()
+        ))
+    })?;
+    let store = crate::control::LiveStore::new(&config.agent.state_dir);
+    if let Some(record) = store.load()? {
+        record.policy(&config.policy())?;
+    }
     let datapath = blocking(move || Datapath::start(&opts)).await??;
     // From here on the programs are attached: a start that fails leaves the node as
     // agent.detach_on_exit says (the guard detaches on an early return).
@@ -196,8 +208,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         )?),
         None => None,
     };
-    let controller =
-        Controller::start(datapath, &config, events, engine.as_ref().map(|e| e.view())).await?;
+    let controller = Controller::start(
+        datapath,
+        &config,
+        events,
+        engine.as_ref().map(|e| e.view()),
+        Some(store),
+    )
+    .await?;
 
     let status = controller.status_handle();
     let collector = DatapathCollector::new(

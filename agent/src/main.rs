@@ -423,6 +423,9 @@ fn main() -> ExitCode {
                     )
                     | agent::AgentError::Identity(_)
                     | agent::AgentError::Receipts(_)
+                    | agent::AgentError::Control(knhk_agent::control::ControlError::LiveState(
+                        _,
+                    ))
                     | agent::AgentError::Control(knhk_agent::control::ControlError::Datapath(
                         knhk_agent::datapath::DatapathError::Compile(_)
                         | knhk_agent::datapath::DatapathError::ScopeTooDeep { .. },

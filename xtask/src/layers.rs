@@ -78,6 +78,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "sync",
             "api",
             "tasks",
+            "secure_dir",
         ],
     ),
 ];

@@ -158,12 +158,23 @@ impl Datapath {
         })
     }
 
-    /// Compiles `policy` and switches it in atomically. On error the live generation is
-    /// unchanged, including when `deadline` passes before the switch.
+    /// Compiles `policy` and switches it in atomically as the next generation. On error the
+    /// live generation is unchanged, including when `deadline` passes before the switch.
     pub fn apply(
         &mut self,
         policy: &Arc<Policy>,
         deadline: Option<Instant>,
+    ) -> Result<ApplyReport, DatapathError> {
+        self.apply_as(policy, deadline, None)
+    }
+
+    /// As [`Datapath::apply`], numbering the generation `generation` when given (a restart
+    /// re-adopting a kept generation, or continuing its count on fresh maps).
+    pub fn apply_as(
+        &mut self,
+        policy: &Arc<Policy>,
+        deadline: Option<Instant>,
+        generation: Option<u64>,
     ) -> Result<ApplyReport, DatapathError> {
         let started = Instant::now();
         let Prepared {
@@ -247,7 +258,7 @@ impl Datapath {
                 self.insert_scope(inactive, *scope, *level)?;
             }
         }
-        let generation = self.generation + 1;
+        let generation = generation.unwrap_or(self.generation + 1);
         let slot_config = SlotConfig {
             generation,
             flags: flags_of(policy),

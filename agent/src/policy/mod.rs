@@ -166,6 +166,87 @@ fn rule_line(r: &RuleSpec, default_class: Class) -> String {
     )
 }
 
+impl Policy {
+    /// The policy as configuration text: `[agent]` `mode`, `default_action`, `default_class`
+    /// and its `[[policy.rules]]`, which `Config::parse` reads back to the same rules and
+    /// settings (heat and histogram switches are the agent's, not the document's).
+    pub fn to_config_toml(&self) -> String {
+        use toml::{Table, Value};
+        let word = |s: &str| Value::String(s.to_owned());
+        let mut agent = Table::new();
+        agent.insert(
+            "mode".into(),
+            word(match self.mode {
+                Mode::Enforce => "enforce",
+                Mode::Audit => "audit",
+            }),
+        );
+        agent.insert(
+            "default_action".into(),
+            word(match self.default_action {
+                DefaultAction::Allow => "allow",
+                DefaultAction::Deny => "deny",
+            }),
+        );
+        agent.insert(
+            "default_class".into(),
+            word(&self.default_class.to_string()),
+        );
+        let rules: Vec<Value> = self
+            .rules
+            .iter()
+            .map(|r| {
+                let mut t = Table::new();
+                t.insert("name".into(), word(r.name.as_str()));
+                t.insert(
+                    "action".into(),
+                    word(match r.action {
+                        crate::model::Action::Allow => "allow",
+                        crate::model::Action::Deny => "deny",
+                        crate::model::Action::Audit => "audit",
+                    }),
+                );
+                if let Some(c) = r.class {
+                    t.insert("class".into(), word(&c.to_string()));
+                }
+                if let Some(c) = &r.cgroup {
+                    t.insert("cgroup".into(), word(&c.to_string()));
+                }
+                t.insert(
+                    "cidrs".into(),
+                    Value::Array(r.cidrs.iter().map(|c| word(&c.to_string())).collect()),
+                );
+                if let Some(ports) = &r.ports {
+                    t.insert(
+                        "ports".into(),
+                        Value::Array(ports.iter().map(|p| word(&p.to_string())).collect()),
+                    );
+                }
+                match r.protocol {
+                    crate::model::Protocol::Any => {}
+                    crate::model::Protocol::Tcp => {
+                        t.insert("protocol".into(), word("tcp"));
+                    }
+                    crate::model::Protocol::Udp => {
+                        t.insert("protocol".into(), word("udp"));
+                    }
+                }
+                if let Some(a) = r.park_to {
+                    t.insert("park_to".into(), word(&a.to_string()));
+                }
+                Value::Table(t)
+            })
+            .collect();
+        let mut policy = Table::new();
+        policy.insert("rules".into(), Value::Array(rules));
+        let mut doc = Table::new();
+        doc.insert("agent".into(), Value::Table(agent));
+        doc.insert("policy".into(), Value::Table(policy));
+        // A table of strings and arrays of strings always serializes.
+        toml::to_string(&doc).unwrap_or_default()
+    }
+}
+
 /// Rule-level differences between two policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicyDiff {

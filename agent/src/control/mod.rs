@@ -22,6 +22,9 @@ use std::{
 };
 use tokio::sync::broadcast;
 
+mod live_store;
+pub use live_store::{LiveRecord, LiveStore};
+
 /// Why a control operation was refused or failed. Nothing was applied in any case.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -42,6 +45,9 @@ pub enum ControlError {
     /// The datapath refused or failed.
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// The live policy kept under `agent.state_dir` cannot be read or written.
+    #[error("{0}")]
+    LiveState(String),
     /// A worker thread failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -114,6 +120,8 @@ pub struct Heat {
 struct History {
     live: Generation,
     previous: Option<Generation>,
+    /// What set the live generation: one of `live_store::SOURCES`.
+    source: &'static str,
 }
 
 /// The control core. Cheap to share behind an `Arc`.
@@ -126,6 +134,10 @@ pub struct Controller {
     /// Kernel verdicts (deny, audit, shed, park), apart from `events`: they come in bursts, and
     /// must not crowd out the events the receipts ledger records.
     verdicts: broadcast::Sender<Verdict>,
+    /// Where the live policy is kept across restarts (`None`: not kept, e.g. benchmarks).
+    store: Option<LiveStore>,
+    /// Digest of the configuration file's policy, as recorded with each saved generation.
+    file_digest: String,
     defaults: Policy,
     max_rules: usize,
     /// p99 ceilings per class (ns), from `[slo]`.
@@ -228,10 +240,16 @@ impl Controller {
         config: &Config,
         events: broadcast::Sender<Event>,
         slo_view: Option<Arc<dyn SloView>>,
+        store: Option<LiveStore>,
     ) -> Result<Arc<Controller>, ControlError> {
         let reader = DatapathReader::open(datapath.pins())?;
         let ring = VerdictRing::open(datapath.pins(), &datapath.status().cgroup_root)?;
         let policy = Arc::new(config.policy());
+        let file_digest = policy.digest();
+        let saved = match &store {
+            Some(s) => s.load()?,
+            None => None,
+        };
         // Until the first switch below, the live generation is whatever the pins held.
         let adopted = Generation {
             number: datapath.generation(),
@@ -245,10 +263,13 @@ impl Controller {
             history: tokio::sync::Mutex::new(History {
                 live: adopted,
                 previous: None,
+                source: "file",
             }),
             status: Arc::new(RwLock::new(status)),
             events,
             verdicts: broadcast::channel(VERDICT_CHANNEL).0,
+            store,
+            file_digest: file_digest.clone(),
             // The settings only: documents bring their own rules.
             defaults: Policy {
                 rules: Vec::new(),
@@ -266,8 +287,58 @@ impl Controller {
                 .map_err(|e| ControlError::Internal(format!("policy metrics: {e}")))?,
         });
         spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
-        let applied = controller.switch(policy, None, "startup").await?;
-        controller.history.lock().await.live = applied.generation;
+        // Which policy is live: the one kept under agent.state_dir (same generation), unless
+        // the operator changed the file's policy since it was last applied.
+        let floor = controller
+            .datapath
+            .lock()
+            .map_err(|_| poisoned())?
+            .generation();
+        let (policy, generation, cause, source) = match saved {
+            Some(record) if record.file_digest == file_digest => {
+                let kept = record.policy(&policy)?;
+                if kept.digest() != record.digest {
+                    return Err(ControlError::LiveState(format!(
+                        "the policy kept in {} has digest {}, but the record says {}; remove the file to apply the configuration's policy",
+                        controller.store.as_ref().map_or_else(String::new, |s| s.path().display().to_string()),
+                        kept.digest(),
+                        record.digest
+                    )));
+                }
+                let source = live_store::SOURCES
+                    .into_iter()
+                    .find(|s| *s == record.source)
+                    .unwrap_or("file");
+                tracing::info!(
+                    generation = record.generation,
+                    source,
+                    "re-adopting the live policy kept under agent.state_dir: the configuration file's policy has not changed since it was last applied"
+                );
+                (
+                    Arc::new(kept),
+                    Some(record.generation),
+                    "re-adopted",
+                    source,
+                )
+            }
+            Some(record) => {
+                tracing::info!(
+                    previous_generation = record.generation,
+                    previous_source = %record.source,
+                    "the configuration file's policy changed since it was last applied: applying it"
+                );
+                let next = record.generation.max(floor) + 1;
+                (policy, Some(next), "file changed", "file")
+            }
+            None => (policy, None, "startup", "file"),
+        };
+        let applied = controller
+            .switch(policy, None, cause, source, generation)
+            .await?;
+        let mut history = controller.history.lock().await;
+        history.live = applied.generation;
+        history.source = source;
+        drop(history);
         Ok(controller)
     }
 
@@ -322,9 +393,12 @@ impl Controller {
         tokio::spawn(async move {
             let mut history = this.history.lock().await;
             check_expected(expected, history.live.number)?;
-            let applied = this.switch(Arc::new(policy), deadline, "apply").await?;
+            let applied = this
+                .switch(Arc::new(policy), deadline, "apply", "apply", None)
+                .await?;
             let previous = std::mem::replace(&mut history.live, applied.generation.clone());
             history.previous = Some(previous);
+            history.source = "apply";
             Ok(applied)
         })
         .await
@@ -357,18 +431,29 @@ impl Controller {
             });
         };
         let applied = self
-            .switch(previous.policy.clone(), deadline, "rollback")
+            .switch(
+                previous.policy.clone(),
+                deadline,
+                "rollback",
+                "rollback",
+                None,
+            )
             .await?;
         let replaced = std::mem::replace(&mut history.live, applied.generation.clone());
         history.previous = Some(replaced);
+        history.source = "rollback";
         Ok((applied, previous.number))
     }
 
+    /// Switches `policy` in (as `generation` when given, else the next one), then keeps it
+    /// under `agent.state_dir` with its `source` before the caller is answered.
     async fn switch(
         &self,
         policy: Arc<Policy>,
         deadline: Option<Instant>,
         cause: &'static str,
+        source: &'static str,
+        generation: Option<u64>,
     ) -> Result<Applied, ControlError> {
         let dp = self.datapath.clone();
         let p = policy.clone();
@@ -376,7 +461,7 @@ impl Controller {
         let (report, switched_at) = blocking(move || {
             let mut dp = dp.lock().map_err(|_| poisoned())?;
             let started = Instant::now();
-            let report = dp.apply(&p, deadline)?;
+            let report = dp.apply_as(&p, deadline, generation)?;
             let switched_at = started + report.switch_latency;
             // Published under the datapath lock, so snapshots are published in datapath order.
             if let Ok(mut s) = published.write() {
@@ -410,6 +495,24 @@ impl Controller {
         for p in &report.pending_scopes {
             tracing::info!(cgroup = %log_escape(&p.to_string()), "rule cgroup does not exist yet: its rules take effect when it appears");
         }
+        if let Some(store) = &self.store {
+            let record = LiveRecord {
+                generation: generation.number,
+                digest: generation.digest.clone(),
+                source: source.into(),
+                file_digest: self.file_digest.clone(),
+                policy: generation.policy.to_config_toml(),
+            };
+            let store = store.clone();
+            // The kernel already enforces it; a failure to keep it is loud, and a restart would
+            // re-adopt the generation kept before.
+            if let Err(e) = blocking(move || store.save(&record)).await? {
+                tracing::error!(
+                    generation = generation.number,
+                    "{e}: a restart would not re-adopt this generation"
+                );
+            }
+        }
         self.emit_switch(&generation, cause);
         self.metrics.switched(&generation.digest);
         Ok(Applied {
@@ -437,6 +540,11 @@ impl Controller {
     /// The live generation.
     pub async fn live(&self) -> Generation {
         self.history.lock().await.live.clone()
+    }
+
+    /// What set the live generation: "file", "apply" or "rollback".
+    pub async fn live_source(&self) -> &'static str {
+        self.history.lock().await.source
     }
 
     /// What applying `policy` would change against the live generation, after every check an
