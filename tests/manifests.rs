@@ -482,4 +482,11 @@ fn every_flag_env_override_and_config_key_of_the_manifests_exists() {
     let toml = std::fs::read_to_string(repo().join("k8s/base/agent.toml")).expect("toml");
     let config = knhk_agent::config::Config::parse(&toml, "agent.toml").expect("config");
     assert_eq!(Path::new(command[3]), config.agent.pin_root);
+    // The same image as the DaemonSet's.
+    let base = documents(&python, &render(&repo().join("k8s/base")), dir.path());
+    assert_eq!(
+        c["image"],
+        kind(&base, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"],
+        "k8s/uninstall/detach-job.yaml runs the image of k8s/base/kustomization.yaml"
+    );
 }
