@@ -15,7 +15,7 @@ use std::{
 };
 use support::*;
 
-/// The DaemonSet's memory limit (k8s/daemonset.yaml).
+/// The DaemonSet's memory limit (k8s/base/daemonset.yaml).
 const POD_LIMIT: u64 = 256 << 20;
 /// Headroom the 100,000-rule peak must leave under the limit.
 const HEADROOM: f64 = 0.25;

@@ -3,6 +3,7 @@
 //! Every task that needs tools installs what is missing first (`setup`), so that a fresh Debian 12
 //! machine needs nothing but this repository and rustup's cargo.
 
+mod image;
 mod layers;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +23,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",                // network namespaces in tests
     "prometheus",              // real Prometheus server and promtool in tests
     "iptables",                // packet loss (statistic match) between regions in tests
+    "binutils",                // objcopy: `cargo xtask image` splits the debug info
+    "ca-certificates",         // the CA bundle `cargo xtask image` puts into the image
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python tools the tests use, installed into `.venv/` at the workspace root.
@@ -61,6 +64,9 @@ enum Task {
     },
     /// Check that the agent's modules keep to their layers (xtask/src/layers.rs).
     Layers,
+    /// Build the agent's OCI image archive (target/image/knhk-agent-<version>.oci.tar) without a
+    /// container runtime or registry, and print its reference by digest.
+    Image,
     /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
@@ -82,6 +88,11 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => setup(),
         Task::Layers => layers::check(&root),
+        Task::Image => {
+            setup_system()?;
+            run(cargo().args(["build", "--release", "--locked", "-p", "knhk-agent"]))?;
+            image::build(&target_dir(&root), env!("CARGO_PKG_VERSION"))
+        }
         Task::BuildEbpf => {
             setup()?;
             // agent/build.rs is the one place that knows how to build the kernel crate.
