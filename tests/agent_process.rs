@@ -46,8 +46,8 @@ fn kernel_enforcement_survives_kill9_and_restart_readopts() {
     );
     let metrics = agent.get("/metrics");
     assert!(
-        metrics.contains("knhk_policy_generation 2"),
-        "the restart continues the generation count:\n{metrics}"
+        metrics.contains("knhk_policy_generation 1"),
+        "the restart re-adopts the live generation (kept under agent.state_dir):\n{metrics}"
     );
     assert!(
         metrics.contains("knhk_connect_decisions_total{action=\"deny\",class=\"C1\"} 3"),
