@@ -389,22 +389,7 @@ pub struct LoopCounts {
 
 /// `n` TCP connects in a loop from a process in `cgroup`.
 pub fn tcp_connect_loop_from(cgroup: &Path, addr: SocketAddr, n: u64) -> LoopCounts {
-    let a = raw_addr(addr);
-    let [c, d, o] = in_cgroup::<3>(cgroup, move |out| {
-        let mut ns = 0;
-        for _ in 0..n {
-            match raw_connect(&a, libc::SOCK_STREAM, &mut ns) {
-                0 => out[0] += 1,
-                e if e == libc::EPERM as i64 => out[1] += 1,
-                _ => out[2] += 1,
-            }
-        }
-    });
-    LoopCounts {
-        connected: c as u64,
-        denied: d as u64,
-        other: o as u64,
-    }
+    tcp_connect_cycle_from(cgroup, &[addr], n)
 }
 
 /// `N` TCP connects from a process in `cgroup`, returning each `connect()` duration in ns
