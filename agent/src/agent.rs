@@ -180,7 +180,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         ))
     })?;
     let store = crate::control::LiveStore::new(&config.agent.state_dir);
-    if let Some(record) = store.load()? {
+    let saved = store.load()?;
+    if let Some(record) = &saved {
         record.policy(&config.policy())?;
     }
     let datapath = blocking(move || Datapath::start(&opts)).await??;
@@ -213,7 +214,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         &config,
         events,
         engine.as_ref().map(|e| e.view()),
-        Some(store),
+        Some((store, saved)),
     )
     .await?;
 

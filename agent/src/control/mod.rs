@@ -232,23 +232,24 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Controller {
-    /// Takes over a started datapath and applies the configuration's policy as the first
-    /// generation of this run. Events are published on `events`; `slo_view` is the beat
-    /// engine's view when SLO admission runs.
+    /// Takes over a started datapath and makes a policy live: the one `live` kept (its store
+    /// and the record the caller loaded from it, re-adopted with its generation) unless the
+    /// configuration's policy changed since, else the configuration's. Events are published on
+    /// `events`; `slo_view` is the beat engine's view when SLO admission runs.
     pub async fn start(
         datapath: Datapath,
         config: &Config,
         events: broadcast::Sender<Event>,
         slo_view: Option<Arc<dyn SloView>>,
-        store: Option<LiveStore>,
+        live: Option<(LiveStore, Option<LiveRecord>)>,
     ) -> Result<Arc<Controller>, ControlError> {
         let reader = DatapathReader::open(datapath.pins())?;
         let ring = VerdictRing::open(datapath.pins(), &datapath.status().cgroup_root)?;
         let policy = Arc::new(config.policy());
         let file_digest = policy.digest();
-        let saved = match &store {
-            Some(s) => s.load()?,
-            None => None,
+        let (store, saved) = match live {
+            Some((store, saved)) => (Some(store), saved),
+            None => (None, None),
         };
         // Until the first switch below, the live generation is whatever the pins held.
         let adopted = Generation {
