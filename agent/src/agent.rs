@@ -18,6 +18,7 @@ use crate::{
     sync::Replicator,
     tasks::TaskGroup,
     telemetry::{self, AdminServer, DatapathCollector, Readiness},
+    workloads::{Discovery, WorkloadSettings},
 };
 
 /// How long in-flight gRPC calls may take to finish after a stop.
@@ -184,7 +185,36 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if let Some(record) = &saved {
         record.policy(&config.policy())?;
     }
-    let datapath = blocking(move || Datapath::start(&opts)).await??;
+    // Workload discovery: the node's pods are read once before the first policy is compiled,
+    // so selector rules and the unknown-pod guard hold from the first generation.
+    let discovery = match &config.kubernetes {
+        Some(section) => {
+            let mut discovery = Discovery::new(WorkloadSettings::resolve(section, &root));
+            let initial = discovery.snapshot(true).await;
+            let s = discovery.settings();
+            info!(
+                kubepods_root = %s.kubepods_root,
+                driver = ?s.driver,
+                cri_socket = %s.cri_socket.as_deref().map_or_else(|| "(none)".into(), |p| p.display().to_string()),
+                node = s.node_name.as_deref().unwrap_or(""),
+                pods = initial.pods.len(),
+                unclassified = initial.unclassified.len(),
+                "workload discovery on"
+            );
+            readiness.register("container runtime", discovery.readiness_check());
+            Some((discovery, Arc::new(initial)))
+        }
+        None => None,
+    };
+    let initial_inventory = discovery.as_ref().map(|(_, i)| i.clone());
+    let datapath = blocking(move || {
+        let mut dp = Datapath::start(&opts)?;
+        if let Some(inv) = initial_inventory {
+            dp.set_inventory(inv)?;
+        }
+        Ok::<_, DatapathError>(dp)
+    })
+    .await??;
     // From here on the programs are attached: a start that fails leaves the node as
     // agent.detach_on_exit says (the guard detaches on an early return).
     let mut detach_on_failure = DetachOnFailure {
@@ -256,6 +286,31 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     });
 
     let mut services = TaskGroup::new("agent");
+    if let Some((discovery, initial)) = discovery {
+        controller.set_inventory(initial.clone()).await?;
+        let c = controller.clone();
+        let mut stop = services.stop_signal();
+        services.spawn("workload discovery", async move {
+            discovery
+                .run(
+                    (*initial).clone(),
+                    move |inv| {
+                        let c = c.clone();
+                        async move {
+                            if let Err(e) = c.set_inventory(inv).await {
+                                error!(
+                                    "binding rules to the node's pods failed (will retry at the next change): {}",
+                                    crate::model::log_escape(&e.to_string())
+                                );
+                            }
+                        }
+                    },
+                    async move { stop.requested().await },
+                )
+                .await;
+        });
+    }
+
     let mut summaries = None;
     if let (Some(engine), Some(settings)) = (engine.take(), &config.settings.beat) {
         let engine = engine.with_policy_status(controller.status_handle());

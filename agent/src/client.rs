@@ -929,24 +929,42 @@ pub fn parse_destination(s: &str) -> Result<(std::net::IpAddr, u16, String), Cli
 pub async fn explain(
     target: &Target,
     cgroup: &str,
+    pod: Option<&str>,
     destination: &str,
 ) -> Result<Report, ClientError> {
     let (ip, port, protocol) = parse_destination(destination)?;
+    if let Some(p) = pod.filter(|p| {
+        p.split_once('/')
+            .is_none_or(|(ns, n)| ns.is_empty() || n.is_empty())
+    }) {
+        return Err(ClientError::File(format!(
+            "--pod {p:?}: expected NAMESPACE/NAME, e.g. payments/api-0"
+        )));
+    }
     let mut c = AgentServiceClient::new(channel(target).await?);
     let r = c
         .explain(pb::ExplainRequest {
-            cgroup: cgroup.to_owned(),
+            cgroup: if pod.is_some() {
+                String::new()
+            } else {
+                cgroup.to_owned()
+            },
             destination: ip.to_string(),
             port: port.into(),
             protocol: protocol.clone(),
+            pod: pod.unwrap_or_default().to_owned(),
         })
         .await
         .map_err(ClientError::from_status)?
         .into_inner();
     let class = class_name(r.runtime_class);
     let mut human = format!(
-        "{} from cgroup {cgroup}: {} (rule {}, class {class}, generation {})\n",
+        "{} from {}: {} (rule {}, class {class}, generation {})\n",
         destination,
+        pod.map_or_else(
+            || format!("cgroup {cgroup}"),
+            |p| format!("pod {p} (cgroup {})", r.cgroup)
+        ),
         r.action,
         if r.rule.is_empty() {
             "none: the default"

@@ -14,6 +14,8 @@
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
 //! - [`client`]: the CLI's client commands, over gRPC.
 //! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
+//! - [`workloads`]: the node's Kubernetes pods, from the cgroup tree and the container runtime
+//!   (CRI), so rules can select workloads by namespace and labels.
 #![warn(missing_docs)]
 
 pub mod abi;
@@ -33,3 +35,4 @@ pub mod secure_dir;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;
+pub mod workloads;

@@ -110,12 +110,15 @@ enum Command {
     },
     /// Which rule of a running agent's live kernel tables decides a connect, and why.
     #[command(
-        after_help = "Examples:\n  knhk-agent explain --cgroup kubepods/besteffort/pod1 10.0.0.5:5432/tcp\n  knhk-agent explain --cgroup . [fd00::1]:53/udp --output json"
+        after_help = "Examples:\n  knhk-agent explain --cgroup kubepods/besteffort/pod1 10.0.0.5:5432/tcp\n  knhk-agent explain --cgroup . [fd00::1]:53/udp --output json\n  knhk-agent explain --pod payments/api-0 10.0.0.5:5432/tcp"
     )]
     Explain {
         /// The connecting cgroup, relative to agent.cgroup_root ("." for the root). It must exist.
         #[arg(long, default_value = ".")]
         cgroup: String,
+        /// Instead of --cgroup: a pod on this node, NAMESPACE/NAME (needs [kubernetes]).
+        #[arg(long, conflicts_with = "cgroup")]
+        pod: Option<String>,
         /// DEST:PORT/PROTO, e.g. 10.0.0.5:5432/tcp or [fd00::1]:53/udp (PROTO: tcp or udp, default tcp).
         destination: String,
         #[command(flatten)]
@@ -677,10 +680,11 @@ fn main() -> ExitCode {
         }
         Command::Explain {
             cgroup,
+            pod,
             destination,
             client: c,
         } => client_command(&c, move |e| async move {
-            client::explain(&e, &cgroup, &destination).await
+            client::explain(&e, &cgroup, pod.as_deref(), &destination).await
         }),
         Command::Events {
             follow,

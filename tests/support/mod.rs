@@ -8,6 +8,7 @@
 pub mod agent;
 #[cfg(feature = "azure")]
 pub mod azure;
+pub mod cri;
 pub mod harness;
 pub mod kms;
 pub mod prom;

@@ -30,6 +30,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("datapath", &["model", "abi", "policy"]),
     ("identity", &["model", "config", "secure_dir"]),
     ("telemetry", &["model", "datapath"]),
+    ("workloads", &["model", "config"]),
     // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
     ("beat", &["model", "config", "datapath"]),
     (
@@ -79,6 +80,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "api",
             "tasks",
             "secure_dir",
+            "workloads",
         ],
     ),
 ];

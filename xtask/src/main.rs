@@ -25,6 +25,10 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",                // packet loss (statistic match) between regions in tests
     "binutils",                // objcopy: `cargo xtask image` splits the debug info
     "ca-certificates",         // the CA bundle `cargo xtask image` puts into the image
+    "containerd",              // a real CRI runtime: workload tests run real pods
+    "runc",                    // containerd's OCI runtime
+    "busybox-static",          // the pods' images are built from it (no registry here)
+    "protobuf-compiler",       // k8s-cri's build script compiles the CRI protos with protoc
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Python tools the tests use, installed into `.venv/` at the workspace root.

@@ -3,8 +3,12 @@
 use super::pb;
 use crate::{
     model::{
-        Action, CgroupPath, Cidr, Class, DefaultAction, Mode, PortRange, Protocol, RuleName,
-        RuleSpec,
+        workload::{
+            ContainerName, LabelKey, LabelOperator, LabelRequirement, LabelValue, Namespace,
+            Namespaces,
+        },
+        Action, CgroupPath, Cidr, Class, DefaultAction, LabelSelector, Mode, PortRange, Protocol,
+        RuleName, RuleSpec,
     },
     policy::Policy,
 };
@@ -192,10 +196,39 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
             Protocol::Any
         }
     };
+    let namespace = if r.namespaces.is_empty() {
+        None
+    } else {
+        let names: Vec<Namespace> = r
+            .namespaces
+            .iter()
+            .enumerate()
+            .filter_map(|(j, n)| {
+                n.parse()
+                    .map_err(|e| errors.push(format!("rules[{i}].namespaces[{j}]: {e}")))
+                    // The parse error is already in `errors`; the document is refused below.
+                    .ok()
+            })
+            .collect();
+        Some(Namespaces(names))
+    };
+    let pod_selector = r
+        .pod_selector
+        .as_ref()
+        .and_then(|s| selector_from_proto(s, &format!("rules[{i}].pod_selector"), errors));
+    let container: Option<ContainerName> = if r.container.is_empty() {
+        None
+    } else {
+        r.container
+            .parse()
+            .map_err(|e| errors.push(format!("rules[{i}].container: {e}")))
+            // The parse error is already in `errors`; the document is refused below.
+            .ok()
+    };
     if errors.len() > before {
         return None;
     }
-    Some(RuleSpec {
+    let rule = RuleSpec {
         name: name?,
         action: action?,
         class,
@@ -204,7 +237,88 @@ fn rule_from_proto(i: usize, r: &pb::Rule, errors: &mut Vec<String>) -> Option<R
         ports: if ports.is_empty() { None } else { Some(ports) },
         protocol,
         park_to,
+        namespace,
+        pod_selector,
+        container,
+    };
+    if let Err(e) = rule.check_subject() {
+        errors.push(format!("rules[{i}].{e}"));
+        return None;
+    }
+    Some(rule)
+}
+
+fn selector_from_proto(
+    s: &pb::LabelSelector,
+    path: &str,
+    errors: &mut Vec<String>,
+) -> Option<LabelSelector> {
+    let before = errors.len();
+    let mut match_labels = std::collections::BTreeMap::new();
+    for (k, v) in &s.match_labels {
+        match (k.parse::<LabelKey>(), v.parse::<LabelValue>()) {
+            (Ok(k), Ok(v)) => {
+                match_labels.insert(k, v);
+            }
+            (Err(e), _) | (_, Err(e)) => errors.push(format!("{path}.match_labels: {e}")),
+        }
+    }
+    let mut match_expressions = Vec::new();
+    for (j, x) in s.match_expressions.iter().enumerate() {
+        let at = format!("{path}.match_expressions[{j}]");
+        let key = x
+            .key
+            .parse::<LabelKey>()
+            .map_err(|e| errors.push(format!("{at}.key: {e}")))
+            .ok();
+        let operator = x
+            .operator
+            .parse::<LabelOperator>()
+            .map_err(|e| errors.push(format!("{at}.operator: {e}")))
+            .ok();
+        let values: Vec<LabelValue> = x
+            .values
+            .iter()
+            .filter_map(|v| {
+                v.parse()
+                    .map_err(|e| errors.push(format!("{at}.values: {e}")))
+                    .ok()
+            })
+            .collect();
+        if let (Some(key), Some(operator)) = (key, operator) {
+            match_expressions.push(LabelRequirement {
+                key,
+                operator,
+                values,
+            });
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(LabelSelector {
+        match_labels,
+        match_expressions,
     })
+}
+
+fn selector_to_proto(s: &LabelSelector) -> pb::LabelSelector {
+    pb::LabelSelector {
+        match_labels: s
+            .match_labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.0.clone()))
+            .collect(),
+        match_expressions: s
+            .match_expressions
+            .iter()
+            .map(|x| pb::LabelSelectorRequirement {
+                key: x.key.to_string(),
+                operator: x.operator.as_str().to_owned(),
+                values: x.values.iter().map(|v| v.0.clone()).collect(),
+            })
+            .collect(),
+    }
 }
 
 /// A domain policy as a proto document, settings resolved.
@@ -255,5 +369,110 @@ fn rule_to_proto(r: &RuleSpec) -> pb::Rule {
         } as i32,
         // No park target: the empty string, as the proto says.
         park_to: r.park_to.map(|a| a.to_string()).unwrap_or_default(),
+        namespaces: r
+            .namespace
+            .iter()
+            .flat_map(|n| n.0.iter().map(|n| n.to_string()))
+            .collect(),
+        pod_selector: r.pod_selector.as_ref().map(selector_to_proto),
+        container: r
+            .container
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Policy {
+        Policy {
+            rules: vec![],
+            mode: Mode::Enforce,
+            default_action: DefaultAction::Allow,
+            default_class: Class::C1,
+            heat: false,
+            heat_sample_every: 1,
+            histograms: false,
+            histogram_interval_us: 0,
+        }
+    }
+
+    fn doc(rule: pb::Rule) -> pb::PolicyDocument {
+        pb::PolicyDocument {
+            rules: vec![pb::Rule {
+                name: "r".into(),
+                action: pb::Action::Deny as i32,
+                cidrs: vec!["10.0.0.0/8".into()],
+                ..rule
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn requirement(key: &str, op: &str, values: &[&str]) -> pb::Rule {
+        pb::Rule {
+            pod_selector: Some(pb::LabelSelector {
+                match_expressions: vec![pb::LabelSelectorRequirement {
+                    key: key.into(),
+                    operator: op.into(),
+                    values: values.iter().map(|v| v.to_string()).collect(),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_selectors_over_grpc_are_refused_with_their_path() {
+        for (rule, needle) in [
+            (
+                requirement("app", "Has", &["x"]),
+                "rules[0].pod_selector.match_expressions[0].operator: unknown operator \"Has\"",
+            ),
+            (
+                requirement("", "Exists", &[]),
+                "rules[0].pod_selector.match_expressions[0].key: label key is empty",
+            ),
+            (
+                requirement("app", "Exists", &["x"]),
+                "rules[0].pod_selector.match_expressions[0] (key \"app\"): operator Exists takes no values",
+            ),
+            (
+                pb::Rule {
+                    namespaces: vec!["ok".into(), "Bad_NS".into()],
+                    ..Default::default()
+                },
+                "rules[0].namespaces[1]: namespace \"Bad_NS\"",
+            ),
+            (
+                pb::Rule {
+                    cgroup: "kubepods".into(),
+                    container: "app".into(),
+                    ..Default::default()
+                },
+                "rules[0].cgroup: a rule applies to a cgroup or to workloads",
+            ),
+        ] {
+            let e = policy_from_proto(Some(&doc(rule)), &defaults(), 10).expect_err(needle);
+            assert!(e.iter().any(|l| l.contains(needle)), "{needle}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn selectors_round_trip_through_the_proto() {
+        let mut rule = requirement("tier", "In", &["web", "edge"]);
+        rule.namespaces = vec!["payments".into()];
+        rule.container = "app".into();
+        if let Some(s) = rule.pod_selector.as_mut() {
+            s.match_labels.insert("app".into(), "api".into());
+        }
+        let p = policy_from_proto(Some(&doc(rule)), &defaults(), 10).expect("valid");
+        let back = policy_from_proto(Some(&policy_to_proto(&p)), &defaults(), 10).expect("valid");
+        assert_eq!(back.rules, p.rules);
+        assert!(p.rules[0].workloads().is_some());
     }
 }

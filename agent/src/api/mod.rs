@@ -78,9 +78,9 @@ pub fn status_of(e: ControlError) -> Status {
         ControlError::Datapath(e @ DatapathError::Capacity { .. }) => {
             Status::resource_exhausted(e.to_string())
         }
-        ControlError::Datapath(e @ DatapathError::NoSuchCgroup { .. }) => {
-            Status::not_found(e.to_string())
-        }
+        ControlError::Datapath(
+            e @ (DatapathError::NoSuchCgroup { .. } | DatapathError::NoSuchPod { .. }),
+        ) => Status::not_found(e.to_string()),
         ControlError::Datapath(DatapathError::DeadlineExceeded) => {
             Status::deadline_exceeded(DatapathError::DeadlineExceeded.to_string())
         }
@@ -411,12 +411,29 @@ impl AgentService for AgentApi {
                 crate::model::log_escape(&req.cgroup)
             )));
         }
+        let cgroup = if req.pod.is_empty() {
+            req.cgroup
+        } else {
+            if !req.cgroup.is_empty() && req.cgroup != "." {
+                return Err(Status::invalid_argument(
+                    "give cgroup or pod, not both".to_owned(),
+                ));
+            }
+            let Some((ns, name)) = req.pod.split_once('/') else {
+                return Err(Status::invalid_argument(format!(
+                    "pod {:?}: expected NAMESPACE/NAME",
+                    crate::model::log_escape(&req.pod)
+                )));
+            };
+            self.0.pod_cgroup(ns, name).await.map_err(status_of)?
+        };
         let e = self
             .0
-            .explain(req.cgroup, dest, port, protocol)
+            .explain(cgroup.clone(), dest, port, protocol)
             .await
             .map_err(status_of)?;
         Ok(Response::new(pb::ExplainResponse {
+            cgroup,
             generation: e.generation,
             // The global scope, no prefix, no rule: empty strings, as the proto says.
             scope: e.scope.unwrap_or_default(),

@@ -13,9 +13,9 @@ mod schema;
 pub mod settings;
 
 pub use schema::{
-    AgentSection, ApiListen, AuthorizedIds, Config, IdentitySource, KmsSection, MultiRegionSection,
-    PolicySection, PromotionSection, ReceiptsSection, SloSection, SpiffeSection,
-    DEFAULT_API_SOCKET, DEFAULT_LISTEN_ADDRESS,
+    AgentSection, ApiListen, AuthorizedIds, CgroupDriver, Config, IdentitySource, KmsSection,
+    KubernetesSection, MultiRegionSection, PolicySection, PromotionSection, ReceiptsSection,
+    SloSection, SpiffeSection, DEFAULT_API_SOCKET, DEFAULT_LISTEN_ADDRESS,
 };
 pub use settings::{
     BeatSettings, FilePaths, IdentitySettings, Peer, ReceiptSettings, Settings, SignerSettings,

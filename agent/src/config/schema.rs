@@ -30,6 +30,9 @@ pub struct Config {
     pub multi_region: Option<MultiRegionSection>,
     /// `[promotion]`: accepted; promotion gates are not part of this version.
     pub promotion: Option<PromotionSection>,
+    /// `[kubernetes]`: workload discovery through the node's container runtime (CRI); with it,
+    /// rules may select pods by namespace and labels.
+    pub kubernetes: Option<KubernetesSection>,
     /// The typed settings of the optional sections, built from the ones above while loading.
     pub settings: Settings,
 }
@@ -455,6 +458,39 @@ pub struct PromotionSection {
     pub slo_threshold: Option<f64>,
 }
 
+/// `[kubernetes]`: discover the node's pods from its container runtime, so rules can select
+/// workloads by namespace, labels and container name.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// The CRI socket (default: the first of containerd's and CRI-O's standard sockets that
+    /// exists).
+    pub cri_socket: Option<PathBuf>,
+    /// How the kubelet names pod cgroups (default: detected from the cgroup tree).
+    pub cgroup_driver: Option<CgroupDriver>,
+    /// The cgroup under which pods live, relative to `agent.cgroup_root` (default `kubepods`, or
+    /// `kubepods.slice` with the systemd driver).
+    pub kubepods_root: Option<crate::model::CgroupPath>,
+    /// This node's name (default: the `NODE_NAME` environment variable); informational.
+    pub node_name: Option<String>,
+    /// What a pod's connects get before the agent has classified the pod: `allow` (judged by
+    /// the rules as any cgroup; default), `deny` or `audit`.
+    pub unknown_pod_action: Option<crate::model::Action>,
+    /// How often the whole pod list is read again besides watching the cgroup tree, in ms
+    /// (100-600000, default 5000).
+    pub resync_interval_ms: Option<u64>,
+}
+
+/// The kubelet's cgroup driver: how pod and container cgroups are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    /// `kubepods/<qos>/pod<uid>/<container id>`.
+    Cgroupfs,
+    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice/cri-containerd-<id>.scope`.
+    Systemd,
+}
+
 /// The file as written, before aliases are resolved.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -468,6 +504,7 @@ pub(super) struct RawConfig {
     receipts: Option<Spanned<ReceiptsSection>>,
     multi_region: Option<Spanned<MultiRegionSection>>,
     promotion: Option<Spanned<PromotionSection>>,
+    kubernetes: Option<Spanned<KubernetesSection>>,
 }
 
 /// Takes the one of a top-level section and its nested alias that is present; both is an error.
@@ -536,6 +573,16 @@ impl RawConfig {
 
         check_agent(&agent)
             .map_err(|(key, message)| err(agent_pos, format!("{table_name}.{key}"), message))?;
+        let kubernetes = match self.kubernetes {
+            Some(k) => {
+                let pos = k.span().start;
+                let k = k.into_inner();
+                check_kubernetes(&k)
+                    .map_err(|(key, message)| err(pos, format!("kubernetes.{key}"), message))?;
+                Some(k)
+            }
+            None => None,
+        };
         let section_err =
             |pos: usize| move |(key, message): (String, String)| err(pos, key, message);
         let identity = match &spiffe {
@@ -644,6 +691,17 @@ impl RawConfig {
                         ),
                     ));
                 }
+                if let Err(e) = rule.check_subject() {
+                    return Err(err(
+                        pos,
+                        format!("policy.rules[{i}].{}", e.split(':').next().unwrap_or("")),
+                        format!(
+                            "rule \"{}\": {}",
+                            rule.name,
+                            e.split_once(": ").map_or(e.as_str(), |(_, m)| m)
+                        ),
+                    ));
+                }
                 if rule.ports.as_ref().is_some_and(|p| p.is_empty()) {
                     return Err(err(
                         pos,
@@ -689,18 +747,32 @@ impl RawConfig {
             let (key, pos) = at.unwrap_or_else(|| ("policy.rules".into(), policy_pos));
             err(pos, key, e.to_string())
         })?;
-        let scopes = crate::policy::rule_scopes(&rules);
+        // Selector rules are checked where they all meet: one pod that every one selects.
+        let any_pod: crate::model::CgroupPath = "kubepods/pod-check"
+            .parse()
+            .map_err(|e: String| err(policy_pos, "policy.rules".into(), e))?;
+        let bindings = crate::policy::Bindings {
+            selected: rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.workloads().is_some())
+                .map(|(i, _)| (i, std::iter::once(any_pod.clone()).collect()))
+                .collect(),
+            guard: None,
+        };
+        let scopes = crate::policy::scopes_of(&rules, &bindings);
         for scope in std::iter::once(None).chain(scopes.iter().map(Some)) {
-            crate::policy::compile_scope(&rules, scope, &[], agent.default_class).map_err(|e| {
-                let first = match &e {
-                    crate::policy::CompileError::LeafOverflow { rules: names, .. } => {
-                        names.split(", ").next().and_then(rule_line)
-                    }
-                    crate::policy::CompileError::TooLarge { .. } => None,
-                };
-                let (index, pos) = first.unwrap_or((0, policy_pos));
-                err(pos, format!("policy.rules[{index}]"), e.to_string())
-            })?;
+            crate::policy::compile_scope(&rules, &bindings, scope, &[], agent.default_class)
+                .map_err(|e| {
+                    let first = match &e {
+                        crate::policy::CompileError::LeafOverflow { rules: names, .. } => {
+                            names.split(", ").next().and_then(rule_line)
+                        }
+                        crate::policy::CompileError::TooLarge { .. } => None,
+                    };
+                    let (index, pos) = first.unwrap_or((0, policy_pos));
+                    err(pos, format!("policy.rules[{index}]"), e.to_string())
+                })?;
         }
         let beat = slo
             .as_ref()
@@ -720,6 +792,7 @@ impl RawConfig {
             receipts: receipts.map(Spanned::into_inner),
             multi_region: multi_region.map(Spanned::into_inner),
             promotion: promotion.map(Spanned::into_inner),
+            kubernetes,
         })
     }
 }
@@ -770,6 +843,32 @@ impl RawAgentTable {
         };
         (agent, nested)
     }
+}
+
+/// Checks on `[kubernetes]`; returns (key, message).
+fn check_kubernetes(k: &KubernetesSection) -> Result<(), (&'static str, String)> {
+    if let Some(ms) = k
+        .resync_interval_ms
+        .filter(|ms| !(100..=600_000).contains(ms))
+    {
+        return Err((
+            "resync_interval_ms",
+            format!("{ms} is outside 100-600000 (milliseconds between full reads of the pod list)"),
+        ));
+    }
+    if let Some(p) = k.cri_socket.as_ref().filter(|p| !p.is_absolute()) {
+        return Err((
+            "cri_socket",
+            format!(
+                "\"{}\" must be an absolute path, e.g. /run/containerd/containerd.sock",
+                p.display()
+            ),
+        ));
+    }
+    if k.node_name.as_deref() == Some("") {
+        return Err(("node_name", "is empty; omit it to use $NODE_NAME".into()));
+    }
+    Ok(())
 }
 
 /// Range checks on `[slo]`; returns (key, message).
@@ -860,6 +959,21 @@ impl Config {
             }
             if self.agent.mode == Mode::Audit {
                 out.push("slo: in audit mode class states are computed and exported but nothing is refused".into());
+            }
+        }
+        if self.kubernetes.is_none() {
+            if let Some((i, r)) = self
+                .policy
+                .rules
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.workloads().is_some())
+            {
+                out.push(format!(
+                    "policy.rules[{i}] (\"{}\") selects workloads, but there is no [kubernetes] section: \
+                     without workload discovery it applies to no pod; add [kubernetes]",
+                    r.name
+                ));
             }
         }
         let identity = self.settings.identity.as_ref();

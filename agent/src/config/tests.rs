@@ -689,3 +689,69 @@ fn bad_api_socket_and_state_dir_settings_are_refused_with_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn bad_workload_selectors_name_the_key_and_the_line() {
+    let base = "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\n";
+    for (extra, needles) in [
+        (
+            "pod_selector = { match_expressions = [{ key = \"app\", operator = \"Has\", values = [\"x\"] }] }\n",
+            &["line 5", "unknown operator \"Has\""][..],
+        ),
+        (
+            "pod_selector = { match_expressions = [{ key = \"\", operator = \"Exists\" }] }\n",
+            &["line 5", "label key is empty"][..],
+        ),
+        (
+            "pod_selector = { match_expressions = [{ key = \"app\", operator = \"Exists\", values = [\"x\"] }] }\n",
+            &["policy.rules[0].pod_selector", "operator Exists takes no values"][..],
+        ),
+        (
+            "namespace = \"Payments\"\n",
+            &["line 5", "namespace \"Payments\" is not a valid name"][..],
+        ),
+        ("namespace = []\n", &["namespace list is empty"][..]),
+        (
+            "cgroup = \"kubepods\"\nnamespace = \"payments\"\n",
+            &["policy.rules[0].cgroup", "not both"][..],
+        ),
+        ("container = \"App\"\n", &["container \"App\""][..]),
+    ] {
+        let e = err(&format!("{base}{extra}"));
+        for n in needles {
+            assert!(e.contains(n), "{extra}: missing {n:?} in: {e}");
+        }
+    }
+}
+
+#[test]
+fn kubernetes_settings_are_checked_and_selector_rules_without_it_warned_about() {
+    for (section, needle) in [
+        ("cri_socket = \"containerd.sock\"", "kubernetes.cri_socket"),
+        ("resync_interval_ms = 10", "kubernetes.resync_interval_ms"),
+        (
+            "unknown_pod_action = \"reject\"",
+            "unknown variant `reject`",
+        ),
+        ("cgroup_driver = \"docker\"", "unknown variant `docker`"),
+        ("kubepods_root = \"/kubepods\"", "drop the leading '/'"),
+        ("nodename = \"n\"", "unknown field `nodename`"),
+    ] {
+        let e = err(&format!("[kubernetes]\n{section}\n"));
+        assert!(e.contains(needle), "{section}: {e}");
+    }
+    let ok = Config::parse(
+        "[kubernetes]\ncri_socket = \"/run/containerd/containerd.sock\"\ncgroup_driver = \"systemd\"\n\
+         unknown_pod_action = \"deny\"\n",
+        "t",
+    )
+    .expect("valid");
+    assert_eq!(
+        ok.kubernetes.and_then(|k| k.cgroup_driver),
+        Some(crate::config::CgroupDriver::Systemd)
+    );
+    let selector = "[[policy.rules]]\nname = \"r\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nnamespace = \"a\"\n";
+    assert!(warnings(selector)
+        .iter()
+        .any(|w| w.contains("selects workloads, but there is no [kubernetes] section")));
+}

@@ -11,7 +11,9 @@ use crate::{
         Datapath, DatapathError, DatapathReader, DatapathStatus, Decisions, Explanation, HeatEntry,
         LatencyHistogram, ScopeChange, VerdictRing,
     },
-    model::{log_escape, Class, ClassState, Event, LatencySource, Protocol, SloView, Verdict},
+    model::{
+        log_escape, Class, ClassState, Event, Inventory, LatencySource, Protocol, SloView, Verdict,
+    },
     policy::{Policy, PolicyDiff},
 };
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
@@ -146,6 +148,8 @@ pub struct Controller {
     /// The beat engine's view, when SLO admission runs.
     slo_view: Option<Arc<dyn SloView>>,
     metrics: PolicyMetrics,
+    /// The node's pods, when workload discovery runs.
+    inventory: RwLock<Option<Arc<Inventory>>>,
 }
 
 /// Policy switch metrics; registered by [`Controller::register_metrics`].
@@ -286,6 +290,7 @@ impl Controller {
             slo_view,
             metrics: PolicyMetrics::new()
                 .map_err(|e| ControlError::Internal(format!("policy metrics: {e}")))?,
+            inventory: RwLock::new(None),
         });
         spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
         // Which policy is live: the one kept under agent.state_dir (same generation), unless
@@ -592,6 +597,12 @@ impl Controller {
             Ok::<_, ControlError>(changes)
         })
         .await??;
+        self.report_scope_changes(changes);
+        Ok(())
+    }
+
+    /// Logs and publishes scope changes.
+    fn report_scope_changes(&self, changes: Vec<ScopeChange>) {
         for c in changes {
             let (cgroup, present) = match &c {
                 ScopeChange::Appeared { path, id } => {
@@ -618,7 +629,6 @@ impl Controller {
                 present,
             });
         }
-        Ok(())
     }
 
     /// Kernel verdicts from now on (see [`Verdict`]).
@@ -641,6 +651,50 @@ impl Controller {
             Ok(dp.explain(&cgroup, dest, port, protocol)?)
         })
         .await?
+    }
+
+    /// Takes the node's current pods (from workload discovery): the live policy's selector
+    /// rules are re-bound to them in the kernel at once.
+    pub async fn set_inventory(&self, inventory: Arc<Inventory>) -> Result<(), ControlError> {
+        if let Ok(mut i) = self.inventory.write() {
+            *i = Some(inventory.clone());
+        }
+        let dp = self.datapath.clone();
+        let published = self.status.clone();
+        let changes = blocking(move || {
+            let mut dp = dp.lock().map_err(|_| poisoned())?;
+            let changes = dp.set_inventory(inventory)?;
+            if let Ok(mut s) = published.write() {
+                *s = dp.status();
+            }
+            Ok::<_, ControlError>(changes)
+        })
+        .await??;
+        self.report_scope_changes(changes);
+        Ok(())
+    }
+
+    /// The node's pods as last reported by workload discovery (`None`: discovery is off).
+    pub fn inventory(&self) -> Option<Arc<Inventory>> {
+        self.inventory.read().ok().and_then(|i| i.clone())
+    }
+
+    /// The cgroup (relative to the cgroup root) of the pod `namespace/name` on this node.
+    pub async fn pod_cgroup(&self, namespace: &str, name: &str) -> Result<String, ControlError> {
+        let Some(inv) = self.inventory() else {
+            return Err(ControlError::Datapath(DatapathError::NoSuchPod {
+                pod: format!("{namespace}/{name}"),
+                reason: "workload discovery is off (add a [kubernetes] section)".into(),
+            }));
+        };
+        inv.pod(namespace, name)
+            .map(|p| p.cgroup.to_string())
+            .ok_or_else(|| {
+                ControlError::Datapath(DatapathError::NoSuchPod {
+                    pod: format!("{namespace}/{name}"),
+                    reason: format!("no such pod on this node ({} pods known)", inv.pods.len()),
+                })
+            })
     }
 
     /// The datapath snapshot and the decision counters.

@@ -1,8 +1,121 @@
-//! Following rule cgroups as they come and go ([`Datapath::refresh_scopes`]).
+//! Following rule cgroups as they come and go ([`Datapath::refresh_scopes`]), and workloads as
+//! the node's pods change ([`Datapath::set_inventory`]).
 
 use super::*;
 
 impl Datapath {
+    /// Takes the node's current pods: re-binds the live policy's selector rules (and the
+    /// unknown-pod guard) to them and patches the active slot. Scopes of pods that went away or
+    /// stopped matching lose their entries; new ones are written when their cgroup resolves.
+    /// Before the first apply it only records the inventory for it.
+    pub fn set_inventory(
+        &mut self,
+        inventory: Arc<Inventory>,
+    ) -> Result<Vec<ScopeChange>, DatapathError> {
+        self.inventory = Some(inventory);
+        let Some(live) = self.live.clone() else {
+            return Ok(Vec::new());
+        };
+        let bindings = bind(&live.policy.rules, self.inventory.as_deref());
+        if bindings == *live.bindings {
+            return self.refresh_scopes();
+        }
+        let mut live = live;
+        if bindings.guard.is_some() && live.counters.len() == live.policy.rules.len() {
+            // The guard was bound after the policy went live: give it its counter.
+            let mut counters = self.counters.clone();
+            let (ids, fresh) = counters.assign(switch::counter_names(&live.policy, &bindings))?;
+            for id in &fresh {
+                self.set_rule_hits(*id, 0);
+            }
+            self.counters = counters;
+            live.rule_counters = switch::counter_names(&live.policy, &bindings)
+                .zip(&ids)
+                .map(|(n, c)| (n.to_owned(), *c))
+                .collect();
+            live.counters = ids.into();
+        }
+        let scopes: Vec<CgroupPath> = scopes_of(&live.policy.rules, &bindings);
+        let keep: std::collections::BTreeSet<&CgroupPath> = scopes.iter().collect();
+        let active = self.active_slot();
+        let mut changes = Vec::new();
+        // Scopes no longer needed: entries gone from every slot.
+        for (path, r) in &live.resolved.clone() {
+            if !keep.contains(path) {
+                for slot in 0..SLOTS as u32 {
+                    self.remove_scope(slot, r.id)?;
+                }
+                live.resolved.remove(path);
+                changes.push(ScopeChange::Removed {
+                    path: path.clone(),
+                    id: r.id,
+                });
+            }
+        }
+        // Scopes whose table the new bindings change: rewritten in place.
+        for (path, r) in &live.resolved {
+            if crate::policy::scope_signature(&live.bindings, path)
+                == crate::policy::scope_signature(&bindings, path)
+            {
+                continue;
+            }
+            let table = compile_scope(
+                &live.policy.rules,
+                &bindings,
+                Some(path),
+                &live.counters,
+                live.policy.default_class,
+            )?;
+            self.rewrite_table(active, r.id, &table)?;
+        }
+        live.scopes = scopes.into();
+        live.bindings = Arc::new(bindings);
+        self.live = Some(live);
+        if !changes.is_empty() {
+            self.bump_epoch();
+        }
+        changes.extend(self.refresh_scopes()?);
+        Ok(changes)
+    }
+
+    /// Replaces one scope's table in `slot` in place: new leaves over old, then the prefixes
+    /// and chunks only the old table had. Each leaf is swapped whole, so a connect sees the old
+    /// or the new leaf of its prefix.
+    fn rewrite_table(
+        &mut self,
+        slot: u32,
+        scope: u64,
+        table: &ScopeTable,
+    ) -> Result<(), DatapathError> {
+        let old = self.slots[slot as usize]
+            .get_mut(&scope)
+            .map(|k| {
+                (
+                    std::mem::take(&mut k.v4),
+                    std::mem::take(&mut k.v6),
+                    std::mem::take(&mut k.chunks),
+                )
+            })
+            .unwrap_or_default();
+        self.write_table(slot, scope, table)?;
+        let new_v4: std::collections::HashSet<Ipv4Net> = table.v4.iter().map(|(n, _)| *n).collect();
+        let new_v6: std::collections::HashSet<Ipv6Net> = table.v6.iter().map(|(n, _)| *n).collect();
+        let mut stale_v4: Vec<Ipv4Net> =
+            old.0.into_iter().filter(|n| !new_v4.contains(n)).collect();
+        let mut stale_v6: Vec<Ipv6Net> =
+            old.1.into_iter().filter(|n| !new_v6.contains(n)).collect();
+        self.policy_v4
+            .remove(slot, scope, &mut stale_v4, usize::MAX)?;
+        self.policy_v6
+            .remove(slot, scope, &mut stale_v6, usize::MAX)?;
+        for id in old.2 {
+            ignore_missing(self.chunks.remove(&ChunkKey { slot, id }))
+                .map_err(map_err("remove", map_names::LEAF_CHUNKS))?;
+        }
+        self.bump_epoch();
+        Ok(())
+    }
+
     /// Follows rule cgroups: enforces the rules of cgroups that appeared since the last call
     /// and removes the entries of cgroups that are gone (or were recreated under a new id).
     pub fn refresh_scopes(&mut self) -> Result<Vec<ScopeChange>, DatapathError> {
@@ -60,6 +173,7 @@ impl Datapath {
             if let Some(new) = now {
                 let table = compile_scope(
                     &live.policy.rules,
+                    &live.bindings,
                     Some(&path),
                     &live.counters,
                     live.policy.default_class,

@@ -119,6 +119,7 @@ impl Datapath {
             switches: 0,
             counters: CounterIds::default(),
             live: None,
+            inventory: None,
             generation: 0,
             _ebpf: ebpf,
         };

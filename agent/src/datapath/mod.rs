@@ -14,7 +14,8 @@
 //!
 //! Any error before step 4 leaves the live generation untouched. [`Datapath::refresh_scopes`]
 //! follows rule cgroups as they are created and removed, patching the active slot scope by scope
-//! (tries first, then the scope entry that makes them reachable).
+//! (tries first, then the scope entry that makes them reachable); [`Datapath::set_inventory`]
+//! re-binds the rules that select Kubernetes workloads as pods come and go.
 //!
 //! [`DatapathReader`] reads counters, histograms and heat from the pins, independently of the
 //! writer, for metrics.
@@ -44,8 +45,11 @@ pub use reader::{
 
 use crate::{
     abi,
-    model::{CgroupPath, Class, ClassState, DefaultAction, Mode},
-    policy::{compile_scope, rule_scopes, CompileError, CompiledLeaf, Policy, ScopeTable},
+    model::{CgroupPath, Class, ClassState, DefaultAction, Inventory, Mode},
+    policy::{
+        bind, compile_scope, scopes_of, Bindings, CompileError, CompiledLeaf, Policy, ScopeTable,
+        GUARD_RULE,
+    },
 };
 use aya::{
     maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapData, MapError},
@@ -171,6 +175,14 @@ pub enum DatapathError {
     NoSuchCgroup {
         /// The cgroup, relative to the root (escaped for logs).
         path: String,
+    },
+    /// `explain` was asked about a pod the agent does not know.
+    #[error("pod {pod}: {reason}")]
+    NoSuchPod {
+        /// `namespace/name` (escaped for logs).
+        pod: String,
+        /// Why it is unknown.
+        reason: String,
     },
     /// The caller's deadline passed before the switch; nothing was switched.
     #[error(
@@ -312,7 +324,9 @@ struct Live {
     counters: Arc<[u32]>,
     /// (rule name, counter id), for metrics and status.
     rule_counters: Arc<[(String, u32)]>,
-    /// The distinct rule cgroups.
+    /// Where the policy's selector rules apply now (from the workload inventory).
+    bindings: Arc<Bindings>,
+    /// Every cgroup with a scope of its own: the rule cgroups and the bound workloads'.
     scopes: Arc<[CgroupPath]>,
     resolved: BTreeMap<CgroupPath, CgroupRef>,
 }
@@ -351,6 +365,8 @@ pub struct Datapath {
     switches: u64,
     counters: CounterIds,
     live: Option<Live>,
+    /// The node's pods, when workload discovery runs ([`Datapath::set_inventory`]).
+    inventory: Option<Arc<Inventory>>,
     generation: u64,
     // Keeps the programs loaded for as long as the datapath lives; the pinned links keep them
     // attached beyond that.

@@ -63,9 +63,19 @@ impl CounterIds {
     }
 }
 
+/// The hit-counter names of a policy: its rules', then the unknown-pod guard's when bound.
+pub(super) fn counter_names<'a>(
+    policy: &'a Policy,
+    bindings: &Bindings,
+) -> impl Iterator<Item = &'a str> {
+    let guard = bindings.guard.is_some().then_some(GUARD_RULE);
+    policy.rules.iter().map(|r| r.name.as_str()).chain(guard)
+}
+
 /// A policy checked and compiled by [`Datapath::prepare`], ready to be written.
 #[derive(Debug)]
 pub struct Prepared {
+    bindings: Bindings,
     resolved: BTreeMap<CgroupPath, cgroup::CgroupRef>,
     pending: Vec<CgroupPath>,
     counters: CounterIds,
@@ -90,9 +100,10 @@ impl Datapath {
     /// validator of ApplyPolicy and DryRun.
     pub fn prepare(&self, policy: &Policy) -> Result<Prepared, DatapathError> {
         crate::policy::check_bounds(&policy.rules)?;
+        let bindings = bind(&policy.rules, self.inventory.as_deref());
         let mut resolved = BTreeMap::new();
         let mut pending = Vec::new();
-        for path in rule_scopes(&policy.rules) {
+        for path in scopes_of(&policy.rules, &bindings) {
             // A rule's level is known before its cgroup exists: refuse what the programs
             // could not probe (it would silently disable shallower rules).
             let level = self.root_level + path.depth() as u32;
@@ -114,17 +125,23 @@ impl Datapath {
             }
         }
         let mut counters = self.counters.clone();
-        let (ids, fresh) = counters.assign(policy.rules.iter().map(|r| r.name.as_str()))?;
+        let (ids, fresh) = counters.assign(counter_names(policy, &bindings))?;
         let mut tables: Vec<(u64, Option<u32>, ScopeTable)> = vec![(
             0,
             None,
-            compile_scope(&policy.rules, None, &ids, policy.default_class)?,
+            compile_scope(&policy.rules, &bindings, None, &ids, policy.default_class)?,
         )];
         for (path, r) in &resolved {
             tables.push((
                 r.id,
                 Some(r.level),
-                compile_scope(&policy.rules, Some(path), &ids, policy.default_class)?,
+                compile_scope(
+                    &policy.rules,
+                    &bindings,
+                    Some(path),
+                    &ids,
+                    policy.default_class,
+                )?,
             ));
         }
         let new_v4: usize = tables.iter().map(|t| t.2.v4.len()).sum();
@@ -146,6 +163,7 @@ impl Datapath {
             }
         }
         Ok(Prepared {
+            bindings,
             resolved,
             pending,
             counters,
@@ -178,6 +196,7 @@ impl Datapath {
     ) -> Result<ApplyReport, DatapathError> {
         let started = Instant::now();
         let Prepared {
+            bindings,
             resolved,
             pending,
             counters,
@@ -324,13 +343,12 @@ impl Datapath {
         }
         self.counters = counters;
         self.live = Some(Live {
-            rule_counters: policy
-                .rules
-                .iter()
+            rule_counters: counter_names(policy, &bindings)
                 .zip(&ids)
-                .map(|(r, c)| (r.name.to_string(), *c))
+                .map(|(n, c)| (n.to_owned(), *c))
                 .collect(),
-            scopes: rule_scopes(&policy.rules).into(),
+            scopes: scopes_of(&policy.rules, &bindings).into(),
+            bindings: Arc::new(bindings),
             policy: policy.clone(),
             counters: ids.into(),
             resolved: resolved.clone(),

@@ -7,6 +7,7 @@
 //! - [`receipt`]: the kinds of receipts the ledger records.
 //! - [`spiffe`]: SPIFFE IDs and per-surface allow-lists.
 //! - [`text`]: escaping outside text (cgroup paths) for logs.
+//! - [`workload`]: Kubernetes label selectors and the node's pods (the workload inventory).
 
 pub mod event;
 pub mod receipt;
@@ -14,6 +15,7 @@ pub mod rule;
 pub mod slo;
 pub mod spiffe;
 pub mod text;
+pub mod workload;
 
 pub use event::{Event, Verdict, VerdictFilter};
 pub use receipt::ReceiptKind;
@@ -23,3 +25,4 @@ pub use rule::{
 };
 pub use slo::{ClassState, ClassSummary, CycleSummary, HotDestination, SloView};
 pub use text::log_escape;
+pub use workload::{Inventory, LabelSelector, Pod, WorkloadSelector};

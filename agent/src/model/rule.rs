@@ -2,6 +2,7 @@
 //! cgroup paths. Each value validates itself while it is parsed, so a TOML or gRPC parser reports
 //! its errors where the value was written.
 
+use super::workload::{ContainerName, LabelSelector, Namespaces, WorkloadSelector};
 use ipnet::IpNet;
 use serde::{de, Deserialize, Deserializer};
 use std::{fmt, net::SocketAddr, str::FromStr};
@@ -337,6 +338,11 @@ impl FromStr for CgroupPath {
 }
 
 impl CgroupPath {
+    /// A path known valid when written (a constant such as `"kubepods"`), unchecked.
+    pub fn constant(path: &'static str) -> CgroupPath {
+        CgroupPath(path.to_owned())
+    }
+
     /// The path, without a trailing '/'.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -374,6 +380,15 @@ pub struct RuleSpec {
     /// Cgroup subtree it applies to, relative to the cgroup root (default: every cgroup).
     #[serde(default)]
     pub cgroup: Option<CgroupPath>,
+    /// Kubernetes namespace(s) of the pods it applies to (a workload selector).
+    #[serde(default)]
+    pub namespace: Option<Namespaces>,
+    /// Labels of the pods it applies to (a workload selector).
+    #[serde(default)]
+    pub pod_selector: Option<LabelSelector>,
+    /// Only this container of the selected pods (a workload selector).
+    #[serde(default)]
+    pub container: Option<ContainerName>,
     /// Destination prefixes, IPv4 and/or IPv6.
     pub cidrs: Vec<Cidr>,
     /// Destination ports (default: all).
@@ -386,6 +401,33 @@ pub struct RuleSpec {
     /// (the lower tier), e.g. `"127.0.0.1:9090"` or `"[::1]:9090"`.
     #[serde(default)]
     pub park_to: Option<SocketAddr>,
+}
+
+impl RuleSpec {
+    /// The workloads the rule selects, if it names any of `namespace`, `pod_selector` or
+    /// `container`; such a rule applies to the selected pods' (or containers') cgroups.
+    pub fn workloads(&self) -> Option<WorkloadSelector> {
+        if self.namespace.is_none() && self.pod_selector.is_none() && self.container.is_none() {
+            return None;
+        }
+        Some(WorkloadSelector {
+            namespaces: self.namespace.clone().map(|n| n.0).unwrap_or_default(),
+            pod_selector: self.pod_selector.clone(),
+            container: self.container.clone(),
+        })
+    }
+
+    /// Checks what the rule applies to: a cgroup or workloads, not both, and a well-formed
+    /// selector. `Err` names the key and why.
+    pub fn check_subject(&self) -> Result<(), String> {
+        if self.cgroup.is_some() && self.workloads().is_some() {
+            return Err("cgroup: a rule applies to a cgroup or to workloads (namespace, pod_selector, container), not both; split it into two rules".to_owned());
+        }
+        if let Some(s) = &self.pod_selector {
+            s.validate().map_err(|e| format!("pod_selector.{e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Which kernel latency histogram a class's SLO ceiling is compared with.

@@ -17,13 +17,13 @@
 
 use crate::{
     abi,
-    model::{CgroupPath, Class, DefaultAction, Mode, PortRange, RuleSpec},
+    model::{Action, CgroupPath, Class, DefaultAction, Inventory, Mode, PortRange, RuleSpec},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use knhk_abi::{
     RuleChunk, RuleEntry, RuleLeaf, CHUNK_ENTRIES, LEAF_INLINE_ENTRIES, MAX_LEAF_ENTRIES,
 };
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A policy as the datapath applies it: the rules plus the settings that switch with them.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,7 +163,11 @@ fn rule_line(r: &RuleSpec, default_class: Class) -> String {
         canonical::protocol(r.protocol),
         // No park target: empty in the canonical text.
         r.park_to.map(|a| a.to_string()).unwrap_or_default()
-    )
+    ) + &r
+        .workloads()
+        // Appended only to selector rules, so every other rule's line (and digest) is as before.
+        .map(|w| format!(" workloads={}", w.canonical()))
+        .unwrap_or_default()
 }
 
 impl Policy {
@@ -234,6 +238,18 @@ impl Policy {
                 if let Some(a) = r.park_to {
                     t.insert("park_to".into(), word(&a.to_string()));
                 }
+                if let Some(ns) = &r.namespace {
+                    t.insert(
+                        "namespace".into(),
+                        Value::Array(ns.0.iter().map(|n| word(n.as_str())).collect()),
+                    );
+                }
+                if let Some(sel) = &r.pod_selector {
+                    t.insert("pod_selector".into(), selector_toml(sel));
+                }
+                if let Some(c) = &r.container {
+                    t.insert("container".into(), word(c.as_str()));
+                }
                 Value::Table(t)
             })
             .collect();
@@ -245,6 +261,47 @@ impl Policy {
         // A table of strings and arrays of strings always serializes.
         toml::to_string(&doc).unwrap_or_default()
     }
+}
+
+fn selector_toml(sel: &crate::model::LabelSelector) -> toml::Value {
+    use toml::{Table, Value};
+    let mut t = Table::new();
+    if !sel.match_labels.is_empty() {
+        t.insert(
+            "match_labels".into(),
+            Value::Table(
+                sel.match_labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Value::String(v.0.clone())))
+                    .collect(),
+            ),
+        );
+    }
+    if !sel.match_expressions.is_empty() {
+        let exprs = sel
+            .match_expressions
+            .iter()
+            .map(|e| {
+                let mut x = Table::new();
+                x.insert("key".into(), Value::String(e.key.to_string()));
+                x.insert("operator".into(), Value::String(e.operator.as_str().into()));
+                if !e.values.is_empty() {
+                    x.insert(
+                        "values".into(),
+                        Value::Array(
+                            e.values
+                                .iter()
+                                .map(|v| Value::String(v.0.clone()))
+                                .collect(),
+                        ),
+                    );
+                }
+                Value::Table(x)
+            })
+            .collect();
+        t.insert("match_expressions".into(), Value::Array(exprs));
+    }
+    Value::Table(t)
 }
 
 /// Rule-level differences between two policies.
@@ -419,21 +476,136 @@ struct Candidate {
     entry: RuleEntry,
 }
 
+/// Where the rules that select workloads apply on this node now, and the unknown-pod guard:
+/// what [`bind`] makes of the node's [`Inventory`] for one policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bindings {
+    /// For each selector rule (by index), the cgroups of the pods (or containers) it selects.
+    pub selected: BTreeMap<usize, BTreeSet<CgroupPath>>,
+    /// The guard of unclassified pods, when `unknown_pod_action` is not `allow`.
+    pub guard: Option<Guard>,
+}
+
+/// Connects from cgroups under `root` that are not in a classified pod get `action`, ahead of
+/// every rule, counted on the hit counter [`GUARD_RULE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    /// The cgroup under which pods live.
+    pub root: CgroupPath,
+    /// `Deny` or `Audit`.
+    pub action: Action,
+    /// The cgroups of classified pods (each gets a scope of its own, without the guard).
+    pub known_pods: BTreeSet<CgroupPath>,
+}
+
+/// The hit-counter name of the unknown-pod guard (not a valid rule name, so it never clashes).
+pub const GUARD_RULE: &str = "(unknown pod)";
+
+/// Binds `rules` to the node's pods: each selector rule to the cgroups of the pods it selects
+/// (or, with `container`, of that container in each of them).
+pub fn bind(rules: &[RuleSpec], inventory: Option<&Inventory>) -> Bindings {
+    let Some(inv) = inventory else {
+        return Bindings::default();
+    };
+    let mut selected = BTreeMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(sel) = rule.workloads() else {
+            continue;
+        };
+        let paths: BTreeSet<CgroupPath> = inv
+            .pods
+            .iter()
+            .filter(|p| sel.selects(p))
+            .flat_map(|p| match &sel.container {
+                None => vec![p.cgroup.clone()],
+                Some(name) => p
+                    .containers
+                    .iter()
+                    .filter(|c| c.name == name.as_str())
+                    .map(|c| c.cgroup.clone())
+                    .collect(),
+            })
+            .collect();
+        selected.insert(i, paths);
+    }
+    let guard = (inv.unknown_pod_action != Action::Allow).then(|| Guard {
+        root: inv.kubepods_root.clone(),
+        action: inv.unknown_pod_action,
+        known_pods: inv.pods.iter().map(|p| p.cgroup.clone()).collect(),
+    });
+    Bindings { selected, guard }
+}
+
+impl Bindings {
+    /// Whether the guard applies at `scope`: under the pods' root, outside every known pod.
+    fn guards(&self, scope: Option<&CgroupPath>) -> Option<&Guard> {
+        let (g, scope) = (self.guard.as_ref()?, scope?);
+        (g.root.contains(scope) && !g.known_pods.iter().any(|p| p.contains(scope))).then_some(g)
+    }
+
+    /// The rank of rule `index` at `scope`: the depth of its deepest bound cgroup that is or
+    /// contains the scope.
+    fn rank(&self, index: usize, scope: Option<&CgroupPath>) -> Option<usize> {
+        let scope = scope?;
+        self.selected
+            .get(&index)?
+            .iter()
+            .filter(|p| p.contains(scope))
+            .map(|p| p.depth())
+            .max()
+    }
+}
+
 /// Compiles the trie for one scope: `scope` is a rule cgroup path, or `None` for the global scope
-/// (connects from cgroups that no rule names). `counters[i]` is the hit counter of `rules[i]`.
+/// (connects from cgroups that no rule names). `counters[i]` is the hit counter of `rules[i]`;
+/// with a guard, `counters[rules.len()]` is the guard's.
 pub fn compile_scope(
     rules: &[RuleSpec],
+    bindings: &Bindings,
     scope: Option<&CgroupPath>,
     counters: &[u32],
     default_class: Class,
 ) -> Result<ScopeTable, CompileError> {
     let mut v4: Vec<(Ipv4Net, Candidate)> = Vec::new();
     let mut v6: Vec<(Ipv6Net, Candidate)> = Vec::new();
+    if let Some(g) = bindings.guards(scope) {
+        let entry = RuleEntry {
+            port_lo: 0,
+            port_hi: u16::MAX,
+            proto: knhk_abi::PROTO_ANY,
+            action: abi::action(g.action),
+            class: abi::class(default_class),
+            _pad: 0,
+            counter: counters.get(rules.len()).copied().unwrap_or(0),
+        };
+        // Ahead of every rule: the deepest possible rank.
+        let cand = Candidate {
+            rank: usize::MAX,
+            prefix_len: 0,
+            order: rules.len(),
+            entry,
+        };
+        // Every address: 0.0.0.0/0 and ::/0 (always valid prefixes).
+        if let (Ok(any4), Ok(any6)) = (
+            Ipv4Net::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            Ipv6Net::new(std::net::Ipv6Addr::UNSPECIFIED, 0),
+        ) {
+            v4.push((any4, cand));
+            v6.push((any6, cand));
+        }
+    }
     for (order, rule) in rules.iter().enumerate() {
-        let rank = match (&rule.cgroup, scope) {
-            (None, _) => 0,
-            (Some(own), Some(scope)) if own.contains(scope) => own.depth(),
-            _ => continue,
+        let rank = if rule.workloads().is_some() {
+            match bindings.rank(order, scope) {
+                Some(rank) => rank,
+                None => continue,
+            }
+        } else {
+            match (&rule.cgroup, scope) {
+                (None, _) => 0,
+                (Some(own), Some(scope)) if own.contains(scope) => own.depth(),
+                _ => continue,
+            }
         };
         let ports = rule.ports.as_deref().unwrap_or(&[PortRange::ALL]);
         for cidr in &rule.cidrs {
@@ -462,7 +634,11 @@ pub fn compile_scope(
     }
     // The global scope: no suffix.
     let describe_scope = || scope.map(|s| format!(" in cgroup {s}")).unwrap_or_default();
-    let name_of = |order: usize| rules[order].name.to_string();
+    let name_of = |order: usize| {
+        rules
+            .get(order)
+            .map_or_else(|| GUARD_RULE.to_owned(), |r| r.name.to_string())
+    };
     Ok(ScopeTable {
         v4: flatten(
             v4,
@@ -550,6 +726,29 @@ fn flatten<N: Copy + Eq + std::hash::Hash + Ord>(
 pub fn rule_scopes(rules: &[RuleSpec]) -> Vec<CgroupPath> {
     let set: BTreeSet<&CgroupPath> = rules.iter().filter_map(|r| r.cgroup.as_ref()).collect();
     set.into_iter().cloned().collect()
+}
+
+/// Every cgroup that needs a scope of its own: the rules' cgroups, the bound workloads', and
+/// with a guard its root and every known pod.
+pub fn scopes_of(rules: &[RuleSpec], bindings: &Bindings) -> Vec<CgroupPath> {
+    let mut set: BTreeSet<CgroupPath> = rule_scopes(rules).into_iter().collect();
+    set.extend(bindings.selected.values().flatten().cloned());
+    if let Some(g) = &bindings.guard {
+        set.insert(g.root.clone());
+        set.extend(g.known_pods.iter().cloned());
+    }
+    set.into_iter().collect()
+}
+
+/// What decides a scope's table besides the policy: the bound rules and their ranks, and the
+/// guard. Two bindings give `scope` the same table when this is equal.
+pub fn scope_signature(bindings: &Bindings, scope: &CgroupPath) -> (Vec<(usize, usize)>, bool) {
+    let ranks = bindings
+        .selected
+        .keys()
+        .filter_map(|&i| bindings.rank(i, Some(scope)).map(|r| (i, r)))
+        .collect();
+    (ranks, bindings.guards(Some(scope)).is_some())
 }
 
 #[cfg(test)]

@@ -68,7 +68,14 @@ fn decide(table: &ScopeTable, ip: &str, port: u16, proto: u8) -> Option<u32> {
 fn compile(rs: &[RuleSpec], scope: Option<&str>) -> ScopeTable {
     let counters: Vec<u32> = (1..=rs.len() as u32).collect();
     let scope = scope.map(|s| s.parse::<CgroupPath>().expect("path"));
-    compile_scope(rs, scope.as_ref(), &counters, Class::C1).expect("compiles")
+    compile_scope(
+        rs,
+        &Bindings::default(),
+        scope.as_ref(),
+        &counters,
+        Class::C1,
+    )
+    .expect("compiles")
 }
 
 const TCP: u8 = knhk_abi::PROTO_TCP;
@@ -202,7 +209,7 @@ fn too_many_overlapping_entries_is_a_precise_error() {
     }
     let rs = rules(&text);
     let counters: Vec<u32> = (1..=rs.len() as u32).collect();
-    let e = compile_scope(&rs, None, &counters, Class::C1)
+    let e = compile_scope(&rs, &Bindings::default(), None, &counters, Class::C1)
         .expect_err("overflow")
         .to_string();
     assert!(
@@ -252,4 +259,146 @@ fn a_rule_with_more_ports_than_a_leaf_holds_continues_in_chunks() {
     assert_eq!(decide(&t, "10.1.2.3", 2000 + 3 * 39, TCP), Some(0));
     assert_eq!(decide(&t, "10.1.2.3", 2000 + 3 * 15, TCP), Some(0));
     assert_eq!(decide(&t, "10.1.2.3", 2001, TCP), Some(1));
+}
+
+fn pod(ns: &str, name: &str, labels: &[(&str, &str)], containers: &[&str]) -> crate::model::Pod {
+    let cgroup: CgroupPath = format!("kubepods/besteffort/pod{name}")
+        .parse()
+        .expect("path");
+    crate::model::Pod {
+        uid: name.into(),
+        namespace: ns.into(),
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        containers: containers
+            .iter()
+            .map(|c| crate::model::workload::Container {
+                name: c.to_string(),
+                id: format!("{c}0000000000000"),
+                cgroup: format!("{cgroup}/{c}0000000000000").parse().expect("path"),
+            })
+            .collect(),
+        cgroup,
+    }
+}
+
+fn inventory(unknown: Action, pods: Vec<crate::model::Pod>) -> Inventory {
+    Inventory {
+        kubepods_root: "kubepods".parse().expect("path"),
+        unknown_pod_action: unknown,
+        pods,
+        unclassified: vec![],
+    }
+}
+
+#[test]
+fn selector_rules_bind_to_the_selected_pods_and_override_outer_cgroup_rules() {
+    let rs = rules(
+        "[[policy.rules]]\nname = \"kube-allow\"\naction = \"allow\"\ncgroup = \"kubepods\"\ncidrs = [\"10.0.0.0/8\"]\n\
+         [[policy.rules]]\nname = \"api-deny\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nnamespace = \"payments\"\n\
+         pod_selector = { match_labels = { app = \"api\" } }\n\
+         [[policy.rules]]\nname = \"sidecar-deny\"\naction = \"deny\"\ncidrs = [\"10.1.0.0/16\"]\ncontainer = \"proxy\"\n",
+    );
+    let inv = inventory(
+        Action::Allow,
+        vec![
+            pod("payments", "a", &[("app", "api")], &["app", "proxy"]),
+            pod("payments", "b", &[("app", "web")], &["app"]),
+            pod("shop", "c", &[("app", "api")], &["proxy"]),
+        ],
+    );
+    let b = bind(&rs, Some(&inv));
+    let paths =
+        |i: usize| -> Vec<String> { b.selected[&i].iter().map(|p| p.to_string()).collect() };
+    assert_eq!(paths(1), vec!["kubepods/besteffort/poda"]);
+    assert_eq!(
+        paths(2),
+        vec![
+            "kubepods/besteffort/poda/proxy0000000000000",
+            "kubepods/besteffort/podc/proxy0000000000000"
+        ]
+    );
+    assert!(b.guard.is_none(), "allow: no guard");
+    let counters: Vec<u32> = (1..=rs.len() as u32).collect();
+    let table = |scope: &str| {
+        let scope: CgroupPath = scope.parse().expect("path");
+        compile_scope(&rs, &b, Some(&scope), &counters, Class::C1).expect("compiles")
+    };
+    // Pod a: its selector rule (deeper than kubepods) wins over the outer cgroup rule.
+    assert_eq!(
+        decide(&table("kubepods/besteffort/poda"), "10.2.3.4", 80, 6),
+        Some(1)
+    );
+    // Its proxy container: the container rule (deeper still) for 10.1/16, the pod's for the rest.
+    let proxy = table("kubepods/besteffort/poda/proxy0000000000000");
+    assert_eq!(decide(&proxy, "10.1.2.3", 80, 6), Some(2));
+    assert_eq!(decide(&proxy, "10.2.3.4", 80, 6), Some(1));
+    // Pod b matches no selector: the cgroup rule decides.
+    assert_eq!(
+        decide(&table("kubepods/besteffort/podb"), "10.2.3.4", 80, 6),
+        Some(0)
+    );
+    // Scopes: the rule cgroup and every bound workload.
+    let all: Vec<String> = scopes_of(&rs, &b).iter().map(|p| p.to_string()).collect();
+    assert_eq!(all.len(), 4, "{all:?}");
+    // No inventory (discovery off): selector rules apply nowhere.
+    assert_eq!(bind(&rs, None), Bindings::default());
+}
+
+#[test]
+fn the_guard_catches_unclassified_pods_only() {
+    let rs =
+        rules("[[policy.rules]]\nname = \"all\"\naction = \"allow\"\ncidrs = [\"0.0.0.0/0\"]\n");
+    let inv = inventory(Action::Deny, vec![pod("ns", "known", &[], &["app"])]);
+    let b = bind(&rs, Some(&inv));
+    let counters = vec![1, 2];
+    let decide_at = |scope: &str| {
+        let scope: CgroupPath = scope.parse().expect("path");
+        let t = compile_scope(&rs, &b, Some(&scope), &counters, Class::C1).expect("compiles");
+        decide(&t, "192.0.2.1", 443, 6)
+    };
+    // The guard (counter 2, index 1) decides for the pods root and a QoS directory...
+    assert_eq!(decide_at("kubepods"), Some(1));
+    assert_eq!(decide_at("kubepods/besteffort"), Some(1));
+    // ...but not for a known pod or its containers, nor outside the pods root.
+    assert_eq!(decide_at("kubepods/besteffort/podknown"), Some(0));
+    assert_eq!(
+        decide_at("kubepods/besteffort/podknown/app0000000000000"),
+        Some(0)
+    );
+    assert_eq!(decide_at("system.slice"), Some(0));
+    let scopes: Vec<String> = scopes_of(&rs, &b).iter().map(|p| p.to_string()).collect();
+    assert_eq!(scopes, vec!["kubepods", "kubepods/besteffort/podknown"]);
+}
+
+#[test]
+fn selector_rules_have_their_own_digest_line_and_round_trip() {
+    let rs = rules(
+        "[[policy.rules]]\nname = \"s\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nnamespace = [\"b\", \"a\"]\n\
+         pod_selector = { match_labels = { app = \"api\" }, match_expressions = [{ key = \"tier\", operator = \"In\", values = [\"y\", \"x\"] }] }\n\
+         container = \"app\"\n",
+    );
+    let policy = Policy {
+        rules: rs,
+        mode: Mode::Enforce,
+        default_action: DefaultAction::Allow,
+        default_class: Class::C1,
+        heat: false,
+        heat_sample_every: 1,
+        histograms: false,
+        histogram_interval_us: 0,
+    };
+    assert!(
+        policy
+            .canonical_text()
+            .ends_with(" park_to= workloads=ns=a,b pods={app=api;tier In (x,y)} container=app\n"),
+        "{}",
+        policy.canonical_text()
+    );
+    // The TOML form reads back to the same rules.
+    let text = policy.to_config_toml();
+    assert_eq!(rules(&text), policy.rules, "{text}");
 }
