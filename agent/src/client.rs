@@ -681,12 +681,32 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
         .iter()
         .map(|h| json!({"rule": h.rule, "hits": h.hits}))
         .collect();
+    // Writing into a String cannot fail.
+    let _ = writeln!(human, "live policy set by: {}", r.policy_source);
+    let workloads = r.workloads.as_ref().map(|w| {
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            human,
+            "pods: {} classified, {} not yet classified",
+            w.pods.len(),
+            w.unclassified_cgroups.len()
+        );
+        for p in w.pods.iter().take(20) {
+            let _ = writeln!(human, "  {}/{}  {}", p.namespace, p.name, p.cgroup);
+        }
+        let pods: Vec<_> = w
+            .pods
+            .iter()
+            .map(|p| json!({"namespace": p.namespace, "name": p.name, "uid": p.uid, "cgroup": p.cgroup, "containers": p.containers}))
+            .collect();
+        json!({"pods": pods, "unclassified_cgroups": w.unclassified_cgroups})
+    });
     Ok(Report {
         human,
         json: json!({"version": r.version, "programs": r.programs, "cgroup_root": r.cgroup_root, "generation": r.generation,
                      "adopted": r.adopted, "active_cgroups": r.active_cgroups, "pending_cgroups": r.pending_cgroups,
                      "trie_entries": r.trie_entries, "decisions": decisions, "receipts": ledger, "sync": sync,
-                     "rule_hits": rule_hits}),
+                     "rule_hits": rule_hits, "policy_source": r.policy_source, "workloads": workloads}),
     })
 }
 

@@ -1028,3 +1028,38 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Now on the monotonic clock, ns (the clock the child of [`tcp_until_from`] reports on).
+pub fn monotonic_ns() -> i64 {
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
+
+/// From a process in `cgroup`, TCP connects to `addr` back to back until one is denied (`deny`
+/// true) or admitted (`deny` false), for at most `max_ns`. Returns (monotonic ns when that
+/// happened, or -1 on timeout; attempts made).
+pub fn tcp_until_from(cgroup: &Path, addr: SocketAddr, deny: bool, max_ns: i64) -> (i64, i64) {
+    let a = raw_addr(addr);
+    let [at, attempts] = in_cgroup::<2>(cgroup, |out| {
+        let start = monotonic_ns();
+        let mut n = 0;
+        loop {
+            let mut ns = 0;
+            let code = raw_connect(&a, libc::SOCK_STREAM, &mut ns);
+            n += 1;
+            let now = monotonic_ns();
+            let denied = code == libc::EPERM as i64;
+            if denied == deny {
+                out[0] = now;
+                break;
+            }
+            if now - start > max_ns {
+                out[0] = -1;
+                break;
+            }
+        }
+        out[1] = n;
+    });
+    (at, attempts)
+}

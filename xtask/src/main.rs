@@ -170,6 +170,24 @@ fn main() -> Result<()> {
             for name in ["bench_api", "bench_receipts", "bench_sync", "bench_memory"] {
                 benches.push(Command::new(examples.join(name)));
             }
+            // Pod start to enforced runs real pods, so it lives with the workload tests (ignored
+            // there: it is a benchmark, not a test).
+            let mut pods = cargo();
+            pods.args([
+                "test",
+                "--release",
+                "-p",
+                "knhk-agent",
+                "--test",
+                "workloads",
+                "--",
+                "--ignored",
+                "--nocapture",
+                "bench_",
+            ]);
+            if check {
+                pods.env("KNHK_BENCH_CHECK", "1");
+            }
             // Every benchmark runs; with --check, the task fails at the end if one missed a goal.
             let mut failed = Vec::new();
             for mut bench in benches {
@@ -179,6 +197,9 @@ fn main() -> Result<()> {
                 if let Err(e) = run(&mut bench) {
                     failed.push(e.to_string());
                 }
+            }
+            if let Err(e) = run(&mut pods) {
+                failed.push(e.to_string());
             }
             if !failed.is_empty() {
                 bail!(

@@ -276,10 +276,26 @@ impl AgentService for AgentApi {
             .into_iter()
             .map(|(rule, hits)| pb::RuleHits { rule, hits })
             .collect();
+        let workloads = self.0.inventory().map(|inv| pb::WorkloadStatus {
+            pods: inv
+                .pods
+                .iter()
+                .map(|p| pb::PodStatus {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    uid: p.uid.clone(),
+                    cgroup: p.cgroup.to_string(),
+                    containers: p.containers.iter().map(|c| c.name.clone()).collect(),
+                })
+                .collect(),
+            unclassified_cgroups: inv.unclassified.iter().map(|c| c.to_string()).collect(),
+        });
         Ok(Response::new(pb::GetStatusResponse {
             ledger,
             sync,
             rule_hits,
+            workloads,
+            policy_source: self.0.live_source().await.to_owned(),
             version: env!("CARGO_PKG_VERSION").into(),
             programs: status.programs.iter().map(|p| p.to_string()).collect(),
             cgroup_root: status.cgroup_root.display().to_string(),
