@@ -140,6 +140,18 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let root = cgroup_root(&config)?;
     let registry = prometheus::Registry::new();
     let readiness = Arc::new(Readiness::default());
+    // Not ready until the programs are attached and the policy is live, whatever else is.
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let started = started.clone();
+        readiness.register("started", move || {
+            if started.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("loading the kernel programs and making the policy live".into())
+            }
+        });
+    }
     let admin = AdminServer::start(
         config.agent.metrics_address,
         registry.clone(),
@@ -201,7 +213,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 unclassified = initial.unclassified.len(),
                 "workload discovery on"
             );
-            readiness.register("container runtime", discovery.readiness_check());
             Some((discovery, Arc::new(initial)))
         }
         None => None,
@@ -284,6 +295,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     readiness.register("maps readable", move || {
         probe.decisions().map(|_| ()).map_err(|e| e.to_string())
     });
+    if let Some((d, _)) = &discovery {
+        readiness.register("container runtime", d.readiness_check());
+    }
+    started.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let mut services = TaskGroup::new("agent");
     if let Some((discovery, initial)) = discovery {

@@ -58,6 +58,17 @@ pub struct Containerd {
     pods: HashMap<String, TestPod>,
 }
 
+/// What [`Containerd::run_pod_spec`] runs: a host-network pod with one container (by default
+/// `app`, busybox sleeping).
+#[derive(Default)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    /// The container (default: `app`, busybox sleeping).
+    pub container: Option<ContainerConfig>,
+}
+
 /// A pod made by a test.
 #[derive(Debug, Clone)]
 pub struct TestPod {
@@ -257,21 +268,55 @@ state = "{d}/state"
         name: &str,
         labels: &[(&str, &str)],
     ) -> TestPod {
+        self.run_pod_spec(
+            kubepods_parent,
+            cgroup_mount,
+            PodSpec {
+                namespace: namespace.into(),
+                name: name.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..PodSpec::default()
+            },
+        )
+    }
+
+    /// Imports an OCI or docker archive into the runtime's `k8s.io` namespace.
+    pub fn import_archive(&self, archive: &Path) {
+        run(Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(archive));
+    }
+
+    /// Runs a host-network pod as `spec` describes, as [`Containerd::run_pod`] does.
+    pub fn run_pod_spec(
+        &mut self,
+        kubepods_parent: &str,
+        cgroup_mount: &Path,
+        spec: PodSpec,
+    ) -> TestPod {
+        let PodSpec {
+            namespace,
+            name,
+            labels,
+            container,
+        } = spec;
         let uid = uuid_like();
         let cgroup_parent = format!("{kubepods_parent}/besteffort/pod{uid}");
-        let mut labels: HashMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let mut labels: HashMap<String, String> = labels.into_iter().collect();
         // What the kubelet adds to every sandbox.
-        labels.insert("io.kubernetes.pod.name".into(), name.into());
-        labels.insert("io.kubernetes.pod.namespace".into(), namespace.into());
+        labels.insert("io.kubernetes.pod.name".into(), name.clone());
+        labels.insert("io.kubernetes.pod.namespace".into(), namespace.clone());
         labels.insert("io.kubernetes.pod.uid".into(), uid.clone());
         let sandbox_config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
-                name: name.into(),
+                name: name.clone(),
                 uid: uid.clone(),
-                namespace: namespace.into(),
+                namespace: namespace.clone(),
                 attempt: 0,
             }),
             log_directory: self.dir.join("logs").display().to_string(),
@@ -299,23 +344,27 @@ state = "{d}/state"
             .unwrap_or_else(|e| panic!("RunPodSandbox: {e}; log:\n{}", self.log()))
             .into_inner()
             .pod_sandbox_id;
+        let mut config = container.unwrap_or_else(|| ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: "app".into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: "localhost/busybox:local".into(),
+                ..Default::default()
+            }),
+            linux: Some(LinuxContainerConfig::default()),
+            ..Default::default()
+        });
+        config.log_path = format!(
+            "{name}-{}.log",
+            config.metadata.as_ref().map_or("c", |m| m.name.as_str())
+        );
         let container_id = self
             .rt
             .block_on(client.create_container(CreateContainerRequest {
                 pod_sandbox_id: sandbox_id.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "app".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: "localhost/busybox:local".into(),
-                        ..Default::default()
-                    }),
-                    log_path: format!("{name}-app.log"),
-                    linux: Some(LinuxContainerConfig::default()),
-                    ..Default::default()
-                }),
+                config: Some(config),
                 sandbox_config: Some(sandbox_config),
             }))
             .unwrap_or_else(|e| panic!("CreateContainer: {e}; log:\n{}", self.log()))
@@ -327,8 +376,8 @@ state = "{d}/state"
             }))
             .unwrap_or_else(|e| panic!("StartContainer: {e}; log:\n{}", self.log()));
         let pod = TestPod {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace,
+            name,
             cgroup_dir: cgroup_mount
                 .join(kubepods_parent.trim_start_matches('/'))
                 .join("besteffort")
@@ -339,6 +388,48 @@ state = "{d}/state"
         };
         self.pods.insert(pod.uid.clone(), pod.clone());
         pod
+    }
+
+    /// The container's log (what it wrote to stdout and stderr).
+    pub fn container_log(&self, pod: &TestPod) -> String {
+        let dir = self.dir.join("logs");
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(&format!("{}-", pod.name))
+                    })
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+
+    /// The state of the pod's container (`CONTAINER_RUNNING`, `CONTAINER_EXITED`, ...) and its
+    /// exit code.
+    pub fn container_state(&self, pod: &TestPod) -> (String, i32) {
+        let mut client = self.client();
+        let s = self
+            .rt
+            .block_on(
+                client.container_status(k8s_cri::v1::ContainerStatusRequest {
+                    container_id: pod.container_id.clone(),
+                    verbose: false,
+                }),
+            )
+            .unwrap_or_else(|e| panic!("ContainerStatus: {e}"))
+            .into_inner()
+            .status
+            .unwrap_or_default();
+        (
+            k8s_cri::v1::ContainerState::try_from(s.state)
+                .map(|st| st.as_str_name().to_owned())
+                .unwrap_or_default(),
+            s.exit_code,
+        )
     }
 
     /// Runs `cmd` in the pod's container; returns (exit code, stdout + stderr).

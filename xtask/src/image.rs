@@ -385,11 +385,11 @@ pub fn collect_rootfs(stripped: &Path) -> Result<RootFs> {
     Ok(rootfs)
 }
 
-/// `cargo xtask image`: split the release binary's debug info, collect the root file system and
-/// write `<target>/image/knhk-agent-<version>.oci.tar`. The release binary must be built.
-pub fn build(target: &Path, version: &str) -> Result<()> {
-    let dir = target.join("image");
-    let bin = split_debug(&target.join("release/knhk-agent"), &dir)?;
+/// `cargo xtask image`: split `binary`'s debug info, collect the root file system and write
+/// `<dir>/knhk-agent-<version>.oci.tar`.
+pub fn build(binary: &Path, dir: &Path, version: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bin = split_debug(binary, dir)?;
     let rootfs = collect_rootfs(&bin.stripped)?;
     let out = dir.join(format!("knhk-agent-{version}.oci.tar"));
     let built = write_archive(&rootfs, version, oci_arch()?, &out)?;

@@ -70,7 +70,18 @@ enum Task {
     Layers,
     /// Build the agent's OCI image archive (target/image/knhk-agent-<version>.oci.tar) without a
     /// container runtime or registry, and print its reference by digest.
-    Image,
+    Image {
+        /// Package this agent binary instead of building the release one (tests package the
+        /// binary under test).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// The image's version tag (default: the crate version).
+        #[arg(long)]
+        version: Option<String>,
+        /// Where the archive goes (default: <target>/image).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
@@ -92,10 +103,25 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup => setup(),
         Task::Layers => layers::check(&root),
-        Task::Image => {
-            setup_system()?;
-            run(cargo().args(["build", "--release", "--locked", "-p", "knhk-agent"]))?;
-            image::build(&target_dir(&root), env!("CARGO_PKG_VERSION"))
+        Task::Image {
+            binary,
+            version,
+            out_dir,
+        } => {
+            let target = target_dir(&root);
+            let binary = match binary {
+                Some(b) => b,
+                None => {
+                    setup_system()?;
+                    run(cargo().args(["build", "--release", "--locked", "-p", "knhk-agent"]))?;
+                    target.join("release/knhk-agent")
+                }
+            };
+            image::build(
+                &binary,
+                &out_dir.unwrap_or_else(|| target.join("image")),
+                version.as_deref().unwrap_or(env!("CARGO_PKG_VERSION")),
+            )
         }
         Task::BuildEbpf => {
             setup()?;
