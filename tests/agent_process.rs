@@ -1379,3 +1379,94 @@ fn kernel_the_maximum_policy_applies_and_reads_back() {
         .map(Vec::len);
     assert_eq!(count, Some(100_000), "policy get reads back every rule");
 }
+
+/// A second agent started on the pin root of a running one is refused at once, with an error
+/// that names the pin root and the running agent's pid, and changes nothing: the first keeps
+/// enforcing its policy with its own links, the second writes no state. Once the first is gone
+/// (even by SIGKILL), the pin root is free again.
+#[test]
+fn kernel_a_second_agent_on_the_same_pin_root_is_refused() {
+    if !kernel_available("kernel_a_second_agent_on_the_same_pin_root_is_refused") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("pin-lock");
+    let pins = TestPins::new("pin-lock");
+    let first_dir = tempfile::tempdir().expect("tempdir");
+    let second_dir = tempfile::tempdir().expect("tempdir");
+    let first_config = write_config(
+        first_dir.path(),
+        &cg.path,
+        &pins.root,
+        &deny_rule(target.port()),
+    );
+    // Its own socket, state and metrics port, the same pins, and a policy that would allow.
+    let second_config = write_config(second_dir.path(), &cg.path, &pins.root, "");
+    let first = Agent::start(&first_config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let links = || -> Vec<_> {
+        let mut names: Vec<_> = std::fs::read_dir(pins.root.join(format!("v{ABI_VERSION}/links")))
+            .expect("links")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let links_before = links();
+
+    // Killed on drop: a second agent that was not refused must not outlive the test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut second = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&second_config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the second agent"),
+    );
+    let mut status = None;
+    wait_until("the second agent exits", Duration::from_secs(20), || {
+        status = second.0.try_wait().expect("wait");
+        status.is_some()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    drop(second);
+    eprintln!("second agent: {status:?}: {stderr}");
+    assert_eq!(status.and_then(|s| s.code()), Some(69), "{stderr}");
+    let expected = format!(
+        "agent.pin_root {} is in use by another knhk-agent (pid {})",
+        pins.root.display(),
+        first.child.id()
+    );
+    assert!(stderr.contains(&expected), "want {expected:?} in: {stderr}");
+    // Nothing changed: the first agent's links, policy and enforcement; no state of the second.
+    assert_eq!(links(), links_before);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    assert!(
+        first.get("/metrics").contains("knhk_policy_generation 1"),
+        "the first agent's policy is untouched"
+    );
+    assert!(
+        !second_dir.path().join("state").exists(),
+        "the refused agent wrote state"
+    );
+
+    // The kernel drops the lock with its holder, however it ends.
+    first.kill9();
+    let second = Agent::start(&second_config);
+    assert_eq!(
+        tcp_connect_from(&cg.path, target),
+        Outcome::Connected,
+        "the pin root is free again: the second agent applied its policy"
+    );
+    second.kill9();
+}

@@ -133,6 +133,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
     let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
+    // One agent per pin root: a second one is refused first of all, before it binds, opens the
+    // ledger or touches the kernel. Held until the process ends.
+    let pin_root = config.agent.pin_root.clone();
+    let _pin_root_lock = blocking(move || datapath::PinRootLock::acquire(&pin_root)).await??;
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
     let identity_settings = config.settings.identity.clone();
     let api_listener = api::bind(&config.api_listen(), identity_settings.is_some()).await?;
