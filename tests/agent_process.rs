@@ -1470,3 +1470,284 @@ fn kernel_a_second_agent_on_the_same_pin_root_is_refused() {
     );
     second.kill9();
 }
+
+/// A tmpfs of `size`, mounted for the life of the value (lazily unmounted on drop).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Fills it with `name` until the write fails with ENOSPC; returns the bytes written.
+    fn fill(&self, name: &str) -> u64 {
+        let mut f = std::fs::File::create(self.0.join(name)).expect("filler");
+        let chunk = vec![0xa5u8; 4096];
+        let mut written = 0;
+        loop {
+            match f.write(&chunk) {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling: {e}");
+                    return written;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every receipt the running agent lists, by seq: its leaf hash (SHA-256(0x00 || encoding)).
+async fn listed_hashes(agent: &Agent) -> std::collections::BTreeMap<u64, [u8; 32]> {
+    use knhk_agent::api::receipts::pb;
+    let mut client = pb::receipt_service_client::ReceiptServiceClient::new(agent.channel().await);
+    let mut out = std::collections::BTreeMap::new();
+    loop {
+        let page = client
+            .list_receipts(pb::ListReceiptsRequest {
+                from_seq: out.len() as u64,
+                limit: 1000,
+            })
+            .await
+            .expect("list receipts")
+            .into_inner();
+        if page.receipts.is_empty() {
+            return out;
+        }
+        for r in page.receipts {
+            out.insert(r.seq, knhk_agent::receipts::merkle::leaf(&r.encoding));
+        }
+    }
+}
+
+/// The receipts ledger on a filesystem that fills up: writes fail cleanly, readiness names
+/// ENOSPC, enforcement goes on, receipts that no one was told about are kept in memory; once
+/// space returns the same process writes again (no restart), and every acknowledged receipt is
+/// in the ledger hash for hash, with the kept ones after them.
+#[test]
+fn kernel_a_full_ledger_disk_fails_readiness_keeps_enforcing_and_resumes() {
+    if !kernel_available("kernel_a_full_ledger_disk_fails_readiness_keeps_enforcing_and_resumes") {
+        return;
+    }
+    let _serial = timing_shared();
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("ledger-full");
+    let pins = TestPins::new("ledger-full");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Tmpfs::mount(&dir.path().join("ledger-fs"), "2m");
+    let db = fs.0.join("receipts.redb");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n{}",
+            dir.path().join("keys").display(),
+            db.display(),
+            deny_rule(target.port()),
+        ),
+    );
+    let agent = Agent::start(&config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let rt = runtime();
+    let hold = |n: u64| knhk_agent::api::receipts::pb::PlaceHoldRequest {
+        hold: Some(knhk_agent::api::receipts::pb::Hold {
+            case_id: format!("CASE-{n}"),
+            reason: "disk full test".into(),
+            from_seq: Some(0),
+            to_seq: Some(1),
+            ..Default::default()
+        }),
+    };
+    let policy = |n: u64| {
+        doc(vec![
+            rule(
+                "block",
+                pb::Action::Deny,
+                "127.0.0.1/32",
+                &target.port().to_string(),
+            ),
+            rule(&format!("marker-{n}"), pb::Action::Allow, "10.9.0.0/16", ""),
+        ])
+    };
+    let (before, after, acked_holds, during) = rt.block_on(async {
+        let mut holds = knhk_agent::api::receipts::pb::hold_service_client::HoldServiceClient::new(
+            agent.channel().await,
+        );
+        let mut policies = policy_client(&agent).await;
+        let mut acked_holds = std::collections::BTreeSet::new();
+        let mut n = 0;
+        for _ in 0..20 {
+            n += 1;
+            let id = holds
+                .place_hold(hold(n))
+                .await
+                .expect("a hold before the disk fills");
+            acked_holds.insert(id.into_inner().id);
+        }
+        let before = listed_hashes(&agent).await;
+
+        // The disk fills. Holds (acknowledged only once durable) are refused or, while redb
+        // still has free pages, acknowledged; policy switches go on (their receipts are kept).
+        let filler = fs.fill("filler");
+        eprintln!("filled the ledger's tmpfs with {filler} bytes");
+        let mut refused = 0;
+        let mut during = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let readyz = loop {
+            n += 1;
+            match holds.place_hold(hold(n)).await {
+                Ok(id) => {
+                    acked_holds.insert(id.into_inner().id);
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                }
+            }
+            let applied = policies
+                .apply_policy(pb::ApplyPolicyRequest {
+                    policy: Some(policy(n)),
+                    expected_generation: None,
+                })
+                .await
+                .expect("policy switches go on with the ledger full")
+                .into_inner();
+            during.push(applied.generation);
+            let readyz = agent.get("/readyz");
+            if readyz.contains("503") && readyz.to_lowercase().contains("no space left") {
+                break readyz;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readiness never named ENOSPC: {readyz}"
+            );
+        };
+        eprintln!("/readyz with the disk full ({refused} holds refused):\n{readyz}");
+        assert!(readyz.contains("ENOSPC"), "{readyz}");
+        // Still enforcing, still alive.
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+        assert!(agent.get("/healthz").contains("200"), "alive");
+        // Refused now, precisely.
+        n += 1;
+        let e = holds
+            .place_hold(hold(n))
+            .await
+            .expect_err("the ledger is full");
+        assert!(
+            e.message().to_lowercase().contains("no space left"),
+            "the refusal says why: {e:?}"
+        );
+        for _ in 0..5 {
+            n += 1;
+            let applied = policies
+                .apply_policy(pb::ApplyPolicyRequest {
+                    policy: Some(policy(n)),
+                    expected_generation: None,
+                })
+                .await
+                .expect("a policy switch with the ledger full")
+                .into_inner();
+            during.push(applied.generation);
+        }
+
+        // Space returns: the same agent writes again.
+        std::fs::remove_file(fs.0.join("filler")).expect("free the space");
+        wait_until("the agent is ready again", Duration::from_secs(20), || {
+            agent.get("/readyz").contains("200 OK")
+        });
+        for _ in 0..5 {
+            n += 1;
+            let id = holds
+                .place_hold(hold(n))
+                .await
+                .expect("a hold once space returned");
+            acked_holds.insert(id.into_inner().id);
+        }
+        let after = listed_hashes(&agent).await;
+        (before, after, acked_holds, during)
+    });
+    {
+        for (seq, hash) in &before {
+            assert_eq!(
+                after.get(seq),
+                Some(hash),
+                "receipt {seq} changed or vanished"
+            );
+        }
+        eprintln!(
+            "{} receipts listed before the disk filled, {} after it was freed; {} holds acknowledged; \
+             policy generations switched with the disk full: {during:?}",
+            before.len(),
+            after.len(),
+            acked_holds.len()
+        );
+
+        // Offline, after a clean stop: hash for hash, every acknowledged receipt; every
+        // acknowledged hold and every policy switch made with the disk full has its receipt.
+        let (status, _) = agent.sigterm();
+        assert!(status.success(), "{status}");
+        let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
+        let size = ledger.size().expect("size");
+        let stored = ledger.receipts(0, size as usize).expect("receipts");
+        let mut held = std::collections::BTreeSet::new();
+        let mut switched = std::collections::BTreeSet::new();
+        for (receipt, payload) in &stored {
+            let hash = knhk_agent::receipts::merkle::leaf(&receipt.encode());
+            if let Some(listed) = after.get(&receipt.seq) {
+                assert_eq!(
+                    &hash, listed,
+                    "receipt {} differs from what was listed",
+                    receipt.seq
+                );
+            }
+            let json: serde_json::Value =
+                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
+            match receipt.kind {
+                knhk_agent::model::ReceiptKind::HoldPlaced => {
+                    held.insert(json["id"].as_u64().expect("id"));
+                }
+                knhk_agent::model::ReceiptKind::PolicySwitch => {
+                    switched.insert(json["generation"].as_u64().expect("generation"));
+                }
+                _ => {}
+            }
+        }
+        assert!(size >= after.len() as u64, "{size} < {}", after.len());
+        let lost: Vec<_> = acked_holds.difference(&held).collect();
+        assert!(
+            lost.is_empty(),
+            "acknowledged holds without a receipt: {lost:?}"
+        );
+        let unrecorded: Vec<_> = during.iter().filter(|g| !switched.contains(g)).collect();
+        assert!(
+            unrecorded.is_empty(),
+            "policy switches made with the disk full and never receipted: {unrecorded:?}"
+        );
+        let report =
+            knhk_agent::receipts::verify(&*ledger.database().expect("open")).expect("verify");
+        assert!(report.ok(), "{report:?}");
+    }
+}

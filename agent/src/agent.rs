@@ -306,6 +306,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 summaries,
             )
             .await?;
+            readiness.register("receipts ledger", receipts.ledger_readiness_check());
             readiness.register("receipts signing", receipts.readiness_check());
             let live = controller.live().await;
             let payload = serde_json::json!({
