@@ -239,6 +239,8 @@ pub struct Receipts {
     settings: ReceiptSettings,
     breaker: CircuitBreaker,
     key: Mutex<KeyState>,
+    /// The last failed signing attempt, until one succeeds.
+    sign_error: Mutex<Option<SignerError>>,
     write_failure: Mutex<Option<WriteFailure>>,
     commands: mpsc::Sender<Command>,
     sign_now: Notify,
@@ -341,6 +343,7 @@ impl Receipts {
             }),
             settings,
             write_failure: Mutex::new(None),
+            sign_error: Mutex::new(None),
             commands,
             sign_now: Notify::new(),
             changes: tokio::sync::watch::Sender::new(0),
@@ -759,6 +762,16 @@ impl Receipts {
         }
     }
 
+    /// Records the outcome of a signing attempt (`None`: it succeeded).
+    fn note_sign_result(&self, error: Option<SignerError>) {
+        if let Ok(mut last) = self.sign_error.lock() {
+            if error.is_none() && last.is_some() {
+                tracing::info!("receipts: the KMS signs again");
+            }
+            *last = error;
+        }
+    }
+
     fn write_failing(&self) -> bool {
         self.write_failure.lock().is_ok_and(|f| f.is_some())
     }
@@ -880,10 +893,12 @@ impl Receipts {
                 // One more pass on stop: the writer's final checkpoint was written before it.
                 _ = stop.requested() => last_pass = true,
             }
-            if self.key.lock().is_ok_and(|k| k.current.is_none()) && self.sync_key().await.is_err()
-            {
-                self.update_backlog();
-                continue;
+            if self.key.lock().is_ok_and(|k| k.current.is_none()) {
+                if let Err(e) = self.sync_key().await {
+                    self.note_sign_result(Some(e));
+                    self.update_backlog();
+                    continue;
+                }
             }
             let unsigned = match self.ledger.unsigned_checkpoints() {
                 Ok(u) => u,
@@ -929,12 +944,15 @@ impl Receipts {
                         }
                         self.metrics.signed.inc();
                         self.changes.send_modify(|v| *v += 1);
+                        self.note_sign_result(None);
                     }
                     Err(e) => {
                         tracing::warn!(
                             checkpoint = number,
-                            "receipts: checkpoint not signed yet: {e}"
+                            "receipts: checkpoint not signed yet: {e}{}",
+                            kms_hint(&e.to_string())
                         );
+                        self.note_sign_result(Some(e));
                         break;
                     }
                 }
@@ -1104,20 +1122,60 @@ impl Receipts {
                 .first()
                 .map(|(_, b)| (now_ns() - b.time_ns).max(0) / 1_000_000_000);
             let stuck = oldest.is_some_and(|s| s >= 10);
+            let last_error = me.sign_error.lock().ok().and_then(|e| e.clone());
+            // A refusal (the key disabled or pending deletion, access denied, a revoked token)
+            // is not waited out: retrying cannot help until someone fixes it.
+            if let Some(e) = last_error.as_ref().filter(|e| !e.is_transient()) {
+                if !unsigned.is_empty() {
+                    return Err(format!(
+                        "the KMS ({}) refuses to sign: {e}{}; {} checkpoints wait to be signed \
+                         (receipts are still written and durable; signing resumes by itself once \
+                         this is fixed)",
+                        me.signer.provider(),
+                        kms_hint(&e.to_string()),
+                        unsigned.len()
+                    ));
+                }
+            }
             if stuck
                 || me.breaker.state() != CircuitState::Closed
                 || me.key.lock().is_ok_and(|k| k.current.is_none())
             {
                 return Err(format!(
                     "the KMS ({}) has not signed for {} s (unreachable or failing): {} checkpoints wait to be signed \
-                     (receipts are still written and durable)",
+                     (receipts are still written and durable){}",
                     me.signer.provider(),
                     oldest.unwrap_or(0),
-                    unsigned.len()
+                    unsigned.len(),
+                    last_error
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
                 ));
             }
             Ok(())
         }
+    }
+}
+
+/// What a KMS refusal means and what fixes it, from the provider's error text ("" when the
+/// text is not one of the known refusals).
+fn kms_hint(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("pending deletion") || m.contains("pendingdeletion") {
+        " (the key is scheduled for deletion: cancel it (kms:CancelKeyDeletion), then enable it \
+         (kms:EnableKey))"
+    } else if m.contains("disabledexception") || m.contains("is disabled") {
+        " (the key is disabled: enable it (kms:EnableKey))"
+    } else if m.contains("accessdenied") || m.contains("not authorized") {
+        " (access denied: the agent's credentials may not use the key; check the key policy and \
+         IAM)"
+    } else if m.contains("permission denied") {
+        " (the Vault token is revoked, expired or lacks the transit policy: write a valid token \
+         to kms.token_file)"
+    } else if m.contains("kmsinvalidstate") {
+        " (the key is not in a state that can sign: check it with kms:DescribeKey)"
+    } else {
+        ""
     }
 }
 
