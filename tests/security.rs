@@ -1276,8 +1276,26 @@ fn kernel_the_api_socket_path_refuses_symlinks_and_other_files() {
     assert!(socket.exists(), "kill -9 leaves the socket");
     let agent = Agent::start(&config);
     let generation = live_generation(&agent.endpoint());
-    // A second agent on a live socket is refused, and the first keeps it.
-    let (code, stderr) = run_agent();
+    // A second agent on a live socket is refused, and the first keeps it. (Its own pin root:
+    // on the same one it would be refused earlier, for the pins.)
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_pins = TestPins::new("api-socket-path-2");
+    let other_config = write_config_with(
+        other.path(),
+        &cg.path,
+        &other_pins.root,
+        &format!("api_socket = \"{}\"\n", socket.display()),
+        "",
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&other_config)
+        .output()
+        .expect("run");
+    let (code, stderr) = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     assert_eq!(code, Some(64), "{stderr}");
     assert!(
         stderr.contains("another process is serving on it"),

@@ -136,7 +136,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // One agent per pin root: a second one is refused first of all, before it binds, opens the
     // ledger or touches the kernel. Held until the process ends.
     let pin_root = config.agent.pin_root.clone();
-    let _pin_root_lock = blocking(move || datapath::PinRootLock::acquire(&pin_root)).await??;
+    let mut pin_root_lock = blocking(move || datapath::PinRootLock::acquire(&pin_root)).await??;
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
     let identity_settings = config.settings.identity.clone();
     let api_listener = api::bind(&config.api_listen(), identity_settings.is_some()).await?;
@@ -189,6 +189,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         record.policy(&config.policy())?;
     }
     let datapath = blocking(move || Datapath::start(&opts)).await??;
+    pin_root_lock.keep();
     // From here on the programs are attached: a start that fails leaves the node as
     // agent.detach_on_exit says (the guard detaches on an early return).
     let mut detach_on_failure = DetachOnFailure {

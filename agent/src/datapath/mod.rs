@@ -629,6 +629,18 @@ pub fn mount_bpffs_if_missing() -> Result<bool, DatapathError> {
 #[derive(Debug)]
 pub struct PinRootLock {
     _dir: std::fs::File,
+    /// The pin root, when this lock created it and nothing was pinned yet: removed (if still
+    /// empty) when the lock is dropped, so a start refused later leaves nothing behind.
+    created: Option<PathBuf>,
+}
+
+impl Drop for PinRootLock {
+    fn drop(&mut self) {
+        if let Some(dir) = self.created.take() {
+            // Only an empty directory goes; anything else stays.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 impl PinRootLock {
@@ -644,6 +656,7 @@ impl PinRootLock {
         if pin_root.starts_with(BPFFS) {
             mount_bpffs_if_missing()?;
         }
+        let created = !pin_root.exists();
         std::fs::create_dir_all(pin_root)
             .map_err(|e| bpffs_err(format!("creating {}: {e}", pin_root.display())))?;
         let dir = std::fs::OpenOptions::new()
@@ -662,7 +675,15 @@ impl PinRootLock {
             }
             return Err(bpffs_err(format!("locking {}: {e}", pin_root.display())));
         }
-        Ok(PinRootLock { _dir: dir })
+        Ok(PinRootLock {
+            _dir: dir,
+            created: created.then(|| pin_root.to_owned()),
+        })
+    }
+
+    /// The datapath started: the pin root stays when the lock is dropped.
+    pub fn keep(&mut self) {
+        self.created = None;
     }
 }
 
