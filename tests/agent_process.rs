@@ -266,7 +266,26 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
     for _ in 0..5 {
         assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // The events themselves, not a pause: a beat has run and the destination's decayed heat is
+    // exported.
+    let heat_line =
+        format!("knhk_heat_decayed_attempts{{destination=\"{target}\",protocol=\"tcp\"}}");
+    wait_until(
+        "a beat has run and the destination's heat is exported",
+        Duration::from_secs(10),
+        || {
+            let metrics = agent.get("/metrics");
+            let value = |prefix: &str| {
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(prefix))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            value("knhk_beats_total ").is_some_and(|b| b > 0.0)
+                && value(&heat_line).is_some_and(|h| h > 0.0)
+        },
+    );
 
     // promtool lints the exposition as served.
     let response = agent.get("/metrics");
@@ -1316,14 +1335,35 @@ fn kernel_a_failed_start_leaves_the_node_as_detach_on_exit_says() {
         .args(["run", "--config"])
         .arg(&ok)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
     drop(child.stdout.take());
-    std::thread::sleep(Duration::from_millis(1500));
+    // The event itself: the agent says it could not write its startup lines (it is past
+    // them); then it must still be running. (stderr is drained to the end by a thread.)
+    let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                let said = line.contains("cannot write the startup lines to stdout");
+                seen.push(line);
+                if said {
+                    break;
+                }
+            }
+            Err(e) => panic!("no word of the closed stdout ({e}): {seen:?}"),
+        }
+    }
     assert!(
         child.try_wait().expect("wait").is_none(),
-        "the agent died when its stdout was closed"
+        "the agent died when its stdout was closed: {seen:?}"
     );
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
