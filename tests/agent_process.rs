@@ -266,7 +266,26 @@ fn kernel_metrics_are_scraped_by_a_real_prometheus_and_lint_clean() {
     for _ in 0..5 {
         assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // The events themselves, not a pause: a beat has run and the destination's decayed heat is
+    // exported.
+    let heat_line =
+        format!("knhk_heat_decayed_attempts{{destination=\"{target}\",protocol=\"tcp\"}}");
+    wait_until(
+        "a beat has run and the destination's heat is exported",
+        Duration::from_secs(10),
+        || {
+            let metrics = agent.get("/metrics");
+            let value = |prefix: &str| {
+                metrics
+                    .lines()
+                    .find(|l| l.starts_with(prefix))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            value("knhk_beats_total ").is_some_and(|b| b > 0.0)
+                && value(&heat_line).is_some_and(|h| h > 0.0)
+        },
+    );
 
     // promtool lints the exposition as served.
     let response = agent.get("/metrics");
@@ -1316,14 +1335,35 @@ fn kernel_a_failed_start_leaves_the_node_as_detach_on_exit_says() {
         .args(["run", "--config"])
         .arg(&ok)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
     drop(child.stdout.take());
-    std::thread::sleep(Duration::from_millis(1500));
+    // The event itself: the agent says it could not write its startup lines (it is past
+    // them); then it must still be running. (stderr is drained to the end by a thread.)
+    let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                let said = line.contains("cannot write the startup lines to stdout");
+                seen.push(line);
+                if said {
+                    break;
+                }
+            }
+            Err(e) => panic!("no word of the closed stdout ({e}): {seen:?}"),
+        }
+    }
     assert!(
         child.try_wait().expect("wait").is_none(),
-        "the agent died when its stdout was closed"
+        "the agent died when its stdout was closed: {seen:?}"
     );
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -1378,4 +1418,376 @@ fn kernel_the_maximum_policy_applies_and_reads_back() {
         .or_else(|| v["rules"].as_array())
         .map(Vec::len);
     assert_eq!(count, Some(100_000), "policy get reads back every rule");
+}
+
+/// A second agent started on the pin root of a running one is refused at once, with an error
+/// that names the pin root and the running agent's pid, and changes nothing: the first keeps
+/// enforcing its policy with its own links, the second writes no state. Once the first is gone
+/// (even by SIGKILL), the pin root is free again.
+#[test]
+fn kernel_a_second_agent_on_the_same_pin_root_is_refused() {
+    if !kernel_available("kernel_a_second_agent_on_the_same_pin_root_is_refused") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("pin-lock");
+    let pins = TestPins::new("pin-lock");
+    let first_dir = tempfile::tempdir().expect("tempdir");
+    let second_dir = tempfile::tempdir().expect("tempdir");
+    let first_config = write_config(
+        first_dir.path(),
+        &cg.path,
+        &pins.root,
+        &deny_rule(target.port()),
+    );
+    // Its own socket, state and metrics port, the same pins, and a policy that would allow.
+    let second_config = write_config(second_dir.path(), &cg.path, &pins.root, "");
+    let first = Agent::start(&first_config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let links = || -> Vec<_> {
+        let mut names: Vec<_> = std::fs::read_dir(pins.root.join(format!("v{ABI_VERSION}/links")))
+            .expect("links")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let links_before = links();
+
+    // Killed on drop: a second agent that was not refused must not outlive the test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut second = KillOnDrop(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&second_config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the second agent"),
+    );
+    let mut status = None;
+    wait_until("the second agent exits", Duration::from_secs(20), || {
+        status = second.0.try_wait().expect("wait");
+        status.is_some()
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    drop(second);
+    eprintln!("second agent: {status:?}: {stderr}");
+    assert_eq!(status.and_then(|s| s.code()), Some(69), "{stderr}");
+    let expected = format!(
+        "agent.pin_root {} is in use by another knhk-agent (pid {})",
+        pins.root.display(),
+        first.child.id()
+    );
+    assert!(stderr.contains(&expected), "want {expected:?} in: {stderr}");
+    // Nothing changed: the first agent's links, policy and enforcement; no state of the second.
+    assert_eq!(links(), links_before);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    assert!(
+        first.get("/metrics").contains("knhk_policy_generation 1"),
+        "the first agent's policy is untouched"
+    );
+    assert!(
+        !second_dir.path().join("state").exists(),
+        "the refused agent wrote state"
+    );
+
+    // The kernel drops the lock with its holder, however it ends.
+    first.kill9();
+    let second = Agent::start(&second_config);
+    assert_eq!(
+        tcp_connect_from(&cg.path, target),
+        Outcome::Connected,
+        "the pin root is free again: the second agent applied its policy"
+    );
+    second.kill9();
+}
+
+/// A tmpfs of `size`, mounted for the life of the value (lazily unmounted on drop).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Fills it with `name` until the write fails with ENOSPC; returns the bytes written.
+    fn fill(&self, name: &str) -> u64 {
+        let mut f = std::fs::File::create(self.0.join(name)).expect("filler");
+        let chunk = vec![0xa5u8; 4096];
+        let mut written = 0;
+        loop {
+            match f.write(&chunk) {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling: {e}");
+                    return written;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every receipt the running agent lists, by seq: its leaf hash (SHA-256(0x00 || encoding)).
+async fn listed_hashes(agent: &Agent) -> std::collections::BTreeMap<u64, [u8; 32]> {
+    use knhk_agent::api::receipts::pb;
+    let mut client = pb::receipt_service_client::ReceiptServiceClient::new(agent.channel().await);
+    let mut out = std::collections::BTreeMap::new();
+    loop {
+        let page = client
+            .list_receipts(pb::ListReceiptsRequest {
+                from_seq: out.len() as u64,
+                limit: 1000,
+            })
+            .await
+            .expect("list receipts")
+            .into_inner();
+        if page.receipts.is_empty() {
+            return out;
+        }
+        for r in page.receipts {
+            out.insert(r.seq, knhk_agent::receipts::merkle::leaf(&r.encoding));
+        }
+    }
+}
+
+/// The receipts ledger on a filesystem that fills up: writes fail cleanly, readiness names
+/// ENOSPC, enforcement goes on, receipts that no one was told about are kept in memory; once
+/// space returns the same process writes again (no restart), and every acknowledged receipt is
+/// in the ledger hash for hash, with the kept ones after them.
+#[test]
+fn kernel_a_full_ledger_disk_fails_readiness_keeps_enforcing_and_resumes() {
+    if !kernel_available("kernel_a_full_ledger_disk_fails_readiness_keeps_enforcing_and_resumes") {
+        return;
+    }
+    let _serial = timing_shared();
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("ledger-full");
+    let pins = TestPins::new("ledger-full");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = Tmpfs::mount(&dir.path().join("ledger-fs"), "2m");
+    let db = fs.0.join("receipts.redb");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n{}",
+            dir.path().join("keys").display(),
+            db.display(),
+            deny_rule(target.port()),
+        ),
+    );
+    let agent = Agent::start(&config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let rt = runtime();
+    let hold = |n: u64| knhk_agent::api::receipts::pb::PlaceHoldRequest {
+        hold: Some(knhk_agent::api::receipts::pb::Hold {
+            case_id: format!("CASE-{n}"),
+            reason: "disk full test".into(),
+            from_seq: Some(0),
+            to_seq: Some(1),
+            ..Default::default()
+        }),
+    };
+    let policy = |n: u64| {
+        doc(vec![
+            rule(
+                "block",
+                pb::Action::Deny,
+                "127.0.0.1/32",
+                &target.port().to_string(),
+            ),
+            rule(&format!("marker-{n}"), pb::Action::Allow, "10.9.0.0/16", ""),
+        ])
+    };
+    let (before, after, acked_holds, during) = rt.block_on(async {
+        let mut holds = knhk_agent::api::receipts::pb::hold_service_client::HoldServiceClient::new(
+            agent.channel().await,
+        );
+        let mut policies = policy_client(&agent).await;
+        let mut acked_holds = std::collections::BTreeSet::new();
+        let mut n = 0;
+        for _ in 0..20 {
+            n += 1;
+            let id = holds
+                .place_hold(hold(n))
+                .await
+                .expect("a hold before the disk fills");
+            acked_holds.insert(id.into_inner().id);
+        }
+        let before = listed_hashes(&agent).await;
+
+        // The disk fills. Holds (acknowledged only once durable) are refused or, while redb
+        // still has free pages, acknowledged; policy switches go on (their receipts are kept).
+        let filler = fs.fill("filler");
+        eprintln!("filled the ledger's tmpfs with {filler} bytes");
+        let mut refused = 0;
+        let mut during = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let readyz = loop {
+            n += 1;
+            match holds.place_hold(hold(n)).await {
+                Ok(id) => {
+                    acked_holds.insert(id.into_inner().id);
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                }
+            }
+            let applied = policies
+                .apply_policy(pb::ApplyPolicyRequest {
+                    policy: Some(policy(n)),
+                    expected_generation: None,
+                })
+                .await
+                .expect("policy switches go on with the ledger full")
+                .into_inner();
+            during.push(applied.generation);
+            let readyz = agent.get("/readyz");
+            if readyz.contains("503") && readyz.to_lowercase().contains("no space left") {
+                break readyz;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "readiness never named ENOSPC: {readyz}"
+            );
+        };
+        eprintln!("/readyz with the disk full ({refused} holds refused):\n{readyz}");
+        assert!(readyz.contains("ENOSPC"), "{readyz}");
+        // Still enforcing, still alive.
+        assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+        assert!(agent.get("/healthz").contains("200"), "alive");
+        // Refused now, precisely.
+        n += 1;
+        let e = holds
+            .place_hold(hold(n))
+            .await
+            .expect_err("the ledger is full");
+        assert!(
+            e.message().to_lowercase().contains("no space left"),
+            "the refusal says why: {e:?}"
+        );
+        for _ in 0..5 {
+            n += 1;
+            let applied = policies
+                .apply_policy(pb::ApplyPolicyRequest {
+                    policy: Some(policy(n)),
+                    expected_generation: None,
+                })
+                .await
+                .expect("a policy switch with the ledger full")
+                .into_inner();
+            during.push(applied.generation);
+        }
+
+        // Space returns: the same agent writes again.
+        std::fs::remove_file(fs.0.join("filler")).expect("free the space");
+        wait_until("the agent is ready again", Duration::from_secs(20), || {
+            agent.get("/readyz").contains("200 OK")
+        });
+        for _ in 0..5 {
+            n += 1;
+            let id = holds
+                .place_hold(hold(n))
+                .await
+                .expect("a hold once space returned");
+            acked_holds.insert(id.into_inner().id);
+        }
+        let after = listed_hashes(&agent).await;
+        (before, after, acked_holds, during)
+    });
+    {
+        for (seq, hash) in &before {
+            assert_eq!(
+                after.get(seq),
+                Some(hash),
+                "receipt {seq} changed or vanished"
+            );
+        }
+        eprintln!(
+            "{} receipts listed before the disk filled, {} after it was freed; {} holds acknowledged; \
+             policy generations switched with the disk full: {during:?}",
+            before.len(),
+            after.len(),
+            acked_holds.len()
+        );
+
+        // Offline, after a clean stop: hash for hash, every acknowledged receipt; every
+        // acknowledged hold and every policy switch made with the disk full has its receipt.
+        let (status, _) = agent.sigterm();
+        assert!(status.success(), "{status}");
+        let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
+        let size = ledger.size().expect("size");
+        let stored = ledger.receipts(0, size as usize).expect("receipts");
+        let mut held = std::collections::BTreeSet::new();
+        let mut switched = std::collections::BTreeSet::new();
+        for (receipt, payload) in &stored {
+            let hash = knhk_agent::receipts::merkle::leaf(&receipt.encode());
+            if let Some(listed) = after.get(&receipt.seq) {
+                assert_eq!(
+                    &hash, listed,
+                    "receipt {} differs from what was listed",
+                    receipt.seq
+                );
+            }
+            let json: serde_json::Value =
+                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
+            match receipt.kind {
+                knhk_agent::model::ReceiptKind::HoldPlaced => {
+                    held.insert(json["id"].as_u64().expect("id"));
+                }
+                knhk_agent::model::ReceiptKind::PolicySwitch => {
+                    switched.insert(json["generation"].as_u64().expect("generation"));
+                }
+                _ => {}
+            }
+        }
+        assert!(size >= after.len() as u64, "{size} < {}", after.len());
+        let lost: Vec<_> = acked_holds.difference(&held).collect();
+        assert!(
+            lost.is_empty(),
+            "acknowledged holds without a receipt: {lost:?}"
+        );
+        let unrecorded: Vec<_> = during.iter().filter(|g| !switched.contains(g)).collect();
+        assert!(
+            unrecorded.is_empty(),
+            "policy switches made with the disk full and never receipted: {unrecorded:?}"
+        );
+        let report =
+            knhk_agent::receipts::verify(&*ledger.database().expect("open")).expect("verify");
+        assert!(report.ok(), "{report:?}");
+    }
 }

@@ -956,3 +956,188 @@ mod azure {
         assert_eq!(report.receipts, 30);
     }
 }
+
+/// Waits until readiness fails with a message containing every one of `words`; returns it.
+async fn readiness_says(
+    ready: &(impl Fn() -> Result<(), String> + ?Sized),
+    words: &[&str],
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let state = ready();
+        if let Err(m) = &state {
+            if words.iter().all(|w| m.contains(w)) {
+                return m.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never said {words:?}: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until readiness passes.
+async fn readiness_ok(ready: &(impl Fn() -> Result<(), String> + ?Sized), within: Duration) {
+    let deadline = Instant::now() + within;
+    while let Err(m) = ready() {
+        assert!(Instant::now() < deadline, "readiness did not recover: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// AWS KMS refusing the agent (moto's real KMS API; of the refusals, moto enforces only a key
+/// policy that denies `kms:DescribeKey` — it signs with a disabled key or one pending deletion):
+/// receipts stay durable, checkpoints wait, readiness names the refusal and what fixes it at
+/// once (a refusal is not waited out), and once the policy allows the agent the backlog is
+/// signed with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_access_denied_is_named_and_signing_resumes_once_allowed() {
+    let moto = kms::moto();
+    let (client, _) = kms::create_kms_key(&moto.url).await;
+    let policy = |effect: &str| {
+        serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": effect,
+                "Principal": {"AWS": "*"},
+                "Action": ["kms:DescribeKey"],
+                "Resource": "*"
+            }]
+        })
+        .to_string()
+    };
+    let key_id = client
+        .create_key()
+        .key_usage(aws_sdk_kms::types::KeyUsageType::SignVerify)
+        .key_spec(aws_sdk_kms::types::KeySpec::EccNistP256)
+        .policy(policy("Deny"))
+        .send()
+        .await
+        .expect("CreateKey")
+        .key_metadata()
+        .expect("metadata")
+        .key_id()
+        .to_owned();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = settings(
+        dir.path(),
+        SignerSettings::Aws {
+            region: "us-east-1".into(),
+            key_id: key_id.clone(),
+            endpoint_url: Some(moto.url.clone()),
+        },
+    );
+    let path = s.path.clone();
+    let r = start(s).await;
+    let ready = r.r.readiness_check();
+    append(&r, 0..5).await;
+    r.pulse(1).await;
+    let message = readiness_says(
+        &ready,
+        &[
+            "refuses to sign",
+            "AccessDeniedException",
+            "access denied",
+            "key policy",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    eprintln!("access denied: {message}");
+    assert_eq!(r.ledger().size().expect("size"), 5, "receipts stay durable");
+    assert!(
+        !r.ledger()
+            .unsigned_checkpoints()
+            .expect("checkpoints")
+            .is_empty(),
+        "the checkpoint waits"
+    );
+
+    client
+        .put_key_policy()
+        .key_id(&key_id)
+        .policy_name("default")
+        .policy(policy("Allow"))
+        .send()
+        .await
+        .expect("PutKeyPolicy");
+    append(&r, 5..10).await;
+    r.pulse(2).await;
+    all_signed(&r, Duration::from_secs(30)).await;
+    readiness_ok(&ready, Duration::from_secs(10)).await;
+    let report = stop_and_verify(r, &path).await;
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.receipts, 10, "nothing lost");
+}
+
+/// The Vault/OpenBao token revoked mid-run: readiness names the refusal; a new token written
+/// to `kms.token_file` is taken at the next call and the backlog is signed, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_vault_token_is_named_and_a_new_one_in_the_token_file_resumes_signing() {
+    use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
+    let bao = kms::openbao();
+    openbao_transit(&bao.url).await;
+    let root = VaultClient::new(
+        VaultClientSettingsBuilder::default()
+            .address(&bao.url)
+            .token("root")
+            .build()
+            .expect("settings"),
+    )
+    .expect("client");
+    let new_token = || async {
+        vaultrs::token::new(&root, None)
+            .await
+            .expect("create a token")
+            .client_token
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    let first = new_token().await;
+    std::fs::write(&token_file, format!("{first}\n")).expect("token");
+    let s = settings(
+        dir.path(),
+        SignerSettings::Vault {
+            addr: bao.url.clone(),
+            mount: "transit".into(),
+            key_name: "knhk".into(),
+            token_file: Some(token_file.clone()),
+        },
+    );
+    let path = s.path.clone();
+    let r = start(s).await;
+    let ready = r.r.readiness_check();
+    append(&r, 0..5).await;
+    r.pulse(1).await;
+    all_signed(&r, Duration::from_secs(20)).await;
+    assert!(ready().is_ok(), "{:?}", ready());
+
+    vaultrs::token::revoke(&root, &first)
+        .await
+        .expect("revoke the token");
+    append(&r, 5..10).await;
+    r.pulse(2).await;
+    let message = readiness_says(
+        &ready,
+        &["refuses to sign", "permission denied", "kms.token_file"],
+        Duration::from_secs(20),
+    )
+    .await;
+    eprintln!("token revoked: {message}");
+    assert_eq!(
+        r.ledger().size().expect("size"),
+        10,
+        "receipts stay durable"
+    );
+
+    let second = new_token().await;
+    std::fs::write(&token_file, format!("{second}\n")).expect("new token");
+    all_signed(&r, Duration::from_secs(20)).await;
+    readiness_ok(&ready, Duration::from_secs(10)).await;
+    let report = stop_and_verify(r, &path).await;
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.receipts, 10, "nothing lost");
+}

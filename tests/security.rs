@@ -797,8 +797,10 @@ fn kernel_grpc_timeout_too_large_for_a_deadline_is_served_without_panicking() {
             );
         }
     });
-    std::thread::sleep(Duration::from_millis(200));
-    let logs = agent.logs();
+    // Every line the agent wrote, read to the end once it has exited (no sleep: a panic logged
+    // while handling those RPCs is in there).
+    let (status, logs) = agent.stop_with_logs();
+    assert!(status.success(), "{status}: {logs}");
     assert!(!logs.contains("panicked"), "{logs}");
 }
 
@@ -1276,8 +1278,26 @@ fn kernel_the_api_socket_path_refuses_symlinks_and_other_files() {
     assert!(socket.exists(), "kill -9 leaves the socket");
     let agent = Agent::start(&config);
     let generation = live_generation(&agent.endpoint());
-    // A second agent on a live socket is refused, and the first keeps it.
-    let (code, stderr) = run_agent();
+    // A second agent on a live socket is refused, and the first keeps it. (Its own pin root:
+    // on the same one it would be refused earlier, for the pins.)
+    let other = tempfile::tempdir().expect("tempdir");
+    let other_pins = TestPins::new("api-socket-path-2");
+    let other_config = write_config_with(
+        other.path(),
+        &cg.path,
+        &other_pins.root,
+        &format!("api_socket = \"{}\"\n", socket.display()),
+        "",
+    );
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&other_config)
+        .output()
+        .expect("run");
+    let (code, stderr) = (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     assert_eq!(code, Some(64), "{stderr}");
     assert!(
         stderr.contains("another process is serving on it"),

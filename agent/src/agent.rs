@@ -134,6 +134,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
     let mut sigterm = signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
     let mut sigint = signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
+    // One agent per pin root: a second one is refused first of all, before it binds, opens the
+    // ledger or touches the kernel. Held until the process ends.
+    let pin_root = config.agent.pin_root.clone();
+    let mut pin_root_lock = blocking(move || datapath::PinRootLock::acquire(&pin_root)).await??;
     // Bind both listeners before anything touches the kernel: a bad address changes nothing.
     let identity_settings = config.settings.identity.clone();
     let api_listener = api::bind(&config.api_listen(), identity_settings.is_some()).await?;
@@ -226,6 +230,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         Ok::<_, DatapathError>(dp)
     })
     .await??;
+    pin_root_lock.keep();
     // From here on the programs are attached: a start that fails leaves the node as
     // agent.detach_on_exit says (the guard detaches on an early return).
     let mut detach_on_failure = DetachOnFailure {
@@ -372,6 +377,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 summaries,
             )
             .await?;
+            readiness.register("receipts ledger", receipts.ledger_readiness_check());
             readiness.register("receipts signing", receipts.readiness_check());
             let live = controller.live().await;
             let payload = serde_json::json!({

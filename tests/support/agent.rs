@@ -148,6 +148,19 @@ impl Agent {
         (status, sent.elapsed())
     }
 
+    /// Sends SIGTERM, waits for the exit, then reads its stderr to the end (the pipe closes
+    /// when the process is gone): every line it wrote, none still in flight.
+    pub fn stop_with_logs(self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(r, 0, "kill -TERM {}", self.child.id());
+        let mut me = self;
+        let status = me.child.wait().expect("wait");
+        // The reader thread ends at EOF and drops its sender: the iterator ends with it.
+        let logs = me.stderr.iter().collect::<Vec<_>>().join("\n");
+        (status, logs)
+    }
+
     pub fn kill9(mut self) {
         self.child.kill().expect("SIGKILL");
         self.child.wait().expect("wait");

@@ -695,8 +695,30 @@ impl DelayedServer {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        // Let the queue fill.
-        std::thread::sleep(Duration::from_millis(300));
+        // Wait for the queue to be full: tbf drops only once its queue is.
+        let started = std::time::Instant::now();
+        loop {
+            let out = std::process::Command::new("tc")
+                .args(["-s", "qdisc", "show", "dev", &host_if])
+                .output()
+                .expect("tc -s qdisc show");
+            let text = String::from_utf8_lossy(&out.stdout);
+            // "Sent 123 bytes 4 pkt (dropped 5, overlimits 6 requeues 0)"
+            let dropped: u64 = text
+                .split("dropped ")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if dropped > 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the shaped queue of {host_if} never filled: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         DelayedServer {
             addr,
             netns,

@@ -646,7 +646,7 @@ pub async fn serve(
         let Some(source) = source else {
             return Ok(());
         };
-        let config = match crate::identity::tls::server_config(
+        let config = match crate::identity::tls::ServerTls::new(
             source,
             &identity.settings().accepted_trust_domains(),
         ) {

@@ -106,6 +106,18 @@ pub enum DatapathError {
         /// What failed.
         reason: String,
     },
+    /// Another agent holds the pin root: two agents must never share pins.
+    #[error(
+        "agent.pin_root {path} is in use by another knhk-agent{}: two agents must never share pins; \
+         stop that agent first, or give this one its own agent.pin_root (nothing was attached)",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    PinRootInUse {
+        /// The pin root.
+        path: PathBuf,
+        /// The process that holds its lock, when `/proc/locks` names it.
+        holder: Option<u32>,
+    },
     /// `detach` refused a pin root, or something in it that knhk-agent did not make.
     #[error("detach refused: {path} {reason}; nothing was removed")]
     DetachRefused {
@@ -624,6 +636,92 @@ pub fn mount_bpffs_if_missing() -> Result<bool, DatapathError> {
     })?;
     info!("mounted bpffs at {BPFFS}");
     Ok(true)
+}
+
+/// The exclusive lock of a pin root, held for as long as the value lives (the agent holds it for
+/// its whole run): an advisory `flock` on the pin root directory itself, so a second agent
+/// started on the same pin root is refused before it touches anything, and the kernel releases
+/// the lock when the holder exits, however it exits (`kill -9` included).
+#[derive(Debug)]
+pub struct PinRootLock {
+    _dir: std::fs::File,
+    /// The pin root, when this lock created it and nothing was pinned yet: removed (if still
+    /// empty) when the lock is dropped, so a start refused later leaves nothing behind.
+    created: Option<PathBuf>,
+}
+
+impl Drop for PinRootLock {
+    fn drop(&mut self) {
+        if let Some(dir) = self.created.take() {
+            // Only an empty directory goes; anything else stays.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+impl PinRootLock {
+    /// Creates `pin_root` if needed (mounting bpffs at `/sys/fs/bpf` first when the pin root is
+    /// below it and none is mounted) and takes its lock, without waiting: another holder is
+    /// [`DatapathError::PinRootInUse`], naming its pid when it can be found.
+    pub fn acquire(pin_root: &Path) -> Result<PinRootLock, DatapathError> {
+        use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+        let bpffs_err = |reason: String| DatapathError::Bpffs {
+            path: pin_root.to_owned(),
+            reason,
+        };
+        if pin_root.starts_with(BPFFS) {
+            mount_bpffs_if_missing()?;
+        }
+        let created = !pin_root.exists();
+        std::fs::create_dir_all(pin_root)
+            .map_err(|e| bpffs_err(format!("creating {}: {e}", pin_root.display())))?;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(pin_root)
+            .map_err(|e| bpffs_err(format!("opening {}: {e}", pin_root.display())))?;
+        // SAFETY: flock on a file descriptor this function owns.
+        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(DatapathError::PinRootInUse {
+                    path: pin_root.to_owned(),
+                    holder: lock_holder(&dir),
+                });
+            }
+            return Err(bpffs_err(format!("locking {}: {e}", pin_root.display())));
+        }
+        Ok(PinRootLock {
+            _dir: dir,
+            created: created.then(|| pin_root.to_owned()),
+        })
+    }
+
+    /// The datapath started: the pin root stays when the lock is dropped.
+    pub fn keep(&mut self) {
+        self.created = None;
+    }
+}
+
+/// The pid `/proc/locks` gives for the `flock` on `dir`'s inode, if any.
+fn lock_holder(dir: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = dir.metadata().ok()?;
+    let dev = meta.dev();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        // "1: FLOCK  ADVISORY  WRITE 4242 00:27:13575780 0 EOF"
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&id.as_str()))
+            .then(|| fields.get(4)?.parse().ok())
+            .flatten()
+    })
 }
 
 /// Makes sure `pin_root` is on a bpffs (mounting one at `/sys/fs/bpf` if none is there) and

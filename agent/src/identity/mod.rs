@@ -4,9 +4,10 @@
 //! One task owns the identity ([`Identity::start`]). It builds a [`spiffe::X509Source`] on the
 //! SPIRE Workload API — retrying with capped backoff while the Workload API does not answer, so a
 //! missing SPIRE agent fails readiness, never the process — checks that the issued SPIFFE ID is
-//! the expected one, and publishes an [`IdentityStatus`] on a `watch` channel. TLS configs are
-//! built by `spiffe-rustls` over the source ([`tls`]): a rotated SVID or bundle is used by the
-//! next handshake, established connections stay, and the last valid SVID keeps serving while the
+//! the expected one, and publishes an [`IdentityStatus`] on a `watch` channel. The server's TLS
+//! config is rebuilt whole for each SVID revision and swapped in ([`tls::ServerTls`]); clients'
+//! configs come from `spiffe-rustls` over the source ([`tls`]): a rotated SVID or bundle is used
+//! by the next handshake, established connections stay, and the last valid SVID keeps serving while the
 //! Workload API is down. Every second the task checks the SVID in use: older than
 //! `max_svid_age_hours`, or within 10 % of its lifetime of expiry, fails readiness and raises
 //! `knhk_identity_svid_rotation_overdue`, with a log line that says what to check.

@@ -11,7 +11,11 @@ use super::{
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
 
 pub(crate) const RECEIPTS: TableDefinition<u64, &[u8]> = TableDefinition::new("receipts");
 pub(crate) const PAYLOADS: TableDefinition<u64, &[u8]> = TableDefinition::new("payloads");
@@ -157,9 +161,16 @@ impl<T: ReadableTable<(u8, u64), &'static [u8]>> merkle::Nodes for TableNodes<'_
 /// The ledger database. Cheap to clone; reads run concurrently with the single writer.
 #[derive(Clone)]
 pub struct Ledger {
-    db: Arc<Database>,
+    db: Arc<DbCell>,
     node: String,
     region: String,
+}
+
+/// The open database, replaceable in place: after a failed write (a full disk, say) `redb`
+/// refuses every later call until it is closed and opened again ([`Ledger::reopen`]).
+struct DbCell {
+    path: PathBuf,
+    current: RwLock<Option<Arc<Database>>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -177,6 +188,40 @@ fn now_ns() -> i64 {
         .map_or(0, |d| d.as_nanos() as i64)
 }
 
+/// Opens (or creates) the redb database at `path` with every table.
+fn open_database(path: &Path) -> Result<Database, LedgerError> {
+    // redb panics on some damaged files; that is an error here, not a crash of the agent.
+    let opened = std::panic::catch_unwind(|| -> Result<Database, LedgerError> {
+        let database =
+            Database::create(path).map_err(|e| db(format!("{}: {e}", path.display())))?;
+        let tx = database.begin_write().map_err(db)?;
+        for t in [RECEIPTS, PAYLOADS, CHECKPOINTS, KEYS, HOLDS] {
+            tx.open_table(t).map_err(db)?;
+        }
+        tx.open_table(NODES).map_err(db)?;
+        tx.open_table(COSIGNATURES).map_err(db)?;
+        tx.open_table(META).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(database)
+    });
+    match opened {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                // A panic payload that is not a string: reported without its text.
+                .unwrap_or_default();
+            Err(LedgerError::Corrupt(format!(
+                "{}: its database structure is damaged (the database library failed on it: \
+                 {msg}); restore it from a backup or move it away to start a new ledger",
+                path.display()
+            )))
+        }
+    }
+}
+
 impl Ledger {
     /// Opens (or creates) the database at `path`; receipts are written as `node` in `region`.
     pub fn open(path: &Path, node: &str, region: &str) -> Result<Ledger, LedgerError> {
@@ -192,38 +237,12 @@ impl Ledger {
                 )));
             }
         }
-        // redb panics on some damaged files; that is an error here, not a crash of the agent.
-        let opened = std::panic::catch_unwind(|| -> Result<Database, LedgerError> {
-            let database =
-                Database::create(path).map_err(|e| db(format!("{}: {e}", path.display())))?;
-            let tx = database.begin_write().map_err(db)?;
-            for t in [RECEIPTS, PAYLOADS, CHECKPOINTS, KEYS, HOLDS] {
-                tx.open_table(t).map_err(db)?;
-            }
-            tx.open_table(NODES).map_err(db)?;
-            tx.open_table(COSIGNATURES).map_err(db)?;
-            tx.open_table(META).map_err(db)?;
-            tx.commit().map_err(db)?;
-            Ok(database)
-        });
-        let database = match opened {
-            Ok(result) => result?,
-            Err(payload) => {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    // A panic payload that is not a string: reported without its text.
-                    .unwrap_or_default();
-                return Err(LedgerError::Corrupt(format!(
-                    "{}: its database structure is damaged (the database library failed on it: \
-                     {msg}); restore it from a backup or move it away to start a new ledger",
-                    path.display()
-                )));
-            }
-        };
+        let database = open_database(path)?;
         Ok(Ledger {
-            db: Arc::new(database),
+            db: Arc::new(DbCell {
+                path: path.to_owned(),
+                current: RwLock::new(Some(Arc::new(database))),
+            }),
             node: node.to_owned(),
             region: region.to_owned(),
         })
@@ -231,7 +250,7 @@ impl Ledger {
 
     /// Receipts in the log.
     pub fn size(&self) -> Result<u64, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(RECEIPTS).map_err(db)?;
         t.len().map_err(db)
     }
@@ -243,7 +262,7 @@ impl Ledger {
         batch: &[NewReceipt],
         key: &KeyRef,
     ) -> Result<std::ops::Range<u64>, LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         let range = {
             let mut receipts = tx.open_table(RECEIPTS).map_err(db)?;
             let mut payloads = tx.open_table(PAYLOADS).map_err(db)?;
@@ -286,7 +305,7 @@ impl Ledger {
     /// Writes an unsigned checkpoint of the current tree if it grew since the last checkpoint;
     /// returns its number.
     pub fn write_checkpoint(&self, cycle: u64, key: &KeyRef) -> Result<Option<u64>, LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         let number = {
             let receipts = tx.open_table(RECEIPTS).map_err(db)?;
             let nodes = tx.open_table(NODES).map_err(db)?;
@@ -356,7 +375,7 @@ impl Ledger {
         body: &str,
         signature: &[u8],
     ) -> Result<(), LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         {
             let mut t = tx.open_table(CHECKPOINTS).map_err(db)?;
             let current = t
@@ -392,7 +411,7 @@ impl Ledger {
             .iter()
             .map(|(n, _)| *n)
             .collect();
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         {
             let mut t = tx.open_table(CHECKPOINTS).map_err(db)?;
             for n in &drop {
@@ -405,7 +424,7 @@ impl Ledger {
 
     /// Every checkpoint, by number.
     pub fn checkpoints(&self) -> Result<Vec<(u64, StoredCheckpoint)>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(CHECKPOINTS).map_err(db)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(db)? {
@@ -423,7 +442,7 @@ impl Ledger {
         &self,
         mut visit: impl FnMut(u64, StoredCheckpoint) -> bool,
     ) -> Result<(), LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(CHECKPOINTS).map_err(db)?;
         for entry in t.iter().map_err(db)?.rev() {
             let (k, v) = entry.map_err(db)?;
@@ -438,7 +457,7 @@ impl Ledger {
 
     /// Checkpoint `number`, if it exists.
     pub fn checkpoint(&self, number: u64) -> Result<Option<StoredCheckpoint>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(CHECKPOINTS).map_err(db)?;
         let Some(v) = t.get(number).map_err(db)? else {
             return Ok(None);
@@ -450,7 +469,7 @@ impl Ledger {
 
     /// The receipt `seq` and its payload (`None` once compacted).
     pub fn receipt(&self, seq: u64) -> Result<StoredReceipt, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let receipts = tx.open_table(RECEIPTS).map_err(db)?;
         let payloads = tx.open_table(PAYLOADS).map_err(db)?;
         let bytes = receipts
@@ -465,7 +484,7 @@ impl Ledger {
 
     /// Up to `limit` receipts from `from`.
     pub fn receipts(&self, from: u64, limit: usize) -> Result<Vec<StoredReceipt>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let receipts = tx.open_table(RECEIPTS).map_err(db)?;
         let payloads = tx.open_table(PAYLOADS).map_err(db)?;
         let mut out = Vec::new();
@@ -482,7 +501,7 @@ impl Ledger {
 
     /// The root of the first `size` receipts.
     pub fn root(&self, size: u64) -> Result<Hash, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let nodes = tx.open_table(NODES).map_err(db)?;
         merkle::root(&TableNodes(&nodes), size)
     }
@@ -495,7 +514,7 @@ impl Ledger {
                 "no inclusion proof of receipt {seq} in a tree of {size} (the log has {have})"
             )));
         }
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let nodes = tx.open_table(NODES).map_err(db)?;
         merkle::inclusion_path(&TableNodes(&nodes), seq, size)
     }
@@ -508,14 +527,14 @@ impl Ledger {
                 "no consistency proof from {old} to {new} (the log has {have})"
             )));
         }
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let nodes = tx.open_table(NODES).map_err(db)?;
         merkle::consistency_path(&TableNodes(&nodes), old, new)
     }
 
     /// The key history, oldest first.
     pub fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(KEYS).map_err(db)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(db)? {
@@ -530,7 +549,7 @@ impl Ledger {
 
     /// Adds a key to the history.
     pub fn add_key(&self, record: &KeyRecord) -> Result<(), LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         {
             let mut t = tx.open_table(KEYS).map_err(db)?;
             let next = t.last().map_err(db)?.map_or(0, |(k, _)| k.value() + 1);
@@ -542,7 +561,7 @@ impl Ledger {
 
     /// Every hold, placed or released.
     pub fn holds(&self) -> Result<Vec<Hold>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(HOLDS).map_err(db)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(db)? {
@@ -558,7 +577,7 @@ impl Ledger {
     /// Stores a hold (new or updated); a new hold gets the next id when `hold.id` is
     /// `u64::MAX`. Returns the id.
     pub fn put_hold(&self, mut hold: Hold) -> Result<u64, LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         let id = {
             let mut t = tx.open_table(HOLDS).map_err(db)?;
             if hold.id == u64::MAX {
@@ -585,7 +604,7 @@ impl Ledger {
             .into_iter()
             .filter(|h| h.released_ns.is_none())
             .collect();
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         let removed = {
             let receipts = tx.open_table(RECEIPTS).map_err(db)?;
             let mut payloads = tx.open_table(PAYLOADS).map_err(db)?;
@@ -613,8 +632,62 @@ impl Ledger {
     }
 
     /// The raw database, for the offline verifier and tests that tamper with it.
-    pub fn database(&self) -> &Database {
-        &self.db
+    pub fn database(&self) -> Result<Arc<Database>, LedgerError> {
+        self.handle()
+    }
+
+    fn handle(&self) -> Result<Arc<Database>, LedgerError> {
+        // A poisoned lock still holds a whole value (it is only ever replaced whole).
+        self.db
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                db(format!(
+                    "{} is closed after a write error and not open again yet (it is retried)",
+                    self.db.path.display()
+                ))
+            })
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, LedgerError> {
+        self.handle()?.begin_read().map_err(db)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, LedgerError> {
+        self.handle()?.begin_write().map_err(db)
+    }
+
+    /// Closes the database and opens it again: after a failed write (`ENOSPC`, an I/O error)
+    /// `redb` refuses every call until then. What was committed before stays (every commit is
+    /// durable); a failed commit left nothing. Waits up to 5 s for calls in progress to let go
+    /// of the old handle; if the open fails (the disk still full), the ledger stays closed and
+    /// every call says so until a later `reopen` succeeds.
+    pub fn reopen(&self) -> Result<(), LedgerError> {
+        let mut slot = self.db.current.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut old) = slot.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    // Dropping the last handle closes the file and releases its lock.
+                    Ok(database) => break drop(database),
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still) => {
+                        *slot = Some(still);
+                        return Err(db(format!(
+                            "{}: not reopened, the database is still in use",
+                            self.db.path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        *slot = Some(Arc::new(open_database(&self.db.path)?));
+        Ok(())
     }
 }
 
@@ -644,7 +717,7 @@ impl Ledger {
     /// Entries below the current size must equal what is stored (a re-sent batch); anything
     /// else rejects the whole batch and stores nothing. Returns the size after.
     pub fn append_encoded(&self, entries: &[EncodedReceipt]) -> Result<u64, LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         let size = {
             let mut receipts = tx.open_table(RECEIPTS).map_err(db)?;
             let mut payloads = tx.open_table(PAYLOADS).map_err(db)?;
@@ -704,14 +777,14 @@ impl Ledger {
 
     /// A named value.
     pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(META).map_err(db)?;
         Ok(t.get(name).map_err(db)?.map(|v| v.value().to_vec()))
     }
 
     /// Sets a named value.
     pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<(), LedgerError> {
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         tx.open_table(META)
             .map_err(db)?
             .insert(name, value)
@@ -726,7 +799,7 @@ impl Ledger {
         stored: &StoredCheckpoint,
     ) -> Result<(), LedgerError> {
         let json = serde_json::to_vec(stored).map_err(db)?;
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         tx.open_table(CHECKPOINTS)
             .map_err(db)?
             .insert(number, &json[..])
@@ -737,7 +810,7 @@ impl Ledger {
     /// Stores a witness's cosignature of checkpoint `number`.
     pub fn put_cosignature(&self, number: u64, c: &StoredCosignature) -> Result<(), LedgerError> {
         let json = serde_json::to_vec(c).map_err(db)?;
-        let tx = self.db.begin_write().map_err(db)?;
+        let tx = self.begin_write()?;
         tx.open_table(COSIGNATURES)
             .map_err(db)?
             .insert((number, c.region.as_str()), &json[..])
@@ -747,7 +820,7 @@ impl Ledger {
 
     /// How many witnesses cosigned checkpoint `number`.
     pub fn cosigner_count(&self, number: u64) -> Result<usize, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(COSIGNATURES).map_err(db)?;
         let mut n = 0;
         for entry in t.range((number, "")..(number + 1, "")).map_err(db)? {
@@ -759,7 +832,7 @@ impl Ledger {
 
     /// Every cosignature: (checkpoint number, cosignature).
     pub fn cosignatures(&self) -> Result<Vec<(u64, StoredCosignature)>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(COSIGNATURES).map_err(db)?;
         let mut out = Vec::new();
         for entry in t.iter().map_err(db)? {

@@ -178,6 +178,46 @@ pub enum ReceiptsError {
     AlreadyReleased(u64),
 }
 
+/// Receipts that failed to be written, kept in memory and written once the ledger takes
+/// writes again (a full disk freed). Acknowledged appends are never kept: their callers got the
+/// error. Beyond this many, the oldest kept are dropped (counted as lost).
+const MAX_KEPT: usize = 65_536;
+
+/// How often a failing ledger is closed and opened again to try writing.
+const WRITE_RETRY: Duration = Duration::from_millis(250);
+
+/// Why the ledger cannot be written, while it cannot.
+#[derive(Debug, Clone)]
+struct WriteFailure {
+    /// The first error since the last successful write (the cause: later ones are `redb`'s
+    /// "previous I/O error" until the database is opened again).
+    cause: String,
+    /// When it started, ns since the epoch.
+    since_ns: i64,
+    /// Receipts kept in memory to be written.
+    kept: usize,
+}
+
+impl WriteFailure {
+    fn describe(&self, path: &std::path::Path) -> String {
+        let full = self.cause.contains("os error 28") || self.cause.contains("No space left");
+        format!(
+            "the receipts ledger {} cannot be written for {} s: {}{}; {} receipts wait in memory \
+             and are written when it takes writes again, with no restart (enforcement continues; \
+             acknowledged receipts are kept)",
+            path.display(),
+            (now_ns() - self.since_ns).max(0) / 1_000_000_000,
+            self.cause,
+            if full {
+                " (ENOSPC: no space left on its filesystem: free space there)"
+            } else {
+                ""
+            },
+            self.kept
+        )
+    }
+}
+
 struct KeyState {
     current: Option<KeyInfo>,
     since_ns: i64,
@@ -199,6 +239,9 @@ pub struct Receipts {
     settings: ReceiptSettings,
     breaker: CircuitBreaker,
     key: Mutex<KeyState>,
+    /// The last failed signing attempt, until one succeeds.
+    sign_error: Mutex<Option<SignerError>>,
+    write_failure: Mutex<Option<WriteFailure>>,
     commands: mpsc::Sender<Command>,
     sign_now: Notify,
     /// Bumped whenever receipts are appended or a checkpoint is signed.
@@ -299,6 +342,8 @@ impl Receipts {
                 problem: None,
             }),
             settings,
+            write_failure: Mutex::new(None),
+            sign_error: Mutex::new(None),
             commands,
             sign_now: Notify::new(),
             changes: tokio::sync::watch::Sender::new(0),
@@ -560,6 +605,8 @@ impl Receipts {
         let paced = summaries.is_some();
         let mut compaction = tokio::time::interval(Duration::from_secs(3600));
         let mut stopping = false;
+        let mut kept: Vec<NewReceipt> = Vec::new();
+        let mut last_try = tokio::time::Instant::now();
         loop {
             let mut batch: Vec<(NewReceipt, Option<Ack>)> = Vec::new();
             let mut pulse = None;
@@ -603,16 +650,36 @@ impl Receipts {
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() {
-                let key = self.stamp();
+            // Receipts kept from failed writes go first, in their order.
+            if !kept.is_empty() {
+                let mut all: Vec<(NewReceipt, Option<Ack>)> =
+                    kept.drain(..).map(|r| (r, None)).collect();
+                all.append(&mut batch);
+                batch = all;
+            }
+            // While the ledger fails, it is reopened and tried again every WRITE_RETRY; in
+            // between, writes are not attempted (acknowledged appends get the error at once).
+            let failing = self.write_failing();
+            let attempt = !failing || stopping || last_try.elapsed() >= WRITE_RETRY;
+            if failing && attempt && (!batch.is_empty() || pulse.is_some()) {
+                last_try = tokio::time::Instant::now();
                 let ledger = self.ledger.clone();
-                let news: Vec<NewReceipt> = batch.iter().map(|(r, _)| r.clone()).collect();
-                let result = tokio::task::spawn_blocking(move || ledger.append(&news, &key)).await;
-                let result = result.unwrap_or_else(|e| {
-                    Err(LedgerError::Db(format!("the append task failed: {e}")))
-                });
+                if let Err(e) = blocking(move || ledger.reopen()).await {
+                    tracing::warn!("receipts: reopening the ledger failed: {e}");
+                }
+            }
+            if !batch.is_empty() {
+                let result = if attempt {
+                    let key = self.stamp();
+                    let ledger = self.ledger.clone();
+                    let news: Vec<NewReceipt> = batch.iter().map(|(r, _)| r.clone()).collect();
+                    blocking(move || ledger.append(&news, &key)).await
+                } else {
+                    Err(LedgerError::Db(self.write_failure_text()))
+                };
                 match &result {
                     Ok(range) => {
+                        self.write_succeeded();
                         self.changes.send_modify(|v| *v += 1);
                         for (r, _) in &batch {
                             self.metrics
@@ -623,26 +690,58 @@ impl Receipts {
                         self.metrics.size.set(range.end as i64);
                     }
                     Err(e) => {
-                        tracing::error!("receipts: appending {} receipts failed: {e}", batch.len())
+                        if attempt {
+                            tracing::error!(
+                                "receipts: appending {} receipts failed: {e}",
+                                batch.len()
+                            );
+                        }
+                        let unacked = batch.iter().filter(|(_, ack)| ack.is_none()).count();
+                        self.write_failed(e, kept.len() + unacked);
                     }
                 }
-                for (i, (_, ack)) in batch.into_iter().enumerate() {
-                    if let Some(ack) = ack {
-                        // The caller may have gone (a cancelled RPC); a failure is logged above.
-                        let _ = ack.send(result.clone().map(|r| r.start + i as u64));
+                // While the ledger fails, callers get its cause (not redb's "previous I/O error").
+                let result = result.map_err(|e| {
+                    if self.write_failing() {
+                        LedgerError::Db(self.write_failure_text())
+                    } else {
+                        e
                     }
+                });
+                for (i, (r, ack)) in batch.into_iter().enumerate() {
+                    match ack {
+                        // The caller may have gone (a cancelled RPC); a failure is logged above.
+                        Some(ack) => {
+                            let _ = ack.send(result.clone().map(|range| range.start + i as u64));
+                        }
+                        // Not acknowledged to anyone: kept to be written later.
+                        None if result.is_err() => kept.push(r),
+                        None => {}
+                    }
+                }
+                if kept.len() > MAX_KEPT {
+                    let over = kept.len() - MAX_KEPT;
+                    kept.drain(..over);
+                    self.metrics.lost.inc_by(over as u64);
+                    tracing::error!(lost = over, "receipts: the ledger has failed for too long; the oldest receipts kept in memory are dropped");
+                }
+                if result.is_err() {
+                    self.set_kept(kept.len());
                 }
             }
-            if let Some(cycle) = pulse {
+            if let Some(cycle) = pulse.filter(|_| attempt) {
                 let key = self.stamp();
                 let ledger = self.ledger.clone();
-                match tokio::task::spawn_blocking(move || ledger.write_checkpoint(cycle, &key))
-                    .await
-                {
-                    Ok(Ok(Some(_))) => self.sign_now.notify_one(),
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => tracing::error!("receipts: writing a checkpoint failed: {e}"),
-                    Err(e) => tracing::error!("receipts: writing a checkpoint failed: {e}"),
+                match blocking(move || ledger.write_checkpoint(cycle, &key)).await {
+                    Ok(Some(_)) => {
+                        self.write_succeeded();
+                        self.sign_now.notify_one();
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("receipts: writing a checkpoint failed: {e}");
+                        self.write_failed(&e, kept.len());
+                    }
                 }
             }
             for ack in pulse_acks {
@@ -650,9 +749,109 @@ impl Receipts {
                 let _ = ack.send(());
             }
             if stopping {
+                if !kept.is_empty() {
+                    self.metrics.lost.inc_by(kept.len() as u64);
+                    tracing::error!(
+                        lost = kept.len(),
+                        "receipts: stopping with receipts the ledger could not take (it still fails)"
+                    );
+                }
                 tracing::info!("receipts: writer flushed and stopped");
                 return;
             }
+        }
+    }
+
+    /// Records the outcome of a signing attempt (`None`: it succeeded).
+    fn note_sign_result(&self, error: Option<SignerError>) {
+        if let Ok(mut last) = self.sign_error.lock() {
+            if error.is_none() && last.is_some() {
+                tracing::info!("receipts: the KMS signs again");
+            }
+            *last = error;
+        }
+    }
+
+    fn write_failing(&self) -> bool {
+        self.write_failure.lock().is_ok_and(|f| f.is_some())
+    }
+
+    fn write_failure_text(&self) -> String {
+        self.write_failure
+            .lock()
+            .ok()
+            .and_then(|f| f.as_ref().map(|f| f.describe(&self.settings.path)))
+            .unwrap_or_else(|| "the receipts ledger cannot be written".into())
+    }
+
+    fn write_failed(&self, e: &LedgerError, kept: usize) {
+        if let Ok(mut f) = self.write_failure.lock() {
+            match f.as_mut() {
+                Some(f) => f.kept = kept,
+                None => {
+                    let failure = WriteFailure {
+                        cause: e.to_string(),
+                        since_ns: now_ns(),
+                        kept,
+                    };
+                    tracing::error!("{}", failure.describe(&self.settings.path));
+                    *f = Some(failure);
+                }
+            }
+        }
+    }
+
+    fn set_kept(&self, kept: usize) {
+        if let Ok(mut f) = self.write_failure.lock() {
+            if let Some(f) = f.as_mut() {
+                f.kept = kept;
+            }
+        }
+    }
+
+    /// A write outside the writer task failed: the failure is recorded (the writer reopens the
+    /// ledger and retries), and while the ledger fails the caller gets its cause, not `redb`'s
+    /// "previous I/O error".
+    fn direct_write_failed(&self, e: LedgerError) -> LedgerError {
+        if let Ok(mut f) = self.write_failure.lock() {
+            if f.is_none() {
+                let failure = WriteFailure {
+                    cause: e.to_string(),
+                    since_ns: now_ns(),
+                    kept: 0,
+                };
+                tracing::error!("{}", failure.describe(&self.settings.path));
+                *f = Some(failure);
+            }
+        }
+        LedgerError::Db(self.write_failure_text())
+    }
+
+    fn write_succeeded(&self) {
+        if let Ok(mut f) = self.write_failure.lock() {
+            if f.take().is_some() {
+                tracing::info!(
+                    path = %self.settings.path.display(),
+                    "receipts: the ledger takes writes again; the receipts kept in memory are written"
+                );
+            }
+        }
+    }
+
+    /// A readiness check: the ledger takes writes (names the cause, `ENOSPC` included, while it
+    /// does not).
+    pub fn ledger_readiness_check(
+        self: &Arc<Self>,
+    ) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let me = Arc::downgrade(self);
+        move || {
+            let Some(me) = me.upgrade() else {
+                return Err("the receipts ledger stopped".into());
+            };
+            if me.write_failing() {
+                return Err(me.write_failure_text());
+            }
+            Ok(())
         }
     }
 
@@ -694,10 +893,12 @@ impl Receipts {
                 // One more pass on stop: the writer's final checkpoint was written before it.
                 _ = stop.requested() => last_pass = true,
             }
-            if self.key.lock().is_ok_and(|k| k.current.is_none()) && self.sync_key().await.is_err()
-            {
-                self.update_backlog();
-                continue;
+            if self.key.lock().is_ok_and(|k| k.current.is_none()) {
+                if let Err(e) = self.sync_key().await {
+                    self.note_sign_result(Some(e));
+                    self.update_backlog();
+                    continue;
+                }
             }
             let unsigned = match self.ledger.unsigned_checkpoints() {
                 Ok(u) => u,
@@ -743,12 +944,15 @@ impl Receipts {
                         }
                         self.metrics.signed.inc();
                         self.changes.send_modify(|v| *v += 1);
+                        self.note_sign_result(None);
                     }
                     Err(e) => {
                         tracing::warn!(
                             checkpoint = number,
-                            "receipts: checkpoint not signed yet: {e}"
+                            "receipts: checkpoint not signed yet: {e}{}",
+                            kms_hint(&e.to_string())
                         );
+                        self.note_sign_result(Some(e));
                         break;
                     }
                 }
@@ -854,7 +1058,9 @@ impl Receipts {
         hold.released_ns = None;
         let ledger = self.ledger.clone();
         let h = hold.clone();
-        let id = blocking(move || ledger.put_hold(h)).await?;
+        let id = blocking(move || ledger.put_hold(h))
+            .await
+            .map_err(|e| self.direct_write_failed(e))?;
         hold.id = id;
         self.append(NewReceipt {
             kind: ReceiptKind::HoldPlaced,
@@ -881,7 +1087,9 @@ impl Receipts {
         hold.released_ns = Some(now_ns());
         let ledger = self.ledger.clone();
         let h = hold.clone();
-        blocking(move || ledger.put_hold(h)).await?;
+        blocking(move || ledger.put_hold(h))
+            .await
+            .map_err(|e| self.direct_write_failed(e))?;
         self.append(NewReceipt {
             kind: ReceiptKind::HoldReleased,
             cycle: 0,
@@ -914,20 +1122,60 @@ impl Receipts {
                 .first()
                 .map(|(_, b)| (now_ns() - b.time_ns).max(0) / 1_000_000_000);
             let stuck = oldest.is_some_and(|s| s >= 10);
+            let last_error = me.sign_error.lock().ok().and_then(|e| e.clone());
+            // A refusal (the key disabled or pending deletion, access denied, a revoked token)
+            // is not waited out: retrying cannot help until someone fixes it.
+            if let Some(e) = last_error.as_ref().filter(|e| !e.is_transient()) {
+                if !unsigned.is_empty() {
+                    return Err(format!(
+                        "the KMS ({}) refuses to sign: {e}{}; {} checkpoints wait to be signed \
+                         (receipts are still written and durable; signing resumes by itself once \
+                         this is fixed)",
+                        me.signer.provider(),
+                        kms_hint(&e.to_string()),
+                        unsigned.len()
+                    ));
+                }
+            }
             if stuck
                 || me.breaker.state() != CircuitState::Closed
                 || me.key.lock().is_ok_and(|k| k.current.is_none())
             {
                 return Err(format!(
                     "the KMS ({}) has not signed for {} s (unreachable or failing): {} checkpoints wait to be signed \
-                     (receipts are still written and durable)",
+                     (receipts are still written and durable){}",
                     me.signer.provider(),
                     oldest.unwrap_or(0),
-                    unsigned.len()
+                    unsigned.len(),
+                    last_error
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
                 ));
             }
             Ok(())
         }
+    }
+}
+
+/// What a KMS refusal means and what fixes it, from the provider's error text ("" when the
+/// text is not one of the known refusals).
+fn kms_hint(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("pending deletion") || m.contains("pendingdeletion") {
+        " (the key is scheduled for deletion: cancel it (kms:CancelKeyDeletion), then enable it \
+         (kms:EnableKey))"
+    } else if m.contains("disabledexception") || m.contains("is disabled") {
+        " (the key is disabled: enable it (kms:EnableKey))"
+    } else if m.contains("accessdenied") || m.contains("not authorized") {
+        " (access denied: the agent's credentials may not use the key; check the key policy and \
+         IAM)"
+    } else if m.contains("permission denied") {
+        " (the Vault token is revoked, expired or lacks the transit policy: write a valid token \
+         to kms.token_file)"
+    } else if m.contains("kmsinvalidstate") {
+        " (the key is not in a state that can sign: check it with kms:DescribeKey)"
+    } else {
+        ""
     }
 }
 

@@ -34,14 +34,23 @@ fn refused(e: impl std::fmt::Display) -> SignerError {
     }
 }
 
-/// Service errors (the KMS answered "no") are refusals; everything else (dispatch, timeout) may
-/// pass.
-fn classify<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    e: aws_sdk_kms::error::SdkError<E, R>,
-) -> SignerError {
+/// Service errors (the KMS answered "no") are refusals, named by their code and message
+/// (`DisabledException: ... is disabled`); everything else (dispatch, timeout) may pass.
+fn classify<E, R>(e: aws_sdk_kms::error::SdkError<E, R>) -> SignerError
+where
+    E: std::error::Error + aws_sdk_kms::error::ProvideErrorMetadata + 'static,
+    R: std::fmt::Debug,
+{
     use aws_sdk_kms::error::{DisplayErrorContext, SdkError};
     match &e {
-        SdkError::ServiceError(_) => refused(DisplayErrorContext(&e)),
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            refused(format!(
+                "{}: {}",
+                err.code().unwrap_or("service error"),
+                err.message().unwrap_or("(no message)")
+            ))
+        }
         _ => unavailable(DisplayErrorContext(&e)),
     }
 }

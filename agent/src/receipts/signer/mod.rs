@@ -222,7 +222,13 @@ pub async fn connect(settings: &SignerSettings) -> Result<Arc<dyn Signer>, Signe
                     message: "no token: set kms.token_file or VAULT_TOKEN".into(),
                 })?,
             };
-            Ok(Arc::new(VaultSigner::new(addr, &token, mount, key_name)?))
+            Ok(Arc::new(VaultSigner::new(
+                addr,
+                &token,
+                token_file.clone(),
+                mount,
+                key_name,
+            )?))
         }
         #[cfg(feature = "azure")]
         SignerSettings::Azure {

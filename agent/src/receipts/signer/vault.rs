@@ -1,9 +1,16 @@
 //! Vault or OpenBao transit (`vaultrs`): an `ecdsa-p256` key; signatures name the key version
-//! (`vault:vN:...`), rotation adds a version in place and old versions keep verifying.
+//! (`vault:vN:...`), rotation adds a version in place and old versions keep verifying. With
+//! `kms.token_file`, a call refused with 403 (a token revoked or expired) rereads the file and,
+//! if it holds another token, retries once with it: a new token takes effect with no restart.
 
 use super::{public_key_pem_to_der, KeyInfo, Signer, SignerError};
 use crate::receipts::format::KeyRef;
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use std::{
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 use vaultrs::{
     api::transit::{
         requests::SignDataRequestBuilder, responses::ReadKeyData, HashAlgorithm,
@@ -15,7 +22,10 @@ use vaultrs::{
 
 /// A transit key.
 pub struct VaultSigner {
-    client: VaultClient,
+    addr: String,
+    token_file: Option<PathBuf>,
+    /// The token in use and its client (replaced whole when the token file changes).
+    client: RwLock<(String, Arc<VaultClient>)>,
     mount: String,
     name: String,
 }
@@ -31,9 +41,10 @@ impl std::fmt::Debug for VaultSigner {
 
 fn classify(e: ClientError) -> SignerError {
     match &e {
-        ClientError::APIError { code, .. } if *code < 500 => SignerError::Refused {
+        // Vault's own words ("permission denied") say more than the status code.
+        ClientError::APIError { code, errors } if *code < 500 => SignerError::Refused {
             provider: "vault",
-            message: e.to_string(),
+            message: format!("{e}: {}", errors.join("; ")),
         },
         _ => SignerError::Unavailable {
             provider: "vault",
@@ -43,13 +54,26 @@ fn classify(e: ClientError) -> SignerError {
 }
 
 impl VaultSigner {
-    /// A signer for transit key `name` under `mount` at `addr` with `token`.
+    /// A signer for transit key `name` under `mount` at `addr` with `token`, read from
+    /// `token_file` when given (reread when Vault refuses the token).
     pub fn new(
         addr: &str,
         token: &str,
+        token_file: Option<PathBuf>,
         mount: &str,
         name: &str,
     ) -> Result<VaultSigner, SignerError> {
+        let client = Self::client_for(addr, token)?;
+        Ok(VaultSigner {
+            addr: addr.to_owned(),
+            token_file,
+            client: RwLock::new((token.to_owned(), Arc::new(client))),
+            mount: mount.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    fn client_for(addr: &str, token: &str) -> Result<VaultClient, SignerError> {
         let settings = VaultClientSettingsBuilder::default()
             .address(addr)
             .token(token)
@@ -60,12 +84,60 @@ impl VaultSigner {
                 provider: "vault",
                 message: format!("kms.addr {addr:?}: {e}"),
             })?;
-        let client = VaultClient::new(settings).map_err(classify)?;
-        Ok(VaultSigner {
-            client,
-            mount: mount.to_owned(),
-            name: name.to_owned(),
-        })
+        VaultClient::new(settings).map_err(classify)
+    }
+
+    fn client(&self) -> Arc<VaultClient> {
+        // A poisoned lock still holds a whole pair (it is only ever replaced whole).
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Rereads `token_file`; true when it holds another token, now in use.
+    fn reload_token(&self) -> bool {
+        let Some(file) = &self.token_file else {
+            return false;
+        };
+        let token = match std::fs::read_to_string(file) {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) => {
+                tracing::warn!("kms.token_file {}: {e}", file.display());
+                return false;
+            }
+        };
+        let mut current = self.client.write().unwrap_or_else(|e| e.into_inner());
+        if token.is_empty() || token == current.0 {
+            return false;
+        }
+        match Self::client_for(&self.addr, &token) {
+            Ok(client) => {
+                tracing::info!(file = %file.display(), "vault: a new token from kms.token_file is in use");
+                *current = (token, Arc::new(client));
+                true
+            }
+            Err(e) => {
+                tracing::warn!("vault: the new token of {}: {e}", file.display());
+                false
+            }
+        }
+    }
+
+    /// A call with the current client; refused with 403, once more with a new token if the
+    /// token file has one.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, SignerError>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        match f(self.client()).await {
+            Err(ClientError::APIError { code: 403, .. }) if self.reload_token() => {
+                f(self.client()).await.map_err(classify)
+            }
+            r => r.map_err(classify),
+        }
     }
 
     fn key_id(&self) -> String {
@@ -73,9 +145,11 @@ impl VaultSigner {
     }
 
     async fn latest(&self) -> Result<KeyInfo, SignerError> {
-        let key = vaultrs::transit::key::read(&self.client, &self.mount, &self.name)
-            .await
-            .map_err(classify)?;
+        let key = self
+            .call(
+                |c| async move { vaultrs::transit::key::read(&*c, &self.mount, &self.name).await },
+            )
+            .await?;
         let ReadKeyData::Asymmetric(versions) = key.keys else {
             return Err(SignerError::Refused {
                 provider: "vault",
@@ -120,19 +194,26 @@ impl Signer for VaultSigner {
     }
 
     async fn sign(&self, key: &KeyRef, message: &[u8]) -> Result<Vec<u8>, SignerError> {
-        let mut opts = SignDataRequestBuilder::default();
-        opts.key_version(key.version)
-            .hash_algorithm(HashAlgorithm::Sha2_256)
-            .marshaling_algorithm(MarshalingAlgorithm::Asn1);
-        let out = vaultrs::transit::data::sign(
-            &self.client,
-            &self.mount,
-            &self.name,
-            &B64.encode(message),
-            Some(&mut opts),
-        )
-        .await
-        .map_err(classify)?;
+        let input = B64.encode(message);
+        let out = self
+            .call(|c| {
+                let input = &input;
+                async move {
+                    let mut opts = SignDataRequestBuilder::default();
+                    opts.key_version(key.version)
+                        .hash_algorithm(HashAlgorithm::Sha2_256)
+                        .marshaling_algorithm(MarshalingAlgorithm::Asn1);
+                    vaultrs::transit::data::sign(
+                        &*c,
+                        &self.mount,
+                        &self.name,
+                        input,
+                        Some(&mut opts),
+                    )
+                    .await
+                }
+            })
+            .await?;
         // "vault:v3:BASE64": the version is named; the rest is the DER signature.
         let mut parts = out.signature.splitn(3, ':');
         let (prefix, version, sig) = (parts.next(), parts.next(), parts.next());
@@ -151,9 +232,10 @@ impl Signer for VaultSigner {
     }
 
     async fn rotate(&self) -> Result<KeyInfo, SignerError> {
-        vaultrs::transit::key::rotate(&self.client, &self.mount, &self.name)
-            .await
-            .map_err(classify)?;
+        self.call(
+            |c| async move { vaultrs::transit::key::rotate(&*c, &self.mount, &self.name).await },
+        )
+        .await?;
         self.latest().await
     }
 }
