@@ -126,6 +126,32 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
     ] {
         assert_eq!(ctr.connect_from(pod, target.port()), Ok(()), "{why}");
     }
+    // Verdict events name the pod.
+    let mut events = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args([
+            "events",
+            "--follow",
+            "--count",
+            "1",
+            "--only-verdicts",
+            "--output",
+            "json",
+        ])
+        .args(["--endpoint", &agent.endpoint()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("events");
+    wait_until("a verdict event arrives", Duration::from_secs(20), || {
+        let _ = ctr.connect_from(&api, target.port());
+        events.try_wait().expect("events").is_some()
+    });
+    let mut line = String::new();
+    std::io::Read::read_to_string(events.stdout.as_mut().expect("stdout"), &mut line)
+        .expect("read events");
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("event json");
+    assert_eq!(v["pod"], "payments/api", "{line}");
+    assert_eq!(v["rule"], "payments-api-no-db", "{line}");
+
     // Explain by pod names the pod's cgroup and the rule.
     let e = explain_pod(&agent, &api, target.port()).expect("explain");
     assert_eq!(e.rule, "payments-api-no-db");

@@ -1077,7 +1077,11 @@ fn event_report(e: pb::WatchEventsResponse) -> Report {
                 },
                 v.port,
                 v.protocol,
-                v.cgroup,
+                if v.pod.is_empty() {
+                    v.cgroup.clone()
+                } else {
+                    format!("pod {} ({})", v.pod, v.cgroup)
+                },
                 if v.rule.is_empty() {
                     "none: the default"
                 } else {
@@ -1090,7 +1094,7 @@ fn event_report(e: pb::WatchEventsResponse) -> Report {
             json: json!({"unix_millis": at, "type": "verdict", "cgroup": v.cgroup, "destination": v.destination,
                          "port": v.port, "protocol": v.protocol, "action": v.action,
                          "class": class_name(v.runtime_class), "rule": v.rule,
-                         "generation": v.generation, "hook": v.hook}),
+                         "generation": v.generation, "hook": v.hook, "pod": v.pod}),
         },
         Some(E::PolicySwitched(p)) => Report {
             human: format!(

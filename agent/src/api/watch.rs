@@ -192,6 +192,8 @@ fn verdict_to_pb(v: Verdict) -> pb::WatchEventsResponse {
             rule: v.rule.unwrap_or_default(),
             generation: v.generation,
             hook: v.hook.into(),
+            // Not in a known pod: the empty string, as the proto says.
+            pod: v.pod.unwrap_or_default(),
         })),
     }
 }

@@ -868,7 +868,16 @@ fn spawn_verdict_pump(
             if batch.len() < VERDICT_BATCH {
                 ready.clear_ready();
             }
-            for v in batch {
+            let inventory = ctl.inventory();
+            for mut v in batch {
+                if let Some(inv) = &inventory {
+                    v.pod = v
+                        .cgroup
+                        .parse::<crate::model::CgroupPath>()
+                        .ok()
+                        .and_then(|c| inv.pod_of(&c))
+                        .map(|p| format!("{}/{}", p.namespace, p.name));
+                }
                 tracing::trace!(
                     cgroup = %log_escape(&v.cgroup),
                     destination = %v.destination,

@@ -65,6 +65,7 @@ impl VerdictRing {
                     .flatten(),
                 generation: e.generation,
                 hook: abi::hook_name(e.hook),
+                pod: None,
             })
             .collect()
     }

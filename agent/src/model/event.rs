@@ -66,6 +66,9 @@ pub struct Verdict {
     pub generation: u64,
     /// "connect4", "connect6", "sendmsg4" or "sendmsg6".
     pub hook: &'static str,
+    /// The caller's pod, `namespace/name`, when the cgroup is in a pod the agent knows (with
+    /// `[kubernetes]`).
+    pub pod: Option<String>,
 }
 
 /// Which verdicts a watcher wants.
@@ -116,6 +119,7 @@ mod tests {
             rule: rule.map(Into::into),
             generation: 1,
             hook: "connect4",
+            pod: None,
         }
     }
 
