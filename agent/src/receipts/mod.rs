@@ -22,7 +22,10 @@ pub use ledger::{
     Hold, KeyRecord, Ledger, LedgerError, NewReceipt, StoredCheckpoint, StoredReceipt,
 };
 pub use signer::{connect as connect_signer, KeyInfo, Signer, SignerError};
-pub use verify::{verify, verify_file, VerifyFileError, VerifyReport};
+pub use verify::{
+    trusted_key_fingerprint, verify, verify_file, verify_file_with, verify_with, KeyEntry,
+    KmsLookup, Trust, VerifyFileError, VerifyReport,
+};
 
 use crate::{
     config::ReceiptSettings,
@@ -176,6 +179,20 @@ pub enum ReceiptsError {
     /// The hold was released before.
     #[error("hold {0} is already released")]
     AlreadyReleased(u64),
+    /// The ledger does not verify (tampered or damaged content): the agent will not extend it.
+    #[error(
+        "the receipts ledger {} does not verify, so the agent will not extend it: {summary}; \
+         inspect it with `knhk-agent receipts verify --db {}`, then restore it from a backup or \
+         move it away to start a new ledger",
+        path.display(),
+        path.display()
+    )]
+    Unverified {
+        /// The ledger file.
+        path: std::path::PathBuf,
+        /// The first problem, and how many there are.
+        summary: String,
+    },
 }
 
 struct KeyState {
@@ -248,18 +265,57 @@ impl Receipts {
         Self::start_on(ledger, settings, signer, registry, events, summaries).await
     }
 
-    /// Opens (or creates) the ledger of `settings`; a damaged file is an error, not a panic.
+    /// Opens (or creates) the ledger of `settings` and verifies it before anything extends it
+    /// (every receipt and payload, every tree node, every checkpoint's root and signature, the
+    /// key-transition chain: [`verify()`]); a damaged file is an error, not a panic, and a
+    /// ledger that does not verify is [`ReceiptsError::Unverified`].
     pub async fn open_ledger(settings: &ReceiptSettings) -> Result<Ledger, ReceiptsError> {
         let (path, node, region) = (
             settings.path.clone(),
             settings.node.clone(),
             settings.region.clone(),
         );
-        Ok(
-            tokio::task::spawn_blocking(move || Ledger::open(&path, &node, &region))
+        // Verified read-only first: a ledger that is refused is not written (opening it for
+        // writing commits).
+        let existing = std::fs::metadata(&path).is_ok_and(|m| !m.is_file() || m.len() > 0);
+        let started = std::time::Instant::now();
+        let report = if existing {
+            let p = path.clone();
+            let verified = tokio::task::spawn_blocking(move || verify_file(&p))
                 .await
-                .map_err(|e| LedgerError::Db(e.to_string()))??,
-        )
+                .map_err(|e| LedgerError::Db(e.to_string()))?;
+            Some(verified.map_err(|e| match e {
+                VerifyFileError::Open { .. } => LedgerError::Db(e.to_string()),
+                VerifyFileError::Corrupt { .. } => LedgerError::Corrupt(format!(
+                    "{e}; restore it from a backup or move it away to start a new ledger"
+                )),
+            })?)
+        } else {
+            None
+        };
+        if let Some(report) = &report {
+            if let Some(first) = report.problems.first() {
+                let more = match report.problems.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more problems)", n - 1),
+                };
+                return Err(ReceiptsError::Unverified {
+                    path: settings.path.clone(),
+                    summary: format!("{first}{more}"),
+                });
+            }
+            tracing::info!(
+                receipts = report.receipts,
+                checkpoints = report.checkpoints,
+                keys = report.keys,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "receipts: the ledger verifies (internal consistency; keys as recorded)"
+            );
+        }
+        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, &node, &region))
+            .await
+            .map_err(|e| LedgerError::Db(e.to_string()))??;
+        Ok(ledger)
     }
 
     /// [`Receipts::start`] on a ledger already opened with [`Receipts::open_ledger`].
@@ -444,8 +500,15 @@ impl Receipts {
     /// Records that `to` replaces `from`: a statement signed by `from`, stored in the key
     /// history and in a rotation receipt.
     async fn record_transition(&self, from: &KeyInfo, to: &KeyInfo) -> Result<(), SignerError> {
-        let since = now_ns();
-        let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, since);
+        let now = now_ns();
+        // A new name for the same key (the file provider's stable id) keeps the key's age: its
+        // lifetime is not extended by the rename.
+        let since = if from.public_key_der == to.public_key_der {
+            self.key.lock().map_or(now, |k| k.since_ns)
+        } else {
+            now
+        };
+        let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, now);
         let signature = self
             .call(|| self.signer.sign(&from.key, statement.as_bytes()))
             .await?;
