@@ -1193,6 +1193,120 @@ mod trust {
         );
     }
 
+    /// Rewrites the ledger at `path` as an older agent wrote it: the file key named
+    /// `legacy` (a directory-based id) in the key history and every checkpoint, re-signed.
+    fn as_legacy(path: &Path, stable: &str, legacy: &str, key: &SigningKey) {
+        let db = redb::Database::open(path).expect("open");
+        let tx = db.begin_write().expect("write");
+        {
+            let keys_def: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
+            let mut keys = tx.open_table(keys_def).expect("keys");
+            let mut record: serde_json::Value =
+                serde_json::from_slice(keys.get(0).expect("get").expect("key 0").value())
+                    .expect("json");
+            assert_eq!(record["key"]["id"], stable);
+            record["key"]["id"] = legacy.into();
+            keys.insert(0, &serde_json::to_vec(&record).expect("json")[..])
+                .expect("insert");
+            let cp_def: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+            let mut cps = tx.open_table(cp_def).expect("checkpoints");
+            let all: Vec<(u64, Vec<u8>)> = cps
+                .iter()
+                .expect("iter")
+                .map(|e| {
+                    let (k, v) = e.expect("entry");
+                    (k.value(), v.value().to_vec())
+                })
+                .collect();
+            for (n, v) in all {
+                let mut c: serde_json::Value = serde_json::from_slice(&v).expect("json");
+                let body = c["body"]
+                    .as_str()
+                    .expect("body")
+                    .replace(&format!("key: {stable}#"), &format!("key: {legacy}#"));
+                let sig: Signature = key.sign(body.as_bytes());
+                c["body"] = body.into();
+                c["signature"] = B64.encode(sig.to_der().as_bytes()).into();
+                cps.insert(n, &serde_json::to_vec(&c).expect("json")[..])
+                    .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_of_the_directory_based_file_key_id_hands_over_to_the_stable_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, spki) = file_ledger(dir.path()).await;
+        let stable = format!("file:{}", fingerprint(&spki));
+        let legacy = format!("file:{}", dir.path().join("keys").display());
+        let pem = std::fs::read_to_string(dir.path().join("keys/v1.pem")).expect("key file");
+        let key = SigningKey::from_pkcs8_pem(&pem).expect("pkcs8");
+        as_legacy(&path, &stable, &legacy, &key);
+        assert_eq!(
+            first_problem(&path),
+            "verified",
+            "the older agent's ledger verifies"
+        );
+
+        // The first start of this agent on it: one hand-over to the stable id, same key, same age.
+        let r = start(settings(dir.path(), file_signer(dir.path()))).await;
+        append(&r, 30..32).await;
+        r.pulse(24).await;
+        all_signed(&r, Duration::from_secs(10)).await;
+        let keys = r.ledger().keys().expect("keys");
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(keys[0].key.to_string(), format!("{legacy}#1"));
+        assert_eq!(keys[1].key.to_string(), format!("{stable}#1"));
+        assert_eq!(keys[1].public_key, keys[0].public_key);
+        assert_eq!(
+            keys[1].since_ns, keys[0].since_ns,
+            "the rename keeps the key's age"
+        );
+        let (statement, _) = keys[1].transition.clone().expect("a transition");
+        assert!(
+            statement.starts_with(&format!(
+                "knhk-key-transition/v1\nfrom: {legacy}#1\nto: {stable}#1\n"
+            )),
+            "{statement}"
+        );
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.keys, 2);
+
+        // Moving the key directory changes nothing now.
+        std::fs::rename(dir.path().join("keys"), dir.path().join("moved")).expect("move");
+        let moved = SignerSettings::File {
+            key_dir: dir.path().join("moved"),
+        };
+        let r = start(settings(dir.path(), moved)).await;
+        append(&r, 32..34).await;
+        r.pulse(32).await;
+        all_signed(&r, Duration::from_secs(10)).await;
+        assert_eq!(
+            r.ledger().keys().expect("keys").len(),
+            2,
+            "no new key record"
+        );
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        // Pinned to the key's fingerprint, the whole history is anchored.
+        let (out, stdout, _) = cli(&[
+            "receipts",
+            "verify",
+            "--db",
+            path.to_str().expect("utf-8"),
+            "--trusted-key",
+            &fingerprint(&spki),
+        ]);
+        assert!(out.status.success(), "{stdout}");
+        assert!(
+            // 30 + 2 + the key_rotation receipt of the hand-over + 2.
+            stdout.contains("trust: anchored: receipts 0..35"),
+            "{stdout}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_aws_kms_key_id_pins_a_ledger_to_the_key_moto_holds() {
         let moto = kms::moto();
@@ -1598,13 +1712,29 @@ mod agent_trust {
         let run_dir = dir.path().join("second");
         std::fs::create_dir_all(&run_dir).expect("mkdir");
         let config = write_config(&run_dir, &cg.path, &pins2.root, &kms_tables(dir.path()));
-        let out = std::process::Command::new(BIN)
+        let mut child = std::process::Command::new(BIN)
             .args(["run", "--config"])
             .arg(&config)
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(65), "{stderr}");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent started on a ledger whose payload was edited (still running after 30 s)");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert_eq!(status.code(), Some(65), "{stderr}");
         assert!(
             stderr.contains(&format!(
                 "error: the receipts ledger {} does not verify, so the agent will not extend it: \
