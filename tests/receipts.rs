@@ -1308,6 +1308,55 @@ mod trust {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_history_that_disagrees_with_the_kms_gets_no_signature_and_readiness_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, spki) = file_ledger(dir.path()).await;
+        let swapped = dir.path().join("swapped.redb");
+        let attacker = swapped_copy(&path, &swapped);
+        let fake = fingerprint(
+            attacker
+                .verifying_key()
+                .to_public_key_der()
+                .expect("spki")
+                .as_bytes(),
+        );
+        // The agent's ledger replaced by the swapped copy; its KMS (the key files) unchanged.
+        std::fs::rename(&swapped, &path).expect("replace the ledger");
+        let signed_before = {
+            let db = redb::Database::open(&path).expect("open");
+            let report = verify(&db).expect("verify");
+            report.checkpoints - report.unsigned_checkpoints
+        };
+        let r = start(settings(dir.path(), file_signer(dir.path()))).await;
+        let ready = r.r.readiness_check();
+        let message = ready().expect_err("not ready");
+        assert!(
+            message.contains(&format!("public key {fake}, but the KMS's key"))
+                && message.contains(&fingerprint(&spki)),
+            "{message}"
+        );
+        append(&r, 30..33).await;
+        r.pulse(24).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let checkpoints = r.ledger().checkpoints().expect("checkpoints");
+        let signed = checkpoints
+            .iter()
+            .filter(|(_, c)| c.signature.is_some())
+            .count() as u64;
+        assert_eq!(
+            signed, signed_before,
+            "a checkpoint was signed with a key the history does not record"
+        );
+        assert!(
+            checkpoints.len() as u64 > signed,
+            "no new checkpoint was written"
+        );
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        assert!(report.unsigned_checkpoints >= 1, "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_aws_kms_key_id_pins_a_ledger_to_the_key_moto_holds() {
         let moto = kms::moto();
         let (client, key_id) = kms::create_kms_key(&moto.url).await;

@@ -199,6 +199,10 @@ struct KeyState {
     current: Option<KeyInfo>,
     since_ns: i64,
     problem: Option<String>,
+    /// The key history and the KMS disagree on the current key's public key: nothing is
+    /// signed (a signature would not verify with the recorded key) until a restart finds them
+    /// agreeing.
+    conflict: Option<String>,
 }
 
 /// Answers an append with its sequence number once durable.
@@ -353,6 +357,7 @@ impl Receipts {
                 }),
                 since_ns: last_key.as_ref().map_or_else(now_ns, |k| k.since_ns),
                 problem: None,
+                conflict: None,
             }),
             settings,
             commands,
@@ -407,6 +412,12 @@ impl Receipts {
     ) -> Result<(KeyInfo, Vec<u8>), SignerError> {
         if self.key.lock().is_ok_and(|k| k.current.is_none()) {
             self.sync_key().await?;
+        }
+        if let Some(conflict) = self.key.lock().ok().and_then(|k| k.conflict.clone()) {
+            return Err(SignerError::Refused {
+                provider: "ledger",
+                message: conflict,
+            });
         }
         // A poisoned lock (a panicked signer) is treated as "no current key": unavailable.
         let key = self
@@ -477,6 +488,26 @@ impl Receipts {
         // A poisoned lock means no known previous key: the transition is not countersigned.
         let previous = self.key.lock().ok().and_then(|k| k.current.clone());
         match previous {
+            Some(p) if p.key == info.key && p.public_key_der != info.public_key_der => {
+                let conflict = format!(
+                    "the ledger's key history gives {} the public key {}, but the KMS's key {} \
+                     is {}: the history was changed (or the key id reused); checkpoints are not \
+                     signed until they agree: check the ledger with `knhk-agent receipts verify \
+                     --trusted-key`",
+                    p.key,
+                    format::fingerprint(&p.public_key_der),
+                    info.key,
+                    format::fingerprint(&info.public_key_der)
+                );
+                tracing::error!("receipts: {conflict}");
+                if let Ok(mut k) = self.key.lock() {
+                    k.conflict = Some(conflict.clone());
+                }
+                return Err(SignerError::Refused {
+                    provider: "ledger",
+                    message: conflict,
+                });
+            }
             Some(p) if p.key == info.key => {}
             Some(p) if p.key.version != 0 => self.record_transition(&p, &info).await?,
             _ => {
@@ -762,6 +793,10 @@ impl Receipts {
                 self.update_backlog();
                 continue;
             }
+            if self.key.lock().is_ok_and(|k| k.conflict.is_some()) {
+                self.update_backlog();
+                continue;
+            }
             let unsigned = match self.ledger.unsigned_checkpoints() {
                 Ok(u) => u,
                 Err(e) => {
@@ -965,7 +1000,12 @@ impl Receipts {
                 return Err("the receipts ledger stopped".into());
             };
             // A poisoned lock hides no rotation problem; the checks below still run.
-            if let Some(p) = me.key.lock().ok().and_then(|k| k.problem.clone()) {
+            if let Some(p) = me
+                .key
+                .lock()
+                .ok()
+                .and_then(|k| k.conflict.clone().or_else(|| k.problem.clone()))
+            {
                 return Err(p);
             }
             // A database that cannot be read is not ready (not "nothing waiting").
