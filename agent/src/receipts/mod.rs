@@ -557,13 +557,7 @@ impl Receipts {
             k.problem = None;
         }
         tracing::info!(from = %from.key, to = %to.key, "receipts signing key rotated");
-        let payload = json(serde_json::json!({
-            "from": from.key.to_string(),
-            "to": to.key.to_string(),
-            "to_public_key": B64.encode(&to.public_key_der),
-            "statement": statement,
-            "signature": B64.encode(&signature),
-        }));
+        let payload = rotation_payload(from, to, &statement, &signature);
         if let Err(e) = self
             .append(NewReceipt {
                 kind: ReceiptKind::KeyRotation,
@@ -1072,6 +1066,17 @@ fn recv_now<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>) -> Option<T> {
     }
 }
 
+/// The `key_rotation` payload (its bytes are specified in docs/receipts.md).
+fn rotation_payload(from: &KeyInfo, to: &KeyInfo, statement: &str, signature: &[u8]) -> Vec<u8> {
+    json(serde_json::json!({
+        "from": from.key.to_string(),
+        "to": to.key.to_string(),
+        "to_public_key": B64.encode(&to.public_key_der),
+        "statement": statement,
+        "signature": B64.encode(signature),
+    }))
+}
+
 fn receipt_of_summary(s: &CycleSummary) -> NewReceipt {
     let classes: Vec<serde_json::Value> = crate::model::Class::ALL
         .iter()
@@ -1091,5 +1096,48 @@ fn receipt_of_summary(s: &CycleSummary) -> NewReceipt {
             "cycle": s.cycle, "policy_generation": s.policy_generation,
             "heat_digest": s.heat_digest, "classes": classes,
         })),
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    /// The payload bytes docs/receipts.md specifies, held byte for byte.
+    #[test]
+    fn rotation_and_hold_payloads_are_the_documented_bytes() {
+        let key = |id: &str, version, der: &[u8]| KeyInfo {
+            key: KeyRef {
+                id: id.into(),
+                version,
+            },
+            public_key_der: der.to_vec(),
+        };
+        let (from, to) = (key("k", 1, b"\x01"), key("k", 2, b"\x02\x03"));
+        let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, 5);
+        assert_eq!(
+            statement,
+            "knhk-key-transition/v1\nfrom: k#1\nto: k#2\nto_public_key: AgM=\ntime: 5\n"
+        );
+        let payload = rotation_payload(&from, &to, &statement, b"\xff");
+        assert_eq!(
+            String::from_utf8(payload).expect("utf-8"),
+            r#"{"from":"k#1","signature":"/w==","statement":"knhk-key-transition/v1\nfrom: k#1\nto: k#2\nto_public_key: AgM=\ntime: 5\n","to":"k#2","to_public_key":"AgM="}"#
+        );
+        let hold = Hold {
+            id: 3,
+            case_id: "C-1".into(),
+            reason: "r".into(),
+            seq_range: Some((1, 9)),
+            time_range: None,
+            kind: Some("policy_switch".into()),
+            region: None,
+            placed_ns: 7,
+            released_ns: None,
+        };
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec(&hold).expect("json")).expect("utf-8"),
+            r#"{"id":3,"case_id":"C-1","reason":"r","seq_range":[1,9],"time_range":null,"kind":"policy_switch","region":null,"placed_ns":7,"released_ns":null}"#
+        );
     }
 }
