@@ -786,13 +786,28 @@ fn kernel_every_cli_command_in_both_forms() {
         &["heat"][..],
         &["slo"][..],
         &["receipts", "list"][..],
+        &["receipts", "keys"][..],
+        &["receipts", "checkpoints"][..],
     ] {
         let (h, j) = both(&endpoint, args);
         assert!(h.status.success(), "{args:?}: {}", text(&h));
         assert!(j.status.success(), "{args:?}: {}", text(&j));
         assert_readable(args[0], &h);
         let v = json_of(args[0], &j);
-        match args[0] {
+        match args.join(" ").as_str() {
+            "receipts keys" => {
+                assert!(text(&h).contains("fingerprint sha256:"), "{}", text(&h));
+                assert!(
+                    v["keys"][0]["fingerprint"]
+                        .as_str()
+                        .is_some_and(|f| f.starts_with("sha256:") && f.len() == 71),
+                    "{v}"
+                );
+            }
+            "receipts checkpoints" => {
+                assert!(text(&h).starts_with("number "), "{}", text(&h));
+                assert!(v["checkpoints"].is_array(), "{v}");
+            }
             "status" => {
                 assert!(text(&h).contains("C1"), "{}", text(&h));
                 assert!(v["decisions"][0]["runtime_class"] == "R1", "{v}");
@@ -805,7 +820,7 @@ fn kernel_every_cli_command_in_both_forms() {
                 );
                 assert_eq!(v["classes"][2]["runtime_class"], "C1", "{v}");
             }
-            "receipts" => {
+            "receipts list" => {
                 let header = text(&h).lines().nth(1).unwrap_or("").to_owned();
                 assert!(header.contains("time"), "{header}");
                 assert!(

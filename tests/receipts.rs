@@ -1140,4 +1140,851 @@ async fn a_revoked_vault_token_is_named_and_a_new_one_in_the_token_file_resumes_
     let report = stop_and_verify(r, &path).await;
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.receipts, 10, "nothing lost");
+
+// ---- issue 18 §1: a trust anchor ----
+
+mod trust {
+    use super::*;
+    use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+    use p256::{
+        ecdsa::{signature::Signer as _, Signature, SigningKey},
+        pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey, LineEnding},
+    };
+    use sha2::Digest as _;
+    use std::process::{Command, Output};
+
+    /// The fingerprint as a verifier computes it without the crate: SHA-256 of the SPKI DER.
+    pub(crate) fn fingerprint(spki_der: &[u8]) -> String {
+        let digest = sha2::Sha256::digest(spki_der);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
+
+    pub(crate) fn cli(args: &[&str]) -> (Output, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+            .args(args)
+            .output()
+            .expect("run knhk-agent");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out, stdout, stderr)
+    }
+
+    fn fresh_key() -> SigningKey {
+        loop {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).expect("random");
+            if let Ok(k) = SigningKey::from_slice(&bytes) {
+                return k;
+            }
+        }
+    }
+
+    /// A copy of the single-key ledger at `path` whose key was swapped for a fresh one and
+    /// whose checkpoints were all re-signed with it (bodies, ids and receipts unchanged).
+    pub(crate) fn swapped_copy(path: &Path, to: &Path) -> SigningKey {
+        std::fs::copy(path, to).expect("copy the ledger");
+        let key = fresh_key();
+        let spki = key
+            .verifying_key()
+            .to_public_key_der()
+            .expect("spki")
+            .as_bytes()
+            .to_vec();
+        let db = redb::Database::open(to).expect("open the copy");
+        let tx = db.begin_write().expect("write");
+        {
+            let keys_def: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
+            let mut keys = tx.open_table(keys_def).expect("keys");
+            use redb::ReadableTableMetadata as _;
+            assert_eq!(keys.len().expect("len"), 1, "a ledger with one key");
+            let mut record: serde_json::Value =
+                serde_json::from_slice(keys.get(0).expect("get").expect("key 0").value())
+                    .expect("json");
+            record["public_key"] = B64.encode(&spki).into();
+            keys.insert(0, &serde_json::to_vec(&record).expect("json")[..])
+                .expect("insert");
+            let cp_def: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+            let mut cps = tx.open_table(cp_def).expect("checkpoints");
+            let all: Vec<(u64, Vec<u8>)> = cps
+                .iter()
+                .expect("iter")
+                .map(|e| {
+                    let (k, v) = e.expect("entry");
+                    (k.value(), v.value().to_vec())
+                })
+                .collect();
+            for (n, v) in all {
+                let mut c: serde_json::Value = serde_json::from_slice(&v).expect("json");
+                let body = c["body"].as_str().expect("body").to_owned();
+                let sig: Signature = key.sign(body.as_bytes());
+                c["signature"] = B64.encode(sig.to_der().as_bytes()).into();
+                cps.insert(n, &serde_json::to_vec(&c).expect("json")[..])
+                    .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+        key
+    }
+
+    /// A signed single-key ledger written with a file key; returns (ledger, the key's SPKI DER).
+    async fn file_ledger(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let s = settings(dir, file_signer(dir));
+        let path = s.path.clone();
+        let r = start(s).await;
+        append(&r, 0..24).await;
+        r.pulse(8).await;
+        all_signed(&r, Duration::from_secs(10)).await;
+        append(&r, 24..30).await;
+        r.pulse(16).await;
+        all_signed(&r, Duration::from_secs(10)).await;
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        let pem = std::fs::read_to_string(dir.join("keys/v1.pem")).expect("key file");
+        let spki = SigningKey::from_pkcs8_pem(&pem)
+            .expect("pkcs8")
+            .verifying_key()
+            .to_public_key_der()
+            .expect("spki")
+            .as_bytes()
+            .to_vec();
+        (path, spki)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_swapped_key_ledger_passes_unpinned_only_and_fails_with_the_trusted_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, spki) = file_ledger(dir.path()).await;
+        let real = fingerprint(&spki);
+        let pem_file = dir.path().join("trusted.pem");
+        let pem = p256::PublicKey::from_public_key_der(&spki)
+            .expect("spki")
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem");
+        std::fs::write(&pem_file, pem).expect("write pem");
+        let der_file = dir.path().join("trusted.der");
+        std::fs::write(&der_file, &spki).expect("write der");
+        let copy = dir.path().join("swapped.redb");
+        let attacker = swapped_copy(&path, &copy);
+        let fake = fingerprint(
+            attacker
+                .verifying_key()
+                .to_public_key_der()
+                .expect("spki")
+                .as_bytes(),
+        );
+        let (db, cp) = (path.to_str().expect("utf-8"), copy.to_str().expect("utf-8"));
+        let before = std::fs::read(&copy).expect("read");
+
+        // Unpinned: the swapped copy verifies, and the output says that is all it shows and
+        // which key signed it.
+        let (out, stdout, _) = cli(&["receipts", "verify", "--db", cp]);
+        assert!(out.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("verified (internal consistency only)")
+                && stdout.contains("trust: internal consistency only: no trusted key was given"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&fake),
+            "the signing key's fingerprint is shown: {stdout}"
+        );
+        let (out, stdout, _) = cli(&["receipts", "verify", "--db", cp, "--output", "json"]);
+        assert!(out.status.success(), "{stdout}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        assert_eq!(report["trust"]["pinned"], false, "{report}");
+        assert_eq!(
+            report["key_history"][0]["fingerprint"],
+            fake.as_str(),
+            "{report}"
+        );
+        assert!(
+            report["trust"]["statement"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("internal consistency only")),
+            "{report}"
+        );
+
+        // Pinned to the real key, by fingerprint, PEM or DER: the copy fails, naming both keys.
+        for pin in [
+            real.as_str(),
+            pem_file.to_str().expect("utf-8"),
+            der_file.to_str().expect("utf-8"),
+        ] {
+            let (out, stdout, _) = cli(&["receipts", "verify", "--db", cp, "--trusted-key", pin]);
+            assert_eq!(out.status.code(), Some(1), "pin {pin}: {stdout}");
+            assert!(
+                stdout.contains(&format!(
+                    "FAILED: no key of the ledger is a trusted key: its keys are {fake}; trusted: {real}"
+                )),
+                "pin {pin}: {stdout}"
+            );
+            assert!(!stdout.contains("\nverified"), "{stdout}");
+            // The original verifies against the same pin, anchored.
+            let (out, stdout, _) = cli(&["receipts", "verify", "--db", db, "--trusted-key", pin]);
+            assert!(out.status.success(), "pin {pin}: {stdout}");
+            assert!(
+                stdout.contains("trust: anchored: receipts 0..30 are covered")
+                    && stdout.contains(&format!("{real}  current from"))
+                    && stdout.contains("(trusted)")
+                    && stdout.lines().any(|l| l == "verified"),
+                "pin {pin}: {stdout}"
+            );
+        }
+        // The bare hex digits are a fingerprint too.
+        let (out, stdout, _) = cli(&[
+            "receipts",
+            "verify",
+            "--db",
+            cp,
+            "--trusted-key",
+            &real[7..],
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+
+        // A pin that is none of the forms: exit 64, said precisely.
+        let (out, stdout, stderr) = cli(&[
+            "receipts",
+            "verify",
+            "--db",
+            db,
+            "--trusted-key",
+            "sha256:12ab",
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{stdout}{stderr}");
+        assert!(
+            stderr.contains("--trusted-key sha256:12ab: not a fingerprint (sha256:<64 hex digits>) nor aws-kms:KEY_ID, and not a readable public key file"),
+            "{stderr}"
+        );
+        let keyfile = dir.path().join("keys/v1.pem");
+        let (out, _, stderr) = cli(&[
+            "receipts",
+            "verify",
+            "--db",
+            db,
+            "--trusted-key",
+            keyfile.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains("a PEM file, but not a public key"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&copy).expect("read"),
+            before,
+            "verify wrote the copy"
+        );
+    }
+
+    /// Rewrites the ledger at `path` as an older agent wrote it: the file key named
+    /// `legacy` (a directory-based id) in the key history and every checkpoint, re-signed.
+    fn as_legacy(path: &Path, stable: &str, legacy: &str, key: &SigningKey) {
+        let db = redb::Database::open(path).expect("open");
+        let tx = db.begin_write().expect("write");
+        {
+            let keys_def: TableDefinition<u64, &[u8]> = TableDefinition::new("keys");
+            let mut keys = tx.open_table(keys_def).expect("keys");
+            let mut record: serde_json::Value =
+                serde_json::from_slice(keys.get(0).expect("get").expect("key 0").value())
+                    .expect("json");
+            assert_eq!(record["key"]["id"], stable);
+            record["key"]["id"] = legacy.into();
+            keys.insert(0, &serde_json::to_vec(&record).expect("json")[..])
+                .expect("insert");
+            let cp_def: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+            let mut cps = tx.open_table(cp_def).expect("checkpoints");
+            let all: Vec<(u64, Vec<u8>)> = cps
+                .iter()
+                .expect("iter")
+                .map(|e| {
+                    let (k, v) = e.expect("entry");
+                    (k.value(), v.value().to_vec())
+                })
+                .collect();
+            for (n, v) in all {
+                let mut c: serde_json::Value = serde_json::from_slice(&v).expect("json");
+                let body = c["body"]
+                    .as_str()
+                    .expect("body")
+                    .replace(&format!("key: {stable}#"), &format!("key: {legacy}#"));
+                let sig: Signature = key.sign(body.as_bytes());
+                c["body"] = body.into();
+                c["signature"] = B64.encode(sig.to_der().as_bytes()).into();
+                cps.insert(n, &serde_json::to_vec(&c).expect("json")[..])
+                    .expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_of_the_directory_based_file_key_id_hands_over_to_the_stable_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, spki) = file_ledger(dir.path()).await;
+        let stable = format!("file:{}", fingerprint(&spki));
+        let legacy = format!("file:{}", dir.path().join("keys").display());
+        let pem = std::fs::read_to_string(dir.path().join("keys/v1.pem")).expect("key file");
+        let key = SigningKey::from_pkcs8_pem(&pem).expect("pkcs8");
+        as_legacy(&path, &stable, &legacy, &key);
+        assert_eq!(
+            first_problem(&path),
+            "verified",
+            "the older agent's ledger verifies"
+        );
+
+        // The first start of this agent on it: one hand-over to the stable id, same key, same age.
+        let r = start(settings(dir.path(), file_signer(dir.path()))).await;
+        append(&r, 30..32).await;
+        r.pulse(24).await;
+        all_signed(&r, Duration::from_secs(10)).await;
+        let keys = r.ledger().keys().expect("keys");
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert_eq!(keys[0].key.to_string(), format!("{legacy}#1"));
+        assert_eq!(keys[1].key.to_string(), format!("{stable}#1"));
+        assert_eq!(keys[1].public_key, keys[0].public_key);
+        assert_eq!(
+            keys[1].since_ns, keys[0].since_ns,
+            "the rename keeps the key's age"
+        );
+        let (statement, _) = keys[1].transition.clone().expect("a transition");
+        assert!(
+            statement.starts_with(&format!(
+                "knhk-key-transition/v1\nfrom: {legacy}#1\nto: {stable}#1\n"
+            )),
+            "{statement}"
+        );
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.keys, 2);
+
+        // Moving the key directory changes nothing now.
+        std::fs::rename(dir.path().join("keys"), dir.path().join("moved")).expect("move");
+        let moved = SignerSettings::File {
+            key_dir: dir.path().join("moved"),
+        };
+        let r = start(settings(dir.path(), moved)).await;
+        append(&r, 32..34).await;
+        r.pulse(32).await;
+        all_signed(&r, Duration::from_secs(10)).await;
+        assert_eq!(
+            r.ledger().keys().expect("keys").len(),
+            2,
+            "no new key record"
+        );
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        // Pinned to the key's fingerprint, the whole history is anchored.
+        let (out, stdout, _) = cli(&[
+            "receipts",
+            "verify",
+            "--db",
+            path.to_str().expect("utf-8"),
+            "--trusted-key",
+            &fingerprint(&spki),
+        ]);
+        assert!(out.status.success(), "{stdout}");
+        assert!(
+            // 30 + 2 + the key_rotation receipt of the hand-over + 2.
+            stdout.contains("trust: anchored: receipts 0..35"),
+            "{stdout}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_history_that_disagrees_with_the_kms_gets_no_signature_and_readiness_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, spki) = file_ledger(dir.path()).await;
+        let swapped = dir.path().join("swapped.redb");
+        let attacker = swapped_copy(&path, &swapped);
+        let fake = fingerprint(
+            attacker
+                .verifying_key()
+                .to_public_key_der()
+                .expect("spki")
+                .as_bytes(),
+        );
+        // The agent's ledger replaced by the swapped copy; its KMS (the key files) unchanged.
+        std::fs::rename(&swapped, &path).expect("replace the ledger");
+        let signed_before = {
+            let db = redb::Database::open(&path).expect("open");
+            let report = verify(&db).expect("verify");
+            report.checkpoints - report.unsigned_checkpoints
+        };
+        let r = start(settings(dir.path(), file_signer(dir.path()))).await;
+        let ready = r.r.readiness_check();
+        let message = ready().expect_err("not ready");
+        assert!(
+            message.contains(&format!("public key {fake}, but the KMS's key"))
+                && message.contains(&fingerprint(&spki)),
+            "{message}"
+        );
+        append(&r, 30..33).await;
+        r.pulse(24).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let checkpoints = r.ledger().checkpoints().expect("checkpoints");
+        let signed = checkpoints
+            .iter()
+            .filter(|(_, c)| c.signature.is_some())
+            .count() as u64;
+        assert_eq!(
+            signed, signed_before,
+            "a checkpoint was signed with a key the history does not record"
+        );
+        assert!(
+            checkpoints.len() as u64 > signed,
+            "no new checkpoint was written"
+        );
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        assert!(report.unsigned_checkpoints >= 1, "{report:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aws_kms_key_id_pins_a_ledger_to_the_key_moto_holds() {
+        let moto = kms::moto();
+        let (client, key_id) = kms::create_kms_key(&moto.url).await;
+        client
+            .create_alias()
+            .alias_name("alias/knhk-receipts")
+            .target_key_id(&key_id)
+            .send()
+            .await
+            .expect("CreateAlias");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = settings(
+            dir.path(),
+            SignerSettings::Aws {
+                region: "us-east-1".into(),
+                key_id: "alias/knhk-receipts".into(),
+                endpoint_url: Some(moto.url.clone()),
+            },
+        );
+        let path = s.path.clone();
+        let r = start(s).await;
+        append(&r, 0..10).await;
+        r.pulse(8).await;
+        all_signed(&r, Duration::from_secs(20)).await;
+        let report = stop_and_verify(r, &path).await;
+        assert!(report.ok(), "{report:?}");
+        let copy = dir.path().join("swapped.redb");
+        swapped_copy(&path, &copy);
+        // moto's credentials are in this process's environment (create_kms_key), inherited.
+        let pin = format!("aws-kms:{key_id}");
+        for (pin, db, code) in [
+            (pin.as_str(), &path, 0),
+            ("aws-kms:alias/knhk-receipts", &path, 0),
+            ("aws-kms:alias/knhk-receipts", &copy, 1),
+        ] {
+            let (out, stdout, stderr) = cli(&[
+                "receipts",
+                "verify",
+                "--db",
+                db.to_str().expect("utf-8"),
+                "--trusted-key",
+                pin,
+                "--kms-endpoint-url",
+                &moto.url,
+            ]);
+            assert_eq!(
+                out.status.code(),
+                Some(code),
+                "{pin} on {}: {stdout}{stderr}",
+                db.display()
+            );
+            if code == 0 {
+                assert!(
+                    stdout.contains("trust: anchored: receipts 0..10"),
+                    "{stdout}"
+                );
+            } else {
+                assert!(
+                    stdout.contains("no key of the ledger is a trusted key"),
+                    "{stdout}"
+                );
+            }
+        }
+        // A key moto does not have: exit 64, naming it.
+        let (out, _, stderr) = cli(&[
+            "receipts",
+            "verify",
+            "--db",
+            path.to_str().expect("utf-8"),
+            "--trusted-key",
+            "aws-kms:alias/nope",
+            "--kms-endpoint-url",
+            &moto.url,
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains("--trusted-key aws-kms:alias/nope: aws refused"),
+            "{stderr}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_empty_trees_consistency_proof_is_empty_and_bad_sizes_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = start(settings(dir.path(), file_signer(dir.path()))).await;
+        append(&r, 0..7).await;
+        let l = r.ledger();
+        assert_eq!(
+            l.consistency_proof(0, 7).expect("0 to 7"),
+            Vec::<[u8; 32]>::new()
+        );
+        assert_eq!(
+            l.consistency_proof(0, 0).expect("0 to 0"),
+            Vec::<[u8; 32]>::new()
+        );
+        assert_eq!(
+            l.consistency_proof(7, 7).expect("7 to 7"),
+            Vec::<[u8; 32]>::new()
+        );
+        let e = l.consistency_proof(5, 3).expect_err("5 to 3");
+        assert_eq!(
+            tonic::Status::from(e.clone()).code(),
+            tonic::Code::InvalidArgument,
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("old_size 5 is larger than new_size 3"),
+            "{e}"
+        );
+        let e = l.consistency_proof(0, 8).expect_err("beyond the log");
+        assert_eq!(
+            tonic::Status::from(e.clone()).code(),
+            tonic::Code::NotFound,
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "no tree of 8 receipts: the log has 7");
+        r.tasks
+            .shutdown(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
+}
+
+mod agent_trust {
+    use super::trust::{cli, fingerprint};
+    use super::*;
+    use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+    use knhk_agent::{
+        api::receipts::pb::{self, receipt_service_client::ReceiptServiceClient},
+        receipts::ledger::StoredCosignature,
+    };
+    use p256::{
+        ecdsa::{
+            signature::Signer as _, signature::Verifier as _, Signature, SigningKey, VerifyingKey,
+        },
+        pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey},
+    };
+    use support::{
+        agent::{write_config, Agent, BIN},
+        kernel_available, TestCgroup, TestPins,
+    };
+
+    fn spki_of_file(path: &Path) -> Vec<u8> {
+        let pem = std::fs::read_to_string(path).expect("key file");
+        SigningKey::from_pkcs8_pem(&pem)
+            .expect("pkcs8")
+            .verifying_key()
+            .to_public_key_der()
+            .expect("spki")
+            .as_bytes()
+            .to_vec()
+    }
+
+    fn verifies(spki: &[u8], message: &[u8], der: &[u8]) -> bool {
+        let key = VerifyingKey::from_public_key_der(spki).expect("spki");
+        let sig = Signature::from_der(der).expect("der").normalize_s();
+        key.verify(message, &sig).is_ok()
+    }
+
+    fn file_sha256(path: &Path) -> Vec<u8> {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(std::fs::read(path).expect("read")).to_vec()
+    }
+
+    /// A ledger with a rotation (two keys) and one witness cosignature of checkpoint 0; returns
+    /// the witness's SPKI.
+    fn write_ledger(dir: &Path) -> Vec<u8> {
+        let rt = support::runtime();
+        rt.block_on(async {
+            let s = settings(dir, file_signer(dir));
+            let path = s.path.clone();
+            let r = start(s).await;
+            append(&r, 0..16).await;
+            r.pulse(8).await;
+            all_signed(&r, Duration::from_secs(10)).await;
+            r.rotate_now().await.expect("rotate");
+            append(&r, 16..20).await;
+            r.pulse(16).await;
+            all_signed(&r, Duration::from_secs(10)).await;
+            let body = r
+                .ledger()
+                .checkpoint(0)
+                .expect("read")
+                .expect("checkpoint 0")
+                .body;
+            let witness = SigningKey::from_slice(&[7u8; 32]).expect("witness key");
+            let spki = witness.verifying_key().to_public_key_der().expect("spki");
+            let message = format!("knhk-cosignature/v1\nwitness: us-east-2\n{body}");
+            let sig: Signature = witness.sign(message.as_bytes());
+            r.ledger()
+                .put_cosignature(
+                    0,
+                    &StoredCosignature {
+                        region: "us-east-2".into(),
+                        node: "witness-1".into(),
+                        key: knhk_agent::receipts::KeyRef {
+                            id: "witness-key".into(),
+                            version: 1,
+                        },
+                        public_key: B64.encode(spki.as_bytes()),
+                        signature: B64.encode(sig.to_der().as_bytes()),
+                    },
+                )
+                .expect("cosignature");
+            let report = stop_and_verify(r, &path).await;
+            assert!(report.ok(), "{report:?}");
+            assert_eq!(report.cosignatures, 1);
+            spki.as_bytes().to_vec()
+        })
+    }
+
+    fn kms_tables(dir: &Path) -> String {
+        format!(
+            "[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\nnode = \"node-a\"\n",
+            dir.join("keys").display(),
+            dir.join("receipts.redb").display()
+        )
+    }
+
+    #[test]
+    fn kernel_the_api_serves_keys_checkpoints_and_cosignatures_and_a_tampered_ledger_is_refused() {
+        if !kernel_available(
+            "kernel_the_api_serves_keys_checkpoints_and_cosignatures_and_a_tampered_ledger_is_refused",
+        ) {
+            return;
+        }
+        let cg = TestCgroup::new("trust-api");
+        let pins = TestPins::new("trust-api");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let witness_spki = write_ledger(dir.path());
+        let v1 = spki_of_file(&dir.path().join("keys/v1.pem"));
+        let v2 = spki_of_file(&dir.path().join("keys/v2.pem"));
+        let run_dir = dir.path().join("first");
+        std::fs::create_dir_all(&run_dir).expect("mkdir");
+        let config = write_config(&run_dir, &cg.path, &pins.root, &kms_tables(dir.path()));
+        let agent = Agent::start(&config);
+        let rt = support::runtime();
+        let size = rt.block_on(async {
+            let mut c = ReceiptServiceClient::new(agent.channel().await);
+            // The key history: SPKIs as in the key files, fingerprints as recomputed here, the
+            // stable file key id, and the hand-over signed by the first key.
+            let keys = c
+                .list_keys(pb::ListKeysRequest {})
+                .await
+                .expect("ListKeys")
+                .into_inner()
+                .keys;
+            assert_eq!(keys.len(), 2, "{keys:?}");
+            assert_eq!(keys[0].public_key, v1);
+            assert_eq!(keys[1].public_key, v2);
+            for k in &keys {
+                assert_eq!(k.fingerprint, fingerprint(&k.public_key), "{k:?}");
+                assert_eq!(k.key_id, format!("file:{}", fingerprint(&v1)), "{k:?}");
+            }
+            assert!(
+                keys[0].transition_statement.is_empty() && keys[0].transition_signature.is_empty()
+            );
+            let statement = &keys[1].transition_statement;
+            assert!(
+                statement.starts_with(&format!(
+                    "knhk-key-transition/v1\nfrom: {id}#1\nto: {id}#2\nto_public_key: {}\ntime: ",
+                    B64.encode(&v2),
+                    id = keys[0].key_id
+                )) && statement.ends_with('\n'),
+                "{statement:?}"
+            );
+            assert!(verifies(
+                &v1,
+                statement.as_bytes(),
+                &keys[1].transition_signature
+            ));
+
+            // Checkpoints: each signed by the key its fingerprint names; checkpoint 0 with the
+            // witness's cosignature, which verifies over the documented message.
+            let checkpoints = c
+                .list_checkpoints(pb::ListCheckpointsRequest {
+                    from_number: 0,
+                    limit: 0,
+                })
+                .await
+                .expect("ListCheckpoints")
+                .into_inner()
+                .checkpoints;
+            assert!(checkpoints.len() >= 2, "{checkpoints:?}");
+            for cp in checkpoints.iter().filter(|c| !c.signature.is_empty()) {
+                let key = keys
+                    .iter()
+                    .find(|k| k.key_version == cp.key_version)
+                    .expect("the signing key is in the history");
+                assert_eq!(cp.key_fingerprint, fingerprint(&key.public_key), "{cp:?}");
+                assert!(
+                    verifies(&key.public_key, cp.body.as_bytes(), &cp.signature),
+                    "{cp:?}"
+                );
+            }
+            let first = &checkpoints[0];
+            assert_eq!(first.number, 0);
+            assert_eq!(first.cosignatures.len(), 1, "{first:?}");
+            let co = &first.cosignatures[0];
+            assert_eq!(
+                (co.region.as_str(), co.node.as_str()),
+                ("us-east-2", "witness-1")
+            );
+            assert_eq!(co.public_key, witness_spki);
+            assert_eq!(co.fingerprint, fingerprint(&witness_spki));
+            let message = format!("knhk-cosignature/v1\nwitness: us-east-2\n{}", first.body);
+            assert!(verifies(&co.public_key, message.as_bytes(), &co.signature));
+            let one = c
+                .list_checkpoints(pb::ListCheckpointsRequest {
+                    from_number: 1,
+                    limit: 1,
+                })
+                .await
+                .expect("ListCheckpoints from 1")
+                .into_inner()
+                .checkpoints;
+            assert_eq!(one.len(), 1);
+            assert_eq!(one[0].number, 1);
+            let e = c
+                .list_checkpoints(pb::ListCheckpointsRequest {
+                    from_number: 0,
+                    limit: 1001,
+                })
+                .await
+                .expect_err("limit 1001");
+            assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+            let got = c
+                .get_checkpoint(pb::GetCheckpointRequest { number: Some(0) })
+                .await
+                .expect("GetCheckpoint 0")
+                .into_inner()
+                .checkpoint
+                .expect("checkpoint");
+            assert_eq!(got.cosignatures, first.cosignatures);
+
+            // Consistency from the empty tree: an empty proof, not NOT_FOUND.
+            let size = c
+                .list_receipts(pb::ListReceiptsRequest {
+                    from_seq: 0,
+                    limit: 1,
+                })
+                .await
+                .expect("ListReceipts")
+                .into_inner()
+                .log_size;
+            let proof = c
+                .get_consistency_proof(pb::GetConsistencyProofRequest {
+                    old_size: 0,
+                    new_size: size,
+                })
+                .await
+                .expect("GetConsistencyProof(0, n)")
+                .into_inner();
+            assert!(proof.path.is_empty());
+            let e = c
+                .get_consistency_proof(pb::GetConsistencyProofRequest {
+                    old_size: size,
+                    new_size: 1,
+                })
+                .await
+                .expect_err("old > new");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(
+                e.message()
+                    .contains(&format!("old_size {size} is larger than new_size 1")),
+                "{e:?}"
+            );
+            size
+        });
+        assert!(size >= 20);
+        // The CLI words.
+        let endpoint = agent.endpoint();
+        let (out, stdout, stderr) = cli(&["receipts", "keys", "--endpoint", &endpoint]);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stdout.contains(&format!("fingerprint {}", fingerprint(&v1)))
+                && stdout.contains(&format!("fingerprint {}", fingerprint(&v2))),
+            "{stdout}"
+        );
+        let (out, stdout, stderr) = cli(&[
+            "receipts",
+            "checkpoints",
+            "--endpoint",
+            &endpoint,
+            "--output",
+            "json",
+        ]);
+        assert!(out.status.success(), "{stderr}");
+        let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        assert_eq!(
+            doc["checkpoints"][0]["cosignatures"][0]["region"], "us-east-2",
+            "{doc}"
+        );
+        let (status, _) = agent.sigterm();
+        assert!(status.success(), "{status}");
+
+        // A payload edited in place: the next start refuses, with exit 65, before attaching.
+        let ledger = dir.path().join("receipts.redb");
+        flip(&ledger, "payloads", 3, 2);
+        let before = file_sha256(&ledger);
+        let pins2 = TestPins::new("trust-tampered");
+        let run_dir = dir.path().join("second");
+        std::fs::create_dir_all(&run_dir).expect("mkdir");
+        let config = write_config(&run_dir, &cg.path, &pins2.root, &kms_tables(dir.path()));
+        let mut child = std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent started on a ledger whose payload was edited (still running after 30 s)");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert_eq!(status.code(), Some(65), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "error: the receipts ledger {} does not verify, so the agent will not extend it: \
+                 receipt 3: its payload does not match the payload hash in its header",
+                ledger.display()
+            )),
+            "{stderr}"
+        );
+        assert!(
+            !pins2.root.exists(),
+            "the datapath was started (pins at {}) on a ledger that does not verify",
+            pins2.root.display()
+        );
+        assert_eq!(
+            file_sha256(&ledger),
+            before,
+            "the refused ledger was written"
+        );
+    }
 }

@@ -793,6 +793,7 @@ pub async fn slo(target: &Target) -> Result<Report, ClientError> {
 }
 
 use crate::api::receipts::pb as rpb;
+use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 
 fn hold_json(h: &rpb::Hold) -> serde_json::Value {
     json!({"id": h.id, "case_id": h.case_id, "reason": h.reason, "from_seq": h.from_seq, "to_seq": h.to_seq,
@@ -923,6 +924,102 @@ pub async fn receipts_list(target: &Target, from: u64, limit: u32) -> Result<Rep
     Ok(Report {
         human,
         json: json!({"log_size": r.log_size, "receipts": items}),
+    })
+}
+
+/// `receipts keys`: the key history with fingerprints, oldest first.
+pub async fn receipts_keys(target: &Target) -> Result<Report, ClientError> {
+    let mut c = rpb::receipt_service_client::ReceiptServiceClient::new(channel(target).await?);
+    let r = c
+        .list_keys(rpb::ListKeysRequest {})
+        .await
+        .map_err(ClientError::from_status)?
+        .into_inner();
+    let mut human = format!(
+        "{} in the history (the last is current)\n",
+        count(r.keys.len() as u64, "signing key")
+    );
+    let mut items = Vec::new();
+    for k in &r.keys {
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            human,
+            "{}#{}\n  fingerprint {}\n  current from {}{}",
+            k.key_id,
+            k.key_version,
+            k.fingerprint,
+            utc(k.since_unix_nanos),
+            if k.transition_statement.is_empty() {
+                "  (the first key: trust it out of band)"
+            } else {
+                "  (handed over by a statement signed by the previous key)"
+            }
+        );
+        items.push(
+            json!({"key_id": k.key_id, "key_version": k.key_version, "fingerprint": k.fingerprint,
+            "public_key": B64.encode(&k.public_key), "since_unix_nanos": k.since_unix_nanos,
+            "transition_statement": k.transition_statement,
+            "transition_signature": B64.encode(&k.transition_signature)}),
+        );
+    }
+    Ok(Report {
+        human,
+        json: json!({"keys": items}),
+    })
+}
+
+/// `receipts checkpoints`: checkpoints from a number, with signing key and cosignatures.
+pub async fn receipts_checkpoints(
+    target: &Target,
+    from: u64,
+    limit: u32,
+) -> Result<Report, ClientError> {
+    let mut c = rpb::receipt_service_client::ReceiptServiceClient::new(channel(target).await?);
+    let r = c
+        .list_checkpoints(rpb::ListCheckpointsRequest {
+            from_number: from,
+            limit,
+        })
+        .await
+        .map_err(ClientError::from_status)?
+        .into_inner();
+    let mut human =
+        "number   size       signed  key                                    cosigned by\n"
+            .to_string();
+    let mut items = Vec::new();
+    for x in &r.checkpoints {
+        let regions: Vec<&str> = x.cosignatures.iter().map(|c| c.region.as_str()).collect();
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            human,
+            "{:<8} {:<10} {:<7} {:<38} {}",
+            x.number,
+            x.tree_size,
+            if x.signature.is_empty() { "no" } else { "yes" },
+            format!("{}#{}", x.key_id, x.key_version),
+            if regions.is_empty() {
+                "-".to_string()
+            } else {
+                regions.join(", ")
+            }
+        );
+        let cosignatures: Vec<serde_json::Value> = x
+            .cosignatures
+            .iter()
+            .map(|c| {
+                json!({"region": c.region, "node": c.node, "key_id": c.key_id, "key_version": c.key_version,
+                    "fingerprint": c.fingerprint, "public_key": B64.encode(&c.public_key),
+                    "signature": B64.encode(&c.signature)})
+            })
+            .collect();
+        items.push(json!({"number": x.number, "tree_size": x.tree_size, "root_hash": B64.encode(&x.root_hash),
+            "body": x.body, "signature": B64.encode(&x.signature), "key_id": x.key_id,
+            "key_version": x.key_version, "key_fingerprint": x.key_fingerprint,
+            "cosignatures": cosignatures}));
+    }
+    Ok(Report {
+        human,
+        json: json!({"checkpoints": items}),
     })
 }
 

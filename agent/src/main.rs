@@ -6,6 +6,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Exit code of `run` when the receipts ledger does not verify (EX_DATAERR): nothing attached.
+const EXIT_LEDGER_UNVERIFIED: u8 = 65;
 /// Exit code when the kernel datapath cannot start (EX_UNAVAILABLE).
 const EXIT_DATAPATH: u8 = 69;
 
@@ -22,7 +24,8 @@ const EXIT_DATAPATH: u8 = 69;
                   replicates that ledger to peer regions, which cosign it.",
     after_help = "Exit codes: 0 success; 1 other error (receipts verify: the ledger does not verify); 64 invalid configuration \
                   or policy file, unusable identity files or key, a request the agent refused as invalid that is not a \
-                  policy (nothing changed); 65 the agent refused the policy as invalid; 69 kernel datapath unavailable \
+                  policy (nothing changed); 65 the agent refused the policy as invalid (client commands), or (run) the receipts \
+                  ledger does not verify and nothing was attached; 69 kernel datapath unavailable \
                   (run) or agent unreachable or silent past --timeout (client commands); 75 stale --expected-generation \
                   or nothing to roll back."
 )]
@@ -364,18 +367,52 @@ enum ReceiptsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The key history of a running agent's ledger: every signing key with its fingerprint
+    /// (compare the first with your KMS, or pass it to `receipts verify --trusted-key`).
+    #[command(after_help = "Example:\n  knhk-agent receipts keys --output json")]
+    Keys {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Checkpoints of a running agent's ledger, from a number, with their witnesses'
+    /// cosignatures.
+    #[command(after_help = "Example:\n  knhk-agent receipts checkpoints --from 0 --limit 20")]
+    Checkpoints {
+        /// First checkpoint number.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// How many (at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Verify a ledger offline with only its public keys: every receipt against its payload
     /// hash, every tree node, every checkpoint's root and signature, the key-transition chain.
-    /// The file is opened read-only and never written. Exit 0 when it verifies, 1 with the
-    /// first bad entry named otherwise (or when the file is not a readable ledger), 64 when the
-    /// file cannot be opened (missing, not a regular file, held by a running agent).
+    /// Without --trusted-key that is internal consistency only (a copy re-signed with another
+    /// key passes), and the output says so; with it, the newest signed checkpoint must be
+    /// signed by a trusted key or one handed over from it. The file is opened read-only and
+    /// never written. Exit 0 when it verifies, 1 with the first bad entry named otherwise (or
+    /// when the file is not a readable ledger), 64 when the file cannot be opened (missing, not
+    /// a regular file, held by a running agent) or a --trusted-key is unusable.
     #[command(
-        after_help = "Example:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb"
+        after_help = "Examples:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb\n  knhk-agent receipts verify --db receipts.redb --trusted-key sha256:3f1c...e0\n  knhk-agent receipts verify --db receipts.redb --trusted-key signing-key.pub.pem\n  knhk-agent receipts verify --db receipts.redb --trusted-key aws-kms:alias/knhk-receipts --kms-region eu-west-1"
     )]
     Verify {
         /// The ledger database (stop the agent first, or copy the file).
         #[arg(long)]
         db: PathBuf,
+        /// A key to trust (repeatable): its fingerprint (sha256:<64 hex digits>, as `receipts
+        /// keys` and this command print), a public key file (PEM or SubjectPublicKeyInfo DER), or
+        /// aws-kms:KEY_ID (key id, ARN or alias; its public key is fetched with GetPublicKey).
+        #[arg(long = "trusted-key", value_name = "KEY")]
+        trusted_keys: Vec<String>,
+        /// AWS region for aws-kms: keys.
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        kms_region: String,
+        /// A KMS-compatible endpoint for aws-kms: keys (default: AWS's).
+        #[arg(long, env = "AWS_ENDPOINT_URL_KMS")]
+        kms_endpoint_url: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
@@ -419,6 +456,14 @@ fn main() -> ExitCode {
             };
             match runtime.block_on(agent::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(
+                    e @ agent::AgentError::Receipts(
+                        knhk_agent::receipts::ReceiptsError::Unverified { .. },
+                    ),
+                ) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_LEDGER_UNVERIFIED)
+                }
                 Err(
                     e @ (agent::AgentError::Api(
                         knhk_agent::api::ServeError::NotLoopback(_)
@@ -553,11 +598,21 @@ fn main() -> ExitCode {
                 Err(e) => fail(output, &e.to_string(), 1),
             }
         }
-        Command::Receipts(ReceiptsCommand::Verify { db, output }) => {
+        Command::Receipts(ReceiptsCommand::Verify {
+            db,
+            trusted_keys,
+            kms_region,
+            kms_endpoint_url,
+            output,
+        }) => {
+            let trusted = match trusted_fingerprints(&trusted_keys, kms_region, kms_endpoint_url) {
+                Ok(t) => t,
+                Err(e) => return fail(output, &e, EXIT_CONFIG),
+            };
             // A damaged file can make the database library panic; verify_file turns that into
             // an error, and the message is printed once, below, not by the panic hook.
             std::panic::set_hook(Box::new(|_| {}));
-            match knhk_agent::receipts::verify_file(&db) {
+            match knhk_agent::receipts::verify_file_with(&db, &trusted) {
                 Ok(report) => {
                     match output {
                         Output::Json => println!("{}", serde_json::json!(report)),
@@ -571,9 +626,24 @@ fn main() -> ExitCode {
                                 report.unsigned_checkpoints,
                                 report.keys
                             );
+                            for k in &report.key_history {
+                                println!(
+                                    "  key {}  {}  current from {}{}",
+                                    k.key,
+                                    k.fingerprint,
+                                    client::utc(k.since_ns),
+                                    if k.anchored { "  (trusted)" } else { "" }
+                                );
+                            }
+                            for t in &report.trust.trusted_keys {
+                                println!("  trusted key {t}");
+                            }
+                            println!("trust: {}", report.trust.statement);
                             // The report's verdict (no problems), not a Result conversion.
-                            if report.ok() {
+                            if report.ok() && report.trust.pinned {
                                 println!("verified");
+                            } else if report.ok() {
+                                println!("verified (internal consistency only)");
                             }
                             for p in &report.problems {
                                 println!("FAILED: {p}");
@@ -599,6 +669,16 @@ fn main() -> ExitCode {
             client: c,
         }) => client_command(&c, move |t| async move {
             client::receipts_list(&t, from, limit).await
+        }),
+        Command::Receipts(ReceiptsCommand::Keys { client: c }) => {
+            client_command(&c, move |t| async move { client::receipts_keys(&t).await })
+        }
+        Command::Receipts(ReceiptsCommand::Checkpoints {
+            from,
+            limit,
+            client: c,
+        }) => client_command(&c, move |t| async move {
+            client::receipts_checkpoints(&t, from, limit).await
         }),
         Command::Hold(HoldCommand::Place {
             case_id,
@@ -736,6 +816,32 @@ fn main() -> ExitCode {
 
 /// Reports an error in the chosen form (JSON on stdout: `{"error", "exit_code"}`) and exits
 /// with `code`.
+/// The fingerprints of `receipts verify --trusted-key` arguments (fetching aws-kms: keys).
+fn trusted_fingerprints(
+    args: &[String],
+    kms_region: String,
+    kms_endpoint_url: Option<String>,
+) -> Result<Vec<String>, String> {
+    if args.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let kms = knhk_agent::receipts::KmsLookup {
+        region: Some(kms_region),
+        endpoint_url: kms_endpoint_url,
+    };
+    runtime.block_on(async {
+        let mut out = Vec::new();
+        for a in args {
+            out.push(knhk_agent::receipts::trusted_key_fingerprint(a, &kms).await?);
+        }
+        Ok(out)
+    })
+}
+
 fn fail(output: Output, message: &str, code: u8) -> ExitCode {
     match output {
         Output::Json => println!(

@@ -8,7 +8,8 @@ pub mod pb {
 }
 
 use crate::receipts::{
-    CheckpointBody, Hold, LedgerError, ReceiptKind, Receipts, ReceiptsError, StoredReceipt,
+    format::fingerprint, ledger::StoredCosignature, CheckpointBody, Hold, LedgerError, ReceiptKind,
+    Receipts, ReceiptsError, StoredCheckpoint, StoredReceipt,
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
 use pb::{hold_service_server::HoldService, receipt_service_server::ReceiptService};
@@ -24,6 +25,7 @@ fn status_of(e: ReceiptsError) -> Status {
         ReceiptsError::NoSuchHold(_) => Status::not_found(e.to_string()),
         ReceiptsError::AlreadyReleased(_) => Status::failed_precondition(e.to_string()),
         ReceiptsError::Metrics(_) => Status::internal(e.to_string()),
+        ReceiptsError::Unverified { .. } => Status::data_loss(e.to_string()),
     }
 }
 
@@ -53,6 +55,80 @@ fn receipt_pb((r, payload): StoredReceipt) -> pb::Receipt {
         key_version: r.key_version,
         encoding: r.encode(),
     }
+}
+
+/// Checkpoints as protobuf, each with its signing key's fingerprint (from the key history) and
+/// its cosignatures; a stored value that does not decode is `DATA_LOSS` naming it.
+#[allow(clippy::result_large_err)]
+fn with_cosignatures(
+    ledger: &crate::receipts::Ledger,
+    found: Vec<(u64, StoredCheckpoint)>,
+) -> Result<Vec<Result<pb::Checkpoint, Status>>, LedgerError> {
+    let keys = ledger.keys()?;
+    let mut out = Vec::with_capacity(found.len());
+    for (number, stored) in found {
+        let cosignatures = ledger.cosignatures_of(number)?;
+        out.push(checkpoint_pb(number, stored, &keys, cosignatures));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::result_large_err)]
+fn checkpoint_pb(
+    number: u64,
+    stored: StoredCheckpoint,
+    keys: &[crate::receipts::KeyRecord],
+    cosignatures: Vec<StoredCosignature>,
+) -> Result<pb::Checkpoint, Status> {
+    let lost = |what: &str, e: &dyn std::fmt::Display| {
+        Status::data_loss(format!("checkpoint {number}: {what}: {e}"))
+    };
+    let body = CheckpointBody::decode(&stored.body).map_err(|e| lost("body", &e))?;
+    let key_fingerprint = keys
+        .iter()
+        .find(|k| k.key == body.key)
+        .and_then(|k| B64.decode(&k.public_key).ok())
+        // Not in the history (unstamped) or not base64 (verify reports it): no fingerprint.
+        .map(|der| fingerprint(&der))
+        .unwrap_or_default();
+    let cosignatures = cosignatures
+        .into_iter()
+        .map(|c| {
+            let public_key = B64
+                .decode(&c.public_key)
+                .map_err(|e| lost(&format!("cosignature by {}: public key", c.region), &e))?;
+            let signature = B64
+                .decode(&c.signature)
+                .map_err(|e| lost(&format!("cosignature by {}: signature", c.region), &e))?;
+            Ok(pb::Cosignature {
+                fingerprint: fingerprint(&public_key),
+                region: c.region,
+                node: c.node,
+                key_id: c.key.id,
+                key_version: c.key.version,
+                public_key,
+                signature,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    Ok(pb::Checkpoint {
+        number,
+        signature: stored
+            .signature
+            .as_deref()
+            .map(|s| B64.decode(s))
+            .transpose()
+            .map_err(|e| lost("signature not base64", &e))?
+            // Unsigned (queued for the KMS): empty, as the proto says.
+            .unwrap_or_default(),
+        body: stored.body,
+        tree_size: body.size,
+        root_hash: body.root.to_vec(),
+        key_id: body.key.id,
+        key_version: body.key.version,
+        key_fingerprint,
+        cosignatures,
+    })
 }
 
 /// The receipt reader.
@@ -124,27 +200,76 @@ impl ReceiptService for ReceiptApi {
             Some(n) => Status::not_found(format!("no checkpoint {n}")),
             None => Status::not_found("no signed checkpoint yet"),
         })?;
-        let body = CheckpointBody::decode(&stored.body)
-            .map_err(|e| Status::data_loss(format!("checkpoint {number}: {e}")))?;
+        let ledger = self.0.ledger().clone();
+        let mut checkpoints = blocking(move || with_cosignatures(&ledger, vec![(number, stored)]))
+            .await?
+            .into_iter();
         Ok(Response::new(pb::GetCheckpointResponse {
-            checkpoint: Some(pb::Checkpoint {
-                number,
-                signature: stored
-                    .signature
-                    .as_deref()
-                    .map(|s| B64.decode(s))
-                    .transpose()
-                    .map_err(|e| {
-                        Status::data_loss(format!("checkpoint {number}: signature not base64: {e}"))
-                    })?
-                    // Unsigned (queued for the KMS): empty, as the proto says.
-                    .unwrap_or_default(),
-                body: stored.body,
-                tree_size: body.size,
-                root_hash: body.root.to_vec(),
-                key_id: body.key.id,
-                key_version: body.key.version,
-            }),
+            checkpoint: checkpoints.next().transpose()?,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        _: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let ledger = self.0.ledger().clone();
+        let keys = blocking(move || ledger.keys()).await?;
+        let keys = keys
+            .into_iter()
+            .map(|k| {
+                let public_key = B64.decode(&k.public_key).map_err(|e| {
+                    Status::data_loss(format!("key {}: public key not base64: {e}", k.key))
+                })?;
+                let (statement, signature) = match k.transition {
+                    Some((statement, sig)) => (
+                        statement,
+                        B64.decode(&sig).map_err(|e| {
+                            Status::data_loss(format!(
+                                "key {}: transition signature not base64: {e}",
+                                k.key
+                            ))
+                        })?,
+                    ),
+                    // The first key: no transition, empty fields as the proto says.
+                    None => Default::default(),
+                };
+                Ok(pb::SigningKey {
+                    fingerprint: fingerprint(&public_key),
+                    key_id: k.key.id,
+                    key_version: k.key.version,
+                    public_key,
+                    since_unix_nanos: k.since_ns,
+                    transition_statement: statement,
+                    transition_signature: signature,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n if n > 1000 => {
+                return Err(Status::out_of_range(format!(
+                    "limit: {n} is more than 1000 checkpoints per call"
+                )))
+            }
+            n => n as usize,
+        };
+        let ledger = self.0.ledger().clone();
+        let checkpoints = blocking(move || {
+            let found = ledger.checkpoints_from(req.from_number, limit)?;
+            with_cosignatures(&ledger, found)
+        })
+        .await?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: checkpoints.into_iter().collect::<Result<_, _>>()?,
         }))
     }
 

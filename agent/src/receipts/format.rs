@@ -281,6 +281,27 @@ impl CheckpointBody {
     }
 }
 
+/// The fingerprint of a public key: `sha256:` and the lower-case hex SHA-256 of its
+/// SubjectPublicKeyInfo DER (71 characters). What `receipts verify --trusted-key`, `receipts keys`
+/// and the API show and compare.
+pub fn fingerprint(spki_der: &[u8]) -> String {
+    let mut out = String::with_capacity(71);
+    out.push_str("sha256:");
+    for b in sha256(spki_der) {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// A fingerprint as given by a person: `sha256:<64 hex digits>` or the 64 digits alone, either
+/// case; `None` when it is not one. The result is in [`fingerprint`]'s form.
+pub fn parse_fingerprint(s: &str) -> Option<String> {
+    let hex = s.strip_prefix("sha256:").unwrap_or(s);
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("sha256:{}", hex.to_ascii_lowercase()))
+}
+
 /// A key transition statement, signed by the old key: it names the new key and its public key.
 pub fn transition_statement(
     from: &KeyRef,
@@ -346,5 +367,22 @@ mod tests {
         assert_eq!(CheckpointBody::decode(&text).expect("decodes"), body);
         assert!(CheckpointBody::decode(&text.replace("size: 10", "size: 010")).is_err());
         assert!(CheckpointBody::decode(&format!("{text}extra: 1\n")).is_err());
+    }
+
+    #[test]
+    fn fingerprints_are_the_spki_sha256_in_hex() {
+        // SHA-256("abc"), the FIPS 180-2 test vector.
+        let fp = fingerprint(b"abc");
+        assert_eq!(
+            fp,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(parse_fingerprint(&fp).as_deref(), Some(fp.as_str()));
+        assert_eq!(
+            parse_fingerprint(&fp["sha256:".len()..].to_ascii_uppercase()).as_deref(),
+            Some(fp.as_str())
+        );
+        assert_eq!(parse_fingerprint("sha256:abc"), None);
+        assert_eq!(parse_fingerprint(&fp.replace('a', "g")), None);
     }
 }

@@ -519,13 +519,24 @@ impl Ledger {
         merkle::inclusion_path(&TableNodes(&nodes), seq, size)
     }
 
-    /// The consistency proof from the tree of `old` receipts to that of `new`.
+    /// The consistency proof from the tree of `old` receipts to that of `new`: empty when
+    /// `old` is 0 (every tree extends the empty tree) or equals `new`; `old > new` is refused
+    /// and a `new` beyond the log is not found, each saying so.
     pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LedgerError> {
-        let have = self.size()?;
-        if old == 0 || old > new || new > have {
-            return Err(LedgerError::NotFound(format!(
-                "no consistency proof from {old} to {new} (the log has {have})"
+        if old > new {
+            return Err(LedgerError::Refused(format!(
+                "old_size {old} is larger than new_size {new}: a consistency proof goes from a \
+                 smaller tree to a larger one"
             )));
+        }
+        let have = self.size()?;
+        if new > have {
+            return Err(LedgerError::NotFound(format!(
+                "no tree of {new} receipts: the log has {have}"
+            )));
+        }
+        if old == 0 || old == new {
+            return Ok(Vec::new());
         }
         let tx = self.begin_read()?;
         let nodes = tx.open_table(NODES).map_err(db)?;
@@ -828,6 +839,38 @@ impl Ledger {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The cosignatures of checkpoint `number`, by witness region.
+    pub fn cosignatures_of(&self, number: u64) -> Result<Vec<StoredCosignature>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(COSIGNATURES).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.range((number, "")..(number + 1, "")).map_err(db)? {
+            let (_, v) = entry.map_err(db)?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| {
+                LedgerError::Corrupt(format!("cosignature of checkpoint {number}: {e}"))
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` checkpoints from number `from`, in order.
+    pub fn checkpoints_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, StoredCheckpoint)>, LedgerError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let t = tx.open_table(CHECKPOINTS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in t.range(from..).map_err(db)?.take(limit) {
+            let (k, v) = entry.map_err(db)?;
+            let stored = serde_json::from_slice(v.value())
+                .map_err(|e| LedgerError::Corrupt(format!("checkpoint {}: {e}", k.value())))?;
+            out.push((k.value(), stored));
+        }
+        Ok(out)
     }
 
     /// Every cosignature: (checkpoint number, cosignature).

@@ -22,7 +22,10 @@ pub use ledger::{
     Hold, KeyRecord, Ledger, LedgerError, NewReceipt, StoredCheckpoint, StoredReceipt,
 };
 pub use signer::{connect as connect_signer, KeyInfo, Signer, SignerError};
-pub use verify::{verify, verify_file, VerifyFileError, VerifyReport};
+pub use verify::{
+    trusted_key_fingerprint, verify, verify_file, verify_file_with, verify_with, KeyEntry,
+    KmsLookup, Trust, VerifyFileError, VerifyReport,
+};
 
 use crate::{
     config::ReceiptSettings,
@@ -176,6 +179,20 @@ pub enum ReceiptsError {
     /// The hold was released before.
     #[error("hold {0} is already released")]
     AlreadyReleased(u64),
+    /// The ledger does not verify (tampered or damaged content): the agent will not extend it.
+    #[error(
+        "the receipts ledger {} does not verify, so the agent will not extend it: {summary}; \
+         inspect it with `knhk-agent receipts verify --db {}`, then restore it from a backup or \
+         move it away to start a new ledger",
+        path.display(),
+        path.display()
+    )]
+    Unverified {
+        /// The ledger file.
+        path: std::path::PathBuf,
+        /// The first problem, and how many there are.
+        summary: String,
+    },
 }
 
 /// Receipts that failed to be written, kept in memory and written once the ledger takes
@@ -222,6 +239,10 @@ struct KeyState {
     current: Option<KeyInfo>,
     since_ns: i64,
     problem: Option<String>,
+    /// The key history and the KMS disagree on the current key's public key: nothing is
+    /// signed (a signature would not verify with the recorded key) until a restart finds them
+    /// agreeing.
+    conflict: Option<String>,
 }
 
 /// Answers an append with its sequence number once durable.
@@ -291,18 +312,57 @@ impl Receipts {
         Self::start_on(ledger, settings, signer, registry, events, summaries).await
     }
 
-    /// Opens (or creates) the ledger of `settings`; a damaged file is an error, not a panic.
+    /// Opens (or creates) the ledger of `settings` and verifies it before anything extends it
+    /// (every receipt and payload, every tree node, every checkpoint's root and signature, the
+    /// key-transition chain: [`verify()`]); a damaged file is an error, not a panic, and a
+    /// ledger that does not verify is [`ReceiptsError::Unverified`].
     pub async fn open_ledger(settings: &ReceiptSettings) -> Result<Ledger, ReceiptsError> {
         let (path, node, region) = (
             settings.path.clone(),
             settings.node.clone(),
             settings.region.clone(),
         );
-        Ok(
-            tokio::task::spawn_blocking(move || Ledger::open(&path, &node, &region))
+        // Verified read-only first: a ledger that is refused is not written (opening it for
+        // writing commits).
+        let existing = std::fs::metadata(&path).is_ok_and(|m| !m.is_file() || m.len() > 0);
+        let started = std::time::Instant::now();
+        let report = if existing {
+            let p = path.clone();
+            let verified = tokio::task::spawn_blocking(move || verify_file(&p))
                 .await
-                .map_err(|e| LedgerError::Db(e.to_string()))??,
-        )
+                .map_err(|e| LedgerError::Db(e.to_string()))?;
+            Some(verified.map_err(|e| match e {
+                VerifyFileError::Open { .. } => LedgerError::Db(e.to_string()),
+                VerifyFileError::Corrupt { .. } => LedgerError::Corrupt(format!(
+                    "{e}; restore it from a backup or move it away to start a new ledger"
+                )),
+            })?)
+        } else {
+            None
+        };
+        if let Some(report) = &report {
+            if let Some(first) = report.problems.first() {
+                let more = match report.problems.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more problems)", n - 1),
+                };
+                return Err(ReceiptsError::Unverified {
+                    path: settings.path.clone(),
+                    summary: format!("{first}{more}"),
+                });
+            }
+            tracing::info!(
+                receipts = report.receipts,
+                checkpoints = report.checkpoints,
+                keys = report.keys,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "receipts: the ledger verifies (internal consistency; keys as recorded)"
+            );
+        }
+        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, &node, &region))
+            .await
+            .map_err(|e| LedgerError::Db(e.to_string()))??;
+        Ok(ledger)
     }
 
     /// [`Receipts::start`] on a ledger already opened with [`Receipts::open_ledger`].
@@ -340,6 +400,7 @@ impl Receipts {
                 }),
                 since_ns: last_key.as_ref().map_or_else(now_ns, |k| k.since_ns),
                 problem: None,
+                conflict: None,
             }),
             settings,
             write_failure: Mutex::new(None),
@@ -396,6 +457,12 @@ impl Receipts {
     ) -> Result<(KeyInfo, Vec<u8>), SignerError> {
         if self.key.lock().is_ok_and(|k| k.current.is_none()) {
             self.sync_key().await?;
+        }
+        if let Some(conflict) = self.key.lock().ok().and_then(|k| k.conflict.clone()) {
+            return Err(SignerError::Refused {
+                provider: "ledger",
+                message: conflict,
+            });
         }
         // A poisoned lock (a panicked signer) is treated as "no current key": unavailable.
         let key = self
@@ -466,6 +533,26 @@ impl Receipts {
         // A poisoned lock means no known previous key: the transition is not countersigned.
         let previous = self.key.lock().ok().and_then(|k| k.current.clone());
         match previous {
+            Some(p) if p.key == info.key && p.public_key_der != info.public_key_der => {
+                let conflict = format!(
+                    "the ledger's key history gives {} the public key {}, but the KMS's key {} \
+                     is {}: the history was changed (or the key id reused); checkpoints are not \
+                     signed until they agree: check the ledger with `knhk-agent receipts verify \
+                     --trusted-key`",
+                    p.key,
+                    format::fingerprint(&p.public_key_der),
+                    info.key,
+                    format::fingerprint(&info.public_key_der)
+                );
+                tracing::error!("receipts: {conflict}");
+                if let Ok(mut k) = self.key.lock() {
+                    k.conflict = Some(conflict.clone());
+                }
+                return Err(SignerError::Refused {
+                    provider: "ledger",
+                    message: conflict,
+                });
+            }
             Some(p) if p.key == info.key => {}
             Some(p) if p.key.version != 0 => self.record_transition(&p, &info).await?,
             _ => {
@@ -489,8 +576,15 @@ impl Receipts {
     /// Records that `to` replaces `from`: a statement signed by `from`, stored in the key
     /// history and in a rotation receipt.
     async fn record_transition(&self, from: &KeyInfo, to: &KeyInfo) -> Result<(), SignerError> {
-        let since = now_ns();
-        let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, since);
+        let now = now_ns();
+        // A new name for the same key (the file provider's stable id) keeps the key's age: its
+        // lifetime is not extended by the rename.
+        let since = if from.public_key_der == to.public_key_der {
+            self.key.lock().map_or(now, |k| k.since_ns)
+        } else {
+            now
+        };
+        let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, now);
         let signature = self
             .call(|| self.signer.sign(&from.key, statement.as_bytes()))
             .await?;
@@ -508,13 +602,7 @@ impl Receipts {
             k.problem = None;
         }
         tracing::info!(from = %from.key, to = %to.key, "receipts signing key rotated");
-        let payload = json(serde_json::json!({
-            "from": from.key.to_string(),
-            "to": to.key.to_string(),
-            "to_public_key": B64.encode(&to.public_key_der),
-            "statement": statement,
-            "signature": B64.encode(&signature),
-        }));
+        let payload = rotation_payload(from, to, &statement, &signature);
         if let Err(e) = self
             .append(NewReceipt {
                 kind: ReceiptKind::KeyRotation,
@@ -900,6 +988,10 @@ impl Receipts {
                     continue;
                 }
             }
+            if self.key.lock().is_ok_and(|k| k.conflict.is_some()) {
+                self.update_backlog();
+                continue;
+            }
             let unsigned = match self.ledger.unsigned_checkpoints() {
                 Ok(u) => u,
                 Err(e) => {
@@ -1110,7 +1202,12 @@ impl Receipts {
                 return Err("the receipts ledger stopped".into());
             };
             // A poisoned lock hides no rotation problem; the checks below still run.
-            if let Some(p) = me.key.lock().ok().and_then(|k| k.problem.clone()) {
+            if let Some(p) = me
+                .key
+                .lock()
+                .ok()
+                .and_then(|k| k.conflict.clone().or_else(|| k.problem.clone()))
+            {
                 return Err(p);
             }
             // A database that cannot be read is not ready (not "nothing waiting").
@@ -1217,6 +1314,17 @@ fn recv_now<T: Clone>(rx: &mut Option<broadcast::Receiver<T>>) -> Option<T> {
     }
 }
 
+/// The `key_rotation` payload (its bytes are specified in docs/receipts.md).
+fn rotation_payload(from: &KeyInfo, to: &KeyInfo, statement: &str, signature: &[u8]) -> Vec<u8> {
+    json(serde_json::json!({
+        "from": from.key.to_string(),
+        "to": to.key.to_string(),
+        "to_public_key": B64.encode(&to.public_key_der),
+        "statement": statement,
+        "signature": B64.encode(signature),
+    }))
+}
+
 fn receipt_of_summary(s: &CycleSummary) -> NewReceipt {
     let classes: Vec<serde_json::Value> = crate::model::Class::ALL
         .iter()
@@ -1236,5 +1344,48 @@ fn receipt_of_summary(s: &CycleSummary) -> NewReceipt {
             "cycle": s.cycle, "policy_generation": s.policy_generation,
             "heat_digest": s.heat_digest, "classes": classes,
         })),
+    }
+}
+
+#[cfg(test)]
+mod payload_tests {
+    use super::*;
+
+    /// The payload bytes docs/receipts.md specifies, held byte for byte.
+    #[test]
+    fn rotation_and_hold_payloads_are_the_documented_bytes() {
+        let key = |id: &str, version, der: &[u8]| KeyInfo {
+            key: KeyRef {
+                id: id.into(),
+                version,
+            },
+            public_key_der: der.to_vec(),
+        };
+        let (from, to) = (key("k", 1, b"\x01"), key("k", 2, b"\x02\x03"));
+        let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, 5);
+        assert_eq!(
+            statement,
+            "knhk-key-transition/v1\nfrom: k#1\nto: k#2\nto_public_key: AgM=\ntime: 5\n"
+        );
+        let payload = rotation_payload(&from, &to, &statement, b"\xff");
+        assert_eq!(
+            String::from_utf8(payload).expect("utf-8"),
+            r#"{"from":"k#1","signature":"/w==","statement":"knhk-key-transition/v1\nfrom: k#1\nto: k#2\nto_public_key: AgM=\ntime: 5\n","to":"k#2","to_public_key":"AgM="}"#
+        );
+        let hold = Hold {
+            id: 3,
+            case_id: "C-1".into(),
+            reason: "r".into(),
+            seq_range: Some((1, 9)),
+            time_range: None,
+            kind: Some("policy_switch".into()),
+            region: None,
+            placed_ns: 7,
+            released_ns: None,
+        };
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec(&hold).expect("json")).expect("utf-8"),
+            r#"{"id":3,"case_id":"C-1","reason":"r","seq_range":[1,9],"time_range":null,"kind":"policy_switch","region":null,"placed_ns":7,"released_ns":null}"#
+        );
     }
 }

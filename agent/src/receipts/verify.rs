@@ -3,6 +3,11 @@
 //! checkpoint's root matches the receipts it covers and its signature verifies with its key,
 //! and every key after the first was handed over by a statement signed with the previous one.
 //! Problems are reported in order, each naming the entry (the first is the first bad entry).
+//!
+//! All of that is internal consistency: a copy whose keys were all swapped and whose
+//! checkpoints were all re-signed passes it. Only trusted keys (pinned by fingerprint) anchor
+//! it: with pins, the newest signed checkpoint must be signed by a pinned key or by a key
+//! handed over from one through verified transition statements.
 
 use super::{
     format::{self, CheckpointBody, Hash, Receipt},
@@ -32,9 +37,44 @@ pub struct VerifyReport {
     pub keys: usize,
     /// Witness cosignatures checked.
     pub cosignatures: u64,
+    /// The key history, oldest first, with fingerprints to compare with the KMS.
+    pub key_history: Vec<KeyEntry>,
+    /// What the signatures were anchored to.
+    pub trust: Trust,
     /// Everything wrong, in order; empty when the ledger verifies.
     pub problems: Vec<String>,
 }
+
+/// One key of the history as verification saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeyEntry {
+    /// `id#version`.
+    pub key: String,
+    /// [`format::fingerprint`] of its SubjectPublicKeyInfo.
+    pub fingerprint: String,
+    /// When it became current, ns since the epoch.
+    pub since_ns: i64,
+    /// A trusted key, or handed over from one by verified transition statements.
+    pub anchored: bool,
+}
+
+/// The trust anchor of a verification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Trust {
+    /// Whether trusted keys were given; without them only internal consistency is checked.
+    pub pinned: bool,
+    /// The trusted keys' fingerprints.
+    pub trusted_keys: Vec<String>,
+    /// Receipts `0..anchored_size` are covered by a checkpoint signed by an anchored key.
+    pub anchored_size: Option<u64>,
+    /// One sentence saying what was (and was not) established.
+    pub statement: String,
+}
+
+/// What an unpinned verification establishes, said plainly.
+pub const UNPINNED_STATEMENT: &str = "internal consistency only: no trusted key was given \
+     (--trusted-key), so the signatures show that the ledger agrees with itself, not that its \
+     keys are yours; compare the fingerprints above with your KMS, or pin one";
 
 impl VerifyReport {
     /// Whether the ledger verifies.
@@ -76,6 +116,12 @@ pub enum VerifyFileError {
 /// which writes; it is then repaired and verified in a private temporary copy, and the file
 /// itself is still not written. Never panics: a damaged file is an error.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
+    verify_file_with(path, &[])
+}
+
+/// [`verify_file`] anchored to `trusted` key fingerprints ([`format::fingerprint`]'s form);
+/// none: internal consistency only.
+pub fn verify_file_with(path: &Path, trusted: &[String]) -> Result<VerifyReport, VerifyFileError> {
     let open = |reason: String| VerifyFileError::Open {
         path: path.to_owned(),
         reason,
@@ -100,7 +146,7 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
     let opened = catch_panic(|| redb::Builder::new().open_read_only(path));
     let result = match opened {
         Err(panic) => return Err(corrupt(panic)),
-        Ok(Ok(database)) => catch_panic(|| verify(&database)),
+        Ok(Ok(database)) => catch_panic(|| verify_with(&database, trusted)),
         Ok(Err(DatabaseError::RepairAborted)) => {
             tracing::warn!(
                 ledger = %path.display(),
@@ -111,7 +157,7 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyFileError> {
             catch_panic(|| {
                 let database =
                     Database::open(&copy.0).map_err(|e| LedgerError::Db(e.to_string()))?;
-                verify(&database)
+                verify_with(&database, trusted)
             })
         }
         Ok(Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch)) => {
@@ -177,8 +223,18 @@ impl Drop for PrivateCopy {
     }
 }
 
-/// Verifies the ledger in `database` (opened read-only, or read-write).
+/// Verifies the ledger in `database` (opened read-only, or read-write): internal consistency
+/// only, as no key is trusted.
 pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerError> {
+    verify_with(database, &[])
+}
+
+/// [`verify`], anchored to the keys whose fingerprints are `trusted` (none: internal
+/// consistency only, and the report says so).
+pub fn verify_with(
+    database: &impl ReadableDatabase,
+    trusted: &[String],
+) -> Result<VerifyReport, LedgerError> {
     let mut report = VerifyReport::default();
     let mut problem = |report: &mut VerifyReport, p: String| {
         if report.problems.len() < MAX_PROBLEMS {
@@ -189,6 +245,8 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
 
     // Keys and their hand-over chain.
     let mut keys: HashMap<format::KeyRef, Vec<u8>> = HashMap::new();
+    let mut anchored: HashMap<format::KeyRef, bool> = HashMap::new();
+    let mut previous_anchored = false;
     let mut previous: Option<KeyRecord> = None;
     for entry in tx.open_table(KEYS).map_err(db)?.iter().map_err(db)? {
         let (k, v) = entry.map_err(db)?;
@@ -209,6 +267,7 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
             );
             continue;
         };
+        let mut handed_over = false;
         if let Some(prev) = &previous {
             match &record.transition {
                 None => problem(
@@ -241,10 +300,22 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
                             &mut report,
                             format!("key {}: its transition statement is not signed by the previous key {}", record.key, prev.key),
                         );
+                    } else {
+                        handed_over = true;
                     }
                 }
             }
         }
+        let fingerprint = format::fingerprint(&public);
+        let is_anchored = trusted.contains(&fingerprint) || (previous_anchored && handed_over);
+        report.key_history.push(KeyEntry {
+            key: record.key.to_string(),
+            fingerprint,
+            since_ns: record.since_ns,
+            anchored: is_anchored,
+        });
+        anchored.insert(record.key.clone(), is_anchored);
+        previous_anchored = is_anchored;
         keys.insert(record.key.clone(), public);
         previous = Some(record);
         report.keys += 1;
@@ -413,6 +484,76 @@ pub fn verify(database: &impl ReadableDatabase) -> Result<VerifyReport, LedgerEr
             ),
         );
     }
+
+    // The trust anchor: the newest signed checkpoint covers every receipt below its size, and
+    // every other checkpoint was checked against the same receipts.
+    report.trust.pinned = !trusted.is_empty();
+    report.trust.trusted_keys = trusted.to_vec();
+    if report.trust.pinned {
+        let newest_signed = checkpoints
+            .iter()
+            .rev()
+            .find(|(_, stored, _)| stored.signature.is_some());
+        let list = |fps: &mut dyn Iterator<Item = &String>| {
+            let v: Vec<&str> = fps.map(String::as_str).collect();
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(", ")
+            }
+        };
+        if !report
+            .key_history
+            .iter()
+            .any(|k| trusted.contains(&k.fingerprint))
+        {
+            let ledger_keys = list(&mut report.key_history.iter().map(|k| &k.fingerprint));
+            problem(
+                &mut report,
+                format!(
+                    "no key of the ledger is a trusted key: its keys are {ledger_keys}; trusted: {}",
+                    list(&mut trusted.iter())
+                ),
+            );
+        } else {
+            match newest_signed {
+                None => problem(
+                    &mut report,
+                    "no checkpoint is signed: nothing in the ledger is signed by a trusted key"
+                        .into(),
+                ),
+                Some((number, _, body)) if !anchored.get(&body.key).copied().unwrap_or(false) => {
+                    problem(
+                        &mut report,
+                        format!(
+                            "checkpoint {number} (size {}), the newest signed one, is signed by {}, \
+                             which is neither a trusted key nor handed over from one by verified \
+                             transition statements",
+                            body.size, body.key
+                        ),
+                    )
+                }
+                Some((_, _, body)) => report.trust.anchored_size = Some(body.size),
+            }
+        }
+    }
+    report.trust.statement = match (report.trust.pinned, report.trust.anchored_size) {
+        (false, _) => UNPINNED_STATEMENT.to_owned(),
+        (true, Some(size)) if report.ok() => {
+            let mut s = format!(
+                "anchored: receipts 0..{size} are covered by a checkpoint signed by a trusted key \
+                 (or one handed over from it by verified transition statements)"
+            );
+            if total > size {
+                s.push_str(&format!(
+                    "; the {} later receipts are not covered by a signed checkpoint yet",
+                    total - size
+                ));
+            }
+            s
+        }
+        (true, _) => "not anchored to a trusted key: see the problems".to_owned(),
+    };
     Ok(report)
 }
 
@@ -479,4 +620,86 @@ fn check_checkpoint(
             }
         }
     }
+}
+
+/// Where an AWS KMS key named by `--trusted-key aws-kms:KEY_ID` is asked for its public key.
+#[derive(Debug, Clone, Default)]
+pub struct KmsLookup {
+    /// AWS region (default `us-east-1`).
+    pub region: Option<String>,
+    /// A KMS-compatible endpoint instead of AWS's.
+    pub endpoint_url: Option<String>,
+}
+
+/// The fingerprint ([`format::fingerprint`]) of a trusted key given as: a fingerprint
+/// (`sha256:<64 hex digits>` or the digits alone); `aws-kms:KEY_ID` (a key id, ARN or alias,
+/// whose public key AWS KMS `GetPublicKey` returns: an alias names its current key); or a file
+/// holding a P-256 public key as PEM (`-----BEGIN PUBLIC KEY-----`, SubjectPublicKeyInfo) or
+/// as SubjectPublicKeyInfo DER. The error says which form was expected and why it failed.
+pub async fn trusted_key_fingerprint(arg: &str, kms: &KmsLookup) -> Result<String, String> {
+    if let Some(fp) = format::parse_fingerprint(arg) {
+        return Ok(fp);
+    }
+    if let Some(key_id) = arg.strip_prefix("aws-kms:") {
+        return aws_public_key(key_id, kms)
+            .await
+            .map(|der| format::fingerprint(&der));
+    }
+    let bytes = std::fs::read(arg).map_err(|e| {
+        format!(
+            "--trusted-key {arg}: not a fingerprint (sha256:<64 hex digits>) nor aws-kms:KEY_ID, \
+             and not a readable public key file: {e}"
+        )
+    })?;
+    let der = match std::str::from_utf8(&bytes) {
+        Ok(text) if text.contains("-----BEGIN") => {
+            if !text.contains("-----BEGIN PUBLIC KEY-----") {
+                return Err(format!(
+                    "--trusted-key {arg}: a PEM file, but not a public key \
+                     (-----BEGIN PUBLIC KEY-----, SubjectPublicKeyInfo)"
+                ));
+            }
+            super::signer::public_key_pem_to_der(text)
+                .map_err(|e| format!("--trusted-key {arg}: not a P-256 public key in PEM: {e}"))?
+        }
+        _ => spki_der(&bytes).map_err(|e| {
+            format!("--trusted-key {arg}: not a P-256 SubjectPublicKeyInfo (PEM or DER): {e}")
+        })?,
+    };
+    Ok(format::fingerprint(&der))
+}
+
+/// `bytes` as a P-256 SubjectPublicKeyInfo DER, re-encoded canonically.
+fn spki_der(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+    let key = p256::PublicKey::from_public_key_der(bytes).map_err(|e| e.to_string())?;
+    key.to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(feature = "aws-kms")]
+async fn aws_public_key(key_id: &str, kms: &KmsLookup) -> Result<Vec<u8>, String> {
+    use super::signer::Signer as _;
+    if key_id.is_empty() {
+        return Err("--trusted-key aws-kms: names no key (aws-kms:KEY_ID, e.g. aws-kms:alias/knhk-receipts)".into());
+    }
+    let signer = super::signer::AwsSigner::new(
+        kms.region.as_deref().unwrap_or("us-east-1"),
+        key_id,
+        kms.endpoint_url.as_deref(),
+    )
+    .await;
+    signer
+        .current()
+        .await
+        .map(|k| k.public_key_der)
+        .map_err(|e| format!("--trusted-key aws-kms:{key_id}: {e}"))
+}
+
+#[cfg(not(feature = "aws-kms"))]
+async fn aws_public_key(key_id: &str, _: &KmsLookup) -> Result<Vec<u8>, String> {
+    Err(format!(
+        "--trusted-key aws-kms:{key_id}: this build of knhk-agent lacks the aws-kms feature"
+    ))
 }

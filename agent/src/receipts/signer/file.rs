@@ -1,5 +1,11 @@
 //! A local P-256 key for development only: `key_dir/v1.pem`, `v2.pem`, … (PKCS#8 PEM, mode
 //! 0600 enforced). The highest version is current; rotation writes the next one.
+//!
+//! The key id is `file:` and the fingerprint of the lowest version's public key
+//! (`file:sha256:<64 hex>`): it names the key series, not the directory, so moving the
+//! directory changes nothing. Ids of older agents (`file:<key_dir>`) are still signed with
+//! (same key files), so a ledger written under one hands over to the stable id with a
+//! transition statement on its first start.
 
 use super::{KeyInfo, Signer, SignerError};
 use crate::receipts::format::KeyRef;
@@ -16,6 +22,7 @@ use std::{
 #[derive(Debug)]
 pub struct FileSigner {
     dir: PathBuf,
+    id: String,
 }
 
 fn refused(message: String) -> SignerError {
@@ -32,13 +39,32 @@ impl FileSigner {
             .map_err(|e| refused(format!("creating key_dir {}: {e}", dir.display())))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| refused(format!("securing key_dir {}: {e}", dir.display())))?;
-        let signer = FileSigner {
+        let mut signer = FileSigner {
             dir: dir.to_owned(),
+            id: String::new(),
         };
-        if signer.versions()?.is_empty() {
-            signer.write_new(1)?;
-        }
+        let first = match signer.versions()?.first() {
+            Some(v) => signer.load(*v)?,
+            None => signer.write_new(1)?,
+        };
+        let der = first
+            .verifying_key()
+            .to_public_key_der()
+            .map_err(|e| refused(e.to_string()))?;
+        signer.id = format!(
+            "file:{}",
+            crate::receipts::format::fingerprint(der.as_bytes())
+        );
         Ok(signer)
+    }
+
+    /// An id this signer answers to: its own, or the directory-based id of older agents
+    /// (`file:` and a path), for ledgers written before the id became stable.
+    fn answers_to(&self, id: &str) -> bool {
+        id == self.id
+            || id
+                .strip_prefix("file:")
+                .is_some_and(|rest| !rest.starts_with("sha256:"))
     }
 
     fn versions(&self) -> Result<Vec<u64>, SignerError> {
@@ -62,7 +88,7 @@ impl FileSigner {
     }
 
     fn key_id(&self) -> String {
-        format!("file:{}", self.dir.display())
+        self.id.clone()
     }
 
     fn load(&self, version: u64) -> Result<SigningKey, SignerError> {
@@ -141,7 +167,7 @@ impl Signer for FileSigner {
     }
 
     async fn sign(&self, key: &KeyRef, message: &[u8]) -> Result<Vec<u8>, SignerError> {
-        if key.id != self.key_id() {
+        if !self.answers_to(&key.id) {
             return Err(refused(format!("{key} is not a key of {}", self.key_id())));
         }
         let signing = self.load(key.version)?;
@@ -153,5 +179,47 @@ impl Signer for FileSigner {
         let next = self.versions()?.last().copied().unwrap_or(0) + 1;
         let key = self.write_new(next)?;
         self.info(next, &key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_key_id_follows_the_key_not_the_directory_and_old_ids_still_sign() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a");
+        let first = FileSigner::open(&a).expect("open");
+        let id = first.current().await.expect("current").key.id;
+        let v1 = first.current().await.expect("current").public_key_der;
+        assert_eq!(
+            id,
+            format!("file:{}", crate::receipts::format::fingerprint(&v1))
+        );
+        first.rotate().await.expect("rotate");
+        assert_eq!(first.current().await.expect("current").key.id, id);
+        // Moved: the same id.
+        let b = dir.path().join("b");
+        std::fs::rename(&a, &b).expect("move the key directory");
+        let moved = FileSigner::open(&b).expect("open moved");
+        let current = moved.current().await.expect("current");
+        assert_eq!(
+            (current.key.id.as_str(), current.key.version),
+            (id.as_str(), 2)
+        );
+        // The id of older agents (`file:<key_dir>`) still signs, with the same key.
+        let legacy = KeyRef {
+            id: format!("file:{}", a.display()),
+            version: 1,
+        };
+        let sig = moved.sign(&legacy, b"m").await.expect("legacy id signs");
+        assert!(crate::receipts::signer::verify_signature(&v1, b"m", &sig));
+        // Another key series' stable id does not.
+        let other = KeyRef {
+            id: format!("file:sha256:{}", "0".repeat(64)),
+            version: 1,
+        };
+        assert!(moved.sign(&other, b"m").await.is_err());
     }
 }
