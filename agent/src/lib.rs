@@ -30,6 +30,8 @@ pub mod policy;
 pub mod receipts;
 pub mod resilience;
 pub mod secure_dir;
+pub mod semconv;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;
+pub mod trace_context;

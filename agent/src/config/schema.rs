@@ -3,7 +3,10 @@
 
 use super::{
     line_of,
-    settings::{BeatSettings, IdentitySettings, ReceiptSettings, Settings, SyncSettings},
+    settings::{
+        BeatSettings, IdentitySettings, ReceiptSettings, Settings, SyncSettings, TelemetrySection,
+        TelemetrySettings,
+    },
     ConfigError,
 };
 use crate::model::{AdmissionStrategy, Class, DefaultAction, LatencySource, Mode, RuleSpec};
@@ -30,6 +33,8 @@ pub struct Config {
     pub multi_region: Option<MultiRegionSection>,
     /// `[promotion]`: accepted; promotion gates are not part of this version.
     pub promotion: Option<PromotionSection>,
+    /// `[telemetry]`: OTLP export of metrics and traces.
+    pub telemetry: Option<TelemetrySection>,
     /// The typed settings of the optional sections, built from the ones above while loading.
     pub settings: Settings,
 }
@@ -66,6 +71,17 @@ impl Config {
         }
         if self.promotion.is_some() {
             out.push(("promotion", "promotion gates are not in this version"));
+        }
+        if self.telemetry.is_some() && self.settings.telemetry.is_none() {
+            out.push((
+                "telemetry",
+                "neither otlp_endpoint nor weaver_live_check is set: OTLP export is off",
+            ));
+        } else if self.settings.telemetry.is_some() && !cfg!(feature = "otlp") {
+            out.push((
+                "telemetry",
+                "this agent was built without the `otlp` feature: OTLP export is off",
+            ));
         }
         out
     }
@@ -468,6 +484,7 @@ pub(super) struct RawConfig {
     receipts: Option<Spanned<ReceiptsSection>>,
     multi_region: Option<Spanned<MultiRegionSection>>,
     promotion: Option<Spanned<PromotionSection>>,
+    telemetry: Option<Spanned<TelemetrySection>>,
 }
 
 /// Takes the one of a top-level section and its nested alias that is present; both is an error.
@@ -705,12 +722,19 @@ impl RawConfig {
         let beat = slo
             .as_ref()
             .map(|s| BeatSettings::from_slo(s.get_ref(), agent.heat_top_n as usize));
+        let telemetry_settings = match &self.telemetry {
+            Some(t) => TelemetrySettings::from_section(t.get_ref())
+                .map_err(|(k, m)| (format!("telemetry.{k}"), m))
+                .map_err(section_err(t.span().start))?,
+            None => None,
+        };
         Ok(Config {
             settings: Settings {
                 beat,
                 identity,
                 receipts: receipt_settings,
                 sync,
+                telemetry: telemetry_settings,
             },
             agent,
             policy: PolicySection { max_rules, rules },
@@ -720,6 +744,7 @@ impl RawConfig {
             receipts: receipts.map(Spanned::into_inner),
             multi_region: multi_region.map(Spanned::into_inner),
             promotion: promotion.map(Spanned::into_inner),
+            telemetry: self.telemetry.map(Spanned::into_inner),
         })
     }
 }
