@@ -761,3 +761,100 @@ fn kernel_a_blackholed_collector_costs_the_agent_nothing_but_drops() {
     );
     assert!(receiver.spans().is_empty());
 }
+
+/// Region sync: the origin's push span sends its `traceparent` to the witness, whose verify span
+/// joins that trace; both regions' exports agree with the registry.
+#[test]
+fn kernel_a_witness_push_carries_its_trace_to_the_witness() {
+    if !kernel_available("kernel_a_witness_push_carries_its_trace_to_the_witness") {
+        return;
+    }
+    let reg = support::semconv::load();
+    let rt = runtime();
+    let (receiver, addr) = Receiver::start(&rt);
+    struct Region {
+        name: &'static str,
+        grpc: SocketAddr,
+        dir: tempfile::TempDir,
+        cg: TestCgroup,
+        pins: TestPins,
+    }
+    let regions: Vec<Region> = ["otlp-a", "otlp-b"]
+        .into_iter()
+        .map(|name| Region {
+            name,
+            grpc: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+            dir: tempfile::tempdir().expect("tempdir"),
+            cg: TestCgroup::new(&format!("region-{name}")),
+            pins: TestPins::new(&format!("region-{name}")),
+        })
+        .collect();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let r = &regions[i];
+            let peer = regions[1 - i].grpc;
+            let path = r.dir.path().join("agent.toml");
+            let text = format!(
+                "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\n\
+                 listen_address = \"{}\"\nstate_dir = \"{}\"\n\
+                 [slo]\nbeat_interval_ms = 25\n\
+                 [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n\
+                 [receipts]\npath = \"{}\"\nnode = \"node-{}\"\n\
+                 [multi_region]\nregion = \"{}\"\ncross_region_sync_enabled = true\n\
+                 receipt_sync_endpoints = [\"http://{peer}\"]\nbatch_linger_ms = 10\ntimeout_ms = 1000\n\
+                 [telemetry]\notlp_endpoint = \"http://{addr}\"\nexport_interval_ms = 200\n",
+                r.cg.path.display(),
+                r.pins.root.display(),
+                r.grpc,
+                r.dir.path().join("state").display(),
+                r.dir.path().join("keys").display(),
+                r.dir.path().join("receipts.redb").display(),
+                r.name,
+                r.name,
+            );
+            std::fs::write(&path, text).expect("config");
+            Agent::start(&path)
+        })
+        .collect();
+    let joined = |spans: &[(Span, Vec<KeyValue>)]| {
+        spans.iter().any(|(push, _)| {
+            push.name == "knhk.sync.push"
+                && spans.iter().any(|(verify, _)| {
+                    verify.name == "knhk.sync.witness.verify"
+                        && verify.trace_id == push.trace_id
+                        && verify.parent_span_id == push.span_id
+                })
+        })
+    };
+    wait_until(
+        "a witness verify span in the trace of a push",
+        Duration::from_secs(30),
+        || joined(&receiver.spans()),
+    );
+    // The verify span comes from the other agent: its resource names the other region.
+    let spans = receiver.spans();
+    let region_of = |res: &[KeyValue]| {
+        res.iter()
+            .find(|kv| kv.key == "cloud.region")
+            .map(|kv| value_type(&kv.value).1)
+    };
+    assert!(spans.iter().any(|(push, push_res)| {
+        push.name == "knhk.sync.push"
+            && spans.iter().any(|(verify, verify_res)| {
+                verify.name == "knhk.sync.witness.verify"
+                    && verify.parent_span_id == push.span_id
+                    && region_of(push_res) != region_of(verify_res)
+                    && region_of(verify_res).is_some()
+            })
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    let got = receiver.got.lock().expect("receiver lock");
+    let errors = check_export(&reg, &got, &[]);
+    drop(got);
+    assert!(
+        errors.is_empty(),
+        "the export does not agree with the registry:\n{}",
+        errors.join("\n")
+    );
+    drop(agents);
+}
