@@ -637,6 +637,11 @@ fn kernel_a_scripted_run_exports_only_what_the_registry_declares() {
     assert!(spans
         .iter()
         .any(|(s, _)| s.name == "knhk.datapath.switch" && s.parent_span_id == rollback.span_id));
+    // The refused apply's span says why.
+    assert!(spans.iter().any(|(s, _)| s.name == "knhk.policy.apply"
+        && s.attributes
+            .iter()
+            .any(|kv| kv.key == "error.type" && value_type(&kv.value).1 == "invalid")));
     let scrape = agent.get("/metrics");
     assert!(counter(&scrape, "knhk_telemetry_exported_total{signal=\"traces\"}") >= 8.0);
 }
@@ -665,6 +670,7 @@ fn kernel_a_blackholed_collector_costs_the_agent_nothing_but_drops() {
     );
     let agent = Agent::start(&config);
     let pid = agent.child.id();
+    // 8 s in the suite; KNHK_OTLP_SOAK_SECS=600 for the 10-minute figure of docs/telemetry.md.
     let seconds: u64 = std::env::var("KNHK_OTLP_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -689,6 +695,10 @@ fn kernel_a_blackholed_collector_costs_the_agent_nothing_but_drops() {
                 .expect("apply while the collector is blackholed");
                 slowest = slowest.max(t.elapsed());
                 applies += 1;
+            }
+            // A long soak (KNHK_OTLP_SOAK_SECS=600) applies at a gentler pace.
+            if seconds > 60 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if applies.is_multiple_of(50) {
                 samples.push((started.elapsed().as_secs(), memory_of(pid).0));

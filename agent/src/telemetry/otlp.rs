@@ -253,20 +253,31 @@ impl Otlp {
         let counters = Counters::register(registry)?;
         let resource = resource(settings, &info);
         let md = metadata(&settings.headers)?;
-        let mut span_exporter = opentelemetry_otlp::SpanExporter::builder()
+        // https://: the system's roots (a private CA goes into the system store).
+        let tls = settings
+            .endpoint
+            .starts_with("https://")
+            .then(|| tonic::transport::ClientTlsConfig::new().with_native_roots());
+        let mut spans = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(settings.endpoint.clone())
             .with_timeout(settings.timeout)
-            .with_metadata(md.clone())
-            .build()
-            .map_err(|e| OtlpError::Build(e.to_string()))?;
+            .with_metadata(md.clone());
+        if let Some(t) = &tls {
+            spans = spans.with_tls_config(t.clone());
+        }
+        let mut span_exporter = spans.build().map_err(|e| OtlpError::Build(e.to_string()))?;
         span_exporter.set_resource(&resource);
-        let metric_exporter = opentelemetry_otlp::MetricExporter::builder()
+        let mut metrics = opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
             .with_endpoint(settings.endpoint.clone())
             .with_timeout(settings.timeout)
             .with_metadata(md)
-            .with_temporality(Temporality::Cumulative)
+            .with_temporality(Temporality::Cumulative);
+        if let Some(t) = tls {
+            metrics = metrics.with_tls_config(t);
+        }
+        let metric_exporter = metrics
             .build()
             .map_err(|e| OtlpError::Build(e.to_string()))?;
 
@@ -474,6 +485,30 @@ async fn export_metrics(
         let missed = (started.elapsed().as_nanos() / interval.as_nanos().max(1)) as u64;
         if missed > 0 {
             counters.drop("metrics", "queue_full", missed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(endpoint: &str) -> TelemetrySettings {
+        let section: crate::config::TelemetrySection =
+            toml::from_str(&format!("otlp_endpoint = \"{endpoint}\"")).expect("section");
+        TelemetrySettings::from_section(&section)
+            .expect("valid")
+            .expect("on")
+    }
+
+    /// Every endpoint check-config accepts starts (nothing connects until the first export).
+    #[tokio::test]
+    async fn http_and_https_endpoints_start() {
+        for e in ["http://127.0.0.1:4317", "https://collector.example:4317"] {
+            let registry = prometheus::Registry::new();
+            let otlp = Otlp::start(&settings(e), &registry, ResourceInfo::default())
+                .unwrap_or_else(|err| panic!("{e}: {err}"));
+            otlp.shutdown().await;
         }
     }
 }

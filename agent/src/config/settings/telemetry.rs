@@ -38,13 +38,31 @@ pub struct TelemetrySection {
 }
 
 /// `weaver_live_check = true` or `weaver_live_check = "http://HOST:PORT"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LiveCheck {
     /// On (the default endpoint) or off.
     Enabled(bool),
     /// The receiver's endpoint.
     Endpoint(String),
+}
+
+impl<'de> Deserialize<'de> for LiveCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = LiveCheck;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or a live-check endpoint \"http://HOST:PORT\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<LiveCheck, E> {
+                Ok(LiveCheck::Enabled(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LiveCheck, E> {
+                Ok(LiveCheck::Endpoint(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// What OTLP export runs with; `None` in [`super::Settings`] when export is off.
@@ -220,6 +238,16 @@ mod tests {
         assert_eq!(TelemetrySettings::from_section(&section("")), Ok(None));
         let s = section("weaver_live_check = false\nsampling_ratio = 0.5");
         assert_eq!(TelemetrySettings::from_section(&s), Ok(None));
+    }
+
+    #[test]
+    fn live_check_is_a_bool_or_an_endpoint() {
+        let e = toml::from_str::<TelemetrySection>("weaver_live_check = 5").expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("true, false or a live-check endpoint"),
+            "{e}"
+        );
     }
 
     #[test]
