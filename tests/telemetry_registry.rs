@@ -287,6 +287,14 @@ cannot be queued or is not accepted in time is dropped and counted in
 `knhk_telemetry_dropped_total{signal, reason}`; what the collector accepted in
 `knhk_telemetry_exported_total{signal}`.
 
+Measured (`tests/telemetry_otlp.rs`, `kernel_a_blackholed_collector_costs_the_agent_nothing_but_drops`
+with `KNHK_OTLP_SOAK_SECS=600`, on a 2-core machine shared with other builds): a collector that
+accepts connections and never answers, `export_interval_ms = 100`, `otlp_timeout_ms = 300`,
+`max_queued_spans = 8`, policies applied back to back for 10 minutes. 14,180 applies, the slowest
+311 ms; `/metrics` answered in 23 ms; 7,525 spans dropped as `queue_full` and 20,809 as
+`export_failed`, 1,845 metric exports `export_failed`; resident memory 45 MiB at the start, 47 MiB
+after one minute, 49 MiB at the end. The suite runs the same check for 8 s.
+
 A collector that receives it and prints it (OpenTelemetry Collector, `otelcol` or `otelcol-contrib`):
 
 ```yaml
