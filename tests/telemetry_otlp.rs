@@ -825,7 +825,7 @@ fn kernel_a_witness_push_carries_its_trace_to_the_witness() {
                  [receipts]\npath = \"{}\"\nnode = \"node-{}\"\n\
                  [multi_region]\nregion = \"{}\"\ncross_region_sync_enabled = true\n\
                  receipt_sync_endpoints = [\"http://{peer}\"]\nbatch_linger_ms = 10\ntimeout_ms = 1000\n\
-                 [telemetry]\notlp_endpoint = \"http://{addr}\"\nexport_interval_ms = 200\n",
+                 [telemetry]\n{}\nexport_interval_ms = 200\n",
                 r.cg.path.display(),
                 r.pins.root.display(),
                 r.grpc,
@@ -834,6 +834,12 @@ fn kernel_a_witness_push_carries_its_trace_to_the_witness() {
                 r.dir.path().join("receipts.redb").display(),
                 r.name,
                 r.name,
+                // The witness exports as it would to a Weaver live-check receiver.
+                if i == 0 {
+                    format!("otlp_endpoint = \"http://{addr}\"")
+                } else {
+                    format!("weaver_live_check = \"http://{addr}\"")
+                },
             );
             std::fs::write(&path, text).expect("config");
             Agent::start(&path)
