@@ -29,7 +29,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -43,11 +43,13 @@ struct Received {
     metrics: Vec<ExportMetricsServiceRequest>,
 }
 
-/// An OTLP/gRPC receiver: stores every export, or (blackholed) never answers.
+/// An OTLP/gRPC receiver: stores every export, or (blackholed) never answers, or (slow) answers
+/// each export after `delay_ms`.
 #[derive(Clone, Default)]
 struct Receiver {
     got: Arc<Mutex<Received>>,
     blackhole: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -59,6 +61,7 @@ impl TraceService for Receiver {
         if self.blackhole.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
+        tokio::time::sleep(Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))).await;
         self.got
             .lock()
             .expect("receiver lock")
@@ -77,6 +80,7 @@ impl MetricsService for Receiver {
         if self.blackhole.load(Ordering::Relaxed) {
             std::future::pending::<()>().await;
         }
+        tokio::time::sleep(Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))).await;
         self.got
             .lock()
             .expect("receiver lock")
@@ -886,4 +890,75 @@ fn kernel_a_witness_push_carries_its_trace_to_the_witness() {
         errors.join("\n")
     );
     drop(agents);
+}
+
+/// A slow collector (every export answered after 250 ms, within the 1 s timeout): exports go
+/// through, the queue overflows and says so, and applies do not wait for it.
+#[test]
+fn kernel_a_slow_collector_slows_only_the_export() {
+    if !kernel_available("kernel_a_slow_collector_slows_only_the_export") {
+        return;
+    }
+    let rt = runtime();
+    let (receiver, addr) = Receiver::start(&rt);
+    receiver.delay_ms.store(250, Ordering::Relaxed);
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("otlp-slow");
+    let pins = TestPins::new("otlp-slow");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &telemetry_config(
+            dir.path(),
+            addr,
+            false,
+            "export_interval_ms = 100\notlp_timeout_ms = 1000\nmax_queued_spans = 8\n",
+        ),
+    );
+    let agent = Agent::start(&config);
+    let port = target.port().to_string();
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut c = PolicyServiceClient::new(agent.channel().await);
+        while started.elapsed() < Duration::from_secs(5) {
+            for action in [pb::Action::Allow, pb::Action::Deny] {
+                let t = Instant::now();
+                c.apply_policy(pb::ApplyPolicyRequest {
+                    policy: Some(doc(vec![rule("r", action, "127.0.0.1/32", &port)])),
+                    expected_generation: None,
+                })
+                .await
+                .expect("apply while the collector is slow");
+                slowest = slowest.max(t.elapsed());
+            }
+        }
+    });
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    // Spans keep arriving, slowly.
+    wait_until("exported spans", Duration::from_secs(10), || {
+        !receiver.spans().is_empty()
+    });
+    let scrape = agent.get("/metrics");
+    let queue_drops = counter(
+        &scrape,
+        "knhk_telemetry_dropped_total{reason=\"queue_full\",signal=\"traces\"}",
+    );
+    let exported = counter(&scrape, "knhk_telemetry_exported_total{signal=\"traces\"}");
+    let metric_periods_missed = counter(
+        &scrape,
+        "knhk_telemetry_dropped_total{reason=\"queue_full\",signal=\"metrics\"}",
+    );
+    eprintln!(
+        "slow collector: slowest apply {slowest:?}, spans exported {exported}, dropped (queue full) \
+         {queue_drops}, metric periods missed {metric_periods_missed}"
+    );
+    assert!(slowest < Duration::from_millis(1500), "{slowest:?}");
+    assert!(exported > 0.0 && queue_drops > 0.0, "{scrape}");
+    assert!(
+        metric_periods_missed > 0.0,
+        "a 250 ms export spans 100 ms periods"
+    );
 }
