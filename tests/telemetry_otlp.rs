@@ -5,6 +5,8 @@
 //! attribute outside the registry. A caller's `traceparent` on ApplyPolicy makes the agent's spans
 //! join the caller's trace. A blackholed collector does not slow the agent: it keeps enforcing
 //! and serving, the drop counters rise, its memory stays bounded.
+//! Built with the `otlp` feature only (without it the agent exports nothing).
+#![cfg(feature = "otlp")]
 
 mod support;
 
