@@ -338,6 +338,7 @@ fn env_of(container: &Value) -> Vec<(String, String)> {
             match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                 Some("spec.nodeName") => "node-a".into(),
                 Some("status.podIP") => "10.1.2.3".into(),
+                Some("metadata.name") => "knhk-agent-x7k2p".into(),
                 other => panic!("{name}: a value source this test does not know: {other:?}"),
             }
         };

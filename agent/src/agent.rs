@@ -284,6 +284,26 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if let Err(e) = registered {
         return Err(AgentError::Internal(format!("registering metrics: {e}")));
     }
+    // OTLP export ([telemetry]): reads the registry above; spans from here on are exported.
+    #[cfg(feature = "otlp")]
+    let otlp = match &config.settings.telemetry {
+        Some(settings) => Some(
+            telemetry::Otlp::start(
+                settings,
+                &registry,
+                telemetry::ResourceInfo {
+                    instance_id: instance_id(),
+                    region: config.settings.sync.as_ref().map(|s| s.region.clone()),
+                },
+            )
+            .map_err(|e| AgentError::Internal(e.to_string()))?,
+        ),
+        None => None,
+    };
+    #[cfg(not(feature = "otlp"))]
+    if config.settings.telemetry.is_some() {
+        warn!("[telemetry] export is configured, but this agent was built without the `otlp` feature: nothing is exported");
+    }
     let probe = DatapathReader::open(&layout)?;
     let link_dir = layout.links_dir();
     readiness.register("programs attached", move || {
@@ -512,6 +532,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if let Some(tasks) = sync_tasks {
         tasks.shutdown(Instant::now() + SHUTDOWN_SYNC).await;
     }
+    // Last: what the shutdown itself traced and counted is sent too, within one step.
+    #[cfg(feature = "otlp")]
+    if let Some(otlp) = otlp {
+        if tokio::time::timeout(SHUTDOWN_STEP, otlp.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(
+                "telemetry: the final OTLP export did not finish within {} s",
+                SHUTDOWN_STEP.as_secs()
+            );
+        }
+    }
     drop(controller);
     drop(admin);
     detach_on_failure.disarm();
@@ -528,4 +561,15 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     }
     info!(took_ms = stopping.elapsed().as_millis() as u64, "stopped");
     Ok(())
+}
+
+/// `service.instance.id`: random per agent process (128 bits, hex).
+#[cfg(feature = "otlp")]
+fn instance_id() -> String {
+    let mut b = [0u8; 16];
+    // No randomness (never on Linux): the pid still tells processes on one node apart.
+    if getrandom::fill(&mut b).is_err() {
+        return format!("pid-{}", std::process::id());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -519,6 +519,9 @@ fn main() -> ExitCode {
                         active.push("multi_region");
                     }
                 }
+                if config.settings.telemetry.is_some() && cfg!(feature = "otlp") {
+                    active.push("telemetry");
+                }
                 match output {
                     Output::Json => {
                         let doc = serde_json::json!({

@@ -13,6 +13,7 @@ pub mod harness;
 pub mod kms;
 pub mod prom;
 pub mod proxy;
+pub mod semconv;
 pub mod spire;
 #[allow(unused_imports)]
 pub use agent::*;

@@ -21,6 +21,8 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("resilience", &[]),
     ("tasks", &[]),
     ("secure_dir", &[]),
+    ("trace_context", &[]),
+    ("semconv", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
@@ -29,15 +31,25 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     // Layer 3: adapters to the kernel, SPIRE, Prometheus.
     ("datapath", &["model", "abi", "policy"]),
     ("identity", &["model", "config", "secure_dir"]),
-    ("telemetry", &["model", "datapath"]),
+    ("telemetry", &["model", "config", "datapath", "semconv"]),
     ("workloads", &["model", "config"]),
     // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
     ("beat", &["model", "config", "datapath"]),
     (
         "control",
-        &["model", "config", "datapath", "policy", "telemetry"],
+        &[
+            "model",
+            "config",
+            "datapath",
+            "policy",
+            "telemetry",
+            "semconv",
+        ],
     ),
-    ("receipts", &["model", "config", "resilience", "tasks"]),
+    (
+        "receipts",
+        &["model", "config", "resilience", "tasks", "semconv"],
+    ),
     (
         "sync",
         &[
@@ -47,6 +59,8 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "receipts",
             "resilience",
             "tasks",
+            "trace_context",
+            "semconv",
         ],
     ),
     // Layer 5: the gRPC API, its client, and the wiring of `knhk-agent run`.
@@ -62,6 +76,8 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "receipts",
             "sync",
             "secure_dir",
+            "trace_context",
+            "semconv",
         ],
     ),
     ("client", &["model", "config", "policy", "identity", "api"]),

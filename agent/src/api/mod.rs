@@ -18,10 +18,15 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("knhk_descriptor");
 }
 
+use crate::semconv::{attr, span};
 use crate::{
     config::ApiListen,
     control::{ControlError, Controller},
     datapath::DatapathError,
+};
+use opentelemetry::{
+    trace::{FutureExt as _, SpanKind, TraceContextExt as _, Tracer as _},
+    KeyValue,
 };
 use pb::{
     agent_service_server::{AgentService, AgentServiceServer},
@@ -128,15 +133,33 @@ impl PolicyService for PolicyApi {
     ) -> Result<Response<pb::ApplyPolicyResponse>, Status> {
         let received = Instant::now();
         let deadline = deadline_of(&req, received);
+        let cx = rpc_span(req.metadata(), span::KNHK_POLICY_APPLY, "ApplyPolicy");
         let req = req.into_inner();
-        let policy =
-            convert::policy_from_proto(req.policy.as_ref(), self.0.defaults(), self.0.max_rules())
-                .map_err(|e| self.failed(Status::invalid_argument(e.join("\n"))))?;
-        let applied = self
-            .0
-            .apply(policy, req.expected_generation, deadline)
-            .await
-            .map_err(|e| self.failed(status_of(e)))?;
+        let rules = req.policy.as_ref().map_or(0, |p| p.rules.len());
+        cx.span()
+            .set_attribute(KeyValue::new(attr::KNHK_POLICY_RULES, rules as i64));
+        let result = async {
+            let policy = convert::policy_from_proto(
+                req.policy.as_ref(),
+                self.0.defaults(),
+                self.0.max_rules(),
+            )
+            .map_err(|e| self.failed(Status::invalid_argument(e.join("\n"))))?;
+            self.0
+                .apply(policy, req.expected_generation, deadline)
+                .await
+                .map_err(|e| self.failed(status_of(e)))
+        }
+        .with_context(cx.clone())
+        .await;
+        end_rpc_span(
+            &cx,
+            result
+                .as_ref()
+                .map(|a| &a.generation)
+                .map_err(|s| (s, reason_of(s))),
+        );
+        let applied = result?;
         Ok(Response::new(pb::ApplyPolicyResponse {
             generation: applied.generation.number,
             digest: applied.generation.digest,
@@ -186,20 +209,34 @@ impl PolicyService for PolicyApi {
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
         let deadline = deadline_of(&req, Instant::now());
-        let (applied, restored) = self
+        let cx = rpc_span(req.metadata(), span::KNHK_POLICY_ROLLBACK, "Rollback");
+        let result = self
             .0
             .rollback(req.into_inner().expected_generation, deadline)
-            .await
-            .map_err(|e| {
-                let no_previous = matches!(e, ControlError::NoPrevious { .. });
-                let status = status_of(e);
-                if no_previous {
-                    self.0.count_apply_failure("no_previous");
-                    status
-                } else {
-                    self.failed(status)
-                }
-            })?;
+            .with_context(cx.clone())
+            .await;
+        let result = result.map_err(|e| {
+            let no_previous = matches!(e, ControlError::NoPrevious { .. });
+            let status = status_of(e);
+            if no_previous {
+                self.0.count_apply_failure("no_previous");
+                (status, "no_previous")
+            } else {
+                let reason = reason_of(&status);
+                (self.failed(status), reason)
+            }
+        });
+        match &result {
+            Ok((applied, from)) => {
+                cx.span().set_attribute(KeyValue::new(
+                    attr::KNHK_POLICY_ROLLED_BACK_FROM,
+                    *from as i64,
+                ));
+                end_rpc_span(&cx, Ok(&applied.generation));
+            }
+            Err((status, reason)) => end_rpc_span(&cx, Err((status, reason))),
+        }
+        let (applied, restored) = result.map_err(|(status, _)| status)?;
         Ok(Response::new(pb::RollbackResponse {
             generation: applied.generation.number,
             digest: applied.generation.digest,
@@ -211,15 +248,62 @@ impl PolicyService for PolicyApi {
 impl PolicyApi {
     /// Counts a refused apply or rollback by the reason its status gives, and returns the status.
     fn failed(&self, status: Status) -> Status {
-        self.0.count_apply_failure(match status.code() {
-            tonic::Code::InvalidArgument => "invalid",
-            tonic::Code::ResourceExhausted => "capacity",
-            tonic::Code::FailedPrecondition => "stale_generation",
-            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => "deadline",
-            _ => "internal",
-        });
+        self.0.count_apply_failure(reason_of(&status));
         status
     }
+}
+
+/// Why an apply or rollback changed nothing, from its status (the `reason` label, `error.type`).
+fn reason_of(status: &Status) -> &'static str {
+    match status.code() {
+        tonic::Code::InvalidArgument => "invalid",
+        tonic::Code::ResourceExhausted => "capacity",
+        tonic::Code::FailedPrecondition => "stale_generation",
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => "deadline",
+        _ => "internal",
+    }
+}
+
+/// A server span for a `PolicyService` call, a child of the caller's `traceparent` when it sent
+/// one, as the context its work runs in.
+fn rpc_span(
+    metadata: &tonic::metadata::MetadataMap,
+    name: &'static str,
+    method: &'static str,
+) -> opentelemetry::Context {
+    let parent = crate::trace_context::extract(metadata);
+    let tracer = opentelemetry::global::tracer("knhk-agent");
+    let span = tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new(attr::RPC_SYSTEM, "grpc"),
+            KeyValue::new(attr::RPC_SERVICE, "knhk.agent.v1.PolicyService"),
+            KeyValue::new(attr::RPC_METHOD, method),
+        ])
+        .start_with_context(&tracer, &parent);
+    parent.with_span(span)
+}
+
+/// Ends the call's span with the generation switched in, or the failure.
+fn end_rpc_span(
+    cx: &opentelemetry::Context,
+    result: Result<&crate::control::Generation, (&Status, &'static str)>,
+) {
+    let span = cx.span();
+    match result {
+        Ok(g) => {
+            span.set_attribute(KeyValue::new(attr::KNHK_POLICY_GENERATION, g.number as i64));
+            span.set_attribute(KeyValue::new(attr::KNHK_POLICY_DIGEST, g.digest.clone()));
+        }
+        Err((status, reason)) => {
+            span.set_attribute(KeyValue::new(attr::ERROR_TYPE, reason));
+            span.set_status(opentelemetry::trace::Status::error(
+                status.message().to_owned(),
+            ));
+        }
+    }
+    span.end();
 }
 
 struct AgentApi(

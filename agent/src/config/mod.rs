@@ -19,7 +19,7 @@ pub use schema::{
 };
 pub use settings::{
     BeatSettings, FilePaths, IdentitySettings, Peer, ReceiptSettings, Settings, SignerSettings,
-    SyncSettings,
+    SyncSettings, TelemetrySection, TelemetrySettings,
 };
 
 use std::path::{Path, PathBuf};
@@ -253,7 +253,7 @@ impl Config {
 }
 
 /// Top-level sections that environment overrides may address.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "agent",
     "policy",
     "slo",
@@ -262,6 +262,7 @@ const SECTIONS: [&str; 8] = [
     "receipts",
     "multi_region",
     "promotion",
+    "telemetry",
 ];
 
 /// The table an override of `section` goes to: the file's own form of it (`[sidecar]` for

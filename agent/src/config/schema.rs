@@ -3,7 +3,10 @@
 
 use super::{
     line_of,
-    settings::{BeatSettings, IdentitySettings, ReceiptSettings, Settings, SyncSettings},
+    settings::{
+        BeatSettings, IdentitySettings, ReceiptSettings, Settings, SyncSettings, TelemetrySection,
+        TelemetrySettings,
+    },
     ConfigError,
 };
 use crate::model::{AdmissionStrategy, Class, DefaultAction, LatencySource, Mode, RuleSpec};
@@ -33,6 +36,8 @@ pub struct Config {
     /// `[kubernetes]`: workload discovery through the node's container runtime (CRI); with it,
     /// rules may select pods by namespace and labels.
     pub kubernetes: Option<KubernetesSection>,
+    /// `[telemetry]`: OTLP export of metrics and traces.
+    pub telemetry: Option<TelemetrySection>,
     /// The typed settings of the optional sections, built from the ones above while loading.
     pub settings: Settings,
 }
@@ -69,6 +74,17 @@ impl Config {
         }
         if self.promotion.is_some() {
             out.push(("promotion", "promotion gates are not in this version"));
+        }
+        if self.telemetry.is_some() && self.settings.telemetry.is_none() {
+            out.push((
+                "telemetry",
+                "neither otlp_endpoint nor weaver_live_check is set: OTLP export is off",
+            ));
+        } else if self.settings.telemetry.is_some() && !cfg!(feature = "otlp") {
+            out.push((
+                "telemetry",
+                "this agent was built without the `otlp` feature: OTLP export is off",
+            ));
         }
         out
     }
@@ -505,6 +521,7 @@ pub(super) struct RawConfig {
     multi_region: Option<Spanned<MultiRegionSection>>,
     promotion: Option<Spanned<PromotionSection>>,
     kubernetes: Option<Spanned<KubernetesSection>>,
+    telemetry: Option<Spanned<TelemetrySection>>,
 }
 
 /// Takes the one of a top-level section and its nested alias that is present; both is an error.
@@ -777,12 +794,19 @@ impl RawConfig {
         let beat = slo
             .as_ref()
             .map(|s| BeatSettings::from_slo(s.get_ref(), agent.heat_top_n as usize));
+        let telemetry_settings = match &self.telemetry {
+            Some(t) => TelemetrySettings::from_section(t.get_ref())
+                .map_err(|(k, m)| (format!("telemetry.{k}"), m))
+                .map_err(section_err(t.span().start))?,
+            None => None,
+        };
         Ok(Config {
             settings: Settings {
                 beat,
                 identity,
                 receipts: receipt_settings,
                 sync,
+                telemetry: telemetry_settings,
             },
             agent,
             policy: PolicySection { max_rules, rules },
@@ -793,6 +817,7 @@ impl RawConfig {
             multi_region: multi_region.map(Spanned::into_inner),
             promotion: promotion.map(Spanned::into_inner),
             kubernetes,
+            telemetry: self.telemetry.map(Spanned::into_inner),
         })
     }
 }

@@ -754,4 +754,34 @@ fn kubernetes_settings_are_checked_and_selector_rules_without_it_warned_about() 
     assert!(warnings(selector)
         .iter()
         .any(|w| w.contains("selects workloads, but there is no [kubernetes] section")));
+
+fn telemetry_is_checked_with_its_key_and_line() {
+    let e = err("[agent]\nmode = \"audit\"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\notlp_timeout_ms = 0\n");
+    assert!(e.contains("telemetry.otlp_timeout_ms"), "{e}");
+    assert!(e.contains("out of range (1-60000)"), "{e}");
+    assert!(e.contains("line 3"), "the section's line: {e}");
+    let e = err("[telemetry]\notlp_endpiont = \"http://c:4317\"\n");
+    assert!(e.contains("did you mean `otlp_endpoint`"), "{e}");
+    let e = err("[telemetry]\nweaver_live_check = \"4317\"\n");
+    assert!(e.contains("telemetry.weaver_live_check"), "{e}");
+
+    let on = Config::parse(
+        "[telemetry]\nweaver_live_check = true\nsampling_ratio = 0.5\n",
+        "t",
+    )
+    .expect("valid");
+    let s = on.settings.telemetry.as_ref().expect("export on");
+    assert_eq!(
+        (s.endpoint.as_str(), s.sampling_ratio),
+        ("http://127.0.0.1:4317", 0.5)
+    );
+    let off = Config::parse("[telemetry]\nsampling_ratio = 0.5\n", "t").expect("valid");
+    assert!(off.settings.telemetry.is_none());
+    assert!(off
+        .inactive_sections()
+        .iter()
+        .any(|(s, why)| *s == "telemetry" && why.contains("export is off")));
+    // The environment can set it too.
+    let sections = super::SECTIONS;
+    assert!(sections.contains(&"telemetry"));
 }

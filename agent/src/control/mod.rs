@@ -5,6 +5,7 @@
 //! generation it expects to replace (compare-and-swap). The gRPC services in [`crate::api`] only
 //! translate to and from these calls.
 
+use crate::semconv::{attr, span};
 use crate::{
     config::Config,
     datapath::{
@@ -17,6 +18,10 @@ use crate::{
     policy::{Policy, PolicyDiff},
 };
 use knhk_abi::{ACTION_ALLOW, ACTION_AUDIT, ACTION_DENY};
+use opentelemetry::{
+    trace::{FutureExt as _, Span as _, SpanKind, Tracer as _},
+    KeyValue,
+};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, RwLock},
@@ -53,6 +58,19 @@ pub enum ControlError {
     /// A worker thread failed.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ControlError {
+    /// A low-cardinality name of the failure (the `error.type` of spans).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ControlError::StaleGeneration { .. } => "stale_generation",
+            ControlError::NoPrevious { .. } => "no_previous",
+            ControlError::Datapath(_) => "datapath",
+            ControlError::LiveState(_) => "live_state",
+            ControlError::Internal(_) => "internal",
+        }
+    }
 }
 
 /// One generation: its number, document and digest.
@@ -396,17 +414,22 @@ impl Controller {
         deadline: Option<Instant>,
     ) -> Result<Applied, ControlError> {
         let this = self.clone();
-        tokio::spawn(async move {
-            let mut history = this.history.lock().await;
-            check_expected(expected, history.live.number)?;
-            let applied = this
-                .switch(Arc::new(policy), deadline, "apply", "apply", None)
-                .await?;
-            let previous = std::mem::replace(&mut history.live, applied.generation.clone());
-            history.previous = Some(previous);
-            history.source = "apply";
-            Ok(applied)
-        })
+        // The caller's trace (the ApplyPolicy span) goes along into the task.
+        let cx = opentelemetry::Context::current();
+        tokio::spawn(
+            async move {
+                let mut history = this.history.lock().await;
+                check_expected(expected, history.live.number)?;
+                let applied = this
+                    .switch(Arc::new(policy), deadline, "apply", "apply", None)
+                    .await?;
+                let previous = std::mem::replace(&mut history.live, applied.generation.clone());
+                history.previous = Some(previous);
+                history.source = "apply";
+                Ok(applied)
+            }
+            .with_context(cx),
+        )
         .await
         .map_err(|e| ControlError::Internal(e.to_string()))?
     }
@@ -419,7 +442,8 @@ impl Controller {
         deadline: Option<Instant>,
     ) -> Result<(Applied, u64), ControlError> {
         let this = self.clone();
-        tokio::spawn(async move { this.rollback_now(expected, deadline).await })
+        let cx = opentelemetry::Context::current();
+        tokio::spawn(async move { this.rollback_now(expected, deadline).await }.with_context(cx))
             .await
             .map_err(|e| ControlError::Internal(e.to_string()))?
     }
@@ -464,7 +488,17 @@ impl Controller {
         let dp = self.datapath.clone();
         let p = policy.clone();
         let published = self.status.clone();
-        let (report, switched_at) = blocking(move || {
+        // The kernel switch, a child of the caller's span (ApplyPolicy, Rollback) when there is one.
+        let tracer = opentelemetry::global::tracer("knhk-agent");
+        let mut span = tracer
+            .span_builder(span::KNHK_DATAPATH_SWITCH)
+            .with_kind(SpanKind::Internal)
+            .with_attributes([
+                KeyValue::new(attr::KNHK_POLICY_CAUSE, cause),
+                KeyValue::new(attr::KNHK_POLICY_RULES, policy.rules.len() as i64),
+            ])
+            .start(&tracer);
+        let switched = blocking(move || {
             let mut dp = dp.lock().map_err(|_| poisoned())?;
             let started = Instant::now();
             let report = dp.apply_as(&p, deadline, generation)?;
@@ -483,7 +517,26 @@ impl Controller {
             }
             Ok::<_, ControlError>((report, switched_at))
         })
-        .await??;
+        .await
+        .and_then(|r| r);
+        match &switched {
+            Ok((report, _)) => {
+                span.set_attribute(KeyValue::new(
+                    attr::KNHK_POLICY_GENERATION,
+                    report.generation as i64,
+                ));
+                span.set_attribute(KeyValue::new(
+                    attr::KNHK_POLICY_TRIE_ENTRIES,
+                    report.trie_entries as i64,
+                ));
+            }
+            Err(e) => {
+                span.set_attribute(KeyValue::new(attr::ERROR_TYPE, e.error_type()));
+                span.set_status(opentelemetry::trace::Status::error(e.to_string()));
+            }
+        }
+        span.end();
+        let (report, switched_at) = switched?;
         let generation = Generation {
             number: report.generation,
             digest: policy.digest(),

@@ -843,7 +843,7 @@ impl Ledger {
 
     /// The cosignatures of checkpoint `number`, by witness region.
     pub fn cosignatures_of(&self, number: u64) -> Result<Vec<StoredCosignature>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(COSIGNATURES).map_err(db)?;
         let mut out = Vec::new();
         for entry in t.range((number, "")..(number + 1, "")).map_err(db)? {
@@ -861,7 +861,7 @@ impl Ledger {
         from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, StoredCheckpoint)>, LedgerError> {
-        let tx = self.db.begin_read().map_err(db)?;
+        let tx = self.begin_read()?;
         let t = tx.open_table(CHECKPOINTS).map_err(db)?;
         let mut out = Vec::new();
         for entry in t.range(from..).map_err(db)?.take(limit) {

@@ -27,6 +27,7 @@ pub use verify::{
     KmsLookup, Trust, VerifyFileError, VerifyReport,
 };
 
+use crate::semconv::{attr, span};
 use crate::{
     config::ReceiptSettings,
     model::{CycleSummary, Event},
@@ -35,6 +36,10 @@ use crate::{
 };
 use backon::Retryable as _;
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use opentelemetry::{
+    trace::{Span as _, SpanKind, Tracer as _},
+    KeyValue,
+};
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -623,6 +628,28 @@ impl Receipts {
 
     /// Rotates the signing key now.
     pub async fn rotate_now(&self) -> Result<KeyRef, SignerError> {
+        let tracer = opentelemetry::global::tracer("knhk-agent");
+        let mut span = tracer
+            .span_builder(span::KNHK_RECEIPTS_KEY_ROTATE)
+            .with_kind(SpanKind::Internal)
+            .with_attributes([KeyValue::new(
+                attr::KNHK_KMS_PROVIDER,
+                self.signer.provider(),
+            )])
+            .start(&tracer);
+        let rotated = self.rotate_inner().await;
+        match &rotated {
+            Ok(key) => span.set_attribute(KeyValue::new(attr::KNHK_KMS_KEY_ID, key.to_string())),
+            Err(e) => {
+                span.set_attribute(KeyValue::new(attr::ERROR_TYPE, "kms_rotate"));
+                span.set_status(opentelemetry::trace::Status::error(e.to_string()));
+            }
+        }
+        span.end();
+        rotated
+    }
+
+    async fn rotate_inner(&self) -> Result<KeyRef, SignerError> {
         self.sync_key().await?;
         // A poisoned lock is treated as "no current key": the rotation waits for the KMS.
         let from = self
@@ -1009,10 +1036,24 @@ impl Receipts {
                 }
                 let text = body.encode();
                 let started = std::time::Instant::now();
-                match self
+                let tracer = opentelemetry::global::tracer("knhk-agent");
+                let mut span = tracer
+                    .span_builder(span::KNHK_RECEIPTS_CHECKPOINT_SIGN)
+                    .with_kind(SpanKind::Internal)
+                    .with_attributes([
+                        KeyValue::new(attr::KNHK_KMS_PROVIDER, self.signer.provider()),
+                        KeyValue::new(attr::KNHK_RECEIPTS_TREE_SIZE, body.size as i64),
+                    ])
+                    .start(&tracer);
+                let signed = self
                     .call(|| self.signer.sign(&body.key, text.as_bytes()))
-                    .await
-                {
+                    .await;
+                if let Err(e) = &signed {
+                    span.set_attribute(KeyValue::new(attr::ERROR_TYPE, "kms_sign"));
+                    span.set_status(opentelemetry::trace::Status::error(e.to_string()));
+                }
+                span.end();
+                match signed {
                     Ok(sig) => {
                         self.metrics
                             .sign_seconds

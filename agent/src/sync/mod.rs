@@ -13,6 +13,7 @@ mod server;
 mod witness;
 pub use server::SyncServer;
 
+use crate::semconv::{attr, span};
 use crate::{
     config::{Peer, SyncSettings},
     receipts::{ledger::StoredCosignature, CheckpointBody, Receipts},
@@ -20,6 +21,10 @@ use crate::{
     tasks::{Stop, TaskGroup},
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use opentelemetry::{
+    trace::{SpanKind, TraceContextExt as _, Tracer as _},
+    KeyValue,
+};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -344,7 +349,9 @@ impl Replicator {
                 }
                 continue;
             }
-            let result = self.push_once(&mut client, &mut acked, &mut cosigned).await;
+            let result = self
+                .push_once(&mut client, &name, &mut acked, &mut cosigned)
+                .await;
             match result {
                 Ok(more) => {
                     breaker.success();
@@ -413,6 +420,7 @@ impl Replicator {
     async fn push_once(
         &self,
         client: &mut pb::region_sync_client::RegionSyncClient<tonic::transport::Channel>,
+        peer: &str,
         acked: &mut Option<u64>,
         cosigned: &mut u64,
     ) -> Result<bool, String> {
@@ -442,11 +450,31 @@ impl Replicator {
         }) else {
             return Ok(false);
         };
-        let response = client
-            .push_batch(self.bounded(request))
-            .await
-            .map_err(|s| s.to_string())?
-            .into_inner();
+        // The push span; its traceparent goes to the witness, whose verify span joins the trace.
+        let tracer = opentelemetry::global::tracer("knhk-agent");
+        let span = tracer
+            .span_builder(span::KNHK_SYNC_PUSH)
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new(attr::KNHK_SYNC_PEER, peer.to_owned()),
+                KeyValue::new(attr::KNHK_SYNC_BATCH_RECEIPTS, request.entries.len() as i64),
+            ])
+            .start(&tracer);
+        let cx = opentelemetry::Context::current().with_span(span);
+        let mut call = self.bounded(request);
+        crate::trace_context::inject(&cx, call.metadata_mut());
+        let pushed = client.push_batch(call).await;
+        if let Err(status) = &pushed {
+            cx.span().set_attribute(KeyValue::new(
+                attr::ERROR_TYPE,
+                format!("{:?}", status.code()).to_lowercase(),
+            ));
+            cx.span().set_status(opentelemetry::trace::Status::error(
+                status.message().to_owned(),
+            ));
+        }
+        cx.span().end();
+        let response = pushed.map_err(|s| s.to_string())?.into_inner();
         *acked = Some(response.stored_size);
         *cosigned = response.cosigned_size;
         if let (Some(c), Some(number)) = (response.cosignature, number) {

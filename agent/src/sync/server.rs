@@ -8,7 +8,12 @@ use crate::receipts::{
     format, ledger::cosigned_message, signer::verify_signature, CheckpointBody, KeyRecord, KeyRef,
     Ledger, LedgerError, Receipts, StoredCheckpoint,
 };
+use crate::semconv::{attr, span};
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use opentelemetry::{
+    trace::{FutureExt as _, SpanKind, TraceContextExt as _, Tracer as _},
+    KeyValue,
+};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::HashMap,
@@ -268,9 +273,9 @@ impl SyncServer {
     }
 }
 
-#[tonic::async_trait]
-impl pb::region_sync_server::RegionSync for SyncServer {
-    async fn push_batch(
+impl SyncServer {
+    /// `PushBatch` itself: store, verify, cosign.
+    async fn push_batch_inner(
         &self,
         request: Request<pb::PushBatchRequest>,
     ) -> Result<Response<pb::PushBatchResponse>, Status> {
@@ -420,6 +425,55 @@ impl pb::region_sync_server::RegionSync for SyncServer {
             cosignature,
             cosigned_size,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::region_sync_server::RegionSync for SyncServer {
+    async fn push_batch(
+        &self,
+        request: Request<pb::PushBatchRequest>,
+    ) -> Result<Response<pb::PushBatchResponse>, Status> {
+        // The witness's verification joins the origin's push trace (its traceparent).
+        let parent = crate::trace_context::extract(request.metadata());
+        let tracer = opentelemetry::global::tracer("knhk-agent");
+        let span = tracer
+            .span_builder(span::KNHK_SYNC_WITNESS_VERIFY)
+            .with_kind(SpanKind::Server)
+            .with_attributes([
+                KeyValue::new(
+                    attr::KNHK_SYNC_ORIGIN,
+                    request.get_ref().origin_region.clone(),
+                ),
+                KeyValue::new(
+                    attr::KNHK_SYNC_BATCH_RECEIPTS,
+                    request.get_ref().entries.len() as i64,
+                ),
+            ])
+            .start_with_context(&tracer, &parent);
+        let cx = parent.with_span(span);
+        let result = self
+            .push_batch_inner(request)
+            .with_context(cx.clone())
+            .await;
+        let span = cx.span();
+        match &result {
+            Ok(r) => span.set_attribute(KeyValue::new(
+                attr::KNHK_SYNC_COSIGNED,
+                r.get_ref().cosignature.is_some(),
+            )),
+            Err(status) => {
+                span.set_attribute(KeyValue::new(
+                    attr::ERROR_TYPE,
+                    format!("{:?}", status.code()).to_lowercase(),
+                ));
+                span.set_status(opentelemetry::trace::Status::error(
+                    status.message().to_owned(),
+                ));
+            }
+        }
+        span.end();
+        result
     }
 
     async fn get_sync_state(

@@ -6,11 +6,16 @@ mod beat;
 mod identity;
 mod receipts;
 mod sync;
+mod telemetry;
 
 pub use beat::BeatSettings;
 pub use identity::{FilePaths, IdentitySettings, DEFAULT_SOCKET};
 pub use receipts::{check_receipts, ReceiptSettings, SignerSettings};
 pub use sync::{valid_region, Peer, SyncSettings};
+pub use telemetry::{
+    LiveCheck, TelemetrySection, TelemetrySettings, DEFAULT_EXPORT_INTERVAL,
+    DEFAULT_MAX_QUEUED_SPANS, DEFAULT_OTLP_TIMEOUT, WEAVER_LIVE_CHECK_ENDPOINT,
+};
 
 /// What the agent runs with, section by section; `None` where a subsystem is off.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,4 +28,6 @@ pub struct Settings {
     pub receipts: Option<ReceiptSettings>,
     /// Region sync (`[multi_region]` with `cross_region_sync_enabled = true`).
     pub sync: Option<SyncSettings>,
+    /// OTLP export of metrics and traces (`[telemetry]` with an endpoint or `weaver_live_check`).
+    pub telemetry: Option<TelemetrySettings>,
 }
