@@ -1140,6 +1140,7 @@ async fn a_revoked_vault_token_is_named_and_a_new_one_in_the_token_file_resumes_
     let report = stop_and_verify(r, &path).await;
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.receipts, 10, "nothing lost");
+}
 
 // ---- issue 18 §1: a trust anchor ----
 

@@ -36,5 +36,5 @@ pub mod semconv;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;
-pub mod workloads;
 pub mod trace_context;
+pub mod workloads;

@@ -754,7 +754,9 @@ fn kubernetes_settings_are_checked_and_selector_rules_without_it_warned_about() 
     assert!(warnings(selector)
         .iter()
         .any(|w| w.contains("selects workloads, but there is no [kubernetes] section")));
+}
 
+#[test]
 fn telemetry_is_checked_with_its_key_and_line() {
     let e = err("[agent]\nmode = \"audit\"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\notlp_timeout_ms = 0\n");
     assert!(e.contains("telemetry.otlp_timeout_ms"), "{e}");
