@@ -461,16 +461,30 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
         });
         let (status, _) = agent.sigterm();
         assert!(status.success(), "{status}");
-        let ledger = knhk_agent::receipts::ledger::Ledger::open(
-            &rotation.dir.path().join("receipts.redb"),
-            "test-node",
-            "local",
-        )
-        .expect("open the ledger");
-        let mut key = ledger.keys().expect("keys").pop().expect("the first key");
-        key.since_ns -= 2 * 3600 * 1_000_000_000;
-        ledger.add_key(&key).expect("add key");
-        drop(ledger);
+        // The key became current 2 h ago: its record is edited in place (a second record of
+        // the same key would be a hand-over without a statement, which the start-up check of
+        // the ledger refuses).
+        {
+            use redb::ReadableTable;
+            const KEYS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("keys");
+            let db = redb::Database::open(rotation.dir.path().join("receipts.redb"))
+                .expect("open the ledger");
+            let tx = db.begin_write().expect("write");
+            {
+                let mut t = tx.open_table(KEYS).expect("keys");
+                let (index, mut key) = {
+                    let (k, v) = t.last().expect("last").expect("the first key");
+                    let key: serde_json::Value =
+                        serde_json::from_slice(v.value()).expect("key record");
+                    (k.value(), key)
+                };
+                let since = key["since_ns"].as_u64().expect("since_ns");
+                key["since_ns"] = (since - 2 * 3600 * 1_000_000_000).into();
+                let json = serde_json::to_vec(&key).expect("json");
+                t.insert(index, &json[..]).expect("rewrite the key record");
+            }
+            tx.commit().expect("commit");
+        }
         std::fs::create_dir(rotation.dir.path().join("keys/v2.tmp")).expect("block v2");
         let config = rotation.dir.path().join("agent.toml");
         let agent = Agent::start(&config);
