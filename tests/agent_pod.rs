@@ -343,7 +343,7 @@ fn kernel_the_agent_image_runs_as_a_pod_enforces_updates_and_uninstalls() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    ctr.remove_pod(&agent1);
+    ctr.delete_pod_gracefully(&agent1);
     let agent2 = run_agent(&mut ctr, &image2, "knhk-agent-b");
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
@@ -370,7 +370,7 @@ fn kernel_the_agent_image_runs_as_a_pod_enforces_updates_and_uninstalls() {
     println!("rolling update: {tried} connects from the selected pod, {admitted} admitted");
 
     // Uninstall: the DaemonSet's pods go, then the Job's command detaches.
-    ctr.remove_pod(&agent2);
+    ctr.delete_pod_gracefully(&agent2);
     assert!(
         matches!(ctr.connect_from(&api, target.port()), Err(e) if e.contains("Operation not permitted")),
         "pins keep enforcing while no agent runs"

@@ -464,7 +464,21 @@ state = "{d}/state"
         }
     }
 
-    /// Stops and removes the pod, and removes its cgroup directory as the kubelet would.
+    /// Deletes the pod as the kubelet does: its container is stopped first (SIGTERM, then
+    /// SIGKILL after a 30 s grace period), then the sandbox, then [`Containerd::remove_pod`].
+    pub fn delete_pod_gracefully(&mut self, pod: &TestPod) {
+        let mut client = self.client();
+        self.rt
+            .block_on(client.stop_container(k8s_cri::v1::StopContainerRequest {
+                container_id: pod.container_id.clone(),
+                timeout: 30,
+            }))
+            .unwrap_or_else(|e| panic!("StopContainer: {e}"));
+        self.remove_pod(pod);
+    }
+
+    /// Stops and removes the pod at once (its processes are killed: busybox `sleep` as PID 1
+    /// ignores SIGTERM), and removes its cgroup directory as the kubelet would.
     pub fn remove_pod(&mut self, pod: &TestPod) {
         let mut client = self.client();
         let _ = self
