@@ -112,10 +112,16 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
         ),
     );
     let agent = Agent::start(&config);
-    assert!(
-        agent.logs().contains("workload discovery on"),
-        "{}",
-        agent.logs()
+    let mut logs = agent.logs();
+    assert!(logs.contains("workload discovery on"), "{logs}");
+    // containerd 1.6 has no GetContainerEvents: the agent says so and watches the tree.
+    wait_until(
+        "the runtime's events are probed",
+        Duration::from_secs(10),
+        || {
+            logs.push_str(&agent.logs());
+            logs.contains("has no GetContainerEvents")
+        },
     );
     let out = ctr.connect_from(&api, target.port());
     assert!(denied(&out), "payments/api (app=api, tier=web): {out:?}");

@@ -2,8 +2,8 @@
 //! the pod sandboxes and containers it runs, with their metadata.
 
 use k8s_cri::v1::{
-    runtime_service_client::RuntimeServiceClient, ListContainersRequest, ListPodSandboxRequest,
-    VersionRequest,
+    runtime_service_client::RuntimeServiceClient, ContainerEventResponse, GetEventsRequest,
+    ListContainersRequest, ListPodSandboxRequest, VersionRequest,
 };
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 use tonic::transport::Channel;
@@ -99,6 +99,24 @@ impl Runtime {
         self.client
             .as_mut()
             .ok_or_else(|| "not connected".to_owned())
+    }
+
+    /// The runtime's container event stream (`GetContainerEvents`, containerd 1.7+ and CRI-O).
+    /// `Ok(None)`: the runtime does not have it (containerd 1.6 answers UNIMPLEMENTED).
+    pub async fn events(
+        &mut self,
+    ) -> Result<Option<tonic::Streaming<ContainerEventResponse>>, String> {
+        let client = self.client().await?;
+        // The stream outlives one call's timeout: a fresh client without it.
+        let mut client = client.clone();
+        match client.get_container_events(GetEventsRequest {}).await {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => {
+                self.client = None;
+                Err(format!("GetContainerEvents: {}", s.message()))
+            }
+        }
     }
 
     /// Every pod sandbox and container the runtime knows. On failure the connection is dropped

@@ -318,7 +318,29 @@ impl Discovery {
         let mut watcher = TreeWatcher::new();
         tokio::pin!(stop);
         let mut next_resync = tokio::time::Instant::now() + self.settings.resync;
+        // The runtime's own events where it has them (containerd 1.7+, CRI-O): a second trigger
+        // beside the tree watch. `None` with `events_supported` false: it has none (1.6).
+        let mut events: Option<tonic::Streaming<k8s_cri::v1::ContainerEventResponse>> = None;
+        let mut events_supported = true;
         loop {
+            if events.is_none() && events_supported {
+                if let Some(runtime) = self.runtime.as_mut() {
+                    match runtime.events().await {
+                        Ok(Some(stream)) => {
+                            info!("following the container runtime's events (GetContainerEvents)");
+                            events = Some(stream);
+                        }
+                        Ok(None) => {
+                            info!(
+                                "the container runtime has no GetContainerEvents (containerd before 1.7): new pods are found by watching the cgroup tree"
+                            );
+                            events_supported = false;
+                        }
+                        // Retried at the next turn of the loop (a resync at the latest).
+                        Err(e) => debug!(error = %e, "container runtime events unavailable"),
+                    }
+                }
+            }
             watcher.watch_tree(&self.root_dir(), self.settings.driver);
             let retrying = !last.unclassified.is_empty()
                 && last.unclassified.iter().any(|c| {
@@ -334,6 +356,13 @@ impl Discovery {
             tokio::select! {
                 () = &mut stop => break,
                 () = watcher.changed() => {}
+                event = next_event(&mut events) => {
+                    match event {
+                        // The runtime knows something new: read its list again.
+                        Some(_) => full = true,
+                        None => events = None,
+                    }
+                }
                 () = tokio::time::sleep_until(next_resync) => {
                     full = true;
                     next_resync = tokio::time::Instant::now() + self.settings.resync;
@@ -351,6 +380,17 @@ impl Discovery {
                 last = inventory;
             }
         }
+    }
+}
+
+/// The next event of the runtime's stream; `None` when it ended or failed (never resolves
+/// without a stream).
+async fn next_event(
+    events: &mut Option<tonic::Streaming<k8s_cri::v1::ContainerEventResponse>>,
+) -> Option<k8s_cri::v1::ContainerEventResponse> {
+    match events.as_mut() {
+        Some(stream) => stream.message().await.ok().flatten(),
+        None => std::future::pending().await,
     }
 }
 
