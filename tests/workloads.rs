@@ -362,6 +362,28 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
     wait_until("every pod's scope is gone", Duration::from_secs(10), || {
         scope_state(&agent) == baseline
     });
+    // Counters stayed consistent through the churn: the rule decided exactly the connects the
+    // selected pods made (one each), and the unknown-pod guard none.
+    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args([
+            "status",
+            "--output",
+            "json",
+            "--endpoint",
+            &agent.endpoint(),
+        ])
+        .output()
+        .expect("status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let hits = |rule: &str| {
+        v["rule_hits"]
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["rule"] == rule))
+            .and_then(|h| h["hits"].as_u64())
+            .unwrap_or(0)
+    };
+    assert_eq!(hits("payments-api-no-db"), (PODS / 2) as u64, "{v}");
+    assert_eq!(hits("(unknown pod)"), 0, "{v}");
 }
 
 /// Percentiles of `v` (ms), sorted in place.
