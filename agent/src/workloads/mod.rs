@@ -7,8 +7,9 @@
 //! - the **container runtime** (CRI `RuntimeService` over its socket), asked what the new
 //!   directories are: pod UID, namespace, name, labels, container names.
 //!
-//! [`Discovery::run`] publishes an [`Inventory`] whenever either changes, and reads the whole
-//! pod list again every `resync_interval_ms` in case an event was missed. When the runtime is
+//! Where the runtime has `GetContainerEvents` (containerd 1.7+, CRI-O), its events are a third
+//! trigger. [`Discovery::run`] publishes an [`Inventory`] whenever any of them shows a change,
+//! and reads the whole pod list again every `resync_interval_ms` in case an event was missed. When the runtime is
 //! absent or restarting, the pods already known stay in the inventory (so their rules stay
 //! enforced), readiness names the runtime, and new pods are classified once it answers.
 
