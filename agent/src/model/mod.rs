@@ -9,6 +9,28 @@
 //! - [`text`]: escaping outside text (cgroup paths) for logs.
 //! - [`workload`]: Kubernetes label selectors and the node's pods (the workload inventory).
 
+/// Implements `Deserialize` for a type through its `FromStr`, so a TOML or JSON parser reports
+/// the value's own error where it was written. `$what` says what was expected.
+macro_rules! deserialize_from_str {
+    ($t:ty, $what:literal) => {
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $t;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$t, E> {
+                        v.parse().map_err(E::custom)
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+    };
+}
+
 pub mod event;
 pub mod receipt;
 pub mod rule;

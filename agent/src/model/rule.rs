@@ -253,25 +253,6 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
-macro_rules! deserialize_from_str {
-    ($t:ty, $what:literal) => {
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl de::Visitor<'_> for V {
-                    type Value = $t;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str($what)
-                    }
-                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$t, E> {
-                        v.parse().map_err(E::custom)
-                    }
-                }
-                d.deserialize_str(V)
-            }
-        }
-    };
-}
 deserialize_from_str!(Cidr, "a prefix such as \"10.0.0.0/8\" or \"fd00::/8\"");
 deserialize_from_str!(RuleName, "a rule name");
 deserialize_from_str!(CgroupPath, "a cgroup path relative to agent.cgroup_root");

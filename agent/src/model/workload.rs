@@ -283,25 +283,6 @@ fn label_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-macro_rules! deserialize_from_str {
-    ($t:ty, $what:literal) => {
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl de::Visitor<'_> for V {
-                    type Value = $t;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str($what)
-                    }
-                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$t, E> {
-                        v.parse().map_err(E::custom)
-                    }
-                }
-                d.deserialize_str(V)
-            }
-        }
-    };
-}
 deserialize_from_str!(
     LabelKey,
     "a label key such as \"app\" or \"example.com/tier\""
