@@ -201,8 +201,8 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
     );
 }
 
-/// The active scopes of the live policy (`knhk-agent status --output json`).
-fn active_scopes(agent: &Agent) -> Vec<String> {
+/// The agent's status (`knhk-agent status --output json`).
+fn status(agent: &Agent) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
         .args([
             "status",
@@ -213,16 +213,13 @@ fn active_scopes(agent: &Agent) -> Vec<String> {
         ])
         .output()
         .expect("status");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stderr)));
-    v["active_cgroups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status json: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The active scopes of the live policy.
+fn active_scopes(agent: &Agent) -> Vec<String> {
+    scope_state(agent).0
 }
 
 #[test]
@@ -284,17 +281,7 @@ fn kernel_unknown_pods_are_guarded_and_the_runtime_may_go_away() {
 
 /// (active cgroups, trie entries) of the live policy.
 fn scope_state(agent: &Agent) -> (Vec<String>, u64) {
-    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
-        .args([
-            "status",
-            "--output",
-            "json",
-            "--endpoint",
-            &agent.endpoint(),
-        ])
-        .output()
-        .expect("status");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let v = status(agent);
     let scopes = v["active_cgroups"]
         .as_array()
         .map(|a| {
