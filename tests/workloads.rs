@@ -132,6 +132,17 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
     ] {
         assert_eq!(ctr.connect_from(pod, target.port()), Ok(()), "{why}");
     }
+    // `policy get` shows what a selector rule applies to.
+    let shown = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["policy", "get", "--endpoint", &agent.endpoint()])
+        .output()
+        .expect("policy get");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("pods ns=payments app=api tier NotIn (batch)"),
+        "{shown}"
+    );
+
     // Verdict events name the pod.
     let mut events = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
         .args([

@@ -518,10 +518,11 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
     }
     let mut rules = Vec::new();
     for rule in &doc.rules {
-        let cgroup = if rule.cgroup.is_empty() {
-            "*"
-        } else {
-            &rule.cgroup
+        let selector = workload_selector_text(rule);
+        let cgroup = match (&selector, rule.cgroup.is_empty()) {
+            (Some(s), _) => s.as_str(),
+            (None, true) => "*",
+            (None, false) => &rule.cgroup,
         };
         // Writing into a String cannot fail.
         let _ = writeln!(
@@ -534,9 +535,15 @@ pub async fn policy_get(target: &Target) -> Result<Report, ClientError> {
             list(&rule.cidrs),
             list(&rule.ports),
         );
+        let pod_selector = rule.pod_selector.as_ref().map(|p| {
+            json!({"match_labels": p.match_labels, "match_expressions": p.match_expressions.iter()
+                .map(|x| json!({"key": x.key, "operator": x.operator, "values": x.values}))
+                .collect::<Vec<_>>()})
+        });
         rules.push(json!({"name": rule.name, "action": action_name(rule.action), "cidrs": rule.cidrs,
             "ports": rule.ports, "cgroup": rule.cgroup, "runtime_class": class_name(rule.runtime_class),
-            "protocol": protocol_name(rule.protocol)}));
+            "protocol": protocol_name(rule.protocol), "namespaces": rule.namespaces,
+            "pod_selector": pod_selector, "container": rule.container}));
     }
     Ok(Report {
         human,
@@ -1040,6 +1047,34 @@ pub fn parse_destination(s: &str) -> Result<(std::net::IpAddr, u16, String), Cli
         ))
     })?;
     Ok((sa.ip(), sa.port(), proto))
+}
+
+/// A selector rule's subject in one line (`pods ns=a,b app=api tier In (x,y) container=c`), or
+/// `None` for a rule that applies by cgroup.
+fn workload_selector_text(rule: &pb::Rule) -> Option<String> {
+    if rule.namespaces.is_empty() && rule.pod_selector.is_none() && rule.container.is_empty() {
+        return None;
+    }
+    let mut parts = vec!["pods".to_owned()];
+    if !rule.namespaces.is_empty() {
+        parts.push(format!("ns={}", rule.namespaces.join(",")));
+    }
+    if let Some(p) = &rule.pod_selector {
+        let mut labels: Vec<_> = p.match_labels.iter().collect();
+        labels.sort();
+        parts.extend(labels.into_iter().map(|(k, v)| format!("{k}={v}")));
+        parts.extend(p.match_expressions.iter().map(|x| {
+            if x.values.is_empty() {
+                format!("{} {}", x.key, x.operator)
+            } else {
+                format!("{} {} ({})", x.key, x.operator, x.values.join(","))
+            }
+        }));
+    }
+    if !rule.container.is_empty() {
+        parts.push(format!("container={}", rule.container));
+    }
+    Some(parts.join(" "))
 }
 
 /// `explain`.
