@@ -10,6 +10,7 @@ use crate::{
         },
     },
     config::Config,
+    model::text::error_chain,
 };
 use serde_json::json;
 use std::{fmt::Write as _, path::Path, time::Duration};
@@ -113,7 +114,7 @@ impl ClientError {
     pub fn from_status(status: tonic::Status) -> ClientError {
         match std::error::Error::source(&status) {
             Some(cause) if is_timeout(cause) => ClientError::Timeout(Duration::ZERO),
-            Some(cause) => ClientError::Disconnected(chain(cause)),
+            Some(cause) => ClientError::Disconnected(error_chain(cause)),
             None => ClientError::Rpc(status),
         }
     }
@@ -234,21 +235,6 @@ pub fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     }
 }
 
-/// An error and its causes, `: `-separated (tonic's transport errors say little on their own).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
-}
-
 /// The largest policy document the CLI reads back (`policy get`).
 const MAX_POLICY_MESSAGE_BYTES: usize = 256 << 20;
 
@@ -287,17 +273,17 @@ async fn channel(target: &Target) -> Result<Channel, ClientError> {
                     .map_err(|e| {
                         unavailable(format!(
                             "{} (the API socket admits root and members of agent.api_socket_group only)",
-                            chain(&e)
+                            error_chain(&e)
                         ))
                     })
             }
             Endpoint::Uri(uri) => Channel::from_shared(uri)
-                .map_err(|e| unavailable(chain(&e)))?
+                .map_err(|e| unavailable(error_chain(&e)))?
                 .connect_timeout(target.timeout)
                 .timeout(target.timeout)
                 .connect()
                 .await
-                .map_err(|e| unavailable(chain(&e))),
+                .map_err(|e| unavailable(error_chain(&e))),
         };
     };
     if let Endpoint::Unix(_) = parsed {

@@ -231,16 +231,18 @@ impl Datapath {
                         DatapathError::Load(format!("{name}: {}", verifier_message(&e)))
                     })?;
                     if relink {
-                        let fd = p.fd().map_err(|e| attach_err(chain(&e)))?;
+                        let fd = p.fd().map_err(|e| attach_err(error_chain(&e)))?;
                         replace_program(&link_path, fd.as_fd())
-                            .map_err(|e| attach_err(chain(&e)))?;
+                            .map_err(|e| attach_err(error_chain(&e)))?;
                     } else {
                         let id = p
                             .attach(&cgroup_file, CgroupAttachMode::Single)
-                            .map_err(|e| attach_err(chain(&e)))?;
-                        let link = p.take_link(id).map_err(|e| attach_err(chain(&e)))?;
-                        let link = FdLink::try_from(link).map_err(|e| attach_err(chain(&e)))?;
-                        link.pin(&link_path).map_err(|e| attach_err(chain(&e)))?;
+                            .map_err(|e| attach_err(error_chain(&e)))?;
+                        let link = p.take_link(id).map_err(|e| attach_err(error_chain(&e)))?;
+                        let link =
+                            FdLink::try_from(link).map_err(|e| attach_err(error_chain(&e)))?;
+                        link.pin(&link_path)
+                            .map_err(|e| attach_err(error_chain(&e)))?;
                     }
                 }};
             }

@@ -45,6 +45,7 @@ pub use reader::{
 
 use crate::{
     abi,
+    model::text::error_chain,
     model::{CgroupPath, Class, ClassState, DefaultAction, Inventory, Mode},
     policy::{
         bind, compile_scope, scopes_of, Bindings, CompileError, CompiledLeaf, Policy, ScopeTable,
@@ -466,7 +467,7 @@ impl Datapath {
                 DatapathError::Attach {
                     program: name,
                     cgroup: self.cgroup_root.clone(),
-                    reason: chain(&e),
+                    reason: error_chain(&e),
                 }
             })?;
             let id = FdLink::from(link)
@@ -474,7 +475,7 @@ impl Datapath {
                 .map_err(|e| DatapathError::Attach {
                     program: name,
                     cgroup: self.cgroup_root.clone(),
-                    reason: chain(&e),
+                    reason: error_chain(&e),
                 })?
                 .program_id();
             let info = aya::programs::loaded_programs()
@@ -573,18 +574,6 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, DatapathErro
             "map {name} is missing from the object or has an unexpected type"
         ))),
     }
-}
-
-/// An error and its sources, joined: aya's messages name the syscall, the source says why.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn page_round(len: usize) -> usize {

@@ -1,4 +1,4 @@
-//! Text from outside (cgroup paths, rule names) made safe to log.
+//! Text from outside (cgroup paths, rule names) made safe to log, and errors as one line.
 
 /// `s` made safe to write into a log line: control characters (newlines, terminal escape codes)
 /// and invisible bidirectional-text controls are escaped as in Rust string literals (`\n`,
@@ -23,6 +23,22 @@ pub fn log_escape(s: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// An error and its causes, `: `-separated, a cause whose text the line already holds skipped:
+/// library errors (aya, tonic's transport) often say what failed on top and why only in a source.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! A client of the node's container runtime (CRI `RuntimeService` v1, over its Unix socket):
 //! the pod sandboxes and containers it runs, with their metadata.
 
+use crate::model::text::error_chain;
 use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient, ContainerEventResponse, GetEventsRequest,
     ListContainersRequest, ListPodSandboxRequest, VersionRequest,
@@ -84,7 +85,7 @@ impl Runtime {
                     }
                 }))
                 .await
-                .map_err(|e| format!("cannot connect: {}", chain(&e)))?;
+                .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
             let mut client = RuntimeServiceClient::new(channel);
             let v = client
                 .version(VersionRequest {
@@ -169,15 +170,4 @@ impl Runtime {
             containers,
         })
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
