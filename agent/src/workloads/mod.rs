@@ -343,16 +343,17 @@ impl Discovery {
                 }
             }
             watcher.watch_tree(&self.root_dir(), self.settings.driver);
-            let retrying = !last.unclassified.is_empty()
-                && last.unclassified.iter().any(|c| {
-                    self.scan().iter().any(|d| {
-                        &d.cgroup == c
-                            && self
-                                .first_seen
-                                .get(&d.uid)
-                                .is_some_and(|t| t.elapsed() < RETRY_FOR)
-                    })
-                });
+            // Unclassified pods seen recently are asked about again soon (no tree scan needed:
+            // the pod UID is in the directory name).
+            let driver = self.settings.driver;
+            let retrying = last.unclassified.iter().any(|c| {
+                c.as_str()
+                    .rsplit('/')
+                    .next()
+                    .and_then(|dir| layout::pod_uid(driver, dir))
+                    .and_then(|uid| self.first_seen.get(&uid))
+                    .is_some_and(|t| t.elapsed() < RETRY_FOR)
+            });
             let mut full = false;
             tokio::select! {
                 () = &mut stop => break,
