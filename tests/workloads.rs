@@ -13,27 +13,62 @@ use std::{
 };
 use support::{cri::*, *};
 
-/// The pods root, as containerd's cgroup_parent wants it: from the hierarchy root.
-fn kubepods_parent(cg: &TestCgroup) -> String {
-    let mount = knhk_agent::datapath::cgroup::detect_cgroup2_mount().expect("cgroup v2");
-    format!(
-        "/{}/kubepods",
-        cg.path
-            .strip_prefix(&mount)
-            .expect("under the mount")
-            .display()
-    )
+/// One test's world: a private containerd, a throwaway cgroup root with `kubepods/besteffort`
+/// under it, a pin root and a directory for the agent's files. Fields drop in declaration order:
+/// the pods (with containerd) go before the pins and the cgroups.
+struct Scene {
+    ctr: Containerd,
+    dir: tempfile::TempDir,
+    pins: TestPins,
+    cg: TestCgroup,
+    /// The pods root, as containerd's cgroup_parent wants it: from the hierarchy root.
+    parent: String,
+}
+
+impl Scene {
+    fn new(name: &str) -> Scene {
+        let cg = TestCgroup::new(name);
+        cg.child("kubepods/besteffort");
+        let parent = format!(
+            "/{}/kubepods",
+            cg.path
+                .strip_prefix(mount())
+                .expect("under the mount")
+                .display()
+        );
+        Scene {
+            pins: TestPins::new(name),
+            dir: tempfile::tempdir().expect("tempdir"),
+            ctr: Containerd::start(name),
+            cg,
+            parent,
+        }
+    }
+
+    /// A pod `namespace/name` with `labels` (QoS besteffort, one container `app`).
+    fn pod(&mut self, namespace: &str, name: &str, labels: &[(&str, &str)]) -> TestPod {
+        self.ctr
+            .run_pod(&self.parent, &mount(), namespace, name, labels)
+    }
+
+    /// The agent on this scene with `unknown_pod_action = unknown` and [`deny_rule`]`(port)`.
+    fn agent(&self, unknown: &str, port: u16) -> Agent {
+        let config = write_config(
+            self.dir.path(),
+            &self.cg.path,
+            &self.pins.root,
+            &format!(
+                "[kubernetes]\ncri_socket = \"{}\"\nkubepods_root = \"kubepods\"\nunknown_pod_action = \"{unknown}\"\nresync_interval_ms = 1000\n{}",
+                self.ctr.socket.display(),
+                deny_rule(port)
+            ),
+        );
+        Agent::start(&config)
+    }
 }
 
 fn mount() -> std::path::PathBuf {
     knhk_agent::datapath::cgroup::detect_cgroup2_mount().expect("cgroup v2")
-}
-
-fn kubernetes_section(containerd: &Containerd, unknown: &str) -> String {
-    format!(
-        "[kubernetes]\ncri_socket = \"{}\"\nkubepods_root = \"kubepods\"\nunknown_pod_action = \"{unknown}\"\nresync_interval_ms = 1000\n",
-        containerd.socket.display()
-    )
 }
 
 fn deny_rule(port: u16) -> String {
@@ -70,48 +105,15 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
         return;
     }
     let target = tcp_sink("127.0.0.1:0");
-    let cg = TestCgroup::new("pods");
-    cg.child("kubepods");
-    let pins = TestPins::new("pods");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ctr = Containerd::start("pods");
-    let parent = kubepods_parent(&cg);
-    let api = ctr.run_pod(
-        &parent,
-        &mount(),
-        "payments",
-        "api",
-        &[("app", "api"), ("tier", "web")],
-    );
-    let worker = ctr.run_pod(
-        &parent,
-        &mount(),
-        "payments",
-        "worker",
-        &[("app", "worker")],
-    );
-    let batch = ctr.run_pod(
-        &parent,
-        &mount(),
-        "payments",
-        "batch",
-        &[("app", "api"), ("tier", "batch")],
-    );
-    let shop = ctr.run_pod(&parent, &mount(), "shop", "api", &[("app", "api")]);
+    let mut s = Scene::new("pods");
+    let api = s.pod("payments", "api", &[("app", "api"), ("tier", "web")]);
+    let worker = s.pod("payments", "worker", &[("app", "worker")]);
+    let batch = s.pod("payments", "batch", &[("app", "api"), ("tier", "batch")]);
+    let shop = s.pod("shop", "api", &[("app", "api")]);
     // Before the agent: every pod connects.
-    assert_eq!(ctr.connect_from(&api, target.port()), Ok(()));
+    assert_eq!(s.ctr.connect_from(&api, target.port()), Ok(()));
 
-    let config = write_config(
-        dir.path(),
-        &cg.path,
-        &pins.root,
-        &format!(
-            "{}{}",
-            kubernetes_section(&ctr, "allow"),
-            deny_rule(target.port())
-        ),
-    );
-    let agent = Agent::start(&config);
+    let agent = s.agent("allow", target.port());
     let mut logs = agent.logs();
     assert!(logs.contains("workload discovery on"), "{logs}");
     // containerd 1.6 has no GetContainerEvents: the agent says so and watches the tree.
@@ -123,14 +125,14 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
             logs.contains("has no GetContainerEvents")
         },
     );
-    let out = ctr.connect_from(&api, target.port());
+    let out = s.ctr.connect_from(&api, target.port());
     assert!(denied(&out), "payments/api (app=api, tier=web): {out:?}");
     for (pod, why) in [
         (&worker, "payments/worker: other labels"),
         (&batch, "payments/batch: tier NotIn batch fails"),
         (&shop, "shop/api: other namespace"),
     ] {
-        assert_eq!(ctr.connect_from(pod, target.port()), Ok(()), "{why}");
+        assert_eq!(s.ctr.connect_from(pod, target.port()), Ok(()), "{why}");
     }
     // `policy get` shows what a selector rule applies to.
     let shown = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
@@ -159,7 +161,7 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
         .spawn()
         .expect("events");
     wait_until("a verdict event arrives", Duration::from_secs(20), || {
-        let _ = ctr.connect_from(&api, target.port());
+        let _ = s.ctr.connect_from(&api, target.port());
         events.try_wait().expect("events").is_some()
     });
     let mut line = String::new();
@@ -193,9 +195,9 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
 
     // A pod started after the policy is enforced without restarting anything.
     let started = Instant::now();
-    let late = ctr.run_pod(&parent, &mount(), "payments", "api-late", &[("app", "api")]);
+    let late = s.pod("payments", "api-late", &[("app", "api")]);
     let sandbox_ready = started.elapsed();
-    let out = ctr.connect_from(&late, target.port());
+    let out = s.ctr.connect_from(&late, target.port());
     assert!(
         denied(&out),
         "a pod started after the policy ({sandbox_ready:?} to run): {out:?}"
@@ -204,7 +206,7 @@ fn kernel_pods_are_selected_by_namespace_and_labels() {
     // A deleted pod leaves no entries: its scope goes from the live status.
     let api_cgroup = format!("kubepods/besteffort/pod{}", api.uid);
     assert!(active_scopes(&agent).contains(&api_cgroup));
-    ctr.remove_pod(&api);
+    s.ctr.remove_pod(&api);
     wait_until(
         "the deleted pod's scope is gone",
         Duration::from_secs(5),
@@ -240,35 +242,21 @@ fn kernel_unknown_pods_are_guarded_and_the_runtime_may_go_away() {
         return;
     }
     let target = tcp_sink("127.0.0.1:0");
-    let cg = TestCgroup::new("guard");
-    cg.child("kubepods/besteffort");
-    let pins = TestPins::new("guard");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ctr = Containerd::start("guard");
-    let parent = kubepods_parent(&cg);
-    let api = ctr.run_pod(&parent, &mount(), "payments", "api", &[("app", "api")]);
-    let other = ctr.run_pod(&parent, &mount(), "shop", "web", &[("app", "web")]);
-    let config = write_config(
-        dir.path(),
-        &cg.path,
-        &pins.root,
-        &format!(
-            "{}{}",
-            kubernetes_section(&ctr, "deny"),
-            deny_rule(target.port())
-        ),
-    );
-    let agent = Agent::start(&config);
+    let mut s = Scene::new("guard");
+    let api = s.pod("payments", "api", &[("app", "api")]);
+    let other = s.pod("shop", "web", &[("app", "web")]);
+    let agent = s.agent("deny", target.port());
     // A pod the runtime does not know (a cgroup made by hand): every connect refused.
-    let stray = cg.child("kubepods/besteffort/pod0000aaaa-0000-4000-8000-000000000001");
+    let stray =
+        s.cg.child("kubepods/besteffort/pod0000aaaa-0000-4000-8000-000000000001");
     assert_eq!(tcp_connect_from(&stray, target), Outcome::Denied);
     // Classified pods are judged by the rules.
-    assert!(denied(&ctr.connect_from(&api, target.port())));
-    assert_eq!(ctr.connect_from(&other, target.port()), Ok(()));
+    assert!(denied(&s.ctr.connect_from(&api, target.port())));
+    assert_eq!(s.ctr.connect_from(&other, target.port()), Ok(()));
 
     // containerd stops: readiness names the runtime; known pods stay enforced (a process
     // placed in each pod's cgroup, since ExecSync needs containerd).
-    ctr.stop_daemon();
+    s.ctr.stop_daemon();
     wait_until(
         "readiness names the runtime",
         Duration::from_secs(5),
@@ -281,9 +269,9 @@ fn kernel_unknown_pods_are_guarded_and_the_runtime_may_go_away() {
     );
 
     // It comes back: a pod started now is classified and enforced.
-    ctr.restart_daemon();
-    let late = ctr.run_pod(&parent, &mount(), "payments", "api-2", &[("app", "api")]);
-    assert!(denied(&ctr.connect_from(&late, target.port())));
+    s.ctr.restart_daemon();
+    let late = s.pod("payments", "api-2", &[("app", "api")]);
+    assert!(denied(&s.ctr.connect_from(&late, target.port())));
     wait_until("readiness recovers", Duration::from_secs(5), || {
         agent.get("/readyz").contains("ok   container runtime")
     });
@@ -312,23 +300,8 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
     }
     const PODS: usize = 20;
     let target = tcp_sink("127.0.0.1:0");
-    let cg = TestCgroup::new("churn");
-    cg.child("kubepods");
-    let pins = TestPins::new("churn");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut ctr = Containerd::start("churn");
-    let parent = kubepods_parent(&cg);
-    let config = write_config(
-        dir.path(),
-        &cg.path,
-        &pins.root,
-        &format!(
-            "{}{}",
-            kubernetes_section(&ctr, "deny"),
-            deny_rule(target.port())
-        ),
-    );
-    let agent = Agent::start(&config);
+    let mut s = Scene::new("churn");
+    let agent = s.agent("deny", target.port());
     let baseline = scope_state(&agent);
     assert_eq!(
         baseline.0,
@@ -339,23 +312,17 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
     let mut live: Vec<TestPod> = Vec::new();
     for i in 0..PODS {
         let app = if i % 2 == 0 { "api" } else { "web" };
-        let pod = ctr.run_pod(
-            &parent,
-            &mount(),
-            "payments",
-            &format!("p{i}"),
-            &[("app", app)],
-        );
-        let out = ctr.connect_from(&pod, target.port());
+        let pod = s.pod("payments", &format!("p{i}"), &[("app", app)]);
+        let out = s.ctr.connect_from(&pod, target.port());
         assert_eq!(denied(&out), app == "api", "pod p{i} (app={app}): {out:?}");
         live.push(pod);
         if live.len() > 2 {
             let old = live.remove(0);
-            ctr.remove_pod(&old);
+            s.ctr.remove_pod(&old);
         }
     }
     for p in live.drain(..) {
-        ctr.remove_pod(&p);
+        s.ctr.remove_pod(&p);
     }
     wait_until("every pod's scope is gone", Duration::from_secs(10), || {
         scope_state(&agent) == baseline
@@ -420,23 +387,8 @@ fn bench_pod_start_to_enforced() {
     let target = tcp_sink("127.0.0.1:0");
     let mut report = Vec::new();
     for unknown in ["allow", "deny"] {
-        let cg = TestCgroup::new("bench");
-        cg.child("kubepods/besteffort");
-        let pins = TestPins::new("bench");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut ctr = Containerd::start("bench");
-        let parent = kubepods_parent(&cg);
-        let config = write_config(
-            dir.path(),
-            &cg.path,
-            &pins.root,
-            &format!(
-                "{}{}",
-                kubernetes_section(&ctr, unknown),
-                deny_rule(target.port())
-            ),
-        );
-        let agent = Agent::start(&config);
+        let mut s = Scene::new("bench");
+        let agent = s.agent(unknown, target.port());
         let pid = agent.child.id();
         let (cpu0, wall0) = (cpu_seconds(pid), Instant::now());
         let (mut from_pod, mut from_container) = (Vec::new(), Vec::new());
@@ -446,7 +398,7 @@ fn bench_pod_start_to_enforced() {
             // With "allow", selected pods (app=api) until denied; with "deny", unselected pods
             // (app=web) until admitted: the unknown-pod window.
             let app = if unknown == "allow" { "api" } else { "web" };
-            let qos = cg.path.join("kubepods/besteffort");
+            let qos = s.cg.path.join("kubepods/besteffort");
             let before: std::collections::HashSet<_> = std::fs::read_dir(&qos)
                 .expect("qos dir")
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -492,13 +444,7 @@ fn bench_pod_start_to_enforced() {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             });
-            let pod = ctr.run_pod(
-                &parent,
-                &mount(),
-                "payments",
-                &format!("b{i}"),
-                &[("app", app)],
-            );
+            let pod = s.pod("payments", &format!("b{i}"), &[("app", app)]);
             let (at, seen) = connector.join().expect("connector");
             let container = container_seen.join().expect("container watcher");
             if at < 0 {
@@ -508,7 +454,7 @@ fn bench_pod_start_to_enforced() {
                 from_container.push((at - container).max(0) as f64 / 1e6);
                 before_container += usize::from(at < container);
             }
-            ctr.remove_pod(&pod);
+            s.ctr.remove_pod(&pod);
         }
         let cpu = (cpu_seconds(pid) - cpu0) / wall0.elapsed().as_secs_f64() * 100.0;
         let (what, outcome) = if unknown == "allow" {
