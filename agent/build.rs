@@ -105,6 +105,7 @@ fn compile_protos() {
     let files = [
         root.join("knhk/agent/v1/policy.proto"),
         root.join("knhk/agent/v1/agent.proto"),
+        root.join("knhk/agent/v1/rollout.proto"),
         root.join("knhk/receipts/v1/receipts.proto"),
         root.join("knhk/sync/v1/sync.proto"),
     ];

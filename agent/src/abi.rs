@@ -2,7 +2,7 @@
 //! the datapath are the only modules that use it (the layer check in `xtask` enforces that);
 //! everything above them speaks [`crate::model`] types.
 
-use crate::model::{Action, Class, ClassState, LatencySource, Protocol};
+use crate::model::{Action, Class, ClassState, LatencySource, Protocol, Side};
 
 /// `knhk_abi::CLASS_*` of a class.
 pub fn class(c: Class) -> u8 {
@@ -10,6 +10,14 @@ pub fn class(c: Class) -> u8 {
         Class::R1 => knhk_abi::CLASS_R1,
         Class::W1 => knhk_abi::CLASS_W1,
         Class::C1 => knhk_abi::CLASS_C1,
+    }
+}
+
+/// `knhk_abi::SIDE_*` of a rollout side.
+pub fn side(s: Side) -> u8 {
+    match s {
+        Side::Stable => knhk_abi::SIDE_STABLE,
+        Side::Candidate => knhk_abi::SIDE_CANDIDATE,
     }
 }
 

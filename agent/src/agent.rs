@@ -482,10 +482,26 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let poll = Duration::from_millis(config.agent.cgroup_poll_interval_ms);
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Rollouts step and are gated on the beat (the beat engine's period, 100 ms without [slo]).
+    let beat = config
+        .settings
+        .beat
+        .as_ref()
+        .map_or(Duration::from_millis(100), |b| b.interval);
+    let mut rollout_ticker = tokio::time::interval(beat);
+    rollout_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = rollout_ticker.tick() => {
+                if let Err(e) = controller.rollout_beat().await {
+                    error!(
+                        "rollout beat failed (will retry next beat): {}",
+                        crate::model::log_escape(&e.to_string())
+                    );
+                }
+            }
             _ = ticker.tick() => {
                 if let Err(e) = controller.tick().await {
                     error!(

@@ -13,7 +13,11 @@ use crate::{
     model::text::error_chain,
 };
 use serde_json::json;
-use std::{fmt::Write as _, path::Path, time::Duration};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 use tonic::transport::Channel;
 
 /// A command's result, in both renderings.
@@ -1222,6 +1226,25 @@ fn event_report(e: pb::WatchEventsResponse) -> Report {
             json: json!({"unix_millis": at, "type": "policy_switched", "generation": p.generation,
                          "cause": p.cause, "digest": p.digest}),
         },
+        Some(E::Rollout(r)) => Report {
+            human: format!(
+                "{at} rollout {} of generation {}: {} at step {} ({}%){}\n",
+                r.action,
+                r.candidate_generation,
+                r.state,
+                r.step + 1,
+                r.percent,
+                if r.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.detail)
+                }
+            ),
+            json: json!({"unix_millis": at, "type": "rollout", "action": r.action,
+                         "candidate_generation": r.candidate_generation,
+                         "candidate_digest": r.candidate_digest, "state": r.state,
+                         "step": r.step, "percent": r.percent, "detail": r.detail}),
+        },
         Some(E::CgroupChanged(g)) => Report {
             human: format!(
                 "{at} rule cgroup {} {}\n",
@@ -1311,4 +1334,137 @@ mod tests {
              A policy change that timed out may or may not have been applied: check `policy get`"
         );
     }
+}
+
+/// What `rollout start` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutStart {
+    /// The candidate policy file (`None`: the live policy, for a flags-only rollout).
+    pub file: Option<PathBuf>,
+    /// The candidate's feature flags (`None`: the live generation's).
+    pub flags: Option<Vec<String>>,
+    /// Steps, percent.
+    pub steps: Vec<f64>,
+    /// Beats per step (0: the agent's default).
+    pub beats_per_step: u32,
+    /// The split's seed.
+    pub seed: Option<String>,
+}
+
+/// What `rollout` does to a running rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// Read it.
+    Status,
+    /// Make the candidate live.
+    Promote,
+    /// Stop analysing.
+    Pause,
+    /// Analyse again.
+    Resume,
+    /// Back to 0 %.
+    Abort,
+}
+
+fn rollout_report(r: &pb::RolloutStatus) -> Report {
+    if !r.present {
+        return Report {
+            human: "no rollout since the agent started\n".into(),
+            json: json!({"present": false}),
+        };
+    }
+    let steps: Vec<String> = r.steps.iter().map(|s| format!("{s}%")).collect();
+    let mut human = format!(
+        "rollout of generation {} (digest {}) over generation {}: {}\nsteps {}; step {} at {}% of workloads ({} of {} on the candidate)\n",
+        r.candidate_generation,
+        &r.candidate_digest[..12.min(r.candidate_digest.len())],
+        r.stable_generation,
+        r.state,
+        steps.join(" → "),
+        r.step + 1,
+        r.percent,
+        r.candidate_workloads,
+        r.workloads,
+    );
+    human.push_str(&format!(
+        "gates: SLO met in {} of {} beats (threshold {} of {} beats per step); deny rate candidate {:.2} % vs stable {:.2} %\nflags: {}; beats {}; auto-rollback {}\n",
+        r.beats_met,
+        r.beats_observed,
+        r.slo_threshold,
+        r.beats_per_step,
+        r.candidate_deny_rate * 100.0,
+        r.stable_deny_rate * 100.0,
+        list(&r.feature_flags),
+        r.beats,
+        if r.auto_rollback { "on" } else { "off" },
+    ));
+    if let (Some(failed), Some(zeroed)) = (r.gate_failed_at_beat, r.zeroed_at_beat) {
+        human.push_str(&format!(
+            "a gate failed at beat {failed}; the candidate was at 0 % at beat {zeroed}\n"
+        ));
+    }
+    if !r.reason.is_empty() {
+        human.push_str(&format!("reason: {}\n", r.reason));
+    }
+    Report {
+        human,
+        json: json!({"present": true, "state": r.state, "steps": r.steps, "step": r.step,
+                     "percent": r.percent, "beats_per_step": r.beats_per_step,
+                     "beats_observed": r.beats_observed, "beats_met": r.beats_met,
+                     "slo_threshold": r.slo_threshold,
+                     "candidate_deny_rate": r.candidate_deny_rate,
+                     "stable_deny_rate": r.stable_deny_rate,
+                     "stable_generation": r.stable_generation,
+                     "candidate_generation": r.candidate_generation,
+                     "candidate_digest": r.candidate_digest, "feature_flags": r.feature_flags,
+                     "candidate_workloads": r.candidate_workloads, "workloads": r.workloads,
+                     "reason": r.reason, "seed": r.seed, "beats": r.beats,
+                     "gate_failed_at_beat": r.gate_failed_at_beat,
+                     "zeroed_at_beat": r.zeroed_at_beat, "auto_rollback": r.auto_rollback}),
+    }
+}
+
+/// `rollout start`.
+pub async fn rollout_start(target: &Target, start: &RolloutStart) -> Result<Report, ClientError> {
+    let policy = match &start.file {
+        Some(f) => Some(read_policy_file(f)?),
+        None => None,
+    };
+    let mut c = pb::rollout_service_client::RolloutServiceClient::new(channel(target).await?)
+        .max_decoding_message_size(MAX_POLICY_MESSAGE_BYTES);
+    let r = c
+        .start_rollout(pb::StartRolloutRequest {
+            policy,
+            set_feature_flags: start.flags.is_some(),
+            feature_flags: start.flags.clone().unwrap_or_default(),
+            steps: start.steps.clone(),
+            beats_per_step: start.beats_per_step,
+            seed: start.seed.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(ClientError::from_policy_status)?
+        .into_inner();
+    Ok(rollout_report(&r))
+}
+
+/// `rollout status|promote|pause|resume|abort`.
+pub async fn rollout(
+    target: &Target,
+    action: RolloutAction,
+    reason: Option<String>,
+) -> Result<Report, ClientError> {
+    let mut c = pb::rollout_service_client::RolloutServiceClient::new(channel(target).await?);
+    let control = pb::RolloutControlRequest {
+        reason: reason.unwrap_or_default(),
+    };
+    let r = match action {
+        RolloutAction::Status => c.get_rollout(pb::GetRolloutRequest {}).await,
+        RolloutAction::Promote => c.promote_rollout(control).await,
+        RolloutAction::Pause => c.pause_rollout(control).await,
+        RolloutAction::Resume => c.resume_rollout(control).await,
+        RolloutAction::Abort => c.abort_rollout(control).await,
+    }
+    .map_err(ClientError::from_policy_status)?
+    .into_inner();
+    Ok(rollout_report(&r))
 }

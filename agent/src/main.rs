@@ -90,6 +90,10 @@ enum Command {
     /// Read or change the live policy of a running agent (over gRPC).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Roll a candidate policy or feature flags out to a running agent's workloads step by step,
+    /// gated on SLOs (over gRPC; see docs/promotion.md).
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Programs, attach point, policy generation, rule cgroups and decisions of a running agent.
     #[command(after_help = "Example:\n  knhk-agent status --output json")]
     Status {
@@ -295,6 +299,108 @@ enum PolicyCommand {
         /// Refuse unless this is the live generation.
         #[arg(long)]
         expected_generation: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+fn rollout_command(cmd: RolloutCommand) -> ExitCode {
+    use client::RolloutAction as A;
+    let (c, action, reason) = match cmd {
+        RolloutCommand::Start {
+            file,
+            flags,
+            steps,
+            beats_per_step,
+            seed,
+            client: c,
+        } => {
+            let flags = flags.map(|f| {
+                if f == "none" {
+                    Vec::new()
+                } else {
+                    f.split(',').map(|s| s.trim().to_owned()).collect()
+                }
+            });
+            let start = client::RolloutStart {
+                file,
+                flags,
+                steps,
+                beats_per_step,
+                seed,
+            };
+            return policy_command(&c, move |e| async move {
+                client::rollout_start(&e, &start).await
+            });
+        }
+        RolloutCommand::Status { client: c } => (c, A::Status, None),
+        RolloutCommand::Promote { client: c } => (c, A::Promote, None),
+        RolloutCommand::Pause { reason, client: c } => (c, A::Pause, reason),
+        RolloutCommand::Resume { client: c } => (c, A::Resume, None),
+        RolloutCommand::Abort { reason, client: c } => (c, A::Abort, reason),
+    };
+    policy_command(&c, move |e| async move {
+        client::rollout(&e, action, reason).await
+    })
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Start a rollout of the [[policy.rules]] of FILE (and/or new feature flags). The
+    /// candidate reaches the steps' shares of workloads beat by beat and is rolled back when a
+    /// gate fails.
+    #[command(
+        after_help = "Examples:\n  knhk-agent rollout start policy.toml\n  knhk-agent rollout start policy.toml --steps 1,5,25,100 --beats-per-step 50\n  knhk-agent rollout start --flags heat_tracking,verdict_events"
+    )]
+    Start {
+        /// Candidate policy file (the configuration format); omit to roll out flags only.
+        #[arg(required_unless_present = "flags")]
+        file: Option<PathBuf>,
+        /// The candidate's feature flags, comma-separated (heat_tracking, latency_histograms,
+        /// verdict_events); "none" turns every flag off.
+        #[arg(long)]
+        flags: Option<String>,
+        /// Steps in percent of workloads, increasing, comma-separated (default: [promotion] steps).
+        #[arg(long, value_delimiter = ',')]
+        steps: Vec<f64>,
+        /// Beats each step is held (default: [promotion] beats_per_step).
+        #[arg(long, default_value_t = 0)]
+        beats_per_step: u32,
+        /// The split's seed (default: the candidate's digest, so every node agrees).
+        #[arg(long)]
+        seed: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The running (or last) rollout: step, share, gates, workloads.
+    #[command(after_help = "Example:\n  knhk-agent rollout status --output json")]
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make the candidate the live generation now.
+    Promote {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop analysing beats; the split stays as it is.
+    Pause {
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Analyse the current step again from its start.
+    Resume {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Put the candidate back to 0 % now.
+    Abort {
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -521,6 +627,9 @@ fn main() -> ExitCode {
                 }
                 if config.settings.telemetry.is_some() && cfg!(feature = "otlp") {
                     active.push("telemetry");
+                }
+                if config.promotion.is_some() {
+                    active.push("promotion");
                 }
                 match output {
                     Output::Json => {
@@ -752,6 +861,7 @@ fn main() -> ExitCode {
         }) => policy_command(&c, move |e| async move {
             client::policy_rollback(&e, expected_generation).await
         }),
+        Command::Rollout(cmd) => rollout_command(cmd),
         Command::Status { client: c } => {
             client_command(&c, move |e| async move { client::status(&e).await })
         }

@@ -181,6 +181,69 @@ pub const METRICS: &[MetricDef] = &[
         otlp: true,
     },
     MetricDef {
+        name: "knhk.rollout.state",
+        prometheus: "knhk_rollout_state",
+        instrument: Instrument::Gauge,
+        unit: "1",
+        brief: "1 for the state of the current or last rollout.",
+        labels: &[("state", "knhk.rollout.state")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.rollout.step",
+        prometheus: "knhk_rollout_step",
+        instrument: Instrument::Gauge,
+        unit: "{step}",
+        brief: "The running rollout's step (1-based; 0 without a running rollout).",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.rollout.candidate_percent",
+        prometheus: "knhk_rollout_candidate_percent",
+        instrument: Instrument::Gauge,
+        unit: "%",
+        brief: "Share of this node's workloads on the rollout's candidate, percent.",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.rollout.gate.slo_met",
+        prometheus: "knhk_rollout_gate_slo_met_ratio",
+        instrument: Instrument::Gauge,
+        unit: "1",
+        brief: "Fraction of the current step's beats in which the candidate met every class's SLO.",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.rollout.deny_rate",
+        prometheus: "knhk_rollout_deny_rate_ratio",
+        instrument: Instrument::Gauge,
+        unit: "1",
+        brief: "Deny rate of each side in the current step.",
+        labels: &[("side", "knhk.rollout.side")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.rollout.candidate_workloads",
+        prometheus: "knhk_rollout_candidate_workloads",
+        instrument: Instrument::Gauge,
+        unit: "{workload}",
+        brief: "Workloads on the rollout's candidate at the last beat.",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.rollout.rollbacks",
+        prometheus: "knhk_rollout_rollbacks_total",
+        instrument: Instrument::Counter,
+        unit: "{rollout}",
+        brief: "Rollouts whose candidate went back to 0 %, by reason (slo, deny_rate, abort, restart).",
+        labels: &[("reason", "error.type")],
+        otlp: true,
+    },
+    MetricDef {
         name: "knhk.beats",
         prometheus: "knhk_beats_total",
         instrument: Instrument::Counter,
@@ -619,6 +682,10 @@ pub mod attr {
     pub const KNHK_RECEIPT_KIND: &str = "knhk.receipt.kind";
     /// `knhk.receipts.tree_size`: Merkle tree size of a checkpoint.
     pub const KNHK_RECEIPTS_TREE_SIZE: &str = "knhk.receipts.tree_size";
+    /// `knhk.rollout.side`: Which generation judges a workload during a rollout.
+    pub const KNHK_ROLLOUT_SIDE: &str = "knhk.rollout.side";
+    /// `knhk.rollout.state`: Where a rollout is.
+    pub const KNHK_ROLLOUT_STATE: &str = "knhk.rollout.state";
     /// `knhk.rule.name`: Name of a policy rule.
     pub const KNHK_RULE_NAME: &str = "knhk.rule.name";
     /// `knhk.runtime_class`: Runtime class of the caller.

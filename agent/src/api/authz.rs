@@ -19,9 +19,13 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 /// The surface an RPC path belongs to.
 pub fn surface_of(path: &str) -> Surface {
     match path {
-        "/knhk.agent.v1.PolicyService/ApplyPolicy" | "/knhk.agent.v1.PolicyService/Rollback" => {
-            Surface::PolicyWrite
-        }
+        "/knhk.agent.v1.PolicyService/ApplyPolicy"
+        | "/knhk.agent.v1.PolicyService/Rollback"
+        | "/knhk.agent.v1.RolloutService/StartRollout"
+        | "/knhk.agent.v1.RolloutService/PromoteRollout"
+        | "/knhk.agent.v1.RolloutService/PauseRollout"
+        | "/knhk.agent.v1.RolloutService/ResumeRollout"
+        | "/knhk.agent.v1.RolloutService/AbortRollout" => Surface::PolicyWrite,
         p if p.starts_with("/grpc.health.v1.Health/") => Surface::Health,
         "/knhk.receipts.v1.HoldService/PlaceHold" | "/knhk.receipts.v1.HoldService/ReleaseHold" => {
             Surface::HoldWrite
@@ -132,6 +136,10 @@ mod tests {
         );
         assert_eq!(
             surface_of("/knhk.agent.v1.PolicyService/Rollback"),
+            Surface::PolicyWrite
+        );
+        assert_eq!(
+            surface_of("/knhk.agent.v1.RolloutService/AbortRollout"),
             Surface::PolicyWrite
         );
         assert_eq!(

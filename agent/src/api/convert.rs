@@ -397,6 +397,7 @@ mod tests {
             heat_sample_every: 1,
             histograms: false,
             histogram_interval_us: 0,
+            verdict_events: true,
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod convert;
 pub mod receipts;
+pub mod rollout;
 pub mod socket;
 pub mod watch;
 
@@ -71,9 +72,9 @@ pub enum ServeError {
 /// Maps each control outcome to its gRPC status code.
 pub fn status_of(e: ControlError) -> Status {
     match e {
-        ControlError::StaleGeneration { .. } | ControlError::NoPrevious { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        ControlError::StaleGeneration { .. }
+        | ControlError::NoPrevious { .. }
+        | ControlError::RolloutInProgress { .. } => Status::failed_precondition(e.to_string()),
         ControlError::Datapath(DatapathError::Compile(c)) => {
             Status::invalid_argument(c.to_string())
         }
@@ -666,6 +667,12 @@ pub async fn serve(
         .add_service(
             PolicyServiceServer::new(PolicyApi(controller.clone()))
                 .max_decoding_message_size(max_request_bytes),
+        )
+        .add_service(
+            pb::rollout_service_server::RolloutServiceServer::new(rollout::RolloutApi(
+                controller.clone(),
+            ))
+            .max_decoding_message_size(max_request_bytes),
         )
         .add_service(
             AgentServiceServer::new(AgentApi(

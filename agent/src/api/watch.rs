@@ -236,6 +236,29 @@ fn to_pb(e: Event) -> pb::WatchEventsResponse {
                 },
             )),
         },
+        Event::Rollout {
+            at,
+            action,
+            candidate_generation,
+            candidate_digest,
+            state,
+            step,
+            percent,
+            detail,
+        } => pb::WatchEventsResponse {
+            unix_millis: millis(at),
+            event: Some(pb::watch_events_response::Event::Rollout(
+                pb::RolloutEvent {
+                    action: action.into(),
+                    candidate_generation,
+                    candidate_digest,
+                    state: state.into(),
+                    step,
+                    percent,
+                    detail,
+                },
+            )),
+        },
         Event::CgroupChanged {
             at,
             cgroup,

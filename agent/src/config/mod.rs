@@ -18,8 +18,8 @@ pub use schema::{
     SloSection, SpiffeSection, DEFAULT_API_SOCKET, DEFAULT_LISTEN_ADDRESS,
 };
 pub use settings::{
-    BeatSettings, FilePaths, IdentitySettings, Peer, ReceiptSettings, Settings, SignerSettings,
-    SyncSettings, TelemetrySection, TelemetrySettings,
+    BeatSettings, FilePaths, IdentitySettings, Peer, PromotionSettings, ReceiptSettings, Settings,
+    SignerSettings, SyncSettings, TelemetrySection, TelemetrySettings,
 };
 
 use std::path::{Path, PathBuf};
@@ -224,15 +224,24 @@ impl Config {
     /// The policy this configuration describes: its rules with the `[agent]` settings that switch
     /// with them.
     pub fn policy(&self) -> crate::policy::Policy {
+        use crate::model::FeatureFlag;
+        let on = |f| {
+            self.settings.promotion.flag_on(
+                f,
+                self.agent.heat_enabled,
+                self.agent.histograms_enabled,
+            )
+        };
         crate::policy::Policy {
             rules: self.policy.rules.clone(),
             mode: self.agent.mode,
             default_action: self.agent.default_action,
             default_class: self.agent.default_class,
-            heat: self.agent.heat_enabled,
+            heat: on(FeatureFlag::HeatTracking),
             heat_sample_every: self.agent.heat_sample_every,
-            histograms: self.agent.histograms_enabled,
+            histograms: on(FeatureFlag::LatencyHistograms),
             histogram_interval_us: self.agent.histogram_interval_us,
+            verdict_events: on(FeatureFlag::VerdictEvents),
         }
     }
 

@@ -4,8 +4,8 @@
 use super::{
     line_of,
     settings::{
-        BeatSettings, IdentitySettings, ReceiptSettings, Settings, SyncSettings, TelemetrySection,
-        TelemetrySettings,
+        BeatSettings, IdentitySettings, PromotionSettings, ReceiptSettings, Settings, SyncSettings,
+        TelemetrySection, TelemetrySettings,
     },
     ConfigError,
 };
@@ -31,7 +31,7 @@ pub struct Config {
     pub receipts: Option<ReceiptsSection>,
     /// `[multi_region]`: cross-region receipt sync.
     pub multi_region: Option<MultiRegionSection>,
-    /// `[promotion]`: accepted; promotion gates are not part of this version.
+    /// `[promotion]`: the node's ring, feature flags and rollout defaults.
     pub promotion: Option<PromotionSection>,
     /// `[kubernetes]`: workload discovery through the node's container runtime (CRI); with it,
     /// rules may select pods by namespace and labels.
@@ -71,9 +71,6 @@ impl Config {
                 "multi_region",
                 "region sync replicates the receipts ledger, which needs [kms]",
             ));
-        }
-        if self.promotion.is_some() {
-            out.push(("promotion", "promotion gates are not in this version"));
         }
         if self.telemetry.is_some() && self.settings.telemetry.is_none() {
             out.push((
@@ -462,16 +459,33 @@ pub struct MultiRegionSection {
     pub timeout_ms: Option<u64>,
 }
 
-/// `[promotion]` (the plan's `[sidecar.promotion]`). Parsed; not acted on in this version.
+/// `[promotion]` (the plan's `[sidecar.promotion]`): the node's ring in a fleet rollout, the
+/// feature flags enabled on it, and the defaults of the rollouts it runs.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromotionSection {
-    /// Deployment environment.
-    pub environment: Option<String>,
-    /// Roll back automatically when the SLO threshold is missed.
+    /// The node's ring: `canary`, `staging` or `production` (default).
+    pub environment: Option<crate::model::Ring>,
+    /// The canary ring's share of its workloads, in percent (default 5): it holds there until
+    /// promoted.
+    pub traffic_percent: Option<f64>,
+    /// The feature flags enabled on this node (`heat_tracking`, `latency_histograms`,
+    /// `verdict_events`); when given, it decides those three.
+    pub feature_flags: Option<Vec<crate::model::FeatureFlag>>,
+    /// Roll back automatically when a gate fails (default true); otherwise the rollout pauses.
     pub auto_rollback_enabled: Option<bool>,
-    /// Fraction of beats that must meet the SLO.
+    /// Fraction of a step's beats in which the candidate must meet every class's SLO (0..1,
+    /// default 0.95).
     pub slo_threshold: Option<f64>,
+    /// Default rollout steps, increasing percentages (default [1, 5, 25, 100]).
+    pub steps: Option<Vec<f64>>,
+    /// Beats each step is held and analysed (default 20).
+    pub beats_per_step: Option<u32>,
+    /// The deny-rate gate: fail when the candidate denies more than this many times the stable
+    /// side's rate (default 10).
+    pub deny_rate_factor: Option<f64>,
+    /// Decisions the candidate needs in a step before its deny rate is judged (default 100).
+    pub min_decisions: Option<u64>,
 }
 
 /// `[kubernetes]`: discover the node's pods from its container runtime, so rules can select
@@ -800,6 +814,12 @@ impl RawConfig {
                 .map_err(section_err(t.span().start))?,
             None => None,
         };
+        let promotion_settings = match &promotion {
+            Some(p) => PromotionSettings::from_section(p.get_ref())
+                .map_err(|(k, m)| (format!("promotion.{k}"), m))
+                .map_err(section_err(p.span().start))?,
+            None => PromotionSettings::default(),
+        };
         Ok(Config {
             settings: Settings {
                 beat,
@@ -807,6 +827,7 @@ impl RawConfig {
                 receipts: receipt_settings,
                 sync,
                 telemetry: telemetry_settings,
+                promotion: promotion_settings,
             },
             agent,
             policy: PolicySection { max_rules, rules },
@@ -948,6 +969,29 @@ impl Config {
     /// and the agent's startup log.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(flags) = &self.settings.promotion.feature_flags {
+            use crate::model::FeatureFlag;
+            for (key, value, flag) in [
+                (
+                    "heat_enabled",
+                    self.agent.heat_enabled,
+                    FeatureFlag::HeatTracking,
+                ),
+                (
+                    "histograms_enabled",
+                    self.agent.histograms_enabled,
+                    FeatureFlag::LatencyHistograms,
+                ),
+            ] {
+                if value != flags.contains(&flag) {
+                    out.push(format!(
+                        "agent.{key} = {value} is overridden by promotion.feature_flags, which {} {}",
+                        if flags.contains(&flag) { "lists" } else { "does not list" },
+                        flag.as_str()
+                    ));
+                }
+            }
+        }
         if let Some(slo) = &self.slo {
             for (key, ns) in [
                 ("r1_p99_max_ns", slo.r1_p99_max_ns),

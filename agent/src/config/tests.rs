@@ -27,10 +27,14 @@ fn the_plans_example_loads_unchanged() {
     );
     assert_eq!(c.slo.as_ref().and_then(|s| s.r1_p99_max_ns), Some(2));
     assert_eq!(
-        c.inactive_sections().len(),
-        1,
-        "[slo] (the beat engine), [spiffe] (mTLS), [kms] (receipts) and [multi_region] (sync) are active; [promotion] is not"
+        c.inactive_sections(),
+        vec![],
+        "[slo] (the beat engine), [spiffe] (mTLS), [kms] (receipts), [multi_region] (sync) and [promotion] are active"
     );
+    let promotion = &c.settings.promotion;
+    assert_eq!(promotion.ring, crate::model::Ring::Production);
+    assert!(promotion.auto_rollback);
+    assert_eq!(promotion.slo_threshold, 0.95);
     let sync = c
         .settings
         .sync
@@ -786,4 +790,93 @@ fn telemetry_is_checked_with_its_key_and_line() {
     // The environment can set it too.
     let sections = super::SECTIONS;
     assert!(sections.contains(&"telemetry"));
+}
+
+#[test]
+fn bad_promotion_settings_name_the_key_and_the_reason() {
+    for (section, needles) in [
+        (
+            "environment = \"qa\"",
+            &[
+                "line 2",
+                "unknown environment \"qa\": expected canary, staging or production",
+            ][..],
+        ),
+        (
+            "slo_threshold = 1.5",
+            &["promotion.slo_threshold", "1.5 is outside 0..1"][..],
+        ),
+        (
+            "slo_threshold = -0.1",
+            &["promotion.slo_threshold", "-0.1 is outside 0..1"][..],
+        ),
+        (
+            "steps = [5, 5, 100]",
+            &[
+                "promotion.steps",
+                "step 2 (5%) does not increase on step 1 (5%)",
+            ][..],
+        ),
+        ("steps = []", &["promotion.steps", "no steps"][..]),
+        (
+            "steps = [1, 150]",
+            &["promotion.steps", "150 is not a share of workloads"][..],
+        ),
+        (
+            "feature_flags = [\"heat_tracking\", \"turbo\"]",
+            &["line 2", "unknown feature flag \"turbo\""][..],
+        ),
+        (
+            "feature_flags = [\"heat_tracking\", \"heat_tracking\"]",
+            &["promotion.feature_flags", "heat_tracking is listed twice"][..],
+        ),
+        (
+            "traffic_percent = 0",
+            &["promotion.traffic_percent", "above 0"][..],
+        ),
+        (
+            "beats_per_step = 0",
+            &["promotion.beats_per_step", "0 is outside 1-100000"][..],
+        ),
+        (
+            "deny_rate_factor = 0.5",
+            &["promotion.deny_rate_factor", "must be above 1"][..],
+        ),
+        ("rollback = true", &["unknown field `rollback`"][..]),
+    ] {
+        let e = err(&format!("[promotion]\n{section}\n"));
+        for n in needles {
+            assert!(e.contains(n), "{section}: missing {n:?} in: {e}");
+        }
+    }
+}
+
+#[test]
+fn feature_flags_decide_the_kernel_features_and_a_canary_holds_at_its_share() {
+    let c = Config::parse(
+        "[agent]\nheat_enabled = true\n[promotion]\nenvironment = \"canary\"\ntraffic_percent = 10\nfeature_flags = [\"latency_histograms\"]\n",
+        "test",
+    )
+    .expect("valid");
+    let p = c.policy();
+    assert!(!p.heat && p.histograms && !p.verdict_events);
+    assert!(
+        c.warnings()
+            .iter()
+            .any(|w| w
+                .contains("agent.heat_enabled = true is overridden by promotion.feature_flags")),
+        "{:?}",
+        c.warnings()
+    );
+    let plan = c.settings.promotion.plan("s".into());
+    let steps: Vec<String> = plan.steps.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        steps,
+        ["1%", "5%", "10%"],
+        "the canary stops at traffic_percent"
+    );
+    assert_eq!(plan.hold_at.map(|h| h.to_string()).as_deref(), Some("10%"));
+    // Without feature_flags, [agent] decides, and events are on.
+    let c = Config::parse("[agent]\nheat_enabled = false\n", "test").expect("valid");
+    assert!(!c.policy().heat && c.policy().verdict_events);
 }

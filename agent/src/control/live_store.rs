@@ -14,7 +14,7 @@ use std::{
 };
 
 /// What set the live policy.
-pub const SOURCES: [&str; 3] = ["file", "apply", "rollback"];
+pub const SOURCES: [&str; 4] = ["file", "apply", "rollback", "rollout"];
 
 /// The persisted live policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,7 @@ impl LiveRecord {
             heat_sample_every: settings.heat_sample_every,
             histograms: settings.histograms,
             histogram_interval_us: settings.histogram_interval_us,
+            verdict_events: settings.verdict_events,
             ..p
         })
     }

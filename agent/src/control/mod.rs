@@ -30,7 +30,9 @@ use std::{
 use tokio::sync::broadcast;
 
 mod live_store;
+mod rollout;
 pub use live_store::{LiveRecord, LiveStore};
+pub use rollout::{RolloutRecord, RolloutRequest, RolloutStatus, ROLLBACK_REASONS};
 
 /// Why a control operation was refused or failed. Nothing was applied in any case.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,22 @@ pub enum ControlError {
     /// The live policy kept under `agent.state_dir` cannot be read or written.
     #[error("{0}")]
     LiveState(String),
+    /// A policy change was asked for while a rollout runs.
+    #[error(
+        "a rollout of candidate generation {candidate} is {state} (at {share} of workloads): \
+         promote or abort it (`knhk-agent rollout promote|abort`) before changing the policy"
+    )]
+    RolloutInProgress {
+        /// The candidate's generation.
+        candidate: u64,
+        /// The rollout's state.
+        state: &'static str,
+        /// Its share of workloads.
+        share: String,
+    },
+    /// A rollout operation was refused (none running, nothing to roll out, holding).
+    #[error("{0}")]
+    Rollout(String),
     /// A worker thread failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -68,6 +86,7 @@ impl ControlError {
             ControlError::NoPrevious { .. } => "no_previous",
             ControlError::Datapath(_) => "datapath",
             ControlError::LiveState(_) => "live_state",
+            ControlError::RolloutInProgress { .. } | ControlError::Rollout(_) => "rollout",
             ControlError::Internal(_) => "internal",
         }
     }
@@ -142,6 +161,8 @@ struct History {
     previous: Option<Generation>,
     /// What set the live generation: one of `live_store::SOURCES`.
     source: &'static str,
+    /// The running (or last) rollout.
+    rollout: Option<rollout::RolloutRun>,
 }
 
 /// The control core. Cheap to share behind an `Arc`.
@@ -168,6 +189,12 @@ pub struct Controller {
     metrics: PolicyMetrics,
     /// The node's pods, when workload discovery runs.
     inventory: RwLock<Option<Arc<Inventory>>>,
+    /// The node's ring, flags and rollout defaults (`[promotion]`).
+    promotion: crate::config::PromotionSettings,
+    /// `agent.state_dir`, where the live policy and the rollout record are kept (`None`: not
+    /// kept).
+    state_dir: Option<std::path::PathBuf>,
+    rollout_metrics: rollout::RolloutMetrics,
 }
 
 /// Policy switch metrics; registered by [`Controller::register_metrics`].
@@ -273,6 +300,9 @@ impl Controller {
             Some((store, saved)) => (Some(store), saved),
             None => (None, None),
         };
+        let state_dir = store
+            .as_ref()
+            .and_then(|s| s.path().parent().map(std::path::Path::to_path_buf));
         // Until the first switch below, the live generation is whatever the pins held.
         let adopted = Generation {
             number: datapath.generation(),
@@ -287,6 +317,7 @@ impl Controller {
                 live: adopted,
                 previous: None,
                 source: "file",
+                rollout: None,
             }),
             status: Arc::new(RwLock::new(status)),
             events,
@@ -309,6 +340,10 @@ impl Controller {
             metrics: PolicyMetrics::new()
                 .map_err(|e| ControlError::Internal(format!("policy metrics: {e}")))?,
             inventory: RwLock::new(None),
+            promotion: config.settings.promotion.clone(),
+            state_dir,
+            rollout_metrics: rollout::RolloutMetrics::new()
+                .map_err(|e| ControlError::Internal(format!("rollout metrics: {e}")))?,
         });
         spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
         // Which policy is live: the one kept under agent.state_dir (same generation), unless
@@ -363,6 +398,7 @@ impl Controller {
         history.live = applied.generation;
         history.source = source;
         drop(history);
+        controller.recover_rollout().await;
         Ok(controller)
     }
 
@@ -383,6 +419,7 @@ impl Controller {
         registry.register(Box::new(self.metrics.info.clone()))?;
         registry.register(Box::new(self.metrics.last_switch.clone()))?;
         registry.register(Box::new(self.metrics.failures.clone()))?;
+        self.rollout_metrics.register(registry)?;
         Ok(())
     }
 
@@ -419,6 +456,7 @@ impl Controller {
         tokio::spawn(
             async move {
                 let mut history = this.history.lock().await;
+                refuse_during_rollout(&history)?;
                 check_expected(expected, history.live.number)?;
                 let applied = this
                     .switch(Arc::new(policy), deadline, "apply", "apply", None)
@@ -454,6 +492,7 @@ impl Controller {
         deadline: Option<Instant>,
     ) -> Result<(Applied, u64), ControlError> {
         let mut history = self.history.lock().await;
+        refuse_during_rollout(&history)?;
         check_expected(expected, history.live.number)?;
         let Some(previous) = history.previous.clone() else {
             return Err(ControlError::NoPrevious {
@@ -554,24 +593,7 @@ impl Controller {
         for p in &report.pending_scopes {
             tracing::info!(cgroup = %log_escape(&p.to_string()), "rule cgroup does not exist yet: its rules take effect when it appears");
         }
-        if let Some(store) = &self.store {
-            let record = LiveRecord {
-                generation: generation.number,
-                digest: generation.digest.clone(),
-                source: source.into(),
-                file_digest: self.file_digest.clone(),
-                policy: generation.policy.to_config_toml(),
-            };
-            let store = store.clone();
-            // The kernel already enforces it; a failure to keep it is loud, and a restart would
-            // re-adopt the generation kept before.
-            if let Err(e) = blocking(move || store.save(&record)).await? {
-                tracing::error!(
-                    generation = generation.number,
-                    "{e}: a restart would not re-adopt this generation"
-                );
-            }
-        }
+        self.keep_live(&generation, source).await;
         self.emit_switch(&generation, cause);
         self.metrics.switched(&generation.digest);
         Ok(Applied {
@@ -584,6 +606,32 @@ impl Controller {
             trie_entries: report.trie_entries,
             switched_at,
         })
+    }
+
+    /// Keeps `generation` under `agent.state_dir` as the live policy, set by `source`. The
+    /// kernel already enforces it; a failure to keep it is loud, and a restart would re-adopt
+    /// the generation kept before.
+    async fn keep_live(&self, generation: &Generation, source: &'static str) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let record = LiveRecord {
+            generation: generation.number,
+            digest: generation.digest.clone(),
+            source: source.into(),
+            file_digest: self.file_digest.clone(),
+            policy: generation.policy.to_config_toml(),
+        };
+        let store = store.clone();
+        let number = generation.number;
+        match blocking(move || store.save(&record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(
+                generation = number,
+                "{e}: a restart would not re-adopt this generation"
+            ),
+            Err(e) => tracing::error!(generation = number, "keeping the live policy: {e}"),
+        }
     }
 
     fn emit_switch(&self, g: &Generation, cause: &'static str) {
@@ -949,6 +997,21 @@ fn spawn_verdict_pump(
         }
     });
     Ok(())
+}
+
+/// Refuses a direct policy change while a rollout runs.
+fn refuse_during_rollout(history: &History) -> Result<(), ControlError> {
+    match history.rollout.as_ref() {
+        Some(r) if !r.status.state.ended() => Err(ControlError::RolloutInProgress {
+            candidate: r.status.candidate_generation,
+            state: r.status.state.as_str(),
+            share: r
+                .status
+                .share()
+                .map_or_else(|| "0%".into(), |p| p.to_string()),
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn check_expected(expected: Option<u64>, live: u64) -> Result<(), ControlError> {

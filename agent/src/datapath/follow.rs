@@ -13,18 +13,54 @@ impl Datapath {
         inventory: Arc<Inventory>,
     ) -> Result<Vec<ScopeChange>, DatapathError> {
         self.inventory = Some(inventory);
-        let Some(live) = self.live.clone() else {
-            return Ok(Vec::new());
-        };
+        let mut changes = Vec::new();
+        if let Some(live) = self.live.clone() {
+            let beside = self.candidate_rule_names();
+            let live = self.rebind(self.active_slot(), live, &beside, &mut changes)?;
+            self.live = Some(live);
+        }
+        if let Some(c) = self.candidate.clone() {
+            let beside: Vec<String> = self
+                .live
+                .as_ref()
+                .map(|l| l.rule_counters.iter().map(|(n, _)| n.clone()).collect())
+                .unwrap_or_default();
+            let live = self.rebind(c.slot, c.live, &beside, &mut changes)?;
+            if let Some(c) = self.candidate.as_mut() {
+                c.live = live;
+            }
+        }
+        if !changes.is_empty() {
+            self.bump_epoch();
+        }
+        changes.extend(self.refresh_scopes()?);
+        Ok(changes)
+    }
+
+    /// Re-binds one generation's selector rules (in `slot`) to the current inventory: scopes
+    /// that are no longer needed lose their entries (in `slot` and retired slots), tables the
+    /// new bindings change are rewritten in place. `beside`: the other generation's rule names,
+    /// whose counters stay assigned.
+    fn rebind(
+        &mut self,
+        slot: u32,
+        mut live: Live,
+        beside: &[String],
+        changes: &mut Vec<ScopeChange>,
+    ) -> Result<Live, DatapathError> {
         let bindings = bind(&live.policy.rules, self.inventory.as_deref());
         if bindings == *live.bindings {
-            return self.refresh_scopes();
+            return Ok(live);
         }
-        let mut live = live;
         if bindings.guard.is_some() && live.counters.len() == live.policy.rules.len() {
             // The guard was bound after the policy went live: give it its counter.
             let mut counters = self.counters.clone();
-            let (ids, fresh) = counters.assign(switch::counter_names(&live.policy, &bindings))?;
+            let own = switch::counter_names(&live.policy, &bindings).count();
+            let (mut ids, fresh) = counters.assign(
+                switch::counter_names(&live.policy, &bindings)
+                    .chain(beside.iter().map(String::as_str)),
+            )?;
+            ids.truncate(own);
             for id in &fresh {
                 self.set_rule_hits(*id, 0);
             }
@@ -37,13 +73,13 @@ impl Datapath {
         }
         let scopes: Vec<CgroupPath> = scopes_of(&live.policy.rules, &bindings);
         let keep: std::collections::BTreeSet<&CgroupPath> = scopes.iter().collect();
-        let active = self.active_slot();
-        let mut changes = Vec::new();
-        // Scopes no longer needed: entries gone from every slot.
+        // Scopes no longer needed: entries gone from this generation's slot (and retired ones).
         for (path, r) in &live.resolved.clone() {
             if !keep.contains(path) {
-                for slot in 0..SLOTS as u32 {
-                    self.remove_scope(slot, r.id)?;
+                for s in 0..SLOTS as u32 {
+                    if s == slot || self.retired[s as usize].is_some() {
+                        self.remove_scope(s, r.id)?;
+                    }
                 }
                 live.resolved.remove(path);
                 changes.push(ScopeChange::Removed {
@@ -66,16 +102,11 @@ impl Datapath {
                 &live.counters,
                 live.policy.default_class,
             )?;
-            self.rewrite_table(active, r.id, &table)?;
+            self.rewrite_table(slot, r.id, &table)?;
         }
         live.scopes = scopes.into();
         live.bindings = Arc::new(bindings);
-        self.live = Some(live);
-        if !changes.is_empty() {
-            self.bump_epoch();
-        }
-        changes.extend(self.refresh_scopes()?);
-        Ok(changes)
+        Ok(live)
     }
 
     /// Replaces one scope's table in `slot` in place: new leaves over old, then the prefixes
@@ -117,17 +148,51 @@ impl Datapath {
     }
 
     /// Follows rule cgroups: enforces the rules of cgroups that appeared since the last call
-    /// and removes the entries of cgroups that are gone (or were recreated under a new id).
+    /// and removes the entries of cgroups that are gone (or were recreated under a new id), for
+    /// the live generation and a rollout's candidate.
     pub fn refresh_scopes(&mut self) -> Result<Vec<ScopeChange>, DatapathError> {
-        let Some(live) = self.live.clone() else {
-            return Ok(Vec::new());
-        };
-        let active = self.active_slot();
         let mut changes = Vec::new();
+        let mut keep_unresolvable: std::collections::BTreeSet<CgroupPath> = Default::default();
+        if let Some(live) = self.live.clone() {
+            keep_unresolvable.extend(live.scopes.iter().cloned());
+            let resolved = self.refresh_generation(self.active_slot(), &live, &mut changes)?;
+            if let Some(l) = self.live.as_mut() {
+                l.resolved = resolved;
+            }
+        }
+        if let Some(c) = self.candidate.clone() {
+            keep_unresolvable.extend(c.live.scopes.iter().cloned());
+            let mut more = Vec::new();
+            let resolved = self.refresh_generation(c.slot, &c.live, &mut more)?;
+            if let Some(c) = self.candidate.as_mut() {
+                c.live.resolved = resolved;
+            }
+            for change in more {
+                if !changes.contains(&change) {
+                    changes.push(change);
+                }
+            }
+        }
+        self.unresolvable
+            .retain(|p, _| keep_unresolvable.contains(p));
+        if changes
+            .iter()
+            .any(|c| !matches!(c, ScopeChange::Unresolvable { .. }))
+        {
+            self.bump_epoch();
+        }
+        Ok(changes)
+    }
+
+    /// One generation's part of [`Datapath::refresh_scopes`]: returns its scopes' cgroups now.
+    fn refresh_generation(
+        &mut self,
+        slot: u32,
+        live: &Live,
+        changes: &mut Vec<ScopeChange>,
+    ) -> Result<BTreeMap<CgroupPath, CgroupRef>, DatapathError> {
         let mut resolved = live.resolved.clone();
-        let scopes = live.scopes.clone();
-        self.unresolvable.retain(|p, _| scopes.contains(p));
-        for path in scopes.iter() {
+        for path in live.scopes.iter() {
             let path = path.clone();
             let dir = self.cgroup_root.join(path.as_str());
             // One bad path affects only its own rules: it stays pending, reported once.
@@ -161,8 +226,9 @@ impl Datapath {
                 continue;
             }
             if let Some(old) = before {
-                for slot in 0..SLOTS as u32 {
-                    self.remove_scope(slot, old.id)?;
+                // The cgroup is gone (or was recreated): its id is no one's any more.
+                for s in 0..SLOTS as u32 {
+                    self.remove_scope(s, old.id)?;
                 }
                 resolved.remove(&path);
                 changes.push(ScopeChange::Removed {
@@ -178,9 +244,9 @@ impl Datapath {
                     &live.counters,
                     live.policy.default_class,
                 )?;
-                self.write_table(active, new.id, &table)?;
-                self.widen_levels(active, new.level);
-                self.insert_scope(active, new.id, new.level)?;
+                self.write_table(slot, new.id, &table)?;
+                self.widen_levels(slot, new.level);
+                self.insert_scope(slot, new.id, new.level)?;
                 resolved.insert(path.clone(), new);
                 changes.push(ScopeChange::Appeared {
                     path: path.clone(),
@@ -188,16 +254,7 @@ impl Datapath {
                 });
             }
         }
-        if let Some(l) = self.live.as_mut() {
-            l.resolved = resolved;
-        }
-        if changes
-            .iter()
-            .any(|c| !matches!(c, ScopeChange::Unresolvable { .. }))
-        {
-            self.bump_epoch();
-        }
-        Ok(changes)
+        Ok(resolved)
     }
 
     pub(super) fn widen_levels(&self, slot: u32, level: u32) {

@@ -95,6 +95,12 @@ impl Datapath {
         )?))
         .map_err(map_err("open", map_names::LEAF_CHUNKS))?;
 
+        let split_map = BpfHashMap::try_from(aya::maps::Map::HashMap(take_map(
+            &mut ebpf,
+            map_names::SPLIT,
+        )?))
+        .map_err(map_err("open", map_names::SPLIT))?;
+
         let mut dp = Datapath {
             layout,
             cgroup_mount,
@@ -120,6 +126,9 @@ impl Datapath {
             counters: CounterIds::default(),
             live: None,
             inventory: None,
+            candidate: None,
+            split_map,
+            split: Default::default(),
             generation: 0,
             _ebpf: ebpf,
         };
@@ -139,6 +148,20 @@ impl Datapath {
         unsafe {
             std::ptr::write_volatile(&raw mut (*cfg).abi_version, ABI_VERSION);
             std::ptr::write_volatile(&raw mut (*cfg).attach_cgroup_id, attach.id);
+        }
+        if dp.config_ref().candidate != 0 {
+            // A rollout was live when the previous agent stopped. Its gate analysis is gone
+            // with it, so this agent cannot vouch for the candidate: every workload goes back
+            // to the live generation (the control layer records the rollout as aborted).
+            let candidate = dp.config_ref().candidate - 1;
+            // SAFETY: aligned u32 of the shared entry.
+            unsafe { AtomicU32::from_ptr(&raw mut (*cfg).candidate).store(0, Ordering::SeqCst) };
+            dp.bump_epoch();
+            dp.clear_split()?;
+            warn!(
+                slot = candidate,
+                "a rollout's candidate was live in the kernel at start: every workload is back on the live generation"
+            );
         }
         let active = dp.active_slot();
         dp.generation = dp.config_ref().slots[active as usize].generation;

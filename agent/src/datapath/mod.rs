@@ -17,6 +17,9 @@
 //! (tries first, then the scope entry that makes them reachable); [`Datapath::set_inventory`]
 //! re-binds the rules that select Kubernetes workloads as pods come and go.
 //!
+//! A rollout ([`split`]) stages a candidate generation in a slot of its own beside the live one;
+//! the split table names the cgroups it judges; it ends promoted or dropped with one store.
+//!
 //! [`DatapathReader`] reads counters, histograms and heat from the pins, independently of the
 //! writer, for metrics.
 
@@ -28,6 +31,7 @@ mod follow;
 mod load;
 pub mod pins;
 mod reader;
+mod split;
 mod switch;
 mod sys;
 mod trie;
@@ -36,6 +40,7 @@ pub use class_state::ClassStateWriter;
 use class_state::CONTROL_STRIDE;
 pub use events::VerdictRing;
 pub use explain::Explanation;
+pub use split::Workload;
 use switch::CounterIds;
 pub use switch::Prepared;
 
@@ -380,6 +385,11 @@ pub struct Datapath {
     live: Option<Live>,
     /// The node's pods, when workload discovery runs ([`Datapath::set_inventory`]).
     inventory: Option<Arc<Inventory>>,
+    /// A rollout's candidate generation, when one is staged.
+    candidate: Option<split::Candidate>,
+    /// The rollout split table, and the cgroup ids this datapath put in it.
+    split_map: BpfHashMap<MapData, u64, u32>,
+    split: std::collections::HashSet<u64>,
     generation: u64,
     // Keeps the programs loaded for as long as the datapath lives; the pinned links keep them
     // attached beyond that.
@@ -544,7 +554,10 @@ fn park_target(addr: std::net::SocketAddr) -> ParkTarget {
 pub const EVENT_INTERVAL: Duration = Duration::from_millis(10);
 
 fn flags_of(policy: &Policy) -> u32 {
-    let mut flags = FLAG_EVENTS;
+    let mut flags = 0;
+    if policy.verdict_events {
+        flags |= FLAG_EVENTS;
+    }
     if policy.rules.iter().any(|r| r.park_to.is_some()) {
         flags |= FLAG_PARK;
     }

@@ -80,7 +80,7 @@ const fn size<T>() -> u32 {
 }
 
 /// The maps of this ABI, as the kernel reports them once created.
-pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 20] {
+pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 21] {
     let spec = |name, map_type, key_size, value_size, max_entries, flags, soft| MapSpec {
         name,
         map_type,
@@ -155,7 +155,7 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 20] {
             BPF_F_NO_PREALLOC,
             true,
         ),
-        spec(m::SAMPLED, PERCPU_ARRAY, 4, 8, CLASSES as u32, 0, true),
+        spec(m::SAMPLED, PERCPU_ARRAY, 4, 8, SAMPLED_CLOCKS, 0, true),
         spec(
             m::CLASS_STATE,
             ARRAY,
@@ -231,6 +231,7 @@ pub fn expected_maps(heat_max_entries: u32) -> [MapSpec; 20] {
             0,
             true,
         ),
+        spec(m::SPLIT, HASH, 8, 4, MAX_SPLIT_CGROUPS, 0, false),
     ]
 }
 

@@ -5,7 +5,7 @@
 use super::{io_err, map_err, pins::PinLayout, sys, DatapathError, CLASSES_IN_ABI_ORDER};
 use crate::{
     abi,
-    model::{Class, LatencySource},
+    model::{Class, LatencySource, Side},
 };
 use aya::maps::{Map, MapData, PerCpuArray};
 use knhk_abi::{
@@ -247,14 +247,30 @@ impl DatapathReader {
         })
     }
 
-    /// Decision counts, summed over CPUs.
+    /// Decision counts, summed over CPUs and both sides of a rollout.
     pub fn decisions(&self) -> Result<Decisions, DatapathError> {
+        let mut out = self.decisions_on(Side::Stable)?;
+        let candidate = self.decisions_on(Side::Candidate)?;
+        for (row, more) in out.0.iter_mut().zip(candidate.0) {
+            for (n, m) in row.iter_mut().zip(more) {
+                *n += m;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decision counts of one side of a rollout (the stable side is every decision outside
+    /// one), summed over CPUs.
+    pub fn decisions_on(&self, side: Side) -> Result<Decisions, DatapathError> {
         let mut out = Decisions::default();
         for action in 0..ACTIONS as u8 {
             for class in CLASSES_IN_ABI_ORDER {
                 let values = self
                     .decisions
-                    .get(&decision_index(action, abi::class(class)), 0)
+                    .get(
+                        &decision_index(abi::side(side), action, abi::class(class)),
+                        0,
+                    )
                     .map_err(map_err("lookup", map_names::DECISIONS))?;
                 out.0[action as usize][class.index()] = values.iter().sum();
             }
@@ -306,16 +322,33 @@ impl DatapathReader {
             .collect()
     }
 
-    /// The latency histogram of `source` for `class`, summed over CPUs.
+    /// The latency histogram of `source` for `class`, summed over CPUs and both sides of a
+    /// rollout.
     pub fn histogram(
         &self,
+        source: LatencySource,
+        class: Class,
+    ) -> Result<LatencyHistogram, DatapathError> {
+        let mut out = self.histogram_on(Side::Stable, source, class)?;
+        out.add_histogram(&self.histogram_on(Side::Candidate, source, class)?);
+        Ok(out)
+    }
+
+    /// The latency histogram of `source` for `class` on one side of a rollout, summed over CPUs.
+    pub fn histogram_on(
+        &self,
+        side: Side,
         source: LatencySource,
         class: Class,
     ) -> Result<LatencyHistogram, DatapathError> {
         let values = self
             .latency
             .get(
-                &histogram_index(abi::latency_kind(source), abi::class(class)),
+                &histogram_index(
+                    abi::side(side),
+                    abi::latency_kind(source),
+                    abi::class(class),
+                ),
                 0,
             )
             .map_err(map_err("lookup", map_names::LATENCY))?;

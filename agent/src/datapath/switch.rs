@@ -72,6 +72,15 @@ pub(super) fn counter_names<'a>(
     policy.rules.iter().map(|r| r.name.as_str()).chain(guard)
 }
 
+/// A generation written into a free slot by [`Datapath::write_generation`], not yet live.
+pub(super) struct Written {
+    pub(super) slot: u32,
+    pub(super) parked: std::collections::HashSet<u32>,
+    pub(super) counters: CounterIds,
+    pub(super) live: Live,
+    pub(super) report: ApplyReport,
+}
+
 /// A policy checked and compiled by [`Datapath::prepare`], ready to be written.
 #[derive(Debug)]
 pub struct Prepared {
@@ -99,6 +108,16 @@ impl Datapath {
     /// ids, the compile of every scope, and whether the result could ever fit the maps. The one
     /// validator of ApplyPolicy and DryRun.
     pub fn prepare(&self, policy: &Policy) -> Result<Prepared, DatapathError> {
+        self.prepare_beside(policy, &[])
+    }
+
+    /// As [`Datapath::prepare`], keeping the hit counters of `beside` (the rule names of the
+    /// other generation in the kernel during a rollout) assigned as well.
+    pub(super) fn prepare_beside(
+        &self,
+        policy: &Policy,
+        beside: &[String],
+    ) -> Result<Prepared, DatapathError> {
         crate::policy::check_bounds(&policy.rules)?;
         let bindings = bind(&policy.rules, self.inventory.as_deref());
         let mut resolved = BTreeMap::new();
@@ -125,7 +144,10 @@ impl Datapath {
             }
         }
         let mut counters = self.counters.clone();
-        let (ids, fresh) = counters.assign(counter_names(policy, &bindings))?;
+        let own = counter_names(policy, &bindings).count();
+        let (mut ids, fresh) = counters
+            .assign(counter_names(policy, &bindings).chain(beside.iter().map(String::as_str)))?;
+        ids.truncate(own);
         let mut tables: Vec<(u64, Option<u32>, ScopeTable)> = vec![(
             0,
             None,
@@ -195,6 +217,48 @@ impl Datapath {
         generation: Option<u64>,
     ) -> Result<ApplyReport, DatapathError> {
         let started = Instant::now();
+        let beside = self.candidate_rule_names();
+        let prepared = self.prepare_beside(policy, &beside)?;
+        let generation = generation.unwrap_or(self.generation + 1);
+        let written = self.write_generation(policy, prepared, generation, deadline, started)?;
+        let active = self.active_slot();
+        let cfg = self.config_ptr();
+        // SAFETY: one aligned atomic store; the slot's settings were written before it.
+        unsafe {
+            AtomicU32::from_ptr(&raw mut (*cfg).active_slot).store(written.slot, Ordering::SeqCst)
+        };
+        self.bump_epoch();
+        let switch_latency = started.elapsed();
+        tracing::debug!(
+            total_us = switch_latency.as_micros() as u64,
+            slot = written.slot,
+            "policy written and switched"
+        );
+        self.switches += 1;
+        self.retired[active as usize] = Some(self.switches);
+        self.drop_park_targets_except(&written.parked)?;
+        self.parked = written.parked;
+        self.generation = generation;
+        self.remove_superseded_pins_once()?;
+        self.counters = written.counters;
+        let report = ApplyReport {
+            switch_latency,
+            ..written.report
+        };
+        self.live = Some(written.live);
+        Ok(report)
+    }
+
+    /// Writes `policy` as `generation` into a free slot (tries, scopes, park targets, the slot's
+    /// settings) without making it live. Nothing connects read changes.
+    pub(super) fn write_generation(
+        &mut self,
+        policy: &Arc<Policy>,
+        prepared: Prepared,
+        generation: u64,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> Result<Written, DatapathError> {
         let Prepared {
             bindings,
             resolved,
@@ -206,7 +270,7 @@ impl Datapath {
             new_v4,
             new_v6,
             new_chunks,
-        } = self.prepare(policy)?;
+        } = prepared;
         // A free slot, and room in the maps: both may need the retired slots reclaimed first.
         let fits = |dp: &Self| {
             let (v4, v6, sc, ch) = dp.entries_in_use();
@@ -228,7 +292,6 @@ impl Datapath {
                 "no free policy slot after reclaiming".into(),
             ));
         };
-        let active = self.active_slot();
         let (live_v4, live_v6, live_scopes, live_chunks) = self.entries_in_use();
         for (what, needed, live, max) in [
             ("IPv4 prefixes", new_v4, live_v4, MAX_PREFIXES as usize),
@@ -277,7 +340,6 @@ impl Datapath {
                 self.insert_scope(inactive, *scope, *level)?;
             }
         }
-        let generation = generation.unwrap_or(self.generation + 1);
         let slot_config = SlotConfig {
             generation,
             flags: flags_of(policy),
@@ -293,8 +355,9 @@ impl Datapath {
             histogram_interval_ns: policy.histogram_interval_us.saturating_mul(1000),
             event_interval_ns: EVENT_INTERVAL.as_nanos() as u64,
         };
-        // Park targets are keyed by the rules' (stable) counter ids: write the new ones before
-        // the switch, drop the unused ones after it.
+        // Park targets are keyed by the rules' (stable) counter ids: written before the switch;
+        // the caller drops the unused ones after it. A rule on both sides of a rollout parks on
+        // the target of the side written last.
         let mut parked = std::collections::HashSet::new();
         for (rule, counter) in policy.rules.iter().zip(&ids) {
             if let Some(addr) = rule.park_to {
@@ -309,28 +372,63 @@ impl Datapath {
             return Err(DatapathError::DeadlineExceeded);
         }
         let cfg = self.config_ptr();
-        // SAFETY: the inactive slot's settings are not read by connects (they read the active
-        // slot's); the switch below is one aligned atomic store.
-        unsafe {
-            std::ptr::write_volatile(&raw mut (*cfg).slots[inactive as usize], slot_config);
-            AtomicU32::from_ptr(&raw mut (*cfg).active_slot).store(inactive, Ordering::SeqCst);
-        }
-        self.bump_epoch();
-        let switch_latency = started.elapsed();
+        // SAFETY: the inactive slot's settings are not read by connects until it is switched in.
+        unsafe { std::ptr::write_volatile(&raw mut (*cfg).slots[inactive as usize], slot_config) };
         tracing::debug!(
             compile_us = compiled.as_micros() as u64,
             write_us = writing.elapsed().as_micros() as u64,
-            total_us = switch_latency.as_micros() as u64,
             slot = inactive,
-            "policy written and switched"
+            generation,
+            "policy written into a free slot"
         );
-        self.switches += 1;
-        self.retired[active as usize] = Some(self.switches);
-        for stale in self.parked.difference(&parked).copied().collect::<Vec<_>>() {
+        let live = Live {
+            rule_counters: counter_names(policy, &bindings)
+                .zip(&ids)
+                .map(|(n, c)| (n.to_owned(), *c))
+                .collect(),
+            scopes: scopes_of(&policy.rules, &bindings).into(),
+            bindings: Arc::new(bindings),
+            policy: policy.clone(),
+            counters: ids.into(),
+            resolved: resolved.clone(),
+        };
+        Ok(Written {
+            slot: inactive,
+            parked,
+            counters,
+            live,
+            report: ApplyReport {
+                generation,
+                rules: policy.rules.len(),
+                trie_entries: new_v4 + new_v6,
+                active_scopes: resolved.into_keys().collect(),
+                pending_scopes: pending,
+                switch_latency: started.elapsed(),
+            },
+        })
+    }
+
+    /// Removes the park targets of counters not in `keep` (nor parked by a rollout's candidate).
+    pub(super) fn drop_park_targets_except(
+        &mut self,
+        keep: &std::collections::HashSet<u32>,
+    ) -> Result<(), DatapathError> {
+        let candidate_parks = self
+            .candidate
+            .as_ref()
+            .map(|c| c.parked.clone())
+            .unwrap_or_default();
+        for stale in self.parked.difference(keep).copied().collect::<Vec<_>>() {
+            if candidate_parks.contains(&stale) {
+                continue;
+            }
             ignore_missing(self.park.remove(&stale)).map_err(map_err("remove", map_names::PARK))?;
         }
-        self.parked = parked;
-        self.generation = generation;
+        Ok(())
+    }
+
+    /// After the first switch by this build: the older ABI's pins go (their programs detach).
+    fn remove_superseded_pins_once(&mut self) -> Result<(), DatapathError> {
         if self.superseded_pins {
             // This build's programs enforce the new policy: the older ABI's may go.
             let removed =
@@ -341,33 +439,15 @@ impl Datapath {
             );
             self.superseded_pins = false;
         }
-        self.counters = counters;
-        self.live = Some(Live {
-            rule_counters: counter_names(policy, &bindings)
-                .zip(&ids)
-                .map(|(n, c)| (n.to_owned(), *c))
-                .collect(),
-            scopes: scopes_of(&policy.rules, &bindings).into(),
-            bindings: Arc::new(bindings),
-            policy: policy.clone(),
-            counters: ids.into(),
-            resolved: resolved.clone(),
-        });
-        Ok(ApplyReport {
-            generation,
-            rules: policy.rules.len(),
-            trie_entries: new_v4 + new_v6,
-            active_scopes: resolved.into_keys().collect(),
-            pending_scopes: pending,
-            switch_latency,
-        })
+        Ok(())
     }
 
     /// A slot that is neither live nor retired (and so empty).
     pub(super) fn free_slot(&self) -> Option<u32> {
         let active = self.active_slot() as usize;
+        let candidate = self.candidate.as_ref().map(|c| c.slot as usize);
         (0..SLOTS)
-            .find(|s| *s != active && self.retired[*s].is_none())
+            .find(|s| *s != active && Some(*s) != candidate && self.retired[*s].is_none())
             .map(|s| s as u32)
     }
 

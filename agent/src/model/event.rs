@@ -5,7 +5,7 @@ use super::{Class, ClassState};
 use std::{net::IpAddr, time::SystemTime};
 
 /// Something that happened, for `WatchEvents`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A generation went live.
     PolicySwitched {
@@ -28,6 +28,26 @@ pub enum Event {
         from: ClassState,
         /// After.
         to: ClassState,
+    },
+    /// A rollout started, stepped, passed or failed a gate, held, paused, resumed, was
+    /// promoted, rolled back or aborted.
+    Rollout {
+        /// When.
+        at: SystemTime,
+        /// `start`, `step`, `hold`, `pause`, `resume`, `promote`, `rollback` or `abort`.
+        action: &'static str,
+        /// The candidate's generation.
+        candidate_generation: u64,
+        /// The candidate's policy digest.
+        candidate_digest: String,
+        /// The rollout's state after it (`RolloutState::as_str`).
+        state: &'static str,
+        /// The step's index.
+        step: u32,
+        /// The share of workloads on the candidate after it, percent.
+        percent: f64,
+        /// The gate's figures or the reason.
+        detail: String,
     },
     /// A rule cgroup appeared (`present`) or was removed.
     CgroupChanged {

@@ -7,6 +7,7 @@
 //! - [`receipt`]: the kinds of receipts the ledger records.
 //! - [`spiffe`]: SPIFFE IDs and per-surface allow-lists.
 //! - [`text`]: escaping outside text (cgroup paths) for logs.
+//! - [`rollout`]: rollouts: rings, feature flags, plans, the workload split and the gates.
 //! - [`workload`]: Kubernetes label selectors and the node's pods (the workload inventory).
 
 /// Implements `Deserialize` for a type through its `FromStr`, so a TOML or JSON parser reports
@@ -33,6 +34,7 @@ macro_rules! deserialize_from_str {
 
 pub mod event;
 pub mod receipt;
+pub mod rollout;
 pub mod rule;
 pub mod slo;
 pub mod spiffe;
@@ -41,6 +43,7 @@ pub mod workload;
 
 pub use event::{Event, Verdict, VerdictFilter};
 pub use receipt::ReceiptKind;
+pub use rollout::{FeatureFlag, FeatureFlags, Percent, Ring, RolloutPlan, RolloutState, Side};
 pub use rule::{
     Action, AdmissionStrategy, CgroupPath, Cidr, Class, DefaultAction, LatencySource, Mode,
     PortRange, Protocol, RuleName, RuleSpec,

@@ -15,17 +15,21 @@ pub enum ReceiptKind {
     HoldPlaced,
     /// A legal hold was released.
     HoldReleased,
+    /// A rollout event: start, step (with the gate's figures), hold, pause, resume, promote,
+    /// rollback (with the failed gate's figures), abort.
+    Rollout,
 }
 
 impl ReceiptKind {
     /// Every kind.
-    pub const ALL: [ReceiptKind; 6] = [
+    pub const ALL: [ReceiptKind; 7] = [
         ReceiptKind::PolicySwitch,
         ReceiptKind::ClassState,
         ReceiptKind::CycleSummary,
         ReceiptKind::KeyRotation,
         ReceiptKind::HoldPlaced,
         ReceiptKind::HoldReleased,
+        ReceiptKind::Rollout,
     ];
 
     /// The wire code.
@@ -37,6 +41,7 @@ impl ReceiptKind {
             ReceiptKind::KeyRotation => 4,
             ReceiptKind::HoldPlaced => 5,
             ReceiptKind::HoldReleased => 6,
+            ReceiptKind::Rollout => 7,
         }
     }
 
@@ -54,6 +59,7 @@ impl ReceiptKind {
             ReceiptKind::KeyRotation => "key_rotation",
             ReceiptKind::HoldPlaced => "hold_placed",
             ReceiptKind::HoldReleased => "hold_released",
+            ReceiptKind::Rollout => "rollout",
         }
     }
 

@@ -44,6 +44,8 @@ pub struct Policy {
     pub histograms: bool,
     /// Time at most one connect per CPU and class per this many µs (0 = every connect).
     pub histogram_interval_us: u64,
+    /// Send verdict events for decisions other than allow (the `verdict_events` flag).
+    pub verdict_events: bool,
 }
 
 /// The version of [`Policy::canonical_text`] that [`Policy::digest`] hashes.

@@ -33,6 +33,7 @@ fn the_digest_encoding_is_stable() {
         heat_sample_every: 16,
         histograms: true,
         histogram_interval_us: 1000,
+        verdict_events: true,
     };
     assert_eq!(
         policy.canonical_text(),
@@ -390,6 +391,7 @@ fn selector_rules_have_their_own_digest_line_and_round_trip() {
         heat_sample_every: 1,
         histograms: false,
         histogram_interval_us: 0,
+        verdict_events: true,
     };
     assert!(
         policy

@@ -995,6 +995,29 @@ impl Receipts {
                     serde_json::json!({"class": class.as_str(), "from": from.as_str(), "to": to.as_str()}),
                 ),
             }),
+            Event::Rollout {
+                action,
+                candidate_generation,
+                candidate_digest,
+                state,
+                step,
+                percent,
+                detail,
+                ..
+            } => Some(NewReceipt {
+                kind: ReceiptKind::Rollout,
+                cycle: 0,
+                policy_generation: candidate_generation,
+                payload: json(serde_json::json!({
+                    "action": action,
+                    "candidate_generation": candidate_generation,
+                    "candidate_digest": candidate_digest,
+                    "state": state,
+                    "step": step,
+                    "percent": percent,
+                    "detail": detail,
+                })),
+            }),
             Event::CgroupChanged { .. } => None,
         }
     }

@@ -10,7 +10,7 @@
 #![no_std]
 
 /// Version of this ABI. Pins live under `<bpffs>/knhk/v<ABI_VERSION>/`.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Runtime classes (hot, warm, cold). A rule names one; unmatched connects get the default.
 pub const CLASS_R1: u8 = 0;
@@ -20,6 +20,17 @@ pub const CLASS_W1: u8 = 1;
 pub const CLASS_C1: u8 = 2;
 /// Number of runtime classes.
 pub const CLASSES: usize = 3;
+
+/// Sides of a rollout: a workload's connects are judged by the stable generation (the active
+/// slot) or, while a rollout is live, by the candidate generation when the workload's cgroup is
+/// in [`map_names::SPLIT`].
+pub const SIDE_STABLE: u8 = 0;
+/// The candidate generation's side.
+pub const SIDE_CANDIDATE: u8 = 1;
+/// Number of sides: decision counters and latency histograms are kept per side.
+pub const SIDES: usize = 2;
+/// Capacity of the split table (cgroups on the candidate side).
+pub const MAX_SPLIT_CGROUPS: u32 = 65_536;
 
 /// Rule and decision actions.
 pub const ACTION_ALLOW: u8 = 0;
@@ -164,8 +175,11 @@ pub mod map_names {
     pub const EVENT_GATE: &str = "KNHK_EVENT_GATE";
     /// Per-CPU event counters, indexed by `EVENT_COUNTER_*`.
     pub const EVENT_COUNTERS: &str = "KNHK_EVENT_COUNTERS";
+    /// The rollout split: cgroup id (u64) → side (u32, [`super::SIDE_CANDIDATE`]). Read only
+    /// while [`super::Config::candidate`] is set; a cgroup that is absent is on the stable side.
+    pub const SPLIT: &str = "KNHK_SPLIT";
     /// Every map, in pin order.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         CONFIG,
         POLICY_V4,
         POLICY_V6,
@@ -186,6 +200,7 @@ pub mod map_names {
         EVENTS,
         EVENT_GATE,
         EVENT_COUNTERS,
+        SPLIT,
     ];
 }
 
@@ -227,7 +242,7 @@ pub struct SlotConfig {
     /// sample counting `2^heat_sample_shift` attempts: an unbiased estimate at a fraction of
     /// the cost.
     pub heat_sample_shift: u8,
-    /// Padding, always zero.
+    /// Padding, always zero (the programs read it as a zero the verifier cannot predict).
     pub _pad: u8,
     /// Shallowest cgroup level that owns a scope in this slot (0 when there are none).
     pub scope_level_min: u32,
@@ -262,11 +277,12 @@ pub struct Config {
     pub attach_cgroup_id: u64,
     /// Verdict cache epoch: a cached verdict is valid only while this is unchanged. The agent
     /// increments it after every change of the tables connects read (a switch of
-    /// `active_slot`, a scope added or removed in place); programs read it before
-    /// `active_slot`.
+    /// `active_slot`, a scope added or removed in place, a change of `candidate` or of the
+    /// split table); programs read it before `active_slot`.
     pub epoch: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// The rollout: 0 when none is live; otherwise 1 + the slot of the candidate generation,
+    /// which judges the connects of cgroups in [`map_names::SPLIT`].
+    pub candidate: u32,
     /// Every slot's settings.
     pub slots: [SlotConfig; SLOTS],
 }
@@ -406,8 +422,10 @@ pub struct Verdict {
     pub action: u8,
     /// `CLASS_*`.
     pub class: u8,
+    /// `SIDE_*`: the generation that decided (stable, or a rollout's candidate).
+    pub side: u8,
     /// Padding, always zero.
-    pub _pad: u16,
+    pub _pad: u8,
     /// Rule-hit counter of the deciding rule; 0 = no rule matched.
     pub counter: u32,
 }
@@ -416,7 +434,10 @@ impl Verdict {
     /// Packed into one word (as the cache stores it).
     #[inline(always)]
     pub fn to_word(self) -> u64 {
-        self.action as u64 | (self.class as u64) << 8 | (self.counter as u64) << 32
+        self.action as u64
+            | (self.class as u64) << 8
+            | (self.side as u64) << 16
+            | (self.counter as u64) << 32
     }
 
     /// Unpacked from [`Verdict::to_word`].
@@ -425,6 +446,7 @@ impl Verdict {
         Verdict {
             action: w as u8,
             class: (w >> 8) as u8,
+            side: (w >> 16) as u8,
             _pad: 0,
             counter: (w >> 32) as u32,
         }
@@ -630,8 +652,10 @@ pub struct ConnState {
     pub start_ns: u64,
     /// Runtime class of the rule that admitted it.
     pub class: u8,
+    /// `SIDE_*` of the generation that admitted it.
+    pub side: u8,
     /// Padding, always zero.
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
 
 /// Latency kinds recorded by `sockops`.
@@ -640,8 +664,8 @@ pub const LATENCY_HANDSHAKE: usize = 0;
 pub const LATENCY_RTT: usize = 1;
 /// Number of latency kinds.
 pub const LATENCY_KINDS: usize = 2;
-/// Number of histograms in the latency map.
-pub const HISTOGRAMS: usize = LATENCY_KINDS * CLASSES;
+/// Number of histograms in the latency map (per side, kind and class).
+pub const HISTOGRAMS: usize = SIDES * LATENCY_KINDS * CLASSES;
 
 /// Log-linear (HDR-style) bucketing: values below `2^SUB_BITS` get one bucket each; above, each
 /// power of two is split into `2^SUB_BITS` equal buckets, so a bucket's width is at most 1/32 of
@@ -709,20 +733,29 @@ pub fn bucket_upper_bound(bucket: usize) -> u64 {
     bucket_lower_bound(bucket + 1)
 }
 
-/// Index of a histogram in the latency map.
+/// Index of a histogram in the latency map. `side` is masked to a valid side.
 #[inline(always)]
-pub fn histogram_index(kind: usize, class: u8) -> u32 {
-    (kind * CLASSES + class as usize) as u32
+pub fn histogram_index(side: u8, kind: usize, class: u8) -> u32 {
+    (((side as usize & 1) * LATENCY_KINDS + kind) * CLASSES + class as usize) as u32
 }
 
-/// Index of a decision counter in the decisions map.
+/// Index of a decision counter in the decisions map. `side` is masked to a valid side.
 #[inline(always)]
-pub fn decision_index(action: u8, class: u8) -> u32 {
-    action as u32 * CLASSES as u32 + class as u32
+pub fn decision_index(side: u8, action: u8, class: u8) -> u32 {
+    ((side as u32 & 1) * ACTIONS as u32 + action as u32) * CLASSES as u32 + class as u32
 }
 
-/// Number of decision counters.
-pub const DECISION_COUNTERS: u32 = (ACTIONS * CLASSES) as u32;
+/// Number of decision counters (per side, action and class).
+pub const DECISION_COUNTERS: u32 = (SIDES * ACTIONS * CLASSES) as u32;
+
+/// Index of a histogram-sampling clock in [`map_names::SAMPLED`].
+#[inline(always)]
+pub fn sampled_index(side: u8, class: u8) -> u32 {
+    (side as u32 & 1) * CLASSES as u32 + class as u32
+}
+
+/// Number of histogram-sampling clocks (per side and class).
+pub const SAMPLED_CLOCKS: u32 = (SIDES * CLASSES) as u32;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -764,6 +797,21 @@ mod tests {
         assert_eq!(offset_of!(SlotConfig, scope_level_min), 16);
         assert_eq!(size_of::<Config>(), 24 + 40 * SLOTS);
         assert_eq!(offset_of!(Config, epoch), 16);
+        assert_eq!(offset_of!(Config, candidate), 20);
+        assert_eq!(SIDES, 2);
+        assert_eq!(
+            decision_index(SIDE_CANDIDATE, 0, 0),
+            (ACTIONS * CLASSES) as u32
+        );
+        assert_eq!(
+            decision_index(1, ACTIONS as u8 - 1, 2),
+            DECISION_COUNTERS - 1
+        );
+        assert_eq!(
+            histogram_index(1, LATENCY_KINDS - 1, 2),
+            HISTOGRAMS as u32 - 1
+        );
+        assert_eq!(sampled_index(1, 2), SAMPLED_CLOCKS - 1);
         assert!(SLOTS.is_power_of_two());
         assert_eq!(offset_of!(Config, active_slot), 4);
         assert_eq!(offset_of!(Config, attach_cgroup_id), 8);

@@ -13,8 +13,10 @@
 //!   per-CPU log-linear histograms keyed by runtime class.
 //!
 //! A decision: the per-CPU verdict cache, keyed by (cgroup, destination, port, protocol) at the
-//! current epoch; on a miss, the active policy slot (deepest owning cgroup scope, longest
-//! destination prefix, then port range and protocol) and the result is cached. Decisions other
+//! current epoch; on a miss, the side of the caller's cgroup (the rollout split: the candidate
+//! slot for cgroups in `KNHK_SPLIT` while a rollout is live, else the active slot), then that
+//! slot's policy (deepest owning cgroup scope, longest destination prefix, then port range and
+//! protocol), and the result, with its side, is cached. Counters and histograms are per side. Decisions other
 //! than allow are sent to userspace as events, at most one per rule per interval.
 //!
 //! Map layouts and constants come from `knhk-abi`; nothing here defines its own ABI. Each entry
@@ -74,13 +76,15 @@ static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNA
 #[map(name = "KNHK_HEAT_INSERTS")]
 static HEAT_INSERTS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 #[map(name = "KNHK_SAMPLED")]
-static SAMPLED: PerCpuArray<u64> = PerCpuArray::pinned(CLASSES as u32, 0);
+static SAMPLED: PerCpuArray<u64> = PerCpuArray::pinned(SAMPLED_CLOCKS, 0);
 #[map(name = "KNHK_LATENCY")]
 static LATENCY: PerCpuArray<Histogram> = PerCpuArray::pinned(HISTOGRAMS as u32, 0);
 #[map(name = "KNHK_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 #[map(name = "KNHK_EVENT_GATE")]
 static EVENT_GATE: Array<u64> = Array::pinned(MAX_RULE_COUNTERS, 0);
+#[map(name = "KNHK_SPLIT")]
+static SPLIT: HashMap<u64, u32> = HashMap::pinned(MAX_SPLIT_CGROUPS, 0);
 #[map(name = "KNHK_EVENT_COUNTERS")]
 static EVENT_COUNTS: PerCpuArray<u64> = PerCpuArray::pinned(knhk_abi::EVENT_COUNTERS, 0);
 
@@ -176,19 +180,42 @@ fn judge<const V6: bool, const SEND: bool>(ctx: &SockAddrContext, d: &Dest, hook
     let Some(cfg) = CONFIG.get(0) else {
         return ALLOWED;
     };
-    // The epoch is read before the slot: a verdict cached under this epoch was computed from
-    // the slot that was active during it (the agent switches first, then bumps the epoch).
+    // The epoch is read before the slots: a verdict cached under this epoch was computed from
+    // the slots (and split) in effect during it (the agent switches first, then bumps the epoch).
     let epoch = unsafe { core::ptr::read_volatile(&cfg.epoch) };
-    let slot = unsafe { core::ptr::read_volatile(&cfg.active_slot) } & (SLOTS as u32 - 1);
-    let sc = &cfg.slots[slot as usize];
+    let active = unsafe { core::ptr::read_volatile(&cfg.active_slot) } & (SLOTS as u32 - 1);
+    let candidate = unsafe { core::ptr::read_volatile(&cfg.candidate) };
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let verdict = cached_decision(cgroup, epoch, slot, sc, d);
-    admit::<V6, SEND>(ctx, sc, verdict, d, cgroup, hook)
+    let (verdict, slot) = cached_decision(cgroup, epoch, active, candidate, cfg, d);
+    admit::<V6, SEND>(ctx, &cfg.slots[slot as usize], verdict, d, cgroup, hook)
 }
 
-/// The verdict for `d` from `cgroup`: from the per-CPU cache, or looked up and cached.
+/// The slot that judges `side`: the candidate's while a rollout is live, else the active one.
 #[inline(always)]
-fn cached_decision(cgroup: u64, epoch: u32, slot: u32, sc: &SlotConfig, d: &Dest) -> Verdict {
+fn slot_of(side: u8, active: u32, candidate: u32) -> u32 {
+    if side == SIDE_CANDIDATE && candidate != 0 {
+        (candidate - 1) & (SLOTS as u32 - 1)
+    } else {
+        active
+    }
+}
+
+/// The verdict for `d` from `cgroup`, and the slot that decided it: from the per-CPU cache (the
+/// cached word carries the side, so a hit needs no split lookup), or looked up and cached.
+///
+/// On a miss the side comes from the split table, and the slot with it. The verifier must not
+/// see the side as a constant on the way into `lookup` (it would then verify that costly path
+/// once per side): it is read from map memory on both branches (the split table's value, or a
+/// padding byte of the config that the agent always writes as zero), and never branched on.
+#[inline(always)]
+fn cached_decision(
+    cgroup: u64,
+    epoch: u32,
+    active: u32,
+    candidate: u32,
+    cfg: &Config,
+    d: &Dest,
+) -> (Verdict, u32) {
     let words = d.words();
     let meta = verdict_meta(d.port, d.proto, epoch);
     let hash = verdict_hash(cgroup, &words, meta);
@@ -208,13 +235,21 @@ fn cached_decision(cgroup: u64, epoch: u32, slot: u32, sc: &SlotConfig, d: &Dest
             && s.addr[1] == words[1]
             && s.check == verdict_check(hash, word)
         {
-            return Verdict::from_word(word);
+            let v = Verdict::from_word(word);
+            return (v, slot_of(v.side, active, candidate));
         }
         if victim.is_none() && (s.meta as u32) != epoch {
             victim = Some(e);
         }
     }
-    let verdict = lookup(slot, sc, d);
+    let opaque_zero = unsafe { core::ptr::read_volatile(&cfg.slots[0]._pad) } & 1;
+    let split = if candidate != 0 { unsafe { SPLIT.get(&cgroup) } } else { None };
+    let (side, slot) = match split {
+        Some(v) => ((*v as u8) & 1, (candidate - 1) & (SLOTS as u32 - 1)),
+        None => (opaque_zero, active),
+    };
+    let mut verdict = lookup(slot, &cfg.slots[slot as usize], d);
+    verdict.side = side;
     let victim = victim.or_else(|| VERDICTS.get_ptr_mut(first + ((hash >> 40) as u32 & (VERDICT_CACHE_WAYS - 1))));
     if let Some(e) = victim {
         let word = verdict.to_word();
@@ -227,7 +262,7 @@ fn cached_decision(cgroup: u64, epoch: u32, slot: u32, sc: &SlotConfig, d: &Dest
             (*e).check = verdict_check(hash, word);
         }
     }
-    verdict
+    (verdict, slot)
 }
 
 /// The policy's verdict: the deepest owning scope's trie, longest prefix, first matching entry.
@@ -244,7 +279,7 @@ fn lookup(slot: u32, sc: &SlotConfig, d: &Dest) -> Verdict {
         let key = Key::new(LPM_FIXED_BITS + 128, LpmKeyV6 { slot, _pad: 0, scope, addr: d.addr });
         POLICY_V6.get(&key)
     };
-    let default = Verdict { action: sc.default_action, class: sc.default_class, _pad: 0, counter: 0 };
+    let default = Verdict { action: sc.default_action, class: sc.default_class, side: 0, _pad: 0, counter: 0 };
     let Some(leaf) = leaf else {
         return default;
     };
@@ -277,7 +312,7 @@ fn scan(entries: &[RuleEntry; LEAF_INLINE_ENTRIES], len: u32, d: &Dest) -> Optio
         }
         let e = &entries[i];
         if e.matches(d.port, d.proto) {
-            return Some(Verdict { action: e.action, class: e.class, _pad: 0, counter: e.counter });
+            return Some(Verdict { action: e.action, class: e.class, side: 0, _pad: 0, counter: e.counter });
         }
     }
     None
@@ -377,7 +412,7 @@ fn admit<const V6: bool, const SEND: bool>(
         }
     }
 
-    if let Some(n) = DECISIONS.get_ptr_mut(decision_index(action, class)) {
+    if let Some(n) = DECISIONS.get_ptr_mut(decision_index(verdict.side, action, class)) {
         unsafe { *n += 1 };
     }
     if let Some(n) = RULE_HITS.get_ptr_mut(verdict.counter) {
@@ -397,14 +432,14 @@ fn admit<const V6: bool, const SEND: bool>(
     }
     if !SEND && sc.flags & FLAG_HISTOGRAMS != 0 && d.proto == PROTO_TCP {
         let now = clock.now();
-        let Some(last) = SAMPLED.get_ptr_mut(class as u32) else {
+        let Some(last) = SAMPLED.get_ptr_mut(sampled_index(verdict.side, class)) else {
             return ALLOWED;
         };
         if now.wrapping_sub(unsafe { *last }) < sc.histogram_interval_ns {
             return ALLOWED;
         }
         unsafe { *last = now };
-        let mut state = ConnState { start_ns: now, class, _pad: [0; 7] };
+        let mut state = ConnState { start_ns: now, class, side: verdict.side, _pad: [0; 6] };
         let p = unsafe { CONNS.get_or_insert_ptr_mut(ctx, Some(&mut state)) };
         if !p.is_null() {
             // A reused socket may already have storage: overwrite it.
@@ -532,7 +567,10 @@ fn unpark_reply<const V6: bool>(ctx: &SockAddrContext) {
         return;
     };
     let slot = unsafe { core::ptr::read_volatile(&cfg.active_slot) } & (SLOTS as u32 - 1);
-    if cfg.slots[slot as usize].flags & FLAG_PARK == 0 {
+    let candidate = unsafe { core::ptr::read_volatile(&cfg.candidate) };
+    let parks = cfg.slots[slot as usize].flags & FLAG_PARK != 0
+        || (candidate != 0 && cfg.slots[slot_of(SIDE_CANDIDATE, slot, candidate) as usize].flags & FLAG_PARK != 0);
+    if !parks {
         return;
     }
     let sa = unsafe { &mut *ctx.sock_addr };
@@ -619,25 +657,25 @@ fn try_sockops(ctx: &SockOpsContext) {
         // Not a connect that admission timed (UDP, histograms off, or before the agent).
         return;
     }
-    let class = unsafe { (*state).class };
+    let (class, side) = unsafe { ((*state).class, (*state).side) };
     if op == OP_ACTIVE_ESTABLISHED_CB {
         let start = unsafe { (*state).start_ns };
         let now = unsafe { bpf_ktime_get_ns() };
-        record_latency(LATENCY_HANDSHAKE, class, now.saturating_sub(start));
+        record_latency(side, LATENCY_HANDSHAKE, class, now.saturating_sub(start));
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_RTT_CB_FLAG as i32);
     } else {
         // srtt_us holds the smoothed RTT in microseconds, left-shifted by 3.
         let srtt_us8 = unsafe { (*ctx.ops).srtt_us } as u64;
-        record_latency(LATENCY_RTT, class, (srtt_us8 >> 3) * 1000);
+        record_latency(side, LATENCY_RTT, class, (srtt_us8 >> 3) * 1000);
     }
 }
 
 #[inline(always)]
-fn record_latency(kind: usize, class: u8, value_ns: u64) {
+fn record_latency(side: u8, kind: usize, class: u8, value_ns: u64) {
     if class as usize >= CLASSES {
         return;
     }
-    let Some(h) = LATENCY.get_ptr_mut(histogram_index(kind, class)) else {
+    let Some(h) = LATENCY.get_ptr_mut(histogram_index(side, kind, class)) else {
         return;
     };
     let b = bucket_of(value_ns);

@@ -4,12 +4,14 @@
 
 mod beat;
 mod identity;
+mod promotion;
 mod receipts;
 mod sync;
 mod telemetry;
 
 pub use beat::BeatSettings;
 pub use identity::{FilePaths, IdentitySettings, DEFAULT_SOCKET};
+pub use promotion::{PromotionSettings, DEFAULT_STEPS};
 pub use receipts::{check_receipts, ReceiptSettings, SignerSettings};
 pub use sync::{valid_region, Peer, SyncSettings};
 pub use telemetry::{
@@ -30,4 +32,6 @@ pub struct Settings {
     pub sync: Option<SyncSettings>,
     /// OTLP export of metrics and traces (`[telemetry]` with an endpoint or `weaver_live_check`).
     pub telemetry: Option<TelemetrySettings>,
+    /// The node's ring, feature flags and rollout defaults (`[promotion]`, or its defaults).
+    pub promotion: PromotionSettings,
 }
