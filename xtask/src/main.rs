@@ -5,6 +5,7 @@
 
 mod image;
 mod layers;
+mod previous_abi;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -154,8 +155,15 @@ fn main() -> Result<()> {
                     "warnings",
                 ]))?;
             }
+            // The agent of the previous map ABI, for the migration test.
+            let previous = previous_abi::build(&root, &target_dir(&root))?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--all-targets"]);
+            cmd.env("KNHK_PREVIOUS_ABI_AGENT", &previous);
+            cmd.env(
+                "KNHK_PREVIOUS_ABI_VERSION",
+                previous_abi::PREVIOUS_ABI_VERSION.to_string(),
+            );
             // As root, a kernel test that cannot run fails instead of skipping (a skip can
             // only be chosen explicitly, with KNHK_REQUIRE_KERNEL_TESTS=0).
             if is_root() && std::env::var_os("KNHK_REQUIRE_KERNEL_TESTS").is_none() {
