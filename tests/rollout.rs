@@ -516,3 +516,96 @@ fn kernel_bad_rollout_requests_are_refused_with_their_field_and_change_nothing()
     assert_eq!(aborted.reason, "testing abort");
     agent.kill9();
 }
+
+/// `knhk_verdict_events_total{outcome="sent"}` from the agent's metrics.
+fn events_sent(agent: &Agent) -> u64 {
+    agent
+        .get("/metrics")
+        .lines()
+        .find(|l| l.starts_with("knhk_verdict_events_total{outcome=\"sent\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn kernel_a_feature_flag_is_canaried_per_workload_with_the_same_split() {
+    if !kernel_available("kernel_a_feature_flag_is_canaried_per_workload_with_the_same_split") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("rollout-flags");
+    let ws = workloads(&cg, 16);
+    let pins = TestPins::new("rollout-flags");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Both sides deny the target; only the flags differ: the candidate sends no verdict events.
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[[policy.rules]]\nname = \"blocked\"\naction = \"deny\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{}\"]\n\
+             [promotion]\nfeature_flags = [\"heat_tracking\", \"latency_histograms\", \"verdict_events\"]\n",
+            target.port()
+        ),
+    );
+    let agent = Agent::start(&config);
+    let started = start(
+        &agent,
+        pb::StartRolloutRequest {
+            set_feature_flags: true,
+            feature_flags: vec!["heat_tracking".into(), "latency_histograms".into()],
+            steps: vec![50.0],
+            beats_per_step: 100_000,
+            ..Default::default()
+        },
+    )
+    .expect("a flags-only rollout");
+    assert_eq!(
+        started.feature_flags,
+        ["heat_tracking", "latency_histograms"]
+    );
+    assert_eq!(
+        started.candidate_digest,
+        {
+            let p = runtime().block_on(async {
+                PolicyServiceClient::new(agent.channel().await)
+                    .get_policy(pb::GetPolicyRequest {})
+                    .await
+                    .expect("policy")
+                    .into_inner()
+            });
+            p.digest
+        },
+        "the same policy: only the flags change"
+    );
+    wait_until("the split", Duration::from_secs(10), || {
+        rollout(&agent).workloads >= 16
+    });
+    let (candidate, stable): (Vec<_>, Vec<_>) = ws
+        .iter()
+        .partition(|(k, _)| on_candidate(&started.seed, k, 50.0));
+    assert!(!candidate.is_empty() && !stable.is_empty());
+    // Denied on both sides; events only from the stable side (at most one per rule per 10 ms).
+    let before = events_sent(&agent);
+    for (_, dir) in &candidate {
+        for _ in 0..3 {
+            assert_eq!(tcp_connect_from(dir, target), Outcome::Denied);
+            std::thread::sleep(Duration::from_millis(12));
+        }
+    }
+    assert_eq!(
+        events_sent(&agent),
+        before,
+        "the candidate's workloads run with verdict_events off"
+    );
+    for (_, dir) in &stable {
+        assert_eq!(tcp_connect_from(dir, target), Outcome::Denied);
+        std::thread::sleep(Duration::from_millis(12));
+    }
+    assert!(
+        events_sent(&agent) >= before + stable.len() as u64,
+        "the stable side's workloads still send events"
+    );
+    agent.kill9();
+}
