@@ -873,23 +873,53 @@ fn cli(agent: &Agent, args: &[&str]) -> std::process::Output {
         .expect("run the CLI")
 }
 
-fn log_size(agent: &Agent) -> u64 {
-    let out = cli(
-        agent,
-        &["receipts", "list", "--limit", "1", "--output", "json"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    v["log_size"].as_u64().expect("log_size")
+/// The latest signed checkpoint (tree size, root) and the leaf hashes of the receipts it covers,
+/// as a client would have seen them acknowledged.
+fn acknowledged_tree(agent: &Agent) -> (u64, Vec<u8>, Vec<[u8; 32]>) {
+    use knhk_agent::api::receipts::pb::{
+        receipt_service_client::ReceiptServiceClient, GetCheckpointRequest, ListReceiptsRequest,
+    };
+    runtime().block_on(async {
+        let mut c = ReceiptServiceClient::new(agent.channel().await);
+        let cp = c
+            .get_checkpoint(GetCheckpointRequest { number: None })
+            .await
+            .expect("the latest signed checkpoint")
+            .into_inner()
+            .checkpoint
+            .expect("checkpoint");
+        let mut leaves = Vec::new();
+        while (leaves.len() as u64) < cp.tree_size {
+            let page = c
+                .list_receipts(ListReceiptsRequest {
+                    from_seq: leaves.len() as u64,
+                    limit: 1000,
+                })
+                .await
+                .expect("list receipts")
+                .into_inner();
+            assert!(!page.receipts.is_empty(), "receipts up to the checkpoint");
+            for r in page.receipts {
+                if leaves.len() as u64 == cp.tree_size {
+                    break;
+                }
+                leaves.push(knhk_agent::receipts::merkle::leaf(&r.encoding));
+            }
+        }
+        (cp.tree_size, cp.root_hash, leaves)
+    })
 }
 
+/// `kill -9` while receipts flood in (policy applies and legal holds in flight from several
+/// clients, pulses every 8 ms): after the restart the ledger extends the last checkpoint
+/// acknowledged before the kill (a consistency proof from its root verifies), every receipt it
+/// covered has the same leaf hash, every acknowledged hold has its receipt, and the ledger
+/// verifies offline.
 #[test]
-fn kernel_receipts_survive_kill9_and_the_ledger_verifies() {
-    if !kernel_available("kernel_receipts_survive_kill9_and_the_ledger_verifies") {
+fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoint() {
+    if !kernel_available(
+        "kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoint",
+    ) {
         return;
     }
     let _serial = timing_shared();
@@ -909,92 +939,131 @@ fn kernel_receipts_survive_kill9_and_the_ledger_verifies() {
         ),
     );
     let agent = Agent::start(&config);
-    assert!(
-        agent.logs().contains("LOCAL FILE KEY") || agent.get("/readyz").contains("200"),
-        "started"
-    );
-    // Policy switches while the pulses run: receipts from both sources.
+    let endpoint = agent.endpoint();
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, deny_rule(9)).expect("policy");
-    for _ in 0..20 {
-        let out = cli(
-            &agent,
-            &["policy", "apply", policy.to_str().expect("utf-8")],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    // A legal hold, placed through the CLI, is itself receipted.
-    let out = cli(
-        &agent,
-        &[
-            "hold",
-            "place",
-            "--case-id",
-            "CASE-1",
-            "--reason",
-            "test",
-            "--from-seq",
-            "0",
-            "--to-seq",
-            "10",
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli(&agent, &["hold", "list"]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("CASE-1"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    // Acknowledged (listed, so committed) right before the kill.
-    let acknowledged = log_size(&agent);
-    assert!(
-        acknowledged > 20,
-        "receipts are being written: {acknowledged}"
-    );
+
+    // The flood: three clients placing holds, one applying policies, until told to stop; each
+    // keeps what was acknowledged (a hold id is returned only once its receipt is durable).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holders: Vec<_> = (0..3)
+        .map(|c| {
+            let (endpoint, stop) = (endpoint.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let out = Command::new(BIN)
+                        .args(["hold", "place", "--case-id"])
+                        .arg(format!("FLOOD-{c}-{n}"))
+                        .args(["--reason", "flood", "--from-seq", "0", "--to-seq", "1"])
+                        .args(["--endpoint", &endpoint, "--output", "json"])
+                        .output()
+                        .expect("run the CLI");
+                    if out.status.success() {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&out.stdout).expect("hold json");
+                        acked.push(v["id"].as_u64().expect("hold id"));
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let applier = {
+        let (endpoint, stop, policy) = (endpoint.clone(), stop.clone(), policy.clone());
+        std::thread::spawn(move || {
+            let mut acked = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(BIN)
+                    .args(["policy", "apply"])
+                    .arg(&policy)
+                    .args(["--endpoint", &endpoint])
+                    .output()
+                    .expect("run the CLI");
+                acked += usize::from(out.status.success());
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // Acknowledged before the kill: the latest signed checkpoint and the receipts under it.
+    let (old_size, old_root, old_leaves) = acknowledged_tree(&agent);
+    assert!(old_size > 20, "receipts are being written: {old_size}");
     agent.kill9();
 
+    // Restart while the clients keep going; let the flood run on the new agent too.
     let agent = Agent::start(&config);
-    let after = log_size(&agent);
-    assert!(
-        after >= acknowledged,
-        "every acknowledged receipt survived: {after} < {acknowledged}"
-    );
-    let out = cli(
-        &agent,
-        &[
-            "receipts", "list", "--from", "0", "--limit", "1000", "--output", "json",
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let kinds: Vec<&str> = v["receipts"]
-        .as_array()
-        .expect("receipts")
-        .iter()
-        .filter_map(|r| r["kind"].as_str())
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked: Vec<u64> = holders
+        .into_iter()
+        .flat_map(|h| h.join().expect("client"))
         .collect();
-    for kind in ["policy_switch", "cycle_summary", "hold_placed"] {
-        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    let applies = applier.join().expect("applier");
+    let (new_size, new_root, new_leaves) = acknowledged_tree(&agent);
+    eprintln!(
+        "kill -9 mid-flood: checkpoint {old_size} before, {new_size} after; {} holds and {applies} applies acknowledged",
+        acked.len()
+    );
+    assert!(new_size > old_size, "the ledger grew after the restart");
+    assert!(acked.len() >= 3 && applies >= 1, "the flood ran");
+    // The new tree extends the acknowledged one: a consistency proof from its root verifies.
+    let path = runtime().block_on(async {
+        use knhk_agent::api::receipts::pb::{
+            receipt_service_client::ReceiptServiceClient, GetConsistencyProofRequest,
+        };
+        ReceiptServiceClient::new(agent.channel().await)
+            .get_consistency_proof(GetConsistencyProofRequest { old_size, new_size })
+            .await
+            .expect("consistency proof")
+            .into_inner()
+            .path
+    });
+    let hash = |b: &[u8]| -> [u8; 32] { b.try_into().expect("32-byte hash") };
+    let path: Vec<[u8; 32]> = path.iter().map(|h| hash(h)).collect();
+    assert!(
+        knhk_agent::receipts::merkle::verify_consistency(
+            &hash(&old_root),
+            old_size,
+            &hash(&new_root),
+            new_size,
+            &path
+        ),
+        "the ledger after the restart extends the checkpoint acknowledged before the kill"
+    );
+    assert_eq!(
+        &new_leaves[..old_leaves.len()],
+        &old_leaves[..],
+        "every acknowledged receipt keeps its hash"
+    );
+
+    // Stop, then every acknowledged hold has its receipt and the ledger verifies offline.
+    let (status, _) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
+    let size = ledger.size().expect("size");
+    let mut receipted = std::collections::BTreeSet::new();
+    for (receipt, payload) in ledger.receipts(0, size as usize).expect("receipts") {
+        if receipt.kind == knhk_agent::model::ReceiptKind::HoldPlaced {
+            let hold: serde_json::Value =
+                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
+            receipted.insert(hold["id"].as_u64().expect("id"));
+        }
     }
-    // Stop it and verify the ledger offline: every receipt, node, checkpoint and signature.
-    let mut agent = agent;
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
-    let _ = agent.child.wait();
+    drop(ledger);
+    let lost: Vec<&u64> = acked.iter().filter(|id| !receipted.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged holds without a receipt: {lost:?}"
+    );
     let out = Command::new(BIN)
         .args(["receipts", "verify", "--db"])
         .arg(&db)
         .output()
         .expect("verify");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
     assert!(
         out.status.success() && stdout.contains("verified"),
         "{stdout}"
