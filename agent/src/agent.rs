@@ -9,7 +9,8 @@
 use crate::{
     api,
     beat::BeatEngine,
-    config::Config,
+    bundle::{self, Follower},
+    config::{BundleKey, Config},
     control::{ControlError, Controller},
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
     identity::{Identity, IdentityError},
@@ -65,9 +66,105 @@ pub enum AgentError {
     /// The workload identity could not start (a local cause, such as unreadable files).
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The fleet bundle follower could not start (its public key, its store client).
+    #[error("[bundle]: {0}")]
+    Bundle(#[from] bundle::BundleError),
     /// A background task panicked.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Where verified fleet bundles go: the control core (their policy), the receipts ledger
+/// (what was applied or refused).
+struct BundleSink {
+    controller: Arc<Controller>,
+    receipts: Option<Arc<Receipts>>,
+}
+
+#[tonic::async_trait]
+impl bundle::Sink for BundleSink {
+    async fn apply(&self, b: &bundle::Bundle) -> Result<String, String> {
+        match self.controller.apply_bundle(b.policy.clone()).await {
+            Ok(Some(applied)) => Ok(format!("generation {}", applied.generation.number)),
+            Ok(None) => Ok(format!(
+                "already live (generation {})",
+                self.controller.live().await.number
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn record(&self, outcome: bundle::Outcome) {
+        let Some(r) = &self.receipts else {
+            return;
+        };
+        let (generation, payload) = match outcome {
+            bundle::Outcome::Applied {
+                url,
+                digest,
+                etag,
+                from,
+                detail,
+            } => {
+                let generation = self.controller.live().await.number;
+                (
+                    generation,
+                    serde_json::json!({"outcome": "applied", "url": url, "digest": digest,
+                        "etag": etag, "from": from, "detail": detail, "generation": generation}),
+                )
+            }
+            bundle::Outcome::Refused {
+                url,
+                etag,
+                reason,
+                error,
+            } => (
+                0,
+                serde_json::json!({"outcome": "refused", "url": url, "etag": etag,
+                    "reason": reason, "error": error}),
+            ),
+        };
+        let appended = r
+            .append(NewReceipt {
+                kind: ReceiptKind::Bundle,
+                cycle: 0,
+                policy_generation: generation,
+                payload: payload.to_string().into_bytes(),
+            })
+            .await;
+        if let Err(e) = appended {
+            error!("receipts: the bundle receipt was not recorded: {e}");
+        }
+    }
+}
+
+/// The public key fleet bundles must be signed with: from its file, or AWS KMS's GetPublicKey.
+async fn bundle_public_key(
+    settings: &crate::config::BundleSettings,
+) -> Result<Vec<u8>, AgentError> {
+    match &settings.key_source {
+        BundleKey::File { der, .. } => Ok(der.clone()),
+        BundleKey::Kms {
+            key_id,
+            endpoint_url,
+        } => {
+            let kms = crate::config::SignerSettings::Aws {
+                region: settings.region.clone(),
+                key_id: key_id.clone(),
+                endpoint_url: endpoint_url.clone(),
+            };
+            let fail = |e: String| {
+                AgentError::Bundle(bundle::BundleError::Key(format!(
+                    "the public key of bundle.kms_key_id {key_id:?} cannot be had: {e}"
+                )))
+            };
+            let signer = receipts::connect_signer(&kms)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let info = signer.current().await.map_err(|e| fail(e.to_string()))?;
+            Ok(info.public_key_der)
+        }
+    }
 }
 
 /// The cgroup root the agent attaches to: the configured one or the detected cgroup v2 mount.
@@ -438,6 +535,28 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
         _ => (None, None),
     };
+
+    // A fleet bundle ([bundle]) is the source of truth: direct applies are refused from before
+    // the API serves, and the follower applies each verified bundle.
+    if let Some(settings) = &config.settings.bundle {
+        let key = bundle_public_key(settings).await?;
+        let follower = Follower::new(settings, key, &config.agent.state_dir).await?;
+        follower
+            .register_metrics(&registry)
+            .map_err(|e| AgentError::Internal(format!("registering bundle metrics: {e}")))?;
+        readiness.register("fleet bundle", follower.readiness_check());
+        controller.set_bundle_source(settings.url.clone());
+        info!(url = %settings.url, poll_ms = settings.poll_interval.as_millis() as u64, "following the fleet bundle");
+        let sink: Arc<dyn bundle::Sink> = Arc::new(BundleSink {
+            controller: controller.clone(),
+            receipts: receipts.clone(),
+        });
+        let mut stop = services.stop_signal();
+        services.spawn(
+            "bundle follower",
+            follower.run(sink, async move { stop.requested().await }),
+        );
+    }
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = api::serve(

@@ -71,9 +71,9 @@ pub enum ServeError {
 /// Maps each control outcome to its gRPC status code.
 pub fn status_of(e: ControlError) -> Status {
     match e {
-        ControlError::StaleGeneration { .. } | ControlError::NoPrevious { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        ControlError::StaleGeneration { .. }
+        | ControlError::NoPrevious { .. }
+        | ControlError::BundleManaged { .. } => Status::failed_precondition(e.to_string()),
         ControlError::Datapath(DatapathError::Compile(c)) => {
             Status::invalid_argument(c.to_string())
         }

@@ -522,6 +522,7 @@ pub(super) struct RawConfig {
     promotion: Option<Spanned<PromotionSection>>,
     kubernetes: Option<Spanned<KubernetesSection>>,
     telemetry: Option<Spanned<TelemetrySection>>,
+    bundle: Option<Spanned<super::settings::BundleSection>>,
 }
 
 /// Takes the one of a top-level section and its nested alias that is present; both is an error.
@@ -800,6 +801,14 @@ impl RawConfig {
                 .map_err(section_err(t.span().start))?,
             None => None,
         };
+        let bundle = match &self.bundle {
+            Some(b) => Some(
+                super::settings::BundleSettings::from_section(b.get_ref(), None).map_err(
+                    |(k, m, pos)| err(pos.unwrap_or(b.span().start), format!("bundle.{k}"), m),
+                )?,
+            ),
+            None => None,
+        };
         Ok(Config {
             settings: Settings {
                 beat,
@@ -807,6 +816,7 @@ impl RawConfig {
                 receipts: receipt_settings,
                 sync,
                 telemetry: telemetry_settings,
+                bundle,
             },
             agent,
             policy: PolicySection { max_rules, rules },

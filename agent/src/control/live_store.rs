@@ -14,7 +14,7 @@ use std::{
 };
 
 /// What set the live policy.
-pub const SOURCES: [&str; 3] = ["file", "apply", "rollback"];
+pub const SOURCES: [&str; 4] = ["file", "apply", "rollback", "bundle"];
 
 /// The persisted live policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

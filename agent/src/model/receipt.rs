@@ -15,17 +15,20 @@ pub enum ReceiptKind {
     HoldPlaced,
     /// A legal hold was released.
     HoldReleased,
+    /// A fleet bundle was applied or refused.
+    Bundle,
 }
 
 impl ReceiptKind {
     /// Every kind.
-    pub const ALL: [ReceiptKind; 6] = [
+    pub const ALL: [ReceiptKind; 7] = [
         ReceiptKind::PolicySwitch,
         ReceiptKind::ClassState,
         ReceiptKind::CycleSummary,
         ReceiptKind::KeyRotation,
         ReceiptKind::HoldPlaced,
         ReceiptKind::HoldReleased,
+        ReceiptKind::Bundle,
     ];
 
     /// The wire code.
@@ -37,6 +40,7 @@ impl ReceiptKind {
             ReceiptKind::KeyRotation => 4,
             ReceiptKind::HoldPlaced => 5,
             ReceiptKind::HoldReleased => 6,
+            ReceiptKind::Bundle => 7,
         }
     }
 
@@ -54,6 +58,7 @@ impl ReceiptKind {
             ReceiptKind::KeyRotation => "key_rotation",
             ReceiptKind::HoldPlaced => "hold_placed",
             ReceiptKind::HoldReleased => "hold_released",
+            ReceiptKind::Bundle => "bundle",
         }
     }
 

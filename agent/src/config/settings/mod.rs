@@ -3,12 +3,14 @@
 //! exactly what `run` starts with.
 
 mod beat;
+mod bundle;
 mod identity;
 mod receipts;
 mod sync;
 mod telemetry;
 
 pub use beat::BeatSettings;
+pub use bundle::{BundleKey, BundleSection, BundleSettings};
 pub use identity::{FilePaths, IdentitySettings, DEFAULT_SOCKET};
 pub use receipts::{check_receipts, ReceiptSettings, SignerSettings};
 pub use sync::{valid_region, Peer, SyncSettings};
@@ -30,4 +32,6 @@ pub struct Settings {
     pub sync: Option<SyncSettings>,
     /// OTLP export of metrics and traces (`[telemetry]` with an endpoint or `weaver_live_check`).
     pub telemetry: Option<TelemetrySettings>,
+    /// The fleet bundle this node follows (`[bundle]`).
+    pub bundle: Option<BundleSettings>,
 }
