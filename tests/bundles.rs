@@ -460,3 +460,172 @@ fn with_the_store_down_the_last_good_bundle_stays_and_a_restart_takes_it_from_di
         assert!(sink3.live().is_none());
     });
 }
+
+fn deny(port: u16) -> String {
+    format!(
+        "[agent]\nmode = \"enforce\"\n[[policy.rules]]\nname = \"bundle-deny\"\naction = \"deny\"\ncidrs = [\"127.0.0.1/32\"]\nports = [\"{port}\"]\nprotocol = \"tcp\"\n"
+    )
+}
+
+fn allow() -> String {
+    "[agent]\nmode = \"enforce\"\n[[policy.rules]]\nname = \"bundle-allow\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n".into()
+}
+
+fn bundle_of(policy: String) -> BundleDocument {
+    BundleDocument {
+        version: 1,
+        policy,
+        rollout: None,
+        flags: None,
+        comment: None,
+    }
+}
+
+#[test]
+fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_good_one() {
+    use knhk_agent::api::pb::{self, policy_service_client::PolicyServiceClient};
+    use support::{
+        kernel_available, tcp_connect_from, tcp_sink, wait_until, write_config, Agent, Outcome,
+        TestCgroup, TestPins,
+    };
+    if !kernel_available(
+        "kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_good_one",
+    ) {
+        return;
+    }
+    let moto = kms::moto();
+    let target = tcp_sink("127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_dir = dir.path().join("key");
+    let url = "s3://fleet-bundles/prod/bundle.json";
+    let rt = support::runtime();
+    let pem = rt.block_on(async {
+        s3::create_bucket(&moto.url, "fleet-bundles").await;
+        let pem = dev_key(&key_dir).await;
+        publish(&bundle_of(deny(target.port())), &key_dir, &moto.url, url).await;
+        pem
+    });
+    // Two nodes, each its own cgroup, pins and state; the file's policy allows everything.
+    let section = format!(
+        "[bundle]\nurl = \"{url}\"\nendpoint_url = \"{}\"\npoll_interval_ms = 1000\njitter = 0.0\ntimeout_ms = 1000\npublic_key_file = \"{}\"\n",
+        moto.url,
+        pem.display()
+    );
+    let nodes: Vec<(TestCgroup, TestPins, PathBuf)> = ["bundle-a", "bundle-b"]
+        .iter()
+        .map(|name| {
+            let cg = TestCgroup::new(name);
+            let pins = TestPins::new(name);
+            let node_dir = dir.path().join(name);
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let config = write_config(
+                &node_dir,
+                &cg.path,
+                &pins.root,
+                &format!("[[policy.rules]]\nname = \"file-allow\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n{section}"),
+            );
+            (cg, pins, config)
+        })
+        .collect();
+    let agents: Vec<Agent> = nodes.iter().map(|(_, _, c)| Agent::start(c)).collect();
+    // Publish → every node converges on the bundle's policy.
+    for (cg, _, _) in &nodes {
+        wait_until(
+            "the bundle's deny rule is enforced",
+            Duration::from_secs(15),
+            || tcp_connect_from(&cg.path, target) == Outcome::Denied,
+        );
+    }
+    rt.block_on(async {
+        let mut c = PolicyServiceClient::new(agents[0].channel().await);
+        let live = c
+            .get_policy(pb::GetPolicyRequest {})
+            .await
+            .expect("get")
+            .into_inner();
+        // Direct applies and rollbacks are refused, naming the bundle.
+        let e = c
+            .apply_policy(pb::ApplyPolicyRequest {
+                policy: Some(pb::PolicyDocument {
+                    rules: vec![pb::Rule {
+                        name: "direct".into(),
+                        action: pb::Action::Allow as i32,
+                        cidrs: vec!["0.0.0.0/0".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                expected_generation: None,
+            })
+            .await
+            .expect_err("a direct apply is refused");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message()
+                .contains(&format!("this node follows the fleet bundle {url}")),
+            "{}",
+            e.message()
+        );
+        let e = c
+            .rollback(pb::RollbackRequest {
+                expected_generation: None,
+            })
+            .await
+            .expect_err("a rollback is refused");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains(url), "{}", e.message());
+        let after = c
+            .get_policy(pb::GetPolicyRequest {})
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(after.generation, live.generation, "nothing changed");
+        // A new bundle: both nodes converge again.
+        publish(&bundle_of(allow()), &key_dir, &moto.url, url).await;
+    });
+    for (cg, _, _) in &nodes {
+        wait_until(
+            "the new bundle allows again",
+            Duration::from_secs(15),
+            || tcp_connect_from(&cg.path, target) == Outcome::Connected,
+        );
+    }
+    let metrics = agents[0].get("/metrics");
+    assert!(
+        metrics.contains("knhk_bundle_polls_total{result=\"not_modified\"}"),
+        "{metrics}"
+    );
+    // The store goes down: the last good bundle stays, and readiness says why, naming it.
+    rt.block_on(async {
+        publish(&bundle_of(deny(target.port())), &key_dir, &moto.url, url).await;
+    });
+    let (cg, _, config) = &nodes[0];
+    wait_until("denied again", Duration::from_secs(15), || {
+        tcp_connect_from(&cg.path, target) == Outcome::Denied
+    });
+    drop(moto);
+    wait_until(
+        "readiness names the bundle",
+        Duration::from_secs(10),
+        || {
+            let r = agents[0].get("/readyz");
+            r.contains("fleet bundle") && r.contains(url) && r.contains("unavailable")
+        },
+    );
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    // A restart with the store still down: the last good bundle is enforced.
+    let mut agents = agents;
+    agents.remove(0).kill9();
+    let agent = Agent::start(config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    wait_until(
+        "restarted: readiness names the bundle",
+        Duration::from_secs(10),
+        || {
+            let r = agent.get("/readyz");
+            r.contains(url) && r.contains("the last good bundle stays live")
+        },
+    );
+    drop(agent);
+    drop(agents);
+}
