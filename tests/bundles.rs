@@ -481,6 +481,66 @@ fn bundle_of(policy: String) -> BundleDocument {
     }
 }
 
+/// `knhk-agent bundle publish` of `policy`, signed with the AWS KMS key `key_id` on moto.
+fn cli_publish(dir: &Path, policy: &str, moto: &str, key_id: &str, url: &str) {
+    let file = dir.join("bundle-policy.toml");
+    std::fs::write(&file, policy).expect("policy file");
+    let out = std::process::Command::new(support::BIN)
+        .args(["bundle", "publish", "--policy"])
+        .arg(&file)
+        .args([
+            "--url",
+            url,
+            "--endpoint-url",
+            moto,
+            "--kms-key-id",
+            key_id,
+            "--kms-endpoint-url",
+            moto,
+            "--comment",
+            "kernel test",
+        ])
+        .output()
+        .expect("run bundle publish");
+    assert!(
+        out.status.success(),
+        "bundle publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The receipts of `kind` of the agent, as `receipts list --output json` gives them.
+fn receipts_of(agent: &support::Agent, kind: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "receipts",
+            "list",
+            "--limit",
+            "1000",
+            "--output",
+            "json",
+            "--endpoint",
+        ])
+        .arg(agent.endpoint())
+        .output()
+        .expect("run receipts list");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "receipts list: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    list["receipts"]
+        .as_array()
+        .expect("receipts")
+        .iter()
+        .filter(|r| r["kind"] == kind)
+        .map(|r| {
+            serde_json::from_str(r["payload"].as_str().expect("payload")).expect("json payload")
+        })
+        .collect()
+}
+
 #[test]
 fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_good_one() {
     use knhk_agent::api::pb::{self, policy_service_client::PolicyServiceClient};
@@ -496,24 +556,54 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
     let moto = kms::moto();
     let target = tcp_sink("127.0.0.1:0");
     let dir = tempfile::tempdir().expect("tempdir");
-    let key_dir = dir.path().join("key");
     let url = "s3://fleet-bundles/prod/bundle.json";
     let rt = support::runtime();
-    let pem = rt.block_on(async {
+    // Bundles are signed by an AWS KMS ECC_NIST_P256 key (moto's KMS).
+    let key_id = rt.block_on(async {
         s3::create_bucket(&moto.url, "fleet-bundles").await;
-        let pem = dev_key(&key_dir).await;
-        publish(&bundle_of(deny(target.port())), &key_dir, &moto.url, url).await;
-        pem
+        kms::create_kms_key(&moto.url).await.1
     });
-    // Two nodes, each its own cgroup, pins and state; the file's policy allows everything.
-    let section = format!(
-        "[bundle]\nurl = \"{url}\"\nendpoint_url = \"{}\"\npoll_interval_ms = 1000\njitter = 0.0\ntimeout_ms = 1000\npublic_key_file = \"{}\"\n",
-        moto.url,
-        pem.display()
+    cli_publish(dir.path(), &deny(target.port()), &moto.url, &key_id, url);
+    // Node a verifies with the key's PEM (`bundle public-key`), node b asks KMS for it.
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "bundle",
+            "public-key",
+            "--kms-key-id",
+            &key_id,
+            "--kms-endpoint-url",
+            &moto.url,
+        ])
+        .output()
+        .expect("run bundle public-key");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let pem = dir.path().join("bundle-key.pem");
+    std::fs::write(&pem, &out.stdout).expect("write the public key");
+    let common = format!(
+        "[bundle]\nurl = \"{url}\"\nendpoint_url = \"{}\"\npoll_interval_ms = 1000\njitter = 0.0\ntimeout_ms = 1000\n",
+        moto.url
+    );
+    let sections = [
+        format!(
+            "{common}public_key_file = \"{}\"\n[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n",
+            pem.display(),
+            dir.path().join("receipts-key").display(),
+            dir.path().join("receipts.redb").display()
+        ),
+        format!(
+            "{common}kms_key_id = \"{key_id}\"\nkms_endpoint_url = \"{}\"\n",
+            moto.url
+        ),
+    ];
+    // Two nodes, each its own cgroup, pins and state; the file's policy allows everything.
     let nodes: Vec<(TestCgroup, TestPins, PathBuf)> = ["bundle-a", "bundle-b"]
         .iter()
-        .map(|name| {
+        .zip(&sections)
+        .map(|(name, section)| {
             let cg = TestCgroup::new(name);
             let pins = TestPins::new(name);
             let node_dir = dir.path().join(name);
@@ -580,9 +670,35 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
             .expect("get")
             .into_inner();
         assert_eq!(after.generation, live.generation, "nothing changed");
-        // A new bundle: both nodes converge again.
-        publish(&bundle_of(allow()), &key_dir, &moto.url, url).await;
+        // An unsigned bundle: refused by both, the deny stays, readiness and receipts say why.
+        put_raw(&moto.url, url, bundle_of(allow()).encode()).await;
     });
+    for (agent, (cg, _, _)) in agents.iter().zip(&nodes) {
+        wait_until(
+            "readiness names the refused bundle",
+            Duration::from_secs(15),
+            || {
+                let r = agent.get("/readyz");
+                r.contains(url) && r.contains("unsigned")
+            },
+        );
+        assert_eq!(
+            tcp_connect_from(&cg.path, target),
+            Outcome::Denied,
+            "the old policy stays"
+        );
+    }
+    let receipts = receipts_of(&agents[0], "bundle");
+    assert_eq!(receipts[0]["outcome"], "applied", "{receipts:?}");
+    assert_eq!(receipts[0]["url"], url);
+    assert!(
+        receipts
+            .iter()
+            .any(|r| r["outcome"] == "refused" && r["reason"] == "unsigned"),
+        "{receipts:?}"
+    );
+    // A new signed bundle: both nodes converge again.
+    cli_publish(dir.path(), &allow(), &moto.url, &key_id, url);
     for (cg, _, _) in &nodes {
         wait_until(
             "the new bundle allows again",
@@ -590,15 +706,16 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
             || tcp_connect_from(&cg.path, target) == Outcome::Connected,
         );
     }
-    let metrics = agents[0].get("/metrics");
-    assert!(
-        metrics.contains("knhk_bundle_polls_total{result=\"not_modified\"}"),
-        "{metrics}"
-    );
+    let metrics = agents[1].get("/metrics");
+    for series in [
+        "knhk_bundle_polls_total{result=\"not_modified\"}",
+        "knhk_bundle_failures_total{reason=\"unsigned\"} 1",
+        "knhk_bundle_polls_total{result=\"fetched\"} 3",
+    ] {
+        assert!(metrics.contains(series), "{series}:\n{metrics}");
+    }
     // The store goes down: the last good bundle stays, and readiness says why, naming it.
-    rt.block_on(async {
-        publish(&bundle_of(deny(target.port())), &key_dir, &moto.url, url).await;
-    });
+    cli_publish(dir.path(), &deny(target.port()), &moto.url, &key_id, url);
     let (cg, _, config) = &nodes[0];
     wait_until("denied again", Duration::from_secs(15), || {
         tcp_connect_from(&cg.path, target) == Outcome::Denied

@@ -608,6 +608,9 @@ fn main() -> ExitCode {
                 if config.settings.telemetry.is_some() && cfg!(feature = "otlp") {
                     active.push("telemetry");
                 }
+                if config.settings.bundle.is_some() && cfg!(feature = "s3") {
+                    active.push("bundle");
+                }
                 match output {
                     Output::Json => {
                         let doc = serde_json::json!({
