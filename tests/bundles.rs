@@ -206,6 +206,25 @@ fn publish_then_every_follower_converges_and_an_unchanged_etag_is_not_downloaded
         let published: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("json output");
         let v1 = published["digest"].as_str().expect("digest").to_owned();
+        // An invalid policy is refused before anything is signed or uploaded (exit 64).
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "[[policy.rules]]\nname = \"x\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/33\"]\n",
+        )
+        .expect("bad policy file");
+        let out = std::process::Command::new(support::BIN)
+            .args(["bundle", "publish", "--policy"])
+            .arg(dir.path().join("bad.toml"))
+            .args(["--url", url, "--endpoint-url", &moto.url, "--key-dir"])
+            .arg(&key_dir)
+            .output()
+            .expect("run bundle publish");
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("the bundle's policy is invalid") && stderr.contains("line 4"),
+            "{stderr}"
+        );
         // Its public-key command prints the key nodes are configured with.
         let out = std::process::Command::new(support::BIN)
             .args(["bundle", "public-key", "--key-dir"])

@@ -110,3 +110,33 @@ fn the_last_good_record_survives_a_save() {
         .expect_err("damaged")
         .contains("bundle-last-good.json"));
 }
+
+#[tokio::test]
+async fn waits_are_jittered_within_the_configured_fraction() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = dir.path().join("k.pem");
+    let (_, der) = key(5);
+    std::fs::write(
+        &pem,
+        crate::objectstore::signed::public_key_der_to_pem(&der).expect("pem"),
+    )
+    .expect("write");
+    let text = format!(
+        "[bundle]\nurl = \"s3://b-1/k\"\nendpoint_url = \"http://127.0.0.1:1\"\npoll_interval_ms = 10000\njitter = 0.5\npublic_key_file = \"{}\"\n",
+        pem.display()
+    );
+    let settings = Config::parse(&text, "t")
+        .expect("valid")
+        .settings
+        .bundle
+        .expect("[bundle]");
+    let f = Follower::new(&settings, der, dir.path())
+        .await
+        .expect("follower");
+    let waits: Vec<Duration> = (0..200).map(|_| f.next_wait()).collect();
+    let (lo, hi) = (Duration::from_secs(10), Duration::from_secs(15));
+    assert!(waits.iter().all(|w| *w >= lo && *w < hi), "{waits:?}");
+    // Spread over the range, not one value.
+    assert!(waits.iter().any(|w| *w < Duration::from_millis(11_000)));
+    assert!(waits.iter().any(|w| *w > Duration::from_millis(14_000)));
+}
