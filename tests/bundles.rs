@@ -3,6 +3,7 @@
 //! or foreign-signed bundles are refused and the old policy stays; with the store down the last
 //! good bundle stays, and a restart takes it from disk. No kernel needed (the agent itself is
 //! exercised by `kernel_` tests).
+#![cfg(feature = "s3")]
 
 mod support;
 
