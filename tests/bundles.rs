@@ -736,10 +736,12 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
     }
     // The store goes down: the last good bundle stays, and readiness says why, naming it.
     cli_publish(dir.path(), &deny(target.port()), &moto.url, &key_id, url);
-    let (cg, _, config) = &nodes[0];
-    wait_until("denied again", Duration::from_secs(15), || {
-        tcp_connect_from(&cg.path, target) == Outcome::Denied
-    });
+    for (cg, _, _) in &nodes {
+        wait_until("denied again", Duration::from_secs(15), || {
+            tcp_connect_from(&cg.path, target) == Outcome::Denied
+        });
+    }
+    let cg = &nodes[0].0;
     drop(moto);
     wait_until(
         "readiness names the bundle",
@@ -750,19 +752,33 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
         },
     );
     assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
-    // A restart with the store still down: the last good bundle is enforced.
+    // A restart with the store (and KMS) still down: the last good bundle is enforced; node b,
+    // which asks KMS for the public key, verifies with the key it kept.
     let mut agents = agents;
-    agents.remove(0).kill9();
-    let agent = Agent::start(config);
-    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
-    wait_until(
-        "restarted: readiness names the bundle",
-        Duration::from_secs(10),
-        || {
-            let r = agent.get("/readyz");
-            r.contains(url) && r.contains("the last good bundle stays live")
-        },
+    let restarted: Vec<Agent> = nodes
+        .iter()
+        .map(|(cg, _, config)| {
+            agents.remove(0).kill9();
+            let agent = Agent::start(config);
+            assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+            agent
+        })
+        .collect();
+    for agent in &restarted {
+        wait_until(
+            "restarted: readiness names the bundle",
+            Duration::from_secs(10),
+            || {
+                let r = agent.get("/readyz");
+                r.contains(url) && r.contains("the last good bundle stays live")
+            },
+        );
+    }
+    assert!(
+        restarted[1]
+            .logs()
+            .contains("the public key of bundle.kms_key_id cannot be fetched"),
+        "node b used its kept KMS public key"
     );
-    drop(agent);
-    drop(agents);
+    drop(restarted);
 }

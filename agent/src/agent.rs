@@ -139,31 +139,66 @@ impl bundle::Sink for BundleSink {
 }
 
 /// The public key fleet bundles must be signed with: from its file, or AWS KMS's GetPublicKey.
+/// A KMS key's public key is kept under `agent.state_dir` (`bundle-kms-public-key.json`), so a
+/// restart while KMS cannot be reached still verifies bundles (the last good one from disk).
 async fn bundle_public_key(
     settings: &crate::config::BundleSettings,
+    state_dir: &std::path::Path,
 ) -> Result<Vec<u8>, AgentError> {
-    match &settings.key_source {
-        BundleKey::File { der, .. } => Ok(der.clone()),
+    use base64::Engine as _;
+    let (key_id, endpoint_url) = match &settings.key_source {
+        BundleKey::File { der, .. } => return Ok(der.clone()),
         BundleKey::Kms {
             key_id,
             endpoint_url,
-        } => {
-            let kms = crate::config::SignerSettings::Aws {
-                region: settings.region.clone(),
-                key_id: key_id.clone(),
-                endpoint_url: endpoint_url.clone(),
-            };
-            let fail = |e: String| {
-                AgentError::Bundle(bundle::BundleError::Key(format!(
-                    "the public key of bundle.kms_key_id {key_id:?} cannot be had: {e}"
-                )))
-            };
-            let signer = receipts::connect_signer(&kms)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            let info = signer.current().await.map_err(|e| fail(e.to_string()))?;
+        } => (key_id, endpoint_url),
+    };
+    let kept = state_dir.join("bundle-kms-public-key.json");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let kms = crate::config::SignerSettings::Aws {
+        region: settings.region.clone(),
+        key_id: key_id.clone(),
+        endpoint_url: endpoint_url.clone(),
+    };
+    let fetched = match receipts::connect_signer(&kms).await {
+        Ok(signer) => signer.current().await,
+        Err(e) => Err(e),
+    };
+    match fetched {
+        Ok(info) => {
+            let record = serde_json::json!({"key_id": key_id, "public_key": b64.encode(&info.public_key_der)});
+            if let Err(e) = std::fs::write(&kept, record.to_string()) {
+                warn!(
+                    "{}: {e}: a restart without KMS could not verify bundles",
+                    kept.display()
+                );
+            }
             Ok(info.public_key_der)
         }
+        Err(e) if e.is_transient() => {
+            let cached = std::fs::read(&kept)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter(|v| v["key_id"].as_str() == Some(key_id.as_str()))
+                .and_then(|v| v["public_key"].as_str().and_then(|k| b64.decode(k).ok()));
+            match cached {
+                Some(der) => {
+                    warn!(
+                        key_id = %key_id,
+                        "the public key of bundle.kms_key_id cannot be fetched ({e}): using the one kept in {}",
+                        kept.display()
+                    );
+                    Ok(der)
+                }
+                None => Err(AgentError::Bundle(bundle::BundleError::Key(format!(
+                    "the public key of bundle.kms_key_id {key_id:?} cannot be fetched ({e}), and none is kept in {}",
+                    kept.display()
+                )))),
+            }
+        }
+        Err(e) => Err(AgentError::Bundle(bundle::BundleError::Key(format!(
+            "the public key of bundle.kms_key_id {key_id:?} cannot be had: {e}"
+        )))),
     }
 }
 
@@ -539,7 +574,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // A fleet bundle ([bundle]) is the source of truth: direct applies are refused from before
     // the API serves, and the follower applies each verified bundle.
     if let Some(settings) = &config.settings.bundle {
-        let key = bundle_public_key(settings).await?;
+        let key = bundle_public_key(settings, &config.agent.state_dir).await?;
         let follower = Follower::new(settings, key, &config.agent.state_dir).await?;
         follower
             .register_metrics(&registry)

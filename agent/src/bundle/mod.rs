@@ -119,9 +119,12 @@ pub enum BundleError {
     /// The node could not apply it.
     #[error("applying the bundle failed: {0}")]
     Apply(String),
-    /// The public key could not be had.
+    /// The public key could not be had, or signing failed.
     #[error("{0}")]
     Key(String),
+    /// A local problem (a file, the metrics registry).
+    #[error("{0}")]
+    Local(String),
 }
 
 impl BundleError {
@@ -134,6 +137,7 @@ impl BundleError {
             BundleError::InvalidPolicy(_) => "invalid_policy",
             BundleError::Apply(_) => "apply",
             BundleError::Key(_) => "key",
+            BundleError::Local(_) => "local",
         }
     }
 }
@@ -274,7 +278,7 @@ impl Follower {
             public_key_der: Arc::new(public_key_der),
             last_good: LastGood::new(state_dir),
             metrics: metrics::Metrics::new()
-                .map_err(|e| BundleError::Key(format!("bundle metrics: {e}")))?,
+                .map_err(|e| BundleError::Local(format!("bundle metrics: {e}")))?,
             state: Arc::new(Mutex::new(State::default())),
         })
     }
@@ -480,8 +484,12 @@ impl Follower {
             tracing::error!(url = %self.settings.url, "the last good bundle on disk could not be applied: {e}");
         }
         loop {
-            // Errors are counted, logged and shown by readiness; the next poll retries.
-            let _ = self.poll_once(sink.as_ref()).await;
+            // Errors are counted, logged and shown by readiness; the next poll retries. A stop
+            // does not wait for a poll in flight.
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = self.poll_once(sink.as_ref()) => {}
+            }
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tokio::time::sleep(self.next_wait()) => {}
@@ -531,7 +539,7 @@ where
     let object = seal(&payload, &key_id, &signature);
     if let Some(path) = out {
         std::fs::write(path, &object)
-            .map_err(|e| BundleError::Key(format!("writing {}: {e}", path.display())))?;
+            .map_err(|e| BundleError::Local(format!("writing {}: {e}", path.display())))?;
     }
     let etag = match target {
         Some(t) => {
