@@ -782,3 +782,40 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
     );
     drop(restarted);
 }
+
+#[test]
+fn kernel_a_bundle_key_that_kms_refuses_stops_the_start_before_the_kernel() {
+    use support::{kernel_available, write_config, TestCgroup, TestPins};
+    if !kernel_available("kernel_a_bundle_key_that_kms_refuses_stops_the_start_before_the_kernel") {
+        return;
+    }
+    let moto = kms::moto();
+    s3::dummy_credentials();
+    let cg = TestCgroup::new("bundle-key");
+    let pins = TestPins::new("bundle-key");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[[policy.rules]]\nname = \"r\"\naction = \"allow\"\ncidrs = [\"127.0.0.0/8\"]\n[bundle]\nurl = \"s3://fleet-bundles/b.json\"\nendpoint_url = \"{0}\"\nkms_key_id = \"alias/no-such-key\"\nkms_endpoint_url = \"{0}\"\n",
+            moto.url
+        ),
+    );
+    let out = std::process::Command::new(support::BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("[bundle]: the public key of bundle.kms_key_id \"alias/no-such-key\" cannot be had: aws refused: NotFoundException"),
+        "{stderr}"
+    );
+    let attached = std::fs::read_dir(&pins.root)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(attached, 0, "nothing was pinned");
+}

@@ -333,6 +333,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if let Some(record) = &saved {
         record.policy(&config.policy())?;
     }
+    // The fleet bundle's public key, before anything touches the kernel: a key that cannot be
+    // had stops the start with nothing attached.
+    let bundle_key = match &config.settings.bundle {
+        Some(settings) => Some(bundle_public_key(settings, &config.agent.state_dir).await?),
+        None => None,
+    };
     // Workload discovery: the node's pods are read once before the first policy is compiled,
     // so selector rules and the unknown-pod guard hold from the first generation.
     let discovery = match &config.kubernetes {
@@ -573,8 +579,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // A fleet bundle ([bundle]) is the source of truth: direct applies are refused from before
     // the API serves, and the follower applies each verified bundle.
-    if let Some(settings) = &config.settings.bundle {
-        let key = bundle_public_key(settings, &config.agent.state_dir).await?;
+    if let (Some(settings), Some(key)) = (&config.settings.bundle, bundle_key) {
         let follower = Follower::new(settings, key, &config.agent.state_dir).await?;
         follower
             .register_metrics(&registry)

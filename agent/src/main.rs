@@ -557,6 +557,7 @@ fn main() -> ExitCode {
                     )
                     | agent::AgentError::Identity(_)
                     | agent::AgentError::Receipts(_)
+                    | agent::AgentError::Bundle(_)
                     | agent::AgentError::Control(knhk_agent::control::ControlError::LiveState(
                         _,
                     ))
