@@ -18,6 +18,7 @@ pub use last_good::{LastGood, LastGoodRecord};
 
 use crate::{
     config::{BundleSettings, Config},
+    model::log_escape,
     objectstore::{
         signed::{self, SignedError},
         Fetched, ObjectStore, ObjectUrl, StoreError, StoreSettings,
@@ -333,7 +334,10 @@ impl Follower {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(false),
             Err(e) => {
-                tracing::warn!("{e}: ignored; the bundle is fetched from the store");
+                tracing::warn!(
+                    "{}: ignored; the bundle is fetched from the store",
+                    log_escape(&e)
+                );
                 return Ok(false);
             }
         };
@@ -345,7 +349,7 @@ impl Follower {
         let bundle = match open(&object, &self.public_key_der, record.etag.clone()) {
             Ok(b) => b,
             Err(e) => {
-                tracing::warn!(path = %self.last_good.path().display(), "the last good bundle on disk does not verify with the configured key ({e}): ignored");
+                tracing::warn!(path = %self.last_good.path().display(), "the last good bundle on disk does not verify with the configured key ({}): ignored", log_escape(&e.to_string()));
                 return Ok(false);
             }
         };
@@ -380,7 +384,7 @@ impl Follower {
                 self.metrics.poll(result);
                 self.metrics.failure(e.reason());
                 let text = e.to_string();
-                tracing::warn!(url = %self.settings.url, "bundle poll failed: {text}");
+                tracing::warn!(url = %self.settings.url, "bundle poll failed: {}", log_escape(&text));
                 self.with_state(|s| s.store_error = Some(text));
                 return Err(e.into());
             }
@@ -418,7 +422,7 @@ impl Follower {
     async fn refused(&self, sink: &dyn Sink, etag: Option<String>, e: &BundleError) {
         self.metrics.failure(e.reason());
         let text = e.to_string();
-        tracing::error!(url = %self.settings.url, etag = etag.as_deref().unwrap_or(""), "bundle {text}; the live policy stays");
+        tracing::error!(url = %self.settings.url, etag = %log_escape(etag.as_deref().unwrap_or("")), "bundle {}; the live policy stays", log_escape(&text));
         self.with_state(|s| {
             s.seen_error = Some(text.clone());
             if e.reason() == "apply" {
@@ -442,7 +446,7 @@ impl Follower {
         from: &'static str,
     ) -> Result<(), BundleError> {
         let detail = sink.apply(&bundle).await.map_err(BundleError::Apply)?;
-        tracing::info!(url = %self.settings.url, digest = %bundle.digest, etag = bundle.etag.as_deref().unwrap_or(""), from, "bundle applied: {detail}");
+        tracing::info!(url = %self.settings.url, digest = %bundle.digest, etag = %log_escape(bundle.etag.as_deref().unwrap_or("")), from, "bundle applied: {detail}");
         self.metrics.applied();
         self.with_state(|s| {
             s.applied = Some((bundle.digest.clone(), bundle.etag.clone()));
@@ -481,7 +485,7 @@ impl Follower {
     pub async fn run(self, sink: Arc<dyn Sink>, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
         if let Err(e) = self.adopt_last_good(sink.as_ref()).await {
-            tracing::error!(url = %self.settings.url, "the last good bundle on disk could not be applied: {e}");
+            tracing::error!(url = %self.settings.url, "the last good bundle on disk could not be applied: {}", log_escape(&e.to_string()));
         }
         loop {
             // Errors are counted, logged and shown by readiness; the next poll retries. A stop
