@@ -719,6 +719,7 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
     );
     // A new signed bundle: both nodes converge again.
     cli_publish(dir.path(), &allow(), &moto.url, &key_id, url);
+    let published = std::time::Instant::now();
     for (cg, _, _) in &nodes {
         wait_until(
             "the new bundle allows again",
@@ -726,6 +727,13 @@ fn kernel_agents_follow_their_bundle_refuse_direct_applies_and_keep_the_last_goo
             || tcp_connect_from(&cg.path, target) == Outcome::Connected,
         );
     }
+    // Bounded by one poll interval (1 s, no jitter) plus a fetch, a verify and a switch.
+    let converged = published.elapsed();
+    eprintln!(
+        "figure: publish → both nodes enforce the new bundle in {} ms (poll_interval_ms 1000, jitter 0)",
+        converged.as_millis()
+    );
+    assert!(converged < Duration::from_secs(5), "{converged:?}");
     let metrics = agents[1].get("/metrics");
     for series in [
         "knhk_bundle_polls_total{result=\"not_modified\"}",
