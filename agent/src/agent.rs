@@ -9,7 +9,8 @@
 use crate::{
     api,
     beat::BeatEngine,
-    config::Config,
+    bundle::{self, Follower},
+    config::{BundleKey, Config},
     control::{ControlError, Controller},
     datapath::{self, cgroup, Datapath, DatapathError, DatapathOptions, DatapathReader},
     identity::{Identity, IdentityError},
@@ -65,9 +66,155 @@ pub enum AgentError {
     /// The workload identity could not start (a local cause, such as unreadable files).
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The fleet bundle follower could not start (its public key, its store client).
+    #[error("[bundle]: {0}")]
+    Bundle(#[from] bundle::BundleError),
     /// A background task panicked.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// Where verified fleet bundles go: the control core (their policy), the receipts ledger
+/// (what was applied or refused).
+struct BundleSink {
+    controller: Arc<Controller>,
+    receipts: Option<Arc<Receipts>>,
+}
+
+#[tonic::async_trait]
+impl bundle::Sink for BundleSink {
+    async fn apply(&self, b: &bundle::Bundle) -> Result<String, String> {
+        // A bundle with a rollout (or flags) reaches the workloads step by step.
+        if let Some(terms) = b.document.rollout_terms().map_err(|e| e.to_string())? {
+            let req = crate::control::RolloutRequest {
+                policy: None,
+                flags: terms.flags,
+                steps: terms.steps,
+                beats_per_step: terms.beats_per_step,
+                seed: terms.seed,
+            };
+            return self
+                .controller
+                .bundle_rollout(b.policy.clone(), req)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        match self.controller.apply_bundle(b.policy.clone()).await {
+            Ok(Some(applied)) => Ok(format!("generation {}", applied.generation.number)),
+            Ok(None) => Ok(format!(
+                "already live (generation {})",
+                self.controller.live().await.number
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn record(&self, outcome: bundle::Outcome) {
+        let Some(r) = &self.receipts else {
+            return;
+        };
+        let (generation, payload) = match outcome {
+            bundle::Outcome::Applied {
+                url,
+                digest,
+                etag,
+                from,
+                detail,
+            } => {
+                let generation = self.controller.live().await.number;
+                (
+                    generation,
+                    serde_json::json!({"outcome": "applied", "url": url, "digest": digest,
+                        "etag": etag, "from": from, "detail": detail, "generation": generation}),
+                )
+            }
+            bundle::Outcome::Refused {
+                url,
+                etag,
+                reason,
+                error,
+            } => (
+                0,
+                serde_json::json!({"outcome": "refused", "url": url, "etag": etag,
+                    "reason": reason, "error": error}),
+            ),
+        };
+        let appended = r
+            .append(NewReceipt {
+                kind: ReceiptKind::Bundle,
+                cycle: 0,
+                policy_generation: generation,
+                payload: payload.to_string().into_bytes(),
+            })
+            .await;
+        if let Err(e) = appended {
+            error!("receipts: the bundle receipt was not recorded: {e}");
+        }
+    }
+}
+
+/// The public key fleet bundles must be signed with: from its file, or AWS KMS's GetPublicKey.
+/// A KMS key's public key is kept under `agent.state_dir` (`bundle-kms-public-key.json`), so a
+/// restart while KMS cannot be reached still verifies bundles (the last good one from disk).
+async fn bundle_public_key(
+    settings: &crate::config::BundleSettings,
+    state_dir: &std::path::Path,
+) -> Result<Vec<u8>, AgentError> {
+    use base64::Engine as _;
+    let (key_id, endpoint_url) = match &settings.key_source {
+        BundleKey::File { der, .. } => return Ok(der.clone()),
+        BundleKey::Kms {
+            key_id,
+            endpoint_url,
+        } => (key_id, endpoint_url),
+    };
+    let kept = state_dir.join("bundle-kms-public-key.json");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let kms = crate::config::SignerSettings::Aws {
+        region: settings.region.clone(),
+        key_id: key_id.clone(),
+        endpoint_url: endpoint_url.clone(),
+    };
+    let fetched = match receipts::connect_signer(&kms).await {
+        Ok(signer) => signer.current().await,
+        Err(e) => Err(e),
+    };
+    match fetched {
+        Ok(info) => {
+            let record = serde_json::json!({"key_id": key_id, "public_key": b64.encode(&info.public_key_der)});
+            if let Err(e) = std::fs::write(&kept, record.to_string()) {
+                warn!(
+                    "{}: {e}: a restart without KMS could not verify bundles",
+                    kept.display()
+                );
+            }
+            Ok(info.public_key_der)
+        }
+        Err(e) if e.is_transient() => {
+            let cached = std::fs::read(&kept)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .filter(|v| v["key_id"].as_str() == Some(key_id.as_str()))
+                .and_then(|v| v["public_key"].as_str().and_then(|k| b64.decode(k).ok()));
+            match cached {
+                Some(der) => {
+                    warn!(
+                        key_id = %key_id,
+                        "the public key of bundle.kms_key_id cannot be fetched ({e}): using the one kept in {}",
+                        kept.display()
+                    );
+                    Ok(der)
+                }
+                None => Err(AgentError::Bundle(bundle::BundleError::Key(format!(
+                    "the public key of bundle.kms_key_id {key_id:?} cannot be fetched ({e}), and none is kept in {}",
+                    kept.display()
+                )))),
+            }
+        }
+        Err(e) => Err(AgentError::Bundle(bundle::BundleError::Key(format!(
+            "the public key of bundle.kms_key_id {key_id:?} cannot be had: {e}"
+        )))),
+    }
 }
 
 /// The cgroup root the agent attaches to: the configured one or the detected cgroup v2 mount.
@@ -201,6 +348,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if let Some(record) = &saved {
         record.policy(&config.policy())?;
     }
+    // The fleet bundle's public key, before anything touches the kernel: a key that cannot be
+    // had stops the start with nothing attached.
+    let bundle_key = match &config.settings.bundle {
+        Some(settings) => Some(bundle_public_key(settings, &config.agent.state_dir).await?),
+        None => None,
+    };
     // Workload discovery: the node's pods are read once before the first policy is compiled,
     // so selector rules and the unknown-pod guard hold from the first generation.
     let discovery = match &config.kubernetes {
@@ -438,6 +591,27 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
         _ => (None, None),
     };
+
+    // A fleet bundle ([bundle]) is the source of truth: direct applies are refused from before
+    // the API serves, and the follower applies each verified bundle.
+    if let (Some(settings), Some(key)) = (&config.settings.bundle, bundle_key) {
+        let follower = Follower::new(settings, key, &config.agent.state_dir).await?;
+        follower
+            .register_metrics(&registry)
+            .map_err(|e| AgentError::Internal(format!("registering bundle metrics: {e}")))?;
+        readiness.register("fleet bundle", follower.readiness_check());
+        controller.set_bundle_source(settings.url.clone());
+        info!(url = %settings.url, poll_ms = settings.poll_interval.as_millis() as u64, "following the fleet bundle");
+        let sink: Arc<dyn bundle::Sink> = Arc::new(BundleSink {
+            controller: controller.clone(),
+            receipts: receipts.clone(),
+        });
+        let mut stop = services.stop_signal();
+        services.spawn(
+            "bundle follower",
+            follower.run(sink, async move { stop.requested().await }),
+        );
+    }
 
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = api::serve(

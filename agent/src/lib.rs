@@ -14,6 +14,8 @@
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
 //! - [`client`]: the CLI's client commands, over gRPC.
 //! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
+//! - [`objectstore`]: objects in S3-compatible storage and signed objects (no domain knowledge).
+//! - [`bundle`]: the fleet bundle follower: polls, verifies and keeps the signed bundle.
 //! - [`workloads`]: the node's Kubernetes pods, from the cgroup tree and the container runtime
 //!   (CRI), so rules can select workloads by namespace and labels.
 #![warn(missing_docs)]
@@ -22,12 +24,14 @@ pub mod abi;
 pub mod agent;
 pub mod api;
 pub mod beat;
+pub mod bundle;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod identity;
 pub mod model;
+pub mod objectstore;
 pub mod policy;
 pub mod receipts;
 pub mod resilience;

@@ -87,6 +87,10 @@ enum Command {
     /// Legal holds on receipts of a running agent (over gRPC).
     #[command(subcommand)]
     Hold(HoldCommand),
+    /// Fleet bundles: sign a policy (with its rollout and flags) and publish it to S3-compatible
+    /// storage, where every node with a [bundle] section follows it.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
     /// Read or change the live policy of a running agent (over gRPC).
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -407,6 +411,88 @@ enum RolloutCommand {
 }
 
 #[derive(Subcommand)]
+enum BundleCommand {
+    /// Check, sign and upload a bundle. The policy is checked as a node will check it; the
+    /// signature (ECDSA P-256 / SHA-256) is made by a receipts signer: a local key directory
+    /// (development) or an AWS KMS ECC_NIST_P256 key. With --out the signed object is also
+    /// written to a file; with --no-upload only written.
+    #[command(
+        after_help = "Examples:\n  knhk-agent bundle publish --policy policy.toml --url s3://fleet/prod/bundle.json --kms-key-id alias/knhk-bundles\n  knhk-agent bundle publish --policy policy.toml --flags flags.toml --url s3://fleet/dev/bundle.json \\\n      --endpoint-url http://127.0.0.1:9000 --key-dir ./dev-key\n  knhk-agent bundle publish --policy policy.toml --key-dir ./dev-key --out bundle.json --no-upload"
+    )]
+    Publish {
+        /// The policy: a configuration file ([agent] mode, default_action, default_class and
+        /// [[policy.rules]]).
+        #[arg(long)]
+        policy: PathBuf,
+        /// The rollout, a TOML file (carried in the bundle).
+        #[arg(long)]
+        rollout: Option<PathBuf>,
+        /// Feature flags, a TOML file (carried in the bundle).
+        #[arg(long)]
+        flags: Option<PathBuf>,
+        /// Free text stored with the bundle (who, why).
+        #[arg(long)]
+        comment: Option<String>,
+        /// Where: s3://BUCKET/KEY (required unless --no-upload).
+        #[arg(long, required_unless_present = "no_upload")]
+        url: Option<String>,
+        /// The S3 API endpoint (default: AWS's).
+        #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+        endpoint_url: Option<String>,
+        /// The region.
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        region: String,
+        /// Path-style addressing (default: on with --endpoint-url).
+        #[arg(long)]
+        force_path_style: Option<bool>,
+        /// Sign with the development key in this directory (v1.pem, ...; created if empty).
+        #[arg(
+            long,
+            conflicts_with = "kms_key_id",
+            required_unless_present = "kms_key_id"
+        )]
+        key_dir: Option<PathBuf>,
+        /// Sign with this AWS KMS key (id, ARN or alias; ECC_NIST_P256, SIGN_VERIFY).
+        #[arg(long)]
+        kms_key_id: Option<String>,
+        /// A KMS-compatible endpoint for --kms-key-id (default: AWS's).
+        #[arg(long, env = "AWS_ENDPOINT_URL_KMS")]
+        kms_endpoint_url: Option<String>,
+        /// Also write the signed object here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Do not upload (with --out: sign only).
+        #[arg(long, requires = "out")]
+        no_upload: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+    },
+    /// Print the public key (PEM) of a signing key, for [bundle] public_key_file.
+    #[command(
+        after_help = "Examples:\n  knhk-agent bundle public-key --key-dir ./dev-key > bundle-key.pem\n  knhk-agent bundle public-key --kms-key-id alias/knhk-bundles"
+    )]
+    PublicKey {
+        /// The development key directory.
+        #[arg(
+            long,
+            conflicts_with = "kms_key_id",
+            required_unless_present = "kms_key_id"
+        )]
+        key_dir: Option<PathBuf>,
+        /// An AWS KMS key.
+        #[arg(long)]
+        kms_key_id: Option<String>,
+        /// The region of --kms-key-id.
+        #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+        region: String,
+        /// A KMS-compatible endpoint for --kms-key-id.
+        #[arg(long, env = "AWS_ENDPOINT_URL_KMS")]
+        kms_endpoint_url: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum HoldCommand {
     /// Place a legal hold: receipts it covers are never compacted. Give at least one limit.
     #[command(
@@ -431,7 +517,7 @@ enum HoldCommand {
         /// ... until this time (exclusive).
         #[arg(long, requires = "from_unix")]
         to_unix: Option<i64>,
-        /// Only receipts of this kind (policy_switch, class_state, cycle_summary, key_rotation, hold_placed, hold_released).
+        /// Only receipts of this kind (policy_switch, class_state, cycle_summary, key_rotation, hold_placed, hold_released, bundle).
         #[arg(long)]
         kind: Option<String>,
         /// Only receipts of this region.
@@ -577,6 +663,7 @@ fn main() -> ExitCode {
                     )
                     | agent::AgentError::Identity(_)
                     | agent::AgentError::Receipts(_)
+                    | agent::AgentError::Bundle(_)
                     | agent::AgentError::Control(knhk_agent::control::ControlError::LiveState(
                         _,
                     ))
@@ -630,6 +717,9 @@ fn main() -> ExitCode {
                 }
                 if config.promotion.is_some() {
                     active.push("promotion");
+                }
+                if config.settings.bundle.is_some() && cfg!(feature = "s3") {
+                    active.push("bundle");
                 }
                 match output {
                     Output::Json => {
@@ -775,6 +865,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(output, &e.to_string(), 1),
             }
         }
+        Command::Bundle(command) => bundle_command(command),
         Command::Receipts(ReceiptsCommand::List {
             from,
             limit,
@@ -953,6 +1044,145 @@ fn trusted_fingerprints(
         }
         Ok(out)
     })
+}
+
+/// The receipts signer of `bundle` commands: a key directory or an AWS KMS key.
+fn bundle_signer(
+    key_dir: Option<PathBuf>,
+    kms_key_id: Option<String>,
+    region: String,
+    kms_endpoint_url: Option<String>,
+) -> knhk_agent::config::SignerSettings {
+    match (key_dir, kms_key_id) {
+        (Some(key_dir), _) => knhk_agent::config::SignerSettings::File { key_dir },
+        (None, key_id) => knhk_agent::config::SignerSettings::Aws {
+            region,
+            // clap requires one of the two.
+            key_id: key_id.unwrap_or_default(),
+            endpoint_url: kms_endpoint_url,
+        },
+    }
+}
+
+/// `knhk-agent bundle ...`.
+fn bundle_command(command: BundleCommand) -> ExitCode {
+    use knhk_agent::{bundle, objectstore::StoreSettings, receipts};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        BundleCommand::PublicKey {
+            key_dir,
+            kms_key_id,
+            region,
+            kms_endpoint_url,
+        } => {
+            let settings = bundle_signer(key_dir, kms_key_id, region, kms_endpoint_url);
+            let result = runtime.block_on(async {
+                let signer = receipts::connect_signer(&settings)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info = signer.current().await.map_err(|e| e.to_string())?;
+                knhk_agent::objectstore::signed::public_key_der_to_pem(&info.public_key_der)
+            });
+            match result {
+                Ok(pem) => {
+                    print!("{pem}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(Output::Human, &e, EXIT_CONFIG),
+            }
+        }
+        BundleCommand::Publish {
+            policy,
+            rollout,
+            flags,
+            comment,
+            url,
+            endpoint_url,
+            region,
+            force_path_style,
+            key_dir,
+            kms_key_id,
+            kms_endpoint_url,
+            out,
+            no_upload,
+            output,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            let document = match (|| {
+                Ok::<_, String>(bundle::BundleDocument {
+                    version: 1,
+                    policy: read(&policy)?,
+                    rollout: rollout.as_ref().map(read).transpose()?,
+                    flags: flags.as_ref().map(read).transpose()?,
+                    comment,
+                })
+            })() {
+                Ok(d) => d,
+                Err(e) => return fail(output, &e, EXIT_CONFIG),
+            };
+            let target = match (no_upload, url) {
+                (false, Some(url)) => Some(bundle::PublishTarget {
+                    url,
+                    store: StoreSettings {
+                        force_path_style: force_path_style.unwrap_or(endpoint_url.is_some()),
+                        endpoint_url,
+                        region: region.clone(),
+                        timeout: std::time::Duration::from_secs(30),
+                    },
+                }),
+                _ => None,
+            };
+            let settings = bundle_signer(key_dir, kms_key_id, region, kms_endpoint_url);
+            let result = runtime.block_on(async {
+                let signer = receipts::connect_signer(&settings)
+                    .await
+                    .map_err(|e| bundle::BundleError::Key(e.to_string()))?;
+                let sign = |message: Vec<u8>| async move {
+                    let info = signer.current().await.map_err(|e| e.to_string())?;
+                    let sig = signer
+                        .sign(&info.key, &message)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok((info.key.to_string(), sig))
+                };
+                bundle::publish(&document, sign, target.as_ref(), out.as_deref()).await
+            });
+            match result {
+                Ok((digest, etag)) => {
+                    let url = target.as_ref().map(|t| t.url.clone());
+                    match output {
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::json!({"digest": digest, "etag": etag, "url": url})
+                        ),
+                        Output::Human => match url {
+                            Some(url) => println!(
+                                "published {url} (digest {digest}, etag {})",
+                                etag.as_deref().unwrap_or("none")
+                            ),
+                            None => println!("signed (digest {digest}), not uploaded"),
+                        },
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(
+                    e @ (bundle::BundleError::InvalidPolicy(_) | bundle::BundleError::Malformed(_)),
+                ) => fail(output, &e.to_string(), EXIT_CONFIG),
+                Err(e) => fail(output, &e.to_string(), 1),
+            }
+        }
+    }
 }
 
 fn fail(output: Output, message: &str, code: u8) -> ExitCode {

@@ -612,6 +612,42 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[("signal", "knhk.telemetry.signal")],
         otlp: true,
     },
+    MetricDef {
+        name: "knhk.bundle.polls",
+        prometheus: "knhk_bundle_polls_total",
+        instrument: Instrument::Counter,
+        unit: "{poll}",
+        brief: "Polls of the fleet bundle by result: fetched (200, a new object), not_modified (304, ETag unchanged), unavailable (the store could not be reached), error (the store refused or has no such object).",
+        labels: &[("result", "knhk.bundle.poll_result")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.bundle.failures",
+        prometheus: "knhk_bundle_failures_total",
+        instrument: Instrument::Counter,
+        unit: "{failure}",
+        brief: "Fleet bundle polls or bundles that changed nothing, by reason: unavailable, not_found, refused, too_large, unsigned, bad_signature, malformed, invalid_policy, apply, key.",
+        labels: &[("reason", "error.type")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.bundle.last_applied",
+        prometheus: "knhk_bundle_last_applied_timestamp_seconds",
+        instrument: Instrument::Gauge,
+        unit: "s",
+        brief: "When a fleet bundle was last applied (Unix time; 0 when none was since start).",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.bundle.last_poll_success",
+        prometheus: "knhk_bundle_last_poll_success_timestamp_seconds",
+        instrument: Instrument::Gauge,
+        unit: "s",
+        brief: "When the fleet bundle store last answered a poll (200 or 304; Unix time).",
+        labels: &[],
+        otlp: true,
+    },
 ];
 
 /// Span names.
@@ -650,6 +686,8 @@ pub mod attr {
     pub const KNHK_API_SURFACE: &str = "knhk.api.surface";
     /// `knhk.bpf.map`: A BPF map of the datapath.
     pub const KNHK_BPF_MAP: &str = "knhk.bpf.map";
+    /// `knhk.bundle.poll_result`: What a poll of the fleet bundle found: fetched (200, a new object), not_modified (304), unavailable, error.
+    pub const KNHK_BUNDLE_POLL_RESULT: &str = "knhk.bundle.poll_result";
     /// `knhk.circuit.state`: State of a circuit breaker.
     pub const KNHK_CIRCUIT_STATE: &str = "knhk.circuit.state";
     /// `knhk.decision.action`: What the kernel decided for a connect().

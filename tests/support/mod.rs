@@ -13,6 +13,8 @@ pub mod harness;
 pub mod kms;
 pub mod prom;
 pub mod proxy;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod semconv;
 pub mod spire;
 #[allow(unused_imports)]

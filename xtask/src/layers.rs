@@ -23,11 +23,12 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("secure_dir", &[]),
     ("trace_context", &[]),
     ("semconv", &[]),
+    ("objectstore", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
     // Layer 2: configuration, returning typed settings.
-    ("config", &["model", "policy"]),
+    ("config", &["model", "policy", "objectstore"]),
     // Layer 3: adapters to the kernel, SPIRE, Prometheus.
     ("datapath", &["model", "abi", "policy"]),
     ("identity", &["model", "config", "secure_dir"]),
@@ -48,7 +49,26 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "receipts",
-        &["model", "config", "resilience", "tasks", "semconv"],
+        &[
+            "model",
+            "config",
+            "resilience",
+            "tasks",
+            "semconv",
+            "objectstore",
+        ],
+    ),
+    // The fleet bundle follower: fetches, verifies and keeps bundles; agent.rs applies them.
+    (
+        "bundle",
+        &[
+            "model",
+            "config",
+            "policy",
+            "objectstore",
+            "tasks",
+            "secure_dir",
+        ],
     ),
     (
         "sync",
@@ -97,6 +117,8 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "tasks",
             "secure_dir",
             "workloads",
+            "objectstore",
+            "bundle",
         ],
     ),
 ];

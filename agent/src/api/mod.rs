@@ -74,7 +74,8 @@ pub fn status_of(e: ControlError) -> Status {
     match e {
         ControlError::StaleGeneration { .. }
         | ControlError::NoPrevious { .. }
-        | ControlError::RolloutInProgress { .. } => Status::failed_precondition(e.to_string()),
+        | ControlError::RolloutInProgress { .. }
+        | ControlError::BundleManaged { .. } => Status::failed_precondition(e.to_string()),
         ControlError::Datapath(DatapathError::Compile(c)) => {
             Status::invalid_argument(c.to_string())
         }

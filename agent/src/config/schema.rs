@@ -536,6 +536,7 @@ pub(super) struct RawConfig {
     promotion: Option<Spanned<PromotionSection>>,
     kubernetes: Option<Spanned<KubernetesSection>>,
     telemetry: Option<Spanned<TelemetrySection>>,
+    bundle: Option<Spanned<super::settings::BundleSection>>,
 }
 
 /// Takes the one of a top-level section and its nested alias that is present; both is an error.
@@ -820,6 +821,14 @@ impl RawConfig {
                 .map_err(section_err(p.span().start))?,
             None => PromotionSettings::default(),
         };
+        let bundle = match &self.bundle {
+            Some(b) => Some(
+                super::settings::BundleSettings::from_section(b.get_ref(), None).map_err(
+                    |(k, m, pos)| err(pos.unwrap_or(b.span().start), format!("bundle.{k}"), m),
+                )?,
+            ),
+            None => None,
+        };
         Ok(Config {
             settings: Settings {
                 beat,
@@ -828,6 +837,7 @@ impl RawConfig {
                 sync,
                 telemetry: telemetry_settings,
                 promotion: promotion_settings,
+                bundle,
             },
             agent,
             policy: PolicySection { max_rules, rules },

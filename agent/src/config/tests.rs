@@ -880,3 +880,124 @@ fn feature_flags_decide_the_kernel_features_and_a_canary_holds_at_its_share() {
     let c = Config::parse("[agent]\nheat_enabled = false\n", "test").expect("valid");
     assert!(!c.policy().heat && c.policy().verdict_events);
 }
+
+#[test]
+fn bundle_keys_are_checked_each_with_its_key_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = dir.path().join("bundle.pem");
+    let key = p256::SecretKey::from_slice(&[4u8; 32]).expect("key");
+    std::fs::write(
+        &pem,
+        p256::pkcs8::EncodePublicKey::to_public_key_pem(
+            &key.public_key(),
+            p256::pkcs8::LineEnding::LF,
+        )
+        .expect("pem"),
+    )
+    .expect("write pem");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").expect("write");
+    let base = format!(
+        "[agent]\nmode = \"audit\"\n[bundle]\nurl = \"s3://fleet-bundles/prod/bundle.json\"\npublic_key_file = \"{}\"\n",
+        pem.display()
+    );
+    let ok = Config::parse(
+        &format!("{base}endpoint_url = \"http://127.0.0.1:9000\"\npoll_interval_ms = 2000\njitter = 0.5\n"),
+        "t",
+    )
+    .expect("valid");
+    let b = ok.settings.bundle.as_ref().expect("[bundle]");
+    assert_eq!(
+        (b.bucket.as_str(), b.key.as_str()),
+        ("fleet-bundles", "prod/bundle.json")
+    );
+    assert!(b.force_path_style, "on by default with an endpoint_url");
+    assert_eq!(b.poll_interval, std::time::Duration::from_millis(2000));
+    assert_eq!(b.region, "us-east-1");
+    // Each bad value: its key, its line (the value's own) and why.
+    for (extra, key, line, why) in [
+        (
+            "poll_interval_ms = 10\n",
+            "bundle.poll_interval_ms",
+            6,
+            "10 is out of range (1000-86400000)",
+        ),
+        (
+            "jitter = 1.5\n",
+            "bundle.jitter",
+            6,
+            "1.5 is out of range (0-1",
+        ),
+        ("jitter = -0.1\n", "bundle.jitter", 6, "out of range (0-1"),
+        (
+            "timeout_ms = 0\n",
+            "bundle.timeout_ms",
+            6,
+            "0 is out of range (100-60000)",
+        ),
+        (
+            "endpoint_url = \"ftp://x\"\n",
+            "bundle.endpoint_url",
+            6,
+            "is not an http(s) URL",
+        ),
+        (
+            "region = \"EU West\"\n",
+            "bundle.region",
+            6,
+            "is not a region name",
+        ),
+        (
+            "kms_key_id = \"alias/k\"\n",
+            "bundle.kms_key_id",
+            6,
+            "give public_key_file",
+        ),
+        (
+            "kms_endpoint_url = \"http://127.0.0.1:1\"\n",
+            "bundle.kms_endpoint_url",
+            6,
+            "is only used with kms_key_id",
+        ),
+    ] {
+        let e = err(&format!("{base}{extra}"));
+        assert!(e.contains(&format!("line {line}: {key}")), "{extra}: {e}");
+        assert!(e.contains(why), "{extra}: {e}");
+    }
+    let e = err("[bundle]\nurl = \"https://fleet/b.json\"\nkms_key_id = \"k\"\n");
+    assert!(
+        e.contains("line 2: bundle.url") && e.contains("does not start with s3://"),
+        "{e}"
+    );
+    let e = err("[bundle]\nurl = \"s3://Fleet/b.json\"\nkms_key_id = \"k\"\n");
+    assert!(e.contains("is not a valid S3 bucket name"), "{e}");
+    let e = err("[bundle]\nkms_key_id = \"k\"\n");
+    assert!(e.contains("line 1: bundle.url: is required"), "{e}");
+    let e = err("[bundle]\nurl = \"s3://fleet/b.json\"\n");
+    assert!(
+        e.contains("bundle.public_key_file: bundles must be verified"),
+        "{e}"
+    );
+    let e = err("[bundle]\nurl = \"s3://fleet/b.json\"\nkms_key_id = \" \"\n");
+    assert!(e.contains("line 3: bundle.kms_key_id: is empty"), "{e}");
+    let e = err(&format!(
+        "[bundle]\nurl = \"s3://fleet/b.json\"\npublic_key_file = \"{}\"\n",
+        not_pem.display()
+    ));
+    assert!(
+        e.contains("line 3: bundle.public_key_file")
+            && e.contains("is not a P-256 public key in PEM"),
+        "{e}"
+    );
+    let e =
+        err("[bundle]\nurl = \"s3://fleet/b.json\"\npublic_key_file = \"/nonexistent/k.pem\"\n");
+    assert!(
+        e.contains("bundle.public_key_file: /nonexistent/k.pem: No such file"),
+        "{e}"
+    );
+    let e = err("[bundle]\nurl = \"s3://fleet/b.json\"\npoll_intervall_ms = 1000\n");
+    assert!(e.contains("unknown field `poll_intervall_ms`"), "{e}");
+    assert!(e.contains("did you mean `poll_interval_ms`"), "{e}");
+    let e = err("[bundle]\nurl = \"s3://fleet/b.json\"\njitter = \"lots\"\n");
+    assert!(e.contains("line 3") && e.contains("invalid type"), "{e}");
+}

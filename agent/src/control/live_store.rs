@@ -14,7 +14,7 @@ use std::{
 };
 
 /// What set the live policy.
-pub const SOURCES: [&str; 4] = ["file", "apply", "rollback", "rollout"];
+pub const SOURCES: [&str; 5] = ["file", "apply", "rollback", "rollout", "bundle"];
 
 /// The persisted live policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -76,6 +76,12 @@ pub enum ControlError {
     /// A worker thread failed.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A fleet bundle is this node's source of truth: direct applies and rollbacks are refused.
+    #[error("this node follows the fleet bundle {url} ([bundle]): its policy changes only by publishing a new bundle there (`knhk-agent bundle publish`), not through ApplyPolicy or Rollback")]
+    BundleManaged {
+        /// The bundle URL.
+        url: String,
+    },
 }
 
 impl ControlError {
@@ -88,6 +94,7 @@ impl ControlError {
             ControlError::LiveState(_) => "live_state",
             ControlError::RolloutInProgress { .. } | ControlError::Rollout(_) => "rollout",
             ControlError::Internal(_) => "internal",
+            ControlError::BundleManaged { .. } => "bundle_managed",
         }
     }
 }
@@ -195,6 +202,9 @@ pub struct Controller {
     /// kept).
     state_dir: Option<std::path::PathBuf>,
     rollout_metrics: rollout::RolloutMetrics,
+    /// The fleet bundle URL when one is the source of truth (`[bundle]`): then `apply` and
+    /// `rollback` are refused and only [`Controller::apply_bundle`] changes the policy.
+    bundle_source: std::sync::OnceLock<String>,
 }
 
 /// Policy switch metrics; registered by [`Controller::register_metrics`].
@@ -344,6 +354,7 @@ impl Controller {
             state_dir,
             rollout_metrics: rollout::RolloutMetrics::new()
                 .map_err(|e| ControlError::Internal(format!("rollout metrics: {e}")))?,
+            bundle_source: std::sync::OnceLock::new(),
         });
         spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
         // Which policy is live: the one kept under agent.state_dir (same generation), unless
@@ -439,6 +450,62 @@ impl Controller {
         self.status.clone()
     }
 
+    /// Makes the fleet bundle at `url` this node's source of truth: from now on `apply` and
+    /// `rollback` are refused naming it. Set once, at start.
+    pub fn set_bundle_source(&self, url: String) {
+        // Already set: the first URL stays (there is one [bundle] per agent).
+        let _ = self.bundle_source.set(url);
+    }
+
+    /// A bundle's policy with this node's own settings (heat, histograms, verdict events): the
+    /// document brings rules and modes.
+    fn with_node_settings(&self, policy: Policy) -> Policy {
+        let d = &self.defaults;
+        Policy {
+            heat: d.heat,
+            heat_sample_every: d.heat_sample_every,
+            histograms: d.histograms,
+            histogram_interval_us: d.histogram_interval_us,
+            verdict_events: d.verdict_events,
+            ..policy
+        }
+    }
+
+    fn check_not_bundle_managed(&self) -> Result<(), ControlError> {
+        match self.bundle_source.get() {
+            Some(url) => Err(ControlError::BundleManaged { url: url.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Switches in the policy of a verified fleet bundle (source and cause "bundle"), unless it
+    /// is already live (same digest): then `Ok(None)`.
+    pub async fn apply_bundle(
+        self: &Arc<Self>,
+        policy: Policy,
+    ) -> Result<Option<Applied>, ControlError> {
+        let policy = self.with_node_settings(policy);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut history = this.history.lock().await;
+            // The bundle is the source of truth: a rollout of an earlier bundle gives way.
+            this.supersede_rollout(&mut history).await?;
+            if history.live.digest == policy.digest() {
+                history.source = "bundle";
+                return Ok(None);
+            }
+            let applied = this
+                .switch(Arc::new(policy), None, "bundle", "bundle", None)
+                .await?;
+            let previous = std::mem::replace(&mut history.live, applied.generation.clone());
+            history.previous = Some(previous);
+            history.source = "bundle";
+            Ok(Some(applied))
+        })
+        .await
+        .map_err(|e| ControlError::Internal(e.to_string()))?
+    }
+
     /// Switches in `policy` as a new generation. With `expected`, fails unless that is the live
     /// generation; with `deadline`, fails (changing nothing) if it passes before the switch.
     ///
@@ -450,6 +517,7 @@ impl Controller {
         expected: Option<u64>,
         deadline: Option<Instant>,
     ) -> Result<Applied, ControlError> {
+        self.check_not_bundle_managed()?;
         let this = self.clone();
         // The caller's trace (the ApplyPolicy span) goes along into the task.
         let cx = opentelemetry::Context::current();
@@ -479,6 +547,7 @@ impl Controller {
         expected: Option<u64>,
         deadline: Option<Instant>,
     ) -> Result<(Applied, u64), ControlError> {
+        self.check_not_bundle_managed()?;
         let this = self.clone();
         let cx = opentelemetry::Context::current();
         tokio::spawn(async move { this.rollback_now(expected, deadline).await }.with_context(cx))
@@ -649,7 +718,7 @@ impl Controller {
         self.history.lock().await.live.clone()
     }
 
-    /// What set the live generation: "file", "apply" or "rollback".
+    /// What set the live generation: "file", "apply", "rollback" or "bundle".
     pub async fn live_source(&self) -> &'static str {
         self.history.lock().await.source
     }

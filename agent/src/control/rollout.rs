@@ -197,7 +197,99 @@ impl Controller {
         self: &Arc<Self>,
         req: RolloutRequest,
     ) -> Result<RolloutStatus, ControlError> {
+        self.check_not_bundle_managed()?;
         let mut history = self.history.lock().await;
+        self.start_locked(&mut history, req, "api").await
+    }
+
+    /// Runs a fleet bundle's rollout: unless the same candidate (policy digest and flags) is
+    /// already rolling out, was promoted, or was rolled back (a bundle whose candidate failed
+    /// its gates is not retried until a new bundle comes), a running rollout of another
+    /// candidate is aborted as superseded and this one starts. Returns what happened.
+    pub async fn bundle_rollout(
+        self: &Arc<Self>,
+        policy: Policy,
+        req: RolloutRequest,
+    ) -> Result<String, ControlError> {
+        let policy = self.with_node_settings(policy);
+        let mut history = self.history.lock().await;
+        let flags = req
+            .flags
+            .clone()
+            .unwrap_or_else(|| flags_of(&history.live.policy));
+        let digest = with_flags(policy.clone(), &flags).digest();
+        if digest == history.live.digest && flags == flags_of(&history.live.policy) {
+            self.supersede_rollout(&mut history).await?;
+            history.source = "bundle";
+            return Ok(format!("already live (generation {})", history.live.number));
+        }
+        if let Some(run) = history.rollout.as_ref() {
+            let same = run.status.candidate_digest == digest && run.status.flags == flags;
+            if same {
+                return Ok(format!(
+                    "the rollout of this candidate (generation {}) is {}",
+                    run.status.candidate_generation,
+                    run.status.state.as_str()
+                ));
+            }
+            if !run.status.state.ended() {
+                self.end_locked(
+                    &mut history,
+                    RolloutState::Aborted,
+                    "superseded by a new fleet bundle".into(),
+                )
+                .await?;
+            }
+        }
+        let status = self
+            .start_locked(
+                &mut history,
+                RolloutRequest {
+                    policy: Some(policy),
+                    ..req
+                },
+                "bundle",
+            )
+            .await?;
+        Ok(format!(
+            "rollout of generation {} started ({})",
+            status.candidate_generation,
+            status
+                .plan
+                .steps
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(" → ")
+        ))
+    }
+
+    /// Ends a running rollout because the fleet bundle replaced it; no-op without one.
+    pub(super) async fn supersede_rollout(
+        &self,
+        history: &mut History,
+    ) -> Result<(), ControlError> {
+        if history
+            .rollout
+            .as_ref()
+            .is_some_and(|r| !r.status.state.ended())
+        {
+            self.end_locked(
+                history,
+                RolloutState::Aborted,
+                "superseded by a new fleet bundle".into(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn start_locked(
+        self: &Arc<Self>,
+        history: &mut History,
+        req: RolloutRequest,
+        by: &'static str,
+    ) -> Result<RolloutStatus, ControlError> {
         if let Some(run) = history.rollout.as_ref().filter(|r| !r.status.state.ended()) {
             return Err(in_progress(&run.status));
         }
@@ -224,7 +316,7 @@ impl Controller {
         if let Some(b) = req.beats_per_step {
             plan.beats_per_step = b;
         }
-        let generation = self.next_generation(&history);
+        let generation = self.next_generation(history);
         let dp = self.datapath.clone();
         let published = self.status.clone();
         let staged = candidate.clone();
@@ -268,6 +360,7 @@ impl Controller {
         tracing::info!(
             candidate = generation,
             stable = live.number,
+            by,
             steps = %status.plan.steps.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" → "),
             beats_per_step = status.plan.beats_per_step,
             "rollout started: the candidate is staged beside the live generation"

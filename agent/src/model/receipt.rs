@@ -18,11 +18,13 @@ pub enum ReceiptKind {
     /// A rollout event: start, step (with the gate's figures), hold, pause, resume, promote,
     /// rollback (with the failed gate's figures), abort.
     Rollout,
+    /// A fleet bundle was applied or refused.
+    Bundle,
 }
 
 impl ReceiptKind {
     /// Every kind.
-    pub const ALL: [ReceiptKind; 7] = [
+    pub const ALL: [ReceiptKind; 8] = [
         ReceiptKind::PolicySwitch,
         ReceiptKind::ClassState,
         ReceiptKind::CycleSummary,
@@ -30,6 +32,7 @@ impl ReceiptKind {
         ReceiptKind::HoldPlaced,
         ReceiptKind::HoldReleased,
         ReceiptKind::Rollout,
+        ReceiptKind::Bundle,
     ];
 
     /// The wire code.
@@ -42,6 +45,7 @@ impl ReceiptKind {
             ReceiptKind::HoldPlaced => 5,
             ReceiptKind::HoldReleased => 6,
             ReceiptKind::Rollout => 7,
+            ReceiptKind::Bundle => 8,
         }
     }
 
@@ -60,6 +64,7 @@ impl ReceiptKind {
             ReceiptKind::HoldPlaced => "hold_placed",
             ReceiptKind::HoldReleased => "hold_released",
             ReceiptKind::Rollout => "rollout",
+            ReceiptKind::Bundle => "bundle",
         }
     }
 

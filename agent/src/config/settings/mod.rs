@@ -3,6 +3,7 @@
 //! exactly what `run` starts with.
 
 mod beat;
+mod bundle;
 mod identity;
 mod promotion;
 mod receipts;
@@ -10,6 +11,7 @@ mod sync;
 mod telemetry;
 
 pub use beat::BeatSettings;
+pub use bundle::{BundleKey, BundleSection, BundleSettings};
 pub use identity::{FilePaths, IdentitySettings, DEFAULT_SOCKET};
 pub use promotion::{PromotionSettings, DEFAULT_STEPS};
 pub use receipts::{check_receipts, ReceiptSettings, SignerSettings};
@@ -34,4 +36,6 @@ pub struct Settings {
     pub telemetry: Option<TelemetrySettings>,
     /// The node's ring, feature flags and rollout defaults (`[promotion]`, or its defaults).
     pub promotion: PromotionSettings,
+    /// The fleet bundle this node follows (`[bundle]`).
+    pub bundle: Option<BundleSettings>,
 }

@@ -165,30 +165,15 @@ pub trait Signer: Send + Sync + std::fmt::Debug {
 }
 
 /// Whether `signature` (DER) is a valid ECDSA P-256 / SHA-256 signature of `message` by the key
-/// whose SubjectPublicKeyInfo is `public_key_der`.
+/// whose SubjectPublicKeyInfo is `public_key_der` (one implementation, shared with signed
+/// objects: [`crate::objectstore::signed::verify_signature`]).
 pub fn verify_signature(public_key_der: &[u8], message: &[u8], signature: &[u8]) -> bool {
-    use p256::{
-        ecdsa::{signature::Verifier, Signature, VerifyingKey},
-        pkcs8::DecodePublicKey,
-    };
-    let Ok(key) = VerifyingKey::from_public_key_der(public_key_der) else {
-        return false;
-    };
-    let Ok(sig) = Signature::from_der(signature) else {
-        return false;
-    };
-    // KMS signatures may carry a high S; ECDSA accepts either form.
-    let sig = sig.normalize_s();
-    key.verify(message, &sig).is_ok()
+    crate::objectstore::signed::verify_signature(public_key_der, message, signature)
 }
 
 /// A P-256 public key given as PEM, as DER.
 pub(crate) fn public_key_pem_to_der(pem: &str) -> Result<Vec<u8>, String> {
-    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
-    let key = p256::PublicKey::from_public_key_pem(pem).map_err(|e| e.to_string())?;
-    key.to_public_key_der()
-        .map(|d| d.as_bytes().to_vec())
-        .map_err(|e| e.to_string())
+    crate::objectstore::signed::public_key_pem_to_der(pem)
 }
 
 /// Connects the signer. Fails only on local problems (a missing token, a bad key file);
