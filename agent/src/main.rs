@@ -517,7 +517,7 @@ enum HoldCommand {
         /// ... until this time (exclusive).
         #[arg(long, requires = "from_unix")]
         to_unix: Option<i64>,
-        /// Only receipts of this kind (policy_switch, class_state, cycle_summary, key_rotation, hold_placed, hold_released, bundle).
+        /// Only receipts of this kind (policy_switch, class_state, cycle_summary, key_rotation, hold_placed, hold_released, rollout, bundle).
         #[arg(long)]
         kind: Option<String>,
         /// Only receipts of this region.
