@@ -168,11 +168,7 @@ fn a_bundles_rollout_and_flags_are_checked_with_their_key() {
             None,
             "its rollout.steps: step 2 (5%) does not increase",
         ),
-        (
-            Some("hold = 3\n"),
-            None,
-            "unknown field `hold`",
-        ),
+        (Some("hold = 3\n"), None, "unknown field `hold`"),
         (
             Some("beats_per_step = 0\n"),
             None,
