@@ -1862,3 +1862,74 @@ fn kernel_a_full_ledger_disk_fails_readiness_keeps_enforcing_and_resumes() {
         assert!(report.ok(), "{report:?}");
     }
 }
+
+/// Pins deleted under a running agent (on a private bpffs): enforcement never stops (the agent
+/// holds every map and link), the pins come back within the second, and they keep enforcing
+/// after the agent is gone; `detach` is refused while the agent runs.
+#[test]
+fn kernel_pins_deleted_under_a_running_agent_are_restored_without_a_gap() {
+    if !kernel_available("kernel_pins_deleted_under_a_running_agent_are_restored_without_a_gap") {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let cg = TestCgroup::new("pins-deleted");
+    let bpffs = tempfile::tempdir().expect("tempdir");
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(bpffs.path())
+        .status()
+        .expect("mount");
+    assert!(status.success(), "mount a private bpffs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(bpffs.path().to_owned());
+    let pin_root = bpffs.path().join("knhk");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pin_root, &deny_rule(target.port()));
+    let agent = Agent::start(&config);
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    let version_dir = pin_root.join(format!("v{ABI_VERSION}"));
+    let link = version_dir.join("links").join("knhk_connect4");
+    assert!(link.exists());
+
+    // `detach` while the agent runs is refused and removes nothing.
+    let out = Command::new(BIN)
+        .args(["detach", "--pin-root"])
+        .arg(&pin_root)
+        .output()
+        .expect("detach");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is running on"), "{stderr}");
+    assert!(link.exists(), "nothing was removed");
+
+    // Every pin deleted: connects stay denied throughout.
+    std::fs::remove_dir_all(&version_dir).expect("rm -rf the pins");
+    let started = std::time::Instant::now();
+    let mut checked = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        assert_eq!(
+            tcp_connect_from(&cg.path, target),
+            Outcome::Denied,
+            "enforcement with the pins gone"
+        );
+        checked += 1;
+    }
+    wait_until("the pins are back", Duration::from_secs(5), || {
+        link.exists()
+    });
+    assert!(
+        version_dir.join("maps").join(map_names::CONFIG).exists(),
+        "maps pinned again"
+    );
+    assert!(checked > 0);
+    // Without the agent, the restored pins keep enforcing.
+    agent.kill9();
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
+    knhk_agent::datapath::remove_pins(&pin_root).expect("clean up the pins");
+    assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Connected);
+}

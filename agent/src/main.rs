@@ -781,6 +781,25 @@ fn main() -> ExitCode {
                 },
                 (None, None) => Config::embedded_default().agent.pin_root,
             };
+            // A running agent holds the pin root (and every map and link): it would pin them
+            // again. Stop it first.
+            let _lock = match datapath::PinRootLock::acquire(&pin_root) {
+                Ok(lock) => Some(lock),
+                Err(datapath::DatapathError::PinRootInUse { path, holder }) => {
+                    return fail(
+                        output,
+                        &format!(
+                            "detach refused: a knhk-agent{} is running on {}: it holds every map and link and would pin them again. Stop it (or delete the DaemonSet) first; nothing was removed",
+                            holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                            path.display()
+                        ),
+                        1,
+                    )
+                }
+                // A pin root that cannot be locked (not there, not a directory): remove_pins
+                // says what is wrong with it.
+                Err(_) => None,
+            };
             match datapath::remove_pins(&pin_root) {
                 Ok(removed) => {
                     match output {

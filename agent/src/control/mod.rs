@@ -202,6 +202,8 @@ pub struct Controller {
     /// kept).
     state_dir: Option<std::path::PathBuf>,
     rollout_metrics: rollout::RolloutMetrics,
+    /// When the pins were last checked (see [`Controller::tick`]).
+    pin_check: Mutex<Instant>,
     /// The fleet bundle URL when one is the source of truth (`[bundle]`): then `apply` and
     /// `rollback` are refused and only [`Controller::apply_bundle`] changes the policy.
     bundle_source: std::sync::OnceLock<String>,
@@ -354,6 +356,7 @@ impl Controller {
             state_dir,
             rollout_metrics: rollout::RolloutMetrics::new()
                 .map_err(|e| ControlError::Internal(format!("rollout metrics: {e}")))?,
+            pin_check: Mutex::new(Instant::now()),
             bundle_source: std::sync::OnceLock::new(),
         });
         spawn_verdict_pump(Arc::downgrade(&controller), ring)?;
@@ -741,6 +744,14 @@ impl Controller {
     /// Follows rule cgroups and reclaims retired policy slots; called periodically. The RCU
     /// grace period is waited for without holding the datapath, so applies never wait on it.
     pub async fn tick(&self) -> Result<(), ControlError> {
+        // Missing pins are looked for once a second (a stat per pin), not every tick.
+        let pins_due = match self.pin_check.lock() {
+            Ok(mut last) if last.elapsed() >= PIN_CHECK_INTERVAL => {
+                *last = Instant::now();
+                true
+            }
+            _ => false,
+        };
         let dp = self.datapath.clone();
         let published = self.status.clone();
         let changes = blocking(move || {
@@ -760,6 +771,16 @@ impl Controller {
             }
             let mut dp = dp.lock().map_err(|_| poisoned())?;
             let changes = dp.refresh_scopes()?;
+            if pins_due {
+                let restored = dp.restore_pins()?;
+                if !restored.is_empty() {
+                    tracing::warn!(
+                        pins = restored.len(),
+                        first = %restored[0].display(),
+                        "pins were deleted under the running agent: pinned them again (enforcement never stopped: the agent holds every map and link)"
+                    );
+                }
+            }
             // Under the datapath lock: a switch that follows cannot be overwritten by this.
             if let Ok(mut s) = published.write() {
                 *s = dp.status();
@@ -1067,6 +1088,9 @@ fn spawn_verdict_pump(
     });
     Ok(())
 }
+
+/// How often [`Controller::tick`] looks for pins deleted under the running agent.
+const PIN_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Refuses a direct policy change while a rollout runs.
 fn refuse_during_rollout(history: &History) -> Result<(), ControlError> {

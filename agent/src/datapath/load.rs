@@ -129,6 +129,7 @@ impl Datapath {
             candidate: None,
             split_map,
             split: Default::default(),
+            held: pins::Held::default(),
             generation: 0,
             _ebpf: ebpf,
         };
@@ -142,6 +143,7 @@ impl Datapath {
         dp.class_states.heartbeat(None);
         let previous_root = dp.config_ref().attach_cgroup_id;
         dp.attach_programs(attach, previous_root)?;
+        dp.held = pins::Held::open(&dp.layout, opts.heat_max_entries)?;
         // SAFETY (for the writes below): the mapping holds one `Config`, and fields are written
         // with volatile stores that the kernel's plain loads observe.
         let cfg = dp.config_ptr();

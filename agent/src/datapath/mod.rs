@@ -391,6 +391,10 @@ pub struct Datapath {
     split_map: BpfHashMap<MapData, u64, u32>,
     split: std::collections::HashSet<u64>,
     generation: u64,
+    /// A descriptor of every map and link, held for as long as the datapath lives: deleting
+    /// the pins under a running agent detaches nothing, and [`Datapath::restore_pins`] pins
+    /// them again.
+    held: pins::Held,
     // Keeps the programs loaded for as long as the datapath lives; the pinned links keep them
     // attached beyond that.
     _ebpf: Ebpf,
@@ -433,6 +437,13 @@ impl Datapath {
     /// The live policy generation (0 before the first apply).
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Pins again what was deleted under the running agent (an operator's `rm`, a bpffs
+    /// cleanup): the agent holds a descriptor of every map and link, so enforcement never
+    /// stopped; this makes it outlive the agent again. Returns the pins restored.
+    pub fn restore_pins(&self) -> Result<Vec<PathBuf>, DatapathError> {
+        self.held.restore(&self.layout)
     }
 
     /// A snapshot for status output and metrics.

@@ -607,3 +607,48 @@ mod tests {
         );
     }
 }
+
+/// A descriptor of every pinned map and link of this build, opened from the pins once they are
+/// all in place: while they are held, deleting the pins detaches nothing (a link lives as long
+/// as a pin or a descriptor refers to it), and [`Held::restore`] pins what went missing.
+#[derive(Debug, Default)]
+pub struct Held {
+    objects: Vec<(PathBuf, std::os::fd::OwnedFd)>,
+}
+
+impl Held {
+    /// Opens every map and link pin of `layout`.
+    pub fn open(layout: &PinLayout, heat_max_entries: u32) -> Result<Held, DatapathError> {
+        let paths: Vec<PathBuf> = expected_maps(heat_max_entries)
+            .iter()
+            .map(|spec| layout.map(spec.name))
+            .chain(knhk_abi::program_names::ALL.iter().map(|n| layout.link(n)))
+            .collect();
+        let mut objects = Vec::new();
+        for path in paths {
+            let fd = super::sys::obj_get(&path).map_err(super::io_err("open pin", &path))?;
+            objects.push((path, fd));
+        }
+        Ok(Held { objects })
+    }
+
+    /// Pins again every map and link whose pin is missing (deleted under the running agent);
+    /// returns the pins restored. Nothing was detached meanwhile: the descriptors are held.
+    pub fn restore(&self, layout: &PinLayout) -> Result<Vec<PathBuf>, DatapathError> {
+        use std::os::fd::AsFd;
+        let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        let mut restored = Vec::new();
+        for dir in [layout.maps_dir(), layout.links_dir()] {
+            if missing(&dir) {
+                std::fs::create_dir_all(&dir).map_err(super::io_err("create", &dir))?;
+            }
+        }
+        for (path, fd) in &self.objects {
+            if missing(path) {
+                super::sys::obj_pin(fd.as_fd(), path).map_err(super::io_err("pin", path))?;
+                restored.push(path.clone());
+            }
+        }
+        Ok(restored)
+    }
+}

@@ -81,6 +81,17 @@ pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Pins a bpffs object (a map or link descriptor) at `path`.
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = path_cstring(path)?;
+    // SAFETY: a valid fd and a valid NUL-terminated path.
+    let ret = unsafe { libbpf_sys::bpf_obj_pin(fd.as_raw_fd(), c.as_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret));
+    }
+    Ok(())
+}
+
 /// Atomically replaces the program of a BPF link (`BPF_LINK_UPDATE`): connects never see the
 /// hook without a program.
 pub(crate) fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
