@@ -1932,7 +1932,46 @@ fn kernel_pins_deleted_under_a_running_agent_are_restored_without_a_gap() {
     assert_eq!(tcp_connect_from(&cg.path, target), Outcome::Denied);
     knhk_agent::datapath::remove_pins(&pin_root).expect("clean up the pins");
     // The killed agent's descriptors are released by the kernel shortly after it exits.
-    wait_until("detached once pins and agent are gone", Duration::from_secs(5), || {
-        tcp_connect_from(&cg.path, target) == Outcome::Connected
+    wait_until(
+        "detached once pins and agent are gone",
+        Duration::from_secs(5),
+        || tcp_connect_from(&cg.path, target) == Outcome::Connected,
+    );
+}
+
+/// The cgroup root removed under a running agent: the kernel detaches the programs with it, and
+/// readiness says so (removed; removed and created again) instead of reporting ready.
+#[test]
+fn kernel_a_removed_cgroup_root_is_named_by_readiness() {
+    if !kernel_available("kernel_a_removed_cgroup_root_is_named_by_readiness") {
+        return;
+    }
+    let cg = TestCgroup::new("root-removed");
+    let pins = TestPins::new("root-removed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &cg.path, &pins.root, &deny_rule(9));
+    let agent = Agent::start(&config);
+    wait_until("ready", Duration::from_secs(10), || {
+        agent.get("/readyz").contains("200")
     });
+    std::fs::remove_dir(&cg.path).expect("rmdir the cgroup root");
+    wait_until(
+        "readiness names the removed root",
+        Duration::from_secs(10),
+        || {
+            let r = agent.get("/readyz");
+            r.contains("503") && r.contains("was removed:")
+        },
+    );
+    std::fs::create_dir(&cg.path).expect("mkdir the cgroup root again");
+    wait_until(
+        "readiness names the new cgroup",
+        Duration::from_secs(10),
+        || {
+            agent
+                .get("/readyz")
+                .contains("was removed and created again")
+        },
+    );
+    agent.kill9();
 }

@@ -459,7 +459,26 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     }
     let probe = DatapathReader::open(&layout)?;
     let link_dir = layout.links_dir();
+    // The attach cgroup as it was at start: if it is removed (or replaced by a new cgroup of
+    // the same name), the kernel detached the programs with it.
+    let attach_root = root.clone();
+    let attach_mount = datapath::cgroup::mount_of(&attach_root);
+    let attach_id = attach_mount
+        .as_deref()
+        .and_then(|m| datapath::cgroup::resolve(m, &attach_root).ok().flatten())
+        .map(|r| r.id);
     readiness.register("programs attached", move || {
+        let now = attach_mount
+            .as_deref()
+            .and_then(|m| datapath::cgroup::resolve(m, &attach_root).ok().flatten())
+            .map(|r| r.id);
+        if now != attach_id {
+            return Err(format!(
+                "agent.cgroup_root {} {}: the kernel detached the programs with the cgroup, so nothing under it is enforced; restart the agent to attach to the cgroup there now",
+                crate::model::log_escape(&attach_root.display().to_string()),
+                if now.is_none() { "was removed" } else { "was removed and created again" }
+            ));
+        }
         for name in knhk_abi::program_names::ALL {
             if !link_dir.join(name).exists() {
                 return Err(format!(
