@@ -298,7 +298,7 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
     if !kernel_available(name) || !containerd_available(name) {
         return;
     }
-    const PODS: usize = 20;
+    const PODS: usize = 100;
     let target = tcp_sink("127.0.0.1:0");
     let mut s = Scene::new("churn");
     let agent = s.agent("deny", target.port());
@@ -308,7 +308,7 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
         vec!["kubepods".to_string()],
         "only the guard's root"
     );
-    // Pods come and go two at a time, half of them selected by the deny rule.
+    // 100 pods come and go, at most three alive at a time, half of them selected by the deny rule.
     let mut live: Vec<TestPod> = Vec::new();
     for i in 0..PODS {
         let app = if i % 2 == 0 { "api" } else { "web" };
