@@ -14,6 +14,7 @@
 //! - [`agent`]: `knhk-agent run`, wiring the above together.
 //! - [`client`]: the CLI's client commands, over gRPC.
 //! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
+//! - [`dirwatch`]: inotify watches on directories, for following the cgroup tree.
 //! - [`workloads`]: the node's Kubernetes pods, from the cgroup tree and the container runtime
 //!   (CRI), so rules can select workloads by namespace and labels.
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod dirwatch;
 pub mod identity;
 pub mod model;
 pub mod policy;

@@ -621,9 +621,14 @@ impl Controller {
         Ok((live, diff))
     }
 
-    /// Follows rule cgroups and reclaims retired policy slots; called periodically. The RCU
-    /// grace period is waited for without holding the datapath, so applies never wait on it.
-    pub async fn tick(&self) -> Result<(), ControlError> {
+    /// Follows rule cgroups with `follow` (e.g. [`crate::datapath::Follower::turn`], or
+    /// [`Datapath::refresh_scopes`]) and reclaims retired policy slots; called periodically and
+    /// when the cgroup tree changed. The RCU grace period is waited for without holding the
+    /// datapath, so applies never wait on it. Status is republished only when a scope changed.
+    pub async fn tick<F>(&self, follow: F) -> Result<(), ControlError>
+    where
+        F: FnOnce(&mut Datapath) -> Result<Vec<ScopeChange>, DatapathError> + Send + 'static,
+    {
         let dp = self.datapath.clone();
         let published = self.status.clone();
         let changes = blocking(move || {
@@ -642,10 +647,12 @@ impl Controller {
                 {}
             }
             let mut dp = dp.lock().map_err(|_| poisoned())?;
-            let changes = dp.refresh_scopes()?;
+            let changes = follow(&mut dp)?;
             // Under the datapath lock: a switch that follows cannot be overwritten by this.
-            if let Ok(mut s) = published.write() {
-                *s = dp.status();
+            if !changes.is_empty() {
+                if let Ok(mut s) = published.write() {
+                    *s = dp.status();
+                }
             }
             Ok::<_, ControlError>(changes)
         })

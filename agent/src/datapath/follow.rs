@@ -118,16 +118,41 @@ impl Datapath {
 
     /// Follows rule cgroups: enforces the rules of cgroups that appeared since the last call
     /// and removes the entries of cgroups that are gone (or were recreated under a new id).
+    /// Reads every rule cgroup; [`Follower`] reads only those that inotify shows changed.
     pub fn refresh_scopes(&mut self) -> Result<Vec<ScopeChange>, DatapathError> {
-        let Some(live) = self.live.clone() else {
+        let Some(live) = self.live.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let scopes = live.scopes.clone();
+        let keep: std::collections::HashSet<&CgroupPath> = scopes.iter().collect();
+        self.unresolvable.retain(|p, _| keep.contains(p));
+        self.refresh_paths(scopes.iter())
+    }
+
+    /// [`Datapath::refresh_scopes`] for some of the live rule cgroups only (paths that are not
+    /// rule cgroups of the live policy are skipped).
+    pub fn refresh_paths<'a>(
+        &mut self,
+        paths: impl IntoIterator<Item = &'a CgroupPath>,
+    ) -> Result<Vec<ScopeChange>, DatapathError> {
+        // The immutable parts only (pointers): `resolved` is updated in place, path by path.
+        let Some((policy, bindings, counters, scopes)) = self.live.as_ref().map(|l| {
+            (
+                l.policy.clone(),
+                l.bindings.clone(),
+                l.counters.clone(),
+                l.scopes.clone(),
+            )
+        }) else {
             return Ok(Vec::new());
         };
         let active = self.active_slot();
         let mut changes = Vec::new();
-        let mut resolved = live.resolved.clone();
-        let scopes = live.scopes.clone();
-        self.unresolvable.retain(|p, _| scopes.contains(p));
-        for path in scopes.iter() {
+        for path in paths {
+            // Sorted: `scopes_of` collects a set.
+            if scopes.binary_search(path).is_err() {
+                continue;
+            }
             let path = path.clone();
             let dir = self.cgroup_root.join(path.as_str());
             // One bad path affects only its own rules: it stays pending, reported once.
@@ -156,7 +181,10 @@ impl Datapath {
                     None
                 }
             };
-            let before = live.resolved.get(&path).copied();
+            let before = self
+                .live
+                .as_ref()
+                .and_then(|l| l.resolved.get(&path).copied());
             if now == before {
                 continue;
             }
@@ -164,7 +192,9 @@ impl Datapath {
                 for slot in 0..SLOTS as u32 {
                     self.remove_scope(slot, old.id)?;
                 }
-                resolved.remove(&path);
+                if let Some(l) = self.live.as_mut() {
+                    l.resolved.remove(&path);
+                }
                 changes.push(ScopeChange::Removed {
                     path: path.clone(),
                     id: old.id,
@@ -172,24 +202,23 @@ impl Datapath {
             }
             if let Some(new) = now {
                 let table = compile_scope(
-                    &live.policy.rules,
-                    &live.bindings,
+                    &policy.rules,
+                    &bindings,
                     Some(&path),
-                    &live.counters,
-                    live.policy.default_class,
+                    &counters,
+                    policy.default_class,
                 )?;
                 self.write_table(active, new.id, &table)?;
                 self.widen_levels(active, new.level);
                 self.insert_scope(active, new.id, new.level)?;
-                resolved.insert(path.clone(), new);
+                if let Some(l) = self.live.as_mut() {
+                    l.resolved.insert(path.clone(), new);
+                }
                 changes.push(ScopeChange::Appeared {
                     path: path.clone(),
                     id: new.id,
                 });
             }
-        }
-        if let Some(l) = self.live.as_mut() {
-            l.resolved = resolved;
         }
         if changes
             .iter()
@@ -213,5 +242,273 @@ impl Datapath {
                 max.store(level, Ordering::SeqCst);
             }
         }
+    }
+}
+
+/// How often rule cgroups that cannot be watched (the inotify watch limit, or no inotify) are
+/// read again, and the least time between two full rereads after the kernel's inotify queue
+/// overflowed.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
+
+/// Follows rule cgroups by watching the directories that decide them, instead of reading every
+/// rule cgroup on every tick: idle cost does not grow with the number of rules.
+///
+/// For each rule cgroup it watches one directory: the cgroup's parent when it exists (where its
+/// removal and re-creation show), else the deepest ancestor that exists (where the next missing
+/// component appears). Rule cgroups that share a parent share its watch. A change in a watched
+/// directory rereads only the rule cgroups named by the changed entry; a watched directory that
+/// goes away moves its rule cgroups' watches up. Rule cgroups whose directory cannot be watched
+/// (at `fs.inotify.max_user_watches`, or without inotify) are reread every [`RESYNC_EVERY`]
+/// instead; when the kernel's event queue overflows, every rule cgroup is reread, at most once
+/// every [`RESYNC_EVERY`].
+pub struct Follower {
+    watches: crate::dirwatch::WatchHandle,
+    /// The rule cgroup list last seen (compared by pointer: a new policy or inventory makes a
+    /// new list).
+    seen: Option<Arc<[CgroupPath]>>,
+    /// Watched directory → its watch and the rule cgroups it decides, by the name of the entry
+    /// that leads to them.
+    dirs: HashMap<PathBuf, WatchedDir>,
+    by_watch: HashMap<crate::dirwatch::WatchId, PathBuf>,
+    /// Rule cgroup → (watched directory, entry name).
+    placed: HashMap<CgroupPath, (PathBuf, std::ffi::OsString)>,
+    /// Rule cgroups without a watch: reread every [`RESYNC_EVERY`].
+    unwatched: std::collections::BTreeSet<CgroupPath>,
+    last_poll: Instant,
+    /// When a full reread is due (after an overflow).
+    resync_due: Option<Instant>,
+    last_resync: Option<Instant>,
+    warned_limit: bool,
+}
+
+struct WatchedDir {
+    watch: crate::dirwatch::WatchId,
+    entries: HashMap<std::ffi::OsString, std::collections::BTreeSet<CgroupPath>>,
+}
+
+impl Follower {
+    /// A follower that adds its watches through `watches` (whose [`crate::dirwatch::DirWatcher`]
+    /// the caller reads, passing each batch to [`Follower::turn`]).
+    pub fn new(watches: crate::dirwatch::WatchHandle) -> Follower {
+        Follower {
+            watches,
+            seen: None,
+            dirs: HashMap::new(),
+            by_watch: HashMap::new(),
+            placed: HashMap::new(),
+            unwatched: Default::default(),
+            last_poll: Instant::now(),
+            resync_due: None,
+            last_resync: None,
+            warned_limit: false,
+        }
+    }
+
+    /// How many directories are watched, and how many rule cgroups have no watch (and are
+    /// reread every [`RESYNC_EVERY`]).
+    pub fn watch_counts(&self) -> (usize, usize) {
+        (self.dirs.len(), self.unwatched.len())
+    }
+
+    /// One turn: takes the live policy's rule cgroups (new ones are watched and read), the
+    /// `changes` seen since the last turn (the rule cgroups they concern are read again), and any
+    /// reread that is due. Cheap when nothing changed: no directory is read.
+    pub fn turn(
+        &mut self,
+        dp: &mut Datapath,
+        changes: &[crate::dirwatch::Change],
+    ) -> Result<Vec<ScopeChange>, DatapathError> {
+        use crate::dirwatch::Change;
+        let now = Instant::now();
+        let mut dirty: std::collections::BTreeSet<CgroupPath> = Default::default();
+        let scopes = dp.live.as_ref().map(|l| l.scopes.clone());
+        let same = match (&self.seen, &scopes) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            let list: &[CgroupPath] = scopes.as_deref().unwrap_or(&[]);
+            let gone: Vec<CgroupPath> = self
+                .placed
+                .keys()
+                .filter(|p| list.binary_search(p).is_err())
+                .cloned()
+                .collect();
+            for p in &gone {
+                self.forget(p);
+            }
+            self.unwatched.retain(|p| list.binary_search(p).is_ok());
+            dirty.extend(
+                list.iter()
+                    .filter(|p| !self.placed.contains_key(*p) && !self.unwatched.contains(*p))
+                    .cloned(),
+            );
+            self.seen = scopes.clone();
+        }
+        for c in changes {
+            match c {
+                Change::Overflow => {
+                    let earliest = self.last_resync.map_or(now, |t| t + RESYNC_EVERY);
+                    self.resync_due = Some(self.resync_due.map_or(earliest, |d| d.min(earliest)));
+                }
+                Change::Gone { watch } => {
+                    let Some(dir) = self.by_watch.remove(watch) else {
+                        continue;
+                    };
+                    if let Some(w) = self.dirs.remove(&dir) {
+                        for p in w.entries.into_values().flatten() {
+                            self.placed.remove(&p);
+                            dirty.insert(p);
+                        }
+                    }
+                }
+                Change::Entry { watch, name } => {
+                    if let Some(set) = self
+                        .by_watch
+                        .get(watch)
+                        .and_then(|d| self.dirs.get(d))
+                        .and_then(|w| w.entries.get(name))
+                    {
+                        dirty.extend(set.iter().cloned());
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if self.resync_due.is_some_and(|d| d <= now) {
+            tracing::info!(
+                "every rule cgroup is read again (after an inotify queue overflow or an error; at most every {} s)",
+                RESYNC_EVERY.as_secs()
+            );
+            self.resync_due = None;
+            self.last_resync = Some(now);
+            out.extend(dp.refresh_scopes()?);
+            dirty.extend(self.placed.keys().cloned());
+        }
+        if !self.unwatched.is_empty() && now.duration_since(self.last_poll) >= RESYNC_EVERY {
+            self.last_poll = now;
+            dirty.extend(std::mem::take(&mut self.unwatched));
+        }
+        // Watch first, then read: a change after the read is reported. A directory made or
+        // removed between choosing the watch and reading moves the watch: a few rounds settle it.
+        let root = dp.cgroup_root.clone();
+        for _ in 0..4 {
+            if dirty.is_empty() {
+                break;
+            }
+            for p in &dirty {
+                self.place(&root, p);
+            }
+            match dp.refresh_paths(dirty.iter()) {
+                Ok(changes) => out.extend(changes),
+                Err(e) => {
+                    // Read everything again once the datapath may have recovered.
+                    let retry = now + RESYNC_EVERY;
+                    self.resync_due = Some(self.resync_due.map_or(retry, |d| d.min(retry)));
+                    return Err(e);
+                }
+            }
+            dirty.retain(|p| {
+                self.placed.get(p).is_some_and(|(dir, name)| {
+                    watch_target(&root, p).as_ref() != Some(&(dir.clone(), name.clone()))
+                })
+            });
+        }
+        // Still moving after a few rounds: read again next time.
+        for p in dirty {
+            self.forget(&p);
+            self.unwatched.insert(p);
+        }
+        Ok(out)
+    }
+
+    /// Watches the directory that decides `path` (and stops watching its former one).
+    fn place(&mut self, root: &Path, path: &CgroupPath) {
+        let Some(target) = watch_target(root, path) else {
+            self.forget(path);
+            self.unwatched.insert(path.clone());
+            return;
+        };
+        if self.placed.get(path) == Some(&target) {
+            return;
+        }
+        self.forget(path);
+        let (dir, name) = target;
+        if !self.dirs.contains_key(&dir) {
+            match self.watches.watch(&dir) {
+                Ok(watch) => {
+                    self.by_watch.insert(watch.clone(), dir.clone());
+                    self.dirs.insert(
+                        dir.clone(),
+                        WatchedDir {
+                            watch,
+                            entries: HashMap::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    if crate::dirwatch::is_watch_limit(&e) && !self.warned_limit {
+                        self.warned_limit = true;
+                        warn!(
+                            dir = %dir.display(),
+                            "the inotify watch limit (fs.inotify.max_user_watches) is reached: rule cgroups that cannot be watched are read every {} s instead",
+                            RESYNC_EVERY.as_secs()
+                        );
+                    }
+                    self.unwatched.insert(path.clone());
+                    return;
+                }
+            }
+        }
+        if let Some(w) = self.dirs.get_mut(&dir) {
+            w.entries
+                .entry(name.clone())
+                .or_default()
+                .insert(path.clone());
+        }
+        self.unwatched.remove(path);
+        self.placed.insert(path.clone(), (dir, name));
+    }
+
+    /// Stops following `path`; a directory no rule cgroup needs any more is unwatched.
+    fn forget(&mut self, path: &CgroupPath) {
+        self.unwatched.remove(path);
+        let Some((dir, name)) = self.placed.remove(path) else {
+            return;
+        };
+        let Some(w) = self.dirs.get_mut(&dir) else {
+            return;
+        };
+        if let Some(set) = w.entries.get_mut(&name) {
+            set.remove(path);
+            if set.is_empty() {
+                w.entries.remove(&name);
+            }
+        }
+        if w.entries.is_empty() {
+            if let Some(w) = self.dirs.remove(&dir) {
+                self.by_watch.remove(&w.watch);
+                self.watches.unwatch(w.watch);
+            }
+        }
+    }
+}
+
+/// The directory to watch for `path` (relative to `root`) and the name of its entry there: the
+/// parent of the cgroup when it exists, else its deepest existing ancestor. `None` when not
+/// even `root`'s filesystem root exists.
+fn watch_target(root: &Path, path: &CgroupPath) -> Option<(PathBuf, std::ffi::OsString)> {
+    let mut cur = root.join(path.as_str());
+    if cur.is_dir() {
+        let name = cur.file_name()?.to_owned();
+        return Some((cur.parent()?.to_owned(), name));
+    }
+    loop {
+        let parent = cur.parent()?.to_owned();
+        if parent.is_dir() {
+            return Some((parent, cur.file_name()?.to_owned()));
+        }
+        cur = parent;
     }
 }

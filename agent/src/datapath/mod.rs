@@ -36,6 +36,7 @@ pub use class_state::ClassStateWriter;
 use class_state::CONTROL_STRIDE;
 pub use events::VerdictRing;
 pub use explain::Explanation;
+pub use follow::{Follower, RESYNC_EVERY};
 use switch::CounterIds;
 pub use switch::Prepared;
 
