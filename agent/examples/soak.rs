@@ -570,13 +570,13 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
         let body = http_get(agent_a.metrics, "/metrics");
         let _ = http_get(agent_a.metrics, "/readyz");
         let _ = http_get(agent_b.metrics, "/metrics");
-        if tick % 6 == 0 {
+        if tick.is_multiple_of(6) {
             generation = rt.block_on(apply(
                 &grpc,
                 soak_policy(generation + 1, sink.port(), denied_port, CGROUPS),
             ));
         }
-        if tick % 12 == 0 {
+        if tick.is_multiple_of(12) {
             let placed = rt.block_on(async {
                 let mut c =
                     rpb::hold_service_client::HoldServiceClient::connect(format!("http://{grpc}"))
@@ -608,7 +608,7 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
             held = Some(placed);
             holds += 1;
         }
-        if tick % 2 == 0 {
+        if tick.is_multiple_of(2) {
             let now = Instant::now();
             let cpu = cpu_seconds(pid);
             let cpu_pct = (cpu - last_cpu.1) / now.duration_since(last_cpu.0).as_secs_f64() * 100.0;

@@ -255,35 +255,28 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
 ///
 /// For each rule cgroup it watches one directory: the cgroup's parent when it exists (where its
 /// removal and re-creation show), else the deepest ancestor that exists (where the next missing
-/// component appears). Rule cgroups that share a parent share its watch. A change in a watched
-/// directory rereads only the rule cgroups named by the changed entry; a watched directory that
-/// goes away moves its rule cgroups' watches up. Rule cgroups whose directory cannot be watched
-/// (at `fs.inotify.max_user_watches`, or without inotify) are reread every [`RESYNC_EVERY`]
+/// component appears). Rule cgroups that share a parent share its watch. A change of entry `n` in
+/// a watched directory `d` rereads only the rule cgroups at or below `d/n` (a range of the sorted
+/// rule cgroup list: nothing is kept per rule); a watched directory that goes away moves its
+/// rule cgroups' watches up. Rule cgroups whose directory cannot be watched (at
+/// `fs.inotify.max_user_watches`, or without inotify) are reread every [`RESYNC_EVERY`]
 /// instead; when the kernel's event queue overflows, every rule cgroup is reread, at most once
 /// every [`RESYNC_EVERY`].
 pub struct Follower {
     watches: crate::dirwatch::WatchHandle,
-    /// The rule cgroup list last seen (compared by pointer: a new policy or inventory makes a
-    /// new list).
-    seen: Option<Arc<[CgroupPath]>>,
-    /// Watched directory → its watch and the rule cgroups it decides, by the name of the entry
-    /// that leads to them.
-    dirs: HashMap<PathBuf, WatchedDir>,
+    /// The rule cgroup list last seen (sorted; compared by pointer: a new policy or inventory
+    /// makes a new list).
+    seen: Arc<[CgroupPath]>,
+    /// Watched directories (absolute).
+    dirs: HashMap<PathBuf, crate::dirwatch::WatchId>,
     by_watch: HashMap<crate::dirwatch::WatchId, PathBuf>,
-    /// Rule cgroup → (watched directory, entry name).
-    placed: HashMap<CgroupPath, (PathBuf, std::ffi::OsString)>,
     /// Rule cgroups without a watch: reread every [`RESYNC_EVERY`].
     unwatched: std::collections::BTreeSet<CgroupPath>,
     last_poll: Instant,
-    /// When a full reread is due (after an overflow).
+    /// When a full reread is due (after an overflow or an error).
     resync_due: Option<Instant>,
     last_resync: Option<Instant>,
     warned_limit: bool,
-}
-
-struct WatchedDir {
-    watch: crate::dirwatch::WatchId,
-    entries: HashMap<std::ffi::OsString, std::collections::BTreeSet<CgroupPath>>,
 }
 
 impl Follower {
@@ -292,10 +285,9 @@ impl Follower {
     pub fn new(watches: crate::dirwatch::WatchHandle) -> Follower {
         Follower {
             watches,
-            seen: None,
+            seen: Arc::from([]),
             dirs: HashMap::new(),
             by_watch: HashMap::new(),
-            placed: HashMap::new(),
             unwatched: Default::default(),
             last_poll: Instant::now(),
             resync_due: None,
@@ -320,31 +312,34 @@ impl Follower {
     ) -> Result<Vec<ScopeChange>, DatapathError> {
         use crate::dirwatch::Change;
         let now = Instant::now();
+        let root = dp.cgroup_root.clone();
         let mut dirty: std::collections::BTreeSet<CgroupPath> = Default::default();
-        let scopes = dp.live.as_ref().map(|l| l.scopes.clone());
-        let same = match (&self.seen, &scopes) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
-            let list: &[CgroupPath] = scopes.as_deref().unwrap_or(&[]);
-            let gone: Vec<CgroupPath> = self
-                .placed
-                .keys()
-                .filter(|p| list.binary_search(p).is_err())
-                .cloned()
-                .collect();
-            for p in &gone {
-                self.forget(p);
-            }
-            self.unwatched.retain(|p| list.binary_search(p).is_ok());
+        let scopes: Arc<[CgroupPath]> = dp
+            .live
+            .as_ref()
+            .map_or_else(|| Arc::from([]), |l| l.scopes.clone());
+        if !Arc::ptr_eq(&scopes, &self.seen) {
+            let old = std::mem::replace(&mut self.seen, scopes.clone());
+            // New rule cgroups are watched and read; watches nobody needs any more go.
             dirty.extend(
-                list.iter()
-                    .filter(|p| !self.placed.contains_key(*p) && !self.unwatched.contains(*p))
+                scopes
+                    .iter()
+                    .filter(|p| old.binary_search(p).is_err())
                     .cloned(),
             );
-            self.seen = scopes.clone();
+            self.unwatched.retain(|p| scopes.binary_search(p).is_ok());
+            let unneeded: Vec<PathBuf> = self
+                .dirs
+                .keys()
+                .filter(|d| under(&scopes, &root, d, None).is_empty())
+                .cloned()
+                .collect();
+            for d in unneeded {
+                if let Some(w) = self.dirs.remove(&d) {
+                    self.by_watch.remove(&w);
+                    self.watches.unwatch(w);
+                }
+            }
         }
         for c in changes {
             match c {
@@ -353,38 +348,30 @@ impl Follower {
                     self.resync_due = Some(self.resync_due.map_or(earliest, |d| d.min(earliest)));
                 }
                 Change::Gone { watch } => {
-                    let Some(dir) = self.by_watch.remove(watch) else {
-                        continue;
-                    };
-                    if let Some(w) = self.dirs.remove(&dir) {
-                        for p in w.entries.into_values().flatten() {
-                            self.placed.remove(&p);
-                            dirty.insert(p);
-                        }
+                    // Its rule cgroups move their watch up.
+                    if let Some(dir) = self.by_watch.remove(watch) {
+                        self.dirs.remove(&dir);
+                        dirty.extend(under(&self.seen, &root, &dir, None).iter().cloned());
                     }
                 }
                 Change::Entry { watch, name } => {
-                    if let Some(set) = self
-                        .by_watch
-                        .get(watch)
-                        .and_then(|d| self.dirs.get(d))
-                        .and_then(|w| w.entries.get(name))
-                    {
-                        dirty.extend(set.iter().cloned());
+                    if let Some(dir) = self.by_watch.get(watch) {
+                        dirty.extend(under(&self.seen, &root, dir, Some(name)).iter().cloned());
                     }
                 }
             }
         }
         let mut out = Vec::new();
+        let mut full = false;
         if self.resync_due.is_some_and(|d| d <= now) {
+            full = true;
             tracing::info!(
                 "every rule cgroup is read again (after an inotify queue overflow or an error; at most every {} s)",
                 RESYNC_EVERY.as_secs()
             );
             self.resync_due = None;
             self.last_resync = Some(now);
-            out.extend(dp.refresh_scopes()?);
-            dirty.extend(self.placed.keys().cloned());
+            dirty.extend(self.seen.iter().cloned());
         }
         if !self.unwatched.is_empty() && now.duration_since(self.last_poll) >= RESYNC_EVERY {
             self.last_poll = now;
@@ -392,15 +379,21 @@ impl Follower {
         }
         // Watch first, then read: a change after the read is reported. A directory made or
         // removed between choosing the watch and reading moves the watch: a few rounds settle it.
-        let root = dp.cgroup_root.clone();
         for _ in 0..4 {
             if dirty.is_empty() {
                 break;
             }
+            let mut placed = Vec::with_capacity(dirty.len());
             for p in &dirty {
-                self.place(&root, p);
+                placed.push(self.place(&root, p));
             }
-            match dp.refresh_paths(dirty.iter()) {
+            // A full reread also forgets problems of rule cgroups that are gone.
+            let read = if std::mem::take(&mut full) {
+                dp.refresh_scopes()
+            } else {
+                dp.refresh_paths(dirty.iter())
+            };
+            match read {
                 Ok(changes) => out.extend(changes),
                 Err(e) => {
                     // Read everything again once the datapath may have recovered.
@@ -409,90 +402,89 @@ impl Follower {
                     return Err(e);
                 }
             }
-            dirty.retain(|p| {
-                self.placed.get(p).is_some_and(|(dir, name)| {
-                    watch_target(&root, p).as_ref() != Some(&(dir.clone(), name.clone()))
-                })
-            });
+            let mut moved = std::collections::BTreeSet::new();
+            for (p, before) in dirty.into_iter().zip(placed) {
+                if before.is_some() && watch_target(&root, &p) != before {
+                    moved.insert(p);
+                }
+            }
+            dirty = moved;
         }
         // Still moving after a few rounds: read again next time.
-        for p in dirty {
-            self.forget(&p);
-            self.unwatched.insert(p);
-        }
+        self.unwatched.extend(dirty);
         Ok(out)
     }
 
-    /// Watches the directory that decides `path` (and stops watching its former one).
-    fn place(&mut self, root: &Path, path: &CgroupPath) {
+    /// Watches the directory that decides `path`; returns it (with the entry name), or `None`
+    /// when it cannot be watched (the path is then reread every [`RESYNC_EVERY`]).
+    fn place(&mut self, root: &Path, path: &CgroupPath) -> Option<(PathBuf, std::ffi::OsString)> {
         let Some(target) = watch_target(root, path) else {
-            self.forget(path);
             self.unwatched.insert(path.clone());
-            return;
+            return None;
         };
-        if self.placed.get(path) == Some(&target) {
-            return;
-        }
-        self.forget(path);
-        let (dir, name) = target;
-        if !self.dirs.contains_key(&dir) {
-            match self.watches.watch(&dir) {
+        if !self.dirs.contains_key(&target.0) {
+            match self.watches.watch(&target.0) {
                 Ok(watch) => {
-                    self.by_watch.insert(watch.clone(), dir.clone());
-                    self.dirs.insert(
-                        dir.clone(),
-                        WatchedDir {
-                            watch,
-                            entries: HashMap::new(),
-                        },
-                    );
+                    // The same directory under another name (a watch it already has): keep one.
+                    if let Some(old) = self.by_watch.insert(watch.clone(), target.0.clone()) {
+                        self.dirs.remove(&old);
+                    }
+                    self.dirs.insert(target.0.clone(), watch);
                 }
                 Err(e) => {
                     if crate::dirwatch::is_watch_limit(&e) && !self.warned_limit {
                         self.warned_limit = true;
                         warn!(
-                            dir = %dir.display(),
+                            dir = %target.0.display(),
                             "the inotify watch limit (fs.inotify.max_user_watches) is reached: rule cgroups that cannot be watched are read every {} s instead",
                             RESYNC_EVERY.as_secs()
                         );
                     }
                     self.unwatched.insert(path.clone());
-                    return;
+                    return None;
                 }
             }
         }
-        if let Some(w) = self.dirs.get_mut(&dir) {
-            w.entries
-                .entry(name.clone())
-                .or_default()
-                .insert(path.clone());
-        }
         self.unwatched.remove(path);
-        self.placed.insert(path.clone(), (dir, name));
+        Some(target)
     }
+}
 
-    /// Stops following `path`; a directory no rule cgroup needs any more is unwatched.
-    fn forget(&mut self, path: &CgroupPath) {
-        self.unwatched.remove(path);
-        let Some((dir, name)) = self.placed.remove(path) else {
-            return;
-        };
-        let Some(w) = self.dirs.get_mut(&dir) else {
-            return;
-        };
-        if let Some(set) = w.entries.get_mut(&name) {
-            set.remove(path);
-            if set.is_empty() {
-                w.entries.remove(&name);
-            }
-        }
-        if w.entries.is_empty() {
-            if let Some(w) = self.dirs.remove(&dir) {
-                self.by_watch.remove(&w.watch);
-                self.watches.unwatch(w.watch);
-            }
-        }
+/// The rule cgroups of `scopes` (sorted) at or below `dir/name` (`dir` absolute; without
+/// `name`, at or below `dir`): a range of the list, found by binary search. All of them when
+/// that is the cgroup root or above it; none when it is elsewhere.
+fn under<'a>(
+    scopes: &'a [CgroupPath],
+    root: &Path,
+    dir: &Path,
+    name: Option<&std::ffi::OsStr>,
+) -> &'a [CgroupPath] {
+    let full = match name {
+        Some(n) => dir.join(n),
+        None => dir.to_owned(),
+    };
+    if root.starts_with(&full) {
+        return scopes;
     }
+    let Ok(rel) = full.strip_prefix(root) else {
+        return &[];
+    };
+    let base = rel.to_string_lossy();
+    let prefix = format!("{base}/");
+    // Sorted: `base` first, then maybe siblings such as `base-x` (`-` < `/`), then `base/...`.
+    let lo = scopes.partition_point(|p| p.as_str() < &*base);
+    let exact = scopes.get(lo).is_some_and(|p| p.as_str() == base);
+    let start = scopes.partition_point(|p| p.as_str() < prefix.as_str());
+    let end = start + scopes[start..].partition_point(|p| p.as_str().starts_with(prefix.as_str()));
+    if start == end {
+        return if exact { &scopes[lo..lo + 1] } else { &[] };
+    }
+    if exact {
+        // `base` through its subtree; siblings sorted in between (`base-x`) are reread too: a
+        // few extra `stat`s, never a missed cgroup.
+        return &scopes[lo..end];
+    }
+    &scopes[start..end]
 }
 
 /// The directory to watch for `path` (relative to `root`) and the name of its entry there: the
@@ -510,5 +502,53 @@ fn watch_target(root: &Path, path: &CgroupPath) -> Option<(PathBuf, std::ffi::Os
             return Some((parent, cur.file_name()?.to_owned()));
         }
         cur = parent;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths(v: &[&str]) -> Vec<CgroupPath> {
+        let mut v: Vec<CgroupPath> = v.iter().map(|s| s.parse().expect("path")).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn under_finds_the_rule_cgroups_at_or_below_an_entry() {
+        let scopes = paths(&["a", "a-b", "a.c", "a/b", "a/b/c", "ab", "b/a"]);
+        let root = Path::new("/cg/root");
+        let names = |dir: &str, name: Option<&str>| -> Vec<&str> {
+            under(
+                &scopes,
+                root,
+                Path::new(dir),
+                name.map(std::ffi::OsStr::new),
+            )
+            .iter()
+            .map(CgroupPath::as_str)
+            .collect()
+        };
+        // `a-b` and `a.c` sort between `a` and `a/...`: reread too, never missed.
+        assert_eq!(
+            names("/cg/root", Some("a")),
+            ["a", "a-b", "a.c", "a/b", "a/b/c"]
+        );
+        assert_eq!(names("/cg/root/a", Some("b")), ["a/b", "a/b/c"]);
+        assert_eq!(
+            names("/cg/root/a", None),
+            ["a", "a-b", "a.c", "a/b", "a/b/c"]
+        );
+        assert_eq!(names("/cg/root/a/b", Some("c")), ["a/b/c"]);
+        assert!(names("/elsewhere", Some("a")).is_empty());
+        assert_eq!(names("/cg/root/b", Some("a")), ["b/a"]);
+        assert!(names("/cg/root", Some("zz")).is_empty());
+        assert_eq!(names("/cg/root", None).len(), scopes.len());
+        assert_eq!(
+            names("/cg", Some("root")).len(),
+            scopes.len(),
+            "above the root"
+        );
     }
 }
