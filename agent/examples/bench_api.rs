@@ -103,7 +103,7 @@ fn main() {
                 let mut t = tokio::time::interval(Duration::from_millis(25));
                 loop {
                     t.tick().await;
-                    let _ = controller.tick().await;
+                    let _ = controller.tick(|dp| dp.refresh_scopes()).await;
                 }
             })
         };

@@ -498,9 +498,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     started.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let mut services = TaskGroup::new("agent");
+    // New pods bound to rules: the cgroup follower takes up their cgroups at once.
+    let inventory_changed = Arc::new(tokio::sync::Notify::new());
     if let Some((discovery, initial)) = discovery {
         controller.set_inventory(initial.clone()).await?;
         let c = controller.clone();
+        let changed = inventory_changed.clone();
         let mut stop = services.stop_signal();
         services.spawn("workload discovery", async move {
             discovery
@@ -508,6 +511,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                     (*initial).clone(),
                     move |inv| {
                         let c = c.clone();
+                        let changed = changed.clone();
                         async move {
                             if let Err(e) = c.set_inventory(inv).await {
                                 error!(
@@ -515,6 +519,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                                     crate::model::log_escape(&e.to_string())
                                 );
                             }
+                            changed.notify_one();
                         }
                     },
                     async move { stop.requested().await },
@@ -672,6 +677,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         .to_string(),
     );
 
+    // Rule cgroups are followed by watching the cgroup tree (only the directories that decide
+    // them, see `Follower`). A follower turn also runs when a policy switches or pods are bound
+    // (new rule cgroups to watch; the retired slot reclaimed), and every
+    // `cgroup_poll_interval_ms` for what inotify cannot do. No directory is read while nothing
+    // changes, so idle cost does not grow with the number of rules.
+    let mut switches = Some(controller.subscribe());
+    let mut tree = crate::dirwatch::DirWatcher::new(&format!(
+        "rule cgroups are read every {} s instead",
+        crate::datapath::RESYNC_EVERY.as_secs()
+    ));
+    let follower = Arc::new(std::sync::Mutex::new(crate::datapath::Follower::new(
+        tree.handle(),
+    )));
     let poll = Duration::from_millis(config.agent.cgroup_poll_interval_ms);
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -684,7 +702,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let mut rollout_ticker = tokio::time::interval(beat);
     rollout_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let changes = tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = rollout_ticker.tick() => {
@@ -694,15 +712,25 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                         crate::model::log_escape(&e.to_string())
                     );
                 }
+                continue;
             }
-            _ = ticker.tick() => {
-                if let Err(e) = controller.tick().await {
-                    error!(
-                        "following rule cgroups failed (will retry): {}",
-                        crate::model::log_escape(&e.to_string())
-                    );
-                }
-            }
+            changes = tree.changed() => changes,
+            () = policy_switched(&mut switches) => Vec::new(),
+            () = inventory_changed.notified() => Vec::new(),
+            _ = ticker.tick() => Vec::new(),
+        };
+        let follower = follower.clone();
+        let turn = move |dp: &mut crate::datapath::Datapath| {
+            // Poisoned only by a panic in an earlier turn: its bookkeeping is still consistent
+            // enough to go on (a missed path is reread after the next overflow or error).
+            let mut f = follower.lock().unwrap_or_else(|p| p.into_inner());
+            f.turn(dp, &changes)
+        };
+        if let Err(e) = controller.tick(turn).await {
+            error!(
+                "following rule cgroups failed (will retry): {}",
+                crate::model::log_escape(&e.to_string())
+            );
         }
     }
 
@@ -781,4 +809,20 @@ fn instance_id() -> String {
         return format!("pid-{}", std::process::id());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Resolves at the next policy switch (or when switch events were missed); never once the
+/// event stream is closed.
+async fn policy_switched(
+    events: &mut Option<tokio::sync::broadcast::Receiver<crate::model::Event>>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    while let Some(rx) = events.as_mut() {
+        match rx.recv().await {
+            Ok(crate::model::Event::PolicySwitched { .. }) | Err(RecvError::Lagged(_)) => return,
+            Ok(_) => {}
+            Err(RecvError::Closed) => *events = None,
+        }
+    }
+    std::future::pending().await
 }

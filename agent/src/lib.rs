@@ -16,6 +16,7 @@
 //! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
 //! - [`objectstore`]: objects in S3-compatible storage and signed objects (no domain knowledge).
 //! - [`bundle`]: the fleet bundle follower: polls, verifies and keeps the signed bundle.
+//! - [`dirwatch`]: inotify watches on directories, for following the cgroup tree.
 //! - [`workloads`]: the node's Kubernetes pods, from the cgroup tree and the container runtime
 //!   (CRI), so rules can select workloads by namespace and labels.
 #![warn(missing_docs)]
@@ -29,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod dirwatch;
 pub mod identity;
 pub mod model;
 pub mod objectstore;

@@ -24,16 +24,17 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("trace_context", &[]),
     ("semconv", &[]),
     ("objectstore", &[]),
+    ("dirwatch", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
     // Layer 2: configuration, returning typed settings.
     ("config", &["model", "policy", "objectstore"]),
     // Layer 3: adapters to the kernel, SPIRE, Prometheus.
-    ("datapath", &["model", "abi", "policy"]),
+    ("datapath", &["model", "abi", "policy", "dirwatch"]),
     ("identity", &["model", "config", "secure_dir"]),
     ("telemetry", &["model", "config", "datapath", "semconv"]),
-    ("workloads", &["model", "config"]),
+    ("workloads", &["model", "config", "dirwatch"]),
     // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
     ("beat", &["model", "config", "datapath"]),
     (
@@ -119,6 +120,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "workloads",
             "objectstore",
             "bundle",
+            "dirwatch",
         ],
     ),
 ];

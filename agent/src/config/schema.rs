@@ -156,7 +156,9 @@ macro_rules! agent_table {
             /// the histograms (0 = every connect). At low rates every connect is timed.
             #[serde(default = "default_histogram_interval_us")]
             pub histogram_interval_us: u64,
-            /// How often rule cgroups are checked for creation and removal (milliseconds).
+            /// The cgroup follower's fallback tick (milliseconds): rule cgroups are followed by
+            /// inotify and on policy switches; this tick retries what could not be watched and
+            /// reclaims retired policy slots.
             #[serde(default = "default_cgroup_poll_interval_ms")]
             pub cgroup_poll_interval_ms: u64,
             /// Detach programs and remove pins when the agent exits. Off by default, so that
@@ -260,7 +262,7 @@ fn default_histogram_interval_us() -> u64 {
     1000
 }
 fn default_cgroup_poll_interval_ms() -> u64 {
-    25
+    1000
 }
 
 /// `[policy]`.

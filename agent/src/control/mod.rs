@@ -741,9 +741,14 @@ impl Controller {
         Ok((live, diff))
     }
 
-    /// Follows rule cgroups and reclaims retired policy slots; called periodically. The RCU
-    /// grace period is waited for without holding the datapath, so applies never wait on it.
-    pub async fn tick(&self) -> Result<(), ControlError> {
+    /// Follows rule cgroups with `follow` (e.g. [`crate::datapath::Follower::turn`], or
+    /// [`Datapath::refresh_scopes`]) and reclaims retired policy slots; called periodically and
+    /// when the cgroup tree changed. The RCU grace period is waited for without holding the
+    /// datapath, so applies never wait on it. Status is republished only when a scope changed.
+    pub async fn tick<F>(&self, follow: F) -> Result<(), ControlError>
+    where
+        F: FnOnce(&mut Datapath) -> Result<Vec<ScopeChange>, DatapathError> + Send + 'static,
+    {
         // Missing pins are looked for once a second (a stat per pin), not every tick.
         let pins_due = match self.pin_check.lock() {
             Ok(mut last) if last.elapsed() >= PIN_CHECK_INTERVAL => {
@@ -770,7 +775,7 @@ impl Controller {
                 {}
             }
             let mut dp = dp.lock().map_err(|_| poisoned())?;
-            let changes = dp.refresh_scopes()?;
+            let changes = follow(&mut dp)?;
             if pins_due {
                 let restored = dp.restore_pins()?;
                 if !restored.is_empty() {
@@ -782,8 +787,10 @@ impl Controller {
                 }
             }
             // Under the datapath lock: a switch that follows cannot be overwritten by this.
-            if let Ok(mut s) = published.write() {
-                *s = dp.status();
+            if !changes.is_empty() {
+                if let Ok(mut s) = published.write() {
+                    *s = dp.status();
+                }
             }
             Ok::<_, ControlError>(changes)
         })

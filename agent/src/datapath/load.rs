@@ -129,6 +129,7 @@ impl Datapath {
             candidate: None,
             split_map,
             split: Default::default(),
+            followed_union: None,
             held: pins::Held::default(),
             generation: 0,
             _ebpf: ebpf,

@@ -40,6 +40,7 @@ pub use class_state::ClassStateWriter;
 use class_state::CONTROL_STRIDE;
 pub use events::VerdictRing;
 pub use explain::Explanation;
+pub use follow::{Follower, RESYNC_EVERY};
 pub use split::Workload;
 use switch::CounterIds;
 pub use switch::Prepared;
@@ -349,6 +350,9 @@ struct Live {
     resolved: BTreeMap<CgroupPath, CgroupRef>,
 }
 
+/// A cached union of rule cgroups, keyed by the addresses of the two lists it was made of.
+type FollowedUnion = ((usize, usize), Arc<[CgroupPath]>);
+
 /// The loaded, attached kernel programs and the writer side of their maps.
 pub struct Datapath {
     layout: PinLayout,
@@ -390,6 +394,9 @@ pub struct Datapath {
     /// The rollout split table, and the cgroup ids this datapath put in it.
     split_map: BpfHashMap<MapData, u64, u32>,
     split: std::collections::HashSet<u64>,
+    /// The union of the live and candidate rule cgroups, keyed by their two `Arc`s (see
+    /// [`Datapath::followed_scopes`]).
+    followed_union: Option<FollowedUnion>,
     generation: u64,
     /// A descriptor of every map and link, held for as long as the datapath lives: deleting
     /// the pins under a running agent detaches nothing, and [`Datapath::restore_pins`] pins

@@ -28,7 +28,6 @@ use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
 /// How often unclassified pod directories are asked about again, for how long after they
@@ -399,29 +398,26 @@ async fn next_event(
 /// inotify watches on the pods root, its QoS directories and each pod directory (where
 /// container directories appear). Without inotify it degrades to the resync interval.
 struct TreeWatcher {
-    stream: Option<inotify::EventStream<Vec<u8>>>,
-    watched: BTreeMap<PathBuf, inotify::WatchDescriptor>,
+    inner: crate::dirwatch::DirWatcher,
+    watches: crate::dirwatch::WatchHandle,
+    watched: BTreeMap<PathBuf, crate::dirwatch::WatchId>,
 }
 
 impl TreeWatcher {
     fn new() -> TreeWatcher {
-        let stream = inotify::Inotify::init()
-            .and_then(|i| i.into_event_stream(vec![0u8; 16 * 1024]))
-            .map_err(|e| {
-                warn!(error = %e, "inotify is unavailable: new pods are found at each resync only")
-            })
-            .ok();
+        let inner = crate::dirwatch::DirWatcher::new("new pods are found at each resync only");
         TreeWatcher {
-            stream,
+            watches: inner.handle(),
+            inner,
             watched: BTreeMap::new(),
         }
     }
 
     /// Adds watches on directories of the tree not watched yet; forgets removed ones.
     fn watch_tree(&mut self, root: &Path, driver: CgroupDriver) {
-        let Some(stream) = self.stream.as_mut() else {
+        if !self.inner.available() {
             return;
-        };
+        }
         let mut dirs = vec![root.to_owned()];
         // The root's parent too, so a pods root made after the agent started is noticed.
         if let Some(parent) = root.parent() {
@@ -445,10 +441,7 @@ impl TreeWatcher {
             if self.watched.contains_key(&d) || !d.is_dir() {
                 continue;
             }
-            let mask = inotify::WatchMask::CREATE
-                | inotify::WatchMask::DELETE
-                | inotify::WatchMask::ONLYDIR;
-            if let Ok(wd) = stream.watches().add(&d, mask) {
+            if let Ok(wd) = self.watches.watch(&d) {
                 self.watched.insert(d, wd);
             }
         }
@@ -456,17 +449,8 @@ impl TreeWatcher {
 
     /// Resolves when something in the watched tree changed (never, without inotify).
     async fn changed(&mut self) {
-        match self.stream.as_mut() {
-            Some(stream) => {
-                // Coalesce a burst: one scan for all the events already queued.
-                let _ = stream.next().await;
-                while let Ok(Some(_)) =
-                    tokio::time::timeout(Duration::from_millis(1), stream.next()).await
-                {
-                }
-            }
-            None => std::future::pending().await,
-        }
+        // Any change (or an overflow): the caller takes a fresh snapshot.
+        let _batch = self.inner.changed().await;
     }
 }
 
