@@ -58,7 +58,6 @@ fn make_seeds() {
 
 /// The policy of every configuration seed, as `ApplyPolicy` would carry it.
 fn policy_seeds(out: &Path, configs: &Path) {
-    let mut n = 0;
     let mut entries: Vec<_> = std::fs::read_dir(configs)
         .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -68,10 +67,9 @@ fn policy_seeds(out: &Path, configs: &Path) {
         let text = std::fs::read_to_string(p).ok()?;
         Config::parse(&text, "seed").ok()
     });
-    for config in defaults.chain(parsed) {
+    for (n, config) in defaults.chain(parsed).enumerate() {
         let doc = policy_to_proto(&config.policy());
         write(out, &format!("policy-{n}.pb"), &doc.encode_to_vec());
-        n += 1;
     }
 }
 
