@@ -3,6 +3,7 @@
 //! Every task that needs tools installs what is missing first (`setup`), so that a fresh Debian 12
 //! machine needs nothing but this repository and rustup's cargo.
 
+mod fuzz;
 mod image;
 mod layers;
 mod previous_abi;
@@ -30,8 +31,11 @@ const APT_PACKAGES: &[&str] = &[
     "runc",                    // containerd's OCI runtime
     "busybox-static",          // the pods' images are built from it (no registry here)
     "protobuf-compiler",       // k8s-cri's build script compiles the CRI protos with protoc
+    "g++",                     // libfuzzer-sys builds libFuzzer (C++) for `cargo xtask fuzz`
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Seconds per fuzz target in the smoke run of `cargo xtask test`.
+const SMOKE_SECONDS: u64 = 5;
 /// Python tools the tests use, installed into `.venv/` at the workspace root.
 const PIP_PACKAGES: &[&str] = &[
     "kubernetes-validate==1.37.*",
@@ -49,7 +53,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (Debian packages, bpf-linker), if missing.
+    /// Install what building and testing need (Debian packages, bpf-linker, cargo-fuzz), if missing.
     Setup,
     /// Build the kernel programs (through the agent's build script, which embeds them).
     BuildEbpf,
@@ -59,13 +63,30 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, lint (fmt, clippy -D warnings) and run every test, kernel tests included (needs root).
+    /// Set up, lint (fmt, clippy -D warnings) and run every test, kernel tests included (needs root),
+    /// then the fuzz smoke run (a few seconds per fuzz target).
     Test {
-        /// Only run tests whose name contains this filter.
+        /// Only run tests whose name contains this filter (no fuzz smoke run then).
         filter: Option<String>,
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the fuzz smoke run.
+        #[arg(long)]
+        no_fuzz: bool,
+    },
+    /// Build the fuzz targets (fuzz/, libFuzzer through cargo-fuzz) and run each for a time
+    /// budget; fails on a crash, a timeout or an out-of-memory (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 900)]
+        seconds: u64,
+        /// Only these targets (repeatable; default: all).
+        #[arg(long)]
+        target: Vec<String>,
+        /// Regenerate the generated seed corpora under fuzz/corpus instead of fuzzing.
+        #[arg(long)]
+        make_seeds: bool,
     },
     /// Check that the agent's modules keep to their layers (xtask/src/layers.rs).
     Layers,
@@ -164,7 +185,23 @@ fn main() -> Result<()> {
                 .exec();
             Err(err).context("starting the release build of knhk-agent")
         }
-        Task::Test { filter, no_lint } => {
+        Task::Fuzz {
+            seconds,
+            target,
+            make_seeds,
+        } => {
+            setup_system()?;
+            if make_seeds {
+                fuzz::make_seeds(&root, &target_dir(&root))
+            } else {
+                fuzz::run(&root, &target_dir(&root), seconds, &target)
+            }
+        }
+        Task::Test {
+            filter,
+            no_lint,
+            no_fuzz,
+        } => {
             setup()?;
             layers::check(&root)?;
             if !no_lint {
@@ -193,6 +230,7 @@ fn main() -> Result<()> {
             if is_root() && std::env::var_os("KNHK_REQUIRE_KERNEL_TESTS").is_none() {
                 cmd.env("KNHK_REQUIRE_KERNEL_TESTS", "1");
             }
+            let smoke = filter.is_none() && !no_fuzz;
             if let Some(f) = filter {
                 cmd.arg(f);
             }
@@ -200,7 +238,11 @@ fn main() -> Result<()> {
             // budgets; two threads match the CI machine.
             cmd.args(["--", "--test-threads", "2"]);
             run(&mut cmd)?;
-            run(cargo().args(["test", "--workspace", "--doc"]))
+            run(cargo().args(["test", "--workspace", "--doc"]))?;
+            if smoke {
+                fuzz::run(&root, &target_dir(&root), SMOKE_SECONDS, &[])?;
+            }
+            Ok(())
         }
         Task::Soak {
             minutes,
@@ -354,6 +396,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 fn setup() -> Result<()> {
     setup_system()?;
+    fuzz::setup()?;
     setup_python()
 }
 

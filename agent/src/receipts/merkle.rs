@@ -127,8 +127,18 @@ fn ct_root(root: &Hash, size: u64) -> RootHash<Sha256> {
     RootHash::new((*root).into(), size)
 }
 
+/// The largest tree size `ct-merkle` computes with: above it, its index arithmetic overflows
+/// (it panics with overflow checks, and wraps without them). No ledger comes near it; a proof
+/// that names a larger size is refused.
+pub const MAX_VERIFIABLE_SIZE: u64 = u64::MAX / 2;
+
 /// Whether `leaf` (the receipt encoding) is number `m` of the tree with `root` and `size`.
+/// False, never a panic, for any size, index and path (sizes above [`MAX_VERIFIABLE_SIZE`]
+/// included).
 pub fn verify_inclusion(root: &Hash, size: u64, leaf: &[u8], m: u64, path: &[Hash]) -> bool {
+    if size > MAX_VERIFIABLE_SIZE || m >= size {
+        return false;
+    }
     let digests: Vec<_> = path.iter().map(|h| (*h).into()).collect();
     let proof = InclusionProof::<Sha256>::from_digests(digests.iter());
     ct_root(root, size)
@@ -136,7 +146,8 @@ pub fn verify_inclusion(root: &Hash, size: u64, leaf: &[u8], m: u64, path: &[Has
         .is_ok()
 }
 
-/// Whether the tree (`old_root`, `old`) is a prefix of (`new_root`, `new`).
+/// Whether the tree (`old_root`, `old`) is a prefix of (`new_root`, `new`). False, never a
+/// panic, for any sizes and path (sizes above [`MAX_VERIFIABLE_SIZE`] included).
 pub fn verify_consistency(
     old_root: &Hash,
     old: u64,
@@ -146,6 +157,9 @@ pub fn verify_consistency(
 ) -> bool {
     if old == new {
         return old_root == new_root && path.is_empty();
+    }
+    if new > MAX_VERIFIABLE_SIZE || old > new {
+        return false;
     }
     let digests: Vec<_> = path.iter().map(|h| (*h).into()).collect();
     let proof = ConsistencyProof::<Sha256>::from_digests(digests.iter());
@@ -226,5 +240,21 @@ mod tests {
                 assert!(!verify_consistency(&forged, old, &r, size, &path));
             }
         }
+    }
+
+    /// Found by the `checkpoint_verify` fuzz target: a proof naming a tree of more than 2^63
+    /// leaves made ct-merkle's index arithmetic overflow (a panic with overflow checks, a
+    /// wrapped index without). Such proofs are refused.
+    #[test]
+    fn proofs_of_absurd_sizes_are_refused_without_a_panic() {
+        let h = [7u8; 32];
+        for size in [MAX_VERIFIABLE_SIZE + 1, u64::MAX - 1, u64::MAX] {
+            assert!(!verify_inclusion(&h, size, b"leaf", 0, &[h]));
+            assert!(!verify_inclusion(&h, size, b"leaf", size - 1, &[h; 64]));
+            assert!(!verify_consistency(&h, 1, &h, size, &[h]));
+            assert!(!verify_consistency(&h, size - 1, &h, size, &[h; 3]));
+        }
+        assert!(!verify_consistency(&h, 5, &h, 3, &[h]));
+        assert!(!verify_inclusion(&h, 3, b"leaf", 3, &[h]));
     }
 }

@@ -10,7 +10,7 @@
 //! different checkpoints of the same size (a fork).
 
 mod server;
-mod witness;
+pub mod witness;
 pub use server::SyncServer;
 
 use crate::semconv::{attr, span};
