@@ -873,6 +873,57 @@ fn cli(agent: &Agent, args: &[&str]) -> std::process::Output {
         .expect("run the CLI")
 }
 
+/// `n` clients placing legal holds through the CLI (case ids `<case>-<client>-<k>`) until `stop`;
+/// each returns the hold ids acknowledged (returned only once their receipt is durable).
+fn hold_clients(
+    endpoint: &str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    n: usize,
+    case: &'static str,
+) -> Vec<std::thread::JoinHandle<Vec<u64>>> {
+    (0..n)
+        .map(|c| {
+            let (endpoint, stop) = (endpoint.to_owned(), stop.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                let mut k = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    k += 1;
+                    let out = Command::new(BIN)
+                        .args(["hold", "place", "--case-id"])
+                        .arg(format!("{case}-{c}-{k}"))
+                        .args(["--reason", "load", "--from-seq", "0", "--to-seq", "1"])
+                        .args(["--endpoint", &endpoint, "--output", "json"])
+                        .output()
+                        .expect("run the CLI");
+                    if !out.status.success() {
+                        continue; // refused or cut off while stopping: not acknowledged
+                    }
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&out.stdout).expect("hold place json");
+                    acked.push(v["id"].as_u64().expect("hold id"));
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// The ids of the holds whose `hold_placed` receipt is in the ledger at `db`.
+fn receipted_holds(db: &Path) -> std::collections::BTreeSet<u64> {
+    let ledger = knhk_agent::receipts::Ledger::open(db, "test", "local").expect("open");
+    let size = ledger.size().expect("size");
+    let mut receipted = std::collections::BTreeSet::new();
+    for (receipt, payload) in ledger.receipts(0, size as usize).expect("receipts") {
+        if receipt.kind == knhk_agent::model::ReceiptKind::HoldPlaced {
+            let hold: serde_json::Value =
+                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
+            receipted.insert(hold["id"].as_u64().expect("id"));
+        }
+    }
+    receipted
+}
+
 /// The latest signed checkpoint (tree size, root) and the leaf hashes of the receipts it covers,
 /// as a client would have seen them acknowledged.
 fn acknowledged_tree(agent: &Agent) -> (u64, Vec<u8>, Vec<[u8; 32]>) {
@@ -946,31 +997,7 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
     // The flood: three clients placing holds, one applying policies, until told to stop; each
     // keeps what was acknowledged (a hold id is returned only once its receipt is durable).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let holders: Vec<_> = (0..3)
-        .map(|c| {
-            let (endpoint, stop) = (endpoint.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut acked = Vec::new();
-                let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    n += 1;
-                    let out = Command::new(BIN)
-                        .args(["hold", "place", "--case-id"])
-                        .arg(format!("FLOOD-{c}-{n}"))
-                        .args(["--reason", "flood", "--from-seq", "0", "--to-seq", "1"])
-                        .args(["--endpoint", &endpoint, "--output", "json"])
-                        .output()
-                        .expect("run the CLI");
-                    if out.status.success() {
-                        let v: serde_json::Value =
-                            serde_json::from_slice(&out.stdout).expect("hold json");
-                        acked.push(v["id"].as_u64().expect("hold id"));
-                    }
-                }
-                acked
-            })
-        })
-        .collect();
+    let holders = hold_clients(&endpoint, &stop, 3, "FLOOD");
     let applier = {
         let (endpoint, stop, policy) = (endpoint.clone(), stop.clone(), policy.clone());
         std::thread::spawn(move || {
@@ -1042,17 +1069,7 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
     // Stop, then every acknowledged hold has its receipt and the ledger verifies offline.
     let (status, _) = agent.sigterm();
     assert!(status.success(), "{status}");
-    let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
-    let size = ledger.size().expect("size");
-    let mut receipted = std::collections::BTreeSet::new();
-    for (receipt, payload) in ledger.receipts(0, size as usize).expect("receipts") {
-        if receipt.kind == knhk_agent::model::ReceiptKind::HoldPlaced {
-            let hold: serde_json::Value =
-                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
-            receipted.insert(hold["id"].as_u64().expect("id"));
-        }
-    }
-    drop(ledger);
+    let receipted = receipted_holds(&db);
     let lost: Vec<&u64> = acked.iter().filter(|id| !receipted.contains(id)).collect();
     assert!(
         lost.is_empty(),
@@ -1106,32 +1123,7 @@ fn kernel_sigterm_under_load_loses_no_acknowledged_receipt_and_keeps_enforcing()
 
     // Four clients place holds until the agent stops answering; each records the ids it got.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let (endpoint, stop) = (endpoint.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut acked = Vec::new();
-                let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    n += 1;
-                    let out = Command::new(BIN)
-                        .args(["hold", "place", "--case-id"])
-                        .arg(format!("CASE-{c}-{n}"))
-                        .args(["--reason", "load", "--from-seq", "0", "--to-seq", "1"])
-                        .args(["--endpoint", &endpoint, "--output", "json"])
-                        .output()
-                        .expect("run the CLI");
-                    if !out.status.success() {
-                        continue; // refused or cut off while stopping: not acknowledged
-                    }
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&out.stdout).expect("hold place json");
-                    acked.push(v["id"].as_u64().expect("hold id"));
-                }
-                acked
-            })
-        })
-        .collect();
+    let clients = hold_clients(&endpoint, &stop, 4, "CASE");
     std::thread::sleep(Duration::from_millis(1500));
     let (status, took) = agent.sigterm();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1178,14 +1170,8 @@ fn kernel_sigterm_under_load_loses_no_acknowledged_receipt_and_keeps_enforcing()
         last.size
     );
     assert_eq!(last.size, size, "the final checkpoint covers every receipt");
-    let mut receipted = std::collections::BTreeSet::new();
-    for (receipt, payload) in ledger.receipts(0, size as usize).expect("receipts") {
-        if receipt.kind == knhk_agent::model::ReceiptKind::HoldPlaced {
-            let hold: serde_json::Value =
-                serde_json::from_slice(payload.as_deref().unwrap_or_default()).expect("payload");
-            receipted.insert(hold["id"].as_u64().expect("id"));
-        }
-    }
+    drop(ledger);
+    let receipted = receipted_holds(&db);
     let lost: Vec<&u64> = acked.iter().filter(|id| !receipted.contains(id)).collect();
     assert!(
         lost.is_empty(),

@@ -34,6 +34,16 @@ fn rollout(agent: &Agent) -> pb::RolloutStatus {
     })
 }
 
+fn live_policy(agent: &Agent) -> pb::GetPolicyResponse {
+    runtime().block_on(async {
+        PolicyServiceClient::new(agent.channel().await)
+            .get_policy(pb::GetPolicyRequest {})
+            .await
+            .expect("get policy")
+            .into_inner()
+    })
+}
+
 fn start(agent: &Agent, req: pb::StartRolloutRequest) -> Result<pb::RolloutStatus, tonic::Status> {
     runtime().block_on(async {
         RolloutServiceClient::new(agent.channel().await)
@@ -183,13 +193,7 @@ fn kernel_rollout_splits_200_workloads_by_the_documented_hash_and_promotes_on_it
     });
     let all: BTreeSet<String> = ws.iter().map(|(k, _)| k.clone()).collect();
     assert_eq!(denied_from(&ws, target), all, "promoted: every workload");
-    let live = runtime().block_on(async {
-        PolicyServiceClient::new(agent.channel().await)
-            .get_policy(pb::GetPolicyRequest {})
-            .await
-            .expect("get policy")
-            .into_inner()
-    });
+    let live = live_policy(&agent);
     assert_eq!(live.generation, started.candidate_generation);
     let metrics = agent.get("/metrics");
     assert!(
@@ -312,13 +316,7 @@ fn kernel_rollout_rolls_back_within_the_beat_when_the_candidate_breaches_its_slo
         "{metrics}"
     );
     // The live policy is still the stable one.
-    let live = runtime().block_on(async {
-        PolicyServiceClient::new(agent.channel().await)
-            .get_policy(pb::GetPolicyRequest {})
-            .await
-            .expect("get policy")
-            .into_inner()
-    });
+    let live = live_policy(&agent);
     assert_eq!(live.generation, started.stable_generation);
     agent.kill9();
 }
@@ -567,16 +565,7 @@ fn kernel_a_feature_flag_is_canaried_per_workload_with_the_same_split() {
     );
     assert_eq!(
         started.candidate_digest,
-        {
-            let p = runtime().block_on(async {
-                PolicyServiceClient::new(agent.channel().await)
-                    .get_policy(pb::GetPolicyRequest {})
-                    .await
-                    .expect("policy")
-                    .into_inner()
-            });
-            p.digest
-        },
+        live_policy(&agent).digest,
         "the same policy: only the flags change"
     );
     wait_until("the split", Duration::from_secs(10), || {
