@@ -107,7 +107,6 @@ fn compile_protos() {
         root.join("knhk/agent/v1/agent.proto"),
         root.join("knhk/agent/v1/rollout.proto"),
         root.join("knhk/receipts/v1/receipts.proto"),
-        root.join("knhk/sync/v1/sync.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

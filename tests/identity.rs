@@ -722,23 +722,21 @@ fn kernel_identity_from_files_reloads_on_change_and_refuses_an_open_key() {
 }
 
 #[test]
-fn kernel_region_sync_accepts_only_region_peer_ids() {
-    if !kernel_available("kernel_region_sync_accepts_only_region_peer_ids") {
+fn kernel_holds_accept_only_hold_writer_ids() {
+    if !kernel_available("kernel_holds_accept_only_hold_writer_ids") {
         return;
     }
     let _serial = timing_shared();
-    let s = Setup::new("mtls-region");
+    let s = Setup::new("mtls-holds");
     let agent_spire = s.workload("agent", "/agent", &[]);
-    let peer = s.workload("peer", "/region/eu-west-1", &[]);
     let ops = s.workload("ops", "/ops", &[]);
     let agent = start_agent(
         s.dir.path(),
         &s.cg,
         &s.pins,
         &format!(
-            "spiffe_socket_path = \"{}\"\n[spiffe.authorized_ids]\npolicy_writers = [\"spiffe://{TD}/ops\"]\nregion_peers = [\"spiffe://{TD}/region/*\"]\nhold_writers = [\"spiffe://{TD}/legal\"]\n\
-             [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n\
-             [multi_region]\nregion = \"us-east-1\"\ncross_region_sync_enabled = true\nreceipt_sync_endpoints = []\n",
+            "spiffe_socket_path = \"{}\"\n[spiffe.authorized_ids]\npolicy_writers = [\"spiffe://{TD}/ops\"]\nhold_writers = [\"spiffe://{TD}/legal\"]\n\
+             [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n",
             agent_spire.socket.display(),
             s.dir.path().join("keys").display(),
             s.dir.path().join("receipts.redb").display()
@@ -749,23 +747,6 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
     });
     let addr = agent.grpc_addr();
     s.rt.block_on(async {
-        let state = |socket: PathBuf| async move {
-            let source = client_source(&socket).await;
-            let channel = tls::channel(addr, client_config(&source, &[TD])).expect("channel");
-            knhk_agent::sync::pb::region_sync_client::RegionSyncClient::new(channel)
-                .get_sync_state(knhk_agent::sync::pb::GetSyncStateRequest {
-                    origin_region: "eu-west-1".into(),
-                })
-                .await
-        };
-        state(peer.socket.clone())
-            .await
-            .expect("a region peer is served");
-        let e = state(ops.socket.clone())
-            .await
-            .expect_err("an operator is not a region peer");
-        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
-        assert!(e.message().contains("region_peers"), "{e:?}");
         // Legal holds have their own list: a policy writer may list them but not place one.
         let source = client_source(&ops.socket).await;
         let channel = tls::channel(addr, client_config(&source, &[TD])).expect("channel");
@@ -792,53 +773,86 @@ fn kernel_region_sync_accepts_only_region_peer_ids() {
 }
 
 #[test]
-fn kernel_two_regions_sync_over_mtls_and_cosign() {
-    if !kernel_available("kernel_two_regions_sync_over_mtls_and_cosign") {
+fn kernel_a_node_pushes_to_a_witness_over_mtls_and_only_region_peers_may_call_it() {
+    if !kernel_available(
+        "kernel_a_node_pushes_to_a_witness_over_mtls_and_only_region_peers_may_call_it",
+    ) {
         return;
     }
     let _serial = timing_shared();
-    let s = Setup::new("mtls-sync-a");
-    let cg_b = TestCgroup::new("mtls-sync-b");
-    let pins_b = TestPins::new("mtls-sync-b");
-    let names = ["us-east-1", "eu-west-1"];
-    let ports = [free_port(), free_port()];
-    let spires: Vec<FakeSpire> = names
-        .iter()
-        .map(|n| s.workload(n, &format!("/region/{n}"), &[]))
-        .collect();
-    let start = |i: usize, cg: &TestCgroup, pins: &TestPins| {
-        let dir = s.dir.path().join(names[i]);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let text = format!(
-            "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\nlisten_address = \"127.0.0.1:{}\"\n\
-             [slo]\nbeat_interval_ms = 25\n\
-             [spiffe]\nenabled = true\ntrust_domain = \"{TD}\"\nspiffe_id = \"spiffe://{TD}/region/{}\"\nspiffe_socket_path = \"{}\"\n\
-             [spiffe.authorized_ids]\nregion_peers = [\"spiffe://{TD}/region/*\"]\n\
-             [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\n\
-             [multi_region]\nregion = \"{}\"\ncross_region_sync_enabled = true\nreceipt_sync_endpoints = [\"https://127.0.0.1:{}\"]\ntimeout_ms = 1000\n",
-            cg.path.display(),
-            pins.root.display(),
-            ports[i],
-            names[i],
-            spires[i].socket.display(),
-            dir.join("keys").display(),
-            dir.join("receipts.redb").display(),
-            names[i],
-            ports[1 - i]
+    let s = Setup::new("mtls-witness");
+    let node_spire = s.workload("node", "/node/us-east-1/node-a", &[]);
+    let witness_spire = s.workload("witness", "/witness/us-east-1", &[]);
+    let ops = s.workload("ops", "/ops", &[]);
+    // The witness serves mTLS with its SVID; callers must be nodes.
+    let wdir = s.dir.path().join("witness");
+    std::fs::create_dir_all(&wdir).expect("dir");
+    let wconfig = wdir.join("witness.toml");
+    std::fs::write(
+        &wconfig,
+        format!(
+            "[spiffe]\nenabled = true\ntrust_domain = \"{TD}\"\nspiffe_socket_path = \"{}\"\n\
+             [spiffe.authorized_ids]\nregion_peers = [\"spiffe://{TD}/node/*\"]\n",
+            witness_spire.socket.display()
+        ),
+    )
+    .expect("config");
+    let w = support::witness::WitnessProcess::start_with(
+        "witness.us-east-1",
+        wdir,
+        &["--config".into(), wconfig.display().to_string()],
+    );
+    // The node accepts only witness IDs as its witnesses.
+    let dir = s.dir.path().join("node");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let text = format!(
+        "[agent]\ncgroup_root = \"{}\"\npin_root = \"{}\"\nmetrics_address = \"127.0.0.1:0\"\nlisten_address = \"127.0.0.1:{}\"\n\
+         [slo]\nbeat_interval_ms = 25\n\
+         [spiffe]\nenabled = true\ntrust_domain = \"{TD}\"\nspiffe_socket_path = \"{}\"\n\
+         [spiffe.authorized_ids]\nregion_peers = [\"spiffe://{TD}/witness/*\"]\n\
+         [kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n[receipts]\npath = \"{}\"\nnode = \"node-a\"\n\
+         [multi_region]\nregion = \"us-east-1\"\ncross_region_sync_enabled = true\nreceipt_sync_endpoints = [\"https://{}\"]\nquorum = 1\ntimeout_ms = 1000\n",
+        s.cg.path.display(),
+        s.pins.root.display(),
+        free_port(),
+        node_spire.socket.display(),
+        dir.join("keys").display(),
+        dir.join("receipts.redb").display(),
+        w.addr,
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text).expect("config");
+    let node = Agent::start(&path);
+    wait_until(
+        "the node commits through the witness over mTLS",
+        Duration::from_secs(30),
+        || metric(&node, "knhk_sync_quorum_committed_size") > 0.0,
+    );
+    assert!(ready(&node).0, "{}", node.get("/readyz"));
+    // An operator's SVID completes the handshake but is not a region peer: the witness closes
+    // the connection before any request.
+    s.rt.block_on(async {
+        let source = client_source(&ops.socket).await;
+        let mut config = (*client_config(&source, &[TD])).clone();
+        config.alpn_protocols.clear();
+        let tcp = tokio::net::TcpStream::connect(w.addr)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::IpAddress(w.addr.ip().into());
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("the handshake itself succeeds");
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let _ = tls
+            .write_all(b"GET /knhk/v1/origins HTTP/1.0\r\nHost: w\r\n\r\n")
+            .await;
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out).await;
+        assert!(
+            !String::from_utf8_lossy(&out).contains("200 OK"),
+            "an ops ID must not be served: {}",
+            String::from_utf8_lossy(&out)
         );
-        let path = dir.join("agent.toml");
-        std::fs::write(&path, text).expect("config");
-        Agent::start(&path)
-    };
-    let a = start(0, &s.cg, &s.pins);
-    let b = start(1, &cg_b, &pins_b);
-    // Quorum 2 of 2: each region's checkpoints need the other's cosignature, over mTLS.
-    for (name, agent) in [("us-east-1", &a), ("eu-west-1", &b)] {
-        wait_until(
-            &format!("{name} commits with quorum"),
-            Duration::from_secs(30),
-            || metric(agent, "knhk_sync_quorum_committed_size") > 0.0,
-        );
-    }
-    assert!(ready(&a).0 && ready(&b).0, "{}", a.get("/readyz"));
+    });
 }

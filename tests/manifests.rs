@@ -491,3 +491,41 @@ fn every_flag_env_override_and_config_key_of_the_manifests_exists() {
         "k8s/uninstall/detach-job.yaml runs the image of k8s/base/kustomization.yaml"
     );
 }
+
+#[test]
+fn the_witness_renders_validates_and_uses_only_real_flags_and_keys() {
+    let Some((tool, python)) =
+        tools("the_witness_renders_validates_and_uses_only_real_flags_and_keys")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = render(&repo().join("k8s/witness"));
+    let file = dir.path().join("witness.yaml");
+    std::fs::write(&file, &yaml).expect("write");
+    validate(&tool, &file);
+    let docs = documents(&python, &yaml, dir.path());
+    let mut kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Deployment",
+            "PersistentVolumeClaim",
+            "PodMonitor",
+            "Service"
+        ]
+    );
+    let deployment = kind(&docs, "Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(strings(&container["command"]), ["/knhk-agent", "witness"]);
+    for arg in strings(&container["args"]) {
+        let flag = arg.split('=').next().expect("a flag");
+        assert_flag("witness", flag);
+    }
+    // Its configuration loads as the agent's would.
+    let toml = std::fs::read_to_string(repo().join("k8s/witness/witness.toml")).expect("toml");
+    knhk_agent::config::Config::parse(&toml, "k8s/witness/witness.toml")
+        .expect("k8s/witness/witness.toml loads");
+}

@@ -493,15 +493,15 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
     }
     // Policy apply failing: an invalid document over gRPC, once Prometheus has seen the agent.
     let failing = subject("knhk-apply-failing", |_| (false, String::new()));
-    // Region quorum lost: quorum 2 of this region and one peer that is down, so no signed
-    // checkpoint ever gets its cosignature.
+    // Witness quorum lost: quorum 1 and the only witness is down, so no signed checkpoint ever
+    // gets its cosignature.
     let dead_peer = free_port();
     let quorum = subject("knhk-quorum", |dir| {
         (
             true,
             format!(
                 "[slo]\nbeat_interval_ms = 25\n{}[multi_region]\nregion = \"us-east-1\"\ncross_region_sync_enabled = true\n\
-                 receipt_sync_endpoints = [\"http://127.0.0.1:{dead_peer}\"]\nquorum = 2\ntimeout_ms = 1000\n",
+                 receipt_sync_endpoints = [\"http://127.0.0.1:{dead_peer}\"]\nquorum = 1\ntimeout_ms = 1000\n",
                 kms(dir)
             ),
         )
@@ -583,7 +583,7 @@ fn kernel_each_alert_fires_under_its_fault_and_a_healthy_agent_stays_silent() {
         (
             "KnhkAgentNotReady",
             &quorum,
-            Some(("check", "region quorum")),
+            Some(("check", "witness quorum")),
         ),
     ];
     let deadline = Instant::now() + Duration::from_secs(60);

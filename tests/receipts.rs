@@ -1405,10 +1405,10 @@ mod trust {
                 .collect();
             for (n, v) in all {
                 let mut c: serde_json::Value = serde_json::from_slice(&v).expect("json");
-                let body = c["body"]
-                    .as_str()
-                    .expect("body")
-                    .replace(&format!("key: {stable}#"), &format!("key: {legacy}#"));
+                let body = c["body"].as_str().expect("body").replace(
+                    &format!("knhk-key {stable}#"),
+                    &format!("knhk-key {legacy}#"),
+                );
                 let sig: Signature = key.sign(body.as_bytes());
                 c["body"] = body.into();
                 c["signature"] = B64.encode(sig.to_der().as_bytes()).into();
@@ -1674,9 +1674,7 @@ mod agent_trust {
         receipts::ledger::StoredCosignature,
     };
     use p256::{
-        ecdsa::{
-            signature::Signer as _, signature::Verifier as _, Signature, SigningKey, VerifyingKey,
-        },
+        ecdsa::{signature::Verifier as _, Signature, SigningKey, VerifyingKey},
         pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey},
     };
     use support::{
@@ -1706,9 +1704,9 @@ mod agent_trust {
         sha2::Sha256::digest(std::fs::read(path).expect("read")).to_vec()
     }
 
-    /// A ledger with a rotation (two keys) and one witness cosignature of checkpoint 0; returns
-    /// the witness's SPKI.
-    fn write_ledger(dir: &Path) -> Vec<u8> {
+    /// A ledger with a rotation (two keys) and one witness cosignature of checkpoint 0 (C2SP
+    /// cosignature/v1); returns the witness's verifier key.
+    fn write_ledger(dir: &Path) -> String {
         let rt = support::runtime();
         rt.block_on(async {
             let s = settings(dir, file_signer(dir));
@@ -1727,29 +1725,35 @@ mod agent_trust {
                 .expect("read")
                 .expect("checkpoint 0")
                 .body;
-            let witness = SigningKey::from_slice(&[7u8; 32]).expect("witness key");
-            let spki = witness.verifying_key().to_public_key_der().expect("spki");
-            let message = format!("knhk-cosignature/v1\nwitness: us-east-2\n{body}");
-            let sig: Signature = witness.sign(message.as_bytes());
+            use ed25519_dalek::Signer as _;
+            use knhk_agent::note;
+            let witness = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+            let vkey = note::VerifierKey::cosignature(
+                "witness.us-east-2",
+                &witness.verifying_key().to_bytes(),
+            );
+            let message = format!("cosignature/v1\ntime 1764547200\n{body}");
+            let line = note::Cosignature {
+                witness: "witness.us-east-2".into(),
+                id: vkey.id,
+                timestamp: 1_764_547_200,
+                signature: witness.sign(message.as_bytes()).to_bytes(),
+            }
+            .line()
+            .encode();
             r.ledger()
                 .put_cosignature(
                     0,
                     &StoredCosignature {
-                        region: "us-east-2".into(),
-                        node: "witness-1".into(),
-                        key: knhk_agent::receipts::KeyRef {
-                            id: "witness-key".into(),
-                            version: 1,
-                        },
-                        public_key: B64.encode(spki.as_bytes()),
-                        signature: B64.encode(sig.to_der().as_bytes()),
+                        witness_key: vkey.to_string(),
+                        line,
                     },
                 )
                 .expect("cosignature");
             let report = stop_and_verify(r, &path).await;
             assert!(report.ok(), "{report:?}");
             assert_eq!(report.cosignatures, 1);
-            spki.as_bytes().to_vec()
+            vkey.to_string()
         })
     }
 
@@ -1771,7 +1775,7 @@ mod agent_trust {
         let cg = TestCgroup::new("trust-api");
         let pins = TestPins::new("trust-api");
         let dir = tempfile::tempdir().expect("tempdir");
-        let witness_spki = write_ledger(dir.path());
+        let witness_key = write_ledger(dir.path());
         let v1 = spki_of_file(&dir.path().join("keys/v1.pem"));
         let v2 = spki_of_file(&dir.path().join("keys/v2.pem"));
         let run_dir = dir.path().join("first");
@@ -1841,14 +1845,29 @@ mod agent_trust {
             assert_eq!(first.number, 0);
             assert_eq!(first.cosignatures.len(), 1, "{first:?}");
             let co = &first.cosignatures[0];
-            assert_eq!(
-                (co.region.as_str(), co.node.as_str()),
-                ("us-east-2", "witness-1")
+            assert_eq!(co.witness, "witness.us-east-2");
+            assert_eq!(co.verifier_key, witness_key);
+            assert_eq!(co.timestamp_unix, 1_764_547_200);
+            // The blob: key ID, the big-endian timestamp, the Ed25519 signature of the
+            // documented message.
+            let blob = B64
+                .decode(co.line.trim_end().rsplit(' ').next().expect("blob"))
+                .expect("base64");
+            assert_eq!(blob.len(), 4 + 8 + 64);
+            assert_eq!(&blob[4..12], &1_764_547_200u64.to_be_bytes());
+            let message = format!("cosignature/v1\ntime 1764547200\n{}", first.body);
+            let wk = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key();
+            let sig = ed25519_dalek::Signature::from_bytes(blob[12..].try_into().expect("64"));
+            assert!(wk.verify_strict(message.as_bytes(), &sig).is_ok());
+            // The whole signed note: body, blank line, the node's line, then the witness's.
+            assert!(
+                first
+                    .note
+                    .starts_with(&format!("{}\n\u{2014} {} ", first.body, first.origin)),
+                "{}",
+                first.note
             );
-            assert_eq!(co.public_key, witness_spki);
-            assert_eq!(co.fingerprint, fingerprint(&witness_spki));
-            let message = format!("knhk-cosignature/v1\nwitness: us-east-2\n{}", first.body);
-            assert!(verifies(&co.public_key, message.as_bytes(), &co.signature));
+            assert!(first.note.ends_with(&co.line), "{}", first.note);
             let one = c
                 .list_checkpoints(pb::ListCheckpointsRequest {
                     from_number: 1,
@@ -1932,7 +1951,7 @@ mod agent_trust {
         assert!(out.status.success(), "{stderr}");
         let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
         assert_eq!(
-            doc["checkpoints"][0]["cosignatures"][0]["region"], "us-east-2",
+            doc["checkpoints"][0]["cosignatures"][0]["witness"], "witness.us-east-2",
             "{doc}"
         );
         let (status, _) = agent.sigterm();
@@ -1988,4 +2007,100 @@ mod agent_trust {
             "the refused ledger was written"
         );
     }
+}
+
+/// The agent's wall clock stepped an hour back, then two hours forward (libfaketime on the
+/// agent process only, through a timestamp file it rereads; the monotonic clock is left alone,
+/// as a real clock step leaves it): beats go on, checkpoints keep being written and signed, the
+/// forward step makes the hourly key rotation due and it rotates, and the ledger verifies.
+#[test]
+fn kernel_clock_steps_back_and_forth_during_beats_checkpoints_and_rotation() {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    if !support::kernel_available(
+        "kernel_clock_steps_back_and_forth_during_beats_checkpoints_and_rotation",
+    ) {
+        return;
+    }
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo xtask setup` installs Debian's faketime",
+        lib.display()
+    );
+    let cg = support::TestCgroup::new("clock-step");
+    let pins = support::TestPins::new("clock-step");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = dir.path().join("faketime");
+    std::fs::write(&clock, "+0\n").expect("clock file");
+    let config = support::write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[slo]\nbeat_interval_ms = 20\n[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\nrotation_interval_hours = 1\n\
+             [receipts]\npath = \"{}\"\n",
+            dir.path().join("keys").display(),
+            dir.path().join("receipts.redb").display()
+        ),
+    );
+    let child = std::process::Command::new(support::BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LD_PRELOAD", lib)
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the agent under libfaketime");
+    let agent = support::Agent::attach(child);
+    let metric = |name: &str| -> f64 {
+        agent
+            .get("/metrics")
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let progress = |what: &str| {
+        let (beats, signed) = (
+            metric("knhk_beats_total"),
+            metric("knhk_receipts_checkpoints_signed_total"),
+        );
+        support::wait_until(what, Duration::from_secs(20), || {
+            metric("knhk_beats_total") > beats + 50.0
+                && metric("knhk_receipts_checkpoints_signed_total") > signed + 2.0
+        });
+        assert!(
+            agent.get("/readyz").contains("200 OK"),
+            "{}",
+            agent.get("/readyz")
+        );
+    };
+    progress("beats and signed checkpoints at the true time");
+    std::fs::write(&clock, "-1h\n").expect("step back");
+    progress("beats and signed checkpoints after a step an hour back");
+    let keys_before = metric("knhk_receipts_signing_key_age_seconds");
+    std::fs::write(&clock, "+1h\n").expect("step forward");
+    progress("beats and signed checkpoints after a step two hours forward");
+    // The forward step made the key an hour older than its interval: it rotates at the rotation
+    // task's next look at the clock (at most 60 s of monotonic time after its previous one).
+    support::wait_until(
+        "the hourly key rotates after the step",
+        Duration::from_secs(75),
+        || dir.path().join("keys/v2.pem").exists(),
+    );
+    eprintln!("signing key age before the forward step: {keys_before} s");
+    let (status, _) = agent.sigterm();
+    assert!(status.success(), "{status}");
+    let out = std::process::Command::new(support::BIN)
+        .args(["receipts", "verify", "--db"])
+        .arg(dir.path().join("receipts.redb"))
+        .output()
+        .expect("verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("verified"),
+        "{stdout}"
+    );
 }

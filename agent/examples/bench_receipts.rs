@@ -60,8 +60,7 @@ fn quantiles(mut v: Vec<Duration>) -> (Duration, Duration) {
 async fn sign_latency(signer: &dyn Signer, n: usize) -> (Duration, Duration) {
     let current = signer.current().await.expect("current key");
     let body = CheckpointBody {
-        node: "bench".into(),
-        region: "local".into(),
+        origin: "knhk/local/bench/1".into(),
         size: 1,
         root: [7; 32],
         cycle: 8,

@@ -9,7 +9,8 @@
 //!    pending), settles 10 s, then its CPU time (`/proc/<pid>/stat` utime + stime, all threads)
 //!    is read over a window (60 s by default) as a percentage of one core, with its RSS. RSS is
 //!    fitted as baseline + bytes per rule (least squares).
-//! 2. **Soak** for `--minutes`: two regions replicating receipts to each other (full services);
+//! 2. **Soak** for `--minutes`: two nodes in two regions pushing their checkpoints to a witness
+//!    (`knhk-agent witness`; full services);
 //!    the measured one gets steady connects from four cgroups (allowed and denied), a policy
 //!    apply every 30 s, a legal hold placed and the previous one released every 60 s, a rule
 //!    cgroup made and removed every 10 s, and scrapes every 5 s. Every 10 s a row goes to
@@ -475,10 +476,23 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
     let sink = tcp_sink("127.0.0.1:0");
     let denied_port = free_port();
     let denied: SocketAddr = format!("127.0.0.1:{denied_port}").parse().expect("addr");
-    // Two regions: `a` (measured) and its witness `b`, each on its own cgroup and pins.
+    // Two nodes in two regions, `a` (measured) and `b`, each on its own cgroup and pins, both
+    // pushing their checkpoints to one witness process.
     let (ga, gb) = (free_port(), free_port());
+    let witness_port = free_port();
+    let witness_dir = tempfile::tempdir().expect("tempdir");
+    let mut witness = Command::new(&a.agent)
+        .args(["witness", "--name", "witness.soak", "--listen"])
+        .arg(format!("127.0.0.1:{witness_port}"))
+        .arg("--key-file")
+        .arg(witness_dir.path().join("witness.key"))
+        .arg("--state")
+        .arg(witness_dir.path().join("witness.redb"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn the witness: {e}"));
     let mut regions = Vec::new();
-    for (name, me, peer) in [("soak-a", ga, gb), ("soak-b", gb, ga)] {
+    for (name, me) in [("soak-a", ga), ("soak-b", gb)] {
         let cg = TestCgroup::new(name);
         let pins = TestPins::new(name);
         let dir = tempfile::tempdir().expect("tempdir");
@@ -491,7 +505,7 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
             true,
             &format!(
                 "[multi_region]\nregion = \"{region}\"\ncross_region_sync_enabled = true\n\
-                 receipt_sync_endpoints = [\"http://127.0.0.1:{peer}\"]\n"
+                 receipt_sync_endpoints = [\"http://127.0.0.1:{witness_port}\"]\nquorum = 1\n"
             ),
         );
         regions.push((cg, pins, dir, cfg));
@@ -648,6 +662,8 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
     );
     stop(agent_a);
     stop(agent_b);
+    let _ = witness.kill();
+    let _ = witness.wait();
     // Fit after a warm-up (the first fifth, at most 5 minutes): allocator pools and the
     // ledger's caches fill first.
     let warm = (duration.as_secs_f64() / 5.0).min(300.0);

@@ -594,23 +594,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         None => (None, None),
     };
 
-    // Region sync replicates the ledger when [multi_region] enables it.
+    // Witnessing pushes the ledger's checkpoints when [multi_region] enables it.
     let (sync, sync_tasks) = match (config.settings.sync.clone(), &receipts) {
         (Some(settings), Some(r)) => {
-            // Foreign ledgers live beside this region's own.
-            let peers_dir = r
-                .path()
-                .parent()
-                .map_or_else(|| PathBuf::from("peers"), |dir| dir.join("peers"));
-            info!(region = %settings.region, peers = settings.peers.len(), quorum = settings.quorum, "region sync on");
-            let (sync, tasks) =
-                Replicator::start(settings, r.clone(), identity.clone(), peers_dir, &registry)
-                    .map_err(|e| AgentError::Internal(e.to_string()))?;
-            readiness.register("region quorum", sync.readiness_check());
+            info!(origin = %r.ledger().origin(), witnesses = settings.peers.len(), quorum = settings.quorum, "witnessing on");
+            let (sync, tasks) = Replicator::start(settings, r.clone(), identity.clone(), &registry)
+                .map_err(|e| AgentError::Internal(e.to_string()))?;
+            readiness.register("witness quorum", sync.readiness_check());
             (Some(sync), Some(tasks))
         }
         (Some(_), None) => {
-            warn!("[multi_region] enables sync but there is no receipts ledger ([kms]): nothing to replicate");
+            warn!("[multi_region] enables witnessing but there is no receipts ledger ([kms]): nothing to witness");
             (None, None)
         }
         _ => (None, None),

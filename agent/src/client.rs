@@ -985,7 +985,7 @@ pub async fn receipts_checkpoints(
             .to_string();
     let mut items = Vec::new();
     for x in &r.checkpoints {
-        let regions: Vec<&str> = x.cosignatures.iter().map(|c| c.region.as_str()).collect();
+        let regions: Vec<&str> = x.cosignatures.iter().map(|c| c.witness.as_str()).collect();
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
@@ -1004,15 +1004,14 @@ pub async fn receipts_checkpoints(
             .cosignatures
             .iter()
             .map(|c| {
-                json!({"region": c.region, "node": c.node, "key_id": c.key_id, "key_version": c.key_version,
-                    "fingerprint": c.fingerprint, "public_key": B64.encode(&c.public_key),
-                    "signature": B64.encode(&c.signature)})
+                json!({"witness": c.witness, "verifier_key": c.verifier_key, "line": c.line,
+                    "timestamp_unix": c.timestamp_unix})
             })
             .collect();
         items.push(json!({"number": x.number, "tree_size": x.tree_size, "root_hash": B64.encode(&x.root_hash),
             "body": x.body, "signature": B64.encode(&x.signature), "key_id": x.key_id,
             "key_version": x.key_version, "key_fingerprint": x.key_fingerprint,
-            "cosignatures": cosignatures}));
+            "origin": x.origin, "note": x.note, "cosignatures": cosignatures}));
     }
     Ok(Report {
         human,

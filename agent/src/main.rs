@@ -94,6 +94,47 @@ enum Command {
     /// Read or change the live policy of a running agent (over gRPC).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run a receipts witness: verify and cosign the checkpoints of every node log that pushes
+    /// to it (C2SP tlog-witness over HTTP; docs/multi-region.md). One per region.
+    Witness {
+        /// The witness's name: its key name in cosignatures (no spaces or '+'), e.g.
+        /// "witness.us-east-1.example.com".
+        #[arg(long)]
+        name: String,
+        /// Address to serve on.
+        #[arg(long, default_value = "127.0.0.1:7380")]
+        listen: std::net::SocketAddr,
+        /// Also serve /metrics and /healthz in plaintext here (for Prometheus, which cannot
+        /// present an SVID to the mTLS port).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// The witness's state (redb file): each origin's keys and newest cosigned checkpoint.
+        #[arg(long, default_value = "/var/lib/knhk-witness/witness.redb")]
+        state: PathBuf,
+        /// Ed25519 key file, created when missing (development; use --vault-key in production).
+        #[arg(
+            long,
+            conflicts_with = "vault_key",
+            required_unless_present = "vault_key"
+        )]
+        key_file: Option<PathBuf>,
+        /// An ed25519 transit key in OpenBao/Vault (created when missing); token from $VAULT_TOKEN.
+        #[arg(long, requires = "vault_addr")]
+        vault_key: Option<String>,
+        /// OpenBao/Vault address.
+        #[arg(long, env = "VAULT_ADDR")]
+        vault_addr: Option<String>,
+        /// Transit mount.
+        #[arg(long, default_value = "transit")]
+        vault_mount: String,
+        /// Serve mTLS with the SVID of this configuration's [spiffe] section; callers must match
+        /// spiffe.authorized_ids.region_peers. Without it: plaintext, loopback only.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the witness's verifier key (what nodes pin in multi_region.witness_keys) and exit.
+        #[arg(long)]
+        print_key: bool,
+    },
     /// Roll a candidate policy or feature flags out to a running agent's workloads step by step,
     /// gated on SLOs (over gRPC; see docs/promotion.md).
     #[command(subcommand)]
@@ -885,6 +926,27 @@ fn main() -> ExitCode {
             }
         }
         Command::Bundle(command) => bundle_command(command),
+        Command::Witness {
+            name,
+            listen,
+            metrics_listen,
+            state,
+            key_file,
+            vault_key,
+            vault_addr,
+            vault_mount,
+            config,
+            print_key,
+        } => witness_command(
+            name,
+            listen,
+            metrics_listen,
+            state,
+            key_file,
+            vault_key.map(|k| (vault_addr.unwrap_or_default(), vault_mount, k)),
+            config,
+            print_key,
+        ),
         Command::Receipts(ReceiptsCommand::List {
             from,
             limit,
@@ -1084,6 +1146,92 @@ fn bundle_signer(
 }
 
 /// `knhk-agent bundle ...`.
+#[allow(clippy::too_many_arguments)]
+fn witness_command(
+    name: String,
+    listen: std::net::SocketAddr,
+    metrics_listen: Option<std::net::SocketAddr>,
+    state: PathBuf,
+    key_file: Option<PathBuf>,
+    vault: Option<(String, String, String)>,
+    config: Option<PathBuf>,
+    print_key: bool,
+) -> ExitCode {
+    use knhk_agent::witness::{self, KeySource};
+    let key = match (key_file, vault) {
+        (Some(path), _) => KeySource::File(path),
+        (None, Some((addr, mount, name))) => {
+            let Ok(token) = std::env::var("VAULT_TOKEN") else {
+                eprintln!("error: --vault-key needs the token in $VAULT_TOKEN");
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            KeySource::Vault {
+                addr,
+                token,
+                mount,
+                name,
+            }
+        }
+        (None, None) => {
+            eprintln!("error: give --key-file or --vault-key");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let settings = match config.as_deref().map(|p| load(Some(p))).transpose() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        if print_key {
+            let key = key.open().await?;
+            let vk = knhk_agent::note::VerifierKey::cosignature(&name, &key.public());
+            println!("{vk}");
+            return Ok(());
+        }
+        let identity = match settings.and_then(|c| c.settings.identity.clone().map(|i| (c, i))) {
+            None => None,
+            Some((c, i)) => {
+                let allowed = i.access.region_peers.clone();
+                let id = knhk_agent::identity::Identity::start(
+                    i,
+                    &c.agent.state_dir,
+                    &prometheus::Registry::new(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Some((id, allowed))
+            }
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+        let stop = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        witness::run(&name, &key, &state, listen, metrics_listen, identity, stop).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn bundle_command(command: BundleCommand) -> ExitCode {
     use knhk_agent::{bundle, objectstore::StoreSettings, receipts};
     let runtime = match tokio::runtime::Builder::new_current_thread()

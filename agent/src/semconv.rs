@@ -496,20 +496,11 @@ pub const METRICS: &[MetricDef] = &[
         otlp: true,
     },
     MetricDef {
-        name: "knhk.sync.peer.acked",
-        prometheus: "knhk_sync_peer_acked_receipts",
+        name: "knhk.sync.witness.cosigned_size",
+        prometheus: "knhk_sync_witness_cosigned_size",
         instrument: Instrument::Gauge,
         unit: "{receipt}",
-        brief: "Receipts of this region a peer holds durably.",
-        labels: &[("peer", "knhk.sync.peer")],
-        otlp: true,
-    },
-    MetricDef {
-        name: "knhk.sync.peer.backlog",
-        prometheus: "knhk_sync_peer_backlog_receipts",
-        instrument: Instrument::Gauge,
-        unit: "{receipt}",
-        brief: "Receipts of this region a peer does not hold yet.",
+        brief: "Tree size of this node's newest checkpoint a witness cosigned.",
         labels: &[("peer", "knhk.sync.peer")],
         otlp: true,
     },
@@ -518,7 +509,7 @@ pub const METRICS: &[MetricDef] = &[
         prometheus: "knhk_sync_peer_circuit",
         instrument: Instrument::Gauge,
         unit: "1",
-        brief: "1 for each peer's circuit breaker state.",
+        brief: "1 for each witness's circuit breaker state.",
         labels: &[("peer", "knhk.sync.peer"), ("state", "knhk.circuit.state")],
         otlp: true,
     },
@@ -527,7 +518,7 @@ pub const METRICS: &[MetricDef] = &[
         prometheus: "knhk_sync_peer_failures_total",
         instrument: Instrument::Counter,
         unit: "{push}",
-        brief: "Failed pushes to a peer.",
+        brief: "Failed pushes to a witness.",
         labels: &[("peer", "knhk.sync.peer")],
         otlp: true,
     },
@@ -536,7 +527,7 @@ pub const METRICS: &[MetricDef] = &[
         prometheus: "knhk_sync_quorum_committed_size",
         instrument: Instrument::Gauge,
         unit: "{receipt}",
-        brief: "Tree size of this region's newest quorum-committed checkpoint.",
+        brief: "Tree size of this node's newest quorum-committed checkpoint.",
         labels: &[],
         otlp: true,
     },
@@ -550,20 +541,38 @@ pub const METRICS: &[MetricDef] = &[
         otlp: true,
     },
     MetricDef {
-        name: "knhk.sync.forks_detected",
-        prometheus: "knhk_sync_forks_detected_total",
+        name: "knhk.witness.cosignatures",
+        prometheus: "knhk_witness_cosignatures_total",
         instrument: Instrument::Counter,
-        unit: "{fork}",
-        brief: "Two different checkpoints of the same size from one origin.",
+        unit: "{checkpoint}",
+        brief: "Checkpoints a witness (knhk-agent witness) cosigned.",
         labels: &[],
         otlp: true,
     },
     MetricDef {
-        name: "knhk.sync.batches_rejected",
-        prometheus: "knhk_sync_batches_rejected_total",
+        name: "knhk.witness.refusals",
+        prometheus: "knhk_witness_refusals_total",
         instrument: Instrument::Counter,
-        unit: "{batch}",
-        brief: "Batches from peers refused as malformed, oversized or unverifiable.",
+        unit: "{request}",
+        brief: "Requests a witness refused, by reason.",
+        labels: &[("reason", "knhk.witness.refusal")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.witness.forks_detected",
+        prometheus: "knhk_witness_forks_detected_total",
+        instrument: Instrument::Counter,
+        unit: "{fork}",
+        brief: "Checkpoints that contradicted the one a witness cosigned before for their origin (evidence kept).",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.witness.origins",
+        prometheus: "knhk_witness_origins",
+        instrument: Instrument::Gauge,
+        unit: "{origin}",
+        brief: "Origins (node logs) a witness follows.",
         labels: &[],
         otlp: true,
     },
@@ -662,10 +671,8 @@ pub mod span {
     pub const KNHK_RECEIPTS_CHECKPOINT_SIGN: &str = "knhk.receipts.checkpoint.sign";
     /// Rotates the checkpoint signing key.
     pub const KNHK_RECEIPTS_KEY_ROTATE: &str = "knhk.receipts.key.rotate";
-    /// Pushes a batch of receipts and signed checkpoints to a peer region (a witness).
+    /// Pushes a signed checkpoint to a witness (C2SP tlog-witness add-checkpoint).
     pub const KNHK_SYNC_PUSH: &str = "knhk.sync.push";
-    /// A witness verifies a pushed batch and checkpoint from an origin region and cosigns it.
-    pub const KNHK_SYNC_WITNESS_VERIFY: &str = "knhk.sync.witness.verify";
 }
 
 /// Attribute keys used by the registry's signals and resource.
@@ -730,13 +737,7 @@ pub mod attr {
     pub const KNHK_RUNTIME_CLASS: &str = "knhk.runtime_class";
     /// `knhk.slo.class_state`: SLO admission state of a class.
     pub const KNHK_SLO_CLASS_STATE: &str = "knhk.slo.class_state";
-    /// `knhk.sync.batch.receipts`: Receipts in one pushed batch.
-    pub const KNHK_SYNC_BATCH_RECEIPTS: &str = "knhk.sync.batch.receipts";
-    /// `knhk.sync.cosigned`: Whether the witness cosigned the checkpoint.
-    pub const KNHK_SYNC_COSIGNED: &str = "knhk.sync.cosigned";
-    /// `knhk.sync.origin`: Region whose checkpoint a witness verifies.
-    pub const KNHK_SYNC_ORIGIN: &str = "knhk.sync.origin";
-    /// `knhk.sync.peer`: A peer region (its endpoint) receipts are pushed to.
+    /// `knhk.sync.peer`: A witness (its endpoint) a node pushes checkpoints to.
     pub const KNHK_SYNC_PEER: &str = "knhk.sync.peer";
     /// `knhk.telemetry.drop_reason`: Why telemetry was dropped.
     pub const KNHK_TELEMETRY_DROP_REASON: &str = "knhk.telemetry.drop_reason";
@@ -744,6 +745,8 @@ pub mod attr {
     pub const KNHK_TELEMETRY_SIGNAL: &str = "knhk.telemetry.signal";
     /// `knhk.verdict_event.outcome`: What became of a verdict event.
     pub const KNHK_VERDICT_EVENT_OUTCOME: &str = "knhk.verdict_event.outcome";
+    /// `knhk.witness.refusal`: Why a witness refused a request.
+    pub const KNHK_WITNESS_REFUSAL: &str = "knhk.witness.refusal";
     /// `network.transport`: OpenTelemetry semantic conventions v1.34.0
     pub const NETWORK_TRANSPORT: &str = "network.transport";
     /// `rpc.method`: OpenTelemetry semantic conventions v1.34.0

@@ -1,27 +1,20 @@
-//! What a witness decides about a checkpoint an origin presents (`sync::witness`): the
-//! checkpoint's text, signature, number and the witness's stored size come from the input; the
-//! origin's key history holds the fuzzers' test key. Then the history check (fork, stored root,
-//! consistency with the last cosigned checkpoint) on a real tree, with a proof from the input;
-//! and the Merkle proof verifiers on their own, on arbitrary sizes.
+//! What a witness decides about an `add-checkpoint` request (`witness::judge`): the request
+//! (`old`, the signed note, the proof) and the witness's newest cosigned size come from the
+//! input; the origin's key history holds the fuzzers' test key. And the Merkle proof verifiers
+//! on their own, on arbitrary sizes.
 //!
-//! Properties: nothing panics; a checkpoint is accepted only if it is a text the key signed
-//! (the seeds: node-a's checkpoints of the first ≤ 13 leaves); the history check accepts only
-//! the true root of the stored receipts; a consistency proof from a true root verifies only to
-//! the true root of the larger size.
+//! Properties: nothing panics; a checkpoint is cosigned only if its text is one the key signed
+//! (the seeds: node-a's checkpoints of the first ≤ 13 leaves), `old` is the cosigned size, and
+//! it extends the cosigned checkpoint (its true root); a consistency proof from a true root
+//! verifies only to the true root of the larger size.
 #![no_main]
 
 use knhk_agent::{
-    receipts::{merkle, CheckpointBody, KeyRef},
-    sync::witness::{check_history, check_presented, History, Presented},
+    receipts::merkle,
+    witness::{judge, protocol::AddCheckpoint},
 };
-use knhk_fuzz::{Input, Tree, ORIGIN, TREE};
+use knhk_fuzz::{Input, Tree, TREE};
 use libfuzzer_sys::fuzz_target;
-use std::{collections::HashMap, sync::OnceLock};
-
-fn keys() -> &'static HashMap<KeyRef, Vec<u8>> {
-    static KEYS: OnceLock<HashMap<KeyRef, Vec<u8>>> = OnceLock::new();
-    KEYS.get_or_init(|| HashMap::from([(knhk_fuzz::test_key_ref(), knhk_fuzz::test_public_der())]))
-}
 
 fn hashes(bytes: &[u8]) -> Vec<[u8; 32]> {
     bytes
@@ -36,20 +29,16 @@ fn hashes(bytes: &[u8]) -> Vec<[u8; 32]> {
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    let number = input.u64();
-    let stored_size = input.u64();
-    let body = input.field();
-    let signature = input.field();
+    let old = input.u64();
     let cosigned = input.u8();
-    let proof_from = input.u64();
+    let note = input.field();
     let proof = hashes(input.rest());
 
     // The Merkle verifiers on their own, on arbitrary sizes and hashes.
     let forged = proof.first().copied().unwrap_or_default();
-    let _ = merkle::verify_consistency(&forged, number, &forged, stored_size, &proof);
-    let _ = merkle::verify_inclusion(&forged, stored_size, body, number, &proof);
-    // On the real tree: from a true root, a consistency proof verifies only to the true root.
-    let (m, n) = (number % (TREE + 1), proof_from % (TREE + 1));
+    let _ = merkle::verify_consistency(&forged, old, &forged, u64::from(cosigned), &proof);
+    let _ = merkle::verify_inclusion(&forged, old, note, u64::from(cosigned), &proof);
+    let (m, n) = (old % (TREE + 1), u64::from(cosigned) % (TREE + 1));
     if m > 0 && merkle::verify_consistency(&Tree::root(m), m, &forged, n, &proof) {
         assert_eq!(
             forged,
@@ -58,47 +47,27 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 
-    let Ok(text) = std::str::from_utf8(body) else {
+    let Ok(note) = std::str::from_utf8(note) else {
         return;
     };
-    let presented = Presented {
-        number,
-        body: text,
-        signature,
+    // What the witness cosigned before: nothing, or the true checkpoint of a size ≤ 13.
+    let cosigned_size = u64::from(cosigned >> 1) % (TREE + 1);
+    let before = (cosigned & 1 == 1 && cosigned_size > 0)
+        .then(|| (cosigned_size, Tree::root(cosigned_size)));
+    let req = AddCheckpoint {
+        old,
+        proof: proof.clone(),
+        note: note.to_owned(),
     };
-    let Ok(cp) = check_presented(ORIGIN, &presented, keys(), stored_size) else {
+    let Ok((text, body)) = judge(&[knhk_fuzz::test_key_record()], before, &req) else {
         return;
     };
-    // Accepted: it must be one of the bodies the test key signed, unchanged.
-    assert!(cp.size <= stored_size);
     assert!(
-        cp.size <= TREE && cp == knhk_fuzz::checkpoint_body(cp.size),
-        "a checkpoint the key did not sign was accepted: {text:?}"
+        body.size <= TREE && body == knhk_fuzz::checkpoint_body(body.size),
+        "a checkpoint the key did not sign was cosigned: {text:?}"
     );
-    // A checkpoint of the same size seen before (the same or a forked one), the last one
-    // cosigned, and a proof from the input.
-    let seen: Option<CheckpointBody> = (cosigned & 1 == 1).then(|| CheckpointBody {
-        root: if cosigned & 2 == 2 {
-            forged
-        } else {
-            Tree::root(cp.size)
-        },
-        ..cp.clone()
-    });
-    let cosigned_size = u64::from(cosigned >> 2) % (TREE + 1);
-    let history = History {
-        seen_at_size: seen.as_ref(),
-        stored_root: Tree::root(cp.size),
-        cosigned: Some((cosigned_size, Tree::root(cosigned_size))),
-    };
-    if check_history(ORIGIN, number, &cp, &history, proof_from, &proof).is_ok() {
-        assert_eq!(cp.root, Tree::root(cp.size), "a wrong root was accepted");
-        if let Some(s) = &seen {
-            assert_eq!(s.root, cp.root, "a fork was cosigned");
-        }
-        assert!(
-            cosigned_size <= cp.size,
-            "a checkpoint smaller than the one cosigned was accepted"
-        );
-    }
+    assert_eq!(text, body.encode());
+    let size = before.map_or(0, |(s, _)| s);
+    assert_eq!(old, size, "cosigned with a wrong old size");
+    assert!(size <= body.size, "a checkpoint smaller than the cosigned one was cosigned");
 });

@@ -19,7 +19,9 @@ use knhk_agent::{
         merkle, NewReceipt, Receipts,
     },
 };
-use knhk_fuzz::{checkpoint_body, frame, sign, test_key_ref, test_public_der, Tree, TREE};
+use knhk_fuzz::{
+    checkpoint_body, frame, signed_checkpoint, test_key_ref, test_public_der, Tree, TREE,
+};
 use p256::pkcs8::{EncodePrivateKey, LineEnding};
 use prost::Message;
 use std::{
@@ -114,20 +116,34 @@ fn receipt_seeds(out: &Path) {
     };
     let json = serde_json::to_vec(&stored).expect("json");
     write(out, "stored-checkpoint", &[&[4u8][..], &json].concat());
+    // A signed note with a witness's cosignature line, and an add-checkpoint request.
+    let note = format!(
+        "{}\u{2014} witness.example +AAAAAQAAAABlU/EAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+        signed_checkpoint(5)
+    );
+    write(out, "note", &[&[5u8][..], note.as_bytes()].concat());
+    let request = knhk_agent::witness::protocol::AddCheckpoint {
+        old: 3,
+        proof: merkle::consistency_path(&Tree, 3, 5).unwrap_or_default(),
+        note: signed_checkpoint(5),
+    }
+    .encode();
+    write(out, "add-checkpoint", &[&[6u8][..], request.as_bytes()].concat());
 }
 
-/// Signed checkpoints of the test tree, with consistency proofs from smaller sizes.
+/// Signed checkpoint notes of the test tree, with consistency proofs from smaller sizes.
 fn checkpoint_seeds(out: &Path) {
     for (old, new) in [(0, 1), (1, 2), (3, 7), (4, 8), (5, TREE), (TREE, TREE)] {
-        let body = checkpoint_body(new).encode();
-        let signature = sign(body.as_bytes());
-        let proof = merkle::consistency_path(&Tree, old, new).unwrap_or_default();
+        let note = signed_checkpoint(new);
+        let proof = if old == 0 {
+            Vec::new()
+        } else {
+            merkle::consistency_path(&Tree, old, new).unwrap_or_default()
+        };
         let mut seed = Vec::new();
-        seed.extend_from_slice(&(new + 1).to_be_bytes()); // number
-        seed.extend_from_slice(&TREE.to_be_bytes()); // stored size
-        seed.extend(frame(&[body.as_bytes(), &signature]));
-        seed.push((old as u8) << 2); // cosigned size, no fork
-        seed.extend_from_slice(&old.to_be_bytes()); // proof from
+        seed.extend_from_slice(&old.to_be_bytes()); // old
+        seed.push(((old as u8) << 1) | 1); // cosigned: the true checkpoint of size old
+        seed.extend(frame(&[note.as_bytes()]));
         for h in proof {
             seed.extend_from_slice(&h);
         }

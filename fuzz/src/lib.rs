@@ -4,12 +4,13 @@
 //! Nothing here is part of the agent; it only drives the agent's public entry points.
 
 use knhk_agent::{
+    note,
     api::convert::{policy_from_proto, policy_to_proto},
     model::CgroupPath,
     policy::{check_bounds, compile_scope, scopes_of, Bindings, Policy},
     receipts::{
         format::{leaf_hash, node_hash, sha256, Hash},
-        merkle, CheckpointBody, KeyRef,
+        merkle, CheckpointBody, KeyRecord, KeyRef,
     },
 };
 use p256::{
@@ -193,8 +194,8 @@ impl merkle::Nodes for Tree {
     }
 }
 
-/// The origin region of the checkpoint seeds.
-pub const ORIGIN: &str = "eu-west-1";
+/// The origin of the checkpoint seeds: node-a's log in eu-west-1.
+pub const ORIGIN: &str = "knhk/eu-west-1/node-a/1700000000";
 
 /// The key the checkpoint seeds are signed with, as the witness's key history names it.
 pub fn test_key_ref() -> KeyRef {
@@ -204,11 +205,28 @@ pub fn test_key_ref() -> KeyRef {
     }
 }
 
+/// The test key as a witness's key history holds it.
+pub fn test_key_record() -> KeyRecord {
+    use base64::Engine as _;
+    KeyRecord {
+        key: test_key_ref(),
+        public_key: base64::engine::general_purpose::STANDARD.encode(test_public_der()),
+        since_ns: 0,
+        transition: None,
+    }
+}
+
+/// The C2SP signed note of [`checkpoint_body`]`(size)`, signed by the test key.
+pub fn signed_checkpoint(size: u64) -> String {
+    let body = checkpoint_body(size).encode();
+    let line = note::log_signature_line(ORIGIN, &test_public_der(), &sign(body.as_bytes()));
+    note::render(&body, &[line])
+}
+
 /// The checkpoint body of the first `size` leaves of [`Tree`], as the origin `node-a` signs it.
 pub fn checkpoint_body(size: u64) -> CheckpointBody {
     CheckpointBody {
-        node: "node-a".into(),
-        region: ORIGIN.into(),
+        origin: ORIGIN.into(),
         size,
         root: Tree::root(size),
         cycle: size,

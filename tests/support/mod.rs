@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod s3;
 pub mod semconv;
 pub mod spire;
+pub mod witness;
 #[allow(unused_imports)]
 pub use agent::*;
 #[allow(unused_imports)]

@@ -25,17 +25,19 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
     ("semconv", &[]),
     ("objectstore", &[]),
     ("dirwatch", &[]),
+    ("note", &[]),
     // Layer 1: pure logic over the domain.
     ("abi", &["model"]),
     ("policy", &["model", "abi"]),
     // Layer 2: configuration, returning typed settings.
-    ("config", &["model", "policy", "objectstore"]),
+    ("config", &["model", "policy", "objectstore", "note"]),
     // Layer 3: adapters to the kernel, SPIRE, Prometheus.
     ("datapath", &["model", "abi", "policy", "dirwatch"]),
     ("identity", &["model", "config", "secure_dir"]),
     ("telemetry", &["model", "config", "datapath", "semconv"]),
     ("workloads", &["model", "config", "dirwatch"]),
-    // Layer 4: services. They do not call each other, except sync, which replicates the ledger.
+    // Layer 4: services. They do not call each other, except sync, which pushes the ledger's
+    // checkpoints to witnesses in the witness protocol.
     ("beat", &["model", "config", "datapath"]),
     (
         "control",
@@ -57,6 +59,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "tasks",
             "semconv",
             "objectstore",
+            "note",
         ],
     ),
     // The fleet bundle follower: fetches, verifies and keeps bundles; agent.rs applies them.
@@ -71,6 +74,12 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "secure_dir",
         ],
     ),
+    // The witness service (`knhk-agent witness`): verifies and cosigns node logs' checkpoints.
+    (
+        "witness",
+        &["model", "config", "identity", "receipts", "note"],
+    ),
+    // A node pushing its checkpoints to the witnesses (their wire protocol is witness's).
     (
         "sync",
         &[
@@ -78,6 +87,8 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "config",
             "identity",
             "receipts",
+            "witness",
+            "note",
             "resilience",
             "tasks",
             "trace_context",
@@ -96,6 +107,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "control",
             "receipts",
             "sync",
+            "note",
             "secure_dir",
             "trace_context",
             "semconv",

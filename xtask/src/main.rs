@@ -32,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",          // the pods' images are built from it (no registry here)
     "protobuf-compiler",       // k8s-cri's build script compiles the CRI protos with protoc
     "g++",                     // libfuzzer-sys builds libFuzzer (C++) for `cargo xtask fuzz`
+    "faketime",                // libfaketime: the agent's wall clock stepped in tests
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds per fuzz target in the smoke run of `cargo xtask test`.
@@ -306,7 +307,12 @@ fn main() -> Result<()> {
                 &rules.to_string(),
             ]);
             let mut benches = vec![datapath];
-            for name in ["bench_api", "bench_receipts", "bench_sync", "bench_memory"] {
+            for name in [
+                "bench_api",
+                "bench_receipts",
+                "bench_witness",
+                "bench_memory",
+            ] {
                 benches.push(Command::new(examples.join(name)));
             }
             // Pod start to enforced runs real pods, so it lives with the workload tests (ignored

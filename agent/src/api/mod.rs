@@ -594,7 +594,7 @@ pub struct Extensions {
     pub identity: Option<Arc<crate::identity::Identity>>,
     /// `ReceiptService` and `HoldService`.
     pub receipts: Option<Arc<crate::receipts::Receipts>>,
-    /// Region sync: `RegionSync` (its witness side), and quorum in `GetStatus`.
+    /// Witnessing: quorum in `GetStatus`.
     pub sync: Option<Arc<crate::sync::Replicator>>,
 }
 
@@ -690,10 +690,6 @@ pub async fn serve(
         .add_optional_service(ledger.map(|r| {
             receipts::pb::hold_service_server::HoldServiceServer::new(receipts::HoldApi(r))
                 .max_decoding_message_size(max_request_bytes)
-        }))
-        .add_optional_service(sync.as_ref().map(|s| {
-            crate::sync::pb::region_sync_server::RegionSyncServer::from_arc(s.server())
-                .max_decoding_message_size(max_request_bytes.max(64 << 20))
         }));
     let listener = match (listener, &identity) {
         (ApiListener::Tcp(l), _) => l,

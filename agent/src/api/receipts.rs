@@ -7,6 +7,7 @@ pub mod pb {
     tonic::include_proto!("knhk.receipts.v1");
 }
 
+use crate::note::{self, Cosignature, SignatureLine};
 use crate::receipts::{
     format::fingerprint, ledger::StoredCosignature, CheckpointBody, Hold, LedgerError, ReceiptKind,
     Receipts, ReceiptsError, StoredCheckpoint, StoredReceipt,
@@ -91,36 +92,48 @@ fn checkpoint_pb(
         // Not in the history (unstamped) or not base64 (verify reports it): no fingerprint.
         .map(|der| fingerprint(&der))
         .unwrap_or_default();
+    let public = keys
+        .iter()
+        .find(|k| k.key == body.key)
+        .and_then(|k| B64.decode(&k.public_key).ok());
+    let mut lines = Vec::new();
     let cosignatures = cosignatures
         .into_iter()
         .map(|c| {
-            let public_key = B64
-                .decode(&c.public_key)
-                .map_err(|e| lost(&format!("cosignature by {}: public key", c.region), &e))?;
-            let signature = B64
-                .decode(&c.signature)
-                .map_err(|e| lost(&format!("cosignature by {}: signature", c.region), &e))?;
+            let line = SignatureLine::parse(c.line.trim_end_matches('\n'))
+                .map_err(|e| lost(&format!("cosignature by {}", c.witness()), &e))?;
+            let parsed = Cosignature::from_line(&line)
+                .map_err(|e| lost(&format!("cosignature by {}", c.witness()), &e))?;
+            lines.push(line);
             Ok(pb::Cosignature {
-                fingerprint: fingerprint(&public_key),
-                region: c.region,
-                node: c.node,
-                key_id: c.key.id,
-                key_version: c.key.version,
-                public_key,
-                signature,
+                witness: parsed.witness,
+                verifier_key: c.witness_key,
+                line: c.line,
+                timestamp_unix: parsed.timestamp,
             })
         })
         .collect::<Result<Vec<_>, Status>>()?;
+    let signature = stored
+        .signature
+        .as_deref()
+        .map(|s| B64.decode(s))
+        .transpose()
+        .map_err(|e| lost("signature not base64", &e))?
+        // Unsigned (queued for the KMS): empty, as the proto says.
+        .unwrap_or_default();
+    let note = match (&public, signature.is_empty()) {
+        (Some(public), false) => {
+            let mut all = vec![note::log_signature_line(&body.origin, public, &signature)];
+            all.extend(lines);
+            note::render(&stored.body, &all)
+        }
+        _ => String::new(),
+    };
     Ok(pb::Checkpoint {
         number,
-        signature: stored
-            .signature
-            .as_deref()
-            .map(|s| B64.decode(s))
-            .transpose()
-            .map_err(|e| lost("signature not base64", &e))?
-            // Unsigned (queued for the KMS): empty, as the proto says.
-            .unwrap_or_default(),
+        signature,
+        origin: body.origin.clone(),
+        note,
         body: stored.body,
         tree_size: body.size,
         root_hash: body.root.to_vec(),

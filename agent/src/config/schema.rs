@@ -449,16 +449,20 @@ pub struct MultiRegionSection {
     pub primary_region: Option<String>,
     /// Replicate receipts to the other regions.
     pub cross_region_sync_enabled: Option<bool>,
-    /// Peer endpoints (`https://HOST:PORT`; `http://` for plaintext on loopback).
+    /// Witness endpoints (`https://HOST:PORT`; `http://` for plaintext on loopback).
     pub receipt_sync_endpoints: Option<Vec<String>>,
-    /// Regions (this one included) that must hold a checkpoint (default: a majority).
+    /// Witness cosignatures a checkpoint needs (default: a majority of the witnesses).
     pub quorum: Option<usize>,
-    /// Receipts per batch (default 1000, at most 10000).
+    /// Accepted for compatibility; witnesses receive checkpoints, not receipt batches
+    /// (1-10000).
     pub batch_size: Option<usize>,
-    /// Wait this long for more receipts before sending a partial batch (default 20 ms).
+    /// Wait this long after new checkpoints before pushing (default 20 ms).
     pub batch_linger_ms: Option<u64>,
-    /// Per-call timeout towards a peer (default 5000 ms).
+    /// Per-call timeout towards a witness (default 5000 ms).
     pub timeout_ms: Option<u64>,
+    /// Pinned witness keys, C2SP verifier keys `NAME+KEYID+BASE64` (type 0x04); empty: each
+    /// witness's key is learned on first contact and kept.
+    pub witness_keys: Option<Vec<String>>,
 }
 
 /// `[promotion]` (the plan's `[sidecar.promotion]`): the node's ring in a fleet rollout, the
@@ -1109,8 +1113,8 @@ impl Config {
             .and_then(|m| m.primary_region.as_deref())
         {
             out.push(format!(
-                "multi_region.primary_region = {primary:?} has no effect: every region writes its own log and a \
-                 checkpoint commits once `quorum` regions hold it; there is no primary"
+                "multi_region.primary_region = {primary:?} has no effect: every node writes its own log and a \
+                 checkpoint commits once `quorum` witnesses cosign it; there is no primary"
             ));
         }
         if let Some(crate::config::SignerSettings::Aws { key_id, .. }) =

@@ -11,8 +11,6 @@ use sha2::{Digest, Sha256};
 
 /// The version byte of receipt encodings written by this agent.
 pub const RECEIPT_VERSION: u8 = 1;
-/// First line of a checkpoint body.
-pub const CHECKPOINT_HEADER: &str = "knhk-receipts/v1";
 /// First line of a key transition statement.
 pub const TRANSITION_HEADER: &str = "knhk-key-transition/v1";
 
@@ -201,13 +199,21 @@ impl KeyRef {
     }
 }
 
-/// A signed tree head's body: what the signature covers.
+/// The origin line of a node's log: `knhk/<region>/<node>/<epoch>`, where `epoch` is the Unix
+/// time (seconds) at which the node's ledger was created. A node whose ledger is lost (a
+/// re-imaged node) starts a new log under a new origin; its old origin stays at the witnesses
+/// and in the archive as a finished log.
+pub fn origin(region: &str, node: &str, epoch: u64) -> String {
+    format!("knhk/{region}/{node}/{epoch}")
+}
+
+/// A checkpoint: a C2SP `tlog-checkpoint` body (origin, tree size, base64 root hash) with three
+/// extension lines (`knhk-cycle`, `knhk-time`, `knhk-key`). The node's signature and the
+/// witnesses' cosignatures cover all of it ([`super::note`] renders the signed note).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointBody {
-    /// Node.
-    pub node: String,
-    /// Region.
-    pub region: String,
+    /// The log's origin ([`origin`]).
+    pub origin: String,
     /// Tree size (receipts covered: seq 0..size).
     pub size: u64,
     /// Merkle root of the first `size` receipts.
@@ -221,12 +227,12 @@ pub struct CheckpointBody {
 }
 
 impl CheckpointBody {
-    /// The signed text: one `name: value` per line after the header, each line ending in `\n`.
+    /// The signed text, each line ending in `\n`:
+    /// `<origin>`, `<size>`, `<base64 root>`, `knhk-cycle <n>`, `knhk-time <ns>`, `knhk-key <id#v>`.
     pub fn encode(&self) -> String {
         format!(
-            "{CHECKPOINT_HEADER}\nnode: {}\nregion: {}\nsize: {}\nroot: {}\ncycle: {}\ntime: {}\nkey: {}\n",
-            self.node,
-            self.region,
+            "{}\n{}\n{}\nknhk-cycle {}\nknhk-time {}\nknhk-key {}\n",
+            self.origin,
             self.size,
             B64.encode(self.root),
             self.cycle,
@@ -242,32 +248,35 @@ impl CheckpointBody {
             .strip_suffix('\n')
             .ok_or_else(|| bad("no final newline"))?
             .split('\n');
-        if lines.next() != Some(CHECKPOINT_HEADER) {
-            return Err(bad("wrong header"));
-        }
-        let mut field = |name: &str| -> Result<String, DecodeError> {
-            let line = lines
+        let mut line = |what: &str| {
+            lines
                 .next()
-                .ok_or_else(|| bad(&format!("missing {name}")))?;
-            line.strip_prefix(&format!("{name}: "))
-                .map(str::to_owned)
-                .ok_or_else(|| bad(&format!("expected {name}, found {line:?}")))
+                .ok_or_else(|| bad(&format!("missing the {what} line")))
         };
-        let node = field("node")?;
-        let region = field("region")?;
-        let size = field("size")?.parse().map_err(|_| bad("size"))?;
+        let origin = line("origin")?.to_owned();
+        if origin.is_empty() || origin.contains(char::is_whitespace) || origin.contains('+') {
+            return Err(bad("the origin is empty or holds a space or '+'"));
+        }
+        let size = line("size")?.parse().map_err(|_| bad("size"))?;
         let root: Hash = B64
-            .decode(field("root")?)
+            .decode(line("root hash")?)
             // Not base64, or not 32 bytes: refused as a bad root below.
             .ok()
             .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| bad("root"))?;
-        let cycle = field("cycle")?.parse().map_err(|_| bad("cycle"))?;
-        let time_ns = field("time")?.parse().map_err(|_| bad("time"))?;
-        let key = KeyRef::parse(&field("key")?).ok_or_else(|| bad("key"))?;
+            .ok_or_else(|| bad("root hash"))?;
+        let mut field = |name: &str| -> Result<String, DecodeError> {
+            let l = line(name)?;
+            l.strip_prefix(&format!("{name} "))
+                .map(str::to_owned)
+                .ok_or_else(|| bad(&format!("expected {name}, found {l:?}")))
+        };
+        let cycle = field("knhk-cycle")?
+            .parse()
+            .map_err(|_| bad("knhk-cycle"))?;
+        let time_ns = field("knhk-time")?.parse().map_err(|_| bad("knhk-time"))?;
+        let key = KeyRef::parse(&field("knhk-key")?).ok_or_else(|| bad("knhk-key"))?;
         let body = CheckpointBody {
-            node,
-            region,
+            origin,
             size,
             root,
             cycle,
@@ -352,8 +361,7 @@ mod tests {
     #[test]
     fn checkpoints_round_trip_canonically() {
         let body = CheckpointBody {
-            node: "n".into(),
-            region: "r".into(),
+            origin: origin("r", "n", 1_764_000_000),
             size: 10,
             root: sha256(b"x"),
             cycle: 80,
@@ -365,8 +373,19 @@ mod tests {
         };
         let text = body.encode();
         assert_eq!(CheckpointBody::decode(&text).expect("decodes"), body);
-        assert!(CheckpointBody::decode(&text.replace("size: 10", "size: 010")).is_err());
-        assert!(CheckpointBody::decode(&format!("{text}extra: 1\n")).is_err());
+        assert!(CheckpointBody::decode(&text.replace("\n10\n", "\n010\n")).is_err());
+        assert!(CheckpointBody::decode(&format!("{text}extra 1\n")).is_err());
+        assert!(CheckpointBody::decode(&text.replace("knhk/r", "knhk r")).is_err());
+
+        // A second implementation of C2SP tlog-checkpoint (Cloudflare azul) reads the same.
+        let theirs = tlog_tiles::Checkpoint::from_bytes(text.as_bytes()).expect("C2SP checkpoint");
+        assert_eq!(theirs.origin(), "knhk/r/n/1764000000");
+        assert_eq!(theirs.size(), 10);
+        assert_eq!(theirs.hash().0, body.root);
+        assert_eq!(
+            theirs.extension(),
+            "knhk-cycle 80\nknhk-time 5\nknhk-key transit/knhk#2\n"
+        );
     }
 
     #[test]

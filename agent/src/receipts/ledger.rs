@@ -164,7 +164,12 @@ pub struct Ledger {
     db: Arc<DbCell>,
     node: String,
     region: String,
+    origin: String,
 }
+
+/// The meta key of the log's origin, fixed when the ledger is created
+/// ([`format::origin`] of the node, region and creation time then).
+const ORIGIN: &str = "origin";
 
 /// The open database, replaceable in place: after a failed write (a full disk, say) `redb`
 /// refuses every later call until it is closed and opened again ([`Ledger::reopen`]).
@@ -222,6 +227,31 @@ fn open_database(path: &Path) -> Result<Database, LedgerError> {
     }
 }
 
+/// The log's origin: the one recorded when the ledger was created, else (a new ledger, or one
+/// written before origins were recorded) `knhk/<region>/<node>/<now>`, recorded now.
+fn ledger_origin(database: &Database, node: &str, region: &str) -> Result<String, LedgerError> {
+    let corrupt = |m: &str| LedgerError::Corrupt(format!("ledger record {ORIGIN:?}: {m}"));
+    let tx = database.begin_write().map_err(db)?;
+    let origin = {
+        let mut meta = tx.open_table(META).map_err(db)?;
+        let stored = meta.get(ORIGIN).map_err(db)?.map(|v| v.value().to_vec());
+        match stored {
+            Some(bytes) => String::from_utf8(bytes)
+                .ok()
+                .filter(|o| crate::note::valid_key_name(o))
+                .ok_or_else(|| corrupt("not a valid origin"))?,
+            None => {
+                let epoch = (now_ns() / 1_000_000_000).max(0) as u64;
+                let origin = format::origin(region, node, epoch);
+                meta.insert(ORIGIN, origin.as_bytes()).map_err(db)?;
+                origin
+            }
+        }
+    };
+    tx.commit().map_err(db)?;
+    Ok(origin)
+}
+
 impl Ledger {
     /// Opens (or creates) the database at `path`; receipts are written as `node` in `region`.
     pub fn open(path: &Path, node: &str, region: &str) -> Result<Ledger, LedgerError> {
@@ -238,6 +268,7 @@ impl Ledger {
             }
         }
         let database = open_database(path)?;
+        let origin = ledger_origin(&database, node, region)?;
         Ok(Ledger {
             db: Arc::new(DbCell {
                 path: path.to_owned(),
@@ -245,7 +276,14 @@ impl Ledger {
             }),
             node: node.to_owned(),
             region: region.to_owned(),
+            origin,
         })
+    }
+
+    /// The log's origin, `knhk/<region>/<node>/<epoch>` ([`format::origin`]), as recorded when
+    /// the ledger was created (a later change of node name or region does not change it).
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// Receipts in the log.
@@ -329,8 +367,7 @@ impl Ledger {
                 None
             } else {
                 let body = CheckpointBody {
-                    node: self.node.clone(),
-                    region: self.region.clone(),
+                    origin: self.origin.clone(),
                     size,
                     root: merkle::root(&TableNodes(&nodes), size)?,
                     cycle,
@@ -702,24 +739,20 @@ impl Ledger {
     }
 }
 
-/// A witness region's signature of one of this ledger's checkpoints.
+/// A witness's cosignature of one of this ledger's checkpoints (C2SP `tlog-cosignature` v1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCosignature {
-    /// The witness's region.
-    pub region: String,
-    /// The witness's node.
-    pub node: String,
-    /// The witness's key.
-    pub key: KeyRef,
-    /// Its public key, SPKI DER base64.
-    pub public_key: String,
-    /// DER signature, base64, over [`cosigned_message`].
-    pub signature: String,
+    /// The witness's verifier key (`name+keyid+base64`, [`crate::note::VerifierKey`]).
+    pub witness_key: String,
+    /// The note signature line, as the witness returned it (with its `\n`).
+    pub line: String,
 }
 
-/// What a witness signs: its region and the origin's checkpoint body.
-pub fn cosigned_message(witness_region: &str, checkpoint_body: &str) -> String {
-    format!("knhk-cosignature/v1\nwitness: {witness_region}\n{checkpoint_body}")
+impl StoredCosignature {
+    /// The witness's key name (the verifier key's first part).
+    pub fn witness(&self) -> &str {
+        self.witness_key.split('+').next().unwrap_or_default()
+    }
 }
 
 impl Ledger {
@@ -824,7 +857,7 @@ impl Ledger {
         let tx = self.begin_write()?;
         tx.open_table(COSIGNATURES)
             .map_err(db)?
-            .insert((number, c.region.as_str()), &json[..])
+            .insert((number, c.witness()), &json[..])
             .map_err(db)?;
         tx.commit().map_err(db)
     }
@@ -841,7 +874,7 @@ impl Ledger {
         Ok(n)
     }
 
-    /// The cosignatures of checkpoint `number`, by witness region.
+    /// The cosignatures of checkpoint `number`, by witness name.
     pub fn cosignatures_of(&self, number: u64) -> Result<Vec<StoredCosignature>, LedgerError> {
         let tx = self.begin_read()?;
         let t = tx.open_table(COSIGNATURES).map_err(db)?;
@@ -894,5 +927,5 @@ impl Ledger {
 
 /// Table definitions, for the verifier.
 pub(crate) mod tables {
-    pub(crate) use super::{CHECKPOINTS, COSIGNATURES, KEYS, NODES, PAYLOADS, RECEIPTS};
+    pub(crate) use super::{CHECKPOINTS, COSIGNATURES, KEYS, META, NODES, PAYLOADS, RECEIPTS};
 }

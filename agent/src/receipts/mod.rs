@@ -454,33 +454,19 @@ impl Receipts {
         (&self.settings.node, &self.settings.region)
     }
 
-    /// Signs `message` with the current key (through the circuit breaker); for witness
-    /// cosignatures.
-    pub async fn sign_with_current(
-        &self,
-        message: &[u8],
-    ) -> Result<(KeyInfo, Vec<u8>), SignerError> {
-        if self.key.lock().is_ok_and(|k| k.current.is_none()) {
-            self.sync_key().await?;
-        }
-        if let Some(conflict) = self.key.lock().ok().and_then(|k| k.conflict.clone()) {
-            return Err(SignerError::Refused {
-                provider: "ledger",
-                message: conflict,
-            });
-        }
-        // A poisoned lock (a panicked signer) is treated as "no current key": unavailable.
-        let key = self
-            .key
-            .lock()
-            .ok()
-            .and_then(|k| k.current.clone())
-            .ok_or_else(|| SignerError::Unavailable {
-                provider: self.signer.provider(),
-                message: "no current key known".into(),
-            })?;
-        let sig = self.call(|| self.signer.sign(&key.key, message)).await?;
-        Ok((key, sig))
+    /// The SubjectPublicKeyInfo DER of `key`, from the key history.
+    pub async fn public_key_of(&self, key: &KeyRef) -> Result<Vec<u8>, String> {
+        let ledger = self.ledger.clone();
+        let keys = tokio::task::spawn_blocking(move || ledger.keys())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let record = keys
+            .into_iter()
+            .find(|k| k.key == *key)
+            .ok_or_else(|| format!("key {key} is not in the ledger's key history"))?;
+        B64.decode(&record.public_key)
+            .map_err(|e| format!("the stored public key of {key} is not base64: {e}"))
     }
 
     /// The ledger's database file.

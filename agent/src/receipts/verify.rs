@@ -269,41 +269,11 @@ pub fn verify_with(
         };
         let mut handed_over = false;
         if let Some(prev) = &previous {
-            match &record.transition {
-                None => problem(
-                    &mut report,
-                    format!(
-                        "key {}: no transition statement from the previous key {}",
-                        record.key, prev.key
-                    ),
-                ),
-                Some((statement, signature)) => {
-                    let expected_prefix = format!(
-                        "{}\nfrom: {}\nto: {}\nto_public_key: {}\n",
-                        format::TRANSITION_HEADER,
-                        prev.key,
-                        record.key,
-                        record.public_key
-                    );
-                    // An unknown previous key: an empty key, which verifies nothing (reported).
-                    let prev_public = keys.get(&prev.key).cloned().unwrap_or_default();
-                    if !statement.starts_with(&expected_prefix) {
-                        problem(
-                            &mut report,
-                            format!("key {}: its transition statement does not name {} → {} with this public key", record.key, prev.key, record.key),
-                        );
-                    } else if !B64
-                        .decode(signature)
-                        .is_ok_and(|sig| verify_signature(&prev_public, statement.as_bytes(), &sig))
-                    {
-                        problem(
-                            &mut report,
-                            format!("key {}: its transition statement is not signed by the previous key {}", record.key, prev.key),
-                        );
-                    } else {
-                        handed_over = true;
-                    }
-                }
+            // An unknown previous key: an empty key, which verifies nothing (reported).
+            let prev_public = keys.get(&prev.key).cloned().unwrap_or_default();
+            match check_handover(prev, &prev_public, &record) {
+                Ok(()) => handed_over = true,
+                Err(why) => problem(&mut report, why),
             }
         }
         let fingerprint = format::fingerprint(&public);
@@ -342,6 +312,27 @@ pub fn verify_with(
         }
     }
     checkpoints.sort_by_key(|(_, _, b)| b.size);
+    // One log, one origin: the recorded one, else the first checkpoint's.
+    let recorded = tx
+        .open_table(super::ledger::tables::META)
+        .map_err(db)?
+        .get("origin")
+        .map_err(db)?
+        .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+    if let Some(origin) = recorded.or_else(|| checkpoints.first().map(|(_, _, b)| b.origin.clone()))
+    {
+        for (number, _, body) in &checkpoints {
+            if body.origin != origin {
+                problem(
+                    &mut report,
+                    format!(
+                        "checkpoint {number}: its origin {} is not the log's origin {origin}",
+                        body.origin
+                    ),
+                );
+            }
+        }
+    }
     let mut next_checkpoint = 0;
 
     // Receipts, rebuilding the tree's right frontier and checking every stored node.
@@ -439,15 +430,15 @@ pub fn verify_with(
         .map_err(db)?
     {
         let (k, v) = entry.map_err(db)?;
-        let (number, region) = k.value();
-        let region = region.to_owned();
+        let (number, witness) = k.value();
+        let witness = witness.to_owned();
         report.cosignatures += 1;
         let c: super::ledger::StoredCosignature = match serde_json::from_slice(v.value()) {
             Ok(c) => c,
             Err(e) => {
                 problem(
                     &mut report,
-                    format!("cosignature of checkpoint {number} by {region}: does not parse: {e}"),
+                    format!("cosignature of checkpoint {number} by {witness}: does not parse: {e}"),
                 );
                 continue;
             }
@@ -455,23 +446,14 @@ pub fn verify_with(
         let Some(body) = bodies.get(&number) else {
             problem(
                 &mut report,
-                format!("cosignature of checkpoint {number} by {region}: no such checkpoint"),
+                format!("cosignature of checkpoint {number} by {witness}: no such checkpoint"),
             );
             continue;
         };
-        let message = super::ledger::cosigned_message(&c.region, body);
-        let valid = B64
-            .decode(&c.public_key)
-            // Not base64: not valid (reported).
-            .ok()
-            .zip(B64.decode(&c.signature).ok())
-            .is_some_and(|(k, sig)| verify_signature(&k, message.as_bytes(), &sig));
-        if !valid {
+        if let Err(why) = check_cosignature(&c, body) {
             problem(
                 &mut report,
-                format!(
-                    "cosignature of checkpoint {number} by {region}: the signature does not verify"
-                ),
+                format!("cosignature of checkpoint {number} by {witness}: {why}"),
             );
         }
     }
@@ -556,6 +538,60 @@ pub fn verify_with(
         (true, _) => "not anchored to a trusted key: see the problems".to_owned(),
     };
     Ok(report)
+}
+
+/// Checks that `prev` (whose SubjectPublicKeyInfo DER is `prev_public`) handed over to
+/// `next`: `next` carries a transition statement naming `prev` → `next` with `next`'s public
+/// key, signed by `prev`. The error names the key and what is wrong.
+pub fn check_handover(
+    prev: &KeyRecord,
+    prev_public: &[u8],
+    next: &KeyRecord,
+) -> Result<(), String> {
+    let Some((statement, signature)) = &next.transition else {
+        return Err(format!(
+            "key {}: no transition statement from the previous key {}",
+            next.key, prev.key
+        ));
+    };
+    let expected_prefix = format!(
+        "{}\nfrom: {}\nto: {}\nto_public_key: {}\n",
+        format::TRANSITION_HEADER,
+        prev.key,
+        next.key,
+        next.public_key
+    );
+    if !statement.starts_with(&expected_prefix) {
+        return Err(format!(
+            "key {}: its transition statement does not name {} → {} with this public key",
+            next.key, prev.key, next.key
+        ));
+    }
+    if !B64
+        .decode(signature)
+        .is_ok_and(|sig| verify_signature(prev_public, statement.as_bytes(), &sig))
+    {
+        return Err(format!(
+            "key {}: its transition statement is not signed by the previous key {}",
+            next.key, prev.key
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a stored cosignature is its witness key's valid `cosignature/v1` of `body`.
+fn check_cosignature(c: &super::ledger::StoredCosignature, body: &str) -> Result<(), String> {
+    let key = crate::note::VerifierKey::parse(&c.witness_key)?;
+    let line = crate::note::SignatureLine::parse(c.line.trim_end_matches('\n'))?;
+    let cosignature = crate::note::Cosignature::from_line(&line)?;
+    if cosignature.verify(body, &key) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the signature does not verify with {}",
+            c.witness_key
+        ))
+    }
 }
 
 fn check_checkpoint(

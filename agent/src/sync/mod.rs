@@ -1,137 +1,115 @@
-//! Cross-region receipt sync (`knhk.sync.v1.RegionSync`): every region pushes its own receipts
-//! and signed checkpoints to every peer; peers keep each origin's log in its own ledger file,
-//! verify it, and cosign checkpoints as witnesses. A checkpoint is quorum-committed once
-//! `quorum` regions (the origin counts as one) hold it with a cosignature. Protocol and failure
-//! cases: `docs/multi-region.md`.
+//! Witnessing (the node side): the node's ledger is one log whose origin names the node and
+//! region (`knhk/<region>/<node>/<epoch>`); this module pushes its signed checkpoints to the
+//! configured witnesses (`knhk-agent witness`, one per region) with consistency proofs, per
+//! C2SP `tlog-witness`, stores their cosignatures beside the checkpoints, and counts a
+//! checkpoint committed once `quorum` witnesses cosigned it. Protocol and failure cases:
+//! `docs/multi-region.md`.
 //!
-//! Each origin's log has a single writer (its own agent), so there is nothing to elect: a
-//! witness only checks that each checkpoint it cosigns extends the last one it cosigned for that
-//! origin (a consistency proof), and refuses — keeping both as evidence — when it sees two
-//! different checkpoints of the same size (a fork).
+//! Each log has a single writer (its own agent), so there is nothing to elect: a witness only
+//! checks that each checkpoint extends the last one it cosigned for that origin, and refuses a
+//! contradiction (a fork), keeping it as evidence.
 
-mod server;
-pub mod witness;
-pub use server::SyncServer;
+mod client;
 
-use crate::semconv::{attr, span};
+use crate::note::{self, Cosignature, SignatureLine, VerifierKey};
 use crate::{
     config::{Peer, SyncSettings},
-    receipts::{ledger::StoredCosignature, CheckpointBody, Receipts},
+    receipts::{ledger::StoredCosignature, CheckpointBody, Receipts, StoredCheckpoint},
     resilience::{CircuitBreaker, CircuitState},
+    semconv::{attr, span},
     tasks::{Stop, TaskGroup},
+    witness::protocol,
 };
 use base64::{engine::general_purpose::STANDARD as B64, Engine as _};
+use client::WitnessClient;
 use opentelemetry::{
     trace::{SpanKind, TraceContextExt as _, Tracer as _},
     KeyValue,
 };
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use std::{net::SocketAddr, sync::Arc, time::Duration};
-
-/// Generated types, client and server of `proto/knhk/sync/v1`.
-#[allow(missing_docs, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("knhk.sync.v1");
-}
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 #[derive(Clone)]
 struct Metrics {
-    acked: IntGaugeVec,
-    backlog: IntGaugeVec,
+    cosigned: IntGaugeVec,
     circuit: IntGaugeVec,
     failures: IntCounterVec,
     committed: IntGauge,
     quorum_ok: IntGauge,
-    forks: IntCounter,
-    rejected: IntCounter,
 }
 
 impl Metrics {
     fn register(registry: &Registry) -> Result<Metrics, prometheus::Error> {
-        let acked = IntGaugeVec::new(
+        let cosigned = IntGaugeVec::new(
             Opts::new(
-                "knhk_sync_peer_acked_receipts",
-                "Receipts of this region a peer holds durably.",
-            ),
-            &["peer"],
-        )?;
-        let backlog = IntGaugeVec::new(
-            Opts::new(
-                "knhk_sync_peer_backlog_receipts",
-                "Receipts of this region a peer does not hold yet.",
+                "knhk_sync_witness_cosigned_size",
+                "Tree size of this node's newest checkpoint a witness cosigned.",
             ),
             &["peer"],
         )?;
         let circuit = IntGaugeVec::new(
             Opts::new(
                 "knhk_sync_peer_circuit",
-                "1 for each peer's circuit breaker state.",
+                "1 for each witness's circuit breaker state.",
             ),
             &["peer", "state"],
         )?;
         let failures = IntCounterVec::new(
-            Opts::new("knhk_sync_peer_failures_total", "Failed pushes to a peer."),
+            Opts::new(
+                "knhk_sync_peer_failures_total",
+                "Failed pushes to a witness.",
+            ),
             &["peer"],
         )?;
         let committed = IntGauge::new(
             "knhk_sync_quorum_committed_size",
-            "Tree size of this region's newest quorum-committed checkpoint.",
+            "Tree size of this node's newest quorum-committed checkpoint.",
         )?;
         let quorum_ok = IntGauge::new(
             "knhk_sync_quorum_committed",
-            "1 while every signed checkpoint older than twice the sync timeout (at least 2 s) is quorum-committed; 0 while one waits longer (quorum lost).",
+            "1 while every signed checkpoint older than twice the witness timeout (at least 2 s) is quorum-committed; 0 while one waits longer (quorum lost).",
         )?;
         quorum_ok.set(1);
-        let forks = IntCounter::new(
-            "knhk_sync_forks_detected_total",
-            "Two different checkpoints of the same size from one origin (refused; both kept as evidence).",
-        )?;
-        let rejected = IntCounter::new(
-            "knhk_sync_batches_rejected_total",
-            "Batches from peers refused as malformed, oversized or unverifiable (nothing stored).",
-        )?;
         for m in [
-            Box::new(acked.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(backlog.clone()),
+            Box::new(cosigned.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(circuit.clone()),
             Box::new(failures.clone()),
             Box::new(committed.clone()),
             Box::new(quorum_ok.clone()),
-            Box::new(forks.clone()),
-            Box::new(rejected.clone()),
         ] {
             registry.register(m)?;
         }
         Ok(Metrics {
-            acked,
-            backlog,
+            cosigned,
             circuit,
             failures,
             committed,
             quorum_ok,
-            forks,
-            rejected,
         })
     }
 }
 
-/// Why sync could not start.
+/// Why witnessing could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     /// Metrics.
-    #[error("registering sync metrics: {0}")]
+    #[error("registering witnessing metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// TLS.
-    #[error("region sync: {0}")]
-    Tls(String),
 }
 
-/// The origin side: one replication task per peer, and the quorum view.
+/// The node side of witnessing: one push task per witness, and the quorum view.
 pub struct Replicator {
     settings: SyncSettings,
     receipts: Arc<Receipts>,
     metrics: Metrics,
-    server: Arc<SyncServer>,
+    /// The witnesses' keys: pinned (`witness_keys`) or learned on first contact.
+    keys: Mutex<Vec<VerifierKey>>,
+    /// Each witness's last problem, for readiness and status.
+    problems: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Replicator {
@@ -142,69 +120,76 @@ impl std::fmt::Debug for Replicator {
     }
 }
 
+/// What one push achieved.
+enum Pushed {
+    /// Nothing new to push.
+    UpToDate,
+    /// The witness cosigned checkpoint `number`.
+    Cosigned,
+}
+
 impl Replicator {
-    /// Starts replicating `receipts` to the peers (one task per peer, returned as a group for
-    /// the caller to own), and a witness server for theirs (under `peers_dir`). `identity` gives
-    /// mTLS to `https://` peers. On the group's stop, each peer task pushes until it is caught up
-    /// (or fails, or the shutdown deadline passes), then stops.
+    /// Starts pushing `receipts`' checkpoints to the witnesses (one task per witness, returned as
+    /// a group for the caller to own). `identity` gives mTLS to `https://` witnesses. On the
+    /// group's stop, each task pushes the final checkpoint (or fails, or the shutdown deadline
+    /// passes), then stops.
     pub fn start(
         settings: SyncSettings,
         receipts: Arc<Receipts>,
         identity: Option<Arc<crate::identity::Identity>>,
-        peers_dir: std::path::PathBuf,
         registry: &Registry,
     ) -> Result<(Arc<Replicator>, TaskGroup), SyncError> {
         let metrics = Metrics::register(registry)?;
-        let server = Arc::new(SyncServer::new(
-            settings.region.clone(),
-            receipts.clone(),
-            peers_dir,
-            settings.batch_size,
-            metrics.clone(),
-        ));
         let sync = Arc::new(Replicator {
+            keys: Mutex::new(settings.witness_keys.clone()),
             settings,
             receipts,
             metrics,
-            server,
+            problems: Mutex::new(HashMap::new()),
         });
-        let mut tasks = TaskGroup::new("region sync");
+        let mut tasks = TaskGroup::new("witnessing");
         for peer in sync.settings.peers.clone() {
             let name = format!("push to {}", peer.endpoint);
             let stop = tasks.stop_signal();
             tasks.spawn(
                 name,
-                Arc::clone(&sync).replicate(peer, identity.clone(), stop),
+                Arc::clone(&sync).push_loop(peer, identity.clone(), stop),
             );
         }
         Ok((sync, tasks))
     }
 
-    /// The witness service for the gRPC server.
-    pub fn server(&self) -> Arc<SyncServer> {
-        self.server.clone()
-    }
-
     /// A readiness check: no signed checkpoint has waited for its quorum longer than twice the
-    /// peer timeout (at least 2 s).
+    /// witness timeout (at least 2 s).
     pub fn readiness_check(
         self: &Arc<Self>,
     ) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
         let me = Arc::downgrade(self);
         move || {
             let Some(me) = me.upgrade() else {
-                return Err("region sync stopped".into());
+                return Err("witnessing stopped".into());
             };
             let limit = me.quorum_wait_limit_s();
             match me.quorum_state().1 {
                 Some((size, age_s, holders)) if age_s >= limit => Err(format!(
-                    "region {}: cannot reach quorum: the checkpoint of size {size} has waited {age_s} s and is held by {holders} of the {} regions needed; \
-                     check the peers and the links to them (knhk_sync_peer_circuit)",
-                    me.settings.region, me.settings.quorum
+                    "cannot reach quorum: the checkpoint of size {size} has waited {age_s} s and \
+                     has {holders} of the {} witness cosignatures needed{}",
+                    me.settings.quorum,
+                    me.problem_list()
                 )),
                 _ => Ok(()),
             }
         }
+    }
+
+    fn problem_list(&self) -> String {
+        let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if problems.is_empty() {
+            return String::new();
+        }
+        let mut v: Vec<String> = problems.iter().map(|(w, p)| format!("{w}: {p}")).collect();
+        v.sort();
+        format!("; failing witnesses: {}", v.join("; "))
     }
 
     /// (region, quorum, newest committed size, why quorum is not being reached).
@@ -219,22 +204,19 @@ impl Replicator {
         )
     }
 
-    /// How long a signed checkpoint may wait for quorum before quorum counts as lost, seconds.
     fn quorum_wait_limit_s(&self) -> i64 {
         (self.settings.timeout * 2)
             .max(Duration::from_secs(2))
             .as_secs() as i64
     }
 
-    /// (newest committed size, the oldest signed checkpoint past it: (size, age in s, regions
-    /// holding it)).
+    /// (newest committed size, the oldest signed checkpoint past it: (size, age in s,
+    /// cosignatures)).
     fn quorum_state(&self) -> (u64, Option<(u64, i64, usize)>) {
         let ledger = self.receipts.ledger();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        // Newest first, back to the newest committed one: only the checkpoints still waiting
-        // are read, not the whole history.
         let mut committed = 0;
         let mut waiting = None;
         let scan = ledger.checkpoints_newest_first(|n, c| {
@@ -245,7 +227,7 @@ impl Replicator {
                 return true;
             };
             // A count that cannot be read counts no witness: quorum is never claimed wrongly.
-            let holders = 1 + ledger.cosigner_count(n).unwrap_or(0);
+            let holders = ledger.cosigner_count(n).unwrap_or(0);
             if holders >= self.settings.quorum {
                 committed = body.size;
                 return false;
@@ -254,8 +236,7 @@ impl Replicator {
             true
         });
         if let Err(e) = scan {
-            // The quorum view keeps what it read; readiness then reports the waiting checkpoint.
-            tracing::error!("region sync: reading checkpoints for the quorum view failed: {e}");
+            tracing::error!("witnessing: reading checkpoints for the quorum view failed: {e}");
         }
         self.metrics.committed.set(committed as i64);
         let lost = waiting.is_some_and(|(_, age_s, _)| age_s >= self.quorum_wait_limit_s());
@@ -263,45 +244,48 @@ impl Replicator {
         (committed, waiting)
     }
 
-    async fn channel(
+    async fn tls(
         &self,
         peer: &Peer,
         identity: Option<&crate::identity::Identity>,
-    ) -> Result<tonic::transport::Channel, String> {
-        let addr: SocketAddr = tokio::net::lookup_host(&peer.authority)
-            .await
-            .map_err(|e| format!("{}: cannot resolve {}: {e}", peer.endpoint, peer.authority))?
-            .next()
-            .ok_or_else(|| {
-                format!(
-                    "{}: {} resolves to no address",
-                    peer.endpoint, peer.authority
-                )
-            })?;
+    ) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
         if !peer.tls {
-            return tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| e.to_string())
-                .map(|e| e.timeout(self.settings.timeout).connect_lazy());
+            return Ok(None);
         }
         let identity = identity.ok_or_else(|| {
             format!(
-                "{}: https peers need [spiffe] enabled = true (mTLS)",
+                "{}: https witnesses need [spiffe] enabled = true (mTLS)",
                 peer.endpoint
             )
         })?;
         let source = identity
             .source()
             .await
-            .ok_or_else(|| "no SVID for region sync".to_string())?;
+            .ok_or_else(|| "no SVID for witnessing yet".to_string())?;
         let config = crate::identity::tls::client_config(
             source,
             &identity.settings().accepted_trust_domains(),
             identity.settings().access.region_peers.clone(),
         )?;
-        crate::identity::tls::channel(addr, config)
+        // HTTP/1.1: no ALPN (the witness's server offers h2 for gRPC callers).
+        let mut config = (*config).clone();
+        config.alpn_protocols.clear();
+        Ok(Some(Arc::new(config)))
     }
 
-    async fn replicate(
+    fn set_problem(&self, peer: &str, problem: Option<String>) {
+        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(m) => {
+                p.insert(peer.to_owned(), m);
+            }
+            None => {
+                p.remove(peer);
+            }
+        }
+    }
+
+    async fn push_loop(
         self: Arc<Self>,
         peer: Peer,
         identity: Option<Arc<crate::identity::Identity>>,
@@ -319,11 +303,12 @@ impl Replicator {
         };
         set_circuit(CircuitState::Closed);
         let mut changes = self.receipts.changes();
-        let channel = loop {
-            match self.channel(&peer, identity.as_deref()).await {
+        let tls = loop {
+            match self.tls(&peer, identity.as_deref()).await {
                 Ok(c) => break c,
                 Err(e) => {
-                    tracing::error!(peer = %name, "region sync cannot connect: {e}");
+                    tracing::error!(witness = %name, "witnessing cannot connect: {e}");
+                    self.set_problem(&name, Some(e));
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                         _ = stop.requested() => return,
@@ -331,17 +316,14 @@ impl Replicator {
                 }
             }
         };
-        let mut client = pb::region_sync_client::RegionSyncClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
-        let mut acked: Option<u64> = None;
-        let mut cosigned: u64 = 0;
+        let mut client = WitnessClient::new(peer.clone(), tls, self.settings.timeout);
+        let mut state = PeerState::default();
         let mut backoff = Duration::from_millis(100);
         loop {
             if let Err(wait) = breaker.allow() {
                 set_circuit(breaker.state());
                 if stop.is_requested() {
-                    return; // The peer is down: nothing more to push before the deadline.
+                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -349,20 +331,17 @@ impl Replicator {
                 }
                 continue;
             }
-            let result = self
-                .push_once(&mut client, &name, &mut acked, &mut cosigned)
-                .await;
-            match result {
-                Ok(more) => {
+            match self.push_once(&mut client, &name, &mut state).await {
+                Ok(pushed) => {
                     breaker.success();
                     set_circuit(breaker.state());
+                    self.set_problem(&name, None);
                     backoff = Duration::from_millis(100);
-                    if !more {
+                    if let Pushed::UpToDate = pushed {
                         if stop.is_requested() {
-                            tracing::info!(peer = %name, "region sync caught up and stopped");
+                            tracing::info!(witness = %name, "witnessing caught up and stopped");
                             return;
                         }
-                        // Caught up: wait for new receipts or checkpoints, then let a batch fill.
                         tokio::select! {
                             _ = changes.changed() => {}
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -376,8 +355,9 @@ impl Replicator {
                     breaker.failure();
                     set_circuit(breaker.state());
                     self.metrics.failures.with_label_values(&[&name]).inc();
-                    tracing::warn!(peer = %name, "region sync push failed (retrying in {} ms): {e}", backoff.as_millis());
-                    acked = None;
+                    tracing::warn!(witness = %name, "witness push failed (retrying in {} ms): {e}", backoff.as_millis());
+                    self.set_problem(&name, Some(e));
+                    state.size = None;
                     if stop.is_requested() {
                         return;
                     }
@@ -388,229 +368,272 @@ impl Replicator {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-            self.metrics
-                .acked
-                .with_label_values(&[&name])
-                .set(acked.unwrap_or(0) as i64);
-            // The backlog gauge keeps its last value when the database cannot be read (the
-            // error is logged): 0 would claim the peer is caught up.
-            match self.receipts.ledger().size() {
-                Ok(size) => self
-                    .metrics
-                    .backlog
-                    .with_label_values(&[&name])
-                    .set(size.saturating_sub(acked.unwrap_or(0)) as i64),
-                Err(e) => {
-                    tracing::error!(peer = %name, "region sync: reading the ledger size failed: {e}")
-                }
-            }
             self.quorum_state();
         }
     }
 
-    /// A request that gives up after the configured timeout.
-    fn bounded<T>(&self, message: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(message);
-        r.set_timeout(self.settings.timeout);
-        r
-    }
-
-    /// One push: the next batch, with the newest signed checkpoint it completes. Returns whether
-    /// more is waiting.
-    async fn push_once(
+    /// The witness key for `peer`: pinned, or learned on first contact (and kept in the
+    /// ledger's meta, so a restart does not learn it again).
+    async fn witness_key(
         &self,
-        client: &mut pb::region_sync_client::RegionSyncClient<tonic::transport::Channel>,
+        client: &mut WitnessClient,
         peer: &str,
-        acked: &mut Option<u64>,
-        cosigned: &mut u64,
-    ) -> Result<bool, String> {
-        let region = self.settings.region.clone();
-        if acked.is_none() {
-            let state = client
-                .get_sync_state(self.bounded(pb::GetSyncStateRequest {
-                    origin_region: region.clone(),
-                }))
-                .await
-                .map_err(|s| s.to_string())?
-                .into_inner();
-            *acked = Some(state.stored_size);
-            *cosigned = state.cosigned_size;
-        }
-        let from = acked.unwrap_or(0);
+    ) -> Result<VerifierKey, String> {
+        let meta = format!("witness-key {peer}");
         let ledger = self.receipts.ledger().clone();
-        let batch = self.settings.batch_size;
-        let cosigned_now = *cosigned;
-        let prepared =
-            tokio::task::spawn_blocking(move || prepare(&ledger, from, batch, cosigned_now))
+        let stored = {
+            let meta = meta.clone();
+            tokio::task::spawn_blocking(move || ledger.meta(&meta))
                 .await
-                .map_err(|e| e.to_string())??;
-        let Some((request, number, end, more)) = prepared.map(|(mut r, n, end, more)| {
-            r.origin_region = region.clone();
-            (r, n, end, more)
-        }) else {
-            return Ok(false);
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
         };
-        // The push span; its traceparent goes to the witness, whose verify span joins the trace.
-        let tracer = opentelemetry::global::tracer("knhk-agent");
-        let span = tracer
-            .span_builder(span::KNHK_SYNC_PUSH)
-            .with_kind(SpanKind::Client)
-            .with_attributes([
-                KeyValue::new(attr::KNHK_SYNC_PEER, peer.to_owned()),
-                KeyValue::new(attr::KNHK_SYNC_BATCH_RECEIPTS, request.entries.len() as i64),
-            ])
-            .start(&tracer);
-        let cx = opentelemetry::Context::current().with_span(span);
-        let mut call = self.bounded(request);
-        crate::trace_context::inject(&cx, call.metadata_mut());
-        let pushed = client.push_batch(call).await;
-        if let Err(status) = &pushed {
-            cx.span().set_attribute(KeyValue::new(
-                attr::ERROR_TYPE,
-                format!("{:?}", status.code()).to_lowercase(),
-            ));
-            cx.span().set_status(opentelemetry::trace::Status::error(
-                status.message().to_owned(),
+        let reply = client
+            .call("GET", protocol::WITNESS_KEY, "text/plain", Vec::new())
+            .await?;
+        if reply.status != 200 {
+            return Err(format!(
+                "{} answered {}: {}",
+                protocol::WITNESS_KEY,
+                reply.status,
+                reply.body.trim()
             ));
         }
-        cx.span().end();
-        let response = pushed.map_err(|s| s.to_string())?.into_inner();
-        *acked = Some(response.stored_size);
-        *cosigned = response.cosigned_size;
-        if let (Some(c), Some(number)) = (response.cosignature, number) {
-            let stored = StoredCosignature {
-                region: c.witness_region,
-                node: c.witness_node,
-                key: crate::receipts::KeyRef {
-                    id: c.key_id,
-                    version: c.key_version,
-                },
-                public_key: B64.encode(&c.public_key_der),
-                signature: B64.encode(&c.signature),
-            };
+        let presented = VerifierKey::parse(reply.body.trim())?;
+        let pinned = self.keys.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !self.settings.witness_keys.is_empty() {
+            return pinned
+                .into_iter()
+                .find(|k| *k == presented)
+                .ok_or_else(|| {
+                    format!(
+                        "the witness presents key {presented}, which is not in multi_region.witness_keys"
+                    )
+                });
+        }
+        if let Some(known) = stored.and_then(|b| String::from_utf8(b).ok()) {
+            if known != presented.to_string() {
+                return Err(format!(
+                    "the witness now presents key {presented}, but this node learned {known} on \
+                     first contact; pin the witness keys in multi_region.witness_keys if it was \
+                     rotated on purpose"
+                ));
+            }
+        } else {
+            tracing::info!(witness = %peer, key = %presented, "learned the witness's key on first contact");
             let ledger = self.receipts.ledger().clone();
-            tokio::task::spawn_blocking(move || ledger.put_cosignature(number, &stored))
+            let value = presented.to_string();
+            tokio::task::spawn_blocking(move || ledger.put_meta(&meta, value.as_bytes()))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
         }
-        Ok(more || response.stored_size < end)
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(presented.clone());
+        Ok(presented)
+    }
+
+    async fn register(&self, client: &mut WitnessClient) -> Result<(), String> {
+        let ledger = self.receipts.ledger().clone();
+        let keys = tokio::task::spawn_blocking(move || ledger.keys())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(&protocol::LogKeys {
+            origin: self.receipts.ledger().origin().to_owned(),
+            keys,
+        })
+        .map_err(|e| e.to_string())?;
+        let reply = client
+            .call("POST", protocol::LOG_KEYS, "application/json", body)
+            .await?;
+        if reply.status != 200 {
+            return Err(format!(
+                "registering this node's keys: {} {}",
+                reply.status,
+                reply.body.trim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// One push: the newest signed checkpoint, unless this witness cosigned it already.
+    async fn push_once(
+        &self,
+        client: &mut WitnessClient,
+        peer: &str,
+        state: &mut PeerState,
+    ) -> Result<Pushed, String> {
+        let witness_key = match &state.key {
+            Some(k) => k.clone(),
+            None => {
+                let k = self.witness_key(client, peer).await?;
+                state.key = Some(k.clone());
+                k
+            }
+        };
+        let ledger = self.receipts.ledger().clone();
+        let newest = tokio::task::spawn_blocking(move || newest_signed(&ledger))
+            .await
+            .map_err(|e| e.to_string())??;
+        let Some((number, stored, body)) = newest else {
+            return Ok(Pushed::UpToDate);
+        };
+        if state.cosigned >= body.size && state.cosigned_number == Some(number) {
+            return Ok(Pushed::UpToDate);
+        }
+        let public = self.receipts.public_key_of(&body.key).await?;
+        let signature = B64
+            .decode(stored.signature.as_deref().unwrap_or_default())
+            .map_err(|e| format!("stored signature of checkpoint {number}: {e}"))?;
+        let note_text = note::render(
+            &stored.body,
+            &[note::log_signature_line(&body.origin, &public, &signature)],
+        );
+        // At most a few rounds: learn the witness's size, register keys, push.
+        for _ in 0..4 {
+            let old = state.size.unwrap_or(0);
+            if old > body.size {
+                return Err(format!(
+                    "the witness holds size {old} for this log, more than this node's newest \
+                     checkpoint ({}): the ledger was restored from an older copy",
+                    body.size
+                ));
+            }
+            let proof = if old == 0 || old == body.size {
+                Vec::new()
+            } else {
+                let ledger = self.receipts.ledger().clone();
+                let size = body.size;
+                tokio::task::spawn_blocking(move || ledger.consistency_proof(old, size))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+            };
+            let request = protocol::AddCheckpoint {
+                old,
+                proof,
+                note: note_text.clone(),
+            };
+            let reply = self.traced_push(client, peer, request).await?;
+            match reply.status {
+                200 => {
+                    let line = SignatureLine::parse(reply.body.trim_end_matches('\n'))?;
+                    let c = Cosignature::from_line(&line)?;
+                    if !c.verify(&stored.body, &witness_key) {
+                        return Err(format!(
+                            "the cosignature does not verify with the witness key {witness_key}"
+                        ));
+                    }
+                    let record = StoredCosignature {
+                        witness_key: witness_key.to_string(),
+                        line: line.encode(),
+                    };
+                    let ledger = self.receipts.ledger().clone();
+                    tokio::task::spawn_blocking(move || ledger.put_cosignature(number, &record))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    state.size = Some(body.size);
+                    state.cosigned = body.size;
+                    state.cosigned_number = Some(number);
+                    self.metrics
+                        .cosigned
+                        .with_label_values(&[peer])
+                        .set(body.size as i64);
+                    return Ok(Pushed::Cosigned);
+                }
+                409 if reply.content_type.starts_with(protocol::SIZE_CONTENT_TYPE) => {
+                    state.size = Some(reply.body.trim().parse().map_err(|_| {
+                        format!("the witness's size {:?} is not a number", reply.body.trim())
+                    })?);
+                }
+                404 | 403 if !state.registered => {
+                    self.register(client).await?;
+                    state.registered = true;
+                }
+                status => {
+                    state.registered = false;
+                    return Err(format!("add-checkpoint: {status} {}", reply.body.trim()));
+                }
+            }
+        }
+        Err("add-checkpoint: no agreement with the witness after 4 rounds".into())
+    }
+
+    async fn traced_push(
+        &self,
+        client: &mut WitnessClient,
+        peer: &str,
+        request: protocol::AddCheckpoint,
+    ) -> Result<client::Reply, String> {
+        let tracer = opentelemetry::global::tracer("knhk-agent");
+        let span = tracer
+            .span_builder(span::KNHK_SYNC_PUSH)
+            .with_kind(SpanKind::Client)
+            .with_attributes([KeyValue::new(attr::KNHK_SYNC_PEER, peer.to_owned())])
+            .start(&tracer);
+        let cx = opentelemetry::Context::current().with_span(span);
+        let reply = client
+            .call(
+                "POST",
+                protocol::ADD_CHECKPOINT,
+                "text/plain",
+                request.encode().into_bytes(),
+            )
+            .await;
+        match &reply {
+            Err(e) => {
+                cx.span()
+                    .set_attribute(KeyValue::new(attr::ERROR_TYPE, "transport"));
+                cx.span()
+                    .set_status(opentelemetry::trace::Status::error(e.clone()));
+            }
+            Ok(r) if r.status != 200 => {
+                cx.span()
+                    .set_attribute(KeyValue::new(attr::ERROR_TYPE, r.status.to_string()));
+            }
+            Ok(_) => {}
+        }
+        cx.span().end();
+        reply
     }
 }
 
-type Prepared = Option<(pb::PushBatchRequest, Option<u64>, u64, bool)>;
-
-/// The next batch from `from`: receipts, the key history, and the newest signed checkpoint the
-/// peer will fully hold after it (with the consistency proof from `cosigned`). `None`: nothing
-/// to send.
-fn prepare(
-    ledger: &crate::receipts::Ledger,
-    from: u64,
-    batch: usize,
+/// What the node knows of one witness.
+#[derive(Default)]
+struct PeerState {
+    /// The size the witness holds for this log (`None`: unknown, learned from a 409).
+    size: Option<u64>,
+    /// The newest checkpoint it cosigned: size and number.
     cosigned: u64,
-) -> Result<Prepared, String> {
-    let size = ledger.size().map_err(|e| e.to_string())?;
-    let entries: Vec<pb::Entry> = ledger
-        .receipts(from, batch)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|(r, payload)| pb::Entry {
-            seq: r.seq,
-            encoding: r.encode(),
-            // A compacted payload travels empty; the header's hash still covers it.
-            payload: payload.unwrap_or_default(),
-        })
-        .collect();
-    let end = from + entries.len() as u64;
-    // The newest signed checkpoint the peer will fully hold, if it is newer than the one it
-    // cosigned; read newest first, so only recent checkpoints are decoded.
-    let mut checkpoint = None;
+    cosigned_number: Option<u64>,
+    /// The witness's verifier key.
+    key: Option<VerifierKey>,
+    /// Whether this node's keys were registered since the last failure.
+    registered: bool,
+}
+
+/// The newest signed checkpoint: (number, stored, body).
+fn newest_signed(
+    ledger: &crate::receipts::Ledger,
+) -> Result<Option<(u64, StoredCheckpoint, CheckpointBody)>, String> {
+    let mut found = None;
     ledger
         .checkpoints_newest_first(|n, c| {
             if c.signature.is_none() {
                 return true;
             }
-            let Ok(b) = CheckpointBody::decode(&c.body) else {
-                return true;
-            };
-            if b.size > end {
-                return true;
+            match CheckpointBody::decode(&c.body) {
+                Ok(b) => {
+                    found = Some((n, c, b));
+                    false
+                }
+                Err(_) => true,
             }
-            if b.size > cosigned {
-                checkpoint = Some((n, c, b));
-            }
-            false
         })
         .map_err(|e| e.to_string())?;
-    if entries.is_empty() && checkpoint.is_none() {
-        return Ok(None);
-    }
-    // Our own stored key records: one that does not decode is corruption, reported rather than
-    // sent to peers as an empty key (which they would refuse without saying why).
-    let corrupt =
-        |what: &str, e: base64::DecodeError| format!("stored {what} does not decode: {e}");
-    let mut keys = Vec::new();
-    for k in ledger.keys().map_err(|e| e.to_string())? {
-        keys.push(pb::KeyRecord {
-            public_key_der: B64
-                .decode(&k.public_key)
-                .map_err(|e| corrupt(&format!("public key of {}", k.key), e))?,
-            transition_statement: k
-                .transition
-                .as_ref()
-                .map(|t| t.0.clone())
-                .unwrap_or_default(), // The first key has no transition.
-            transition_signature: match &k.transition {
-                Some((_, sig)) => B64
-                    .decode(sig)
-                    .map_err(|e| corrupt(&format!("transition signature of {}", k.key), e))?,
-                None => Vec::new(),
-            },
-            key_id: k.key.id,
-            key_version: k.key.version,
-            since_unix_nanos: k.since_ns,
-        });
-    }
-    let (number, checkpoint, proof) = match checkpoint {
-        Some((n, c, b)) => {
-            let proof = if cosigned > 0 && cosigned < b.size {
-                ledger
-                    .consistency_proof(cosigned, b.size)
-                    .map_err(|e| e.to_string())?
-            } else {
-                Vec::new()
-            };
-            // Only signed checkpoints are pushed; a stored signature that does not decode is
-            // corruption, reported.
-            let sig = match c.signature.as_deref() {
-                Some(s) => B64
-                    .decode(s)
-                    .map_err(|e| corrupt(&format!("signature of checkpoint {n}"), e))?,
-                None => Vec::new(),
-            };
-            (
-                Some(n),
-                Some(pb::SignedCheckpoint {
-                    number: n,
-                    body: c.body,
-                    signature: sig,
-                }),
-                proof,
-            )
-        }
-        None => (None, None, Vec::new()),
-    };
-    Ok(Some((
-        pb::PushBatchRequest {
-            origin_region: String::new(),
-            entries,
-            keys,
-            checkpoint,
-            consistency_proof: proof.iter().map(|h| h.to_vec()).collect(),
-            proof_from_size: cosigned,
-        },
-        number,
-        end,
-        end < size,
-    )))
+    Ok(found)
 }

@@ -7,19 +7,20 @@ use std::time::Duration;
 pub struct SyncSettings {
     /// This region.
     pub region: String,
-    /// Peer endpoints.
+    /// Witness endpoints.
     pub peers: Vec<Peer>,
-    /// Regions (this one included) that must hold a checkpoint for it to be committed.
+    /// Witness cosignatures a checkpoint needs to be committed.
     pub quorum: usize,
-    /// Receipts per batch.
-    pub batch_size: usize,
-    /// How long to wait for more receipts before sending a partial batch.
+    /// Pinned witness keys (C2SP verifier keys); empty: each witness's key is learned on first
+    /// contact and kept.
+    pub witness_keys: Vec<crate::note::VerifierKey>,
+    /// How long to wait after new checkpoints before pushing (lets a burst settle).
     pub linger: Duration,
     /// Per-call timeout.
     pub timeout: Duration,
 }
 
-/// A peer region's endpoint.
+/// A witness's endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// As configured.
@@ -59,14 +60,13 @@ impl SyncSettings {
                 tls,
             });
         }
-        let regions = peers.len() + 1;
-        let quorum = m.quorum.unwrap_or(regions / 2 + 1);
-        if quorum == 0 || quorum > regions {
+        let witnesses = peers.len();
+        let quorum = m.quorum.unwrap_or(witnesses / 2 + 1);
+        if quorum == 0 || (witnesses > 0 && quorum > witnesses) {
             return Err(bad(
                 "quorum",
                 format!(
-                    "{quorum} is out of range (1-{regions}: this region and its {} peers)",
-                    peers.len()
+                    "{quorum} is out of range (1-{witnesses}: witness cosignatures, one per witness in receipt_sync_endpoints)"
                 ),
             ));
         }
@@ -77,17 +77,35 @@ impl SyncSettings {
                 format!("{batch_size} is out of range (1-10000)"),
             ));
         }
+        let mut witness_keys = Vec::new();
+        for (i, k) in m.witness_keys.iter().flatten().enumerate() {
+            let key = crate::note::VerifierKey::parse(k)
+                .map_err(|e| bad(&format!("witness_keys[{i}]"), e))?;
+            if key.alg != crate::note::ALG_COSIGNATURE_V1 {
+                return Err(bad(
+                    &format!("witness_keys[{i}]"),
+                    "is not a witness cosignature key (type 0x04)".into(),
+                ));
+            }
+            witness_keys.push(key);
+        }
         if m.cross_region_sync_enabled != Some(true) {
             return Ok(None);
         }
         let region = m.region.clone().filter(|r| valid_region(r)).ok_or_else(|| {
             bad("region", "is required with cross_region_sync_enabled: letters, digits, '-', '_' (e.g. \"eu-west-1\")".into())
         })?;
+        if peers.is_empty() {
+            return Err(bad(
+                "receipt_sync_endpoints",
+                "is empty: cross_region_sync_enabled needs at least one witness endpoint".into(),
+            ));
+        }
         Ok(Some(SyncSettings {
             region,
             peers,
             quorum,
-            batch_size,
+            witness_keys,
             linger: Duration::from_millis(m.batch_linger_ms.unwrap_or(20)),
             timeout: Duration::from_millis(m.timeout_ms.unwrap_or(5000)),
         }))
