@@ -413,6 +413,34 @@ fn kernel_pod_metrics_attribute_connects_to_their_pods() {
         Some(0),
         "{body}"
     );
+    // A new generation that keeps the rule keeps its pods' counters.
+    let policy = s.dir.path().join("next.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}[[policy.rules]]\nname = \"other\"\naction = \"allow\"\ncidrs = [\"192.0.2.0/24\"]\n",
+            deny_rule(target.port())
+        ),
+    )
+    .expect("write the policy");
+    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["policy", "apply"])
+        .arg(&policy)
+        .args(["--endpoint", &agent.endpoint()])
+        .output()
+        .expect("policy apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s.ctr.connect_from(&api, target.port());
+    assert!(denied(&out), "{out:?}");
+    let body = agent.get("/metrics");
+    assert_eq!(metric(&body, "knhk_policy_generation"), Some(2), "{body}");
+    assert_eq!(metric(&body, &series("api")), Some(4), "{body}");
+    assert_eq!(metric(&body, &series("api2")), Some(5), "{body}");
+    assert_eq!(metric(&body, &rule_total), Some(9), "{body}");
     // The deleted pod's series go; its hits stay in the rule's total, the other pod's stay its own.
     s.ctr.remove_pod(&api);
     wait_until(
@@ -424,7 +452,7 @@ fn kernel_pod_metrics_attribute_connects_to_their_pods() {
     assert!(denied(&out), "{out:?}");
     let body = agent.get("/metrics");
     assert_eq!(metric(&body, &series("api2")), Some(6), "{body}");
-    assert_eq!(metric(&body, &rule_total), Some(9), "{body}");
+    assert_eq!(metric(&body, &rule_total), Some(10), "{body}");
     assert_eq!(
         metric(&body, "knhk_pod_rule_counters{state=\"attributed\"}"),
         Some(1),
