@@ -351,6 +351,115 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
     assert_eq!(hits("(unknown pod)"), 0, "{v}");
 }
 
+/// The value of the `/metrics` series `series` (name and labels exactly as exposed), if any.
+fn metric(body: &str, series: &str) -> Option<u64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn kernel_pod_metrics_attribute_connects_to_their_pods() {
+    let name = "kernel_pod_metrics_attribute_connects_to_their_pods";
+    if !kernel_available(name) || !containerd_available(name) {
+        return;
+    }
+    let target = tcp_sink("127.0.0.1:0");
+    let mut s = Scene::new("podmetrics");
+    // Two pods the one selector rule selects, one it does not.
+    let api = s.pod("payments", "api", &[("app", "api"), ("tier", "web")]);
+    let api2 = s.pod("payments", "api2", &[("app", "api")]);
+    let worker = s.pod("payments", "worker", &[("app", "worker")]);
+    let agent = s.agent("allow", target.port());
+    let rule = "payments-api-no-db";
+    let series = |pod: &str| {
+        format!(
+            "knhk_pod_rule_hits_total{{namespace=\"payments\",pod=\"{pod}\",rule=\"{rule}\",action=\"deny\"}}"
+        )
+    };
+    let rule_total = format!("knhk_rule_hits_total{{rule=\"{rule}\"}}");
+    // Each pod connects its own number of times, from inside (ExecSync).
+    for (pod, times) in [(&api, 3), (&api2, 5), (&worker, 2)] {
+        for i in 0..times {
+            let out = s.ctr.connect_from(pod, target.port());
+            assert_eq!(
+                denied(&out),
+                pod.name != "worker",
+                "{}/{} connect {i}: {out:?}",
+                pod.namespace,
+                pod.name
+            );
+        }
+    }
+    let body = agent.get("/metrics");
+    assert_eq!(metric(&body, &series("api")), Some(3), "{body}");
+    assert_eq!(metric(&body, &series("api2")), Some(5), "{body}");
+    assert_eq!(metric(&body, &rule_total), Some(8), "{body}");
+    assert!(
+        !body.contains("pod=\"worker\""),
+        "the unselected pod has no series: {body}"
+    );
+    assert_eq!(
+        metric(&body, "knhk_pod_rule_counters{state=\"attributed\"}"),
+        Some(2),
+        "{body}"
+    );
+    assert_eq!(
+        metric(&body, "knhk_pod_rule_counters{state=\"unattributed\"}"),
+        Some(0),
+        "{body}"
+    );
+    // A new generation that keeps the rule keeps its pods' counters.
+    let policy = s.dir.path().join("next.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}[[policy.rules]]\nname = \"other\"\naction = \"allow\"\ncidrs = [\"192.0.2.0/24\"]\n",
+            deny_rule(target.port())
+        ),
+    )
+    .expect("write the policy");
+    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["policy", "apply"])
+        .arg(&policy)
+        .args(["--endpoint", &agent.endpoint()])
+        .output()
+        .expect("policy apply");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s.ctr.connect_from(&api, target.port());
+    assert!(denied(&out), "{out:?}");
+    let body = agent.get("/metrics");
+    assert_eq!(metric(&body, "knhk_policy_generation"), Some(2), "{body}");
+    assert_eq!(metric(&body, &series("api")), Some(4), "{body}");
+    assert_eq!(metric(&body, &series("api2")), Some(5), "{body}");
+    assert_eq!(metric(&body, &rule_total), Some(9), "{body}");
+    // The deleted pod's series go; its hits stay in the rule's total, the other pod's stay its own.
+    s.ctr.remove_pod(&api);
+    wait_until(
+        "the deleted pod's series are gone",
+        Duration::from_secs(10),
+        || !agent.get("/metrics").contains("pod=\"api\""),
+    );
+    let out = s.ctr.connect_from(&api2, target.port());
+    assert!(denied(&out), "{out:?}");
+    let body = agent.get("/metrics");
+    assert_eq!(metric(&body, &series("api2")), Some(6), "{body}");
+    assert_eq!(metric(&body, &rule_total), Some(10), "{body}");
+    assert_eq!(
+        metric(&body, "knhk_pod_rule_counters{state=\"attributed\"}"),
+        Some(1),
+        "{body}"
+    );
+}
+
 /// Percentiles of `v` (ms), sorted in place.
 fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -55,6 +55,24 @@ pub const METRICS: &[MetricDef] = &[
         otlp: true,
     },
     MetricDef {
+        name: "knhk.pod.rule.hits",
+        prometheus: "knhk_pod_rule_hits_total",
+        instrument: Instrument::Counter,
+        unit: "{connect}",
+        brief: "connect() calls decided by a selector rule, by the pod (namespace, name) they came from: pods with at least one hit, while they run.",
+        labels: &[("action", "knhk.decision.action"), ("namespace", "k8s.namespace.name"), ("pod", "knhk.workload.pod"), ("rule", "knhk.rule.name")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.pod.rule.counters",
+        prometheus: "knhk_pod_rule_counters",
+        instrument: Instrument::Gauge,
+        unit: "{counter}",
+        brief: "Expansions of selector rules (rule x selected pod or container) with a hit counter of their own (attributed) and without (unattributed: their hits count on the rule only).",
+        labels: &[("state", "knhk.pod_counter.state")],
+        otlp: true,
+    },
+    MetricDef {
         name: "knhk.connect.unmatched",
         prometheus: "knhk_unmatched_connects_total",
         instrument: Instrument::Counter,
@@ -683,6 +701,8 @@ pub mod attr {
     pub const ERROR_TYPE: &str = "error.type";
     /// `host.name`: OpenTelemetry semantic conventions v1.34.0
     pub const HOST_NAME: &str = "host.name";
+    /// `k8s.namespace.name`: OpenTelemetry semantic conventions v1.34.0
+    pub const K8S_NAMESPACE_NAME: &str = "k8s.namespace.name";
     /// `k8s.node.name`: OpenTelemetry semantic conventions v1.34.0
     pub const K8S_NODE_NAME: &str = "k8s.node.name";
     /// `k8s.pod.name`: OpenTelemetry semantic conventions v1.34.0
@@ -707,6 +727,8 @@ pub mod attr {
     pub const KNHK_KMS_PROVIDER: &str = "knhk.kms.provider";
     /// `knhk.latency.source`: Which latency signal a class SLO follows.
     pub const KNHK_LATENCY_SOURCE: &str = "knhk.latency.source";
+    /// `knhk.pod_counter.state`: Whether an expansion of a selector rule has a hit counter of its own.
+    pub const KNHK_POD_COUNTER_STATE: &str = "knhk.pod_counter.state";
     /// `knhk.policy.cause`: Why a policy was switched in.
     pub const KNHK_POLICY_CAUSE: &str = "knhk.policy.cause";
     /// `knhk.policy.digest`: Canonical digest of a policy document (versioned encoding).
@@ -747,6 +769,8 @@ pub mod attr {
     pub const KNHK_VERDICT_EVENT_OUTCOME: &str = "knhk.verdict_event.outcome";
     /// `knhk.witness.refusal`: Why a witness refused a request.
     pub const KNHK_WITNESS_REFUSAL: &str = "knhk.witness.refusal";
+    /// `knhk.workload.pod`: Name of the pod a connect came from (its namespace is k8s.namespace.name). Not k8s.pod.name, which the resource carries for the agent's own pod.
+    pub const KNHK_WORKLOAD_POD: &str = "knhk.workload.pod";
     /// `network.transport`: OpenTelemetry semantic conventions v1.34.0
     pub const NETWORK_TRANSPORT: &str = "network.transport";
     /// `rpc.method`: OpenTelemetry semantic conventions v1.34.0

@@ -32,6 +32,7 @@ pub const STANDARD: &[(&str, &str)] = &[
     ("service.instance.id", "string"),
     ("k8s.node.name", "string"),
     ("k8s.pod.name", "string"),
+    ("k8s.namespace.name", "string"),
     ("cloud.region", "string"),
     ("host.name", "string"),
 ];

@@ -797,20 +797,27 @@ impl RawConfig {
                 .map(|(i, _)| (i, std::iter::once(any_pod.clone()).collect()))
                 .collect(),
             guard: None,
+            owners: Default::default(),
         };
         let scopes = crate::policy::scopes_of(&rules, &bindings);
         for scope in std::iter::once(None).chain(scopes.iter().map(Some)) {
-            crate::policy::compile_scope(&rules, &bindings, scope, &[], agent.default_class)
-                .map_err(|e| {
-                    let first = match &e {
-                        crate::policy::CompileError::LeafOverflow { rules: names, .. } => {
-                            names.split(", ").next().and_then(rule_line)
-                        }
-                        crate::policy::CompileError::TooLarge { .. } => None,
-                    };
-                    let (index, pos) = first.unwrap_or((0, policy_pos));
-                    err(pos, format!("policy.rules[{index}]"), e.to_string())
-                })?;
+            crate::policy::compile_scope(
+                &rules,
+                &bindings,
+                scope,
+                &Default::default(),
+                agent.default_class,
+            )
+            .map_err(|e| {
+                let first = match &e {
+                    crate::policy::CompileError::LeafOverflow { rules: names, .. } => {
+                        names.split(", ").next().and_then(rule_line)
+                    }
+                    crate::policy::CompileError::TooLarge { .. } => None,
+                };
+                let (index, pos) = first.unwrap_or((0, policy_pos));
+                err(pos, format!("policy.rules[{index}]"), e.to_string())
+            })?;
         }
         let beat = slo
             .as_ref()

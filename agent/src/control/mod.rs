@@ -908,9 +908,9 @@ impl Controller {
         let counters = self
             .status
             .read()
-            .map(|s| s.rule_counters.clone())
-            .unwrap_or_else(|_| std::sync::Arc::from([]));
-        self.reader.ranked_rule_hits(&counters, None)
+            .map(|s| (s.rule_counters.clone(), s.pod_counters.clone()))
+            .unwrap_or_else(|_| (std::sync::Arc::from([]), std::sync::Arc::from([])));
+        self.reader.ranked_rule_hits(&counters.0, &counters.1, None)
     }
 
     /// Latency per class against the `[slo]` ceilings (map reads on a blocking thread).
@@ -1037,8 +1037,9 @@ fn spawn_verdict_pump(
     }
     .map_err(|e| ControlError::Internal(format!("watching the verdict ring: {e}")))?;
     tokio::spawn(async move {
-        // Rule names of the generation last seen: (generation, counter id -> name).
-        let mut names: (u64, HashMap<u32, String>) = (u64::MAX, HashMap::new());
+        // Rule names of the generation and pod expansions last seen: ((generation, pod
+        // counters), counter id -> name).
+        let mut names: ((u64, usize), HashMap<u32, String>) = ((u64::MAX, 0), HashMap::new());
         loop {
             let mut ready = match fd.readable_mut().await {
                 Ok(r) => r,
@@ -1051,13 +1052,24 @@ fn spawn_verdict_pump(
                 return;
             };
             if let Ok(status) = ctl.status.read() {
-                if status.generation != names.0 {
+                let seen = (
+                    status.generation,
+                    std::sync::Arc::as_ptr(&status.pod_counters) as *const u8 as usize,
+                );
+                if seen != names.0 {
                     names = (
-                        status.generation,
+                        seen,
                         status
                             .rule_counters
                             .iter()
                             .map(|(n, c)| (*c, n.clone()))
+                            .chain(status.pod_counters.iter().filter_map(|p| {
+                                // A selector rule's expansions name their rule.
+                                status
+                                    .rule_counters
+                                    .get(p.rule)
+                                    .map(|(n, _)| (p.id, n.clone()))
+                            }))
                             .collect(),
                     );
                 }

@@ -157,6 +157,11 @@ impl Datapath {
                             l.rule_counters
                                 .iter()
                                 .find(|(_, c)| *c == e.counter)
+                                .or_else(|| {
+                                    // A selector rule's expansion counts on its own counter.
+                                    let p = l.pod_counters.iter().find(|p| p.id == e.counter)?;
+                                    l.rule_counters.get(p.rule)
+                                })
                                 .map(|(n, _)| n.clone())
                         });
                         rule_action = abi::decision_name(e.action);

@@ -16,7 +16,18 @@ impl Datapath {
         let mut changes = Vec::new();
         if let Some(live) = self.live.clone() {
             let beside = self.candidate_rule_names();
-            let live = self.rebind(self.active_slot(), live, &beside, &mut changes)?;
+            let beside_pods = self
+                .candidate
+                .as_ref()
+                .map(|c| c.live.pod_keys())
+                .unwrap_or_default();
+            let live = self.rebind(
+                self.active_slot(),
+                live,
+                &beside,
+                &beside_pods,
+                &mut changes,
+            )?;
             self.live = Some(live);
         }
         if let Some(c) = self.candidate.clone() {
@@ -25,7 +36,8 @@ impl Datapath {
                 .as_ref()
                 .map(|l| l.rule_counters.iter().map(|(n, _)| n.clone()).collect())
                 .unwrap_or_default();
-            let live = self.rebind(c.slot, c.live, &beside, &mut changes)?;
+            let beside_pods = self.live.as_ref().map(Live::pod_keys).unwrap_or_default();
+            let live = self.rebind(c.slot, c.live, &beside, &beside_pods, &mut changes)?;
             if let Some(c) = self.candidate.as_mut() {
                 c.live = live;
             }
@@ -39,37 +51,73 @@ impl Datapath {
 
     /// Re-binds one generation's selector rules (in `slot`) to the current inventory: scopes
     /// that are no longer needed lose their entries (in `slot` and retired slots), tables the
-    /// new bindings change are rewritten in place. `beside`: the other generation's rule names,
-    /// whose counters stay assigned.
+    /// new bindings change are rewritten in place. `beside` and `beside_pods`: the other
+    /// generation's rule names and pod expansions, whose counters stay assigned. Each new
+    /// expansion gets its own hit counter; the counts of expansions gone are folded into their
+    /// rule's counter.
     fn rebind(
         &mut self,
         slot: u32,
         mut live: Live,
         beside: &[String],
+        beside_pods: &[(String, CgroupPath)],
         changes: &mut Vec<ScopeChange>,
     ) -> Result<Live, DatapathError> {
         let bindings = bind(&live.policy.rules, self.inventory.as_deref());
         if bindings == *live.bindings {
             return Ok(live);
         }
-        if bindings.guard.is_some() && live.counters.len() == live.policy.rules.len() {
+        let mut counters = self.counters.clone();
+        let mut rule_ids = live.counters.rules.clone();
+        let mut fresh = Vec::new();
+        if bindings.guard.is_some() && rule_ids.len() == live.policy.rules.len() {
             // The guard was bound after the policy went live: give it its counter.
-            let mut counters = self.counters.clone();
             let own = switch::counter_names(&live.policy, &bindings).count();
-            let (mut ids, fresh) = counters.assign(
+            let (mut ids, new) = counters.assign(
                 switch::counter_names(&live.policy, &bindings)
                     .chain(beside.iter().map(String::as_str)),
             )?;
             ids.truncate(own);
-            for id in &fresh {
-                self.set_rule_hits(*id, 0);
-            }
-            self.counters = counters;
+            fresh = new;
             live.rule_counters = switch::counter_names(&live.policy, &bindings)
                 .zip(&ids)
                 .map(|(n, c)| (n.to_owned(), *c))
                 .collect();
-            live.counters = ids.into();
+            rule_ids = ids;
+        }
+        let pods = counters.assign_pods(
+            switch::pod_keys(&live.policy, &bindings)
+                .chain(beside_pods.iter().map(|(n, p)| (n.as_str(), p))),
+        );
+        fresh.extend(&pods.fresh);
+        for id in &fresh {
+            self.set_rule_hits(*id, 0);
+        }
+        self.counters = counters;
+        let (new_counters, pod_counters) =
+            switch::counters_of(&live.policy, &bindings, rule_ids, &self.counters);
+        // Park targets are keyed by counter: new expansions of rules with `park_to` get theirs
+        // before a table counts on them.
+        let candidate = self.candidate.as_ref().is_some_and(|c| c.slot == slot);
+        for p in pod_counters.iter() {
+            let Some(addr) = live.policy.rules.get(p.rule).and_then(|r| r.park_to) else {
+                continue;
+            };
+            self.park
+                .insert(p.id, park_target(addr), 0)
+                .map_err(map_err("insert", map_names::PARK))?;
+            match self.candidate.as_mut().filter(|_| candidate) {
+                Some(c) => c.parked.insert(p.id),
+                None => self.parked.insert(p.id),
+            };
+        }
+        if pods.unattributed > live.unattributed {
+            warn!(
+                unattributed = pods.unattributed,
+                max = MAX_POD_COUNTERS,
+                "more selector-rule expansions than pod hit counters: the hits of {} expansions count on their rule only, without namespace/pod",
+                pods.unattributed
+            );
         }
         let scopes: Vec<CgroupPath> = scopes_of(&live.policy.rules, &bindings);
         let keep: std::collections::BTreeSet<&CgroupPath> = scopes.iter().collect();
@@ -90,8 +138,8 @@ impl Datapath {
         }
         // Scopes whose table the new bindings change: rewritten in place.
         for (path, r) in &live.resolved {
-            if crate::policy::scope_signature(&live.bindings, path)
-                == crate::policy::scope_signature(&bindings, path)
+            if crate::policy::scope_signature(&live.bindings, &live.counters, path)
+                == crate::policy::scope_signature(&bindings, &new_counters, path)
             {
                 continue;
             }
@@ -99,13 +147,26 @@ impl Datapath {
                 &live.policy.rules,
                 &bindings,
                 Some(path),
-                &live.counters,
+                &new_counters,
                 live.policy.default_class,
             )?;
             self.rewrite_table(slot, r.id, &table)?;
         }
         live.scopes = scopes.into();
         live.bindings = Arc::new(bindings);
+        live.counters = Arc::new(new_counters);
+        live.pod_counters = pod_counters.into();
+        live.unattributed = pods.unattributed;
+        // The released expansions' scopes are gone: their counts go to their rules, their
+        // park targets go.
+        self.fold_released(&pods.released);
+        for (id, _) in &pods.released {
+            let in_live = self.parked.remove(id);
+            let in_candidate = self.candidate.as_mut().is_some_and(|c| c.parked.remove(id));
+            if in_live || in_candidate {
+                ignore_missing(self.park.remove(id)).map_err(map_err("remove", map_names::PARK))?;
+            }
+        }
         Ok(live)
     }
 

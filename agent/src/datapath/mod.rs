@@ -43,10 +43,10 @@ pub use explain::Explanation;
 pub use follow::{Follower, RESYNC_EVERY};
 pub use split::Workload;
 use switch::CounterIds;
-pub use switch::Prepared;
+pub use switch::{Prepared, MAX_POD_COUNTERS};
 
 pub use reader::{
-    protocol_name, DatapathReader, Decisions, HeatCursor, HeatEntry, LatencyHistogram,
+    protocol_name, DatapathReader, Decisions, HeatCursor, HeatEntry, LatencyHistogram, PodRuleHits,
 };
 
 use crate::{
@@ -300,6 +300,25 @@ pub enum ScopeChange {
     },
 }
 
+/// The hit counter of one expansion of a selector rule: the rule's entries in the scope of one
+/// pod (or, with `container`, one container) it selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCounter {
+    /// Index of the rule in the policy (and in [`DatapathStatus::rule_counters`]).
+    pub rule: usize,
+    /// The rule's action as the mode applies it (`allow`, `deny`, or `audit`, which a deny
+    /// becomes in audit mode).
+    pub action: &'static str,
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The bound cgroup (the pod's, or the selected container's).
+    pub cgroup: CgroupPath,
+    /// Counter id.
+    pub id: u32,
+}
+
 /// A snapshot of the datapath for status output and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct DatapathStatus {
@@ -313,6 +332,12 @@ pub struct DatapathStatus {
     pub cgroup_root: PathBuf,
     /// Hit counter of each rule of the live policy, by name (shared with the datapath).
     pub rule_counters: Arc<[(String, u32)]>,
+    /// Hit counter of each expansion of a selector rule that has one (a rule's total is its
+    /// own counter plus these).
+    pub pod_counters: Arc<[PodCounter]>,
+    /// Expansions of selector rules without a counter of their own (past
+    /// [`MAX_POD_COUNTERS`]): their hits count on their rule only.
+    pub pods_unattributed: usize,
     /// Rule cgroups that exist.
     pub active_scopes: Vec<CgroupPath>,
     /// Rule cgroups that do not exist yet.
@@ -340,14 +365,32 @@ struct ScopeKeys {
 #[derive(Debug, Clone)]
 struct Live {
     policy: Arc<Policy>,
-    counters: Arc<[u32]>,
+    counters: Arc<crate::policy::Counters>,
     /// (rule name, counter id), for metrics and status.
     rule_counters: Arc<[(String, u32)]>,
+    /// The selector rules' expansions that have counters of their own.
+    pod_counters: Arc<[PodCounter]>,
+    /// Expansions without one.
+    unattributed: usize,
     /// Where the policy's selector rules apply now (from the workload inventory).
     bindings: Arc<Bindings>,
     /// Every cgroup with a scope of its own: the rule cgroups and the bound workloads'.
     scopes: Arc<[CgroupPath]>,
     resolved: BTreeMap<CgroupPath, CgroupRef>,
+}
+
+impl Live {
+    /// The expansion keys (rule name, bound cgroup) that have counters.
+    fn pod_keys(&self) -> Vec<(String, CgroupPath)> {
+        self.pod_counters
+            .iter()
+            .filter_map(|p| {
+                self.rule_counters
+                    .get(p.rule)
+                    .map(|(n, _)| (n.clone(), p.cgroup.clone()))
+            })
+            .collect()
+    }
 }
 
 /// A cached union of rule cgroups, keyed by the addresses of the two lists it was made of.
@@ -456,24 +499,29 @@ impl Datapath {
     /// A snapshot for status output and metrics.
     pub fn status(&self) -> DatapathStatus {
         let active = self.active_slot() as usize;
-        let (rule_counters, active_scopes, pending_scopes) = match &self.live {
-            Some(live) => (
-                live.rule_counters.clone(),
-                live.resolved.keys().cloned().collect(),
-                live.scopes
-                    .iter()
-                    .filter(|p| !live.resolved.contains_key(*p))
-                    .cloned()
-                    .collect(),
-            ),
-            None => (Arc::from([]), Vec::new(), Vec::new()),
-        };
+        let (rule_counters, pod_counters, pods_unattributed, active_scopes, pending_scopes) =
+            match &self.live {
+                Some(live) => (
+                    live.rule_counters.clone(),
+                    live.pod_counters.clone(),
+                    live.unattributed,
+                    live.resolved.keys().cloned().collect(),
+                    live.scopes
+                        .iter()
+                        .filter(|p| !live.resolved.contains_key(*p))
+                        .cloned()
+                        .collect(),
+                ),
+                None => (Arc::from([]), Arc::from([]), 0, Vec::new(), Vec::new()),
+            };
         DatapathStatus {
             generation: self.generation,
             adopted: self.adopted,
             programs: program_names::ALL.to_vec(),
             cgroup_root: self.cgroup_root.clone(),
             rule_counters,
+            pod_counters,
+            pods_unattributed,
             active_scopes,
             pending_scopes,
             trie_entries: self.slots[active]

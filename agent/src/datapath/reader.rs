@@ -2,7 +2,9 @@
 //!
 //! A reader opens the pins itself, so metrics scrapes never wait for the writer.
 
-use super::{io_err, map_err, pins::PinLayout, sys, DatapathError, CLASSES_IN_ABI_ORDER};
+use super::{
+    io_err, map_err, pins::PinLayout, sys, DatapathError, PodCounter, CLASSES_IN_ABI_ORDER,
+};
 use crate::{
     abi,
     model::{Class, LatencySource, Side},
@@ -154,6 +156,21 @@ pub fn protocol_name(proto: u8) -> &'static str {
     }
 }
 
+/// The hits of one selector rule in one pod ([`DatapathReader::pod_rule_hits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRuleHits {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// Index of the rule in the live policy.
+    pub rule: usize,
+    /// The rule's action as the mode applies it.
+    pub action: &'static str,
+    /// Hits.
+    pub hits: u64,
+}
+
 /// One destination of the heat map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeatEntry {
@@ -289,11 +306,13 @@ impl DatapathReader {
     }
 
     /// The rules of `counters` (name, counter id) that have at least one hit, with their hits,
-    /// most hits first and ties by name; at most `limit` of them (`None`: all). Reads each
-    /// counter once from the shared mapping; keeps only `limit` in memory while ranking.
+    /// most hits first and ties by name; at most `limit` of them (`None`: all). A rule's hits
+    /// are its own counter's plus those of its expansions in `pods`. Reads each counter once
+    /// from the shared mapping; keeps only `limit` in memory while ranking.
     pub fn ranked_rule_hits(
         &self,
         counters: &[(String, u32)],
+        pods: &[PodCounter],
         limit: Option<usize>,
     ) -> Vec<(String, u64)> {
         use std::{cmp::Reverse, collections::BinaryHeap};
@@ -303,8 +322,14 @@ impl DatapathReader {
         }
         // Min-heap on (hits, Reverse(name)): its top is the entry that ranks last.
         let mut heap: BinaryHeap<Reverse<(u64, Reverse<&str>)>> = BinaryHeap::new();
-        for (name, id) in counters {
-            let hits = self.rule_hits(*id);
+        let mut expanded = vec![0u64; counters.len()];
+        for p in pods {
+            if let Some(sum) = expanded.get_mut(p.rule) {
+                *sum = sum.saturating_add(self.rule_hits(p.id));
+            }
+        }
+        for ((name, id), more) in counters.iter().zip(expanded) {
+            let hits = self.rule_hits(*id).saturating_add(more);
             if hits == 0 {
                 continue;
             }
@@ -319,6 +344,32 @@ impl DatapathReader {
         heap.into_sorted_vec()
             .into_iter()
             .map(|Reverse((hits, Reverse(name)))| (name.to_owned(), hits))
+            .collect()
+    }
+
+    /// The hits of each selector rule in each pod, from the expansions' own counters: one
+    /// entry per (namespace, pod, rule index, action) with at least one hit (a rule selecting
+    /// a container sums that pod's containers), sorted.
+    pub fn pod_rule_hits(&self, pods: &[PodCounter]) -> Vec<PodRuleHits> {
+        let mut sums: std::collections::BTreeMap<(&str, &str, usize, &'static str), u64> =
+            std::collections::BTreeMap::new();
+        for p in pods {
+            let hits = self.rule_hits(p.id);
+            if hits > 0 {
+                let sum = sums
+                    .entry((p.namespace.as_str(), p.pod.as_str(), p.rule, p.action))
+                    .or_default();
+                *sum = sum.saturating_add(hits);
+            }
+        }
+        sums.into_iter()
+            .map(|((namespace, pod, rule, action), hits)| PodRuleHits {
+                namespace: namespace.to_owned(),
+                pod: pod.to_owned(),
+                rule,
+                action,
+                hits,
+            })
             .collect()
     }
 

@@ -40,9 +40,11 @@ impl Datapath {
             .as_ref()
             .map(|l| l.rule_counters.iter().map(|(n, _)| n.clone()).collect())
             .unwrap_or_default();
-        let prepared = self.prepare_beside(policy, &beside)?;
+        let beside_pods = self.live.as_ref().map(Live::pod_keys).unwrap_or_default();
+        let prepared = self.prepare_beside(policy, &beside, &beside_pods)?;
         let written = self.write_generation(policy, prepared, generation, None, started)?;
         self.counters = written.counters;
+        self.fold_released(&written.released);
         self.clear_split()?;
         let cfg = self.config_ptr();
         // SAFETY: aligned u32 of the shared entry; the split table is empty, so no connect
@@ -136,7 +138,12 @@ impl Datapath {
         // Counters and park targets of rules only the former live generation had go.
         let mut counters = self.counters.clone();
         counters.assign(c.live.rule_counters.iter().map(|(n, _)| n.as_str()))?;
+        let keys = c.live.pod_keys();
+        let released = counters
+            .assign_pods(keys.iter().map(|(n, p)| (n.as_str(), p)))
+            .released;
         self.counters = counters;
+        self.fold_released(&released);
         self.drop_park_targets_except(&c.parked)?;
         self.parked = c.parked;
         self.generation = c.generation;
@@ -164,7 +171,12 @@ impl Datapath {
             .unwrap_or_default();
         let mut counters = self.counters.clone();
         counters.assign(names.iter().map(String::as_str))?;
+        let keys = self.live.as_ref().map(Live::pod_keys).unwrap_or_default();
+        let released = counters
+            .assign_pods(keys.iter().map(|(n, p)| (n.as_str(), p)))
+            .released;
         self.counters = counters;
+        self.fold_released(&released);
         let keep = self.parked.clone();
         let stale: Vec<u32> = c.parked.difference(&keep).copied().collect();
         for id in stale {

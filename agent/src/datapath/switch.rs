@@ -3,12 +3,34 @@
 
 use super::*;
 
-/// Stable hit-counter ids per rule name; counter 0 counts connects that matched no rule.
+/// Most (selector rule, bound cgroup) expansions with a hit counter of their own: half the
+/// counter space, so pods can never starve the rules of counters. Expansions past it count on
+/// their rule's own counter (attributed to the rule, never to another pod).
+pub const MAX_POD_COUNTERS: u32 = MAX_RULE_COUNTERS / 2;
+
+/// Stable hit-counter ids per rule name, and per (rule name, bound cgroup) for the expansions of
+/// selector rules; counter 0 counts connects that matched no rule.
 #[derive(Debug, Clone, Default)]
 pub(super) struct CounterIds {
     by_name: HashMap<String, u32>,
-    free: Vec<u32>,
+    by_pod: HashMap<(String, CgroupPath), u32>,
+    /// Released ids, oldest first: reused oldest first.
+    free: std::collections::VecDeque<u32>,
     next: u32,
+    /// The bound on `by_pod` (`None`: [`MAX_POD_COUNTERS`]; tests set a small one).
+    pod_limit: Option<u32>,
+}
+
+/// What [`CounterIds::assign_pods`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct PodAssignment {
+    /// Ids new to their expansion (to be zeroed before the kernel counts on them).
+    pub(super) fresh: Vec<u32>,
+    /// Ids of expansions no generation has any more, with their rule's name: their counts are
+    /// folded into the rule's own counter, so the rule's total never goes down.
+    pub(super) released: Vec<(u32, String)>,
+    /// Expansions left without a counter of their own (the bound was reached).
+    pub(super) unattributed: usize,
 }
 
 impl CounterIds {
@@ -27,7 +49,7 @@ impl CounterIds {
             .collect();
         for n in gone {
             if let Some(id) = self.by_name.remove(&n) {
-                self.free.push(id);
+                self.free.push_back(id);
             }
         }
         let (mut ids, mut fresh) = (Vec::with_capacity(names.len()), Vec::new());
@@ -35,7 +57,7 @@ impl CounterIds {
             let id = match self.by_name.get(n) {
                 Some(id) => *id,
                 None => {
-                    let id = match self.free.pop() {
+                    let id = match self.free.pop_front() {
                         Some(id) => id,
                         None => {
                             self.next = self.next.max(1);
@@ -48,7 +70,7 @@ impl CounterIds {
                         return Err(DatapathError::Capacity {
                             what: "rule counters",
                             needed: id as usize + 1,
-                            live: self.by_name.len(),
+                            live: self.by_name.len() + self.by_pod.len(),
                             max: MAX_RULE_COUNTERS as usize,
                         });
                     }
@@ -61,6 +83,113 @@ impl CounterIds {
         }
         Ok((ids, fresh))
     }
+
+    /// Ids for the expansions `keys` (rule name, bound cgroup) of every generation in the
+    /// kernel, keeping those already known and releasing the others. A new expansion takes an
+    /// id never used before while there is one, so an id is reused only long after its last
+    /// count (no connect still in flight on an old table can count for the new owner); past
+    /// [`MAX_POD_COUNTERS`] expansions (or the counter space), it gets none.
+    pub(super) fn assign_pods<'a>(
+        &mut self,
+        keys: impl Iterator<Item = (&'a str, &'a CgroupPath)>,
+    ) -> PodAssignment {
+        let keys: std::collections::BTreeSet<(&str, &CgroupPath)> = keys.collect();
+        let mut out = PodAssignment::default();
+        let gone: Vec<(String, CgroupPath)> = self
+            .by_pod
+            .keys()
+            .filter(|(n, p)| !keys.contains(&(n.as_str(), p)))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(id) = self.by_pod.remove(&key) {
+                out.released.push((id, key.0));
+            }
+        }
+        let limit = self.pod_limit.unwrap_or(MAX_POD_COUNTERS) as usize;
+        for (name, path) in keys {
+            let key = (name.to_owned(), path.clone());
+            if self.by_pod.contains_key(&key) {
+                continue;
+            }
+            if self.by_pod.len() >= limit {
+                out.unattributed += 1;
+                continue;
+            }
+            self.next = self.next.max(1);
+            let id = if self.next < MAX_RULE_COUNTERS {
+                self.next += 1;
+                Some(self.next - 1)
+            } else {
+                self.free.pop_front()
+            };
+            match id {
+                Some(id) => {
+                    self.by_pod.insert(key, id);
+                    out.fresh.push(id);
+                }
+                None => out.unattributed += 1,
+            }
+        }
+        // Released only now: never handed out again in the call that released them.
+        self.free.extend(out.released.iter().map(|(id, _)| *id));
+        out
+    }
+
+    /// The id of rule `name`.
+    pub(super) fn rule(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The id of the expansion of rule `name` at `path`.
+    pub(super) fn pod(&self, name: &str, path: &CgroupPath) -> Option<u32> {
+        self.by_pod.get(&(name.to_owned(), path.clone())).copied()
+    }
+}
+
+/// The counters of `policy` bound by `bindings`: the rules' ids (`rule_ids`, the guard's
+/// last) and every expansion's own id where it has one; with the pod counters as status and
+/// metrics show them.
+pub(super) fn counters_of(
+    policy: &Policy,
+    bindings: &Bindings,
+    rule_ids: Vec<u32>,
+    ids: &CounterIds,
+) -> (crate::policy::Counters, Vec<PodCounter>) {
+    let mut counters = crate::policy::Counters::from(rule_ids);
+    let mut pods = Vec::new();
+    for (i, path) in bindings.expansions() {
+        let (Some(rule), Some(owner)) = (policy.rules.get(i), bindings.owners.get(path)) else {
+            continue;
+        };
+        if let Some(id) = ids.pod(rule.name.as_str(), path) {
+            counters.pods.entry(i).or_default().insert(path.clone(), id);
+            pods.push(PodCounter {
+                rule: i,
+                action: match (rule.action, policy.mode) {
+                    (crate::model::Action::Allow, _) => "allow",
+                    (crate::model::Action::Deny, crate::model::Mode::Enforce) => "deny",
+                    (crate::model::Action::Deny, crate::model::Mode::Audit)
+                    | (crate::model::Action::Audit, _) => "audit",
+                },
+                namespace: owner.namespace.clone(),
+                pod: owner.name.clone(),
+                cgroup: path.clone(),
+                id,
+            });
+        }
+    }
+    (counters, pods)
+}
+
+/// The expansion keys (rule name, bound cgroup) of a policy's selector rules.
+pub(super) fn pod_keys<'a>(
+    policy: &'a Policy,
+    bindings: &'a Bindings,
+) -> impl Iterator<Item = (&'a str, &'a CgroupPath)> {
+    bindings
+        .expansions()
+        .filter_map(|(i, p)| policy.rules.get(i).map(|r| (r.name.as_str(), p)))
 }
 
 /// The hit-counter names of a policy: its rules', then the unknown-pod guard's when bound.
@@ -79,6 +208,8 @@ pub(super) struct Written {
     pub(super) counters: CounterIds,
     pub(super) live: Live,
     pub(super) report: ApplyReport,
+    /// Expansion counters released: folded into their rules' counters once this is live.
+    pub(super) released: Vec<(u32, String)>,
 }
 
 /// A policy checked and compiled by [`Datapath::prepare`], ready to be written.
@@ -88,7 +219,10 @@ pub struct Prepared {
     resolved: BTreeMap<CgroupPath, cgroup::CgroupRef>,
     pending: Vec<CgroupPath>,
     counters: CounterIds,
-    ids: Vec<u32>,
+    ids: crate::policy::Counters,
+    pod_counters: Vec<PodCounter>,
+    released: Vec<(u32, String)>,
+    unattributed: usize,
     fresh: Vec<u32>,
     tables: Vec<(u64, Option<u32>, ScopeTable)>,
     new_v4: usize,
@@ -108,15 +242,17 @@ impl Datapath {
     /// ids, the compile of every scope, and whether the result could ever fit the maps. The one
     /// validator of ApplyPolicy and DryRun.
     pub fn prepare(&self, policy: &Policy) -> Result<Prepared, DatapathError> {
-        self.prepare_beside(policy, &[])
+        self.prepare_beside(policy, &[], &[])
     }
 
     /// As [`Datapath::prepare`], keeping the hit counters of `beside` (the rule names of the
-    /// other generation in the kernel during a rollout) assigned as well.
+    /// other generation in the kernel during a rollout) and of its pod expansions
+    /// (`beside_pods`) assigned as well.
     pub(super) fn prepare_beside(
         &self,
         policy: &Policy,
         beside: &[String],
+        beside_pods: &[(String, CgroupPath)],
     ) -> Result<Prepared, DatapathError> {
         crate::policy::check_bounds(&policy.rules)?;
         let bindings = bind(&policy.rules, self.inventory.as_deref());
@@ -145,9 +281,14 @@ impl Datapath {
         }
         let mut counters = self.counters.clone();
         let own = counter_names(policy, &bindings).count();
-        let (mut ids, fresh) = counters
+        let (mut rule_ids, mut fresh) = counters
             .assign(counter_names(policy, &bindings).chain(beside.iter().map(String::as_str)))?;
-        ids.truncate(own);
+        rule_ids.truncate(own);
+        let pods = counters.assign_pods(
+            pod_keys(policy, &bindings).chain(beside_pods.iter().map(|(n, p)| (n.as_str(), p))),
+        );
+        fresh.extend(&pods.fresh);
+        let (ids, pod_counters) = counters_of(policy, &bindings, rule_ids, &counters);
         let mut tables: Vec<(u64, Option<u32>, ScopeTable)> = vec![(
             0,
             None,
@@ -190,6 +331,9 @@ impl Datapath {
             pending,
             counters,
             ids,
+            pod_counters,
+            released: pods.released,
+            unattributed: pods.unattributed,
             fresh,
             tables,
             new_v4,
@@ -218,7 +362,12 @@ impl Datapath {
     ) -> Result<ApplyReport, DatapathError> {
         let started = Instant::now();
         let beside = self.candidate_rule_names();
-        let prepared = self.prepare_beside(policy, &beside)?;
+        let beside_pods = self
+            .candidate
+            .as_ref()
+            .map(|c| c.live.pod_keys())
+            .unwrap_or_default();
+        let prepared = self.prepare_beside(policy, &beside, &beside_pods)?;
         let generation = generation.unwrap_or(self.generation + 1);
         let written = self.write_generation(policy, prepared, generation, deadline, started)?;
         let active = self.active_slot();
@@ -241,6 +390,7 @@ impl Datapath {
         self.generation = generation;
         self.remove_superseded_pins_once()?;
         self.counters = written.counters;
+        self.fold_released(&written.released);
         let report = ApplyReport {
             switch_latency,
             ..written.report
@@ -265,6 +415,9 @@ impl Datapath {
             pending,
             counters,
             ids,
+            pod_counters,
+            released,
+            unattributed,
             fresh,
             tables,
             new_v4,
@@ -359,7 +512,11 @@ impl Datapath {
         // the caller drops the unused ones after it. A rule on both sides of a rollout parks on
         // the target of the side written last.
         let mut parked = std::collections::HashSet::new();
-        for (rule, counter) in policy.rules.iter().zip(&ids) {
+        // A selector rule's expansions park on their own counters' targets too.
+        let expansions = pod_counters
+            .iter()
+            .filter_map(|p| policy.rules.get(p.rule).map(|r| (r, &p.id)));
+        for (rule, counter) in policy.rules.iter().zip(&ids.rules).chain(expansions) {
             if let Some(addr) = rule.park_to {
                 let target = park_target(addr);
                 self.park
@@ -383,13 +540,15 @@ impl Datapath {
         );
         let live = Live {
             rule_counters: counter_names(policy, &bindings)
-                .zip(&ids)
+                .zip(&ids.rules)
                 .map(|(n, c)| (n.to_owned(), *c))
                 .collect(),
+            pod_counters: pod_counters.into(),
+            unattributed,
             scopes: scopes_of(&policy.rules, &bindings).into(),
             bindings: Arc::new(bindings),
             policy: policy.clone(),
-            counters: ids.into(),
+            counters: Arc::new(ids),
             resolved: resolved.clone(),
         };
         Ok(Written {
@@ -397,6 +556,7 @@ impl Datapath {
             parked,
             counters,
             live,
+            released,
             report: ApplyReport {
                 generation,
                 rules: policy.rules.len(),
@@ -620,9 +780,116 @@ impl Datapath {
             .map(|_| ())
     }
 
+    /// Folds the counts of released expansion counters into their rules' own counters (when
+    /// the rule is still known), and zeroes them: a rule's total never goes down when a pod
+    /// goes away. Call with `self.counters` already the assignment that released them.
+    pub(super) fn fold_released(&self, released: &[(u32, String)]) {
+        for (id, rule) in released {
+            if *id == 0 || *id >= MAX_RULE_COUNTERS {
+                continue;
+            }
+            let p = self.rule_hits.at::<u64>(*id as usize * 8);
+            // SAFETY: aligned u64 inside the mapping; the kernel updates it atomically too.
+            let hits =
+                unsafe { std::sync::atomic::AtomicU64::from_ptr(p).swap(0, Ordering::Relaxed) };
+            if let Some(own) = self.counters.rule(rule).filter(|c| *c < MAX_RULE_COUNTERS) {
+                let q = self.rule_hits.at::<u64>(own as usize * 8);
+                // SAFETY: as above.
+                unsafe {
+                    std::sync::atomic::AtomicU64::from_ptr(q).fetch_add(hits, Ordering::Relaxed)
+                };
+            }
+        }
+    }
+
     pub(super) fn set_rule_hits(&self, counter: u32, value: u64) {
         let p = self.rule_hits.at::<u64>(counter as usize * 8);
         // SAFETY: aligned u64 inside the mapping; the kernel updates it atomically too.
         unsafe { std::sync::atomic::AtomicU64::from_ptr(p).store(value, Ordering::Relaxed) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(s: &str) -> CgroupPath {
+        s.parse().expect("path")
+    }
+
+    #[test]
+    fn each_pod_expansion_gets_its_own_stable_counter() {
+        let mut ids = CounterIds::default();
+        let (rules, _) = ids.assign(["r", "s"].into_iter()).expect("assign");
+        assert_eq!(rules, vec![1, 2]);
+        let (a, b, c) = (path("kp/poda"), path("kp/podb"), path("kp/podc"));
+        let out = ids.assign_pods([("r", &a), ("r", &b), ("s", &a)].into_iter());
+        assert_eq!(out.fresh, vec![3, 4, 5], "distinct ids, none a rule's");
+        assert!(out.released.is_empty());
+        let (ra, rb, sa) = (ids.pod("r", &a), ids.pod("r", &b), ids.pod("s", &a));
+        assert_eq!((ra, rb, sa), (Some(3), Some(4), Some(5)));
+        // Known expansions keep their ids; a new pod gets a new one; one gone is released with
+        // its rule's name (its counts are folded into the rule's counter).
+        let out = ids.assign_pods([("r", &a), ("r", &c), ("s", &a)].into_iter());
+        assert_eq!(out.fresh, vec![6]);
+        assert_eq!(out.released, vec![(4, "r".to_owned())]);
+        assert_eq!(ids.pod("r", &a), Some(3));
+        assert_eq!(ids.pod("r", &c), Some(6));
+        assert_eq!(ids.pod("r", &b), None);
+        // Rule reassignment leaves the expansions alone.
+        ids.assign(["r", "s"].into_iter()).expect("assign");
+        assert_eq!(ids.pod("s", &a), Some(5));
+        assert_eq!(ids.rule("r"), Some(1));
+        // A released id is not handed out while unused ones remain (an in-flight count on an
+        // old table can never land on a new owner's counter).
+        let out = ids.assign_pods([("r", &a), ("r", &b), ("r", &c), ("s", &a)].into_iter());
+        assert_eq!(out.fresh, vec![7]);
+    }
+
+    #[test]
+    fn past_the_bound_expansions_get_no_counter_and_say_so() {
+        let mut ids = CounterIds {
+            pod_limit: Some(2),
+            ..CounterIds::default()
+        };
+        ids.assign(["r"].into_iter()).expect("assign");
+        let ps: Vec<CgroupPath> = (0..4).map(|i| path(&format!("kp/pod{i}"))).collect();
+        let out = ids.assign_pods(ps.iter().map(|p| ("r", p)));
+        assert_eq!(out.fresh.len(), 2);
+        assert_eq!(out.unattributed, 2);
+        let with: Vec<bool> = ps.iter().map(|p| ids.pod("r", p).is_some()).collect();
+        assert_eq!(with, vec![true, true, false, false]);
+        // Once room is made, the rest get theirs.
+        let out = ids.assign_pods(ps[2..].iter().map(|p| ("r", p)));
+        assert_eq!(out.released.len(), 2);
+        assert_eq!(out.fresh.len(), 2);
+        assert_eq!(out.unattributed, 0);
+        // Rules are never refused for pods: they have the other half of the counter space.
+        ids.assign(["r", "s", "t"].into_iter())
+            .expect("rules still get ids");
+    }
+
+    #[test]
+    fn when_the_counter_space_is_used_up_released_ids_are_reused_oldest_first() {
+        let mut ids = CounterIds {
+            next: MAX_RULE_COUNTERS - 1,
+            ..CounterIds::default()
+        };
+        let (a, b, c) = (path("kp/poda"), path("kp/podb"), path("kp/podc"));
+        let out = ids.assign_pods([("r", &a)].into_iter());
+        assert_eq!(out.fresh, vec![MAX_RULE_COUNTERS - 1]);
+        // Full, nothing released: no counter, never a wrong one.
+        let out = ids.assign_pods([("r", &a), ("r", &b)].into_iter());
+        assert_eq!((out.fresh.len(), out.unattributed), (0, 1));
+        // `a` goes: its id is released, and only a later call hands it out again.
+        let out = ids.assign_pods([("r", &b)].into_iter());
+        assert_eq!(out.released, vec![(MAX_RULE_COUNTERS - 1, "r".to_owned())]);
+        assert_eq!(
+            out.unattributed, 1,
+            "not reused in the call that released it"
+        );
+        let out = ids.assign_pods([("r", &b), ("r", &c)].into_iter());
+        assert_eq!(out.fresh, vec![MAX_RULE_COUNTERS - 1]);
+        assert_eq!(out.unattributed, 1);
     }
 }

@@ -486,6 +486,53 @@ pub struct Bindings {
     pub selected: BTreeMap<usize, BTreeSet<CgroupPath>>,
     /// The guard of unclassified pods, when `unknown_pod_action` is not `allow`.
     pub guard: Option<Guard>,
+    /// The pod (namespace, name) of every bound cgroup: what its hit counters are labelled with.
+    pub owners: BTreeMap<CgroupPath, PodName>,
+}
+
+/// A pod's namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodName {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// The hit counters a compile writes into rule entries.
+///
+/// A rule's entries count on the rule's own counter, except a selector rule's: it expands into
+/// one scope per cgroup it selects, and each expansion (rule, bound cgroup) that has a counter
+/// of its own in `pods` counts there, so the kernel's per-counter hits split by pod at no cost
+/// per connect. An expansion without one (the agent's attribution bound was reached) counts on
+/// the rule's own counter: attributed to the rule only, never to another pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// `rules[i]` counts rule `i`; with a guard, `rules[rules.len()]` counts the guard.
+    pub rules: Vec<u32>,
+    /// For a selector rule (by index), the counter of each bound cgroup that has its own.
+    pub pods: BTreeMap<usize, BTreeMap<CgroupPath, u32>>,
+}
+
+impl From<Vec<u32>> for Counters {
+    fn from(rules: Vec<u32>) -> Self {
+        Counters {
+            rules,
+            pods: BTreeMap::new(),
+        }
+    }
+}
+
+impl Counters {
+    /// The counter of rule `index` at `bound` (the bound cgroup of a selector rule that applies
+    /// at the scope), else the rule's own; 0 (the no-rule counter) for an unknown index.
+    pub fn of(&self, index: usize, bound: Option<&CgroupPath>) -> u32 {
+        bound
+            .and_then(|b| self.pods.get(&index)?.get(b))
+            .or_else(|| self.rules.get(index))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// Connects from cgroups under `root` that are not in a classified pod get `action`, ahead of
@@ -509,16 +556,14 @@ pub fn bind(rules: &[RuleSpec], inventory: Option<&Inventory>) -> Bindings {
     let Some(inv) = inventory else {
         return Bindings::default();
     };
-    let mut selected = BTreeMap::new();
+    let (mut selected, mut owners) = (BTreeMap::new(), BTreeMap::new());
     for (i, rule) in rules.iter().enumerate() {
         let Some(sel) = rule.workloads() else {
             continue;
         };
-        let paths: BTreeSet<CgroupPath> = inv
-            .pods
-            .iter()
-            .filter(|p| sel.selects(p))
-            .flat_map(|p| match &sel.container {
+        let mut paths = BTreeSet::new();
+        for p in inv.pods.iter().filter(|p| sel.selects(p)) {
+            let bound = match &sel.container {
                 None => vec![p.cgroup.clone()],
                 Some(name) => p
                     .containers
@@ -526,8 +571,18 @@ pub fn bind(rules: &[RuleSpec], inventory: Option<&Inventory>) -> Bindings {
                     .filter(|c| c.name == name.as_str())
                     .map(|c| c.cgroup.clone())
                     .collect(),
-            })
-            .collect();
+            };
+            for path in bound {
+                owners.insert(
+                    path.clone(),
+                    PodName {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                    },
+                );
+                paths.insert(path);
+            }
+        }
         selected.insert(i, paths);
     }
     let guard = (inv.unknown_pod_action != Action::Allow).then(|| Guard {
@@ -535,7 +590,11 @@ pub fn bind(rules: &[RuleSpec], inventory: Option<&Inventory>) -> Bindings {
         action: inv.unknown_pod_action,
         known_pods: inv.pods.iter().map(|p| p.cgroup.clone()).collect(),
     });
-    Bindings { selected, guard }
+    Bindings {
+        selected,
+        guard,
+        owners,
+    }
 }
 
 impl Bindings {
@@ -545,27 +604,33 @@ impl Bindings {
         (g.root.contains(scope) && !g.known_pods.iter().any(|p| p.contains(scope))).then_some(g)
     }
 
-    /// The rank of rule `index` at `scope`: the depth of its deepest bound cgroup that is or
-    /// contains the scope.
-    fn rank(&self, index: usize, scope: Option<&CgroupPath>) -> Option<usize> {
+    /// The deepest cgroup bound to rule `index` that is or contains `scope`: the expansion of
+    /// the rule that applies there.
+    pub fn bound_at(&self, index: usize, scope: Option<&CgroupPath>) -> Option<&CgroupPath> {
         let scope = scope?;
         self.selected
             .get(&index)?
             .iter()
             .filter(|p| p.contains(scope))
-            .map(|p| p.depth())
-            .max()
+            .max_by_key(|p| p.depth())
+    }
+
+    /// Every expansion of the selector rules: (rule index, bound cgroup), in order.
+    pub fn expansions(&self) -> impl Iterator<Item = (usize, &CgroupPath)> {
+        self.selected
+            .iter()
+            .flat_map(|(i, paths)| paths.iter().map(move |p| (*i, p)))
     }
 }
 
 /// Compiles the trie for one scope: `scope` is a rule cgroup path, or `None` for the global scope
-/// (connects from cgroups that no rule names). `counters[i]` is the hit counter of `rules[i]`;
-/// with a guard, `counters[rules.len()]` is the guard's.
+/// (connects from cgroups that no rule names). `counters` says which hit counter each rule
+/// entry, and the guard's, counts on (see [`Counters`]).
 pub fn compile_scope(
     rules: &[RuleSpec],
     bindings: &Bindings,
     scope: Option<&CgroupPath>,
-    counters: &[u32],
+    counters: &Counters,
     default_class: Class,
 ) -> Result<ScopeTable, CompileError> {
     let mut v4: Vec<(Ipv4Net, Candidate)> = Vec::new();
@@ -578,7 +643,7 @@ pub fn compile_scope(
             action: abi::action(g.action),
             class: abi::class(default_class),
             _pad: 0,
-            counter: counters.get(rules.len()).copied().unwrap_or(0),
+            counter: counters.of(rules.len(), None),
         };
         // Ahead of every rule: the deepest possible rank.
         let cand = Candidate {
@@ -597,18 +662,19 @@ pub fn compile_scope(
         }
     }
     for (order, rule) in rules.iter().enumerate() {
-        let rank = if rule.workloads().is_some() {
-            match bindings.rank(order, scope) {
-                Some(rank) => rank,
+        let (rank, bound) = if rule.workloads().is_some() {
+            match bindings.bound_at(order, scope) {
+                Some(bound) => (bound.depth(), Some(bound)),
                 None => continue,
             }
         } else {
             match (&rule.cgroup, scope) {
-                (None, _) => 0,
-                (Some(own), Some(scope)) if own.contains(scope) => own.depth(),
+                (None, _) => (0, None),
+                (Some(own), Some(scope)) if own.contains(scope) => (own.depth(), None),
                 _ => continue,
             }
         };
+        let counter = counters.of(order, bound);
         let ports = rule.ports.as_deref().unwrap_or(&[PortRange::ALL]);
         for cidr in &rule.cidrs {
             for p in ports {
@@ -619,7 +685,7 @@ pub fn compile_scope(
                     action: abi::action(rule.action),
                     class: abi::class(rule.class.unwrap_or(default_class)),
                     _pad: 0,
-                    counter: counters.get(order).copied().unwrap_or(0),
+                    counter,
                 };
                 let cand = Candidate {
                     rank,
@@ -742,13 +808,23 @@ pub fn scopes_of(rules: &[RuleSpec], bindings: &Bindings) -> Vec<CgroupPath> {
     set.into_iter().collect()
 }
 
-/// What decides a scope's table besides the policy: the bound rules and their ranks, and the
-/// guard. Two bindings give `scope` the same table when this is equal.
-pub fn scope_signature(bindings: &Bindings, scope: &CgroupPath) -> (Vec<(usize, usize)>, bool) {
+/// What decides a scope's table besides the policy: the bound rules, their ranks and the
+/// counters of their expansions there, and the guard. Two bindings (with their counters) give
+/// `scope` the same table when this is equal.
+#[allow(clippy::type_complexity)]
+pub fn scope_signature(
+    bindings: &Bindings,
+    counters: &Counters,
+    scope: &CgroupPath,
+) -> (Vec<(usize, usize, u32)>, bool) {
     let ranks = bindings
         .selected
         .keys()
-        .filter_map(|&i| bindings.rank(i, Some(scope)).map(|r| (i, r)))
+        .filter_map(|&i| {
+            bindings
+                .bound_at(i, Some(scope))
+                .map(|b| (i, b.depth(), counters.of(i, Some(b))))
+        })
         .collect();
     (ranks, bindings.guards(Some(scope)).is_some())
 }

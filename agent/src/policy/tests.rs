@@ -67,7 +67,7 @@ fn decide(table: &ScopeTable, ip: &str, port: u16, proto: u8) -> Option<u32> {
 }
 
 fn compile(rs: &[RuleSpec], scope: Option<&str>) -> ScopeTable {
-    let counters: Vec<u32> = (1..=rs.len() as u32).collect();
+    let counters = Counters::from((1..=rs.len() as u32).collect::<Vec<u32>>());
     let scope = scope.map(|s| s.parse::<CgroupPath>().expect("path"));
     compile_scope(
         rs,
@@ -209,7 +209,7 @@ fn too_many_overlapping_entries_is_a_precise_error() {
         ));
     }
     let rs = rules(&text);
-    let counters: Vec<u32> = (1..=rs.len() as u32).collect();
+    let counters = Counters::from((1..=rs.len() as u32).collect::<Vec<u32>>());
     let e = compile_scope(&rs, &Bindings::default(), None, &counters, Class::C1)
         .expect_err("overflow")
         .to_string();
@@ -323,7 +323,7 @@ fn selector_rules_bind_to_the_selected_pods_and_override_outer_cgroup_rules() {
         ]
     );
     assert!(b.guard.is_none(), "allow: no guard");
-    let counters: Vec<u32> = (1..=rs.len() as u32).collect();
+    let counters = Counters::from((1..=rs.len() as u32).collect::<Vec<u32>>());
     let table = |scope: &str| {
         let scope: CgroupPath = scope.parse().expect("path");
         compile_scope(&rs, &b, Some(&scope), &counters, Class::C1).expect("compiles")
@@ -355,7 +355,7 @@ fn the_guard_catches_unclassified_pods_only() {
         rules("[[policy.rules]]\nname = \"all\"\naction = \"allow\"\ncidrs = [\"0.0.0.0/0\"]\n");
     let inv = inventory(Action::Deny, vec![pod("ns", "known", &[], &["app"])]);
     let b = bind(&rs, Some(&inv));
-    let counters = vec![1, 2];
+    let counters = Counters::from(vec![1, 2]);
     let decide_at = |scope: &str| {
         let scope: CgroupPath = scope.parse().expect("path");
         let t = compile_scope(&rs, &b, Some(&scope), &counters, Class::C1).expect("compiles");
@@ -403,4 +403,92 @@ fn selector_rules_have_their_own_digest_line_and_round_trip() {
     // The TOML form reads back to the same rules.
     let text = policy.to_config_toml();
     assert_eq!(rules(&text), policy.rules, "{text}");
+}
+
+#[test]
+fn each_expansion_of_a_selector_rule_counts_on_its_own_counter() {
+    let rs = rules(
+        "[[policy.rules]]\nname = \"all\"\naction = \"allow\"\ncgroup = \"kubepods\"\ncidrs = [\"0.0.0.0/0\"]\n\
+         [[policy.rules]]\nname = \"api-deny\"\naction = \"deny\"\ncidrs = [\"10.0.0.0/8\"]\nnamespace = \"payments\"\n\
+         pod_selector = { match_labels = { app = \"api\" } }\n\
+         [[policy.rules]]\nname = \"proxy-deny\"\naction = \"deny\"\ncidrs = [\"10.1.0.0/16\"]\ncontainer = \"proxy\"\n",
+    );
+    let inv = inventory(
+        Action::Allow,
+        vec![
+            pod("payments", "a", &[("app", "api")], &["app", "proxy"]),
+            pod("payments", "b", &[("app", "api")], &["app"]),
+            pod("payments", "c", &[("app", "web")], &["app"]),
+        ],
+    );
+    let b = bind(&rs, Some(&inv));
+    let path = |s: &str| -> CgroupPath { s.parse().expect("path") };
+    let (pa, pb) = (
+        path("kubepods/besteffort/poda"),
+        path("kubepods/besteffort/podb"),
+    );
+    let proxy = path("kubepods/besteffort/poda/proxy0000000000000");
+    // Every bound cgroup is named with its pod.
+    let expansions: Vec<(usize, String)> =
+        b.expansions().map(|(i, p)| (i, p.to_string())).collect();
+    assert_eq!(
+        expansions,
+        vec![
+            (1, pa.to_string()),
+            (1, pb.to_string()),
+            (2, proxy.to_string())
+        ]
+    );
+    assert_eq!(
+        b.owners.get(&proxy),
+        Some(&PodName {
+            namespace: "payments".into(),
+            name: "a".into()
+        })
+    );
+    // Rules count on 1, 2, 3; the expansions of api-deny on 10 (pod a) and 11 (pod b); the
+    // proxy container's has none of its own (as past the attribution bound).
+    let mut counters = Counters::from(vec![1, 2, 3]);
+    counters.pods.insert(
+        1,
+        [(pa.clone(), 10), (pb.clone(), 11)].into_iter().collect(),
+    );
+    let counter_at = |scope: &CgroupPath, ip: &str| {
+        let t = compile_scope(&rs, &b, Some(scope), &counters, Class::C1).expect("compiles");
+        let ip: std::net::Ipv4Addr = ip.parse().expect("ip");
+        t.v4.iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .and_then(|(_, l)| l.first_match(80, 6))
+            .map(|e| e.counter)
+    };
+    assert_eq!(counter_at(&pa, "10.2.3.4"), Some(10), "pod a's expansion");
+    assert_eq!(counter_at(&pb, "10.2.3.4"), Some(11), "pod b's expansion");
+    // The proxy container inherits pod a's expansion of api-deny; its own rule, without an
+    // expansion counter, counts on the rule's: attributed to the rule, never to another pod.
+    assert_eq!(counter_at(&proxy, "10.2.3.4"), Some(10));
+    assert_eq!(counter_at(&proxy, "10.1.2.3"), Some(3));
+    // A pod the selector does not select: the cgroup rule.
+    assert_eq!(
+        counter_at(&path("kubepods/besteffort/podc"), "10.2.3.4"),
+        Some(1)
+    );
+    // A change of an expansion's counter changes its scope's signature (its table is rewritten).
+    let mut moved = counters.clone();
+    moved.pods.entry(1).or_default().insert(pb.clone(), 12);
+    assert_eq!(
+        scope_signature(&b, &counters, &pa),
+        scope_signature(&b, &moved, &pa)
+    );
+    assert_ne!(
+        scope_signature(&b, &counters, &pb),
+        scope_signature(&b, &moved, &pb)
+    );
+    assert_eq!(counters.of(1, Some(&pa)), 10);
+    assert_eq!(
+        counters.of(2, Some(&proxy)),
+        3,
+        "no expansion counter: the rule's"
+    );
+    assert_eq!(counters.of(9, None), 0, "no such rule: the no-rule counter");
 }

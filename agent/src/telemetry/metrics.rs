@@ -4,6 +4,8 @@
 //! |---|---|---|
 //! | `knhk_connect_decisions_total` | counter | `action` (allow, deny, audit, shed, park), `class` (R1, W1, C1) |
 //! | `knhk_rule_hits_total` | counter | `rule`: the `agent.rule_metrics_top_n` rules with the most hits (none for rules without hits) |
+//! | `knhk_pod_rule_hits_total` | counter | `namespace`, `pod`, `rule`, `action`: a selector rule's hits in each pod it selects (none for pods without hits) |
+//! | `knhk_pod_rule_counters` | gauge | `state` (attributed, unattributed): expansions of selector rules with and without a counter of their own |
 //! | `knhk_unmatched_connects_total` | counter | — |
 //! | `knhk_tcp_handshake_duration_seconds` | histogram | `class` |
 //! | `knhk_tcp_rtt_seconds` | histogram | `class` |
@@ -16,7 +18,9 @@
 //! | `knhk_metrics_read_errors_total` | counter | — |
 //!
 //! Every family has a bounded number of series per scrape, whatever the policy size or traffic:
-//! rule hits at most `agent.rule_metrics_top_n` (every rule's count is in `GetStatus`), heat at
+//! rule hits at most `agent.rule_metrics_top_n` (every rule's count is in `GetStatus`), pod rule
+//! hits at most the pods on the node times the selector rules that select them (and never more
+//! than [`crate::datapath::MAX_POD_COUNTERS`]; a pod's series go when it does), heat at
 //! most `agent.heat_top_n` (ranked by attempts, ties by destination, so the set is the same for
 //! the same map contents; no rank label, so a change of order creates no series), histograms
 //! [`BUCKETS_PER_OCTAVE`] buckets per power of two from 1 µs to 17 s.
@@ -78,7 +82,7 @@ impl std::fmt::Debug for DatapathCollector {
     }
 }
 
-const FAMILIES: [(&str, &str); 13] = [
+const FAMILIES: [(&str, &str); 15] = [
     (
         "knhk_connect_decisions_total",
         "connect() admission decisions in the kernel, by action and runtime class.",
@@ -86,6 +90,14 @@ const FAMILIES: [(&str, &str); 13] = [
     (
         "knhk_rule_hits_total",
         "connect() calls decided by a rule of the live policy: the agent.rule_metrics_top_n rules with the most hits.",
+    ),
+    (
+        "knhk_pod_rule_hits_total",
+        "connect() calls decided by a selector rule, by the pod (namespace, name) they came from: pods with at least one hit, while they run.",
+    ),
+    (
+        "knhk_pod_rule_counters",
+        "Expansions of selector rules (rule x selected pod or container) with a hit counter of their own (attributed) and without (unattributed: their hits count on the rule only).",
     ),
     (
         "knhk_unmatched_connects_total",
@@ -250,11 +262,48 @@ impl Collector for DatapathCollector {
 
         let hits = self
             .reader
-            .ranked_rule_hits(&status.rule_counters, Some(self.rule_top_n))
+            .ranked_rule_hits(
+                &status.rule_counters,
+                &status.pod_counters,
+                Some(self.rule_top_n),
+            )
             .iter()
             .map(|(rule, hits)| counter(&[("rule", rule)], *hits))
             .collect();
         out.push(fam("knhk_rule_hits_total", MetricType::COUNTER, hits));
+        let pod_hits = self
+            .reader
+            .pod_rule_hits(&status.pod_counters)
+            .iter()
+            .filter_map(|h| {
+                let (rule, _) = status.rule_counters.get(h.rule)?;
+                Some(counter(
+                    &[
+                        ("namespace", &h.namespace),
+                        ("pod", &h.pod),
+                        ("rule", rule),
+                        ("action", h.action),
+                    ],
+                    h.hits,
+                ))
+            })
+            .collect();
+        out.push(fam(
+            "knhk_pod_rule_hits_total",
+            MetricType::COUNTER,
+            pod_hits,
+        ));
+        out.push(fam(
+            "knhk_pod_rule_counters",
+            MetricType::GAUGE,
+            vec![
+                gauge(&[("state", "attributed")], status.pod_counters.len() as f64),
+                gauge(
+                    &[("state", "unattributed")],
+                    status.pods_unattributed as f64,
+                ),
+            ],
+        ));
         out.push(fam(
             "knhk_unmatched_connects_total",
             MetricType::COUNTER,
