@@ -71,6 +71,11 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "secure_dir",
         ],
     ),
+    // The receipts archive: reads the ledger, writes the object store.
+    (
+        "archive",
+        &["config", "receipts", "resilience", "tasks", "objectstore"],
+    ),
     (
         "sync",
         &[
@@ -113,6 +118,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "beat",
             "control",
             "receipts",
+            "archive",
             "sync",
             "api",
             "tasks",
