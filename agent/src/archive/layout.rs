@@ -3,7 +3,6 @@
 
 use crate::receipts::ledger::EncodedReceipt;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeSet;
 
 /// The first 8 bytes of every segment body.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"KNHKSEG1";
@@ -111,18 +110,14 @@ pub fn parse_name(rel: &str) -> Option<Name> {
     }
 }
 
-/// Where the segment starting at `from` ends: at the next multiple of `max`, or at the size of
-/// a signed checkpoint if one lies before it, and never beyond `target`. Signed checkpoints
-/// are final and sizes grow with their numbers, so the same ledger always yields the same
-/// boundaries (and a restart the same object names).
-pub fn next_boundary(from: u64, target: u64, max: u64, checkpoint_sizes: &BTreeSet<u64>) -> u64 {
+/// Where the segment starting at `from` ends: at the next multiple of `max`, or at `target`
+/// (the newest signed checkpoint's size) if that comes first. A segment that ends at `target`
+/// is the round's tail; the next round starts where it ended. Names stay the same across a
+/// restart because a segment already archived at `from` is found (by its name's prefix) and
+/// taken as it is, never cut again.
+pub fn next_boundary(from: u64, target: u64, max: u64) -> u64 {
     let next_multiple = (from / max.max(1) + 1).saturating_mul(max.max(1));
-    let next_checkpoint = checkpoint_sizes
-        .range(from + 1..)
-        .next()
-        .copied()
-        .unwrap_or(u64::MAX);
-    next_multiple.min(next_checkpoint).min(target)
+    next_multiple.min(target)
 }
 
 /// The segment body of consecutive receipts (all big-endian): the magic, `first` (u64),
@@ -204,15 +199,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn boundaries_are_multiples_and_checkpoint_sizes_and_never_pass_the_target() {
-        let sizes: BTreeSet<u64> = [150, 170, 420].into();
-        let cut = |from| next_boundary(from, 420, 100, &sizes);
+    fn boundaries_are_multiples_and_never_pass_the_target() {
+        let cut = |from| next_boundary(from, 420, 100);
         assert_eq!(cut(0), 100);
-        assert_eq!(cut(100), 150);
-        assert_eq!(cut(150), 170);
-        assert_eq!(cut(170), 200);
+        assert_eq!(cut(100), 200);
+        assert_eq!(cut(150), 200);
         assert_eq!(cut(400), 420);
-        assert_eq!(next_boundary(0, 30, 100, &sizes), 30);
+        assert_eq!(next_boundary(0, 30, 100), 30);
     }
 
     #[test]

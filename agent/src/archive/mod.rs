@@ -429,7 +429,7 @@ impl Archive {
             let l = self.ledger.clone();
             blocking(move || put_u64(&l, META_ACKED_KEYS, i as u64 + 1)).await?;
         }
-        // 2. Receipts up to the newest signed checkpoint, and the checkpoints they complete.
+        // 2. Receipts up to the newest signed checkpoint, then that checkpoint.
         let l = self.ledger.clone();
         let (mut acked, next_checkpoint, holds) = blocking(move || {
             Ok((
@@ -439,81 +439,134 @@ impl Archive {
             ))
         })
         .await?;
+        // Holds placed since the last round reach the segments already archived first.
+        round.legal_hold_changes += self.sync_legal_holds(&holds, acked).await?;
         let active: Vec<Hold> = holds
             .iter()
             .filter(|h| h.released_ns.is_none())
             .cloned()
             .collect();
-        let mut next_checkpoint = next_checkpoint;
-        loop {
-            let l = self.ledger.clone();
-            let pending: Vec<(u64, StoredCheckpoint)> =
-                blocking(move || l.checkpoints_from(next_checkpoint, 1024)).await?;
-            let signed: Vec<(u64, StoredCheckpoint, u64)> = pending
-                .into_iter()
-                .map_while(|(n, c)| signed_size(&c).map(|s| (n, c, s)))
-                .collect();
-            if signed.is_empty() {
-                break;
-            }
-            let sizes: BTreeSet<u64> = signed.iter().map(|(_, _, s)| *s).collect();
-            for (number, checkpoint, size) in &signed {
-                while acked < *size {
-                    let end = layout::next_boundary(
-                        acked,
-                        *size,
-                        self.settings.segment_max_receipts,
-                        &sizes,
-                    );
-                    let from = acked;
-                    let l = self.ledger.clone();
-                    let entries: Vec<EncodedReceipt> =
-                        blocking(move || l.encoded_receipts(from, (end - from) as usize)).await?;
-                    if entries.len() as u64 != end - from {
-                        return Err(LedgerError::Corrupt(format!(
-                            "receipts {from}..{end} are not all in the ledger"
-                        ))
-                        .into());
-                    }
-                    let covered = segment_covered(&entries, &active);
-                    let body = layout::encode_segment(&entries);
-                    drop(entries);
-                    let rel = layout::segment_name(from, end, &body);
-                    let c = self
-                        .put_once(ObjectKind::Segment, &rel, body, covered)
-                        .await?;
-                    count(&mut round, c);
-                    if covered {
-                        // Found written (before a crash): its hold is set again, to be sure.
-                        if c == Created::Existed {
-                            let url = self.url(&rel);
-                            self.retried(|| self.store.set_legal_hold(&url, true))
-                                .await?;
-                        }
-                        self.note_legal_hold(&rel, true).await?;
-                    }
-                    let l = self.ledger.clone();
-                    blocking(move || put_u64(&l, META_ARCHIVE_ACKED_SIZE, end)).await?;
-                    acked = end;
-                    round.receipts += end - from;
-                    self.metrics.receipts.inc_by(end - from);
-                    self.metrics.acked.set(end as i64);
+        let l = self.ledger.clone();
+        let newest = blocking(move || {
+            let mut newest = None;
+            l.checkpoints_newest_first(|n, c| match signed_size(&c) {
+                Some(size) => {
+                    newest = Some((n, c, size));
+                    false
                 }
+                None => true,
+            })?;
+            Ok(newest)
+        })
+        .await?;
+        if let Some((number, checkpoint, size)) = newest {
+            while acked < size {
+                let from = acked;
+                let existing = self.existing_segment(from).await?;
+                let end = match &existing {
+                    Some(name) => name.end,
+                    None => layout::next_boundary(from, size, self.settings.segment_max_receipts),
+                };
+                let l = self.ledger.clone();
+                let entries: Vec<EncodedReceipt> =
+                    blocking(move || l.encoded_receipts(from, end.saturating_sub(from) as usize))
+                        .await?;
+                if end <= from || entries.len() as u64 != end - from {
+                    return Err(LedgerError::Corrupt(format!(
+                        "receipts {from}..{end} are not all in the ledger"
+                    ))
+                    .into());
+                }
+                let covered = segment_covered(&entries, &active);
+                let body = layout::encode_segment(&entries);
+                drop(entries);
+                let rel = layout::segment_name(from, end, &body);
+                let created = match existing {
+                    // Written before a crash (or by a run whose progress was lost): the same
+                    // receipts give the same name, and nothing is written again.
+                    Some(name) if rel.ends_with(&format!("-{}.seg", name.sha256)) => {
+                        Created::Existed
+                    }
+                    Some(name) => {
+                        return Err(StoreError::Refused {
+                            url: self.url(&rel).to_string(),
+                            message: format!(
+                                "the archive already holds a segment of receipts {from}..{end} with SHA-256 {}, not this ledger's: another ledger writes to this prefix",
+                                name.sha256
+                            ),
+                        }
+                        .into())
+                    }
+                    None => {
+                        let url = self.url(&rel);
+                        let lock = self.lock(covered);
+                        let c = self
+                            .retried(|| {
+                                self.store.create_locked(
+                                    &url,
+                                    body.clone(),
+                                    "application/octet-stream",
+                                    &lock,
+                                )
+                            })
+                            .await?;
+                        if c == Created::Written {
+                            self.metrics
+                                .uploads
+                                .with_label_values(&[ObjectKind::Segment.as_str()])
+                                .inc();
+                        }
+                        c
+                    }
+                };
+                count(&mut round, created);
+                if covered {
+                    // Found written: its hold is set again, to be sure.
+                    if created == Created::Existed {
+                        let url = self.url(&rel);
+                        self.retried(|| self.store.set_legal_hold(&url, true))
+                            .await?;
+                    }
+                    self.note_legal_hold(&rel, true).await?;
+                }
+                let l = self.ledger.clone();
+                blocking(move || put_u64(&l, META_ARCHIVE_ACKED_SIZE, end)).await?;
+                acked = end;
+                round.receipts += end - from;
+                self.metrics.receipts.inc_by(end - from);
+                self.metrics.acked.set(end as i64);
+            }
+            if next_checkpoint <= number {
                 let body =
-                    serde_json::to_vec(checkpoint).map_err(|e| LedgerError::Db(e.to_string()))?;
-                let rel = layout::checkpoint_name(*number, &body);
+                    serde_json::to_vec(&checkpoint).map_err(|e| LedgerError::Db(e.to_string()))?;
+                let rel = layout::checkpoint_name(number, &body);
                 let c = self
                     .put_once(ObjectKind::Checkpoint, &rel, body, false)
                     .await?;
                 count(&mut round, c);
-                next_checkpoint = number + 1;
                 let l = self.ledger.clone();
-                blocking(move || put_u64(&l, META_ACKED_CHECKPOINT, next_checkpoint)).await?;
+                blocking(move || put_u64(&l, META_ACKED_CHECKPOINT, number + 1)).await?;
             }
         }
-        // 3. Legal holds, when the holds changed since they were last applied.
-        round.legal_hold_changes = self.sync_legal_holds(&holds, acked).await?;
+        // 3. Legal holds, when the holds changed during the round.
+        let l = self.ledger.clone();
+        let holds = blocking(move || l.holds()).await?;
+        round.legal_hold_changes += self.sync_legal_holds(&holds, acked).await?;
         Ok(round)
+    }
+
+    /// The archived segment that starts at receipt `from`, if there is one (`LIST` by its
+    /// name's prefix: a segment's name begins with its first receipt).
+    async fn existing_segment(&self, from: u64) -> Result<Option<layout::Name>, StoreError> {
+        let prefix = layout::under(&self.settings.prefix, &format!("segments/{from:020}-"));
+        let strip = layout::under(&self.settings.prefix, "");
+        let found = self
+            .retried(|| self.store.list(&self.settings.bucket, &prefix))
+            .await?;
+        Ok(found.iter().find_map(|(key, _)| {
+            layout::parse_name(key.strip_prefix(&strip).unwrap_or(key))
+                .filter(|n| n.kind == ObjectKind::Segment && n.first == from)
+        }))
     }
 
     /// Records that the legal hold of segment `rel` is on (or off).
