@@ -388,11 +388,6 @@ fn a_hold_sets_the_legal_hold_on_its_segments_and_blocks_deletion_past_retention
             placed_ns: 0,
             released_ns: None,
         };
-        // Two holds on segment 20..37; one on receipts not written yet (archived later).
-        let h1 = node.r.place_hold(hold(25, 30)).await.expect("hold 1");
-        let h2 = node.r.place_hold(hold(30, 33)).await.expect("hold 2");
-        let h3 = node.r.place_hold(hold(150, 152)).await.expect("hold 3");
-        node.checkpoint().await;
         // GOVERNANCE: retention alone yields to a bypass; a legal hold does not.
         let archive = Archive::new(
             settings(&moto.url, url, LockMode::Governance),
@@ -401,6 +396,13 @@ fn a_hold_sets_the_legal_hold_on_its_segments_and_blocks_deletion_past_retention
         )
         .await
         .expect("archive");
+        archive.round().await.expect("round");
+        // Placed after segment 20..40 was archived: two holds on it; one on receipts not
+        // written yet (archived later).
+        let h1 = node.r.place_hold(hold(25, 30)).await.expect("hold 1");
+        let h2 = node.r.place_hold(hold(30, 33)).await.expect("hold 2");
+        let h3 = node.r.place_hold(hold(150, 152)).await.expect("hold 3");
+        node.checkpoint().await;
         archive.round().await.expect("round");
         let objects = versions(&c, "archive-holds", "node-a/segments/").await;
         let key_of = |first: u64| {

@@ -844,10 +844,10 @@ fn main() -> ExitCode {
                 Err(e) => return fail(output, &e, EXIT_CONFIG),
             };
             // --s3: the archive is rebuilt into a private temporary ledger, verified below.
-            let (db, archive_problems, _rebuilt) = match (db, s3) {
-                (Some(db), _) => (db, Vec::new(), None),
+            let (db, label, archive_problems, _rebuilt) = match (db, s3) {
+                (Some(db), _) => (db.clone(), db.display().to_string(), Vec::new(), None),
                 (None, Some(url)) => match rebuild_archive(&url, s3_endpoint_url, s3_region) {
-                    Ok((file, problems)) => (file.0.clone(), problems, Some(file)),
+                    Ok((file, problems)) => (file.0.clone(), url, problems, Some(file)),
                     Err((e, code)) => return fail(output, &e, code),
                 },
                 (None, None) => return fail(output, "give --db or --s3", EXIT_CONFIG),
@@ -868,7 +868,7 @@ fn main() -> ExitCode {
                         Output::Human => {
                             println!(
                                 "{}: {} receipts ({} payloads compacted), {} checkpoints ({} not yet signed), {} keys",
-                                db.display(),
+                                label,
                                 report.receipts,
                                 report.compacted_payloads,
                                 report.checkpoints,

@@ -104,7 +104,7 @@ enum Task {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size) and print their reports (needs root).
+    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size; receipts archive to S3) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]
@@ -306,7 +306,13 @@ fn main() -> Result<()> {
                 &rules.to_string(),
             ]);
             let mut benches = vec![datapath];
-            for name in ["bench_api", "bench_receipts", "bench_sync", "bench_memory"] {
+            for name in [
+                "bench_api",
+                "bench_receipts",
+                "bench_sync",
+                "bench_memory",
+                "bench_archive",
+            ] {
                 benches.push(Command::new(examples.join(name)));
             }
             // Pod start to enforced runs real pods, so it lives with the workload tests (ignored
