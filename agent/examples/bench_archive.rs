@@ -5,7 +5,6 @@
 //! (median). `--check` exits non-zero when the goal is missed.
 
 #[path = "../../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use knhk_agent::{
@@ -53,7 +52,11 @@ fn ledger(path: &std::path::Path, n: u64) -> Ledger {
         .write_checkpoint(1, &key)
         .expect("checkpoint")
         .expect("a new checkpoint");
-    let body = ledger.checkpoint(number).expect("read").expect("stored").body;
+    let body = ledger
+        .checkpoint(number)
+        .expect("read")
+        .expect("stored")
+        .body;
     ledger
         .sign_checkpoint_body(number, &body, b"placeholder")
         .expect("sign");

@@ -568,17 +568,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             // Before compaction can run: with an archive, it removes only archived payloads.
             {
                 let (l, on) = (ledger.clone(), config.settings.archive.is_some());
-                tokio::task::spawn_blocking(move || {
+                tokio::task::spawn_blocking(move || -> Result<(), receipts::LedgerError> {
                     #[cfg(feature = "s3")]
-                    return crate::archive::set_compaction_gate(&l, on);
+                    crate::archive::set_compaction_gate(&l, on)?;
                     #[cfg(not(feature = "s3"))]
-                    return if on {
-                        Err(receipts::LedgerError::Refused(
-                            "[archive]: this build of knhk-agent lacks S3 support (cargo feature s3)".into(),
-                        ))
-                    } else {
-                        Ok(())
-                    };
+                    {
+                        drop(l);
+                        if on {
+                            return Err(receipts::LedgerError::Refused(
+                                "[archive]: this build of knhk-agent lacks S3 support (cargo feature s3)".into(),
+                            ));
+                        }
+                    }
+                    Ok(())
                 })
                 .await
                 .map_err(|e| AgentError::Internal(e.to_string()))?
