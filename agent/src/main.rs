@@ -731,6 +731,9 @@ fn main() -> ExitCode {
                 if config.settings.bundle.is_some() && cfg!(feature = "s3") {
                     active.push("bundle");
                 }
+                if config.settings.archive.is_some() && cfg!(feature = "s3") {
+                    active.push("archive");
+                }
                 match output {
                     Output::Json => {
                         let doc = serde_json::json!({
