@@ -565,6 +565,27 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 Some(l) => l,
                 None => Receipts::open_ledger(&settings).await?,
             };
+            // Before compaction can run: with an archive, it removes only archived payloads.
+            {
+                let (l, on) = (ledger.clone(), config.settings.archive.is_some());
+                tokio::task::spawn_blocking(move || -> Result<(), receipts::LedgerError> {
+                    #[cfg(feature = "s3")]
+                    crate::archive::set_compaction_gate(&l, on)?;
+                    #[cfg(not(feature = "s3"))]
+                    {
+                        drop(l);
+                        if on {
+                            return Err(receipts::LedgerError::Refused(
+                                "[archive]: this build of knhk-agent lacks S3 support (cargo feature s3)".into(),
+                            ));
+                        }
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| AgentError::Internal(e.to_string()))?
+                .map_err(ReceiptsError::from)?;
+            }
             let (receipts, tasks) = Receipts::start_on(
                 ledger,
                 settings,
@@ -592,6 +613,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             (Some(receipts), Some(tasks))
         }
         None => (None, None),
+    };
+
+    // The archive uploads the ledger to S3 with Object Lock when [archive] is set.
+    #[cfg(feature = "s3")]
+    let archive_tasks = match (&config.settings.archive, &receipts) {
+        (Some(settings), Some(r)) => {
+            let (archive, tasks) =
+                crate::archive::Archive::start(settings.clone(), r.ledger().clone(), &registry)
+                    .await
+                    .map_err(|e| AgentError::Internal(format!("[archive]: {e}")))?;
+            readiness.register("receipts archive", archive.readiness_check());
+            info!(url = %settings.url, lock_mode = settings.lock_mode.as_str(), retention_days = settings.retention_days, "receipts archive on");
+            Some(tasks)
+        }
+        _ => None,
     };
 
     // Witnessing pushes the ledger's checkpoints when [multi_region] enables it.
@@ -748,6 +784,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
     }
     services.shutdown(Instant::now() + SHUTDOWN_STEP).await;
+    #[cfg(feature = "s3")]
+    if let Some(tasks) = archive_tasks {
+        tasks.shutdown(Instant::now() + SHUTDOWN_STEP).await;
+    }
     if let (Some(r), Some(tasks)) = (&receipts, receipt_tasks) {
         if tokio::time::timeout(SHUTDOWN_STEP, r.pulse(0))
             .await

@@ -16,6 +16,7 @@
 //! - [`secure_dir`]: directories only the agent may write (the API socket's, the state directory).
 //! - [`objectstore`]: objects in S3-compatible storage and signed objects (no domain knowledge).
 //! - [`bundle`]: the fleet bundle follower: polls, verifies and keeps the signed bundle.
+//! - [`archive`]: the receipts archive on S3 with Object Lock (the `s3` feature).
 //! - [`dirwatch`]: inotify watches on directories, for following the cgroup tree.
 //! - [`workloads`]: the node's Kubernetes pods, from the cgroup tree and the container runtime
 //!   (CRI), so rules can select workloads by namespace and labels.
@@ -24,6 +25,8 @@
 pub mod abi;
 pub mod agent;
 pub mod api;
+#[cfg(feature = "s3")]
+pub mod archive;
 pub mod beat;
 pub mod bundle;
 pub mod client;

@@ -629,12 +629,22 @@ enum ReceiptsCommand {
     /// when the file is not a readable ledger), 64 when the file cannot be opened (missing, not
     /// a regular file, held by a running agent) or a --trusted-key is unusable.
     #[command(
-        after_help = "Examples:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb\n  knhk-agent receipts verify --db receipts.redb --trusted-key sha256:3f1c...e0\n  knhk-agent receipts verify --db receipts.redb --trusted-key signing-key.pub.pem\n  knhk-agent receipts verify --db receipts.redb --trusted-key aws-kms:alias/knhk-receipts --kms-region eu-west-1"
+        after_help = "Examples:\n  knhk-agent receipts verify --db /var/lib/knhk/receipts.redb\n  knhk-agent receipts verify --db receipts.redb --trusted-key sha256:3f1c...e0\n  knhk-agent receipts verify --db receipts.redb --trusted-key signing-key.pub.pem\n  knhk-agent receipts verify --db receipts.redb --trusted-key aws-kms:alias/knhk-receipts --kms-region eu-west-1\n  knhk-agent receipts verify --s3 s3://receipts-archive/node-7 --trusted-key sha256:3f1c...e0"
     )]
     Verify {
         /// The ledger database (stop the agent first, or copy the file).
-        #[arg(long)]
-        db: PathBuf,
+        #[arg(long, required_unless_present = "s3", conflicts_with = "s3")]
+        db: Option<PathBuf>,
+        /// Or: a node's archive, s3://BUCKET/PREFIX (as `[archive] url`): every object's content
+        /// hash against its name, then the ledger rebuilt from it, verified as --db is.
+        #[arg(long, value_name = "URL")]
+        s3: Option<String>,
+        /// The S3 endpoint for --s3 (MinIO, moto); default: AWS's.
+        #[arg(long, env = "AWS_ENDPOINT_URL_S3", requires = "s3")]
+        s3_endpoint_url: Option<String>,
+        /// The S3 region for --s3.
+        #[arg(long, default_value = "us-east-1", requires = "s3")]
+        s3_region: String,
         /// A key to trust (repeatable): its fingerprint (sha256:<64 hex digits>, as `receipts
         /// keys` and this command print), a public key file (PEM or SubjectPublicKeyInfo DER), or
         /// aws-kms:KEY_ID (key id, ARN or alias; its public key is fetched with GetPublicKey).
@@ -762,6 +772,9 @@ fn main() -> ExitCode {
                 if config.settings.bundle.is_some() && cfg!(feature = "s3") {
                     active.push("bundle");
                 }
+                if config.settings.archive.is_some() && cfg!(feature = "s3") {
+                    active.push("archive");
+                }
                 match output {
                     Output::Json => {
                         let doc = serde_json::json!({
@@ -862,6 +875,9 @@ fn main() -> ExitCode {
         }
         Command::Receipts(ReceiptsCommand::Verify {
             db,
+            s3,
+            s3_endpoint_url,
+            s3_region,
             trusted_keys,
             kms_region,
             kms_endpoint_url,
@@ -871,17 +887,32 @@ fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(output, &e, EXIT_CONFIG),
             };
+            // --s3: the archive is rebuilt into a private temporary ledger, verified below.
+            let (db, label, archive_problems, _rebuilt) = match (db, s3) {
+                (Some(db), _) => (db.clone(), db.display().to_string(), Vec::new(), None),
+                (None, Some(url)) => match rebuild_archive(&url, s3_endpoint_url, s3_region) {
+                    Ok((file, problems)) => (file.0.clone(), url, problems, Some(file)),
+                    Err((e, code)) => return fail(output, &e, code),
+                },
+                (None, None) => return fail(output, "give --db or --s3", EXIT_CONFIG),
+            };
             // A damaged file can make the database library panic; verify_file turns that into
             // an error, and the message is printed once, below, not by the panic hook.
             std::panic::set_hook(Box::new(|_| {}));
             match knhk_agent::receipts::verify_file_with(&db, &trusted) {
-                Ok(report) => {
+                Ok(mut report) => {
+                    // What only the archive can get wrong comes first.
+                    if !archive_problems.is_empty() {
+                        let mut all = archive_problems;
+                        all.append(&mut report.problems);
+                        report.problems = all;
+                    }
                     match output {
                         Output::Json => println!("{}", serde_json::json!(report)),
                         Output::Human => {
                             println!(
                                 "{}: {} receipts ({} payloads compacted), {} checkpoints ({} not yet signed), {} keys",
-                                db.display(),
+                                label,
                                 report.receipts,
                                 report.compacted_payloads,
                                 report.checkpoints,
@@ -1101,6 +1132,77 @@ fn main() -> ExitCode {
 
 /// Reports an error in the chosen form (JSON on stdout: `{"error", "exit_code"}`) and exits
 /// with `code`.
+/// A file in its own private temporary directory, both removed on drop.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        // Best effort: a private temporary file and its directory.
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// `receipts verify --s3`: the archive at `url` read into a new private temporary ledger, and
+/// what reading it found wrong; or an error and its exit code.
+#[cfg(feature = "s3")]
+fn rebuild_archive(
+    url: &str,
+    endpoint_url: Option<String>,
+    region: String,
+) -> Result<(TempFile, Vec<String>), (String, u8)> {
+    let (bucket, prefix) =
+        knhk_agent::config::settings::parse_archive_url(url).map_err(|e| (e, EXIT_CONFIG))?;
+    let dir = std::env::temp_dir().join(format!(
+        "knhk-archive-verify-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    ));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| (format!("{}: {e}", dir.display()), EXIT_CONFIG))?;
+    }
+    let file = TempFile(dir.join("archive.redb"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (format!("cannot start the runtime: {e}"), 1))?;
+    let result = runtime.block_on(async {
+        let store = knhk_agent::objectstore::ObjectStore::connect(
+            &knhk_agent::objectstore::StoreSettings {
+                force_path_style: endpoint_url.is_some(),
+                endpoint_url,
+                region,
+                timeout: std::time::Duration::from_secs(30),
+            },
+        )
+        .await?;
+        knhk_agent::archive::restore(&store, &bucket, &prefix, &file.0).await
+    });
+    let report = result.map_err(|e| (format!("reading the archive {url}: {e}"), EXIT_CONFIG))?;
+    Ok((file, report.problems))
+}
+
+/// Without the `s3` feature there is no archive to read.
+#[cfg(not(feature = "s3"))]
+fn rebuild_archive(
+    _url: &str,
+    _endpoint_url: Option<String>,
+    _region: String,
+) -> Result<(TempFile, Vec<String>), (String, u8)> {
+    Err((
+        "this build of knhk-agent lacks S3 support (cargo feature s3)".into(),
+        EXIT_CONFIG,
+    ))
+}
+
 /// The fingerprints of `receipts verify --trusted-key` arguments (fetching aws-kms: keys).
 fn trusted_fingerprints(
     args: &[String],

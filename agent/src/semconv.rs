@@ -675,6 +675,69 @@ pub const METRICS: &[MetricDef] = &[
         labels: &[],
         otlp: true,
     },
+    MetricDef {
+        name: "knhk.archive.acked_size",
+        prometheus: "knhk_archive_acked_size",
+        instrument: Instrument::Gauge,
+        unit: "{receipt}",
+        brief: "Receipts 0..N are in the archive (the ledger may compact their payloads).",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.archive.backlog",
+        prometheus: "knhk_archive_backlog_receipts",
+        instrument: Instrument::Gauge,
+        unit: "{receipt}",
+        brief: "Receipts in the ledger not yet archived (kept in the ledger, not in memory).",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.archive.uploads",
+        prometheus: "knhk_archive_uploads_total",
+        instrument: Instrument::Counter,
+        unit: "{object}",
+        brief: "Objects written to the archive, by kind: segments, checkpoints, keys.",
+        labels: &[("object", "knhk.archive.object")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.archive.receipts",
+        prometheus: "knhk_archive_receipts_total",
+        instrument: Instrument::Counter,
+        unit: "{receipt}",
+        brief: "Receipts archived (in segments written, or found already written).",
+        labels: &[],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.archive.failures",
+        prometheus: "knhk_archive_failures_total",
+        instrument: Instrument::Counter,
+        unit: "{round}",
+        brief: "Failed archive rounds, by reason: unavailable, refused, not_found, too_large, ledger.",
+        labels: &[("reason", "error.type")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.archive.circuit",
+        prometheus: "knhk_archive_circuit",
+        instrument: Instrument::Gauge,
+        unit: "1",
+        brief: "1 for the archive store's circuit breaker's current state.",
+        labels: &[("state", "knhk.circuit.state")],
+        otlp: true,
+    },
+    MetricDef {
+        name: "knhk.archive.legal_hold_segments",
+        prometheus: "knhk_archive_legal_hold_segments",
+        instrument: Instrument::Gauge,
+        unit: "{segment}",
+        brief: "Archived segments whose S3 legal hold is on.",
+        labels: &[],
+        otlp: true,
+    },
 ];
 
 /// Span names.
@@ -711,6 +774,8 @@ pub mod attr {
     pub const KNHK_ABI_VERSION: &str = "knhk.abi.version";
     /// `knhk.api.surface`: An authorization surface of the gRPC API.
     pub const KNHK_API_SURFACE: &str = "knhk.api.surface";
+    /// `knhk.archive.object`: What an archived object holds: segments (receipts and payloads), checkpoints (a signed checkpoint), keys (a key record).
+    pub const KNHK_ARCHIVE_OBJECT: &str = "knhk.archive.object";
     /// `knhk.bpf.map`: A BPF map of the datapath.
     pub const KNHK_BPF_MAP: &str = "knhk.bpf.map";
     /// `knhk.bundle.poll_result`: What a poll of the fleet bundle found: fetched (200, a new object), not_modified (304), unavailable, error.

@@ -74,6 +74,11 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "secure_dir",
         ],
     ),
+    // The receipts archive: reads the ledger, writes the object store.
+    (
+        "archive",
+        &["config", "receipts", "resilience", "tasks", "objectstore"],
+    ),
     // The witness service (`knhk-agent witness`): verifies and cosigns node logs' checkpoints.
     (
         "witness",
@@ -125,6 +130,7 @@ pub const ALLOWED: &[(&str, &[&str])] = &[
             "beat",
             "control",
             "receipts",
+            "archive",
             "sync",
             "api",
             "tasks",

@@ -105,7 +105,7 @@ enum Task {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size) and print their reports (needs root).
+    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size; receipts archive to S3) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]
@@ -312,6 +312,7 @@ fn main() -> Result<()> {
                 "bench_receipts",
                 "bench_witness",
                 "bench_memory",
+                "bench_archive",
             ] {
                 benches.push(Command::new(examples.join(name)));
             }

@@ -1,7 +1,7 @@
 //! The agent's configuration: one TOML file, parsed strictly.
 //!
 //! Top-level tables: `[agent]`, `[policy]` (with `[[policy.rules]]`), `[slo]`, `[spiffe]`, `[kms]`,
-//! `[multi_region]`, `[promotion]`, `[bundle]`. The readiness plan's `[sidecar]` and `[sidecar.X]` are
+//! `[multi_region]`, `[promotion]`, `[bundle]`, `[archive]`. The readiness plan's `[sidecar]` and `[sidecar.X]` are
 //! accepted as aliases of `[agent]` and `[X]`, so its example configuration loads unchanged.
 //!
 //! Every value is checked while parsing (unknown keys, bad prefixes, port ranges, enum values), so
@@ -18,9 +18,9 @@ pub use schema::{
     SloSection, SpiffeSection, DEFAULT_API_SOCKET, DEFAULT_LISTEN_ADDRESS,
 };
 pub use settings::{
-    BeatSettings, BundleKey, BundleSection, BundleSettings, FilePaths, IdentitySettings, Peer,
-    PromotionSettings, ReceiptSettings, Settings, SignerSettings, SyncSettings, TelemetrySection,
-    TelemetrySettings,
+    ArchiveSection, ArchiveSettings, BeatSettings, BundleKey, BundleSection, BundleSettings,
+    FilePaths, IdentitySettings, Peer, PromotionSettings, ReceiptSettings, Settings,
+    SignerSettings, SyncSettings, TelemetrySection, TelemetrySettings,
 };
 
 use std::path::{Path, PathBuf};
@@ -263,7 +263,7 @@ impl Config {
 }
 
 /// Top-level sections that environment overrides may address.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "agent",
     "policy",
     "slo",
@@ -274,6 +274,7 @@ const SECTIONS: [&str; 10] = [
     "promotion",
     "telemetry",
     "bundle",
+    "archive",
 ];
 
 /// The table an override of `section` goes to: the file's own form of it (`[sidecar]` for

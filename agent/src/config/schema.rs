@@ -543,6 +543,7 @@ pub(super) struct RawConfig {
     kubernetes: Option<Spanned<KubernetesSection>>,
     telemetry: Option<Spanned<TelemetrySection>>,
     bundle: Option<Spanned<super::settings::BundleSection>>,
+    archive: Option<Spanned<super::settings::ArchiveSection>>,
 }
 
 /// Takes the one of a top-level section and its nested alias that is present; both is an error.
@@ -842,6 +843,23 @@ impl RawConfig {
             ),
             None => None,
         };
+        let archive = match &self.archive {
+            Some(a) => {
+                let settings = super::settings::ArchiveSettings::from_section(a.get_ref())
+                    .map_err(|(k, m, pos)| {
+                        err(pos.unwrap_or(a.span().start), format!("archive.{k}"), m)
+                    })?;
+                if receipt_settings.is_none() {
+                    return Err(err(
+                        a.span().start,
+                        "archive".into(),
+                        "[archive] archives the receipts ledger, and there is none: configure [kms] (and [receipts]) too".into(),
+                    ));
+                }
+                Some(settings)
+            }
+            None => None,
+        };
         Ok(Config {
             settings: Settings {
                 beat,
@@ -851,6 +869,7 @@ impl RawConfig {
                 telemetry: telemetry_settings,
                 promotion: promotion_settings,
                 bundle,
+                archive,
             },
             agent,
             policy: PolicySection { max_rules, rules },

@@ -1001,3 +1001,134 @@ fn bundle_keys_are_checked_each_with_its_key_and_line() {
     let e = err("[bundle]\nurl = \"s3://fleet/b.json\"\njitter = \"lots\"\n");
     assert!(e.contains("line 3") && e.contains("invalid type"), "{e}");
 }
+
+#[test]
+fn archive_keys_are_checked_each_with_its_key_and_line() {
+    let base = "[kms]\nprovider = \"file\"\nkey_dir = \"/tmp/k\"\n[archive]\nurl = \"s3://receipts-archive/eu/node-7/\"\nlock_mode = \"governance\"\nretention_days = 30\n";
+    let ok = Config::parse(
+        &format!("{base}endpoint_url = \"http://127.0.0.1:9000\"\nsegment_max_receipts = 500\n"),
+        "t",
+    )
+    .expect("valid");
+    let a = ok.settings.archive.as_ref().expect("[archive]");
+    assert_eq!(
+        (a.bucket.as_str(), a.prefix.as_str()),
+        ("receipts-archive", "eu/node-7"),
+        "the trailing / is dropped"
+    );
+    assert_eq!(a.lock_mode, crate::objectstore::LockMode::Governance);
+    assert!(a.force_path_style, "on by default with an endpoint_url");
+    assert_eq!(
+        (
+            a.retention_days,
+            a.segment_max_receipts,
+            a.max_backlog_receipts
+        ),
+        (30, 500, 1_000_000)
+    );
+    assert_eq!(a.upload_interval, std::time::Duration::from_millis(5000));
+    // Each bad value: its key, its line (the value's own) and why.
+    for (extra, key, line, why) in [
+        (
+            "segment_max_receipts = 0\n",
+            "archive.segment_max_receipts",
+            8,
+            "0 is out of range (1-100000)",
+        ),
+        (
+            "segment_max_receipts = 100001\n",
+            "archive.segment_max_receipts",
+            8,
+            "100001 is out of range (1-100000)",
+        ),
+        (
+            "upload_interval_ms = 5\n",
+            "archive.upload_interval_ms",
+            8,
+            "5 is out of range (100-3600000)",
+        ),
+        (
+            "max_backlog_receipts = 10\nsegment_max_receipts = 100\n",
+            "archive.max_backlog_receipts",
+            8,
+            "10 is less than segment_max_receipts (100)",
+        ),
+        (
+            "max_backlog_receipts = 0\n",
+            "archive.max_backlog_receipts",
+            8,
+            "0 is out of range (1-100000000)",
+        ),
+        (
+            "timeout_ms = 1\n",
+            "archive.timeout_ms",
+            8,
+            "1 is out of range (100-60000)",
+        ),
+        (
+            "endpoint_url = \"ftp://x\"\n",
+            "archive.endpoint_url",
+            8,
+            "is not an http(s) URL",
+        ),
+        (
+            "region = \"EU West\"\n",
+            "archive.region",
+            8,
+            "is not a region name",
+        ),
+    ] {
+        let e = err(&format!("{base}{extra}"));
+        assert!(e.contains(&format!("line {line}: {key}")), "{extra}: {e}");
+        assert!(e.contains(why), "{extra}: {e}");
+    }
+    let kms = "[kms]\nprovider = \"file\"\nkey_dir = \"/tmp/k\"\n[archive]\n";
+    for (section, expect) in [
+        (
+            "url = \"https://a/b\"\nlock_mode = \"compliance\"\nretention_days = 1\n",
+            "line 5: archive.url: \"https://a/b\" does not start with s3://",
+        ),
+        (
+            "url = \"s3://A/b\"\nlock_mode = \"compliance\"\nretention_days = 1\n",
+            "is not a valid S3 bucket name",
+        ),
+        (
+            "lock_mode = \"compliance\"\nretention_days = 1\n",
+            "line 4: archive.url: is required",
+        ),
+        (
+            "url = \"s3://abc/p\"\nretention_days = 1\n",
+            "archive.lock_mode: is required",
+        ),
+        (
+            "url = \"s3://abc/p\"\nlock_mode = \"legal\"\nretention_days = 1\n",
+            "line 6: archive.lock_mode: \"legal\" is not an Object Lock mode (expected \"compliance\" or \"governance\")",
+        ),
+        (
+            "url = \"s3://abc/p\"\nlock_mode = \"compliance\"\n",
+            "archive.retention_days: is required (1-36500)",
+        ),
+        (
+            "url = \"s3://abc/p\"\nlock_mode = \"compliance\"\nretention_days = 0\n",
+            "line 7: archive.retention_days: 0 is out of range (1-36500)",
+        ),
+        (
+            "url = \"s3://abc/p\"\nlock_mode = \"compliance\"\nretention_days = 1\nsegment_max = 3\n",
+            "unknown field `segment_max`",
+        ),
+        (
+            "url = \"s3://abc/p\"\nlock_mode = \"compliance\"\nretention_days = \"30d\"\n",
+            "invalid type",
+        ),
+    ] {
+        let e = err(&format!("{kms}{section}"));
+        assert!(e.contains(expect), "{section}: {e}");
+    }
+    // Without a ledger there is nothing to archive.
+    let e =
+        err("[archive]\nurl = \"s3://abc/p\"\nlock_mode = \"compliance\"\nretention_days = 1\n");
+    assert!(
+        e.contains("line 1: archive") && e.contains("configure [kms]"),
+        "{e}"
+    );
+}

@@ -292,6 +292,176 @@ impl ObjectStore {
     }
 }
 
+/// An S3 Object Lock retention mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Nobody, the root account included, can shorten the retention or delete a version
+    /// before it ends.
+    Compliance,
+    /// Users with `s3:BypassGovernanceRetention` can delete or shorten it (tests, mistakes).
+    Governance,
+}
+
+impl LockMode {
+    /// The configuration's and S3's lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::Compliance => "compliance",
+            LockMode::Governance => "governance",
+        }
+    }
+}
+
+/// Object Lock settings of one write: retention mode and date, and the legal hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// Retention mode.
+    pub mode: LockMode,
+    /// Retain until, seconds since the Unix epoch.
+    pub retain_until_secs: i64,
+    /// Whether the legal hold is set at once.
+    pub legal_hold: bool,
+}
+
+/// What a conditional create found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// The object was written now.
+    Written,
+    /// An object was already there (nothing was written).
+    Existed,
+}
+
+/// Maps an SDK error of `name` to a [`StoreError`].
+#[cfg(feature = "s3")]
+fn sdk_error<E>(name: &str, e: aws_sdk_s3::error::SdkError<E>) -> StoreError
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::fmt::Display + std::error::Error + 'static,
+{
+    use aws_sdk_s3::error::SdkError;
+    match e {
+        SdkError::ServiceError(s) => {
+            service_error(name.to_owned(), s.raw().status().as_u16(), s.err())
+        }
+        e => StoreError::Unavailable {
+            url: name.to_owned(),
+            message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
+        },
+    }
+}
+
+#[cfg(feature = "s3")]
+impl ObjectStore {
+    /// The size of `url`, or `None` when there is no such object (`HEAD`, no body).
+    pub async fn head(&self, url: &ObjectUrl) -> Result<Option<u64>, StoreError> {
+        use aws_sdk_s3::error::SdkError;
+        let name = url.to_string();
+        match self
+            .client
+            .head_object()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 404 => Ok(None),
+            Err(e) => Err(sdk_error(&name, e)),
+        }
+    }
+
+    /// Writes `body` at `url` with `lock`, only if no object is there (`If-None-Match: *`; a
+    /// store that already has one answers `412`, which is [`Created::Existed`]). One
+    /// `PutObject`: never a multipart upload.
+    pub async fn create_locked(
+        &self,
+        url: &ObjectUrl,
+        body: Vec<u8>,
+        content_type: &str,
+        lock: &ObjectLock,
+    ) -> Result<Created, StoreError> {
+        use aws_sdk_s3::{
+            error::SdkError,
+            types::{ObjectLockLegalHoldStatus, ObjectLockMode},
+        };
+        let name = url.to_string();
+        let mode = match lock.mode {
+            LockMode::Compliance => ObjectLockMode::Compliance,
+            LockMode::Governance => ObjectLockMode::Governance,
+        };
+        let call = self
+            .client
+            .put_object()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .content_type(content_type)
+            .if_none_match("*")
+            .object_lock_mode(mode)
+            .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                lock.retain_until_secs,
+            ))
+            .set_object_lock_legal_hold_status(
+                lock.legal_hold.then_some(ObjectLockLegalHoldStatus::On),
+            )
+            .body(aws_sdk_s3::primitives::ByteStream::from(body));
+        match call.send().await {
+            Ok(_) => Ok(Created::Written),
+            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 412 => {
+                Ok(Created::Existed)
+            }
+            Err(e) => Err(sdk_error(&name, e)),
+        }
+    }
+
+    /// Sets (`on`) or clears the legal hold of `url`'s current version.
+    pub async fn set_legal_hold(&self, url: &ObjectUrl, on: bool) -> Result<(), StoreError> {
+        use aws_sdk_s3::types::{ObjectLockLegalHold, ObjectLockLegalHoldStatus};
+        let status = if on {
+            ObjectLockLegalHoldStatus::On
+        } else {
+            ObjectLockLegalHoldStatus::Off
+        };
+        self.client
+            .put_object_legal_hold()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .legal_hold(ObjectLockLegalHold::builder().status(status).build())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error(&url.to_string(), e))
+    }
+
+    /// Every key under `prefix` in `bucket` with its size, in key order (paged `ListObjectsV2`).
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let name = format!("s3://{bucket}/{prefix}");
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error(&name, e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    out.push((k.to_owned(), o.size().unwrap_or(0).max(0) as u64));
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated().unwrap_or(false) => token = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
 /// A service error: 5xx, 408 and 429 may pass (unavailable), 404 is a missing object or
 /// bucket, anything else a refusal, named by the store's code and message.
 #[cfg(feature = "s3")]

@@ -29,6 +29,12 @@ pub(crate) const COSIGNATURES: TableDefinition<(u64, &str), &[u8]> =
 /// Small named values (sync state of a foreign ledger, fork evidence).
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Meta: receipts `0..N` are in the archive (`N` as decimal ASCII), written by the archiver.
+pub const META_ARCHIVE_ACKED_SIZE: &str = "archive_acked_size";
+/// Meta: present (`1`) while an archive is configured: then [`Ledger::compact`] removes only
+/// payloads of receipts below [`META_ARCHIVE_ACKED_SIZE`] (none before the first upload).
+pub const META_ARCHIVE_GATE: &str = "archive_gate";
+
 /// Why a ledger operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
@@ -278,6 +284,12 @@ impl Ledger {
             region: region.to_owned(),
             origin,
         })
+    }
+
+    /// Records `origin` as the log's origin (for a ledger rebuilt from a copy of another log,
+    /// such as an archive; the handle keeps the origin it was opened with).
+    pub fn set_origin(&self, origin: &str) -> Result<(), LedgerError> {
+        self.put_meta(ORIGIN, origin.as_bytes())
     }
 
     /// The log's origin, `knhk/<region>/<node>/<epoch>` ([`format::origin`]), as recorded when
@@ -536,6 +548,25 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Up to `limit` receipts from `from` as stored: (seq, encoding, payload unless compacted).
+    pub fn encoded_receipts(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<EncodedReceipt>, LedgerError> {
+        let tx = self.begin_read()?;
+        let receipts = tx.open_table(RECEIPTS).map_err(db)?;
+        let payloads = tx.open_table(PAYLOADS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in receipts.range(from..).map_err(db)?.take(limit) {
+            let (k, v) = entry.map_err(db)?;
+            let seq = k.value();
+            let payload = payloads.get(seq).map_err(db)?.map(|v| v.value().to_vec());
+            out.push((seq, v.value().to_vec(), payload));
+        }
+        Ok(out)
+    }
+
     /// The root of the first `size` receipts.
     pub fn root(&self, size: u64) -> Result<Hash, LedgerError> {
         let tx = self.begin_read()?;
@@ -641,7 +672,9 @@ impl Ledger {
 
     /// Removes the payloads of receipts older than their kind's retention (`retention_ns(kind)`;
     /// `None`: keep forever) that no active hold covers. Headers, leaf and node hashes stay, so
-    /// the tree still verifies. Returns how many payloads were removed.
+    /// the tree still verifies. While an archive is configured ([`META_ARCHIVE_GATE`]), only
+    /// payloads of receipts it acknowledged ([`META_ARCHIVE_ACKED_SIZE`]) are eligible.
+    /// Returns how many payloads were removed.
     pub fn compact(
         &self,
         now_ns: i64,
@@ -652,6 +685,14 @@ impl Ledger {
             .into_iter()
             .filter(|h| h.released_ns.is_none())
             .collect();
+        // With an archive, only what it acknowledged may go.
+        let archived_below = match self.meta(META_ARCHIVE_GATE)? {
+            Some(_) => self
+                .meta(META_ARCHIVE_ACKED_SIZE)?
+                .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
+                .unwrap_or(0),
+            None => u64::MAX,
+        };
         let tx = self.begin_write()?;
         let removed = {
             let receipts = tx.open_table(RECEIPTS).map_err(db)?;
@@ -660,6 +701,9 @@ impl Ledger {
             for entry in payloads.iter().map_err(db)? {
                 let (k, _) = entry.map_err(db)?;
                 let seq = k.value();
+                if seq >= archived_below {
+                    continue;
+                }
                 let Some(bytes) = receipts.get(seq).map_err(db)? else {
                     continue;
                 };

@@ -2,6 +2,7 @@
 //! subsystems take these and never read the raw sections: what `check-config` accepted is
 //! exactly what `run` starts with.
 
+mod archive;
 mod beat;
 mod bundle;
 mod identity;
@@ -10,6 +11,7 @@ mod receipts;
 mod sync;
 mod telemetry;
 
+pub use archive::{parse_archive_url, ArchiveSection, ArchiveSettings};
 pub use beat::BeatSettings;
 pub use bundle::{BundleKey, BundleSection, BundleSettings};
 pub use identity::{FilePaths, IdentitySettings, DEFAULT_SOCKET};
@@ -38,4 +40,6 @@ pub struct Settings {
     pub promotion: PromotionSettings,
     /// The fleet bundle this node follows (`[bundle]`).
     pub bundle: Option<BundleSettings>,
+    /// The receipts archive on S3 with Object Lock (`[archive]`).
+    pub archive: Option<ArchiveSettings>,
 }
