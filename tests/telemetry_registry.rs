@@ -219,8 +219,7 @@ fn markdown(r: &Registry) -> String {
     o.push_str("\nThe process metrics (`process_*`) of the Prometheus client are served on `/metrics` only.\n\n## Spans\n\n\
         Span names are the registry's span group ids without `span.`. A caller's W3C `traceparent` \
         (gRPC metadata) on `ApplyPolicy` and `Rollback` makes their spans children of the caller's \
-        span; region sync sends the push span's `traceparent` to the witness, whose verify span joins \
-        that trace.\n\n| span | kind | attributes | description |\n|---|---|---|---|\n");
+        span; a node's push of a checkpoint to a witness is a client span with the witness as its peer.\n\n| span | kind | attributes | description |\n|---|---|---|---|\n");
     for s in &r.spans {
         let _ = writeln!(
             o,

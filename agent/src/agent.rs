@@ -27,7 +27,7 @@ const SHUTDOWN_API: Duration = Duration::from_secs(10);
 /// How long each middle step of the shutdown may take (beat engine; receipts flush and final
 /// checkpoint; receipts signing).
 const SHUTDOWN_STEP: Duration = Duration::from_secs(3);
-/// How long region sync may push after a stop. With the steps above the total stays under
+/// How long witnessing may push after a stop. With the steps above the total stays under
 /// Kubernetes' default grace period of 30 s: 10 + 3 × 3 + 5 = 24 s at worst.
 const SHUTDOWN_SYNC: Duration = Duration::from_secs(5);
 use std::{path::PathBuf, sync::Arc, time::Duration};
@@ -766,7 +766,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // Shutdown, within Kubernetes' default grace period of 30 s: the API first (no new work;
     // in-flight calls finish), then the beat engine, then the ledger (flushed, closed with a
-    // checkpoint, signed if the KMS answers), then region sync (pushes what it can).
+    // checkpoint, signed if the KMS answers), then witnessing (pushes the final checkpoint).
     let stopping = Instant::now();
     // A dropped receiver means the server already stopped.
     let _already_stopped = stop_api.send(());

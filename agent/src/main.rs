@@ -21,7 +21,7 @@ const EXIT_DATAPATH: u8 = 69;
                   them as Prometheus metrics. With [slo] it sheds colder runtime classes when a hotter one \
                   breaches its latency SLO; with [spiffe] its gRPC API is mTLS with SPIFFE-ID authorization; \
                   with [kms] it keeps a signed receipts ledger of its decisions; with [multi_region] it \
-                  replicates that ledger to peer regions, which cosign it.",
+                  pushes that ledger's checkpoints to witnesses (knhk-agent witness), which cosign them.",
     after_help = "Exit codes: 0 success; 1 other error (receipts verify: the ledger does not verify); 64 invalid configuration \
                   or policy file, unusable identity files or key, a request the agent refused as invalid that is not a \
                   policy (nothing changed); 65 the agent refused the policy as invalid (client commands), or (run) the receipts \

@@ -1,4 +1,4 @@
-//! Calls to remote services (a KMS, peer regions): retry with exponential backoff and jitter
+//! Calls to remote services (a KMS, witnesses, S3): retry with exponential backoff and jitter
 //! ([`backoff`], from `backon`) inside a circuit breaker ([`CircuitBreaker`]): after
 //! `failure_threshold` consecutive failures the circuit opens and calls fail fast for
 //! `open_for`; then one probe is let through (half-open); its success closes the circuit, its

@@ -2,7 +2,7 @@
 //!
 //! Every long-running task belongs to a [`TaskGroup`], held by whoever started it (in the agent,
 //! `agent.rs`). A task watches its group's [`Stop`] signal and finishes its work when it fires
-//! (the receipts writer flushes, region sync pushes what it can); [`TaskGroup::shutdown`] fires
+//! (the receipts writer flushes, witnessing pushes the final checkpoint); [`TaskGroup::shutdown`] fires
 //! the signal and awaits every task until a deadline, then aborts what is left and says so. A
 //! group that is dropped without a shutdown aborts its tasks, so no task outlives its owner.
 

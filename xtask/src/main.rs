@@ -105,7 +105,7 @@ enum Task {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; region sync; memory by policy size; receipts archive to S3) and print their reports (needs root).
+    /// Run the benchmarks (datapath cost; policy API latency; receipts ledger; witnessing; memory by policy size; receipts archive to S3) and print their reports (needs root).
     Bench {
         /// Connects per measurement.
         #[arg(long, default_value_t = 10_000)]

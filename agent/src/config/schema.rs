@@ -69,7 +69,7 @@ impl Config {
         } else if self.multi_region.is_some() && self.kms.is_none() {
             out.push((
                 "multi_region",
-                "region sync replicates the receipts ledger, which needs [kms]",
+                "witnessing pushes the receipts ledger's checkpoints, which needs [kms]",
             ));
         }
         if self.telemetry.is_some() && self.settings.telemetry.is_none() {
@@ -1126,8 +1126,8 @@ impl Config {
                     tls_peers.join(", ")
                 )),
                 Some(id) if id.access.region_peers.is_empty() => out.push(
-                    "spiffe.authorized_ids.region_peers is empty: peer regions cannot push their receipts to \
-                     this agent, so it witnesses nobody and their checkpoints miss this region's cosignature"
+                    "spiffe.authorized_ids.region_peers is empty: any SPIFFE ID of the accepted trust domains \
+                     is accepted as a witness; list the witnesses' IDs (e.g. spiffe://example.org/knhk/witness/*)"
                         .into(),
                 ),
                 _ => {}

@@ -32,7 +32,7 @@ pub struct Settings {
     pub identity: Option<IdentitySettings>,
     /// The receipts ledger (`[kms]`, with `[receipts]`).
     pub receipts: Option<ReceiptSettings>,
-    /// Region sync (`[multi_region]` with `cross_region_sync_enabled = true`).
+    /// Witnessing (`[multi_region]` with `cross_region_sync_enabled = true`).
     pub sync: Option<SyncSettings>,
     /// OTLP export of metrics and traces (`[telemetry]` with an endpoint or `weaver_live_check`).
     pub telemetry: Option<TelemetrySettings>,
