@@ -304,7 +304,7 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_has_the_same_rules() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 8 rules found"),
+            String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 9 rules found"),
             "{out:?}"
         );
     }

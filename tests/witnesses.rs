@@ -632,7 +632,11 @@ fn kernel_twelve_nodes_in_three_regions_reach_quorum_through_witness_loss_and_pa
             &wkeys,
         );
         drop(ledger);
-        verify_offline(&n.db());
+        // Offline verification names the origin and the witnesses whose cosignatures verified.
+        let out = verify_offline(&n.db());
+        assert!(out.contains(&format!("  origin {}", body.origin)), "{out}");
+        let witnesses = out.lines().filter(|l| l.starts_with("  witness ")).count();
+        assert!(witnesses >= 2, "{}: {out}", n.name);
     }
 }
 

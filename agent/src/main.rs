@@ -931,6 +931,15 @@ fn main() -> ExitCode {
                             for t in &report.trust.trusted_keys {
                                 println!("  trusted key {t}");
                             }
+                            if let Some(origin) = &report.origin {
+                                println!("  origin {origin}");
+                            }
+                            for w in &report.witnesses {
+                                println!(
+                                    "  witness {}  {} cosignatures, newest size {}",
+                                    w.verifier_key, w.cosignatures, w.newest_size
+                                );
+                            }
                             println!("trust: {}", report.trust.statement);
                             // The report's verdict (no problems), not a Result conversion.
                             if report.ok() && report.trust.pinned {

@@ -39,6 +39,10 @@ pub struct VerifyReport {
     pub cosignatures: u64,
     /// The key history, oldest first, with fingerprints to compare with the KMS.
     pub key_history: Vec<KeyEntry>,
+    /// The log's origin (the recorded one, else its first checkpoint's).
+    pub origin: Option<String>,
+    /// Each witness whose cosignatures verified, with the newest size it cosigned.
+    pub witnesses: Vec<WitnessEntry>,
     /// What the signatures were anchored to.
     pub trust: Trust,
     /// Everything wrong, in order; empty when the ledger verifies.
@@ -56,6 +60,17 @@ pub struct KeyEntry {
     pub since_ns: i64,
     /// A trusted key, or handed over from one by verified transition statements.
     pub anchored: bool,
+}
+
+/// A witness as verification saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WitnessEntry {
+    /// Its C2SP verifier key (compare it with the witness's `--print-key`).
+    pub verifier_key: String,
+    /// Its cosignatures that verified.
+    pub cosignatures: u64,
+    /// The largest checkpoint size it cosigned.
+    pub newest_size: u64,
 }
 
 /// The trust anchor of a verification.
@@ -319,8 +334,8 @@ pub fn verify_with(
         .get("origin")
         .map_err(db)?
         .map(|v| String::from_utf8_lossy(v.value()).into_owned());
-    if let Some(origin) = recorded.or_else(|| checkpoints.first().map(|(_, _, b)| b.origin.clone()))
-    {
+    report.origin = recorded.or_else(|| checkpoints.first().map(|(_, _, b)| b.origin.clone()));
+    if let Some(origin) = report.origin.clone() {
         for (number, _, body) in &checkpoints {
             if body.origin != origin {
                 problem(
@@ -419,9 +434,9 @@ pub fn verify_with(
         }
     }
     // Witness cosignatures, each over its checkpoint's body.
-    let bodies: HashMap<u64, String> = checkpoints
+    let bodies: HashMap<u64, (String, u64)> = checkpoints
         .iter()
-        .map(|(n, s, _)| (*n, s.body.clone()))
+        .map(|(n, s, b)| (*n, (s.body.clone(), b.size)))
         .collect();
     for entry in tx
         .open_table(COSIGNATURES)
@@ -443,18 +458,37 @@ pub fn verify_with(
                 continue;
             }
         };
-        let Some(body) = bodies.get(&number) else {
+        let Some((body, size)) = bodies.get(&number) else {
             problem(
                 &mut report,
                 format!("cosignature of checkpoint {number} by {witness}: no such checkpoint"),
             );
             continue;
         };
-        if let Err(why) = check_cosignature(&c, body) {
-            problem(
+        match check_cosignature(&c, body) {
+            Err(why) => problem(
                 &mut report,
                 format!("cosignature of checkpoint {number} by {witness}: {why}"),
-            );
+            ),
+            Ok(()) => {
+                let i = match report
+                    .witnesses
+                    .iter()
+                    .position(|w| w.verifier_key == c.witness_key)
+                {
+                    Some(i) => i,
+                    None => {
+                        report.witnesses.push(WitnessEntry {
+                            verifier_key: c.witness_key.clone(),
+                            ..Default::default()
+                        });
+                        report.witnesses.len() - 1
+                    }
+                };
+                let w = &mut report.witnesses[i];
+                w.cosignatures += 1;
+                w.newest_size = w.newest_size.max(*size);
+            }
         }
     }
     let total = report.receipts;
