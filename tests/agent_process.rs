@@ -1053,6 +1053,18 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
             .id
     });
     agent.kill9();
+    // What was committed at the kill, read offline (as `receipts verify` does): the restarted
+    // agent must keep all of it, acknowledged or not.
+    let on_disk: Vec<[u8; 32]> = {
+        let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
+        let size = ledger.size().expect("size");
+        ledger
+            .receipts(0, size as usize)
+            .expect("receipts")
+            .iter()
+            .map(|(r, _)| knhk_agent::receipts::merkle::leaf(&r.encode()))
+            .collect()
+    };
 
     // Restart while the clients keep going; let the flood run on the new agent too.
     let agent = Agent::start(&config);
@@ -1099,6 +1111,11 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
         &new_leaves[..old_leaves.len()],
         &old_leaves[..],
         "every acknowledged receipt keeps its hash"
+    );
+    assert!(
+        new_leaves.len() >= on_disk.len() && new_leaves[..on_disk.len()] == on_disk[..],
+        "the restarted agent keeps the {} receipts committed before the kill",
+        on_disk.len()
     );
 
     // Stop, then every acknowledged hold has its receipt and the ledger verifies offline.
