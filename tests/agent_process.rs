@@ -1018,7 +1018,53 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
     // Acknowledged before the kill: the latest signed checkpoint and the receipts under it.
     let (old_size, old_root, old_leaves) = acknowledged_tree(&agent);
     assert!(old_size > 20, "receipts are being written: {old_size}");
+    // The kill lands the moment a client has a hold acknowledged, with more in flight (a kill
+    // at a random moment rarely falls between an acknowledgement and its commit): a hold
+    // acknowledged before its receipt was durable is lost here.
+    let mut agent = agent;
+    let last_hold = runtime().block_on(async {
+        use knhk_agent::api::receipts::pb::{
+            hold_service_client::HoldServiceClient, Hold, PlaceHoldRequest,
+        };
+        let channel = agent.channel().await;
+        let mut placing = tokio::task::JoinSet::new();
+        for k in 0..16 {
+            let mut client = HoldServiceClient::new(channel.clone());
+            placing.spawn(async move {
+                client
+                    .place_hold(PlaceHoldRequest {
+                        hold: Some(Hold {
+                            case_id: format!("FLOOD-killed-{k}"),
+                            reason: "load".into(),
+                            from_seq: Some(0),
+                            to_seq: Some(1),
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+            });
+        }
+        let first = placing.join_next().await.expect("a hold placed");
+        agent.child.kill().expect("SIGKILL");
+        first
+            .expect("the placing task")
+            .expect("place a hold")
+            .into_inner()
+            .id
+    });
     agent.kill9();
+    // What was committed at the kill, read offline (as `receipts verify` does): the restarted
+    // agent must keep all of it, acknowledged or not.
+    let on_disk: Vec<[u8; 32]> = {
+        let ledger = knhk_agent::receipts::Ledger::open(&db, "test", "local").expect("open");
+        let size = ledger.size().expect("size");
+        ledger
+            .receipts(0, size as usize)
+            .expect("receipts")
+            .iter()
+            .map(|(r, _)| knhk_agent::receipts::merkle::leaf(&r.encode()))
+            .collect()
+    };
 
     // Restart while the clients keep going; let the flood run on the new agent too.
     let agent = Agent::start(&config);
@@ -1027,6 +1073,7 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
     let acked: Vec<u64> = holders
         .into_iter()
         .flat_map(|h| h.join().expect("client"))
+        .chain([last_hold])
         .collect();
     let applies = applier.join().expect("applier");
     let (new_size, new_root, new_leaves) = acknowledged_tree(&agent);
@@ -1064,6 +1111,11 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
         &new_leaves[..old_leaves.len()],
         &old_leaves[..],
         "every acknowledged receipt keeps its hash"
+    );
+    assert!(
+        new_leaves.len() >= on_disk.len() && new_leaves[..on_disk.len()] == on_disk[..],
+        "the restarted agent keeps the {} receipts committed before the kill",
+        on_disk.len()
     );
 
     // Stop, then every acknowledged hold has its receipt and the ledger verifies offline.

@@ -324,9 +324,23 @@ fn kernel_pod_churn_leaves_no_stale_scopes_or_entries() {
     for p in live.drain(..) {
         s.ctr.remove_pod(&p);
     }
-    wait_until("every pod's scope is gone", Duration::from_secs(10), || {
-        scope_state(&agent) == baseline
-    });
+    // Every pod's scope is gone: what is left is named when it is not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = scope_state(&agent);
+        if now == baseline {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stale after every pod is gone: scopes {:?}, trie entries {} (before the pods: {:?}, {})",
+            now.0,
+            now.1,
+            baseline.0,
+            baseline.1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Counters stayed consistent through the churn: the rule decided exactly the connects the
     // selected pods made (one each), and the unknown-pod guard none.
     let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
