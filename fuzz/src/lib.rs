@@ -7,7 +7,7 @@ use knhk_agent::{
     note,
     api::convert::{policy_from_proto, policy_to_proto},
     model::CgroupPath,
-    policy::{check_bounds, compile_scope, scopes_of, Bindings, Policy},
+    policy::{check_bounds, compile_scope, scopes_of, Bindings, Counters, Policy},
     receipts::{
         format::{leaf_hash, node_hash, sha256, Hash},
         merkle, CheckpointBody, KeyRecord, KeyRef,
@@ -128,8 +128,9 @@ pub fn compile(policy: &Policy) -> bool {
             .map(|(i, _)| (i, std::iter::once(any_pod.clone()).collect()))
             .collect(),
         guard: None,
+        owners: Default::default(),
     };
-    let counters: Vec<u32> = (0..=policy.rules.len() as u32).collect();
+    let counters: Counters = (0..=policy.rules.len() as u32).collect::<Vec<u32>>().into();
     let scopes = scopes_of(&policy.rules, &bindings);
     std::iter::once(None)
         .chain(scopes.iter().map(Some))
