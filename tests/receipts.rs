@@ -54,10 +54,27 @@ async fn start_with(
     settings: ReceiptSettings,
     signer: Arc<dyn knhk_agent::receipts::Signer>,
 ) -> Running {
-    let (r, tasks) = Receipts::start(settings, signer, &prometheus::Registry::new(), None, None)
+    start_on(settings, signer, &prometheus::Registry::new()).await
+}
+
+/// Starts a ledger on a signer made by the test, its metrics in `registry`.
+async fn start_on(
+    settings: ReceiptSettings,
+    signer: Arc<dyn knhk_agent::receipts::Signer>,
+    registry: &prometheus::Registry,
+) -> Running {
+    let (r, tasks) = Receipts::start(settings, signer, registry, None, None)
         .await
         .expect("receipts");
     Running { r, tasks }
+}
+
+/// Whether the KMS circuit breaker of the ledger whose metrics are in `registry` is open.
+fn circuit_open(registry: &prometheus::Registry) -> bool {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("metrics");
+    text.contains("knhk_receipts_kms_circuit{state=\"open\"} 1")
 }
 
 fn receipt(i: u64) -> NewReceipt {
@@ -73,6 +90,71 @@ async fn append(r: &Receipts, range: std::ops::Range<u64>) {
     for i in range {
         r.append(receipt(i)).await.expect("append");
     }
+}
+
+/// A receipt appended and acknowledged: its sequence number, which [`receipt`] it is, and the
+/// Merkle leaf hash of what the ledger held when the append was acknowledged.
+type Acked = (u64, u64, knhk_agent::receipts::format::Hash);
+
+/// Appends receipts `range`; returns each one's acknowledgement.
+async fn append_acked(r: &Receipts, range: std::ops::Range<u64>) -> Vec<Acked> {
+    let mut acked = Vec::new();
+    for i in range {
+        let seq = r.append(receipt(i)).await.expect("append");
+        let (stored, _) = r.ledger().receipt(seq).expect("an acknowledged receipt");
+        acked.push((seq, i, merkle::leaf(&stored.encode())));
+    }
+    acked
+}
+
+/// No acknowledged receipt is lost or changed: each is in the ledger as appended, under the
+/// newest signed checkpoint, with an inclusion proof against its signed root.
+fn assert_acknowledged_are_signed(r: &Receipts, acked: &[Acked]) {
+    let (_, newest) = r
+        .ledger()
+        .checkpoints()
+        .expect("checkpoints")
+        .into_iter()
+        .rev()
+        .find(|(_, c)| c.signature.is_some())
+        .expect("a signed checkpoint");
+    let body = knhk_agent::receipts::CheckpointBody::decode(&newest.body).expect("body");
+    for &(seq, i, leaf) in acked {
+        assert!(
+            seq < body.size,
+            "acknowledged receipt {seq} is not under the newest signed checkpoint (size {})",
+            body.size
+        );
+        let (stored, payload) = r.ledger().receipt(seq).expect("an acknowledged receipt");
+        assert_eq!(
+            (stored.cycle, payload),
+            (i, Some(receipt(i).payload)),
+            "acknowledged receipt {seq}"
+        );
+        assert_eq!(
+            merkle::leaf(&stored.encode()),
+            leaf,
+            "receipt {seq} changed since it was acknowledged"
+        );
+        let path = r
+            .ledger()
+            .inclusion_proof(seq, body.size)
+            .expect("inclusion proof");
+        assert!(
+            merkle::verify_inclusion(&body.root, body.size, &stored.encode(), seq, &path),
+            "acknowledged receipt {seq} is not in the signed tree"
+        );
+    }
+}
+
+/// How many checkpoints are signed.
+fn signed_checkpoints(r: &Receipts) -> usize {
+    r.ledger()
+        .checkpoints()
+        .expect("checkpoints")
+        .iter()
+        .filter(|(_, c)| c.signature.is_some())
+        .count()
 }
 
 /// Waits until every checkpoint is signed.
@@ -228,34 +310,15 @@ async fn openbao_transit(url: &str) {
     kms::create_transit_key(url, "knhk").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vault_transit_signs_rotates_versions_and_verifies_offline() {
+/// An OpenBao dev server with the transit key `knhk` (mount `transit`), and the settings of a
+/// ledger in `dir` signed by it with the root token (in a token file).
+async fn openbao_ledger(dir: &Path) -> (kms::Server, ReceiptSettings) {
     let bao = kms::openbao();
     openbao_transit(&bao.url).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "root\n").expect("token");
-    sign_rotate_verify(
-        SignerSettings::Vault {
-            addr: bao.url.clone(),
-            mount: "transit".into(),
-            key_name: "knhk".into(),
-            token_file: Some(token),
-        },
-        true,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kms_outage_queues_checkpoints_and_the_backlog_is_signed_on_return() {
-    let bao = kms::openbao();
-    openbao_transit(&bao.url).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let token = dir.path().join("token");
+    let token = dir.join("token");
     std::fs::write(&token, "root\n").expect("token");
     let s = settings(
-        dir.path(),
+        dir,
         SignerSettings::Vault {
             addr: bao.url.clone(),
             mount: "transit".into(),
@@ -263,6 +326,20 @@ async fn a_kms_outage_queues_checkpoints_and_the_backlog_is_signed_on_return() {
             token_file: Some(token),
         },
     );
+    (bao, s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_transit_signs_rotates_versions_and_verifies_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_bao, s) = openbao_ledger(dir.path()).await;
+    sign_rotate_verify(s.signer, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kms_outage_queues_checkpoints_and_the_backlog_is_signed_on_return() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bao, s) = openbao_ledger(dir.path()).await;
     let path = s.path.clone();
     let r = start(s).await;
     let ready = r.r.readiness_check();
@@ -890,16 +967,8 @@ mod azure {
         let s = settings(dir.path(), settings_of("knhk"));
         let path = s.path.clone();
         let registry = prometheus::Registry::new();
-        let (r, tasks) = Receipts::start(s, Arc::new(signer), &registry, None, None)
-            .await
-            .expect("receipts");
-        let r = Running { r, tasks };
-        let circuit_open = || {
-            let text = prometheus::TextEncoder::new()
-                .encode_to_string(&registry.gather())
-                .expect("metrics");
-            text.contains("knhk_receipts_kms_circuit{state=\"open\"} 1")
-        };
+        let r = start_on(s, Arc::new(signer), &registry).await;
+        let circuit_open = || circuit_open(&registry);
         let ready = r.r.readiness_check();
         append(&r, 0..10).await;
         r.pulse(8).await;
@@ -1140,6 +1209,208 @@ async fn a_revoked_vault_token_is_named_and_a_new_one_in_the_token_file_resumes_
     let report = stop_and_verify(r, &path).await;
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.receipts, 10, "nothing lost");
+}
+
+/// OpenBao throttling the agent (a rate-limit quota on the transit mount: HTTP 429 "rate
+/// limit quota exceeded", no Retry-After): appends are acknowledged and durable, checkpoints
+/// queue unsigned, the throttled calls are retried and open the shared circuit breaker, and
+/// readiness says the KMS is throttling (429). Once the quota is removed the backlog is signed
+/// with no restart, and every acknowledged receipt is in the signed tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openbao_throttling_queues_checkpoints_and_the_backlog_is_signed_once_the_quota_is_lifted()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bao, s) = openbao_ledger(dir.path()).await;
+    let path = s.path.clone();
+    let signer = knhk_agent::receipts::connect_signer(&s.signer)
+        .await
+        .expect("signer");
+    let registry = prometheus::Registry::new();
+    let r = start_on(s, signer, &registry).await;
+    let ready = r.r.readiness_check();
+    let mut acked = append_acked(&r, 0..10).await;
+    r.pulse(8).await;
+    all_signed(&r, Duration::from_secs(20)).await;
+    readiness_ok(&ready, Duration::from_secs(10)).await;
+
+    // One call an hour on the transit mount (quotas count per client address: the agent's
+    // and this test's alike), spent here at once.
+    let quota = "sys/quotas/rate-limit/knhk-transit";
+    let (status, body) = bao.bao(
+        "POST",
+        quota,
+        r#"{"path":"transit/","rate":1,"interval":"1h"}"#,
+    );
+    assert_eq!(status, 204, "{body}");
+    bao.bao("GET", "transit/keys/knhk", "");
+    let (status, body) = bao.bao("GET", "transit/keys/knhk", "");
+    assert_eq!(status, 429, "the quota throttles: {body}");
+
+    let started = Instant::now();
+    for cycle in 2..=4u64 {
+        acked.extend(append_acked(&r, cycle * 10 - 10..cycle * 10).await);
+        r.pulse(cycle * 8).await;
+    }
+    let durable = started.elapsed();
+    assert_eq!(
+        r.ledger().size().expect("size"),
+        40,
+        "receipts stay durable while the KMS throttles"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !circuit_open(&registry) {
+        assert!(
+            Instant::now() < deadline,
+            "the circuit never opened on throttling: readiness {:?}",
+            ready()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let message = readiness_says(
+        &ready,
+        &[
+            "the KMS (vault) has not signed",
+            "is throttling the agent: HTTP 429",
+            "rate limit quota exceeded",
+            r#"transit key "knhk" on mount "transit""#,
+            "wait to be signed",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    // It keeps saying so while the open circuit fails calls fast (they never reach OpenBao).
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = ready().expect_err("not ready while throttled");
+        assert!(
+            now.contains("is throttling the agent: HTTP 429")
+                && now.contains("rate limit quota exceeded"),
+            "{now}"
+        );
+    }
+    let backlog = r
+        .ledger()
+        .unsigned_checkpoints()
+        .expect("checkpoints")
+        .len();
+    eprintln!("throttled: 30 receipts durable in {durable:?}; backlog {backlog} checkpoints; readiness: {message}");
+    assert!(backlog >= 1, "checkpoints queue while throttled");
+
+    let (status, body) = bao.bao("DELETE", quota, "");
+    assert_eq!(status, 204, "{body}");
+    let lifted = Instant::now();
+    acked.extend(append_acked(&r, 40..45).await);
+    r.pulse(40).await;
+    all_signed(&r, Duration::from_secs(30)).await;
+    readiness_ok(&ready, Duration::from_secs(10)).await;
+    eprintln!("quota lifted: backlog signed in {:?}", lifted.elapsed());
+    assert_acknowledged_are_signed(&r, &acked);
+    let report = stop_and_verify(r, &path).await;
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.receipts, 45, "nothing lost");
+    assert_eq!(report.unsigned_checkpoints, 0);
+}
+
+/// The transit key deleted mid-run (deletion allowed, then the key deleted): readiness names
+/// the key, its mount and what OpenBao said; appends stay durable and nothing is signed. A new
+/// key created under the same name is a different key: its signature is discarded, nothing is
+/// signed with it, and readiness says the key history and the KMS disagree — at once after a
+/// restart, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_transit_key_is_named_and_a_new_key_of_the_same_name_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bao, s) = openbao_ledger(dir.path()).await;
+    let path = s.path.clone();
+    let r = start(s.clone()).await;
+    let ready = r.r.readiness_check();
+    let mut acked = append_acked(&r, 0..10).await;
+    r.pulse(8).await;
+    all_signed(&r, Duration::from_secs(20)).await;
+    readiness_ok(&ready, Duration::from_secs(10)).await;
+    let signed = signed_checkpoints(&r);
+
+    let (status, body) = bao.bao(
+        "POST",
+        "transit/keys/knhk/config",
+        r#"{"deletion_allowed":true}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = bao.bao("DELETE", "transit/keys/knhk", "");
+    assert_eq!(status, 204, "{body}");
+    acked.extend(append_acked(&r, 10..20).await);
+    r.pulse(16).await;
+    let message = readiness_says(
+        &ready,
+        &[
+            "the KMS (vault) refuses to sign",
+            r#"sign with version 1 of transit key "knhk" on mount "transit""#,
+            "the server answered HTTP 400: signing key not found",
+            "the transit key is not on the server: it was deleted",
+            "checkpoints wait to be signed",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    eprintln!("key deleted: {message}");
+    assert_eq!(
+        r.ledger().size().expect("size"),
+        20,
+        "receipts stay durable"
+    );
+    assert_eq!(signed_checkpoints(&r), signed, "nothing signed");
+
+    // Another key under the same name: OpenBao signs with it, as version 1 again.
+    let (status, body) = bao.bao("POST", "transit/keys/knhk", r#"{"type":"ecdsa-p256"}"#);
+    assert_eq!(status, 200, "{body}");
+    acked.extend(append_acked(&r, 20..25).await);
+    r.pulse(24).await;
+    let message = readiness_says(
+        &ready,
+        &[
+            "the KMS (vault) signed with transit/knhk",
+            "does not verify with the public key",
+            "the key history and the KMS disagree",
+            "a new key created under the same name",
+            "the signature was discarded and nothing more is signed until a restart",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    eprintln!("key recreated: {message}");
+    assert_eq!(r.ledger().size().expect("size"), 25);
+    assert_eq!(
+        signed_checkpoints(&r),
+        signed,
+        "nothing signed with the new key"
+    );
+    let first = acked.iter().take(10).copied().collect::<Vec<_>>();
+    assert_acknowledged_are_signed(&r, &first);
+    let report = stop_and_verify(r, &path).await;
+    // Every stored signature verifies with the key history's key; the rest wait unsigned.
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.receipts, 25, "nothing lost");
+    assert!(report.unsigned_checkpoints >= 2, "{report:?}");
+
+    // Restarted, the agent asks the KMS for its key and finds the disagreement at once.
+    let r = start(s).await;
+    let ready = r.r.readiness_check();
+    let message = readiness_says(
+        &ready,
+        &[
+            "the ledger's key history gives transit/knhk",
+            "but the KMS's key transit/knhk",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    eprintln!("restarted: {message}");
+    append(&r, 25..30).await;
+    r.pulse(32).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(signed_checkpoints(&r), signed, "still nothing signed");
+    let report = stop_and_verify(r, &path).await;
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.receipts, 30);
 }
 
 // ---- issue 18 §1: a trust anchor ----

@@ -47,6 +47,35 @@ impl Server {
     pub fn resume(&self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
     }
+
+    /// One call to the OpenBao HTTP API as root (`method` `/v1/{path}` with a JSON `body`):
+    /// the status and the body. For what `vaultrs` does not cover (quotas, key config).
+    pub fn bao(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to bao");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "{method} /v1/{path} HTTP/1.1\r\nHost: {addr}\r\nX-Vault-Token: root\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("read the answer");
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        (status, body)
+    }
 }
 
 impl Drop for Server {

@@ -577,7 +577,7 @@ impl Receipts {
         };
         let statement = format::transition_statement(&from.key, &to.key, &to.public_key_der, now);
         let signature = self
-            .call(|| self.signer.sign(&from.key, statement.as_bytes()))
+            .sign_as(&from.key, &from.public_key_der, statement.as_bytes())
             .await?;
         self.ledger
             .add_key(&KeyRecord {
@@ -662,10 +662,7 @@ impl Receipts {
             self.metrics.circuit_state(self.breaker.state());
             return Err(SignerError::Unavailable {
                 provider: self.signer.provider(),
-                message: format!(
-                    "circuit open after repeated failures; next probe in {} ms",
-                    wait.as_millis()
-                ),
+                message: format!("{CIRCUIT_OPEN}; next probe in {} ms", wait.as_millis()),
             });
         }
         let result = f
@@ -692,6 +689,62 @@ impl Receipts {
         }
         self.metrics.circuit_state(self.breaker.state());
         result
+    }
+
+    /// A signature of `message` by `key` (through [`Self::call`]) that verifies with
+    /// `public_key_der`, the public key the key history records for `key`. One that does not
+    /// is never used: the KMS signed with another key under that id (a key deleted and
+    /// recreated with the same name, a history changed); that is recorded as the key conflict
+    /// (nothing more is signed, readiness says why) and refused.
+    async fn sign_as(
+        &self,
+        key: &KeyRef,
+        public_key_der: &[u8],
+        message: &[u8],
+    ) -> Result<Vec<u8>, SignerError> {
+        let signature = self.call(|| self.signer.sign(key, message)).await?;
+        if signer::verify_signature(public_key_der, message, &signature) {
+            return Ok(signature);
+        }
+        let conflict = format!(
+            "the KMS ({}) signed with {key}, but the signature does not verify with the public key \
+             {} that the ledger's key history records for {key}: the key history and the KMS \
+             disagree (the KMS's key was deleted and a new key created under the same name, or \
+             the history was changed); the signature was discarded and nothing more is signed \
+             until a restart finds them agreeing: restore the original key in the KMS (from a \
+             backup: a new key of the same name is a different key) and restart the agent; check \
+             the ledger with `knhk-agent receipts verify --trusted-key`",
+            self.signer.provider(),
+            format::fingerprint(public_key_der),
+        );
+        tracing::error!("receipts: {conflict}");
+        if let Ok(mut k) = self.key.lock() {
+            k.conflict = Some(conflict.clone());
+        }
+        Err(SignerError::Refused {
+            provider: "ledger",
+            message: conflict,
+        })
+    }
+
+    /// The public key the key history records for `key` (the current key's from memory).
+    async fn recorded_public_key(&self, key: &KeyRef) -> Result<Vec<u8>, SignerError> {
+        let current = self
+            .key
+            .lock()
+            .ok()
+            .and_then(|k| k.current.clone())
+            .filter(|c| c.key == *key);
+        match current {
+            Some(c) => Ok(c.public_key_der),
+            None => self
+                .public_key_of(key)
+                .await
+                .map_err(|message| SignerError::Refused {
+                    provider: "ledger",
+                    message,
+                }),
+        }
     }
 
     async fn write_loop(
@@ -866,6 +919,15 @@ impl Receipts {
     /// Records the outcome of a signing attempt (`None`: it succeeded).
     fn note_sign_result(&self, error: Option<SignerError>) {
         if let Ok(mut last) = self.sign_error.lock() {
+            // A call the open circuit failed fast never reached the KMS: the KMS's own last
+            // answer (what opened the circuit: throttling, a timeout) is what readiness shows.
+            let fast_fail = matches!(
+                &error,
+                Some(SignerError::Unavailable { message, .. }) if message.starts_with(CIRCUIT_OPEN)
+            );
+            if fast_fail && last.is_some() {
+                return;
+            }
             if error.is_none() && last.is_some() {
                 tracing::info!("receipts: the KMS signs again");
             }
@@ -1054,9 +1116,10 @@ impl Receipts {
                         KeyValue::new(attr::KNHK_RECEIPTS_TREE_SIZE, body.size as i64),
                     ])
                     .start(&tracer);
-                let signed = self
-                    .call(|| self.signer.sign(&body.key, text.as_bytes()))
-                    .await;
+                let signed = match self.recorded_public_key(&body.key).await {
+                    Ok(public_key) => self.sign_as(&body.key, &public_key, text.as_bytes()).await,
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = &signed {
                     span.set_attribute(KeyValue::new(attr::ERROR_TYPE, "kms_sign"));
                     span.set_status(opentelemetry::trace::Status::error(e.to_string()));
@@ -1288,8 +1351,15 @@ impl Receipts {
                 || me.breaker.state() != CircuitState::Closed
                 || me.key.lock().is_ok_and(|k| k.current.is_none())
             {
+                let why = if matches!(last_error, Some(SignerError::Throttled { .. })) {
+                    "it is throttling the agent: HTTP 429 Too Many Requests, a rate limit or quota; \
+                     calls are retried with backoff and signing resumes by itself when it lets them \
+                     through"
+                } else {
+                    "unreachable or failing"
+                };
                 return Err(format!(
-                    "the KMS ({}) has not signed for {} s (unreachable or failing): {} checkpoints wait to be signed \
+                    "the KMS ({}) has not signed for {} s ({why}): {} checkpoints wait to be signed \
                      (receipts are still written and durable){}",
                     me.signer.provider(),
                     oldest.unwrap_or(0),
@@ -1319,12 +1389,21 @@ fn kms_hint(message: &str) -> &'static str {
     } else if m.contains("permission denied") {
         " (the Vault token is revoked, expired or lacks the transit policy: write a valid token \
          to kms.token_file)"
+    } else if m.contains("signing key not found")
+        || (m.contains("transit key") && m.contains("http 404"))
+    {
+        " (the transit key is not on the server: it was deleted, or never created under this \
+         name and mount: restore it from a backup (transit/restore); a new key created under the \
+         same name is a different key, and the agent will not sign with it)"
     } else if m.contains("kmsinvalidstate") {
         " (the key is not in a state that can sign: check it with kms:DescribeKey)"
     } else {
         ""
     }
 }
+
+/// How a call the open circuit fails fast begins (it never reached the KMS).
+const CIRCUIT_OPEN: &str = "circuit open after repeated failures";
 
 /// The longest `Retry-After` a KMS call waits out before retrying; a longer one fails the call.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);

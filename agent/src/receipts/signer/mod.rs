@@ -84,7 +84,7 @@ impl SignerError {
 
 /// The error for an HTTP KMS answer with `status` (not 2xx): 429 is throttling (with the
 /// `Retry-After` given), 408 and 5xx may pass (unavailable), any other status is a refusal.
-#[cfg_attr(not(feature = "azure"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "azure", feature = "vault")), allow(dead_code))]
 pub(crate) fn http_status_error(
     provider: &'static str,
     status: u16,

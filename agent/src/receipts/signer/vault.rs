@@ -2,6 +2,9 @@
 //! (`vault:vN:...`), rotation adds a version in place and old versions keep verifying. With
 //! `kms.token_file`, a call refused with 403 (a token revoked or expired) rereads the file and,
 //! if it holds another token, retries once with it: a new token takes effect with no restart.
+//! A failed call names what was asked of which key and server and keeps the server's status and
+//! words: 429 (a rate-limit quota) is throttling and 408/5xx unavailability, both retried; any
+//! other status (403 permission denied, 400 signing key not found) is a refusal.
 
 use super::{public_key_pem_to_der, KeyInfo, Signer, SignerError};
 use crate::receipts::format::KeyRef;
@@ -39,16 +42,29 @@ impl std::fmt::Debug for VaultSigner {
     }
 }
 
-fn classify(e: ClientError) -> SignerError {
+/// The error for a failed call: an answer from the server keeps its status and its own words
+/// ("permission denied", "signing key not found", "rate limit quota exceeded") after `what` was
+/// asked of which server; 429 is throttling and 408/5xx unavailability (both retried), any
+/// other status a refusal. No answer at all is unavailability.
+fn classify(addr: &str, what: &str, e: ClientError) -> SignerError {
     match &e {
-        // Vault's own words ("permission denied") say more than the status code.
-        ClientError::APIError { code, errors } if *code < 500 => SignerError::Refused {
-            provider: "vault",
-            message: format!("{e}: {}", errors.join("; ")),
-        },
+        ClientError::APIError { code, errors } => {
+            let said = if errors.is_empty() {
+                "no error text".to_owned()
+            } else {
+                errors.join("; ")
+            };
+            super::http_status_error(
+                "vault",
+                *code,
+                // Vault and OpenBao send no Retry-After: the shared backoff decides.
+                None,
+                format!("{what} at {addr}: the server answered HTTP {code}: {said}"),
+            )
+        }
         _ => SignerError::Unavailable {
             provider: "vault",
-            message: e.to_string(),
+            message: format!("{what} at {addr}: {e}"),
         },
     }
 }
@@ -84,7 +100,7 @@ impl VaultSigner {
                 provider: "vault",
                 message: format!("kms.addr {addr:?}: {e}"),
             })?;
-        VaultClient::new(settings).map_err(classify)
+        VaultClient::new(settings).map_err(|e| classify(addr, "connect", e))
     }
 
     fn client(&self) -> Arc<VaultClient> {
@@ -125,30 +141,41 @@ impl VaultSigner {
         }
     }
 
-    /// A call with the current client; refused with 403, once more with a new token if the
-    /// token file has one.
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, SignerError>
+    /// A call (`what`, for errors) with the current client; refused with 403, once more with a
+    /// new token if the token file has one.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, SignerError>
     where
         F: Fn(Arc<VaultClient>) -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        match f(self.client()).await {
+        let r = match f(self.client()).await {
             Err(ClientError::APIError { code: 403, .. }) if self.reload_token() => {
-                f(self.client()).await.map_err(classify)
+                f(self.client()).await
             }
-            r => r.map_err(classify),
-        }
+            r => r,
+        };
+        r.map_err(|e| classify(&self.addr, what, e))
     }
 
     fn key_id(&self) -> String {
         format!("{}/{}", self.mount, self.name)
     }
 
+    /// The key as an operator finds it: its name and its mount.
+    fn described(&self) -> String {
+        format!(
+            "transit key {:?} on mount {:?} ({})",
+            self.name,
+            self.mount,
+            self.key_id()
+        )
+    }
+
     async fn latest(&self) -> Result<KeyInfo, SignerError> {
         let key = self
-            .call(
-                |c| async move { vaultrs::transit::key::read(&*c, &self.mount, &self.name).await },
-            )
+            .call(&format!("read {}", self.described()), |c| async move {
+                vaultrs::transit::key::read(&*c, &self.mount, &self.name).await
+            })
             .await?;
         let ReadKeyData::Asymmetric(versions) = key.keys else {
             return Err(SignerError::Refused {
@@ -195,8 +222,9 @@ impl Signer for VaultSigner {
 
     async fn sign(&self, key: &KeyRef, message: &[u8]) -> Result<Vec<u8>, SignerError> {
         let input = B64.encode(message);
+        let what = format!("sign with version {} of {}", key.version, self.described());
         let out = self
-            .call(|c| {
+            .call(&what, |c| {
                 let input = &input;
                 async move {
                     let mut opts = SignDataRequestBuilder::default();
@@ -232,9 +260,9 @@ impl Signer for VaultSigner {
     }
 
     async fn rotate(&self) -> Result<KeyInfo, SignerError> {
-        self.call(
-            |c| async move { vaultrs::transit::key::rotate(&*c, &self.mount, &self.name).await },
-        )
+        self.call(&format!("rotate {}", self.described()), |c| async move {
+            vaultrs::transit::key::rotate(&*c, &self.mount, &self.name).await
+        })
         .await?;
         self.latest().await
     }
