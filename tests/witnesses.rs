@@ -531,6 +531,12 @@ fn kernel_twelve_nodes_in_three_regions_reach_quorum_through_witness_loss_and_pa
     // One witness killed: quorum 2 of the remaining 2 holds.
     witnesses[2].kill9();
     let before: Vec<f64> = agents.iter().map(committed).collect();
+    // Connects on every node: their cycles are receipted (an idle cycle is not), so every
+    // node has a new checkpoint to commit.
+    let sink = tcp_sink("127.0.0.1:0");
+    for n in &nodes {
+        tcp_connect_loop_from(&n.cg.path, sink, 3);
+    }
     wait_until(
         "every node commits without the third witness",
         Duration::from_secs(30),

@@ -191,8 +191,17 @@ pub struct BeatEngine {
     metrics: Metrics,
     heat: heat::HeatView,
     heat_cursor: crate::datapath::HeatCursor,
+    /// The decision counters when the current (or, between walks, the last) heat walk began:
+    /// the kernel records heat only with a decision, so while they stay the same the last
+    /// complete walk saw the map as it is, and no new walk starts (an idle node does not scan
+    /// the heat map's buckets ten times a second).
+    heat_walk_from: Option<crate::datapath::Decisions>,
+    /// Whether the last heat step ended a walk (the next one starts a new walk).
+    heat_walk_done: bool,
     heat_inserts_seen: Option<u64>,
     last_pulse_decisions: Option<crate::datapath::Decisions>,
+    /// The previous pulse's classes and policy generation, to tell a quiet cycle.
+    last_pulse_seen: Option<([ClassSummary; 3], u64)>,
     last_beat_decisions: Option<crate::datapath::Decisions>,
     capacity_samples: [VecDeque<(f64, f64)>; 3],
     capacity_fits: [Option<capacity::Fit>; 3],
@@ -252,8 +261,11 @@ impl BeatEngine {
                 settings.heat_top_n,
             ),
             heat_cursor: Default::default(),
+            heat_walk_from: None,
+            heat_walk_done: true,
             heat_inserts_seen: None,
             last_pulse_decisions: None,
+            last_pulse_seen: None,
             last_beat_decisions: None,
             capacity_samples: Default::default(),
             capacity_fits: [None; 3],
@@ -470,11 +482,15 @@ impl BeatEngine {
             // A poisoned status (a panicked writer) reports generation 0, as before any apply.
             .and_then(|s| s.read().ok().map(|s| s.generation))
             .unwrap_or(0);
+        let seen = (classes, policy_generation);
+        let quiet = self.last_pulse_seen.replace(seen) == Some(seen)
+            && classes.iter().all(|c| c.admitted == 0 && c.refused == 0);
         CycleSummary {
             cycle: self.cycle,
             classes,
             policy_generation,
             heat_digest: String::new(),
+            quiet,
         }
     }
 
@@ -495,7 +511,15 @@ impl BeatEngine {
     /// Reads the next chunk of the heat map into the tracker; at the end of a walk, counts
     /// evictions. Rankings are computed by whoever asks ([`heat::HeatView`]), not in the beat.
     fn heat_step(&mut self) -> Result<(), DatapathError> {
+        if self.heat_walk_done {
+            let decisions = self.last_beat_decisions;
+            if decisions.is_some() && decisions == self.heat_walk_from {
+                return Ok(());
+            }
+            self.heat_walk_from = decisions;
+        }
         let (entries, done) = self.reader.heat_step(&mut self.heat_cursor, HEAT_CHUNK)?;
+        self.heat_walk_done = done;
         let present = self.heat.observe(self.cycle, &entries, done);
         if let Some(present) = present {
             let inserts = self.reader.heat_inserts()?;
@@ -526,6 +550,11 @@ impl BeatEngine {
     /// Completes a pulse's summary with the heat digest (a ranking: computed off the beat) and
     /// publishes it.
     fn emit(&self, mut summary: CycleSummary) {
+        if summary.quiet {
+            // Not receipted: no heat digest to compute.
+            let _ = self.summaries.send(summary);
+            return;
+        }
         let heat = self.heat.clone();
         let top_n = self.settings.heat_top_n;
         let tx = self.summaries.clone();

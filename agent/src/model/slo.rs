@@ -41,6 +41,10 @@ pub struct CycleSummary {
     /// SHA-256 (hex) of the top-N heat list ("addr:port/proto heat" lines), or empty until
     /// computed.
     pub heat_digest: String,
+    /// Nothing was decided during the cycle and nothing in it differs from the previous
+    /// pulse's summary (states, window latencies, policy generation): the pulse still paces
+    /// checkpoints, but the ledger does not receipt it (an idle node writes nothing).
+    pub quiet: bool,
 }
 
 /// One class in a [`CycleSummary`].

@@ -774,7 +774,7 @@ impl Receipts {
                         batch.extend(self.receipt_of_event(e).map(|r| (r, None)));
                     }
                     while let Some(s) = recv_now(&mut summaries) {
-                        batch.push((receipt_of_summary(&s), None));
+                        batch.extend((!s.quiet).then(|| (receipt_of_summary(&s), None)));
                     }
                 },
                 c = commands.recv() => match c {
@@ -787,7 +787,7 @@ impl Receipts {
                     Err(n) => { self.metrics.lost.inc_by(n); tracing::error!(lost = n, "receipts writer fell behind the event stream"); }
                 },
                 s = recv_opt(&mut summaries) => match s {
-                    Ok(s) => { pulse = Some(s.cycle); batch.push((receipt_of_summary(&s), None)); }
+                    Ok(s) => { pulse = Some(s.cycle); batch.extend((!s.quiet).then(|| (receipt_of_summary(&s), None))); }
                     Err(n) => { self.metrics.lost.inc_by(n); tracing::error!(lost = n, "receipts writer fell behind the pulses"); }
                 },
                 _ = fallback.tick(), if !paced => pulse = Some(0),

@@ -52,7 +52,12 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
-        let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // A witness holds one small record per origin: redb's default 1 GiB page cache would let
+        // its RSS grow with the file for nothing.
+        let db = redb::Builder::new()
+            .set_cache_size(4 << 20)
+            .create(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let tx = db.begin_write().map_err(|e| e.to_string())?;
         tx.open_table(ORIGINS).map_err(|e| e.to_string())?;
         tx.open_table(FORKS).map_err(|e| e.to_string())?;
