@@ -505,22 +505,24 @@ fn kernel_heat_is_attributed_to_the_pods_that_connect() {
     // Two pods the selector rule selects: each gets a scope of its own.
     let api = s.pod("payments", "api", &[("app", "api"), ("tier", "web")]);
     let api2 = s.pod("payments", "api2", &[("app", "api")]);
-    // Every attempt counted (no sampling); the beat engine ([slo]) ranks the heat.
-    let config = write_config_with(
-        s.dir.path(),
-        &s.cg.path,
-        &s.pins.root,
-        &format!(
-            "api_socket = \"{}\"\nheat_sample_every = 1\n",
-            s.dir.path().join("run").join("agent.sock").display()
-        ),
-        &format!(
-            "[kubernetes]\ncri_socket = \"{}\"\nkubepods_root = \"kubepods\"\nunknown_pod_action = \"allow\"\nresync_interval_ms = 1000\n{}[slo]\nbeat_interval_ms = 20\n",
-            s.ctr.socket.display(),
-            deny_rule(target.port())
-        ),
-    );
-    let agent = Agent::start(&config);
+    // Every attempt counted (no sampling); with `slo`, the beat engine ranks the heat.
+    let config = |slo: &str| {
+        write_config_with(
+            s.dir.path(),
+            &s.cg.path,
+            &s.pins.root,
+            &format!(
+                "api_socket = \"{}\"\nheat_sample_every = 1\n",
+                s.dir.path().join("run").join("agent.sock").display()
+            ),
+            &format!(
+                "[kubernetes]\ncri_socket = \"{}\"\nkubepods_root = \"kubepods\"\nunknown_pod_action = \"allow\"\nresync_interval_ms = 1000\n{}{slo}",
+                s.ctr.socket.display(),
+                deny_rule(target.port())
+            ),
+        )
+    };
+    let agent = Agent::start(&config("[slo]\nbeat_interval_ms = 20\n"));
     let port = target.port();
     // The same destination, a different number of times from each pod (from inside, ExecSync).
     let (n, m) = (3, 5);
@@ -539,12 +541,16 @@ fn kernel_heat_is_attributed_to_the_pods_that_connect() {
         by_pod: true,
         ..Default::default()
     };
+    let one_pod = |pod: &str| pb::GetHeatRequest {
+        pod: pod.into(),
+        ..Default::default()
+    };
     // The beat engine ranks what its walk of the map has seen: wait until it has seen them all.
     wait_until("every attempt is ranked", Duration::from_secs(10), || {
         let r = get_heat(&agent, by_pod.clone()).expect("GetHeat");
         heat_rows(&r, port).iter().map(|(_, a)| a).sum::<u64>() == n + m
     });
-    let r = get_heat(&agent, by_pod).expect("GetHeat by pod");
+    let r = get_heat(&agent, by_pod.clone()).expect("GetHeat by pod");
     let mut rows = heat_rows(&r, port);
     rows.sort();
     assert_eq!(
@@ -560,14 +566,7 @@ fn kernel_heat_is_attributed_to_the_pods_that_connect() {
         "one entry per (scope, destination): {r:?}"
     );
     // One pod.
-    let r = get_heat(
-        &agent,
-        pb::GetHeatRequest {
-            pod: "payments/api2".into(),
-            ..Default::default()
-        },
-    )
-    .expect("GetHeat of one pod");
+    let r = get_heat(&agent, one_pod("payments/api2")).expect("GetHeat of one pod");
     assert_eq!(
         heat_rows(&r, port),
         vec![("payments/api2".to_owned(), m)],
@@ -579,14 +578,7 @@ fn kernel_heat_is_attributed_to_the_pods_that_connect() {
     assert_eq!(heat_rows(&r, port), vec![("/".to_owned(), n + m)], "{r:?}");
     // A malformed pod filter is refused, naming the field.
     for bad in ["payments", "/api", "payments/", "a/b/c"] {
-        let e = get_heat(
-            &agent,
-            pb::GetHeatRequest {
-                pod: bad.into(),
-                ..Default::default()
-            },
-        )
-        .expect_err(bad);
+        let e = get_heat(&agent, one_pod(bad)).expect_err(bad);
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e:?}");
         assert!(e.message().starts_with("pod "), "{bad}: {}", e.message());
     }
@@ -612,6 +604,32 @@ fn kernel_heat_is_attributed_to_the_pods_that_connect() {
         (Some("payments"), Some("api"), Some(n)),
         "{j}"
     );
+    // Without [slo] (no beat engine) the answers rank the map's raw attempts. The restarted
+    // agent re-adopts the heat map: the same counts.
+    agent.sigterm();
+    let agent = Agent::start(&config(""));
+    wait_until("the pods are known again", Duration::from_secs(10), || {
+        let r = get_heat(&agent, by_pod.clone()).expect("GetHeat");
+        heat_rows(&r, port).iter().all(|(p, _)| p != "/")
+    });
+    let r = get_heat(&agent, by_pod.clone()).expect("GetHeat by pod");
+    assert_eq!(
+        heat_rows(&r, port),
+        vec![
+            ("payments/api2".to_owned(), m),
+            ("payments/api".to_owned(), n)
+        ],
+        "most attempts first: {r:?}"
+    );
+    assert_eq!(r.entries[0].decayed_heat, 0.0, "{r:?}");
+    let r = get_heat(&agent, one_pod("payments/api")).expect("GetHeat of one pod");
+    assert_eq!(
+        heat_rows(&r, port),
+        vec![("payments/api".to_owned(), n)],
+        "{r:?}"
+    );
+    let r = get_heat(&agent, pb::GetHeatRequest::default()).expect("GetHeat");
+    assert_eq!(heat_rows(&r, port), vec![("/".to_owned(), n + m)], "{r:?}");
     eprintln!("{name}: {:?}", started.elapsed());
 }
 
