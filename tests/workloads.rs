@@ -604,6 +604,23 @@ fn kernel_heat_is_attributed_to_the_pods_that_connect() {
         (Some("payments"), Some("api"), Some(n)),
         "{j}"
     );
+    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["heat", "--by-pod"])
+        .args(["--endpoint", &agent.endpoint()])
+        .output()
+        .expect("knhk-agent heat --by-pod");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("  pod\n"),
+        "a pod column: {text}"
+    );
+    for (pod, attempts) in [("payments/api", n), ("payments/api2", m)] {
+        assert!(
+            text.lines().any(|l| l.ends_with(&format!("  {pod}"))
+                && l.split_whitespace().nth(3) == Some(&attempts.to_string())),
+            "{pod}: {attempts} attempts in {text}"
+        );
+    }
     // Without [slo] (no beat engine) the answers rank the map's raw attempts. The restarted
     // agent re-adopts the heat map: the same counts.
     agent.sigterm();
