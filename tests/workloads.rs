@@ -474,6 +474,182 @@ fn kernel_pod_metrics_attribute_connects_to_their_pods() {
     );
 }
 
+/// GetHeat of `agent`.
+fn get_heat(agent: &Agent, req: pb::GetHeatRequest) -> Result<pb::GetHeatResponse, tonic::Status> {
+    runtime().block_on(async {
+        AgentServiceClient::new(agent.channel().await)
+            .get_heat(req)
+            .await
+            .map(|r| r.into_inner())
+    })
+}
+
+/// The entries of `r` for destination port `port`: (namespace/pod, attempts), in answer order.
+fn heat_rows(r: &pb::GetHeatResponse, port: u16) -> Vec<(String, u64)> {
+    r.entries
+        .iter()
+        .filter(|e| e.address == "127.0.0.1" && e.port == u32::from(port) && e.protocol == "tcp")
+        .map(|e| (format!("{}/{}", e.namespace, e.pod), e.attempts))
+        .collect()
+}
+
+#[test]
+fn kernel_heat_is_attributed_to_the_pods_that_connect() {
+    let name = "kernel_heat_is_attributed_to_the_pods_that_connect";
+    if !kernel_available(name) || !containerd_available(name) {
+        return;
+    }
+    let started = Instant::now();
+    let target = tcp_sink("127.0.0.1:0");
+    let mut s = Scene::new("podheat");
+    // Two pods the selector rule selects: each gets a scope of its own.
+    let api = s.pod("payments", "api", &[("app", "api"), ("tier", "web")]);
+    let api2 = s.pod("payments", "api2", &[("app", "api")]);
+    // Every attempt counted (no sampling); with `slo`, the beat engine ranks the heat.
+    let config = |slo: &str| {
+        write_config_with(
+            s.dir.path(),
+            &s.cg.path,
+            &s.pins.root,
+            &format!(
+                "api_socket = \"{}\"\nheat_sample_every = 1\n",
+                s.dir.path().join("run").join("agent.sock").display()
+            ),
+            &format!(
+                "[kubernetes]\ncri_socket = \"{}\"\nkubepods_root = \"kubepods\"\nunknown_pod_action = \"allow\"\nresync_interval_ms = 1000\n{}{slo}",
+                s.ctr.socket.display(),
+                deny_rule(target.port())
+            ),
+        )
+    };
+    let agent = Agent::start(&config("[slo]\nbeat_interval_ms = 20\n"));
+    let port = target.port();
+    // The same destination, a different number of times from each pod (from inside, ExecSync).
+    let (n, m) = (3, 5);
+    for (pod, times) in [(&api, n), (&api2, m)] {
+        for i in 0..times {
+            let out = s.ctr.connect_from(pod, port);
+            assert!(
+                denied(&out),
+                "{}/{} connect {i}: {out:?}",
+                pod.namespace,
+                pod.name
+            );
+        }
+    }
+    let by_pod = pb::GetHeatRequest {
+        by_pod: true,
+        ..Default::default()
+    };
+    let one_pod = |pod: &str| pb::GetHeatRequest {
+        pod: pod.into(),
+        ..Default::default()
+    };
+    // The beat engine ranks what its walk of the map has seen: wait until it has seen them all.
+    wait_until("every attempt is ranked", Duration::from_secs(10), || {
+        let r = get_heat(&agent, by_pod.clone()).expect("GetHeat");
+        heat_rows(&r, port).iter().map(|(_, a)| a).sum::<u64>() == n + m
+    });
+    let r = get_heat(&agent, by_pod.clone()).expect("GetHeat by pod");
+    let mut rows = heat_rows(&r, port);
+    rows.sort();
+    assert_eq!(
+        rows,
+        vec![
+            ("payments/api".to_owned(), n),
+            ("payments/api2".to_owned(), m)
+        ],
+        "{r:?}"
+    );
+    assert_eq!(
+        r.map_entries, 2,
+        "one entry per (scope, destination): {r:?}"
+    );
+    // One pod.
+    let r = get_heat(&agent, one_pod("payments/api2")).expect("GetHeat of one pod");
+    assert_eq!(
+        heat_rows(&r, port),
+        vec![("payments/api2".to_owned(), m)],
+        "{r:?}"
+    );
+    assert!(r.entries[0].decayed_heat > 0.0, "{r:?}");
+    // Per destination, as before: the sum, no pod.
+    let r = get_heat(&agent, pb::GetHeatRequest::default()).expect("GetHeat");
+    assert_eq!(heat_rows(&r, port), vec![("/".to_owned(), n + m)], "{r:?}");
+    // A malformed pod filter is refused, naming the field.
+    for bad in ["payments", "/api", "payments/", "a/b/c"] {
+        let e = get_heat(&agent, one_pod(bad)).expect_err(bad);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e:?}");
+        assert!(e.message().starts_with("pod "), "{bad}: {}", e.message());
+    }
+    // The CLI asks the same.
+    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["heat", "--pod", "payments/api", "--output", "json"])
+        .args(["--endpoint", &agent.endpoint()])
+        .output()
+        .expect("knhk-agent heat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let e = &j["entries"][0];
+    assert_eq!(
+        (
+            e["namespace"].as_str(),
+            e["pod"].as_str(),
+            e["attempts"].as_u64()
+        ),
+        (Some("payments"), Some("api"), Some(n)),
+        "{j}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_knhk-agent"))
+        .args(["heat", "--by-pod"])
+        .args(["--endpoint", &agent.endpoint()])
+        .output()
+        .expect("knhk-agent heat --by-pod");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("  pod\n"),
+        "a pod column: {text}"
+    );
+    for (pod, attempts) in [("payments/api", n), ("payments/api2", m)] {
+        assert!(
+            text.lines().any(|l| l.ends_with(&format!("  {pod}"))
+                && l.split_whitespace().nth(3) == Some(&attempts.to_string())),
+            "{pod}: {attempts} attempts in {text}"
+        );
+    }
+    // Without [slo] (no beat engine) the answers rank the map's raw attempts. The restarted
+    // agent re-adopts the heat map: the same counts.
+    agent.sigterm();
+    let agent = Agent::start(&config(""));
+    wait_until("the pods are known again", Duration::from_secs(10), || {
+        let r = get_heat(&agent, by_pod.clone()).expect("GetHeat");
+        heat_rows(&r, port).iter().all(|(p, _)| p != "/")
+    });
+    let r = get_heat(&agent, by_pod.clone()).expect("GetHeat by pod");
+    assert_eq!(
+        heat_rows(&r, port),
+        vec![
+            ("payments/api2".to_owned(), m),
+            ("payments/api".to_owned(), n)
+        ],
+        "most attempts first: {r:?}"
+    );
+    assert_eq!(r.entries[0].decayed_heat, 0.0, "{r:?}");
+    let r = get_heat(&agent, one_pod("payments/api")).expect("GetHeat of one pod");
+    assert_eq!(
+        heat_rows(&r, port),
+        vec![("payments/api".to_owned(), n)],
+        "{r:?}"
+    );
+    let r = get_heat(&agent, pb::GetHeatRequest::default()).expect("GetHeat");
+    assert_eq!(heat_rows(&r, port), vec![("/".to_owned(), n + m)], "{r:?}");
+    eprintln!("{name}: {:?}", started.elapsed());
+}
+
 /// Percentiles of `v` (ms), sorted in place.
 fn percentiles(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -707,11 +707,21 @@ pub async fn status(target: &Target) -> Result<Report, ClientError> {
     })
 }
 
-/// `heat`.
-pub async fn heat(target: &Target, limit: u32) -> Result<Report, ClientError> {
+/// `heat`: per destination, or with `by_pod` (or `pod`, NAMESPACE/NAME) per pod and destination.
+pub async fn heat(
+    target: &Target,
+    limit: u32,
+    by_pod: bool,
+    pod: Option<&str>,
+) -> Result<Report, ClientError> {
     let mut c = AgentServiceClient::new(channel(target).await?);
+    let per_pod = by_pod || pod.is_some();
     let r = c
-        .get_heat(pb::GetHeatRequest { limit })
+        .get_heat(pb::GetHeatRequest {
+            limit,
+            by_pod,
+            pod: pod.unwrap_or_default().to_owned(),
+        })
         .await
         .map_err(ClientError::from_status)?
         .into_inner();
@@ -720,26 +730,40 @@ pub async fn heat(target: &Target, limit: u32) -> Result<Report, ClientError> {
         r.map_entries, r.map_capacity
     );
     if !r.entries.is_empty() {
-        human.push_str("  rank destination                              proto     attempts       decayed     rising\n");
+        human.push_str("  rank destination                              proto     attempts       decayed     rising");
+        human.push_str(if per_pod { "  pod\n" } else { "\n" });
     }
     for (i, e) in r.entries.iter().enumerate() {
+        let pod = match (per_pod, e.pod.is_empty()) {
+            (false, _) => String::new(),
+            (true, true) => "  -".to_owned(),
+            (true, false) => format!("  {}/{}", e.namespace, e.pod),
+        };
         // Writing into a String cannot fail.
         let _ = writeln!(
             human,
-            "  {:>3}. {:<40} {:<5} {:>12}  {:>12.1}  {:>+9.1}",
+            "  {:>3}. {:<40} {:<5} {:>12}  {:>12.1}  {:>+9.1}{}",
             i + 1,
             format!("{}:{}", e.address, e.port),
             e.protocol,
             e.attempts,
             e.decayed_heat,
-            e.rising
+            e.rising,
+            crate::model::log_escape(&pod)
         );
     }
     let entries: Vec<_> = r
         .entries
         .iter()
-        .map(|e| json!({"address": e.address, "port": e.port, "protocol": e.protocol, "attempts": e.attempts,
-                           "decayed_heat": e.decayed_heat, "rising": e.rising}))
+        .map(|e| {
+            let mut j = json!({"address": e.address, "port": e.port, "protocol": e.protocol, "attempts": e.attempts,
+                               "decayed_heat": e.decayed_heat, "rising": e.rising});
+            if per_pod {
+                j["namespace"] = json!(e.namespace);
+                j["pod"] = json!(e.pod);
+            }
+            j
+        })
         .collect();
     Ok(Report {
         human,

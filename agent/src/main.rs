@@ -145,12 +145,22 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// The hottest destinations of a running agent.
-    #[command(after_help = "Example:\n  knhk-agent heat --limit 5")]
+    /// The hottest destinations of a running agent, or per pod the hottest (pod, destination)
+    /// pairs.
+    #[command(
+        after_help = "Examples:\n  knhk-agent heat --limit 5\n  knhk-agent heat --by-pod\n  knhk-agent heat --pod payments/api-0 --output json"
+    )]
     Heat {
         /// How many (0: the agent's agent.heat_top_n).
         #[arg(long, default_value_t = 0)]
         limit: u32,
+        /// One row per pod and destination: the attempts each pod's rule scope decided (needs
+        /// [kubernetes] and rules that select the pods; other attempts show no pod).
+        #[arg(long)]
+        by_pod: bool,
+        /// Only this pod's rows, NAMESPACE/NAME (implies --by-pod).
+        #[arg(long)]
+        pod: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -1070,9 +1080,14 @@ fn main() -> ExitCode {
         Command::Status { client: c } => {
             client_command(&c, move |e| async move { client::status(&e).await })
         }
-        Command::Heat { limit, client: c } => {
-            client_command(&c, move |e| async move { client::heat(&e, limit).await })
-        }
+        Command::Heat {
+            limit,
+            by_pod,
+            pod,
+            client: c,
+        } => client_command(&c, move |e| async move {
+            client::heat(&e, limit, by_pod, pod.as_deref()).await
+        }),
         Command::Slo { client: c } => {
             client_command(&c, move |e| async move { client::slo(&e).await })
         }

@@ -8,11 +8,11 @@
 use anyhow::{bail, Context, Result};
 use std::{path::Path, path::PathBuf, process::Command};
 
-/// The last commit of map ABI v2. Move it to the last commit of the old version with every ABI
+/// The last commit of map ABI v3. Move it to the last commit of the old version with every ABI
 /// change (the test then proves that change's migration).
-pub const PREVIOUS_ABI_COMMIT: &str = "07e3896df19d1c55d3954b2402adecd1dd96dcc1";
+pub const PREVIOUS_ABI_COMMIT: &str = "db40bb75a543b9e0fb02b16ba658ccec54ff4c6a";
 /// Its map ABI version.
-pub const PREVIOUS_ABI_VERSION: u32 = 2;
+pub const PREVIOUS_ABI_VERSION: u32 = 3;
 
 /// Builds (or reuses) the previous ABI's agent; returns the binary.
 pub fn build(root: &Path, target: &Path) -> Result<PathBuf> {

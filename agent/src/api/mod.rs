@@ -22,7 +22,7 @@ pub mod pb {
 use crate::semconv::{attr, span};
 use crate::{
     config::ApiListen,
-    control::{ControlError, Controller},
+    control::{ControlError, Controller, HeatQuery},
     datapath::DatapathError,
 };
 use opentelemetry::{
@@ -436,9 +436,29 @@ impl AgentService for AgentApi {
         &self,
         req: Request<pb::GetHeatRequest>,
     ) -> Result<Response<pb::GetHeatResponse>, Status> {
+        let req = req.into_inner();
+        let pod = if req.pod.is_empty() {
+            None
+        } else {
+            match req.pod.split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Some((ns.to_owned(), name.to_owned()))
+                }
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "pod {:?}: expected NAMESPACE/NAME",
+                        crate::model::log_escape(&req.pod)
+                    )))
+                }
+            }
+        };
         let heat = self
             .0
-            .heat(req.into_inner().limit as usize)
+            .heat(HeatQuery {
+                limit: req.limit as usize,
+                by_pod: req.by_pod,
+                pod,
+            })
             .await
             .map_err(status_of)?;
         Ok(Response::new(pb::GetHeatResponse {
@@ -452,6 +472,8 @@ impl AgentService for AgentApi {
                         .as_ref()
                         .and_then(|d| d.get(i).copied())
                         .unwrap_or((0.0, 0.0));
+                    // No pod (or not asked per pod): empty strings, as the proto says.
+                    let (namespace, pod) = heat.pods.get(i).cloned().flatten().unwrap_or_default();
                     pb::HeatEntry {
                         address: e.addr.to_string(),
                         port: e.port.into(),
@@ -459,6 +481,8 @@ impl AgentService for AgentApi {
                         attempts: e.attempts,
                         decayed_heat,
                         rising,
+                        namespace,
+                        pod,
                     }
                 })
                 .collect(),

@@ -1,6 +1,10 @@
 //! Cache heat per destination, from the kernel's heat LRU: decayed heat, top-N and rising
 //! destinations.
 //!
+//! The kernel counts attempts per (deciding scope, destination); so does the tracker. Rankings
+//! sum a destination's scopes, or the scopes of each group the caller maps them to (per pod:
+//! [`HeatTracker::top_grouped`]).
+//!
 //! Reading the whole LRU costs about 0.45 µs per entry, far too much for one beat, so the engine
 //! walks it incrementally: each beat reads the next chunk (one batch syscall) and folds it in
 //! here. Heat decays exponentially per beat (`half_life_beats`), applied lazily from the beat an
@@ -34,7 +38,11 @@ struct Tracked {
     walk: u64,
 }
 
-type Key = (IpAddr, u16, u8);
+/// (scope, address, port, protocol).
+type Key = (u64, IpAddr, u16, u8);
+
+/// A group (of scopes; see [`HeatTracker::top_grouped`]) and a destination.
+type GroupDest = (u32, IpAddr, u16, u8);
 
 /// The tracker: pure state, fed with chunks of the kernel map.
 #[derive(Debug, Clone)]
@@ -66,7 +74,7 @@ impl HeatTracker {
     /// Folds in entries read at `beat`; `walk_done` says the chunk ended a walk of the map.
     pub fn observe(&mut self, beat: u64, entries: &[HeatEntry], walk_done: bool) {
         for e in entries {
-            let key = (e.addr, e.port, e.proto);
+            let key = (e.scope, e.addr, e.port, e.proto);
             let walk = self.walk;
             let decay = self.decay_per_beat;
             match self.table.get_mut(&key) {
@@ -131,7 +139,7 @@ impl HeatTracker {
         t.walk + 1 >= self.walk
     }
 
-    /// Destinations in the kernel map as of the last complete walk.
+    /// Entries ((scope, destination) pairs) in the kernel map as of the last complete walk.
     pub fn len(&self) -> usize {
         self.seen_last_walk
     }
@@ -141,15 +149,18 @@ impl HeatTracker {
         self.seen_last_walk == 0
     }
 
-    /// The `n` entries with the largest `score` (descending), without sorting the whole table.
+    /// The `n` (group, destination) pairs with the largest `score` (descending) of their summed
+    /// heat and rising, without sorting them all. `group` maps a scope to its group; `None` leaves
+    /// the scope out.
     fn best(
         &self,
         beat: u64,
         n: usize,
-        score: impl Fn(f64, &Tracked) -> Option<f64>,
-    ) -> Vec<HotDestination> {
+        group: &dyn Fn(u64) -> Option<u32>,
+        score: impl Fn(f64, f64) -> Option<f64>,
+    ) -> Vec<(u32, HotDestination)> {
         use std::{cmp::Reverse, collections::BinaryHeap};
-        struct Scored(f64, Key, f64, f64);
+        struct Scored(f64, GroupDest, f64, f64);
         impl PartialEq for Scored {
             fn eq(&self, o: &Self) -> bool {
                 self.0.total_cmp(&o.0).is_eq() && self.1 == o.1
@@ -170,14 +181,27 @@ impl HeatTracker {
         if n == 0 {
             return Vec::new();
         }
-        let mut heap: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(n + 1);
-        for (key, t) in self.table.iter().filter(|(_, t)| self.live(t)) {
+        // Sum over the scopes of each group: (heat, rising).
+        let mut sums: HashMap<GroupDest, (f64, f64)> = HashMap::new();
+        let mut groups: HashMap<u64, Option<u32>> = HashMap::new();
+        for (&(scope, addr, port, proto), t) in self.table.iter().filter(|(_, t)| self.live(t)) {
+            let Some(g) = *groups.entry(scope).or_insert_with(|| group(scope)) else {
+                continue;
+            };
             let heat = t.heat
                 * self
                     .decay_per_beat
                     .powi(beat.saturating_sub(t.last_beat).min(i32::MAX as u64) as i32);
-            let Some(s) = score(heat, t) else { continue };
-            heap.push(Reverse(Scored(s, *key, heat, t.rising)));
+            let sum = sums.entry((g, addr, port, proto)).or_default();
+            sum.0 += heat;
+            sum.1 += t.rising;
+        }
+        let mut heap: BinaryHeap<Reverse<Scored>> = BinaryHeap::with_capacity(n + 1);
+        for (key, (heat, rising)) in sums {
+            let Some(s) = score(heat, rising) else {
+                continue;
+            };
+            heap.push(Reverse(Scored(s, key, heat, rising)));
             if heap.len() > n {
                 heap.pop();
             }
@@ -185,26 +209,48 @@ impl HeatTracker {
         let mut out: Vec<Scored> = heap.into_iter().map(|Reverse(s)| s).collect();
         out.sort_by(|a, b| b.cmp(a));
         out.into_iter()
-            .map(
-                |Scored(_, (addr, port, proto), heat, rising)| HotDestination {
-                    addr,
-                    port,
-                    proto,
-                    heat,
-                    rising,
-                },
-            )
+            .map(|Scored(_, (g, addr, port, proto), heat, rising)| {
+                (
+                    g,
+                    HotDestination {
+                        addr,
+                        port,
+                        proto,
+                        heat,
+                        rising,
+                    },
+                )
+            })
             .collect()
     }
 
-    /// The `n` hottest destinations as of `beat`, hottest first.
+    /// The `n` hottest destinations as of `beat` (summed over scopes), hottest first.
     pub fn top(&self, beat: u64, n: usize) -> Vec<HotDestination> {
-        self.best(beat, n, |heat, _| Some(heat))
+        self.top_grouped(beat, n, &|_| Some(0))
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
     }
 
-    /// Up to `n` destinations whose attempt rate grew, fastest growth first.
+    /// The `n` hottest (group, destination) pairs as of `beat`, hottest first: `group` maps each
+    /// scope to a group (a pod, say), whose scopes are summed; `None` leaves a scope out.
+    pub fn top_grouped(
+        &self,
+        beat: u64,
+        n: usize,
+        group: &dyn Fn(u64) -> Option<u32>,
+    ) -> Vec<(u32, HotDestination)> {
+        self.best(beat, n, group, |heat, _| Some(heat))
+    }
+
+    /// Up to `n` destinations whose attempt rate (summed over scopes) grew, fastest growth first.
     pub fn rising(&self, beat: u64, n: usize) -> Vec<HotDestination> {
-        self.best(beat, n, |_, t| (t.rising > 0.0).then_some(t.rising))
+        self.best(beat, n, &|_| Some(0), |_, rising| {
+            (rising > 0.0).then_some(rising)
+        })
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect()
     }
 }
 
@@ -263,6 +309,20 @@ impl HeatView {
         self.tracker
             .lock()
             .map(|t| t.top(beat, n))
+            // A poisoned tracker ranks nothing.
+            .unwrap_or_default()
+    }
+
+    /// The `n` hottest (group, destination) pairs; see [`HeatTracker::top_grouped`].
+    pub fn top_grouped(
+        &self,
+        n: usize,
+        group: &dyn Fn(u64) -> Option<u32>,
+    ) -> Vec<(u32, HotDestination)> {
+        let beat = self.beat.load(Ordering::Relaxed);
+        self.tracker
+            .lock()
+            .map(|t| t.top_grouped(beat, n, group))
             // A poisoned tracker ranks nothing.
             .unwrap_or_default()
     }
@@ -332,7 +392,12 @@ mod tests {
     use super::*;
 
     fn entry(last: u8, attempts: u64) -> HeatEntry {
+        scoped(0, last, attempts)
+    }
+
+    fn scoped(scope: u64, last: u8, attempts: u64) -> HeatEntry {
         HeatEntry {
+            scope,
             addr: IpAddr::from([10, 0, 0, last]),
             port: 80,
             proto: 6,
@@ -377,5 +442,57 @@ mod tests {
             "{:?}",
             t.top(4, 1)
         );
+    }
+
+    #[test]
+    fn scopes_sum_per_destination_and_per_group() {
+        let mut t = HeatTracker::new(10.0);
+        // Destination 1 from scopes 7 (3) and 8 (4) and the global scope (1); destination 2
+        // from scope 8 only (5).
+        let entries = [
+            scoped(7, 1, 3),
+            scoped(8, 1, 4),
+            scoped(0, 1, 1),
+            scoped(8, 2, 5),
+        ];
+        t.observe(0, &entries, true);
+        assert_eq!(
+            t.len(),
+            4,
+            "the kernel map holds (scope, destination) pairs"
+        );
+        let top = t.top(0, 5);
+        assert_eq!(top.len(), 2, "{top:?}");
+        assert_eq!(top[0].addr, IpAddr::from([10, 0, 0, 1]));
+        assert!((top[0].heat - 8.0).abs() < 1e-9, "{top:?}");
+        assert!((top[1].heat - 5.0).abs() < 1e-9, "{top:?}");
+        // Scopes 7 and 8 are two pods (groups 1 and 2); scope 0 belongs to none (group 0).
+        let group = |s: u64| {
+            Some(match s {
+                7 => 1,
+                8 => 2,
+                _ => 0,
+            })
+        };
+        let per: Vec<(u32, u8, f64)> = t
+            .top_grouped(0, 10, &group)
+            .into_iter()
+            .map(|(g, d)| match d.addr {
+                IpAddr::V4(a) => (g, a.octets()[3], d.heat),
+                IpAddr::V6(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            per,
+            vec![(2, 2, 5.0), (2, 1, 4.0), (1, 1, 3.0), (0, 1, 1.0)]
+        );
+        // Only scope 7's group.
+        let only = t.top_grouped(0, 10, &|s| (s == 7).then_some(1));
+        assert_eq!(only.len(), 1);
+        assert!((only[0].1.heat - 3.0).abs() < 1e-9);
+        // Two scopes in one group are summed.
+        let merged = t.top_grouped(0, 10, &|s| (s != 0).then_some(1));
+        assert!((merged[0].1.heat - 7.0).abs() < 1e-9, "{merged:?}");
+        assert!((merged[1].1.heat - 5.0).abs() < 1e-9, "{merged:?}");
     }
 }

@@ -174,6 +174,14 @@ impl SloView for BeatView {
     fn hottest(&self, n: usize) -> Vec<HotDestination> {
         self.heat.top(n)
     }
+
+    fn hottest_grouped(
+        &self,
+        n: usize,
+        group: &dyn Fn(u64) -> Option<u32>,
+    ) -> Vec<(u32, HotDestination)> {
+        self.heat.top_grouped(n, group)
+    }
 }
 
 /// The beat engine. Owns its reader and writer; shared state is its published ladder.

@@ -150,14 +150,35 @@ impl ClassLatency {
     }
 }
 
+/// Groups of heat scopes: the group of each scope id, and the pod (namespace, name) of each
+/// group (group 0: no pod).
+type HeatGroups = (HashMap<u64, u32>, Vec<Option<(String, String)>>);
+
+/// What [`Controller::heat`] is asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeatQuery {
+    /// Entries to return (0: `agent.heat_top_n`).
+    pub limit: usize,
+    /// One entry per (pod, destination) instead of one per destination.
+    pub by_pod: bool,
+    /// Only the attempts of this pod (namespace, name); implies `by_pod`.
+    pub pod: Option<(String, String)>,
+}
+
 /// Heat of the hottest destinations.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heat {
-    /// Hottest first: by decayed heat when the beat engine runs, else by raw attempts.
+    /// Hottest first: by decayed heat when the beat engine runs, else by raw attempts. Summed
+    /// over the deciding scopes of each destination (per pod: of each pod and destination);
+    /// `scope` is 0.
     pub entries: Vec<HeatEntry>,
+    /// Per pod: the pod (namespace, name) of each entry (same order); `None` for attempts decided
+    /// by a scope that is no pod the agent knows (the global scope, a rule cgroup above the
+    /// pods). Empty when not asked per pod.
+    pub pods: Vec<Option<(String, String)>>,
     /// Decayed heat and rising rate of each entry (same order), when the beat engine runs.
     pub decayed: Option<Vec<(f64, f64)>>,
-    /// Destinations in the map.
+    /// Entries in the map: (deciding scope, destination) pairs.
     pub map_entries: usize,
     /// Map capacity.
     pub map_capacity: u32,
@@ -937,50 +958,131 @@ impl Controller {
         Ok(out)
     }
 
-    /// The `limit` hottest destinations (0: `agent.heat_top_n`). Reads the whole heat map (up to
-    /// `agent.heat_max_entries` destinations), on a blocking thread.
-    pub async fn heat(self: &Arc<Self>, limit: usize) -> Result<Heat, ControlError> {
+    /// The hottest destinations (or, per pod, (pod, destination) pairs) `q` asks for. Reads the
+    /// whole heat map (up to `agent.heat_max_entries` entries), on a blocking thread.
+    pub async fn heat(self: &Arc<Self>, q: HeatQuery) -> Result<Heat, ControlError> {
         let this = self.clone();
-        blocking(move || this.heat_now(limit)).await?
+        blocking(move || this.heat_now(q)).await?
     }
 
-    fn heat_now(&self, limit: usize) -> Result<Heat, ControlError> {
-        let all = self.reader.heat()?;
-        let limit = if limit == 0 { self.heat_top_n } else { limit };
+    /// Groups of scopes for a per-pod answer: the group of each scope id of the live
+    /// generation that is (or is in) a pod of the inventory, and the pod of each group (group 0:
+    /// no pod). With `only`, just that pod's scopes.
+    fn heat_groups(&self, only: Option<&(String, String)>) -> HeatGroups {
+        let mut groups = HashMap::new();
+        let mut pods: Vec<Option<(String, String)>> = vec![None];
+        let Some(inv) = self.inventory() else {
+            return (groups, pods);
+        };
+        let Ok(status) = self.status.read() else {
+            return (groups, pods);
+        };
+        let mut by_pod: HashMap<(&str, &str), u32> = HashMap::new();
+        for (id, path) in status.active_scope_ids.iter().zip(&status.active_scopes) {
+            let Some(p) = inv.pod_of(path) else { continue };
+            if only.is_some_and(|(ns, name)| *ns != p.namespace || *name != p.name) {
+                continue;
+            }
+            let g = *by_pod
+                .entry((p.namespace.as_str(), p.name.as_str()))
+                .or_insert_with(|| {
+                    pods.push(Some((p.namespace.clone(), p.name.clone())));
+                    (pods.len() - 1) as u32
+                });
+            groups.insert(*id, g);
+        }
+        (groups, pods)
+    }
+
+    fn heat_now(&self, q: HeatQuery) -> Result<Heat, ControlError> {
+        let all = self.reader.heat_entries()?;
+        let limit = if q.limit == 0 {
+            self.heat_top_n
+        } else {
+            q.limit
+        };
         let map_entries = all.len();
-        let (entries, decayed) = match &self.slo_view {
+        let per_pod = q.by_pod || q.pod.is_some();
+        let (groups, pods) = if per_pod {
+            self.heat_groups(q.pod.as_ref())
+        } else {
+            (HashMap::new(), vec![None])
+        };
+        // Per destination: every scope in group 0. Per pod: a pod's scopes in its group, the
+        // rest in group 0 (left out when one pod is asked for).
+        let group = |scope: u64| -> Option<u32> {
+            match groups.get(&scope) {
+                Some(g) => Some(*g),
+                None if q.pod.is_some() => None,
+                None => Some(0),
+            }
+        };
+        type Key = (u32, std::net::IpAddr, u16, u8);
+        // Raw attempts summed per (group, destination).
+        let mut attempts: HashMap<Key, HeatEntry> = HashMap::new();
+        for e in all {
+            let Some(g) = group(e.scope) else { continue };
+            attempts
+                .entry((g, e.addr, e.port, e.proto))
+                .and_modify(|s| {
+                    s.attempts = s.attempts.saturating_add(e.attempts);
+                    s.last_seen_ns = s.last_seen_ns.max(e.last_seen_ns);
+                })
+                .or_insert(HeatEntry { scope: 0, ..e });
+        }
+        let (ranked, decayed): (Vec<(u32, HeatEntry)>, _) = match &self.slo_view {
             Some(view) => {
-                let attempts: HashMap<(std::net::IpAddr, u16, u8), HeatEntry> = all
-                    .into_iter()
-                    .map(|e| ((e.addr, e.port, e.proto), e))
-                    .collect();
-                let top = view.hottest(limit);
+                let top = view.hottest_grouped(limit, &group);
                 let entries = top
                     .iter()
-                    .map(|d| {
-                        attempts
-                            .get(&(d.addr, d.port, d.proto))
+                    .map(|(g, d)| {
+                        let e = attempts
+                            .get(&(*g, d.addr, d.port, d.proto))
                             .cloned()
                             .unwrap_or(HeatEntry {
+                                scope: 0,
                                 addr: d.addr,
                                 port: d.port,
                                 proto: d.proto,
                                 attempts: 0,
                                 last_seen_ns: 0,
-                            })
+                            });
+                        (*g, e)
                     })
                     .collect();
                 (
                     entries,
-                    Some(top.iter().map(|d| (d.heat, d.rising)).collect()),
+                    Some(top.iter().map(|(_, d)| (d.heat, d.rising)).collect()),
                 )
             }
-            None => (all.into_iter().take(limit).collect(), None),
+            None => {
+                let mut v: Vec<(u32, HeatEntry)> =
+                    attempts.into_iter().map(|((g, ..), e)| (g, e)).collect();
+                // Most attempts first, ties by destination, then pod.
+                v.sort_by(|(ga, a), (gb, b)| {
+                    b.attempts
+                        .cmp(&a.attempts)
+                        .then(a.addr.cmp(&b.addr))
+                        .then(a.port.cmp(&b.port))
+                        .then(a.proto.cmp(&b.proto))
+                        .then_with(|| pods[*ga as usize].cmp(&pods[*gb as usize]))
+                });
+                v.truncate(limit);
+                (v, None)
+            }
         };
         Ok(Heat {
             map_entries,
             map_capacity: self.reader.heat_capacity(),
-            entries,
+            pods: if per_pod {
+                ranked
+                    .iter()
+                    .map(|(g, _)| pods.get(*g as usize).cloned().flatten())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            entries: ranked.into_iter().map(|(_, e)| e).collect(),
             decayed,
         })
     }

@@ -46,7 +46,8 @@ use switch::CounterIds;
 pub use switch::{Prepared, MAX_POD_COUNTERS};
 
 pub use reader::{
-    protocol_name, DatapathReader, Decisions, HeatCursor, HeatEntry, LatencyHistogram, PodRuleHits,
+    per_destination, protocol_name, DatapathReader, Decisions, HeatCursor, HeatEntry,
+    LatencyHistogram, PodRuleHits,
 };
 
 use crate::{
@@ -340,6 +341,8 @@ pub struct DatapathStatus {
     pub pods_unattributed: usize,
     /// Rule cgroups that exist.
     pub active_scopes: Vec<CgroupPath>,
+    /// Their cgroup ids (the scope ids the kernel attributes heat to), same order.
+    pub active_scope_ids: Vec<u64>,
     /// Rule cgroups that do not exist yet.
     pub pending_scopes: Vec<CgroupPath>,
     /// Trie entries of the live generation, IPv4 + IPv6.
@@ -522,6 +525,11 @@ impl Datapath {
             rule_counters,
             pod_counters,
             pods_unattributed,
+            active_scope_ids: self
+                .live
+                .as_ref()
+                .map(|l| l.resolved.values().map(|r| r.id).collect())
+                .unwrap_or_default(),
             active_scopes,
             pending_scopes,
             trie_entries: self.slots[active]

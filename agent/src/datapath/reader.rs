@@ -171,9 +171,12 @@ pub struct PodRuleHits {
     pub hits: u64,
 }
 
-/// One destination of the heat map.
+/// One entry of the heat map: a destination and the scope whose connects went there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeatEntry {
+    /// Cgroup id of the deciding scope (the deepest rule cgroup among the caller's ancestors);
+    /// 0 for the global scope, and in [`per_destination`] sums.
+    pub scope: u64,
     /// Destination address (IPv4 shown as IPv4).
     pub addr: IpAddr,
     /// Destination port.
@@ -194,6 +197,7 @@ impl HeatEntry {
             None => IpAddr::V6(v6),
         };
         HeatEntry {
+            scope: k.scope,
             addr,
             port: k.port,
             proto: k.proto,
@@ -201,6 +205,39 @@ impl HeatEntry {
             last_seen_ns: v.last_seen_ns,
         }
     }
+}
+
+/// Sums `entries` per destination (over scopes; `scope` 0, the latest `last_seen_ns`), most
+/// attempts first, ties by destination.
+pub fn per_destination(entries: &[HeatEntry]) -> Vec<HeatEntry> {
+    let mut by: std::collections::HashMap<(IpAddr, u16, u8), HeatEntry> =
+        std::collections::HashMap::with_capacity(entries.len());
+    for e in entries {
+        by.entry((e.addr, e.port, e.proto))
+            .and_modify(|s| {
+                s.attempts = s.attempts.saturating_add(e.attempts);
+                s.last_seen_ns = s.last_seen_ns.max(e.last_seen_ns);
+            })
+            .or_insert_with(|| HeatEntry {
+                scope: 0,
+                ..e.clone()
+            });
+    }
+    let mut out: Vec<HeatEntry> = by.into_values().collect();
+    sort_hottest(&mut out);
+    out
+}
+
+/// Most attempts first, ties by destination, then scope.
+fn sort_hottest(entries: &mut [HeatEntry]) {
+    entries.sort_by(|a, b| {
+        b.attempts
+            .cmp(&a.attempts)
+            .then(a.addr.cmp(&b.addr))
+            .then(a.port.cmp(&b.port))
+            .then(a.proto.cmp(&b.proto))
+            .then(a.scope.cmp(&b.scope))
+    });
 }
 
 /// Where an incremental walk of the heat map stands; see [`DatapathReader::heat_step`].
@@ -410,8 +447,13 @@ impl DatapathReader {
         Ok(out)
     }
 
-    /// Every heat entry (one batch read), hottest first.
+    /// Every destination of the heat map (one batch read), summed over scopes, hottest first.
     pub fn heat(&self) -> Result<Vec<HeatEntry>, DatapathError> {
+        Ok(per_destination(&self.heat_entries()?))
+    }
+
+    /// Every entry of the heat map (one batch read): (scope, destination) pairs, hottest first.
+    pub fn heat_entries(&self) -> Result<Vec<HeatEntry>, DatapathError> {
         let raw: Vec<(HeatKey, HeatValue)> =
             sys::lookup_batch(self.heat.fd().as_fd(), self.heat_capacity as usize).map_err(
                 |e| DatapathError::Map {
@@ -424,13 +466,7 @@ impl DatapathReader {
                 },
             )?;
         let mut out: Vec<HeatEntry> = raw.iter().map(|(k, v)| HeatEntry::from_map(k, v)).collect();
-        out.sort_by(|a, b| {
-            b.attempts
-                .cmp(&a.attempts)
-                .then(a.addr.cmp(&b.addr))
-                .then(a.port.cmp(&b.port))
-                .then(a.proto.cmp(&b.proto))
-        });
+        sort_hottest(&mut out);
         Ok(out)
     }
 

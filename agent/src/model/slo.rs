@@ -84,6 +84,19 @@ pub struct HotDestination {
 pub trait SloView: Send + Sync + 'static {
     /// The current SLO admission state of `class`.
     fn class_state(&self, class: Class) -> ClassState;
-    /// The `n` hottest destinations by decayed heat, hottest first.
-    fn hottest(&self, n: usize) -> Vec<HotDestination>;
+    /// The `n` hottest destinations by decayed heat (summed over scopes), hottest first.
+    fn hottest(&self, n: usize) -> Vec<HotDestination> {
+        self.hottest_grouped(n, &|_| Some(0))
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
+    }
+    /// The `n` hottest (group, destination) pairs by decayed heat, hottest first: `group` maps
+    /// the cgroup id of each deciding scope (0: the global scope) to a group whose scopes are
+    /// summed (a pod), or leaves it out (`None`).
+    fn hottest_grouped(
+        &self,
+        n: usize,
+        group: &dyn Fn(u64) -> Option<u32>,
+    ) -> Vec<(u32, HotDestination)>;
 }

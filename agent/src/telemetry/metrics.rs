@@ -345,10 +345,11 @@ impl Collector for DatapathCollector {
             out.push(fam(name, MetricType::HISTOGRAM, ms));
         }
 
-        match self.reader.heat() {
-            Ok(heat) => {
-                // Ranked by attempts, ties by destination: the same map gives the same set.
-                let top = heat
+        match self.reader.heat_entries() {
+            Ok(entries) => {
+                // Per destination (summed over scopes), ranked by attempts, ties by destination:
+                // the same map gives the same set.
+                let top = crate::datapath::per_destination(&entries)
                     .iter()
                     .take(self.heat_top_n)
                     .map(|e| {
@@ -369,7 +370,7 @@ impl Collector for DatapathCollector {
                     "knhk_bpf_map_entries",
                     MetricType::GAUGE,
                     vec![
-                        gauge(&[("map", "heat")], heat.len() as f64),
+                        gauge(&[("map", "heat")], entries.len() as f64),
                         gauge(&[("map", "policy")], status.trie_entries as f64),
                     ],
                 ));

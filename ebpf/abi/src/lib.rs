@@ -10,7 +10,7 @@
 #![no_std]
 
 /// Version of this ABI. Pins live under `<bpffs>/knhk/v<ABI_VERSION>/`.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Runtime classes (hot, warm, cold). A rule names one; unmatched connects get the default.
 pub const CLASS_R1: u8 = 0;
@@ -145,7 +145,7 @@ pub mod map_names {
     pub const DECISIONS: &str = "KNHK_DECISIONS";
     /// Rule hit counters (mmapable array of u64, atomically incremented).
     pub const RULE_HITS: &str = "KNHK_RULE_HITS";
-    /// Destination heat: [`super::HeatKey`] → [`super::HeatValue`] (LRU).
+    /// Destination heat per deciding scope: [`super::HeatKey`] → [`super::HeatValue`] (LRU).
     pub const HEAT: &str = "KNHK_HEAT";
     /// TCP connect state per socket (socket storage) → [`super::ConnState`].
     pub const CONNS: &str = "KNHK_CONNS";
@@ -160,7 +160,8 @@ pub mod map_names {
     pub const BUDGETS: &str = "KNHK_BUDGETS";
     /// Park targets: rule counter id → [`super::ParkTarget`].
     pub const PARK: &str = "KNHK_PARK";
-    /// Per-CPU count of destinations inserted into the heat map (evictions = inserts − entries).
+    /// Per-CPU count of entries ((scope, destination) pairs) inserted into the heat map
+    /// (evictions = inserts − entries).
     pub const HEAT_INSERTS: &str = "KNHK_HEAT_INSERTS";
     /// Overflow chunks of trie leaves: [`super::ChunkKey`] → [`super::RuleChunk`].
     pub const LEAF_CHUNKS: &str = "KNHK_LEAF_CHUNKS";
@@ -469,8 +470,10 @@ pub struct VerdictSlot {
     pub verdict: u64,
     /// [`verdict_check`].
     pub check: u64,
+    /// The deciding scope's cgroup id (0: the global scope), for heat.
+    pub scope: u64,
     /// Padding, always zero.
-    pub _pad: [u64; 2],
+    pub _pad: u64,
 }
 
 /// `meta` of a [`VerdictSlot`].
@@ -497,10 +500,10 @@ pub fn verdict_index(hash: u64) -> u32 {
     hash as u32 & (VERDICT_CACHE_SLOTS - 1) & !(VERDICT_CACHE_WAYS - 1)
 }
 
-/// The `check` word of a slot holding `verdict_word` for a key of hash `hash`.
+/// The `check` word of a slot holding `verdict_word` and `scope` for a key of hash `hash`.
 #[inline(always)]
-pub fn verdict_check(hash: u64, verdict_word: u64) -> u64 {
-    mix(hash, verdict_word) | 1
+pub fn verdict_check(hash: u64, verdict_word: u64, scope: u64) -> u64 {
+    mix(mix(hash, verdict_word), scope) | 1
 }
 
 /// Key of the reverse-translation table: a parked UDP socket and the park target it sends to.
@@ -620,10 +623,13 @@ pub struct ParkTarget {
     pub addr: [u8; 16],
 }
 
-/// Key of the heat map: a destination.
+/// Key of the heat map: a destination, attributed to the scope that decided the connect.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct HeatKey {
+    /// Cgroup id of the deciding scope (the deepest cgroup owning rules among the caller's
+    /// ancestors, as the admission lookup found it); 0 for the global scope.
+    pub scope: u64,
     /// IPv6 address, or an IPv4-mapped one (`::ffff:a.b.c.d`), network byte order.
     pub addr: [u8; 16],
     /// Destination port, host byte order.
@@ -631,7 +637,7 @@ pub struct HeatKey {
     /// IPPROTO number.
     pub proto: u8,
     /// Padding, always zero.
-    pub _pad: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Value of the heat map.
@@ -833,7 +839,11 @@ mod tests {
         assert_eq!(size_of::<Verdict>(), 8);
         assert_eq!(size_of::<ScopeKey>(), 16);
         assert_eq!(size_of::<ScopeValue>(), 8);
-        assert_eq!(size_of::<HeatKey>(), 20);
+        assert_eq!(size_of::<HeatKey>(), 32);
+        assert_eq!(offset_of!(HeatKey, addr), 8);
+        assert_eq!(offset_of!(HeatKey, port), 24);
+        assert_eq!(offset_of!(HeatKey, proto), 26);
+        assert_eq!(offset_of!(VerdictSlot, scope), 48);
         assert_eq!(size_of::<ParkTarget>(), 24);
         assert_eq!(size_of::<ClassControl>(), 24);
         assert_eq!(size_of::<HeatValue>(), 16);

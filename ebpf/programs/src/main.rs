@@ -186,8 +186,8 @@ fn judge<const V6: bool, const SEND: bool>(ctx: &SockAddrContext, d: &Dest, hook
     let active = unsafe { core::ptr::read_volatile(&cfg.active_slot) } & (SLOTS as u32 - 1);
     let candidate = unsafe { core::ptr::read_volatile(&cfg.candidate) };
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let (verdict, slot) = cached_decision(cgroup, epoch, active, candidate, cfg, d);
-    admit::<V6, SEND>(ctx, &cfg.slots[slot as usize], verdict, d, cgroup, hook)
+    let (verdict, slot, scope) = cached_decision(cgroup, epoch, active, candidate, cfg, d);
+    admit::<V6, SEND>(ctx, &cfg.slots[slot as usize], verdict, d, cgroup, scope, hook)
 }
 
 /// The slot that judges `side`: the candidate's while a rollout is live, else the active one.
@@ -200,8 +200,9 @@ fn slot_of(side: u8, active: u32, candidate: u32) -> u32 {
     }
 }
 
-/// The verdict for `d` from `cgroup`, and the slot that decided it: from the per-CPU cache (the
-/// cached word carries the side, so a hit needs no split lookup), or looked up and cached.
+/// The verdict for `d` from `cgroup`, the slot that decided it and the deciding scope (0: the
+/// global scope): from the per-CPU cache (the cached word carries the side, the slot the scope, so
+/// a hit needs no split or scope lookup), or looked up and cached.
 ///
 /// On a miss the side comes from the split table, and the slot with it. The verifier must not
 /// see the side as a constant on the way into `lookup` (it would then verify that costly path
@@ -215,7 +216,7 @@ fn cached_decision(
     candidate: u32,
     cfg: &Config,
     d: &Dest,
-) -> (Verdict, u32) {
+) -> (Verdict, u32, u64) {
     let words = d.words();
     let meta = verdict_meta(d.port, d.proto, epoch);
     let hash = verdict_hash(cgroup, &words, meta);
@@ -228,15 +229,15 @@ fn cached_decision(
             continue;
         };
         let s = unsafe { &*e };
-        let word = s.verdict;
+        let (word, scope) = (s.verdict, s.scope);
         if s.meta == meta
             && s.cgroup_id == cgroup
             && s.addr[0] == words[0]
             && s.addr[1] == words[1]
-            && s.check == verdict_check(hash, word)
+            && s.check == verdict_check(hash, word, scope)
         {
             let v = Verdict::from_word(word);
-            return (v, slot_of(v.side, active, candidate));
+            return (v, slot_of(v.side, active, candidate), scope);
         }
         if victim.is_none() && (s.meta as u32) != epoch {
             victim = Some(e);
@@ -248,7 +249,7 @@ fn cached_decision(
         Some(v) => ((*v as u8) & 1, (candidate - 1) & (SLOTS as u32 - 1)),
         None => (opaque_zero, active),
     };
-    let mut verdict = lookup(slot, &cfg.slots[slot as usize], d);
+    let (mut verdict, scope) = lookup(slot, &cfg.slots[slot as usize], d);
     verdict.side = side;
     let victim = victim.or_else(|| VERDICTS.get_ptr_mut(first + ((hash >> 40) as u32 & (VERDICT_CACHE_WAYS - 1))));
     if let Some(e) = victim {
@@ -259,15 +260,17 @@ fn cached_decision(
             (*e).addr = words;
             (*e).meta = meta;
             (*e).verdict = word;
-            (*e).check = verdict_check(hash, word);
+            (*e).scope = scope;
+            (*e).check = verdict_check(hash, word, scope);
         }
     }
-    (verdict, slot)
+    (verdict, slot, scope)
 }
 
-/// The policy's verdict: the deepest owning scope's trie, longest prefix, first matching entry.
+/// The policy's verdict: the deepest owning scope's trie, longest prefix, first matching entry;
+/// and that scope.
 #[inline(always)]
-fn lookup(slot: u32, sc: &SlotConfig, d: &Dest) -> Verdict {
+fn lookup(slot: u32, sc: &SlotConfig, d: &Dest) -> (Verdict, u64) {
     let scope = owning_scope(slot, sc);
     let leaf = if d.v4 {
         let key = Key::new(
@@ -281,10 +284,10 @@ fn lookup(slot: u32, sc: &SlotConfig, d: &Dest) -> Verdict {
     };
     let default = Verdict { action: sc.default_action, class: sc.default_class, side: 0, _pad: 0, counter: 0 };
     let Some(leaf) = leaf else {
-        return default;
+        return (default, scope);
     };
     if let Some(v) = scan(&leaf.entries, leaf.len, d) {
-        return v;
+        return (v, scope);
     }
     let (first, chunks) = (leaf.first_chunk, leaf.chunks);
     for i in 0..MAX_LEAF_CHUNKS {
@@ -296,10 +299,10 @@ fn lookup(slot: u32, sc: &SlotConfig, d: &Dest) -> Verdict {
             break;
         };
         if let Some(v) = scan(&chunk.entries, chunk.len, d) {
-            return v;
+            return (v, scope);
         }
     }
-    default
+    (default, scope)
 }
 
 /// The first of the first `len` entries that matches `d`'s port and protocol.
@@ -343,8 +346,9 @@ fn owning_scope(slot: u32, cfg: &SlotConfig) -> u64 {
     0
 }
 
-/// Applies a verdict: mode, SLO admission, counters, heat, events, the handshake clock.
-/// `SEND`: a datagram (no budget is spent, no handshake is timed).
+/// Applies a verdict: mode, SLO admission, counters, heat (attributed to `scope`, the deciding
+/// scope), events, the handshake clock. `SEND`: a datagram (no budget is spent, no handshake is
+/// timed).
 #[inline(always)]
 fn admit<const V6: bool, const SEND: bool>(
     ctx: &SockAddrContext,
@@ -352,6 +356,7 @@ fn admit<const V6: bool, const SEND: bool>(
     verdict: Verdict,
     d: &Dest,
     cgroup: u64,
+    scope: u64,
     hook: u8,
 ) -> i32 {
     let mut action = verdict.action;
@@ -421,7 +426,7 @@ fn admit<const V6: bool, const SEND: bool>(
     if sc.flags & FLAG_HEAT != 0 {
         let shift = (sc.heat_sample_shift & 15) as u32;
         if shift == 0 || unsafe { bpf_get_prandom_u32() } & ((1u32 << shift) - 1) == 0 {
-            record_heat(d, clock.now(), 1u64 << shift);
+            record_heat(scope, d, clock.now(), 1u64 << shift);
         }
     }
     if action != ACTION_ALLOW && sc.flags & FLAG_EVENTS != 0 {
@@ -618,10 +623,10 @@ fn lower_priority(ctx: &SockAddrContext) {
     };
 }
 
-/// Adds `weight` attempts to the destination's heat.
+/// Adds `weight` attempts to the heat of (`scope`, destination).
 #[inline(always)]
-fn record_heat(d: &Dest, now: u64, weight: u64) {
-    let key = HeatKey { addr: d.addr, port: d.port, proto: d.proto, _pad: 0 };
+fn record_heat(scope: u64, d: &Dest, now: u64, weight: u64) {
+    let key = HeatKey { scope, addr: d.addr, port: d.port, proto: d.proto, _pad: [0; 5] };
     match HEAT.get_ptr_mut(&key) {
         Some(v) => unsafe {
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).attempts, weight);
