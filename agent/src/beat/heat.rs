@@ -303,6 +303,12 @@ impl HeatView {
         walk_done.then(|| t.len())
     }
 
+    /// Moves the rankings' clock to `beat` without reading anything (a beat that skipped the
+    /// map: heat keeps decaying).
+    pub fn advance(&self, beat: u64) {
+        self.beat.store(beat, Ordering::Relaxed);
+    }
+
     /// The `n` hottest destinations.
     pub fn top(&self, n: usize) -> Vec<HotDestination> {
         let beat = self.beat.load(Ordering::Relaxed);

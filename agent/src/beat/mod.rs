@@ -190,8 +190,13 @@ pub struct BeatEngine {
     reader: DatapathReader,
     writer: ClassStateWriter,
     last: [LatencyHistogram; 3],
-    /// Per beat of the window: latency deltas and connects admitted, per class.
-    window: VecDeque<([LatencyHistogram; 3], [u64; 3])>,
+    /// Per beat of the window: latency deltas (`None`: no sample that beat) and connects
+    /// admitted, per class.
+    window: VecDeque<([Option<LatencyHistogram>; 3], [u64; 3])>,
+    /// Per class, the sum of the window's deltas (kept as beats enter and leave it), and its
+    /// p50 and p99 (recomputed only when the sum changed: an idle beat merges nothing).
+    window_sum: [LatencyHistogram; 3],
+    window_quantiles: [Option<(Option<u64>, Option<u64>)>; 3],
     ladder: Ladder,
     cycle: u64,
     published: Arc<RwLock<Ladder>>,
@@ -199,11 +204,14 @@ pub struct BeatEngine {
     metrics: Metrics,
     heat: heat::HeatView,
     heat_cursor: crate::datapath::HeatCursor,
-    /// The decision counters when the current (or, between walks, the last) heat walk began:
-    /// the kernel records heat only with a decision, so while they stay the same the last
-    /// complete walk saw the map as it is, and no new walk starts (an idle node does not scan
-    /// the heat map's buckets ten times a second).
+    /// The decision counters when the current (or, between walks, the last) heat walk began.
+    /// The kernel records heat only with a decision: once two walks have begun and ended with
+    /// the counters unchanged, the tracker has seen the map as it is, with every rate settled
+    /// at zero, and no new walk starts until a decision (an idle node does not scan the heat
+    /// map's buckets ten times a second). Rankings still decay to the current beat.
     heat_walk_from: Option<crate::datapath::Decisions>,
+    /// Complete walks since the decision counters last moved.
+    heat_quiet_walks: u8,
     /// Whether the last heat step ended a walk (the next one starts a new walk).
     heat_walk_done: bool,
     heat_inserts_seen: Option<u64>,
@@ -259,6 +267,8 @@ impl BeatEngine {
             writer,
             last,
             window: VecDeque::new(),
+            window_sum: Default::default(),
+            window_quantiles: [None; 3],
             ladder: Ladder::default(),
             cycle: 0,
             published: Arc::new(RwLock::new(Ladder::default())),
@@ -270,6 +280,7 @@ impl BeatEngine {
             ),
             heat_cursor: Default::default(),
             heat_walk_from: None,
+            heat_quiet_walks: 0,
             heat_walk_done: true,
             heat_inserts_seen: None,
             last_pulse_decisions: None,
@@ -308,35 +319,46 @@ impl BeatEngine {
             );
             self.writer.set_budget(class, budget);
         }
-        let mut delta: [LatencyHistogram; 3] = Default::default();
+        let mut delta: [Option<LatencyHistogram>; 3] = Default::default();
         for class in Class::ALL {
             let i = class.index();
             let source = self.settings.latency_sources[i];
             let now = self.reader.histogram(source, class)?;
-            delta[i] = now.minus(&self.last[i]);
-            self.last[i] = now;
+            if now.count != self.last[i].count {
+                let d = now.minus(&self.last[i]);
+                self.window_sum[i].add_histogram(&d);
+                self.window_quantiles[i] = None;
+                delta[i] = Some(d);
+                self.last[i] = now;
+            }
         }
         let admitted = self.count_admissions()?;
         self.window.push_back((delta, admitted));
         while self.window.len() > self.settings.window_beats.max(1) {
-            self.window.pop_front();
+            if let Some((gone, _)) = self.window.pop_front() {
+                for (i, d) in gone.iter().enumerate() {
+                    if let Some(d) = d {
+                        self.window_sum[i].remove_histogram(d);
+                        self.window_quantiles[i] = None;
+                    }
+                }
+            }
         }
         let mut p99_ns = [None; 3];
         let mut p50_ns = [None; 3];
         let mut breach = [false; 3];
         for class in Class::ALL {
             let i = class.index();
-            let mut merged = LatencyHistogram::default();
-            for (beat, _) in &self.window {
-                merged.add_histogram(&beat[i]);
-            }
-            p99_ns[i] = merged.quantile(0.99);
-            p50_ns[i] = merged.quantile(0.5);
+            let sum = &self.window_sum[i];
+            let (p50, p99) = *self.window_quantiles[i]
+                .get_or_insert_with(|| (sum.quantile(0.5), sum.quantile(0.99)));
+            p99_ns[i] = p99;
+            p50_ns[i] = p50;
             if self
                 .cycle
                 .is_multiple_of(self.settings.window_beats.max(1) as u64)
             {
-                self.sample_capacity(class, &merged);
+                self.sample_capacity(class, p99);
             }
             breach[i] = matches!((p99_ns[i], self.settings.ceilings_ns[i]), (Some(p), Some(max)) if p > max);
             set_or_remove(
@@ -418,12 +440,12 @@ impl BeatEngine {
 
     /// One capacity sample of `class` per window (windows do not overlap): the window's
     /// admission rate and its p99 — the same statistic the ladder compares with the ceiling.
-    fn sample_capacity(&mut self, class: Class, merged: &LatencyHistogram) {
+    fn sample_capacity(&mut self, class: Class, p99: Option<u64>) {
         let i = class.index();
-        if merged.count < MIN_SAMPLE_LATENCIES {
+        if self.window_sum[i].count < MIN_SAMPLE_LATENCIES {
             return;
         }
-        let Some(p99) = merged.quantile(0.99) else {
+        let Some(p99) = p99 else {
             return;
         };
         let admitted: u64 = self.window.iter().map(|(_, a)| a[i]).sum();
@@ -521,13 +543,19 @@ impl BeatEngine {
     fn heat_step(&mut self) -> Result<(), DatapathError> {
         if self.heat_walk_done {
             let decisions = self.last_beat_decisions;
-            if decisions.is_some() && decisions == self.heat_walk_from {
+            if decisions.is_none() || decisions != self.heat_walk_from {
+                self.heat_walk_from = decisions;
+                self.heat_quiet_walks = 0;
+            } else if self.heat_quiet_walks >= 2 {
+                self.heat.advance(self.cycle);
                 return Ok(());
             }
-            self.heat_walk_from = decisions;
         }
         let (entries, done) = self.reader.heat_step(&mut self.heat_cursor, HEAT_CHUNK)?;
         self.heat_walk_done = done;
+        if done {
+            self.heat_quiet_walks = self.heat_quiet_walks.saturating_add(1);
+        }
         let present = self.heat.observe(self.cycle, &entries, done);
         if let Some(present) = present {
             let inserts = self.reader.heat_inserts()?;
@@ -557,7 +585,7 @@ impl BeatEngine {
 
     /// Completes a pulse's summary with the heat digest (a ranking: computed off the beat) and
     /// publishes it.
-    fn emit(&self, mut summary: CycleSummary) {
+    fn emit(&self, mut summary: CycleSummary, runtime: &tokio::runtime::Handle) {
         if summary.quiet {
             // Not receipted: no heat digest to compute.
             let _ = self.summaries.send(summary);
@@ -566,7 +594,7 @@ impl BeatEngine {
         let heat = self.heat.clone();
         let top_n = self.settings.heat_top_n;
         let tx = self.summaries.clone();
-        tokio::task::spawn_blocking(move || {
+        runtime.spawn_blocking(move || {
             use sha2::{Digest, Sha256};
             let mut h = Sha256::new();
             for d in heat.top(top_n) {
@@ -581,45 +609,75 @@ impl BeatEngine {
 
     /// Beats until `shutdown` resolves. Overruns are counted and logged; a failed beat is
     /// logged and the next one tries again.
-    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
-        let mut ticker = tokio::time::interval(self.settings.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
+    ///
+    /// The beats run on a thread of their own (`knhk-beat`): a beat is a few dozen map syscalls,
+    /// and one thread sleeping to the next deadline wakes once per beat, where a runtime timer
+    /// plus `block_in_place` woke several threads per beat (most of an idle agent's CPU).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Handle::current();
+        let spawned = std::thread::Builder::new()
+            .name("knhk-beat".into())
+            .spawn(move || {
+                self.beat_until(&stop_rx, &runtime);
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!("SLO admission is off: starting the beat thread failed: {e}");
+            return;
+        }
+        shutdown.await;
+        let _ = stop_tx.send(());
+        // The thread leaves the kernel neutral before it ends; a beat in flight finishes first.
+        let _ = done_rx.await;
+    }
+
+    /// The beat thread: one beat per interval until `stop` receives (or its sender is gone).
+    fn beat_until(mut self, stop: &std::sync::mpsc::Receiver<()>, runtime: &tokio::runtime::Handle) {
+        use std::sync::mpsc::RecvTimeoutError;
+        let interval = self.settings.interval;
+        let mut next = Instant::now() + interval;
         loop {
-            tokio::select! {
-                _ = &mut shutdown => {
-                    // Leave the kernel neutral: nothing shed on decisions nobody maintains.
-                    for class in Class::ALL {
-                        self.writer.set(class, ClassState::Normal);
-                        self.writer.set_budget(class, None);
-                    }
-                    return;
-                }
-                _ = ticker.tick() => {
-                    let started = Instant::now();
-                    // A beat is map reads and writes (syscalls, a heat chunk): it runs where
-                    // blocking is allowed, so it never stalls the runtime's other tasks.
-                    let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
-                        == tokio::runtime::RuntimeFlavor::MultiThread;
-                    let report = if multi_thread {
-                        tokio::task::block_in_place(|| self.beat())
-                    } else {
-                        self.beat()
-                    };
-                    match report {
-                        Ok(BeatReport { pulse: Some(summary), .. }) => self.emit(summary),
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(cycle = self.cycle, "beat failed (the next one retries): {e}"),
-                    }
-                    let took = started.elapsed();
-                    self.metrics.beats.inc();
-                    self.metrics.duration.observe(took.as_secs_f64());
-                    if took > self.settings.interval {
-                        self.metrics.overruns.inc();
-                        tracing::warn!(cycle = self.cycle, took_us = took.as_micros() as u64, "beat overran its period");
-                    }
-                }
+            let wait = next.saturating_duration_since(Instant::now());
+            match stop.recv_timeout(wait) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
             }
+            let started = Instant::now();
+            match self.beat() {
+                Ok(BeatReport {
+                    pulse: Some(summary),
+                    ..
+                }) => self.emit(summary, runtime),
+                Ok(_) => {}
+                Err(e) => tracing::error!(
+                    cycle = self.cycle,
+                    "beat failed (the next one retries): {e}"
+                ),
+            }
+            let took = started.elapsed();
+            self.metrics.beats.inc();
+            self.metrics.duration.observe(took.as_secs_f64());
+            if took > interval {
+                self.metrics.overruns.inc();
+                tracing::warn!(
+                    cycle = self.cycle,
+                    took_us = took.as_micros() as u64,
+                    "beat overran its period"
+                );
+            }
+            // After an overrun the next beat is a whole interval later (no burst to catch up).
+            let now = Instant::now();
+            next += interval;
+            if next < now {
+                next = now + interval;
+            }
+        }
+        // Leave the kernel neutral: nothing shed on decisions nobody maintains.
+        for class in Class::ALL {
+            self.writer.set(class, ClassState::Normal);
+            self.writer.set_budget(class, None);
         }
     }
 }

@@ -87,6 +87,15 @@ impl LatencyHistogram {
         }
     }
 
+    /// Takes out `h`, which was added before (a running window sum dropping its oldest beat).
+    pub fn remove_histogram(&mut self, h: &LatencyHistogram) {
+        self.count = self.count.saturating_sub(h.count);
+        self.sum_ns = self.sum_ns.wrapping_sub(h.sum_ns);
+        for (a, b) in self.buckets.iter_mut().zip(h.buckets.iter()) {
+            *a = a.saturating_sub(*b);
+        }
+    }
+
     /// What was recorded since `earlier` (a reading of the same counters), bucket by bucket;
     /// saturates at zero if the map was reset in between.
     pub fn minus(&self, earlier: &LatencyHistogram) -> LatencyHistogram {

@@ -761,6 +761,10 @@ impl Receipts {
         let mut stopping = false;
         let mut kept: Vec<NewReceipt> = Vec::new();
         let mut last_try = tokio::time::Instant::now();
+        // Whether receipts may have been appended since the last checkpoint was written (true at
+        // start: a previous run may have stopped between the two). A pulse with nothing new
+        // costs nothing (an idle node's pulses).
+        let mut unchecked = true;
         loop {
             let mut batch: Vec<(NewReceipt, Option<Ack>)> = Vec::new();
             let mut pulse = None;
@@ -833,6 +837,7 @@ impl Receipts {
                 };
                 match &result {
                     Ok(range) => {
+                        unchecked = true;
                         self.write_succeeded();
                         self.changes.send_modify(|v| *v += 1);
                         for (r, _) in &batch {
@@ -883,15 +888,16 @@ impl Receipts {
                     self.set_kept(kept.len());
                 }
             }
-            if let Some(cycle) = pulse.filter(|_| attempt) {
+            if let Some(cycle) = pulse.filter(|_| attempt && unchecked) {
                 let key = self.stamp();
                 let ledger = self.ledger.clone();
                 match blocking(move || ledger.write_checkpoint(cycle, &key)).await {
                     Ok(Some(_)) => {
+                        unchecked = false;
                         self.write_succeeded();
                         self.sign_now.notify_one();
                     }
-                    Ok(None) => {}
+                    Ok(None) => unchecked = false,
                     Err(e) => {
                         tracing::error!("receipts: writing a checkpoint failed: {e}");
                         self.write_failed(&e, kept.len());
