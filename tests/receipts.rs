@@ -2378,3 +2378,66 @@ fn kernel_clock_steps_back_and_forth_during_beats_checkpoints_and_rotation() {
         "{stdout}"
     );
 }
+
+/// A cycle is receipted when something was decided in it, and an idle node writes nothing: no
+/// cycle summaries, no checkpoints (a 20 ms beat: a pulse every 160 ms).
+#[test]
+fn kernel_an_idle_agent_writes_no_receipts_and_a_busy_one_does() {
+    if !support::kernel_available("kernel_an_idle_agent_writes_no_receipts_and_a_busy_one_does") {
+        return;
+    }
+    let cg = support::TestCgroup::new("idle-receipts");
+    let pins = support::TestPins::new("idle-receipts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = support::write_config(
+        dir.path(),
+        &cg.path,
+        &pins.root,
+        &format!(
+            "[slo]\nbeat_interval_ms = 20\n[kms]\nprovider = \"file\"\nkey_dir = \"{}\"\n\
+             [receipts]\npath = \"{}\"\n",
+            dir.path().join("keys").display(),
+            dir.path().join("receipts.redb").display()
+        ),
+    );
+    let agent = support::Agent::start(&config);
+    let metric = |name: &str| -> f64 {
+        agent
+            .get("/metrics")
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let size = || metric("knhk_receipts_log_size");
+    let signed = || metric("knhk_receipts_checkpoints_signed_total");
+    // Idle: once the start-up receipts are checkpointed, 2 s (12 pulses) add nothing.
+    let settled = |what: &str| {
+        let mut last = (size(), signed());
+        support::wait_until(what, Duration::from_secs(20), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = (size(), signed());
+            std::mem::replace(&mut last, now) == now
+        });
+        let before = (size(), signed());
+        std::thread::sleep(Duration::from_secs(2));
+        let after = (size(), signed());
+        assert_eq!(before, after, "{what}: an idle agent wrote receipts or checkpoints");
+        after
+    };
+    let (idle_size, idle_signed) = settled("the start-up receipts are checkpointed");
+    assert!(idle_size >= 1.0, "the start-up policy switch is receipted");
+    // Busy: connects over a few pulses are receipted as cycle summaries and checkpointed.
+    let sink = support::tcp_sink("127.0.0.1:0");
+    for _ in 0..5 {
+        support::tcp_connect_loop_from(&cg.path, sink, 3);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    support::wait_until(
+        "the busy cycles are receipted and checkpointed",
+        Duration::from_secs(20),
+        || size() >= idle_size + 3.0 && signed() > idle_signed,
+    );
+    let (busy_size, _) = settled("the agent is idle again");
+    eprintln!("receipts: {idle_size} idle, {busy_size} after 5 busy rounds");
+}
