@@ -550,6 +550,8 @@ fn kernel_twelve_nodes_in_three_regions_reach_quorum_through_witness_loss_and_pa
         "readiness reports the lost quorum",
         Duration::from_secs(30),
         || {
+            // A busy node: its new checkpoints are the ones that cannot reach quorum.
+            tcp_connect_loop_from(&nodes[0].cg.path, sink, 1);
             let r = a.get("/readyz");
             !r.contains("200 OK") && r.contains("cannot reach quorum")
         },
