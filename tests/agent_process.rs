@@ -978,7 +978,7 @@ fn kernel_receipts_survive_kill9_mid_flood_and_extend_the_acknowledged_checkpoin
     let pins = TestPins::new("receipts");
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("receipts.redb");
-    // 1 ms beats: a pulse (a cycle-summary receipt and a checkpoint) every 8 ms.
+    // 1 ms beats: a pulse every 8 ms checkpoints what the flood wrote since the last one.
     let config = write_config(
         dir.path(),
         &cg.path,

@@ -724,8 +724,8 @@ fn kernel_kill9_mid_upload_leaves_every_segment_once_no_multipart_upload_and_a_h
     let cg = TestCgroup::new("archive");
     let pins = TestPins::new("archive");
     let db: PathBuf = dir.path().join("receipts.redb");
-    // 1 ms beats: a cycle-summary receipt and a checkpoint every few ms; small segments, so
-    // uploads are always in flight.
+    // 1 ms beats, kept busy: a cycle-summary receipt and a checkpoint every few ms; small
+    // segments, so uploads are always in flight.
     let config = write_config(
         dir.path(),
         &cg.path,
@@ -741,6 +741,8 @@ fn kernel_kill9_mid_upload_leaves_every_segment_once_no_multipart_upload_and_a_h
     );
     s3::dummy_credentials();
     let agent = Agent::start(&config);
+    // Connects throughout: every cycle decides something, so every cycle is receipted.
+    let _busy = support::Busy::start(&cg.path);
     let count = || {
         rt.block_on(versions(&c, "archive-agent", "test-node/segments/"))
             .len()

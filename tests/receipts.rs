@@ -2422,7 +2422,10 @@ fn kernel_an_idle_agent_writes_no_receipts_and_a_busy_one_does() {
         let before = (size(), signed());
         std::thread::sleep(Duration::from_secs(2));
         let after = (size(), signed());
-        assert_eq!(before, after, "{what}: an idle agent wrote receipts or checkpoints");
+        assert_eq!(
+            before, after,
+            "{what}: an idle agent wrote receipts or checkpoints"
+        );
         after
     };
     let (idle_size, idle_signed) = settled("the start-up receipts are checkpointed");

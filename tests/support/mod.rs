@@ -392,6 +392,41 @@ pub struct LoopCounts {
     pub other: u64,
 }
 
+/// Connects from `cgroup` in the background until dropped (a busy node: its beat cycles decide
+/// something, so each is receipted; an idle node's are not).
+pub struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    /// 20 connects to a local sink every 20 ms, from a process in `cgroup`.
+    pub fn start(cgroup: &Path) -> Busy {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cgroup, flag) = (cgroup.to_path_buf(), stop.clone());
+        let sink = tcp_sink("127.0.0.1:0");
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                tcp_connect_loop_from(&cgroup, sink, 20);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Busy {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `n` TCP connects in a loop from a process in `cgroup`.
 pub fn tcp_connect_loop_from(cgroup: &Path, addr: SocketAddr, n: u64) -> LoopCounts {
     tcp_connect_cycle_from(cgroup, &[addr], n)

@@ -634,7 +634,11 @@ impl BeatEngine {
     }
 
     /// The beat thread: one beat per interval until `stop` receives (or its sender is gone).
-    fn beat_until(mut self, stop: &std::sync::mpsc::Receiver<()>, runtime: &tokio::runtime::Handle) {
+    fn beat_until(
+        mut self,
+        stop: &std::sync::mpsc::Receiver<()>,
+        runtime: &tokio::runtime::Handle,
+    ) {
         use std::sync::mpsc::RecvTimeoutError;
         let interval = self.settings.interval;
         let mut next = Instant::now() + interval;
