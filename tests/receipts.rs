@@ -568,6 +568,29 @@ async fn held_receipts_survive_compaction_and_the_tree_still_verifies() {
     );
     // Released: the next compaction takes them too.
     r.release_hold(hold, "case closed").await.expect("release");
+    // Released twice, or a hold that does not exist: refused, and nothing is written.
+    let size = r.ledger().size().expect("size");
+    let again = r
+        .release_hold(hold, "again")
+        .await
+        .expect_err("released twice");
+    assert!(
+        matches!(again, knhk_agent::receipts::ReceiptsError::AlreadyReleased(id) if id == hold),
+        "{again}"
+    );
+    let unknown = r
+        .release_hold(hold + 100, "no such")
+        .await
+        .expect_err("unknown hold");
+    assert!(
+        matches!(unknown, knhk_agent::receipts::ReceiptsError::NoSuchHold(id) if id == hold + 100),
+        "{unknown}"
+    );
+    assert_eq!(
+        r.ledger().size().expect("size"),
+        size,
+        "a refused release wrote a receipt"
+    );
     let removed = r
         .ledger()
         .compact(now + two_days, |k| {
@@ -2354,14 +2377,26 @@ fn kernel_clock_steps_back_and_forth_during_beats_checkpoints_and_rotation() {
     progress("beats and signed checkpoints at the true time");
     std::fs::write(&clock, "-1h\n").expect("step back");
     progress("beats and signed checkpoints after a step an hour back");
+    // The key now seems created an hour in the future: the rotation task's next look (every
+    // 5 s) must read its age as 0, not as an overdue key, and must not rotate.
+    support::wait_until(
+        "the rotation task reads the key's age as 0 after the step back",
+        Duration::from_secs(15),
+        || metric("knhk_receipts_signing_key_age_seconds") == 0.0,
+    );
+    assert!(
+        !dir.path().join("keys/v2.pem").exists(),
+        "the key rotated after the clock stepped back"
+    );
+    assert_eq!(metric("knhk_receipts_key_rotation_overdue"), 0.0);
     let keys_before = metric("knhk_receipts_signing_key_age_seconds");
     std::fs::write(&clock, "+1h\n").expect("step forward");
     progress("beats and signed checkpoints after a step two hours forward");
     // The forward step made the key an hour older than its interval: it rotates at the rotation
-    // task's next look at the clock (at most 60 s of monotonic time after its previous one).
+    // task's next look at the clock (at most 5 s of monotonic time after its previous one).
     support::wait_until(
         "the hourly key rotates after the step",
-        Duration::from_secs(75),
+        Duration::from_secs(20),
         || dir.path().join("keys/v2.pem").exists(),
     );
     eprintln!("signing key age before the forward step: {keys_before} s");

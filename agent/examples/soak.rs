@@ -15,12 +15,15 @@
 //!    apply every 30 s, a legal hold placed and the previous one released every 60 s, a rule
 //!    cgroup made and removed every 10 s, and scrapes every 5 s. Every 10 s a row goes to
 //!    `soak.csv`: RSS, CPU, fds, threads, inotify watches, BPF map entries and ledger size. RSS
-//!    and fds are fitted against time after a warm-up: growth within noise is a pass.
+//!    and fds are fitted against time after a warm-up: growth within noise is a pass. Before the
+//!    window, the measured agent's ledger is filled past its page cache (legal holds placed and
+//!    released), so that the window sees the steady state and not the cache filling.
 //!
 //! Arguments: `--out DIR`, `--minutes N` (0: no soak), `--idle-window-secs S`, `--idle-sizes
 //! 1,10000,100000` (empty: none), `--idle-services minimal,full`, `--agent PATH` (another build,
 //! e.g. a baseline), `--label NAME` (the idle rows go to `idle-<label>.csv`), `--check` (exit 1
-//! when a goal is missed).
+//! when a goal is missed), `--prefill-ledger-mib N` (default 16: legal holds placed and released
+//! until the measured agent's ledger holds N MiB, before the window; 0: none).
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -57,6 +60,9 @@ struct Args {
     /// Which service sets the idle measurement runs: `false` minimal, `true` full.
     idle_services: Vec<bool>,
     check: bool,
+    /// Before the soak's window, legal holds are placed and released until the measured agent's
+    /// ledger directory holds this many MiB (0: no prefill).
+    prefill_ledger_mib: u64,
 }
 
 fn args() -> Args {
@@ -72,6 +78,7 @@ fn args() -> Args {
         label: "this-build".into(),
         idle_services: vec![false, true],
         check: false,
+        prefill_ledger_mib: 16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -103,6 +110,9 @@ fn args() -> Args {
                     .collect()
             }
             "--check" => a.check = true,
+            "--prefill-ledger-mib" => {
+                a.prefill_ledger_mib = v().parse().expect("--prefill-ledger-mib: a number")
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -469,6 +479,79 @@ struct Sample {
     fds: f64,
 }
 
+/// Fills the ledger past the size of its page cache (`receipts::ledger`'s 4 MiB) before the
+/// soak's window, so that the window sees the agent's steady state rather than the cache filling:
+/// four clients place and release legal holds (two receipts each) until `dir` holds `bytes`.
+fn prefill(rt: &tokio::runtime::Runtime, grpc: &str, dir: &Path, pid: u32, bytes: u64) {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
+    let started = Instant::now();
+    let (rss_before, _) = memory_of(pid);
+    let done = Arc::new(AtomicBool::new(false));
+    let holds = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (done, holds, url) = (done.clone(), holds.clone(), format!("http://{grpc}"));
+            rt.spawn(async move {
+                let mut c = rpb::hold_service_client::HoldServiceClient::connect(url)
+                    .await
+                    .expect("connect");
+                let mut i = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    i += 1;
+                    let id = c
+                        .place_hold(rpb::PlaceHoldRequest {
+                            hold: Some(rpb::Hold {
+                                case_id: format!("PREFILL-{client}-{i}"),
+                                reason: "soak prefill".into(),
+                                kind: "policy_switch".into(),
+                                ..Default::default()
+                            }),
+                        })
+                        .await
+                        .expect("place hold")
+                        .into_inner()
+                        .id;
+                    c.release_hold(rpb::ReleaseHoldRequest {
+                        id,
+                        reason: "soak prefill".into(),
+                    })
+                    .await
+                    .expect("release hold");
+                    holds.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // The runtime is single-threaded: the clients run while this waits inside it.
+    rt.block_on(async {
+        while dir_size(dir) < bytes {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(1800),
+                "the ledger did not reach {} MiB in 30 min",
+                bytes >> 20
+            );
+        }
+        done.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.await.expect("prefill client");
+        }
+    });
+    let (rss_after, _) = memory_of(pid);
+    println!(
+        "soak  prefill: {} holds placed and released ({} receipts) in {:.0} s, ledger {:.1} MiB; RSS {:.1} -> {:.1} MiB",
+        holds.load(Ordering::Relaxed),
+        2 * holds.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        dir_size(dir) as f64 / 1048576.0,
+        rss_before as f64 / 1048576.0,
+        rss_after as f64 / 1048576.0
+    );
+}
+
 fn soak(a: &Args, missed: &mut Vec<String>) {
     const CGROUPS: usize = 4;
     let minutes = a.minutes;
@@ -525,6 +608,9 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
         &grpc,
         soak_policy(0, sink.port(), denied_port, CGROUPS),
     ));
+    if a.prefill_ledger_mib > 0 {
+        prefill(&rt, &grpc, &ledger_dir, pid, a.prefill_ledger_mib << 20);
+    }
     let stop_at = Instant::now() + duration;
     // Steady connects: per cgroup, 40 connects (half allowed, half denied) every second.
     let workers: Vec<_> = cgroups

@@ -666,6 +666,18 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Hold `id`, placed or released (`None`: no such hold).
+    pub fn hold(&self, id: u64) -> Result<Option<Hold>, LedgerError> {
+        let tx = self.begin_read()?;
+        let t = tx.open_table(HOLDS).map_err(db)?;
+        let Some(v) = t.get(id).map_err(db)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| LedgerError::Corrupt(format!("hold {id}: {e}")))
+    }
+
     /// Stores a hold (new or updated); a new hold gets the next id when `hold.id` is
     /// `u64::MAX`. Returns the id.
     pub fn put_hold(&self, mut hold: Hold) -> Result<u64, LedgerError> {

@@ -208,6 +208,10 @@ const MAX_KEPT: usize = 65_536;
 /// How often a failing ledger is closed and opened again to try writing.
 const WRITE_RETRY: Duration = Duration::from_millis(250);
 
+/// How often the rotation task looks at the wall clock: a key that became due (on schedule, or
+/// because the clock stepped forward) rotates within this.
+const ROTATION_LOOK: Duration = Duration::from_secs(5);
+
 /// Why the ledger cannot be written, while it cannot.
 #[derive(Debug, Clone)]
 struct WriteFailure {
@@ -1186,6 +1190,8 @@ impl Receipts {
         }
     }
 
+    /// Looks at the key's age every [`ROTATION_LOOK`] (wall clock, which may step either way: a
+    /// key that seems younger than zero is age 0) and rotates it once it is due.
     async fn rotation_loop(self: Arc<Self>, mut stop: Stop) {
         let mut backoff = Duration::from_secs(5);
         loop {
@@ -1206,7 +1212,7 @@ impl Receipts {
                     .settings
                     .rotation_interval
                     .saturating_sub(age)
-                    .min(Duration::from_secs(60));
+                    .min(ROTATION_LOOK);
                 tokio::select! {
                     _ = tokio::time::sleep(wait.max(Duration::from_millis(100))) => {}
                     _ = stop.requested() => return,
@@ -1287,10 +1293,8 @@ impl Receipts {
     /// Releases hold `id` (a receipt records it).
     pub async fn release_hold(&self, id: u64, reason: &str) -> Result<Hold, ReceiptsError> {
         let ledger = self.ledger.clone();
-        let mut hold = blocking(move || ledger.holds())
+        let mut hold = blocking(move || ledger.hold(id))
             .await?
-            .into_iter()
-            .find(|h| h.id == id)
             .ok_or(ReceiptsError::NoSuchHold(id))?;
         if hold.released_ns.is_some() {
             return Err(ReceiptsError::AlreadyReleased(id));
