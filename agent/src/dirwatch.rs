@@ -8,7 +8,7 @@
 //! [`WatchHandle::watch`] fails with `ENOSPC` and the caller must fall back to rereading what it
 //! could not watch. Without inotify at all, nothing is ever reported and every watch fails.
 
-use std::{collections::VecDeque, ffi::OsString, io, path::Path, time::Duration};
+use std::{ffi::OsString, io, path::Path, time::Duration};
 use tokio_stream::StreamExt;
 use tracing::warn;
 
@@ -39,6 +39,9 @@ pub enum Change {
 pub struct DirWatcher {
     stream: Option<inotify::EventStream<Vec<u8>>>,
     handle: WatchHandle,
+    /// Changes read but not yet returned: kept here, not in the future, so that a
+    /// [`DirWatcher::changed`] dropped in a `select!` loses nothing.
+    pending: Vec<Change>,
 }
 
 /// Adds and removes the watches of a [`DirWatcher`]; cheap to clone, usable from any thread.
@@ -57,7 +60,11 @@ impl DirWatcher {
         let handle = WatchHandle {
             watches: stream.as_ref().map(|s| s.watches()),
         };
-        DirWatcher { stream, handle }
+        DirWatcher {
+            stream,
+            handle,
+            pending: Vec::new(),
+        }
     }
 
     /// Whether inotify works (otherwise [`DirWatcher::changed`] never resolves).
@@ -72,24 +79,31 @@ impl DirWatcher {
 
     /// Resolves with the next batch of changes: the first event and every event queued within
     /// a millisecond of it (a burst is handled once). Never resolves without inotify.
+    ///
+    /// Cancel-safe: changes read by a call that is dropped before it resolves (another branch of
+    /// a `select!` won) are returned by the next call.
     pub async fn changed(&mut self) -> Vec<Change> {
-        let Some(stream) = self.stream.as_mut() else {
+        let DirWatcher {
+            stream, pending, ..
+        } = self;
+        let Some(stream) = stream.as_mut() else {
             return std::future::pending().await;
         };
-        let mut batch = VecDeque::new();
-        match stream.next().await {
-            Some(Ok(e)) => batch.extend(change_of(e)),
-            // A read error or the end of the stream: treat as lost events.
-            Some(Err(_)) | None => batch.push_back(Change::Overflow),
+        if pending.is_empty() {
+            match stream.next().await {
+                Some(Ok(e)) => pending.extend(change_of(e)),
+                // A read error or the end of the stream: treat as lost events.
+                Some(Err(_)) | None => pending.push(Change::Overflow),
+            }
         }
         while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), stream.next()).await
         {
             match e {
-                Ok(e) => batch.extend(change_of(e)),
-                Err(_) => batch.push_back(Change::Overflow),
+                Ok(e) => pending.extend(change_of(e)),
+                Err(_) => pending.push(Change::Overflow),
             }
         }
-        batch.into()
+        std::mem::take(pending)
     }
 }
 
@@ -135,4 +149,51 @@ fn change_of(e: inotify::EventOwned) -> Option<Change> {
 /// Whether `e` is `ENOSPC` from [`WatchHandle::watch`]: the user's inotify watches are used up.
 pub fn is_watch_limit(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch is read, then the call is dropped (a `select!` branch that is ready on its third
+    /// poll wins while `changed` waits for the rest of the burst): the next call returns it.
+    #[tokio::test]
+    async fn a_change_read_by_a_dropped_call_is_returned_by_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = DirWatcher::new("test");
+        assert!(w.available(), "inotify is unavailable");
+        let watch = w.handle().watch(dir.path()).expect("watch");
+        std::fs::create_dir(dir.path().join("first")).expect("mkdir");
+        let first = w.changed().await;
+        assert_eq!(
+            first,
+            [Change::Entry {
+                watch: watch.clone(),
+                name: "first".into()
+            }]
+        );
+        std::fs::create_dir(dir.path().join("second")).expect("mkdir");
+        let won = tokio::select! {
+            biased;
+            c = w.changed() => c,
+            () = async {
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+            } => Vec::new(),
+        };
+        let next = if won.is_empty() {
+            tokio::time::timeout(Duration::from_secs(2), w.changed())
+                .await
+                .expect("the change read by the dropped call is lost")
+        } else {
+            won
+        };
+        assert_eq!(
+            next,
+            [Change::Entry {
+                watch,
+                name: "second".into()
+            }]
+        );
+    }
 }
