@@ -137,6 +137,11 @@ enum Task {
         /// Names the idle CSV (idle-<label>.csv).
         #[arg(long, default_value = "this-build")]
         label: String,
+        /// Before the soak's window, fill the measured agent's ledger to this many MiB (legal
+        /// holds placed and released), past its 4 MiB page cache, so that the window sees the
+        /// steady state rather than the cache filling (0: no prefill).
+        #[arg(long, default_value_t = 16)]
+        prefill_ledger_mib: u64,
         /// Exit non-zero when a goal is missed.
         #[arg(long)]
         check: bool,
@@ -251,6 +256,7 @@ fn main() -> Result<()> {
             idle_sizes,
             agent,
             label,
+            prefill_ledger_mib,
             check,
         } => {
             setup_system()?;
@@ -271,7 +277,8 @@ fn main() -> Result<()> {
                 .args(["--minutes", &minutes.to_string()])
                 .args(["--idle-window-secs", &idle_window_secs.to_string()])
                 .args(["--idle-sizes", &idle_sizes])
-                .args(["--label", &label]);
+                .args(["--label", &label])
+                .args(["--prefill-ledger-mib", &prefill_ledger_mib.to_string()]);
             if let Some(agent) = agent {
                 soak.arg("--agent").arg(agent);
             }
