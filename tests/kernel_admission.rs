@@ -794,6 +794,10 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
     // interpolated). Below 60 % the fit has no queueing to see on this link: a token bucket
     // passes bursts without delay until it is nearly full, so low-load steps carry no
     // information about the knee (tried: predicted 451/s against 795/s measured, -43 %).
+    //
+    // When the training steps show no queue (their p99 rises along a straight line: scheduling
+    // noise on two shared cores), the fit abstains (`capacity::fit` is `None`) and the ramp runs
+    // again, at most three times: every prediction made must be within 25 %, and one must be made.
     const CEILING_S: f64 = 0.005;
     const TRAINING_SHARE: f64 = 0.9;
     let server = DelayedServer::rate_limited("2mbit");
@@ -803,78 +807,84 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
         1350.0, 1450.0,
     ];
     let step = Duration::from_secs(2);
-    let mut measured: Vec<(f64, f64)> = Vec::new();
-    let mut loads = Vec::new();
-    for (i, rate) in ramp.iter().enumerate() {
-        let arrivals = poisson_arrivals(*rate, step, 7 + i as u64);
-        let before = h
-            .reader()
-            .histogram(LatencySource::Handshake, Class::R1)
-            .expect("histogram");
-        let (cg, addr, n) = (h.cg.path.clone(), server.addr, arrivals.len());
-        let started = Instant::now();
-        loads.push(std::thread::spawn(move || {
-            tcp_open_loop_from(&cg, addr, &arrivals, 1500)
-        }));
-        std::thread::sleep(step.saturating_sub(started.elapsed()));
-        let step_histogram = h
-            .reader()
-            .histogram(LatencySource::Handshake, Class::R1)
-            .expect("histogram")
-            .minus(&before);
-        let p99 = step_histogram.quantile(0.99).unwrap_or(0) as f64 / 1e9;
-        let actual_rate = n as f64 / step.as_secs_f64();
-        eprintln!(
-            "offered {rate}/s: {actual_rate:.0} connects/s, {} handshakes timed, p99 {:.2} ms",
-            step_histogram.count,
-            p99 * 1e3
-        );
-        measured.push((actual_rate, p99));
-        if p99 > 3.0 * CEILING_S {
-            break;
+    for attempt in 0..3u64 {
+        let mut measured: Vec<(f64, f64)> = Vec::new();
+        let mut loads = Vec::new();
+        for (i, rate) in ramp.iter().enumerate() {
+            let arrivals = poisson_arrivals(*rate, step, 7 + 100 * attempt + i as u64);
+            let before = h
+                .reader()
+                .histogram(LatencySource::Handshake, Class::R1)
+                .expect("histogram");
+            let (cg, addr, n) = (h.cg.path.clone(), server.addr, arrivals.len());
+            let started = Instant::now();
+            loads.push(std::thread::spawn(move || {
+                tcp_open_loop_from(&cg, addr, &arrivals, 1500)
+            }));
+            std::thread::sleep(step.saturating_sub(started.elapsed()));
+            let step_histogram = h
+                .reader()
+                .histogram(LatencySource::Handshake, Class::R1)
+                .expect("histogram")
+                .minus(&before);
+            let p99 = step_histogram.quantile(0.99).unwrap_or(0) as f64 / 1e9;
+            let actual_rate = n as f64 / step.as_secs_f64();
+            eprintln!(
+                "offered {rate}/s: {actual_rate:.0} connects/s, {} handshakes timed, p99 {:.2} ms",
+                step_histogram.count,
+                p99 * 1e3
+            );
+            measured.push((actual_rate, p99));
+            if p99 > 3.0 * CEILING_S {
+                break;
+            }
         }
-    }
-    for load in loads {
-        load.join().expect("load generator");
-    }
-    // The training rule: steps below 90 % of the first rate whose p99 exceeded the ceiling.
-    let first_over = measured
-        .iter()
-        .find(|(_, p)| *p > CEILING_S)
-        .map(|(r, _)| *r)
-        .unwrap_or_else(|| panic!("the ramp never crossed {CEILING_S} s: {measured:?}"));
-    let training: Vec<(f64, f64)> = measured
-        .iter()
-        .copied()
-        .filter(|(r, _)| *r < TRAINING_SHARE * first_over)
-        .collect();
-    // The measured knee: the last upward crossing (past it, p99 stays above the ceiling).
-    let crossing = measured
-        .windows(2)
-        .rev()
-        .find(|w| w[0].1 <= CEILING_S && w[1].1 > CEILING_S)
-        .unwrap_or_else(|| panic!("no upward crossing of {CEILING_S} s: {measured:?}"));
-    let [(r0, p0), (r1, p1)] = [crossing[0], crossing[1]];
-    let measured_knee = r0 + (r1 - r0) * (CEILING_S - p0) / (p1 - p0);
-    let fit = capacity::fit(&training).unwrap_or_else(|| {
-        panic!(
-            "no fit from the {} training steps {training:?} (all: {measured:?})",
+        for load in loads {
+            load.join().expect("load generator");
+        }
+        // The training rule: steps below 90 % of the first rate whose p99 exceeded the ceiling.
+        let first_over = measured
+            .iter()
+            .find(|(_, p)| *p > CEILING_S)
+            .map(|(r, _)| *r)
+            .unwrap_or_else(|| panic!("the ramp never crossed {CEILING_S} s: {measured:?}"));
+        let training: Vec<(f64, f64)> = measured
+            .iter()
+            .copied()
+            .filter(|(r, _)| *r < TRAINING_SHARE * first_over)
+            .collect();
+        // The measured knee: the last upward crossing (past it, p99 stays above the ceiling).
+        let crossing = measured
+            .windows(2)
+            .rev()
+            .find(|w| w[0].1 <= CEILING_S && w[1].1 > CEILING_S)
+            .unwrap_or_else(|| panic!("no upward crossing of {CEILING_S} s: {measured:?}"));
+        let [(r0, p0), (r1, p1)] = [crossing[0], crossing[1]];
+        let measured_knee = r0 + (r1 - r0) * (CEILING_S - p0) / (p1 - p0);
+        let Some(fit) = capacity::fit(&training) else {
+            eprintln!(
+            "ramp {}: the fit abstains on the {} training steps {training:?} (no queue seen; all: {measured:?})",
+            attempt + 1,
             training.len()
-        )
-    });
-    let predicted_knee = fit.knee(CEILING_S).expect("a knee above the base latency");
-    let error = (predicted_knee - measured_knee) / measured_knee;
-    eprintln!(
+        );
+            continue;
+        };
+        let predicted_knee = fit.knee(CEILING_S).expect("a knee above the base latency");
+        let error = (predicted_knee - measured_knee) / measured_knee;
+        eprintln!(
         "knee at p99 = {} ms: measured {measured_knee:.0}/s, predicted {predicted_knee:.0}/s ({:+.1}%) from {} steps below {:.0}/s; fit {fit:?}",
         CEILING_S * 1e3,
         error * 100.0,
         training.len(),
         TRAINING_SHARE * first_over
     );
-    assert!(
+        assert!(
         error.abs() <= 0.25,
         "predicted knee {predicted_knee:.0}/s vs measured {measured_knee:.0}/s ({fit:?}, training {training:?}, all {measured:?})"
     );
+        return;
+    }
+    panic!("the fit abstained on all three ramps: it never saw the queue before the knee");
 }
 
 /// A rule deeper than the programs probe would silently disable shallower rules: such a policy

@@ -70,10 +70,20 @@ impl Fit {
     }
 }
 
+/// The largest service rate a fit may report, as a multiple of the highest sampled rate: past
+/// it, the samples' latency grows along a straight line (`λ / (μ(μ − λ))` is nearly linear in
+/// `λ` for `μ ≫ λ`), which shows no queue. (On a real rate-limited link, a fit from samples that
+/// did show queueing found μ at 1.1–4.4 times the highest rate; noise-only samples ran to the
+/// search's end, 1,000 times.)
+pub const MAX_SERVICE_RATE_RATIO: f64 = 100.0;
+
 /// Fits the model to `(rate per second, p99 seconds)` samples by least squares: for each
 /// candidate μ above the highest rate (a log-spaced search, then a finer one around the best),
 /// `d ≥ 0` and `k > 0` are solved linearly. `None` without at least three samples at different
-/// rates whose p99 varies by more than 10 % (no visible queueing, nothing to fit).
+/// rates whose p99 varies by more than 10 % (no visible queueing, nothing to fit), and when the
+/// best μ is over [`MAX_SERVICE_RATE_RATIO`] times the highest rate: latency that grows along a
+/// straight line (noise, or a trend without curvature) shows no queue, and its knee would be a
+/// guess.
 pub fn fit(samples: &[(f64, f64)]) -> Option<Fit> {
     let samples: Vec<(f64, f64)> = samples
         .iter()
@@ -143,6 +153,9 @@ pub fn fit(samples: &[(f64, f64)]) -> Option<Fit> {
     };
     let coarse = search(floor * 1.0001, floor * 1000.0, 400)?;
     let mu = search((coarse / 1.02).max(floor * 1.0001), coarse * 1.02, 200)?;
+    if mu > MAX_SERVICE_RATE_RATIO * floor {
+        return None;
+    }
     let (_, d, a) = solve(mu)?;
     Some(Fit {
         service_rate: mu,
@@ -267,5 +280,12 @@ mod tests {
             "flat latency says nothing"
         );
         assert_eq!(headroom(None, 0.01, 5.0), None);
+        // Latency rising along a straight line (as noise did in a real ramp: 0.41, 0.44, 0.81,
+        // 0.78 ms at 142-432/s, whose fit ran to μ = 440,130/s and a knee 4.5 times too high).
+        let line: Vec<(f64, f64)> = [100.0, 200.0, 300.0, 400.0]
+            .iter()
+            .map(|r| (*r, 0.0002 + 0.000001 * r))
+            .collect();
+        assert_eq!(fit(&line), None, "a straight line shows no queue");
     }
 }
