@@ -863,25 +863,25 @@ fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
         let measured_knee = r0 + (r1 - r0) * (CEILING_S - p0) / (p1 - p0);
         let Some(fit) = capacity::fit(&training) else {
             eprintln!(
-            "ramp {}: the fit abstains on the {} training steps {training:?} (no queue seen; all: {measured:?})",
-            attempt + 1,
-            training.len()
-        );
+                "ramp {}: the fit abstains on the {} training steps {training:?} (no queue seen; all: {measured:?})",
+                attempt + 1,
+                training.len()
+            );
             continue;
         };
         let predicted_knee = fit.knee(CEILING_S).expect("a knee above the base latency");
         let error = (predicted_knee - measured_knee) / measured_knee;
         eprintln!(
-        "knee at p99 = {} ms: measured {measured_knee:.0}/s, predicted {predicted_knee:.0}/s ({:+.1}%) from {} steps below {:.0}/s; fit {fit:?}",
-        CEILING_S * 1e3,
-        error * 100.0,
-        training.len(),
-        TRAINING_SHARE * first_over
-    );
+            "knee at p99 = {} ms: measured {measured_knee:.0}/s, predicted {predicted_knee:.0}/s ({:+.1}%) from {} steps below {:.0}/s; fit {fit:?}",
+            CEILING_S * 1e3,
+            error * 100.0,
+            training.len(),
+            TRAINING_SHARE * first_over
+        );
         assert!(
-        error.abs() <= 0.25,
-        "predicted knee {predicted_knee:.0}/s vs measured {measured_knee:.0}/s ({fit:?}, training {training:?}, all {measured:?})"
-    );
+            error.abs() <= 0.25,
+            "predicted knee {predicted_knee:.0}/s vs measured {measured_knee:.0}/s ({fit:?}, training {training:?}, all {measured:?})"
+        );
         return;
     }
     panic!("the fit abstained on all three ramps: it never saw the queue before the knee");

@@ -479,6 +479,34 @@ struct Sample {
     fds: f64,
 }
 
+type HoldClient = rpb::hold_service_client::HoldServiceClient<tonic::transport::Channel>;
+
+/// Places a legal hold for `case_id`; returns its id.
+async fn place_hold(c: &mut HoldClient, case_id: String) -> u64 {
+    c.place_hold(rpb::PlaceHoldRequest {
+        hold: Some(rpb::Hold {
+            case_id,
+            reason: "soak".into(),
+            kind: "policy_switch".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("place hold")
+    .into_inner()
+    .id
+}
+
+/// Releases hold `id`.
+async fn release_hold(c: &mut HoldClient, id: u64) {
+    c.release_hold(rpb::ReleaseHoldRequest {
+        id,
+        reason: "soak".into(),
+    })
+    .await
+    .expect("release hold");
+}
+
 /// Fills the ledger past the size of its page cache (`receipts::ledger`'s 4 MiB) before the
 /// soak's window, so that the window sees the agent's steady state rather than the cache filling:
 /// four clients place and release legal holds (two receipts each) until `dir` holds `bytes`.
@@ -501,25 +529,8 @@ fn prefill(rt: &tokio::runtime::Runtime, grpc: &str, dir: &Path, pid: u32, bytes
                 let mut i = 0u64;
                 while !done.load(Ordering::Relaxed) {
                     i += 1;
-                    let id = c
-                        .place_hold(rpb::PlaceHoldRequest {
-                            hold: Some(rpb::Hold {
-                                case_id: format!("PREFILL-{client}-{i}"),
-                                reason: "soak prefill".into(),
-                                kind: "policy_switch".into(),
-                                ..Default::default()
-                            }),
-                        })
-                        .await
-                        .expect("place hold")
-                        .into_inner()
-                        .id;
-                    c.release_hold(rpb::ReleaseHoldRequest {
-                        id,
-                        reason: "soak prefill".into(),
-                    })
-                    .await
-                    .expect("release hold");
+                    let id = place_hold(&mut c, format!("PREFILL-{client}-{i}")).await;
+                    release_hold(&mut c, id).await;
                     holds.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -682,26 +693,9 @@ fn soak(a: &Args, missed: &mut Vec<String>) {
                     rpb::hold_service_client::HoldServiceClient::connect(format!("http://{grpc}"))
                         .await
                         .expect("connect");
-                let id = c
-                    .place_hold(rpb::PlaceHoldRequest {
-                        hold: Some(rpb::Hold {
-                            case_id: format!("SOAK-{tick}"),
-                            reason: "soak".into(),
-                            kind: "policy_switch".into(),
-                            ..Default::default()
-                        }),
-                    })
-                    .await
-                    .expect("place hold")
-                    .into_inner()
-                    .id;
+                let id = place_hold(&mut c, format!("SOAK-{tick}")).await;
                 if let Some(prev) = held {
-                    c.release_hold(rpb::ReleaseHoldRequest {
-                        id: prev,
-                        reason: "soak".into(),
-                    })
-                    .await
-                    .expect("release hold");
+                    release_hold(&mut c, prev).await;
                 }
                 id
             });
