@@ -775,9 +775,13 @@ fn kernel_slo_control_fails_open_when_the_beat_stops() {
     );
 }
 
+/// A timing measurement (the knee is where p99 crosses 5 ms on the machine's own loopback), so a
+/// benchmark: on two shared cores the measured knee itself moved between 486 and 830/s from ramp
+/// to ramp, and the 25 % assertion failed in a clean CI run (+28 %).
 #[test]
-fn kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
-    if !kernel_available("kernel_capacity_model_predicts_the_knee_of_a_rate_limited_server") {
+#[ignore = "benchmark: run by `cargo xtask bench` (needs root, BPF and an otherwise idle machine; about 25 s)"]
+fn bench_capacity_model_predicts_the_knee_of_a_rate_limited_server() {
+    if !kernel_available("bench_capacity_model_predicts_the_knee_of_a_rate_limited_server") {
         return;
     }
     let _serial = timing_exclusive();

@@ -341,6 +341,21 @@ fn main() -> Result<()> {
             if check {
                 pods.env("KNHK_BENCH_CHECK", "1");
             }
+            // The capacity model's knee prediction against a rate-limited link: a timing
+            // measurement, so it lives here and not in the test suite.
+            let mut knee = cargo();
+            knee.args([
+                "test",
+                "--release",
+                "-p",
+                "knhk-agent",
+                "--test",
+                "kernel_admission",
+                "--",
+                "--ignored",
+                "--nocapture",
+                "bench_capacity",
+            ]);
             // Every benchmark runs; with --check, the task fails at the end if one missed a goal.
             let mut failed = Vec::new();
             for mut bench in benches {
@@ -351,8 +366,10 @@ fn main() -> Result<()> {
                     failed.push(e.to_string());
                 }
             }
-            if let Err(e) = run(&mut pods) {
-                failed.push(e.to_string());
+            for cmd in [&mut pods, &mut knee] {
+                if let Err(e) = run(cmd) {
+                    failed.push(e.to_string());
+                }
             }
             if !failed.is_empty() {
                 bail!(
