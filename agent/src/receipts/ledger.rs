@@ -519,14 +519,24 @@ impl Ledger {
 
     /// Checkpoint `number`, if it exists.
     pub fn checkpoint(&self, number: u64) -> Result<Option<StoredCheckpoint>, LedgerError> {
+        self.get_json(CHECKPOINTS, number, "checkpoint")
+    }
+
+    /// The JSON record at `key` of `table`, if any (`what` names it in a corruption error).
+    fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        key: u64,
+        what: &str,
+    ) -> Result<Option<T>, LedgerError> {
         let tx = self.begin_read()?;
-        let t = tx.open_table(CHECKPOINTS).map_err(db)?;
-        let Some(v) = t.get(number).map_err(db)? else {
+        let t = tx.open_table(table).map_err(db)?;
+        let Some(v) = t.get(key).map_err(db)? else {
             return Ok(None);
         };
         serde_json::from_slice(v.value())
             .map(Some)
-            .map_err(|e| LedgerError::Corrupt(format!("checkpoint {number}: {e}")))
+            .map_err(|e| LedgerError::Corrupt(format!("{what} {key}: {e}")))
     }
 
     /// The receipt `seq` and its payload (`None` once compacted).
@@ -668,14 +678,7 @@ impl Ledger {
 
     /// Hold `id`, placed or released (`None`: no such hold).
     pub fn hold(&self, id: u64) -> Result<Option<Hold>, LedgerError> {
-        let tx = self.begin_read()?;
-        let t = tx.open_table(HOLDS).map_err(db)?;
-        let Some(v) = t.get(id).map_err(db)? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| LedgerError::Corrupt(format!("hold {id}: {e}")))
+        self.get_json(HOLDS, id, "hold")
     }
 
     /// Stores a hold (new or updated); a new hold gets the next id when `hold.id` is
