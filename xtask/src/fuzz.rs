@@ -68,10 +68,24 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
+/// How the fuzz targets are compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// Optimized (cargo-fuzz's release profile): for runs with a time budget.
+    Optimized,
+    /// Unoptimized, without debug info: for the smoke run of `cargo xtask test`, where the
+    /// build is nearly all the time and a few seconds per target need no speed (225 s against
+    /// 405-417 s for the optimized build on two cores).
+    Quick,
+}
+
 /// Where the fuzz build goes: its own directory under the target directory, as its flags
-/// differ from the workspace's.
-fn fuzz_target_dir(target: &Path) -> PathBuf {
-    target.join("fuzz")
+/// differ from the workspace's (one per [`Build`], so neither rebuilds the other).
+fn fuzz_target_dir(target: &Path, how: Build) -> PathBuf {
+    target.join(match how {
+        Build::Optimized => "fuzz",
+        Build::Quick => "fuzz-quick",
+    })
 }
 
 /// Builds every target (sanitizer-coverage instrumented, release, debug assertions on).
@@ -79,19 +93,23 @@ fn fuzz_target_dir(target: &Path) -> PathBuf {
 /// No sanitizer (`-s none`): the code under test is safe Rust, AddressSanitizer would halve
 /// the executions per second and needs nightly flags; panics, overflows (debug assertions),
 /// timeouts and memory are what the runs check.
-pub fn build(root: &Path, target: &Path) -> Result<()> {
+pub fn build(root: &Path, target: &Path, how: Build) -> Result<()> {
     setup()?;
-    crate::run(
-        crate::cargo()
-            .current_dir(root)
-            .args(["fuzz", "build", "-s", "none", "--codegen-units", "16"])
-            .arg("--target-dir")
-            .arg(fuzz_target_dir(target)),
-    )
+    let mut cmd = crate::cargo();
+    cmd.current_dir(root)
+        .args(["fuzz", "build", "-s", "none", "--codegen-units", "16"])
+        .arg("--target-dir")
+        .arg(fuzz_target_dir(target, how));
+    if how == Build::Quick {
+        // cargo-fuzz always builds its release profile: lower it for this build only.
+        cmd.env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "0")
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "false");
+    }
+    crate::run(&mut cmd)
 }
 
-fn binary(target: &Path, name: &str) -> PathBuf {
-    fuzz_target_dir(target)
+fn binary(target: &Path, how: Build, name: &str) -> PathBuf {
+    fuzz_target_dir(target, how)
         .join("x86_64-unknown-linux-gnu/release")
         .join(name)
 }
@@ -119,9 +137,10 @@ impl Outcome {
     }
 }
 
-/// Runs `names` (all when empty) for `seconds` each; the working corpus (the committed seeds
-/// plus what the run finds) and any crashing input stay under the target directory.
-pub fn run(root: &Path, target: &Path, seconds: u64, names: &[String]) -> Result<()> {
+/// Builds the targets (`how`) and runs `names` (all when empty) for `seconds` each; the working
+/// corpus (the committed seeds plus what the run finds) and any crashing input stay under the
+/// target directory.
+pub fn run(root: &Path, target: &Path, how: Build, seconds: u64, names: &[String]) -> Result<()> {
     let chosen: Vec<&Target> = TARGETS
         .iter()
         .filter(|t| names.is_empty() || names.iter().any(|n| n == t.name))
@@ -137,14 +156,14 @@ pub fn run(root: &Path, target: &Path, seconds: u64, names: &[String]) -> Result
         );
     }
     let started = Instant::now();
-    build(root, target)?;
+    build(root, target, how)?;
     eprintln!(
-        "xtask: fuzz build took {:.0} s",
+        "xtask: fuzz build ({how:?}) took {:.0} s",
         started.elapsed().as_secs_f64()
     );
     let mut outcomes = Vec::new();
     for t in chosen {
-        outcomes.push(run_one(root, target, t, seconds)?);
+        outcomes.push(run_one(root, target, how, t, seconds)?);
     }
     println!(
         "\n{:<18} {:>8} {:>12} {:>9} {:>9} {:>7}  result",
@@ -181,15 +200,16 @@ pub fn run(root: &Path, target: &Path, seconds: u64, names: &[String]) -> Result
     Ok(())
 }
 
-fn run_one(root: &Path, target: &Path, t: &Target, seconds: u64) -> Result<Outcome> {
-    let work = fuzz_target_dir(target).join("corpus").join(t.name);
-    let artifacts = fuzz_target_dir(target).join("artifacts").join(t.name);
+fn run_one(root: &Path, target: &Path, how: Build, t: &Target, seconds: u64) -> Result<Outcome> {
+    let dir = fuzz_target_dir(target, how);
+    let work = dir.join("corpus").join(t.name);
+    let artifacts = dir.join("artifacts").join(t.name);
     for dir in [&work, &artifacts] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let seeds = root.join("fuzz/corpus").join(t.name);
-    let log = fuzz_target_dir(target).join(format!("{}.log", t.name));
-    let mut cmd = Command::new(binary(target, t.name));
+    let log = dir.join(format!("{}.log", t.name));
+    let mut cmd = Command::new(binary(target, how, t.name));
     // New inputs go to the first directory (the working corpus); the seeds are only read.
     cmd.arg(&work)
         .arg(&seeds)
@@ -257,9 +277,9 @@ fn run_one(root: &Path, target: &Path, t: &Target, seconds: u64) -> Result<Outco
 /// Regenerates the generated seeds (`fuzz/corpus/*`, all but the configuration files, which
 /// are copies of the repository's TOML) with the fuzz crate's `make_seeds`.
 pub fn make_seeds(root: &Path, target: &Path) -> Result<()> {
-    build(root, target)?;
+    build(root, target, Build::Optimized)?;
     crate::run(
-        Command::new(binary(target, "make_seeds"))
+        Command::new(binary(target, Build::Optimized, "make_seeds"))
             .arg("-runs=0")
             .env("KNHK_FUZZ_CORPUS", root.join("fuzz/corpus"))
             .current_dir(root),

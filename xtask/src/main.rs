@@ -200,7 +200,13 @@ fn main() -> Result<()> {
             if make_seeds {
                 fuzz::make_seeds(&root, &target_dir(&root))
             } else {
-                fuzz::run(&root, &target_dir(&root), seconds, &target)
+                fuzz::run(
+                    &root,
+                    &target_dir(&root),
+                    fuzz::Build::Optimized,
+                    seconds,
+                    &target,
+                )
             }
         }
         Task::Test {
@@ -246,7 +252,13 @@ fn main() -> Result<()> {
             run(&mut cmd)?;
             run(cargo().args(["test", "--workspace", "--doc"]))?;
             if smoke {
-                fuzz::run(&root, &target_dir(&root), SMOKE_SECONDS, &[])?;
+                fuzz::run(
+                    &root,
+                    &target_dir(&root),
+                    fuzz::Build::Quick,
+                    SMOKE_SECONDS,
+                    &[],
+                )?;
             }
             Ok(())
         }
