@@ -22,16 +22,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `what` on a free loopback port (`command(port)`) and waits until
-    /// `GET /{health}` answers `healthy` (a status code). A server that exits at start (its
-    /// port was taken between `free_port` and its bind) is started again on another port: a
-    /// TCP connect alone could reach whichever process took the port.
+    /// Starts `what` on a free loopback port (`command(port)`) and waits until the child
+    /// itself listens there and `GET /{health}` answers `healthy` (a status code). A server that
+    /// exits at start (its port was taken between `free_port` and its bind) is started again on
+    /// another port: an answer alone could come from whichever process took the port.
     fn start(
         what: &str,
         command: impl Fn(u16) -> Command,
         health: &str,
         healthy: impl Fn(u16) -> bool,
     ) -> Server {
+        let mut exits = Vec::new();
         for _ in 0..3 {
             let port = free_port();
             let child = command(port)
@@ -45,23 +46,25 @@ impl Server {
             };
             let start = Instant::now();
             loop {
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break; // port taken: try another
+                if let Ok(Some(status)) = server.child.try_wait() {
+                    exits.push(format!("port {port}: {status}"));
+                    break; // most likely the port was taken: try another
                 }
-                if server
-                    .http("GET", health, "")
-                    .is_some_and(|(s, _)| healthy(s))
+                if listens_on(server.child.id(), port)
+                    && server
+                        .http("GET", health, "")
+                        .is_some_and(|(s, _)| healthy(s))
                 {
                     return server;
                 }
                 assert!(
                     start.elapsed() < Duration::from_secs(60),
-                    "{what} did not answer GET /{health} within 60 s"
+                    "{what} did not listen on port {port} and answer GET /{health} within 60 s"
                 );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        panic!("{what} exited at start three times, each on a fresh port");
+        panic!("{what} exited at start three times ({})", exits.join("; "));
     }
 
     /// One HTTP/1.1 call (`method` `/{path}` with a JSON `body`, as OpenBao's root): the
@@ -80,7 +83,8 @@ impl Server {
         .ok()?;
         let mut answer = String::new();
         s.read_to_string(&mut answer).ok()?;
-        let status = answer.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+        // "HTTP/1.x NNN ...": any HTTP/1 minor version.
+        let status = answer.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
         let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
         Some((status, body.to_owned()))
     }
@@ -105,10 +109,36 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.resume();
+        // A reaped child's pid may be someone else's by now: signal only a live child.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.resume();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port` (or any address):
+/// the LISTEN entry's inode in `/proc/net/tcp` is among the process's open fds.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+            let local_port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && *state == "0A").then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
 }
 
 /// moto's server: the AWS KMS API.
@@ -119,7 +149,8 @@ pub fn moto() -> Server {
         "{} is missing: run `cargo xtask setup`",
         bin.display()
     );
-    // Any HTTP answer means moto serves; its dashboard path answers without a service.
+    // Once moto itself listens, any HTTP answer means it serves (its dashboard path answers
+    // without a service).
     Server::start(
         "moto_server",
         |port| {

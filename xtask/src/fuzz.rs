@@ -201,7 +201,9 @@ pub fn run(root: &Path, target: &Path, how: Build, seconds: u64, names: &[String
 }
 
 fn run_one(root: &Path, target: &Path, how: Build, t: &Target, seconds: u64) -> Result<Outcome> {
-    let dir = fuzz_target_dir(target, how);
+    // The working corpora, crash inputs and logs are shared by both builds (the smoke run
+    // replays what the long runs found), under the optimized build's directory.
+    let dir = fuzz_target_dir(target, Build::Optimized);
     let work = dir.join("corpus").join(t.name);
     let artifacts = dir.join("artifacts").join(t.name);
     for dir in [&work, &artifacts] {
