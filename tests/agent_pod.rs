@@ -14,7 +14,6 @@ use k8s_cri::v1::{
     SecurityProfile,
 };
 use std::{
-    io::{Read, Write},
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -179,17 +178,9 @@ fn agent_container(
     }
 }
 
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
+/// `GET path` on 127.0.0.1:`port`: the status and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    support::http::request(("127.0.0.1", port), "GET", path, &[], "")
 }
 
 fn status_json(socket: &Path) -> serde_json::Value {
@@ -295,7 +286,7 @@ fn kernel_the_agent_image_runs_as_a_pod_enforces_updates_and_uninstalls() {
         let p = ctr.run_pod_spec(&parent, &mount_root, spec);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if http_get(metrics, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            if http_get(metrics, "/readyz").is_some_and(|(status, _)| status == 200) {
                 break;
             }
             let (state, code) = ctr.container_state(&p);

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -170,12 +170,10 @@ impl Agent {
         self.stderr.try_iter().collect::<Vec<_>>().join("\n")
     }
 
+    /// `GET path` on the admin server: the whole response (status line, headers, body).
     pub fn get(&self, path: &str) -> String {
-        let mut s = TcpStream::connect(self.metrics).expect("connect to admin server");
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("response");
-        body
+        super::http::raw(self.metrics, "GET", path, &[], "")
+            .unwrap_or_else(|| panic!("GET {path} on the admin server at {} failed", self.metrics))
     }
 }
 

@@ -67,26 +67,19 @@ impl Server {
         panic!("{what} exited at start three times ({})", exits.join("; "));
     }
 
-    /// One HTTP/1.1 call (`method` `/{path}` with a JSON `body`, as OpenBao's root): the
-    /// status and the body, or None when the server does not answer in HTTP.
+    /// One HTTP call (`method` `/{path}` with a JSON `body`, as OpenBao's root): the status
+    /// and the body, or None when the server does not answer in HTTP.
     fn http(&self, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let addr = self.url.trim_start_matches("http://");
-        let mut s = std::net::TcpStream::connect(addr).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(
-            s,
-            "{method} /{path} HTTP/1.1\r\nHost: {addr}\r\nX-Vault-Token: root\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
+        super::http::request(
+            self.url.trim_start_matches("http://"),
+            method,
+            &format!("/{path}"),
+            &[
+                ("X-Vault-Token", "root"),
+                ("Content-Type", "application/json"),
+            ],
+            body,
         )
-        .ok()?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).ok()?;
-        // "HTTP/1.x NNN ...": any HTTP/1 minor version.
-        let status = answer.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
-        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        Some((status, body.to_owned()))
     }
 
     /// Makes the server unresponsive (SIGSTOP): connections hang, calls time out.

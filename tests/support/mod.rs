@@ -10,6 +10,7 @@ pub mod agent;
 pub mod azure;
 pub mod cri;
 pub mod harness;
+pub mod http;
 pub mod kms;
 pub mod prom;
 pub mod proxy;

@@ -2,8 +2,7 @@
 //! optionally evaluates rule files, and answers instant queries over its HTTP API.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
 };
@@ -72,11 +71,8 @@ impl Prometheus {
 
     /// The JSON answer of `GET path` on the HTTP API, if it answered.
     pub fn api(&self, path_and_query: &str) -> Option<serde_json::Value> {
-        let mut s = TcpStream::connect(self.addr).ok()?;
-        write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()
+        let (_, body) = super::http::request(self.addr, "GET", path_and_query, &[], "")?;
+        serde_json::from_str(&body).ok()
     }
 
     /// Every result of an instant PromQL query: (labels, value).

@@ -3,7 +3,7 @@
 
 use super::agent::BIN;
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -112,7 +112,7 @@ impl WitnessProcess {
         }
     }
 
-    /// One HTTP/1.0 request: (status, body); status 0 when it cannot connect.
+    /// One HTTP request: (status, body); status 0 when it cannot connect.
     pub fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         request(self.addr, method, path, body)
     }
@@ -134,32 +134,15 @@ impl WitnessProcess {
     }
 }
 
-/// One HTTP/1.0 request to `addr`: (status, body); status 0 when it cannot connect.
+/// One HTTP request to `addr`: (status, body); status 0 when it cannot connect.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let out = request_raw(addr, method, path, body);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_owned())
+    super::http::request(addr, method, path, &[], body).unwrap_or((0, String::new()))
 }
 
-/// One HTTP/1.0 request to `addr`: the whole response (status line, headers, body); empty when
-/// it cannot connect.
+/// One HTTP request to `addr`: the whole response (status line, headers, body); empty when it
+/// cannot connect.
 pub fn request_raw(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: w\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    super::http::raw(addr, method, path, &[], body).unwrap_or_default()
 }
 
 impl Drop for WitnessProcess {
