@@ -370,9 +370,13 @@ fn kernel_histograms_and_heat_fill_from_real_connections() {
         let from_map = kernel.quantile(q).expect("samples") as f64;
         let diff = (from_map - exact) / exact;
         eprintln!("handshake p{}: kernel map {from_map:.0} ns, userspace {exact:.0} ns, difference {:+.2}%", q * 100.0, diff * 100.0);
-        // Half a bucket (1.6%) plus the few microseconds of syscall around the handshake.
+        // Half a bucket (1.6%) plus the few microseconds of syscall around the handshake. The
+        // userspace time also holds the wait to be scheduled once the handshake is done (a
+        // clean CI run saw 1.2 ms at p99 on the two shared cores), so the map may read lower
+        // by up to 2 ms more, never higher.
+        let scheduling = 2e6 / exact;
         assert!(
-            diff.abs() < 0.035,
+            -0.035 - scheduling < diff && diff < 0.035,
             "p{q}: map {from_map} vs userspace {exact}"
         );
     }
