@@ -335,42 +335,22 @@ fn main() -> Result<()> {
             ] {
                 benches.push(Command::new(examples.join(name)));
             }
-            // Pod start to enforced runs real pods, so it lives with the workload tests (ignored
-            // there: it is a benchmark, not a test).
-            let mut pods = cargo();
-            pods.args([
-                "test",
-                "--release",
-                "-p",
-                "knhk-agent",
-                "--test",
-                "workloads",
-                "--",
-                "--ignored",
-                "--nocapture",
-                "bench_",
-            ]);
-            if check {
-                pods.env("KNHK_BENCH_CHECK", "1");
-            }
+            // Benchmarks that are ignored tests of a test binary (`filter` picks them), run in
+            // release; with --check a missed goal fails them (KNHK_BENCH_CHECK).
+            let ignored_bench = |test: &str, filter: &str| {
+                let mut cmd = cargo();
+                cmd.args(["test", "--release", "-p", "knhk-agent", "--test", test])
+                    .args(["--", "--ignored", "--nocapture", filter]);
+                if check {
+                    cmd.env("KNHK_BENCH_CHECK", "1");
+                }
+                cmd
+            };
+            // Pod start to enforced runs real pods, so it lives with the workload tests.
+            let mut pods = ignored_bench("workloads", "bench_");
             // The capacity model's knee prediction against a rate-limited link: a timing
             // measurement, so it lives here and not in the test suite.
-            let mut knee = cargo();
-            knee.args([
-                "test",
-                "--release",
-                "-p",
-                "knhk-agent",
-                "--test",
-                "kernel_admission",
-                "--",
-                "--ignored",
-                "--nocapture",
-                "bench_capacity",
-            ]);
-            if check {
-                knee.env("KNHK_BENCH_CHECK", "1");
-            }
+            let mut knee = ignored_bench("kernel_admission", "bench_capacity");
             // Every benchmark runs; with --check, the task fails at the end if one missed a goal.
             let mut failed = Vec::new();
             for mut bench in benches {
